@@ -1,0 +1,65 @@
+// The fastquant._C module. Operators are reached through the torch dispatcher (torch.ops.fastquant.*);
+// their schemas are defined in python/fastquant/ops.py and this library only registers kernels.
+// pybind11 carries only build information and run-time switches.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "cpu/cpu_features.h"
+#include "cpu/int8_linear.h"
+
+#ifdef FASTQUANT_WITH_CUDA
+#include "cuda/cuda_info.h"
+#endif
+
+namespace py = pybind11;
+
+namespace {
+
+fastquant::cpu::ActDType parse_dtype(const std::string& name) {
+  if (name == "float32") return fastquant::cpu::ActDType::kFloat32;
+  if (name == "bfloat16") return fastquant::cpu::ActDType::kBFloat16;
+  if (name == "float16") return fastquant::cpu::ActDType::kFloat16;
+  throw std::invalid_argument("unknown activation dtype '" + name + "': expected float32, bfloat16 or float16");
+}
+
+py::dict build_info() {
+  py::dict info;
+  info["version"] = FASTQUANT_VERSION;
+  info["torch_version"] = FASTQUANT_TORCH_VERSION;
+#ifdef FASTQUANT_WITH_CUDA
+  info["cuda"] = true;
+  info["cuda_version"] = fastquant::cuda::cuda_runtime_version_string();
+  info["cuda_archs"] = fastquant::cuda::compiled_archs();
+#else
+  info["cuda"] = false;
+  info["cuda_version"] = py::none();
+  info["cuda_archs"] = py::none();
+#endif
+  info["compiler"] = __VERSION__;
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fastquant native kernels (operators are registered under torch.ops.fastquant)";
+  m.def("build_info", &build_info, "Versions and options this extension was built with");
+  m.def("cpu_features", &fastquant::cpu::cpu_features_string, "CPU features detected at run time");
+  m.def("cpu_isa", [] { return std::string(fastquant::cpu::isa_name(fastquant::cpu::active_isa())); },
+        "Instruction set the CPU kernels use now");
+  m.def("best_cpu_isa",
+        [] { return std::string(fastquant::cpu::isa_name(fastquant::cpu::best_supported_isa())); },
+        "Best instruction set this CPU supports");
+  m.def("set_cpu_isa", &fastquant::cpu::set_isa_limit, py::arg("name"),
+        "Cap the CPU kernels at an instruction set (avx512, avx2, portable); for tests and comparisons");
+  m.def(
+      "int8_linear_cpu_path",
+      [](int64_t m_rows, int64_t n, int64_t k, int64_t group_size, const std::string& dtype) {
+        return std::string(fastquant::cpu::int8_linear_cpu_path(m_rows, n, k, group_size, parse_dtype(dtype)));
+      },
+      py::arg("m"), py::arg("n"), py::arg("k"), py::arg("group_size"), py::arg("dtype"),
+      "Name of the CPU kernel int8_linear runs for this problem");
+}
