@@ -1,14 +1,16 @@
 """fastquant: make PyTorch models smaller and faster with int8 weight-only quantization and sparsity.
 
-    import fastquant
-    fastquant.patch(model)            # int8 weight-only, per-channel scales
-    print(fastquant.report(model))    # what changed, per layer
+import fastquant
+fastquant.patch(model)            # int8 weight-only, per-channel scales
+print(fastquant.report(model))    # what changed, per layer
 """
 
 from importlib.metadata import PackageNotFoundError, version
 
-from fastquant import ops  # defines the torch.ops.fastquant schemas before the native kernels register
-from fastquant import _native  # noqa: F401  (loads fastquant._C, which registers the native kernels)
+from fastquant import (
+    _native,  # noqa: F401  (loads fastquant._C, which registers the native kernels)
+    ops,  # defines the torch.ops.fastquant schemas before the native kernels register
+)
 from fastquant.modules import Int8Linear
 from fastquant.ops import int8_linear
 from fastquant.patching import Report, patch, report

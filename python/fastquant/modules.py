@@ -41,7 +41,9 @@ class Int8Linear(nn.Module):
     ) -> None:
         super().__init__()
         if group_size is not None and group_size not in SUPPORTED_GROUP_SIZES:
-            raise ValueError(f"group_size must be None (per-channel) or one of {SUPPORTED_GROUP_SIZES}, got {group_size}")
+            raise ValueError(
+                f"group_size must be None (per-channel) or one of {SUPPORTED_GROUP_SIZES}, got {group_size}"
+            )
         if dtype not in ops.ACTIVATION_DTYPES:
             raise ValueError(f"dtype must be one of {ops.ACTIVATION_DTYPES}, got {dtype}")
         self.in_features = in_features

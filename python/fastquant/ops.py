@@ -20,9 +20,7 @@ _lib.define("int8_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? bias, 
 ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def check_int8_linear_args(
-    x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None, group_size: int
-) -> None:
+def check_int8_linear_args(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None, group_size: int) -> None:
     """The argument rules every int8_linear kernel enforces, with the same wording as the C++ checks."""
     prefix = "fastquant.int8_linear:"
     if x.dtype not in ACTIVATION_DTYPES:
@@ -42,9 +40,7 @@ def check_int8_linear_args(
         raise RuntimeError(f"{prefix} scales must be float32, got {scales.dtype}")
     if group_size == -1:
         if tuple(scales.shape) != (n,):
-            raise RuntimeError(
-                f"{prefix} per-channel scales must have shape (N,) = ({n},), got {tuple(scales.shape)}"
-            )
+            raise RuntimeError(f"{prefix} per-channel scales must have shape (N,) = ({n},), got {tuple(scales.shape)}")
     else:
         if group_size <= 0:
             raise RuntimeError(f"{prefix} group_size must be -1 (per-channel) or positive, got {group_size}")
@@ -71,9 +67,7 @@ def _int8_linear_fake(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor |
 
 
 @torch.library.impl(_lib, "int8_linear", "CompositeExplicitAutograd")
-def _int8_linear_reference(
-    x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None, group_size: int
-) -> Tensor:
+def _int8_linear_reference(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None, group_size: int) -> Tensor:
     check_int8_linear_args(x, qweight, scales, bias, group_size)
     return reference.int8_linear(x, qweight, scales, bias, group_size)
 

@@ -54,9 +54,7 @@ class Report:
                 f"| {r.kernel} | {r.note} |"
             )
         ratio = self.bytes_before / max(self.bytes_after, 1)
-        lines.append(
-            f"| **total** | | | {self.bytes_before:,} | {self.bytes_after:,} | | {ratio:.2f}x smaller |"
-        )
+        lines.append(f"| **total** | | | {self.bytes_before:,} | {self.bytes_after:,} | | {ratio:.2f}x smaller |")
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -148,9 +146,7 @@ def patch(
 def _kernel_paths(layer: Int8Linear) -> str:
     device = layer.qweight.device
     n, k = layer.qweight.shape
-    paths = [
-        _native.int8_linear_kernel_path(device, m, n, k, layer.group_size_arg, layer.dtype) for m in (1, 512)
-    ]
+    paths = [_native.int8_linear_kernel_path(device, m, n, k, layer.group_size_arg, layer.dtype) for m in (1, 512)]
     return paths[0] if paths[0] == paths[1] else " / ".join(paths)
 
 
@@ -163,11 +159,23 @@ def report(model: nn.Module) -> Report:
             n, k = module.qweight.shape
             float_bytes = n * k * torch.finfo(module.dtype).bits // 8
             packed_bytes = module.qweight.numel() + module.scales.numel() * module.scales.element_size()
-            rows.append(LayerReport(name, (n, k), module.format, float_bytes, packed_bytes, _kernel_paths(module),
-                                    notes.get(name, "")))
+            rows.append(
+                LayerReport(
+                    name, (n, k), module.format, float_bytes, packed_bytes, _kernel_paths(module), notes.get(name, "")
+                )
+            )
         elif is_quantizable_linear(module):
             weight = linear_weight(module)
             size = weight.numel() * weight.element_size()
-            rows.append(LayerReport(name, tuple(weight.shape), f"float ({str(weight.dtype).removeprefix('torch.')})",
-                                    size, size, "torch", notes.get(name, "")))
+            rows.append(
+                LayerReport(
+                    name,
+                    tuple(weight.shape),
+                    f"float ({str(weight.dtype).removeprefix('torch.')})",
+                    size,
+                    size,
+                    "torch",
+                    notes.get(name, ""),
+                )
+            )
     return Report(rows)

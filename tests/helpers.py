@@ -1,0 +1,58 @@
+"""Helpers shared by the kernel tests.
+
+Tolerance rule for int8_linear (every kernel, every device): with y64 the float64 evaluation of the
+reference formula and y_ref the fp32 reference kernel's output in the activation dtype,
+
+    |y - y64| <= 2 * |y_ref - y64| + c_path * sqrt((x^2) @ (W^2)^T) + ulp(dtype) * |y64|
+
+where W is the dequantized weight. The first term allows what PyTorch itself loses at this precision;
+the second is the rounding of the kernel's products: c_path = 2^-16 for kernels that multiply in fp32,
+and 2^-6 (8 standard deviations of a 2^-9 relative rounding per product) for kernels that round
+activations to bf16 before a bf16 dot product; the last is one unit of the output dtype's rounding.
+sqrt((x^2) @ (W^2)^T) is the natural scale of a sum of independent products, so losing even one group of
+32 terms out of thousands exceeds the bound.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastquant import _native, reference
+
+ULP = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-10}
+
+
+def product_rounding(path: str) -> float:
+    return 2.0**-6 if "bf16" in path else 2.0**-16
+
+
+def assert_int8_linear_close(y, x, qweight, scales, bias, group_size, path: str) -> None:
+    weight = reference.int8_dequantize(qweight, scales, group_size).double()
+    x64 = x.double()
+    y64 = x64 @ weight.T
+    if bias is not None:
+        y64 = y64 + bias.double()
+    y_ref = reference.int8_linear(x, qweight, scales, bias, group_size)
+    scale = ((x64**2) @ (weight**2).T).sqrt()
+    bound = 2 * (y_ref.double() - y64).abs() + product_rounding(path) * scale + ULP[x.dtype] * y64.abs()
+    err = (y.double() - y64).abs()
+    worst = (err - bound).argmax()
+    assert y.dtype == x.dtype and y.shape == y64.shape
+    assert bool((err <= bound).all()), (
+        f"kernel {path}: error {err.flatten()[worst].item():.3g} exceeds bound "
+        f"{bound.flatten()[worst].item():.3g} at flat index {worst.item()} (y64={y64.flatten()[worst].item():.4g})"
+    )
+
+
+def available_cpu_isas() -> list[str]:
+    if _native.native is None:
+        return []
+    order = ["portable", "avx2", "avx512"]
+    best = _native.native.best_cpu_isa()
+    return order[: order.index(best) + 1]
+
+
+def random_weight(n: int, k: int, generator: torch.Generator) -> torch.Tensor:
+    """Rows with different magnitudes (as in trained layers) so per-row scales differ."""
+    row_scale = torch.rand(n, 1, generator=generator) * 2 + 0.05
+    return torch.randn(n, k, generator=generator) * row_scale

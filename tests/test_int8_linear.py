@@ -1,0 +1,198 @@
+"""fastquant.int8_linear on the CPU: every ISA path vs the reference, opcheck, compile, bad input."""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+
+import fastquant
+from fastquant import _native, reference
+from helpers import assert_int8_linear_close, available_cpu_isas, random_weight
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+GROUP_SIZES = [-1, 32, 64, 128, 256]
+# (M, K, N): decode and prefill row counts, K not a multiple of any group size (ragged last group),
+# N not a multiple of any vector width, and one square 4096 layer.
+SHAPES = [(1, 17, 3), (3, 1000, 17), (17, 1025, 1000), (64, 4096, 257), (513, 1025, 100), (1, 4096, 4096)]
+# The scalar kernel is the non-x86 fallback: it gets the small cases, the vector kernels all of them.
+PORTABLE_SHAPES = SHAPES[:3]
+
+
+def make_case(m, k, n, dtype, group_size, with_bias, seed):
+    gen = torch.Generator().manual_seed(seed)
+    qweight, scales = reference.int8_quantize(random_weight(n, k, gen), group_size)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    bias = torch.randn(n, generator=gen).to(dtype) if with_bias else None
+    return x, qweight, scales, bias
+
+
+def cpu_path(m, n, k, group_size, dtype) -> str:
+    return _native.int8_linear_kernel_path(torch.device("cpu"), m, n, k, group_size, dtype)
+
+
+def kernel_cases():
+    for isa in available_cpu_isas():
+        for shape in PORTABLE_SHAPES if isa == "portable" else SHAPES:
+            yield pytest.param(isa, shape, id=f"{isa}-{'x'.join(map(str, shape))}")
+
+
+@pytest.mark.parametrize(("cpu_isa", "shape"), kernel_cases(), indirect=["cpu_isa"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("group_size", GROUP_SIZES)
+def test_matches_reference(cpu_isa, shape, dtype, group_size):
+    m, k, n = shape
+    seed = zlib.crc32(repr((shape, group_size, dtype, cpu_isa)).encode())
+    x, qweight, scales, bias = make_case(m, k, n, dtype, group_size, with_bias=seed % 2 == 0, seed=seed)
+    path = cpu_path(m, n, k, group_size, dtype)
+    assert path.startswith("cpu_") and cpu_isa in path
+    y = fastquant.int8_linear(x, qweight, scales, bias, group_size)
+    assert_int8_linear_close(y, x, qweight, scales, bias, group_size, path)
+
+
+@pytest.mark.parametrize("cpu_isa", available_cpu_isas(), indirect=True)
+@pytest.mark.parametrize("m", [1, 8, 16, 17, 33, 128, 512])
+def test_every_row_count(cpu_isa, m):
+    """Row counts around every decode/prefill switch point and tile edge."""
+    k, n = (256, 48) if cpu_isa == "portable" else (576, 1536)
+    for dtype in DTYPES:
+        x, qweight, scales, bias = make_case(m, k, n, dtype, 64, with_bias=True, seed=m)
+        y = fastquant.int8_linear(x, qweight, scales, bias, 64)
+        assert_int8_linear_close(y, x, qweight, scales, bias, 64, cpu_path(m, n, k, 64, dtype))
+
+
+@pytest.mark.parametrize("cpu_isa", available_cpu_isas(), indirect=True)
+def test_fp16_partial_sums_do_not_overflow(cpu_isa):
+    """Partial sums reach 4e5, past fp16's 65504, and cancel to a small result: fp32 accumulation."""
+    k = 512
+    x = torch.full((2, k), 100.0, dtype=torch.float16)
+    weight = torch.cat([torch.full((4, k // 2), 8.0), torch.full((4, k // 2), -8.0)], dim=1)
+    weight[:, 0] += 0.5
+    qweight, scales = reference.int8_quantize(weight, -1)
+    y = fastquant.int8_linear(x, qweight, scales, None, -1)
+    assert torch.isfinite(y).all()
+    assert_int8_linear_close(y, x, qweight, scales, None, -1, cpu_path(2, 4, k, -1, torch.float16))
+
+
+@pytest.mark.parametrize("cpu_isa", available_cpu_isas(), indirect=True)
+@pytest.mark.parametrize("group_size", [-1, 128])
+def test_opcheck(cpu_isa, group_size):
+    x, qweight, scales, bias = make_case(5, 300, 40, torch.bfloat16, group_size, with_bias=True, seed=7)
+    torch.library.opcheck(torch.ops.fastquant.int8_linear.default, (x, qweight, scales, bias, group_size))
+    torch.library.opcheck(torch.ops.fastquant.int8_linear.default, (x.float(), qweight, scales, None, group_size))
+
+
+def test_reference_kernel_opcheck():
+    """The pure-PyTorch fallback is a registered kernel too (it runs on devices without a native one)."""
+    x, qweight, scales, bias = make_case(3, 100, 20, torch.float32, 32, with_bias=True, seed=3)
+    y = torch.ops.fastquant.int8_linear.default.redispatch(
+        torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd), x, qweight, scales, bias, 32
+    )
+    torch.testing.assert_close(y, reference.int8_linear(x, qweight, scales, bias, 32), rtol=0, atol=0)
+
+
+def test_torch_compile_fullgraph():
+    x, qweight, scales, bias = make_case(4, 1025, 300, torch.bfloat16, 128, with_bias=True, seed=11)
+
+    def f(x):
+        return torch.nn.functional.gelu(fastquant.int8_linear(x, qweight, scales, bias, 128)) * 2
+
+    compiled = torch.compile(f, fullgraph=True)
+    # Inductor fuses gelu and the product in fp32 without rounding in between: bf16 tolerance, not equality.
+    torch.testing.assert_close(compiled(x), f(x))
+    x2 = torch.randn(9, 1025).bfloat16()  # a new batch size retraces or runs dynamic: both must agree
+    torch.testing.assert_close(compiled(x2), f(x2))
+
+
+def test_non_contiguous_and_batched_input():
+    x, qweight, scales, bias = make_case(6, 200, 50, torch.float32, -1, with_bias=True, seed=5)
+    x3 = torch.randn(200, 3, 4).permute(1, 2, 0)  # (3, 4, 200) with K not the innermost stride
+    assert not x3.is_contiguous()
+    y = fastquant.int8_linear(x3, qweight, scales, bias, -1)
+    assert y.shape == (3, 4, 50)
+    expected = fastquant.int8_linear(x3.contiguous(), qweight, scales, bias, -1)
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    x_sliced = torch.randn(6, 400)[:, ::2]
+    torch.testing.assert_close(
+        fastquant.int8_linear(x_sliced, qweight, scales, bias, -1),
+        fastquant.int8_linear(x_sliced.contiguous(), qweight, scales, bias, -1),
+        rtol=0,
+        atol=0,
+    )
+
+
+def test_empty_batch():
+    _, qweight, scales, bias = make_case(1, 64, 32, torch.float32, -1, with_bias=True, seed=2)
+    y = fastquant.int8_linear(torch.empty(0, 64), qweight, scales, bias, -1)
+    assert y.shape == (0, 32)
+    y = fastquant.int8_linear(torch.empty(2, 0, 64), qweight, scales, bias, -1)
+    assert y.shape == (2, 0, 32)
+
+
+def test_autograd_to_activations():
+    """Gradients reach x and bias (the int8 weight is frozen): d(sum y^2)/dx = 2y @ W, d/dbias = sum of 2y."""
+    x, qweight, scales, bias = make_case(4, 96, 24, torch.float32, 32, with_bias=True, seed=9)
+    x.requires_grad_(True)
+    bias.requires_grad_(True)
+    y = fastquant.int8_linear(x, qweight, scales, bias, 32)
+    y.square().sum().backward()
+    grad_y = 2 * y.detach()
+    weight = reference.int8_dequantize(qweight, scales, 32)
+    torch.testing.assert_close(x.grad, grad_y @ weight)
+    torch.testing.assert_close(bias.grad, grad_y.sum(0))
+
+
+BAD_INPUTS = [
+    ("x must be float32, bfloat16 or float16", lambda x, q, s, b: (x.to(torch.int32), q, s, None, -1)),
+    ("x must be float32, bfloat16 or float16", lambda x, q, s, b: (x.double(), q, s, None, -1)),
+    ("qweight must be a 2-D int8 tensor", lambda x, q, s, b: (x, q.float(), s, None, -1)),
+    ("qweight must be a 2-D int8 tensor", lambda x, q, s, b: (x, q[0], s, None, -1)),
+    (
+        r"x has 63 input features \(shape [(\[]3, 63[)\]]\) but qweight is \(N, K\) = \(32, 64\)",
+        lambda x, q, s, b: (x[:, :63], q, s, None, -1),
+    ),
+    ("scales must be float32", lambda x, q, s, b: (x, q, s.half(), None, -1)),
+    (
+        r"per-channel scales must have shape \(N,\) = \(32,\), got [(\[]31,?[)\]]",
+        lambda x, q, s, b: (x, q, s[:31], None, -1),
+    ),
+    (r"group-wise scales .* must have shape \(32, 2\)", lambda x, q, s, b: (x, q, s, None, 32)),
+    ("group_size must be -1", lambda x, q, s, b: (x, q, s, None, 0)),
+    (
+        r"bias dtype (torch.float16|Half) must match x dtype (torch.float32|Float)",
+        lambda x, q, s, b: (x, q, s, b.half(), -1),
+    ),
+    (r"bias must have shape \(32,\)", lambda x, q, s, b: (x, q, s, b[:5], -1)),
+]
+
+
+@pytest.mark.parametrize(("message", "make_args"), BAD_INPUTS, ids=[m for m, _ in BAD_INPUTS])
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_bad_input_is_named(message, make_args, device):
+    """The native kernel and the fake kernel (what torch.compile traces) reject the same input alike."""
+    x, qweight, scales, bias = make_case(3, 64, 32, torch.float32, -1, with_bias=True, seed=1)
+    args = [a.to(device) if isinstance(a, torch.Tensor) else a for a in make_args(x, qweight, scales, bias)]
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.fastquant.int8_linear(*args)
+
+
+def test_mixed_devices_rejected():
+    x, qweight, scales, _ = make_case(3, 64, 32, torch.float32, -1, with_bias=False, seed=1)
+    with pytest.raises(RuntimeError, match="device"):
+        torch.ops.fastquant.int8_linear(x, qweight.to("meta"), scales, None, -1)
+
+
+@pytest.mark.parametrize("group_size", GROUP_SIZES)
+def test_quantize_error_within_half_step(group_size):
+    gen = torch.Generator().manual_seed(group_size + 1000)
+    weight = random_weight(33, 1025, gen)
+    weight[3] = 0.0  # an all-zero row keeps an exact zero and a finite scale
+    qweight, scales = reference.int8_quantize(weight, group_size)
+    assert qweight.dtype == torch.int8 and scales.dtype == torch.float32
+    assert int(qweight.abs().max()) == 127 and int(qweight.min()) >= -127
+    step = reference.expand_group_scales(scales, 1025, group_size)
+    dequantized = reference.int8_dequantize(qweight, scales, group_size)
+    # Round-to-nearest: at most half a step, plus the fp32 rounding of the weight itself at a tie.
+    assert bool(((dequantized - weight).abs() <= step / 2 + 2**-22 * weight.abs()).all())
+    assert bool((dequantized[3] == 0).all()) and bool(torch.isfinite(scales).all())
