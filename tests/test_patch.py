@@ -1,0 +1,183 @@
+"""fastquant.patch / Int8Linear / fastquant.report on models."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import fastquant
+from fastquant import Int8Linear, reference
+from fastquant.patching import MIN_WEIGHT_ELEMENTS
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int = 256, hidden: int = 512, vocab: int = 300) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.up = nn.Linear(dim, hidden)
+        self.down = nn.Linear(hidden, dim, bias=False)
+        self.tiny = nn.Linear(dim, 8)  # 2048 weights: below the size where int8 can gain
+        self.lm_head = nn.Linear(dim, vocab, bias=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.embed(tokens)
+        h = h + self.down(torch.relu(self.up(h)))
+        return self.lm_head(h) + self.tiny(h).sum(-1, keepdim=True)
+
+
+def make_block(seed: int = 0) -> Block:
+    torch.manual_seed(seed)
+    return Block().eval()
+
+
+def test_from_linear_error_is_bounded_by_half_a_step():
+    """One layer: |y_int8 - y_float| <= sum_k |x_k| * step_n / 2, the exact round-to-nearest bound."""
+    torch.manual_seed(1)
+    linear = nn.Linear(1025, 300)
+    x = torch.randn(7, 1025)
+    for group_size in (None, 32, 128):
+        layer = Int8Linear.from_linear(linear, group_size)
+        step = reference.expand_group_scales(layer.scales, 1025, layer.group_size_arg)
+        bound = x.abs() @ (step / 2).T + 1e-4
+        with torch.no_grad():
+            assert bool(((layer(x) - linear(x)).abs() <= bound).all())
+        assert layer.dequantize().shape == linear.weight.shape
+        assert layer.dequantize().dtype == torch.float32
+
+
+def test_patch_replaces_and_skips_with_reasons():
+    model = make_block()
+    tokens = torch.randint(0, 300, (2, 9))
+    with torch.no_grad():
+        expected = model(tokens)
+    assert fastquant.patch(model) is model
+    assert isinstance(model.up, Int8Linear) and isinstance(model.down, Int8Linear)
+    assert type(model.lm_head) is nn.Linear and type(model.tiny) is nn.Linear
+    rows = {row.name: row for row in fastquant.report(model).layers}
+    assert rows["lm_head"].note == "skipped by name"
+    assert rows["tiny"].note.startswith("too small to gain") and str(MIN_WEIGHT_ELEMENTS) in rows["tiny"].note
+    assert rows["up"].format == "int8 per-channel" and rows["up"].kernel != "torch"
+    assert rows["up"].bytes_before == 256 * 512 * 4 and rows["up"].bytes_after == 256 * 512 + 512 * 4
+    with torch.no_grad():
+        got = model(tokens)
+    # Two int8 layers of Gaussian weights: about 1% relative error each.
+    assert (got - expected).norm() / expected.norm() < 0.03
+
+
+def test_filter_fn_and_group_size_and_skip():
+    model = make_block()
+    seen = []
+
+    def only_up(module: nn.Module, name: str) -> bool:
+        seen.append(name)
+        return name == "up"
+
+    fastquant.patch(model, group_size=64, skip=(), filter_fn=only_up)
+    assert isinstance(model.up, Int8Linear) and model.up.group_size == 64
+    assert type(model.down) is nn.Linear and type(model.lm_head) is nn.Linear
+    assert set(seen) == {"up", "down", "tiny", "lm_head"}
+    assert "int8 group=64" in repr(model.up)
+
+
+def test_tied_weights_stay_float_unless_asked():
+    model = make_block()
+    model.lm_head.weight = model.embed.weight  # tied, as in most small LMs
+    fastquant.patch(model, skip=())
+    assert type(model.lm_head) is nn.Linear
+    note = {row.name: row.note for row in fastquant.report(model).layers}["lm_head"]
+    assert "tied to embed" in note and "quantize_tied=True" in note
+
+    model = make_block()
+    model.lm_head.weight = model.embed.weight
+    embed_before = model.embed.weight.detach().clone()
+    fastquant.patch(model, skip=(), quantize_tied=True)
+    assert isinstance(model.lm_head, Int8Linear)
+    assert torch.equal(model.embed.weight, embed_before)  # the embedding keeps its float weight
+
+
+def test_shared_linear_stays_shared():
+    torch.manual_seed(0)
+    shared = nn.Linear(128, 128)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    fastquant.patch(model)
+    assert isinstance(model[0], Int8Linear) and model[0] is model[2]
+
+
+def test_transformers_conv1d_is_transposed():
+    import transformers
+
+    config = transformers.GPT2Config(n_embd=128, n_layer=2, n_head=4, vocab_size=300, n_positions=64)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    tokens = torch.randint(0, 300, (1, 12))
+    with torch.no_grad():
+        expected = model(tokens).logits
+    fastquant.patch(model)
+    attn = model.transformer.h[0].attn
+    assert isinstance(attn.c_attn, Int8Linear) and attn.c_attn.qweight.shape == (384, 128)
+    with torch.no_grad():
+        got = model(tokens).logits
+    assert (got - expected).norm() / expected.norm() < 0.03
+
+
+def test_nan_weight_names_the_layer():
+    model = make_block()
+    with torch.no_grad():
+        model.down.weight[3, 5] = float("nan")
+    with pytest.raises(ValueError, match=r"layer 'down'.*1 NaN/inf"):
+        fastquant.patch(model)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="unknown method"):
+        fastquant.patch(make_block(), method="int4")
+    with pytest.raises(ValueError, match="group_size"):
+        fastquant.patch(make_block(), group_size=48)
+
+
+def test_dtype_moves_keep_fp32_scales():
+    model = fastquant.patch(make_block())
+    model.to(torch.bfloat16)
+    assert model.up.scales.dtype == torch.float32 and model.up.qweight.dtype == torch.int8
+    assert model.up.bias.dtype == torch.bfloat16 and model.up.dtype == torch.bfloat16
+    tokens = torch.randint(0, 300, (1, 5))
+    with torch.no_grad():
+        assert model(tokens).dtype == torch.bfloat16
+    model.half()
+    assert model.up.scales.dtype == torch.float32 and model.up.dequantize().dtype == torch.float16
+
+
+def test_state_dict_holds_int8_codes():
+    model = fastquant.patch(make_block())
+    state = model.state_dict()
+    assert state["up.qweight"].dtype == torch.int8 and state["up.scales"].dtype == torch.float32
+    fresh = fastquant.patch(make_block(seed=1))
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.up.qweight, model.up.qweight)
+
+
+def test_compiled_patched_model_matches_eager():
+    model = fastquant.patch(make_block())
+    tokens = torch.randint(0, 300, (2, 7))
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(tokens), model(tokens), rtol=1e-5, atol=1e-5)
+
+
+def test_report_markdown_totals():
+    model = fastquant.patch(make_block())
+    report = fastquant.report(model)
+    text = report.to_markdown()
+    assert "| up | 512x256 | int8 per-channel |" in text and "x smaller" in text
+    assert report.bytes_after < report.bytes_before
+
+
+def test_info_command_reports_kernel_paths():
+    out = subprocess.run([sys.executable, "-m", "fastquant.info"], capture_output=True, text=True, check=True)
+    assert "fastquant" in out.stdout and "int8_linear cpu float32 M=1:" in out.stdout
+    if fastquant._native.native is not None:
+        assert "CPU features:" in out.stdout
