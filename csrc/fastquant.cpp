@@ -62,4 +62,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       py::arg("m"), py::arg("n"), py::arg("k"), py::arg("group_size"), py::arg("dtype"),
       "Name of the CPU kernel int8_linear runs for this problem");
+#ifdef FASTQUANT_WITH_CUDA
+  m.def(
+      "int8_linear_cuda_path",
+      [](int64_t m_rows, int64_t n, int64_t k, int64_t group_size, const std::string& dtype) {
+        const int code = static_cast<int>(parse_dtype(dtype));
+        return std::string(fastquant::cuda::int8_linear_cuda_path(m_rows, n, k, group_size, code));
+      },
+      py::arg("m"), py::arg("n"), py::arg("k"), py::arg("group_size"), py::arg("dtype"),
+      "Name of the CUDA kernel int8_linear runs for this problem (see csrc/cuda/int8_linear_dispatch.h)");
+#endif
 }

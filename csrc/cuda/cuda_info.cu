@@ -1,0 +1,58 @@
+// Build facts for fastquant._C.build_info() and the kernel-path query (see cuda_info.h).
+#include <cuda_runtime_api.h>
+
+#include <cstdio>
+#include <string>
+
+#include "cuda/cuda_info.h"
+#include "cuda/int8_linear_dispatch.h"
+
+#define FASTQUANT_STR2(...) #__VA_ARGS__
+#define FASTQUANT_STR(...) FASTQUANT_STR2(__VA_ARGS__)
+
+namespace fastquant::cuda {
+
+const char* cuda_runtime_version_string() {
+  static const std::string version = [] {
+    int v = 0;
+    if (cudaRuntimeGetVersion(&v) != cudaSuccess) {
+      cudaGetLastError();  // clear it so that the next launch does not report it as its own
+      return std::string("unknown");
+    }
+    char buf[32];
+    std::snprintf(buf, sizeof(buf), "%d.%d", v / 1000, (v % 1000) / 10);
+    return std::string(buf);
+  }();
+  return version.c_str();
+}
+
+const char* compiled_archs() {
+#ifdef __CUDA_ARCH_LIST__
+  // nvcc defines __CUDA_ARCH_LIST__ as e.g. 800,900 (one entry per -gencode / CUDA_ARCHITECTURES value).
+  static const std::string archs = [] {
+    const std::string raw = FASTQUANT_STR(__CUDA_ARCH_LIST__);
+    std::string out;
+    std::string number;
+    for (size_t i = 0; i <= raw.size(); ++i) {
+      if (i < raw.size() && raw[i] >= '0' && raw[i] <= '9') {
+        number += raw[i];
+      } else if (!number.empty()) {
+        if (!out.empty()) out += ",";
+        out += "sm_" + std::to_string(std::stoi(number) / 10);
+        number.clear();
+      }
+    }
+    return out;
+  }();
+  return archs.c_str();
+#else
+  return "unknown";
+#endif
+}
+
+const char* int8_linear_cuda_path(int64_t m, int64_t n, int64_t k, int64_t group_size, int dtype_code) {
+  const Int8Path path = choose_int8_path(m, n, k, group_size, static_cast<DType>(dtype_code));
+  return int8_path_name(path, int8_shape_aligned(k, group_size));
+}
+
+}  // namespace fastquant::cuda

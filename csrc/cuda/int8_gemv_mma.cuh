@@ -1,0 +1,369 @@
+#pragma once
+// Tensor-core GEMV for int8 weight-only linear layers at small M (decode, M <= 64).
+//
+// Roles are swapped against the usual GEMM: y^T (N x M) = W (N x K) * x^T (K x M). The int8 weight, row-major
+// (N, K), is exactly the row-major 16x16 "A" operand of mma.sync.m16n8k16, and x^T (x row-major (M, K)) is
+// the column-major 16x8 "B" operand. So M = 1..8 pads to the n=8 side (not to 16), and every weight byte is
+// loaded from HBM once, with 16-byte vector loads, straight into registers -- no shared memory staging, no
+// ldmatrix. Products of an int8 weight and a bf16/fp16 activation are exact in the fp32 accumulator.
+//
+// K permutation: a dot product may visit k in any order as long as A and B agree. Lane (g = lane / 4,
+// t = lane % 4) loads 16 consecutive bytes of weight rows g and g + 8 at k0 = chunk * 64 + 16 t, and the 16
+// matching activations of x row g. mma step s (0..3) uses bytes 4s..4s+3 of those 16 for the fragment
+// slots (2t, 2t+1, 2t+8, 2t+9) that PTX assigns to the lane, in both A and B. Each mma step then sums 16
+// real k values, and the four steps cover the 64-wide chunk.
+//
+// int8 -> fp32 with no I2F (quarter rate on sm_80/sm_90): prmt puts the byte (XOR 0x80, so unsigned) under
+// the exponent of 2^23 (0x4B0000xx == 8388608 + xx), one FADD removes 8388608 + 128. The exact integer is
+// then scaled (per-group only) and packed to bf16x2 / f16x2 with one cvt per pair. About 3.5 ALU
+// instructions per weight byte: ~40% of H100's issue rate at full HBM bandwidth, so memory stays the limit.
+//
+// Per-channel scales are applied once to the fp32 result (exact products, exact sums up to fp32 rounding).
+// Per-group scales are applied to the weight before the mma, rounding w = q * s to x's dtype exactly as
+// PyTorch's (qweight.float() * scales).to(dtype) does: one mma covers k values of two groups of 32, so the
+// scale cannot be applied after the mma without doubling the mma and accumulator count.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "cuda/int8_linear_dispatch.h"
+#include "cuda/int8_linear_launch.h"
+
+namespace fastquant::cuda::detail {
+
+template <typename T>
+struct Act;
+
+template <>
+struct Act<__nv_bfloat16> {
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // lo in the low 16 bits
+    uint32_t r;
+    memcpy(&r, &v, sizeof(r));
+    return r;
+  }
+  static __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+  static __device__ __forceinline__ __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
+  static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                             uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+template <>
+struct Act<__half> {
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    const __half2 v = __floats2half2_rn(lo, hi);
+    uint32_t r;
+    memcpy(&r, &v, sizeof(r));
+    return r;
+  }
+  static __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+  static __device__ __forceinline__ __half from_float(float v) { return __float2half_rn(v); }
+  static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                             uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+// 16 weight bytes that are read exactly once: non-coherent path, no L1 allocation (they would only evict x),
+// an evict-first L2 policy (x and the scales are what should stay in L2), and a 256-byte L2 prefetch so
+// each DRAM access brings whole row segments that the neighbouring chunks of this warp ask for next.
+__device__ __forceinline__ uint64_t evict_first_policy() {
+  uint64_t policy;
+  asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
+  return policy;
+}
+
+__device__ __forceinline__ uint4 load_stream16(const int8_t* p, uint64_t policy) {
+  uint4 v;
+  asm("ld.global.nc.L1::no_allocate.L2::cache_hint.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4], %5;\n"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(p), "l"(policy));
+  return v;
+}
+
+// 4 int8 (one 32-bit word) -> 4 exact fp32 integers.
+__device__ __forceinline__ void int8x4_to_float(uint32_t q, float (&f)[4]) {
+  const uint32_t u = q ^ 0x80808080u;   // two's complement byte b -> unsigned b + 128
+  constexpr float kMagic = 8388736.0f;  // 2^23 + 128
+  f[0] = __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7540)) - kMagic;
+  f[1] = __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7541)) - kMagic;
+  f[2] = __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7542)) - kMagic;
+  f[3] = __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7543)) - kMagic;
+}
+
+// One weight word (bytes 4s..4s+3 of a lane's segment) -> the two packed registers for fragment slots
+// (2t, 2t+1) [lo] and (2t+8, 2t+9) [hi].
+template <typename T, bool kGrouped>
+__device__ __forceinline__ void dequant_word(uint32_t q, float scale, uint32_t& lo, uint32_t& hi) {
+  float f[4];
+  int8x4_to_float(q, f);
+  if constexpr (kGrouped) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) f[i] *= scale;
+  }
+  lo = Act<T>::pack(f[0], f[1]);
+  hi = Act<T>::pack(f[2], f[3]);
+}
+
+__device__ __forceinline__ uint32_t word_of(const uint4& v, int i) {
+  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+// 16 weight bytes of one row at k0, zero where the row or k is out of range.
+template <bool kAligned>
+__device__ __forceinline__ uint4 load_weight_segment(const int8_t* row, int k0, int k, bool row_ok,
+                                                     uint64_t policy) {
+  if constexpr (kAligned) {
+    // k % 16 == 0, so a segment is either entirely inside the row or entirely past its end.
+    if (row_ok && k0 < k) return load_stream16(row + k0, policy);
+    return make_uint4(0u, 0u, 0u, 0u);
+  } else {
+    (void)policy;
+    uint32_t words[4] = {0u, 0u, 0u, 0u};
+    if (row_ok) {
+#pragma unroll
+      for (int j = 0; j < 16; ++j) {
+        if (k0 + j < k) {
+          const uint32_t b = static_cast<uint8_t>(row[k0 + j]);
+          words[j / 4] |= b << (8 * (j % 4));
+        }
+      }
+    }
+    return make_uint4(words[0], words[1], words[2], words[3]);
+  }
+}
+
+// The 16 activations of one x row at k0 as 8 packed words, zero where the row or k is out of range.
+// x is small and re-read by every block: ordinary cached loads (L1/L2 hits after the first block).
+template <bool kAligned>
+__device__ __forceinline__ void load_x_segment(const uint16_t* xrow, int k0, int k, bool row_ok,
+                                               uint32_t (&xw)[8]) {
+  if constexpr (kAligned) {
+    if (row_ok && k0 < k) {
+      const uint4 a = __ldg(reinterpret_cast<const uint4*>(xrow + k0));
+      const uint4 b = __ldg(reinterpret_cast<const uint4*>(xrow + k0 + 8));
+      xw[0] = a.x, xw[1] = a.y, xw[2] = a.z, xw[3] = a.w;
+      xw[4] = b.x, xw[5] = b.y, xw[6] = b.z, xw[7] = b.w;
+    } else {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) xw[i] = 0u;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const uint32_t lo = (row_ok && k0 + 2 * i < k) ? __ldg(xrow + k0 + 2 * i) : 0u;
+      const uint32_t hi = (row_ok && k0 + 2 * i + 1 < k) ? __ldg(xrow + k0 + 2 * i + 1) : 0u;
+      xw[i] = lo | (hi << 16);
+    }
+  }
+}
+
+struct GemvParams {
+  const uint16_t* x;  // bf16/fp16 bits
+  const int8_t* w;
+  const float* scales;
+  const uint16_t* bias;  // may be null
+  uint16_t* y;
+  float* workspace;  // used when gridDim.y > 1
+  int m, n, k, group_size, n_groups;
+};
+
+// Block: 8 warps on the same 16 weight rows (blockIdx.x), each warp on every 8th group of U chunks of
+// 64 k within this block's K split (blockIdx.y). U chunks (U * 2 KiB per warp with both rows) are loaded
+// before any is used so that enough bytes are in flight: 2 blocks/SM x 8 warps x 4 KiB = 64 KiB per SM,
+// above the ~25 KiB that H100's bandwidth-latency product needs per SM.
+template <typename T, int NT, bool kGrouped, bool kAligned>
+__global__ void __launch_bounds__(kGemvWarps * 32, 2) int8_gemv_mma_kernel(GemvParams p) {
+  constexpr int U = NT <= 2 ? 4 : 2;  // fewer chunks in flight when the accumulators take more registers
+  __shared__ float partial[kGemvWarps][NT * 4 * 32];
+
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int g = lane >> 2;
+  const int t = lane & 3;
+  const int n0 = blockIdx.x * kGemvTileN + g;
+  const int n1 = n0 + 8;
+  const bool row0_ok = n0 < p.n;
+  const bool row1_ok = n1 < p.n;
+  const int8_t* w0 = p.w + static_cast<int64_t>(row0_ok ? n0 : 0) * p.k;
+  const int8_t* w1 = p.w + static_cast<int64_t>(row1_ok ? n1 : 0) * p.k;
+
+  const int chunks = (p.k + kGemvChunkK - 1) / kGemvChunkK;
+  const int per_split = (chunks + gridDim.y - 1) / gridDim.y;
+  const int c_begin = blockIdx.y * per_split;
+  const int c_end = min(chunks, c_begin + per_split);
+
+  const uint64_t policy = evict_first_policy();
+  float acc[NT][4];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
+
+  for (int base = c_begin + warp * U; base < c_end; base += kGemvWarps * U) {
+    uint4 qa[U], qb[U];
+    float sa[U], sb[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int k0 = (base + u) * kGemvChunkK + 16 * t;
+      const bool chunk_ok = base + u < c_end;
+      qa[u] = load_weight_segment<kAligned>(w0, k0, p.k, chunk_ok && row0_ok, policy);
+      qb[u] = load_weight_segment<kAligned>(w1, k0, p.k, chunk_ok && row1_ok, policy);
+      sa[u] = sb[u] = 1.f;
+      if constexpr (kGrouped) {
+        // A 16-aligned segment never straddles a group (group_size % 16 == 0).
+        const bool in_k = chunk_ok && k0 < p.k;
+        const int gi = in_k ? k0 / p.group_size : 0;
+        sa[u] = (in_k && row0_ok) ? __ldg(p.scales + static_cast<int64_t>(n0) * p.n_groups + gi) : 0.f;
+        sb[u] = (in_k && row1_ok) ? __ldg(p.scales + static_cast<int64_t>(n1) * p.n_groups + gi) : 0.f;
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (base + u >= c_end) break;  // warp-uniform: mma.sync needs the whole warp
+      const int k0 = (base + u) * kGemvChunkK + 16 * t;
+      uint32_t a[4][4];
+#pragma unroll
+      for (int s = 0; s < 4; ++s) {
+        // A fragment: {row g slots 2t..2t+1, row g+8 slots 2t..2t+1, row g slots 2t+8.., row g+8 slots
+        // 2t+8..}
+        dequant_word<T, kGrouped>(word_of(qa[u], s), sa[u], a[s][0], a[s][2]);
+        dequant_word<T, kGrouped>(word_of(qb[u], s), sb[u], a[s][1], a[s][3]);
+      }
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const int mrow = nt * 8 + g;  // B fragment column g = activation row nt * 8 + g
+        uint32_t xw[8];
+        load_x_segment<kAligned>(p.x + static_cast<int64_t>(mrow < p.m ? mrow : 0) * p.k, k0, p.k, mrow < p.m,
+                                 xw);
+#pragma unroll
+        for (int s = 0; s < 4; ++s) Act<T>::mma(acc[nt], a[s], xw[2 * s], xw[2 * s + 1]);
+      }
+    }
+  }
+
+  // Sum the 8 warps' accumulators. C fragment: acc[nt][i] is weight row g + 8 * (i / 2), activation row
+  // nt * 8 + 2t + (i % 2).
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) partial[warp][(nt * 4 + i) * 32 + lane] = acc[nt][i];
+  }
+  __syncthreads();
+  for (int v = threadIdx.x; v < NT * 4 * 32; v += kGemvWarps * 32) {
+    float sum = 0.f;
+#pragma unroll
+    for (int w = 0; w < kGemvWarps; ++w) sum += partial[w][v];
+    const int vl = v & 31;
+    const int i = (v >> 5) & 3;
+    const int nt = v >> 7;
+    const int n = blockIdx.x * kGemvTileN + (vl >> 2) + 8 * (i >> 1);
+    const int m = nt * 8 + 2 * (vl & 3) + (i & 1);
+    if (n >= p.n || m >= p.m) continue;
+    if constexpr (!kGrouped) sum *= __ldg(p.scales + n);
+    const int64_t out = static_cast<int64_t>(m) * p.n + n;
+    if (gridDim.y > 1) {
+      atomicAdd(p.workspace + out, sum);
+    } else {
+      if (p.bias != nullptr) sum += Act<T>::to_float(reinterpret_cast<const T*>(p.bias)[n]);
+      reinterpret_cast<T*>(p.y)[out] = Act<T>::from_float(sum);
+    }
+  }
+}
+
+// Split-K epilogue: y = dtype(workspace + bias), one rounding, as in the unsplit kernel.
+template <typename T>
+__global__ void int8_gemv_finalize_kernel(const float* workspace, const uint16_t* bias, uint16_t* y,
+                                          int64_t total, int n) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float v = workspace[i];
+    if (bias != nullptr) v += Act<T>::to_float(reinterpret_cast<const T*>(bias)[i % n]);
+    reinterpret_cast<T*>(y)[i] = Act<T>::from_float(v);
+  }
+}
+
+template <typename T, int NT, bool kGrouped, bool kAligned>
+void launch_gemv_variant(const GemvParams& p, dim3 grid, cudaStream_t stream) {
+  int8_gemv_mma_kernel<T, NT, kGrouped, kAligned><<<grid, kGemvWarps * 32, 0, stream>>>(p);
+}
+
+template <typename T, int NT>
+void launch_gemv_nt(const GemvParams& p, bool grouped, bool aligned, dim3 grid, cudaStream_t stream) {
+  if (grouped) {
+    if (aligned) {
+      launch_gemv_variant<T, NT, true, true>(p, grid, stream);
+    } else {
+      launch_gemv_variant<T, NT, true, false>(p, grid, stream);
+    }
+  } else {
+    if (aligned) {
+      launch_gemv_variant<T, NT, false, true>(p, grid, stream);
+    } else {
+      launch_gemv_variant<T, NT, false, false>(p, grid, stream);
+    }
+  }
+}
+
+template <typename T>
+cudaError_t launch_gemv(const Int8GemvArgs& a, cudaStream_t stream) {
+  const Int8Path path = choose_int8_path(a.m, a.n, a.k, a.group_size, a.dtype);
+  const int nt = int8_gemv_n_tiles(path);
+  if (nt == 0 || a.m <= 0 || a.n <= 0 || a.k <= 0) return cudaErrorInvalidValue;
+  const int splits = int8_gemv_splits(a.n, a.k, a.num_sms);
+  if (splits > 1 && a.workspace == nullptr) return cudaErrorInvalidValue;
+
+  GemvParams p;
+  p.x = static_cast<const uint16_t*>(a.x);
+  p.w = a.w;
+  p.scales = a.scales;
+  p.bias = static_cast<const uint16_t*>(a.bias);
+  p.y = static_cast<uint16_t*>(a.y);
+  p.workspace = a.workspace;
+  p.m = a.m;
+  p.n = a.n;
+  p.k = a.k;
+  p.group_size = a.group_size == -1 ? a.k : a.group_size;
+  p.n_groups = a.group_size == -1 ? 1 : a.n_groups;
+
+  const int64_t total = static_cast<int64_t>(a.m) * a.n;
+  if (splits > 1) {
+    const cudaError_t err =
+        cudaMemsetAsync(a.workspace, 0, static_cast<size_t>(total) * sizeof(float), stream);
+    if (err != cudaSuccess) return err;
+  }
+  const dim3 grid((a.n + kGemvTileN - 1) / kGemvTileN, splits);
+  const bool grouped = a.group_size != -1;
+  switch (nt) {
+    case 1:
+      launch_gemv_nt<T, 1>(p, grouped, a.aligned, grid, stream);
+      break;
+    case 2:
+      launch_gemv_nt<T, 2>(p, grouped, a.aligned, grid, stream);
+      break;
+    case 4:
+      launch_gemv_nt<T, 4>(p, grouped, a.aligned, grid, stream);
+      break;
+    default:
+      launch_gemv_nt<T, 8>(p, grouped, a.aligned, grid, stream);
+      break;
+  }
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess || splits == 1) return err;
+  const int threads = 256;
+  const int64_t blocks64 = (total + threads - 1) / threads;
+  const int blocks = static_cast<int>(blocks64 < 4096 ? blocks64 : 4096);
+  int8_gemv_finalize_kernel<T><<<blocks, threads, 0, stream>>>(a.workspace, p.bias, p.y, total, a.n);
+  return cudaGetLastError();
+}
+
+}  // namespace fastquant::cuda::detail

@@ -1,0 +1,11 @@
+// bf16 instantiations of the tensor-core GEMV (int8_gemv_mma.cuh); one file per dtype so the build
+// compiles them in parallel.
+#include "cuda/int8_gemv_mma.cuh"
+
+namespace fastquant::cuda {
+
+cudaError_t launch_int8_gemv_mma_bf16(const Int8GemvArgs& args, cudaStream_t stream) {
+  return detail::launch_gemv<__nv_bfloat16>(args, stream);
+}
+
+}  // namespace fastquant::cuda

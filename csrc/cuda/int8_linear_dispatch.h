@@ -1,0 +1,116 @@
+#pragma once
+// Which CUDA kernel fastquant::int8_linear runs for a problem, and the split-K rule of the GEMV kernel.
+// Plain C++ (no CUDA, no torch headers): the torch glue, the launchers and the pybind path query
+// (fastquant._C.int8_linear_cuda_path) all read this one table, so what `fastquant.report` prints is
+// what runs.
+#include <cstdint>
+
+namespace fastquant::cuda {
+
+// Activation dtype codes; the same values as fastquant::cpu::ActDType.
+enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+enum class Int8Path : int {
+  kGemvMma8,      // tensor-core GEMV, x^T is the n=8 operand: M <= 8
+  kGemvMma16,     // same kernel, two n=8 tiles: M <= 16
+  kGemvMma32,     // four n=8 tiles: M <= 32
+  kGemvMma64,     // eight n=8 tiles: M <= 64
+  kDequantCublas  // dequantize the weight to x's dtype, then cuBLAS (at::mm / at::addmm)
+};
+
+struct Int8PathRow {
+  int64_t max_m;  // largest number of activation rows this row of the table takes
+  Int8Path path;
+};
+
+// The table, by M. ALL THRESHOLDS ARE GUESSED (never measured: written on a machine without a GPU);
+// re-measure with benchmarks/bench_gpu_int8.py and move the rows.
+// - M <= 64: the weight is the 16-row "A" operand of mma.m16n8k16 and the activations the 8-column "B"
+//   operand, so one n=8 tile wastes at most 7/8 of tensor-core work that is nearly free anyway: at M <= 64 a
+//   4096x4096 layer needs ~2 GFLOP against ~17 MB of int8 weight, i.e. it is bound by HBM (3.35 TB/s),
+//   not by the tensor cores, as long as each weight byte is read exactly once.
+// - M > 64: with 8+ n-tiles per warp the x fragments (re-read from L1 for every 16 weight rows) and the
+//   mma.sync issue rate become the limit; cuBLAS on a dequantized weight is the safe choice until a tiled
+//   fused GEMM exists. Guess: the crossover is between M = 64 and M = 128.
+inline constexpr Int8PathRow kInt8PathTable[] = {
+    {8, Int8Path::kGemvMma8},
+    {16, Int8Path::kGemvMma16},
+    {32, Int8Path::kGemvMma32},
+    {64, Int8Path::kGemvMma64},
+};
+
+// The GEMV kernel gives each lane 16 consecutive k of one weight row, which must share one scale: group
+// sizes must be multiples of 16 (32..256 are). Other group sizes take the dequantize path.
+inline bool int8_gemv_group_ok(int64_t group_size) { return group_size == -1 || group_size % 16 == 0; }
+
+// Shape part of the "aligned" variants: 16-byte vector loads of every weight row (K % 16 == 0) and scale
+// groups made of whole 16-byte segments. The glue also checks that the data pointers are 16-byte aligned.
+inline bool int8_shape_aligned(int64_t k, int64_t group_size) {
+  return k % 16 == 0 && int8_gemv_group_ok(group_size);
+}
+
+inline Int8Path choose_int8_path(int64_t m, int64_t n, int64_t k, int64_t group_size, DType dtype) {
+  (void)n;
+  (void)k;
+  // fp32 activations: tensor cores would round x to tf32 (10-bit mantissa), which breaks the fp32 spec;
+  // fp32 is a correctness path, dequantize + fp32 cuBLAS (TF32 off unless the user enabled it).
+  if (dtype == DType::kFloat32 || !int8_gemv_group_ok(group_size)) return Int8Path::kDequantCublas;
+  for (const Int8PathRow& row : kInt8PathTable) {
+    if (m <= row.max_m) return row.path;
+  }
+  return Int8Path::kDequantCublas;
+}
+
+// Number of n=8 activation tiles of the GEMV kernel for a path.
+inline int int8_gemv_n_tiles(Int8Path path) {
+  switch (path) {
+    case Int8Path::kGemvMma8:
+      return 1;
+    case Int8Path::kGemvMma16:
+      return 2;
+    case Int8Path::kGemvMma32:
+      return 4;
+    case Int8Path::kGemvMma64:
+      return 8;
+    default:
+      return 0;
+  }
+}
+
+inline const char* int8_path_name(Int8Path path, bool aligned) {
+  switch (path) {
+    case Int8Path::kGemvMma8:
+      return aligned ? "cuda_gemv_mma_m8" : "cuda_gemv_mma_m8_unaligned";
+    case Int8Path::kGemvMma16:
+      return aligned ? "cuda_gemv_mma_m16" : "cuda_gemv_mma_m16_unaligned";
+    case Int8Path::kGemvMma32:
+      return aligned ? "cuda_gemv_mma_m32" : "cuda_gemv_mma_m32_unaligned";
+    case Int8Path::kGemvMma64:
+      return aligned ? "cuda_gemv_mma_m64" : "cuda_gemv_mma_m64_unaligned";
+    case Int8Path::kDequantCublas:
+      return "cuda_dequant_cublas";
+  }
+  return "unknown";
+}
+
+// GEMV geometry (shared by the kernel and the split rule).
+inline constexpr int kGemvWarps = 8;    // warps per block, each on its own k chunks of the same 16 rows
+inline constexpr int kGemvTileN = 16;   // weight rows per block: the M=16 side of mma.m16n8k16
+inline constexpr int kGemvChunkK = 64;  // k per warp step: 4 lanes x 16 bytes of one row
+
+// Split-K: one block per 16 weight rows gives N/16 blocks. When that is fewer than the SMs (small N, e.g.
+// a 512x2048 k/v projection), the SMs without a block leave their share of HBM bandwidth unused, so K is
+// split across blocks (fp32 atomics into a zeroed workspace, then a small finalize kernel). GUESSED:
+// aim for 2 blocks per SM, never less than one 64-wide chunk per warp per split.
+inline int int8_gemv_splits(int64_t n, int64_t k, int num_sms) {
+  const int64_t tiles = (n + kGemvTileN - 1) / kGemvTileN;
+  const int64_t chunks = (k + kGemvChunkK - 1) / kGemvChunkK;
+  if (num_sms <= 0 || tiles >= num_sms) return 1;
+  int64_t splits = (2 * static_cast<int64_t>(num_sms) + tiles - 1) / tiles;
+  const int64_t most = chunks / kGemvWarps;
+  if (splits > most) splits = most;
+  if (splits > 64) splits = 64;
+  return splits < 1 ? 1 : static_cast<int>(splits);
+}
+
+}  // namespace fastquant::cuda
