@@ -1,0 +1,326 @@
+"""fastquant.int8_linear on CUDA: every dispatch path vs a float64 reference, opcheck, torch.compile,
+CUDA-graph capture, bad input, odd layouts.
+
+Tolerance rule (CUDA kernels): with y64 the float64 evaluation of the reference formula, y_torch what PyTorch
+itself gives at the activation dtype by dequantizing and calling F.linear (``F.linear(x, W.to(dtype), bias)``,
+cuBLAS), u the unit roundoff of the dtype (2^-24, 2^-8, 2^-11 for fp32, bf16, fp16) and W the dequantized
+weight, every output element must satisfy
+
+    |y - y64| <= 2 * |y_torch - y64| + 2^-12 * sqrt((x^2) @ (W^2)^T) + 4 * u * |y64|
+
+The first term allows what PyTorch loses at this precision (the group-wise GEMV rounds q * s to x's dtype
+exactly as PyTorch's dequantize does); the second is the fp32 accumulation of the kernels (tensor cores may
+truncate instead of rounding each addition); the last covers the final rounding of both outputs. Losing or
+duplicating one 16-wide k segment of the weight (the kernels' unit of work) moves y by about
+sqrt(16 / K) * sqrt((x^2) @ (W^2)^T), at least 2^-4 of that scale for K <= 4100: far outside the bound.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastquant
+from fastquant import _native, reference
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the CUDA kernels cannot run here"),
+    pytest.mark.skipif(
+        not _native.has_cuda_kernels(),
+        reason="fastquant was built without CUDA kernels (CPU-only torch or no nvcc; rebuild with FASTQUANT_CUDA=ON)",
+    ),
+]
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+GROUP_SIZES = [-1, 32, 64, 128, 256]
+UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+# (M, K, N): every decode/prefill row count of the issue, K and N among 17, 1000, 1025, 4096, 4100 (K % 16
+# != 0 takes the unaligned GEMV variants, K = 1025 gives a ragged last group for every group size).
+SHAPES = [
+    (1, 4096, 4096),
+    (1, 17, 1000),
+    (2, 1025, 17),
+    (3, 4100, 1025),
+    (7, 1000, 4100),
+    (16, 4096, 1000),
+    (17, 1025, 4096),
+    (33, 4096, 17),
+    (64, 4100, 1000),
+    (255, 1000, 1025),
+    (513, 4096, 4100),
+    (2048, 1025, 4096),
+]
+
+
+def cuda_path(m, n, k, group_size, dtype) -> str:
+    return _native.int8_linear_kernel_path(torch.device("cuda"), m, n, k, group_size, dtype)
+
+
+def make_case(m, k, n, dtype, group_size, with_bias, seed, device="cuda"):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    row_scale = torch.rand(n, 1, generator=gen, device=device) * 2 + 0.05  # rows of different magnitudes
+    weight = torch.randn(n, k, generator=gen, device=device) * row_scale
+    qweight, scales = reference.int8_quantize(weight, group_size)
+    x = torch.randn(m, k, generator=gen, device=device).to(dtype)
+    bias = torch.randn(n, generator=gen, device=device).to(dtype) if with_bias else None
+    return x, qweight, scales, bias
+
+
+def assert_close_to_reference(y, x, qweight, scales, bias, group_size, path=""):
+    weight = reference.int8_dequantize(qweight, scales, group_size)
+    w64, x64 = weight.double(), x.double()
+    y64 = x64 @ w64.T
+    if bias is not None:
+        y64 = y64 + bias.double()
+    y_torch = F.linear(x, weight.to(x.dtype), bias)
+    scale = ((x64**2) @ (w64**2).T).sqrt()
+    bound = 2 * (y_torch.double() - y64).abs() + 2.0**-12 * scale + 4 * UNIT_ROUNDOFF[x.dtype] * y64.abs()
+    assert y.dtype == x.dtype and y.shape == y64.shape and y.device == x.device
+    err = (y.double() - y64).abs()
+    excess = err - bound
+    worst = int(excess.argmax())
+    assert bool((excess <= 0).all()), (
+        f"kernel {path}: error {err.flatten()[worst].item():.3g} exceeds bound {bound.flatten()[worst].item():.3g} "
+        f"at flat index {worst} (y64={y64.flatten()[worst].item():.4g}, y={y.flatten()[worst].item():.4g})"
+    )
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("group_size", GROUP_SIZES)
+def test_matches_reference(shape, dtype, group_size):
+    m, k, n = shape
+    seed = zlib.crc32(repr((shape, group_size, dtype)).encode())
+    x, qweight, scales, bias = make_case(m, k, n, dtype, group_size, with_bias=seed % 2 == 0, seed=seed)
+    path = cuda_path(m, n, k, group_size, dtype)
+    assert path.startswith("cuda_")
+    y = fastquant.int8_linear(x, qweight, scales, bias, group_size)
+    assert_close_to_reference(y, x, qweight, scales, bias, group_size, path)
+
+
+# One case per entry of the dispatch table (csrc/cuda/int8_linear_dispatch.h): (expected path, M, K, N,
+# dtype, group size). The comment says why the shape lands there.
+PATH_CASES = [
+    ("cuda_gemv_mma_m8", 1, 4096, 1536, torch.bfloat16, -1),  # decode, one n=8 tile
+    ("cuda_gemv_mma_m8", 8, 576, 1536, torch.float16, 128),  # M = 8: last row of the n=8 tile
+    ("cuda_gemv_mma_m8", 1, 8192, 64, torch.bfloat16, 128),  # N/16 = 4 blocks < SMs: split-K + finalize
+    ("cuda_gemv_mma_m8", 3, 8192, 48, torch.float16, -1),  # split-K, per-channel scales, fp16
+    ("cuda_gemv_mma_m16", 16, 4096, 512, torch.bfloat16, 32),  # two n=8 tiles
+    ("cuda_gemv_mma_m16", 9, 2048, 1000, torch.float16, 256),  # second tile has one live row
+    ("cuda_gemv_mma_m32", 32, 2048, 1024, torch.float16, -1),  # four n=8 tiles
+    ("cuda_gemv_mma_m64", 64, 1024, 2048, torch.bfloat16, 64),  # eight n=8 tiles
+    ("cuda_gemv_mma_m64", 40, 2048, 100, torch.bfloat16, -1),  # eight tiles, N not a multiple of 16, split-K
+    ("cuda_gemv_mma_m8_unaligned", 5, 1000, 300, torch.bfloat16, -1),  # K % 16 == 8: byte-wise loads
+    ("cuda_gemv_mma_m16_unaligned", 12, 1025, 64, torch.float16, 32),  # K % 16 == 1, ragged group
+    ("cuda_gemv_mma_m32_unaligned", 30, 4100, 33, torch.bfloat16, 128),
+    ("cuda_gemv_mma_m64_unaligned", 50, 17, 70, torch.float16, -1),
+    ("cuda_dequant_cublas", 65, 512, 256, torch.bfloat16, -1),  # M > 64
+    ("cuda_dequant_cublas", 300, 1000, 200, torch.float16, 64),  # M > 64, unaligned dequantize
+    ("cuda_dequant_cublas", 4, 300, 40, torch.float32, -1),  # fp32 activations always
+    ("cuda_dequant_cublas", 4, 256, 40, torch.bfloat16, 24),  # group size not a multiple of 16
+]
+
+
+@pytest.mark.parametrize(
+    ("path", "m", "k", "n", "dtype", "group_size"),
+    PATH_CASES,
+    ids=[f"{c[0]}-{c[1]}x{c[2]}x{c[3]}" for c in PATH_CASES],
+)
+def test_every_dispatch_path(path, m, k, n, dtype, group_size):
+    assert cuda_path(m, n, k, group_size, dtype) == path
+    for with_bias in (False, True):
+        x, qweight, scales, bias = make_case(m, k, n, dtype, group_size, with_bias, seed=m * 7919 + k + n)
+        y = fastquant.int8_linear(x, qweight, scales, bias, group_size)
+        assert_close_to_reference(y, x, qweight, scales, bias, group_size, path)
+
+
+def test_all_table_paths_are_covered():
+    names = {"cuda_dequant_cublas"} | {
+        f"cuda_gemv_mma_m{m}{suffix}" for m in (8, 16, 32, 64) for suffix in ("", "_unaligned")
+    }
+    assert {case[0] for case in PATH_CASES} == names
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_misaligned_pointers_take_the_unaligned_kernel(dtype):
+    """K % 16 == 0 but x or qweight start 1 element into their storage: no 16-byte vector loads."""
+    m, k, n = 4, 512, 96
+    x, qweight, scales, bias = make_case(m, k, n, dtype, 64, with_bias=True, seed=4)
+    x_off = torch.empty(m * k + 1, dtype=dtype, device="cuda")[1:].view(m, k)
+    x_off.copy_(x)
+    w_off = torch.empty(n * k + 1, dtype=torch.int8, device="cuda")[1:].view(n, k)
+    w_off.copy_(qweight)
+    assert x_off.data_ptr() % 16 != 0 and w_off.data_ptr() % 16 != 0
+    expected = fastquant.int8_linear(x, qweight, scales, bias, 64)
+    for xx, ww in ((x_off, qweight), (x, w_off), (x_off, w_off)):
+        y = fastquant.int8_linear(xx, ww, scales, bias, 64)
+        assert_close_to_reference(y, x, qweight, scales, bias, 64, "unaligned pointers")
+        torch.testing.assert_close(y, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("m", [1, 16, 100])
+def test_fp16_partial_sums_do_not_overflow(m):
+    """Partial sums reach 4e5, past fp16's 65504, and cancel to a small result: fp32 accumulation."""
+    k = 512
+    x = torch.full((m, k), 100.0, dtype=torch.float16, device="cuda")
+    weight = torch.cat([torch.full((32, k // 2), 8.0), torch.full((32, k // 2), -8.0)], dim=1).cuda()
+    weight[:, 0] += 0.5
+    qweight, scales = reference.int8_quantize(weight, -1)
+    y = fastquant.int8_linear(x, qweight, scales, None, -1)
+    assert torch.isfinite(y).all()
+    assert_close_to_reference(y, x, qweight, scales, None, -1, cuda_path(m, 32, k, -1, torch.float16))
+
+
+@pytest.mark.parametrize("m", [3, 100])
+@pytest.mark.parametrize("group_size", [-1, 128])
+def test_opcheck(m, group_size):
+    x, qweight, scales, bias = make_case(m, 320, 48, torch.bfloat16, group_size, with_bias=True, seed=7)
+    op = torch.ops.fastquant.int8_linear.default
+    torch.library.opcheck(op, (x, qweight, scales, bias, group_size))
+    torch.library.opcheck(op, (x.half(), qweight, scales, None, group_size))
+    torch.library.opcheck(op, (x.float(), qweight, scales, None, group_size))
+
+
+def test_torch_compile_fullgraph_module():
+    torch.manual_seed(11)
+    linear = torch.nn.Linear(1024, 512, bias=True, device="cuda", dtype=torch.bfloat16)
+    layer = fastquant.Int8Linear.from_linear(linear, group_size=128)
+
+    def f(x):
+        return F.gelu(layer(x)) * 2
+
+    compiled = torch.compile(f, fullgraph=True)
+    for m in (1, 4, 100):  # GEMV and cuBLAS paths; a new batch size retraces or runs dynamic
+        x = torch.randn(2, m, 1024, device="cuda", dtype=torch.bfloat16)
+        # Inductor fuses gelu and the product in fp32 without rounding in between: bf16 tolerance.
+        torch.testing.assert_close(compiled(x), f(x))
+
+
+@pytest.mark.parametrize(
+    ("m", "k", "n", "group_size"),
+    [(1, 4096, 1024, -1), (2, 8192, 64, 128), (100, 512, 256, 32)],
+    ids=["gemv", "gemv-split-k", "dequant-cublas"],
+)
+def test_cuda_graph_capture_and_replay(m, k, n, group_size):
+    x, qweight, scales, bias = make_case(m, k, n, torch.bfloat16, group_size, with_bias=True, seed=13)
+    static_x = x.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm up off the default stream, as capture requires
+        for _ in range(2):
+            fastquant.int8_linear(static_x, qweight, scales, bias, group_size)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = fastquant.int8_linear(static_x, qweight, scales, bias, group_size)
+    for seed in (1, 2):
+        new_x = torch.randn(m, k, generator=torch.Generator(device="cuda").manual_seed(seed), device="cuda")
+        static_x.copy_(new_x)
+        graph.replay()
+        torch.cuda.synchronize()
+        expected = fastquant.int8_linear(static_x, qweight, scales, bias, group_size)
+        # Split-K sums in fp32 atomics (any order): equal up to the last bit of the output, not bit-exact.
+        torch.testing.assert_close(static_y, expected, rtol=2**-7, atol=1e-3)
+        assert_close_to_reference(static_y, static_x, qweight, scales, bias, group_size, "graph replay")
+
+
+def test_non_contiguous_and_batched_input():
+    _, qweight, scales, bias = make_case(1, 256, 50, torch.bfloat16, 64, with_bias=True, seed=5)
+    x3 = torch.randn(256, 3, 4, device="cuda").bfloat16().permute(1, 2, 0)  # (3, 4, 256), K not innermost
+    assert not x3.is_contiguous()
+    y = fastquant.int8_linear(x3, qweight, scales, bias, 64)
+    assert y.shape == (3, 4, 50)
+    torch.testing.assert_close(y, fastquant.int8_linear(x3.contiguous(), qweight, scales, bias, 64), rtol=0, atol=0)
+    x_sliced = torch.randn(6, 512, device="cuda").bfloat16()[:, ::2]
+    torch.testing.assert_close(
+        fastquant.int8_linear(x_sliced, qweight, scales, bias, 64),
+        fastquant.int8_linear(x_sliced.contiguous(), qweight, scales, bias, 64),
+        rtol=0,
+        atol=0,
+    )
+    # A non-contiguous weight and scales are made contiguous by the glue.
+    q_t = qweight.t().contiguous().t()
+    assert not q_t.is_contiguous()
+    x = torch.randn(2, 256, device="cuda").bfloat16()
+    torch.testing.assert_close(
+        fastquant.int8_linear(x, q_t, scales, bias, 64), fastquant.int8_linear(x, qweight, scales, bias, 64)
+    )
+
+
+def test_empty_batch_and_empty_k():
+    _, qweight, scales, bias = make_case(1, 64, 32, torch.float16, -1, with_bias=True, seed=2)
+    assert fastquant.int8_linear(torch.empty(0, 64, device="cuda").half(), qweight, scales, bias, -1).shape == (0, 32)
+    y = fastquant.int8_linear(torch.empty(2, 0, 64, device="cuda").half(), qweight, scales, bias, -1)
+    assert y.shape == (2, 0, 32)
+    q0 = torch.empty(32, 0, dtype=torch.int8, device="cuda")
+    y = fastquant.int8_linear(torch.empty(3, 0, device="cuda").half(), q0, scales, bias, -1)
+    torch.testing.assert_close(y, bias.expand(3, 32))
+
+
+def test_autograd_to_activations():
+    x, qweight, scales, bias = make_case(4, 96, 24, torch.float32, 32, with_bias=True, seed=9)
+    x.requires_grad_(True)
+    bias.requires_grad_(True)
+    y = fastquant.int8_linear(x, qweight, scales, bias, 32)
+    y.square().sum().backward()
+    grad_y = 2 * y.detach()
+    torch.testing.assert_close(x.grad, grad_y @ reference.int8_dequantize(qweight, scales, 32))
+    torch.testing.assert_close(bias.grad, grad_y.sum(0))
+
+
+BAD_INPUTS = [
+    ("x must be float32, bfloat16 or float16", lambda x, q, s, b: (x.to(torch.int32), q, s, None, -1)),
+    ("x must be float32, bfloat16 or float16", lambda x, q, s, b: (x.double(), q, s, None, -1)),
+    ("qweight must be a 2-D int8 tensor", lambda x, q, s, b: (x, q.float(), s, None, -1)),
+    ("qweight must be a 2-D int8 tensor", lambda x, q, s, b: (x, q[0], s, None, -1)),
+    (
+        r"x has 63 input features \(shape [(\[]3, 63[)\]]\) but qweight is \(N, K\) = \(32, 64\)",
+        lambda x, q, s, b: (x[:, :63], q, s, None, -1),
+    ),
+    ("scales must be float32", lambda x, q, s, b: (x, q, s.half(), None, -1)),
+    (
+        r"per-channel scales must have shape \(N,\) = \(32,\), got [(\[]31,?[)\]]",
+        lambda x, q, s, b: (x, q, s[:31], None, -1),
+    ),
+    (r"group-wise scales .* must have shape \(32, 2\)", lambda x, q, s, b: (x, q, s, None, 32)),
+    ("group_size must be -1", lambda x, q, s, b: (x, q, s, None, 0)),
+    (
+        r"bias dtype (torch.float16|Half) must match x dtype (torch.bfloat16|BFloat16)",
+        lambda x, q, s, b: (x, q, s, b.half(), -1),
+    ),
+    (r"bias must have shape \(32,\)", lambda x, q, s, b: (x, q, s, b[:5], -1)),
+]
+
+
+@pytest.mark.parametrize(("message", "make_args"), BAD_INPUTS, ids=[m for m, _ in BAD_INPUTS])
+def test_bad_input_is_named(message, make_args):
+    x, qweight, scales, bias = make_case(3, 64, 32, torch.bfloat16, -1, with_bias=True, seed=1)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.fastquant.int8_linear(*make_args(x, qweight, scales, bias))
+
+
+@pytest.mark.parametrize("on_cpu", ["x", "qweight", "scales", "bias"])
+def test_mixed_devices_rejected(on_cpu):
+    args = dict(
+        zip(("x", "qweight", "scales", "bias"), make_case(3, 64, 32, torch.bfloat16, -1, True, seed=1), strict=True)
+    )
+    args[on_cpu] = args[on_cpu].cpu()
+    with pytest.raises(RuntimeError, match="device"):
+        torch.ops.fastquant.int8_linear(args["x"], args["qweight"], args["scales"], args["bias"], -1)
+
+
+def test_patched_model_on_cuda_reports_cuda_kernels():
+    model = torch.nn.Sequential(torch.nn.Linear(512, 1024), torch.nn.GELU(), torch.nn.Linear(1024, 256))
+    model = model.to("cuda", torch.bfloat16).eval()
+    x = torch.randn(3, 512, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        expected = model(x)
+        fastquant.patch(model)
+        got = model(x)
+    assert all(row.kernel.startswith("cuda_") for row in fastquant.report(model).layers)
+    # int8 weights change the result by the quantization error only: a few percent of the output scale.
+    assert (got.float() - expected.float()).norm() <= 0.05 * expected.float().norm()
