@@ -129,9 +129,17 @@ def bench_shape(n, k, row_counts, group_sizes, repeats, compiled_fn, copy_bw):
                 print(f"torch.compile peer failed for {n}x{k} M={m}: {type(exc).__name__}: {exc}")
         for g in group_sizes:
             qs = quantized[g]
-            t = gpu_time_per_call(
-                [lambda q=q, s=s, x=x, g=g: torch.ops.fastquant.int8_linear(x, q, s, None, g) for q, s in qs], repeats
-            )
+            calls = [lambda q=q, s=s, x=x, g=g: torch.ops.fastquant.int8_linear(x, q, s, None, g) for q, s in qs]
+            t = gpu_time_per_call(calls, repeats)
+            # Where the GEMV runs, also time the dequantize + cuBLAS path at the same M: the data that places
+            # the GEMV / cuBLAS boundary of the dispatch table (csrc/cuda/int8_linear_dispatch.h).
+            t_deq = None
+            if _native.has_cuda_kernels() and m <= _native.native.cuda_gemv_max_m():
+                _native.native.set_cuda_gemv_max_m(0)
+                try:
+                    t_deq = gpu_time_per_call(calls, repeats)
+                finally:
+                    _native.native.set_cuda_gemv_max_m(64)
             weight_bytes = n * k + qs[0][1].numel() * 4
             speedup_min, copy_min = target_for(n, k, m) if g == -1 else (None, None)
             frac = weight_bytes / t / copy_bw
@@ -148,6 +156,7 @@ def bench_shape(n, k, row_counts, group_sizes, repeats, compiled_fn, copy_bw):
                     "t_fastquant_us": t * 1e6,
                     "t_bf16_us": t_bf16 * 1e6,
                     "t_compiled_us": None if t_compiled is None else t_compiled * 1e6,
+                    "t_dequant_cublas_us": None if t_deq is None else t_deq * 1e6,
                     "speedup_vs_bf16": t_bf16 / t,
                     "speedup_vs_compiled": None if t_compiled is None else t_compiled / t,
                     "weight_gb_s": weight_bytes / t / 1e9,
@@ -193,9 +202,12 @@ def to_markdown(meta: dict, rows: list[dict]) -> str:
         "- peers: bf16 = F.linear on the bf16 weight (cuBLAS); compiled = torch.compile(F.linear(x, q.to(bf16)) "
         f"* scales) (torchao int8 weight-only), mode {meta['compiled_peer']}",
         "",
-        "| N x K | M | group | kernel | fastquant us | bf16 us | compiled us | vs bf16 | vs compiled | weight GB/s "
-        "| of copy BW | target | met |",
-        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
+        "- dequant+cuBLAS us: the same op with the GEMV capped off (set_cuda_gemv_max_m(0)), where the table "
+        "picks the GEMV: where it is lower, the table's GEMV rows should end earlier",
+        "",
+        "| N x K | M | group | kernel | fastquant us | bf16 us | compiled us | dequant+cuBLAS us | vs bf16 "
+        "| vs compiled | weight GB/s | of copy BW | target | met |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for r in rows:
         target = ""
@@ -206,7 +218,8 @@ def to_markdown(meta: dict, rows: list[dict]) -> str:
         met = "" if r["target_met"] is None else ("yes" if r["target_met"] else "**NO**")
         lines.append(
             f"| {r['n']}x{r['k']} | {r['m']} | {r['group_size']} | {r['path']} | {r['t_fastquant_us']:.1f} "
-            f"| {r['t_bf16_us']:.1f} | {fmt(r['t_compiled_us'], '.1f')} | {r['speedup_vs_bf16']:.2f}x "
+            f"| {r['t_bf16_us']:.1f} | {fmt(r['t_compiled_us'], '.1f')} | {fmt(r['t_dequant_cublas_us'], '.1f')} "
+            f"| {r['speedup_vs_bf16']:.2f}x "
             f"| {fmt(r['speedup_vs_compiled'], '.2f')}{'' if r['speedup_vs_compiled'] is None else 'x'} "
             f"| {r['weight_gb_s']:.0f} | {r['fraction_of_copy_bw']:.0%} | {target} | {met} |"
         )

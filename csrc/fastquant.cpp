@@ -71,5 +71,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       py::arg("m"), py::arg("n"), py::arg("k"), py::arg("group_size"), py::arg("dtype"),
       "Name of the CUDA kernel int8_linear runs for this problem (see csrc/cuda/int8_linear_dispatch.h)");
+  m.def("cuda_gemv_max_m", &fastquant::cuda::gemv_max_m, "Largest M the CUDA tensor-core GEMV takes");
+  m.def("set_cuda_gemv_max_m", &fastquant::cuda::set_gemv_max_m, py::arg("m"),
+        "Cap the M of the CUDA GEMV (0: always dequantize + cuBLAS; 64: default); for benchmarks and tests");
 #endif
 }

@@ -145,6 +145,22 @@ def test_all_table_paths_are_covered():
     assert {case[0] for case in PATH_CASES} == names
 
 
+def test_gemv_cap_switches_to_dequant_cublas():
+    """set_cuda_gemv_max_m (the benchmark's switch) moves decode shapes to the cuBLAS path and back."""
+    native = _native.native
+    assert native.cuda_gemv_max_m() == 64
+    x, qweight, scales, bias = make_case(16, 1024, 256, torch.bfloat16, 128, with_bias=True, seed=21)
+    try:
+        native.set_cuda_gemv_max_m(8)
+        assert cuda_path(8, 256, 1024, 128, torch.bfloat16) == "cuda_gemv_mma_m8"
+        assert cuda_path(16, 256, 1024, 128, torch.bfloat16) == "cuda_dequant_cublas"
+        y = fastquant.int8_linear(x, qweight, scales, bias, 128)
+        assert_close_to_reference(y, x, qweight, scales, bias, 128, "cuda_dequant_cublas (capped)")
+    finally:
+        native.set_cuda_gemv_max_m(64)
+    assert cuda_path(16, 256, 1024, 128, torch.bfloat16) == "cuda_gemv_mma_m16"
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_misaligned_pointers_take_the_unaligned_kernel(dtype):
     """K % 16 == 0 but x or qweight start 1 element into their storage: no 16-byte vector loads."""

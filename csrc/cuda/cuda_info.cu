@@ -1,6 +1,7 @@
 // Build facts for fastquant._C.build_info() and the kernel-path query (see cuda_info.h).
 #include <cuda_runtime_api.h>
 
+#include <atomic>
 #include <cstdio>
 #include <string>
 
@@ -50,8 +51,16 @@ const char* compiled_archs() {
 #endif
 }
 
+namespace {
+std::atomic<int64_t> g_gemv_max_m{64};
+}  // namespace
+
+int64_t gemv_max_m() { return g_gemv_max_m.load(std::memory_order_relaxed); }
+
+void set_gemv_max_m(int64_t m) { g_gemv_max_m.store(m < 0 ? 0 : m, std::memory_order_relaxed); }
+
 const char* int8_linear_cuda_path(int64_t m, int64_t n, int64_t k, int64_t group_size, int dtype_code) {
-  const Int8Path path = choose_int8_path(m, n, k, group_size, static_cast<DType>(dtype_code));
+  const Int8Path path = choose_int8_path(m, n, k, group_size, static_cast<DType>(dtype_code), gemv_max_m());
   return int8_path_name(path, int8_shape_aligned(k, group_size));
 }
 

@@ -16,4 +16,10 @@ const char* compiled_archs();
 // the DType value (0 float32, 1 bfloat16, 2 float16); tensors are assumed 16-byte aligned.
 const char* int8_linear_cuda_path(int64_t m, int64_t n, int64_t k, int64_t group_size, int dtype_code);
 
+// Largest M the tensor-core GEMV takes (default 64, the whole dispatch table; 0: always dequantize +
+// cuBLAS). A process-wide tuning switch for benchmarks/bench_gpu_int8.py; calls running concurrently with
+// a change may take either choice (both are correct).
+int64_t gemv_max_m();
+void set_gemv_max_m(int64_t m);
+
 }  // namespace fastquant::cuda

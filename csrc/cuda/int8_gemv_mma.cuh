@@ -316,9 +316,8 @@ void launch_gemv_nt(const GemvParams& p, bool grouped, bool aligned, dim3 grid, 
 
 template <typename T>
 cudaError_t launch_gemv(const Int8GemvArgs& a, cudaStream_t stream) {
-  const Int8Path path = choose_int8_path(a.m, a.n, a.k, a.group_size, a.dtype);
-  const int nt = int8_gemv_n_tiles(path);
-  if (nt == 0 || a.m <= 0 || a.n <= 0 || a.k <= 0) return cudaErrorInvalidValue;
+  const int nt = int8_gemv_n_tiles(a.path);
+  if (nt == 0 || a.m > 8 * nt || a.m <= 0 || a.n <= 0 || a.k <= 0) return cudaErrorInvalidValue;
   const int splits = int8_gemv_splits(a.n, a.k, a.num_sms);
   if (splits > 1 && a.workspace == nullptr) return cudaErrorInvalidValue;
 

@@ -11,6 +11,7 @@
 #include <limits>
 #include <vector>
 
+#include "cuda/cuda_info.h"
 #include "cuda/int8_linear_dispatch.h"
 #include "cuda/int8_linear_launch.h"
 
@@ -95,7 +96,7 @@ at::Tensor int8_linear_cuda(const at::Tensor& x, const at::Tensor& qweight, cons
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const bool aligned =
       int8_shape_aligned(k, group_size) && aligned16(x2.data_ptr()) && aligned16(w.data_ptr());
-  const Int8Path path = choose_int8_path(m, n, k, group_size, dtype);
+  const Int8Path path = choose_int8_path(m, n, k, group_size, dtype, gemv_max_m());
 
   if (path == Int8Path::kDequantCublas) {
     // cuBLAS on the weight dequantized to x's dtype (fp32 accumulation in cuBLAS; for fp32 x, TF32 only if
@@ -133,6 +134,7 @@ at::Tensor int8_linear_cuda(const at::Tensor& x, const at::Tensor& qweight, cons
   args.num_sms = num_sms;
   args.aligned = aligned;
   args.dtype = dtype;
+  args.path = path;
   C10_CUDA_CHECK(launch_int8_gemv_mma(args, stream));
   return y;
 }

@@ -49,12 +49,17 @@ inline bool int8_shape_aligned(int64_t k, int64_t group_size) {
   return k % 16 == 0 && int8_gemv_group_ok(group_size);
 }
 
-inline Int8Path choose_int8_path(int64_t m, int64_t n, int64_t k, int64_t group_size, DType dtype) {
+// gemv_max_m: run-time cap on the GEMV rows of the table (fastquant._C.set_cuda_gemv_max_m, for measuring
+// the GEMV against dequantize + cuBLAS at the same M; default 64 = the whole table).
+inline Int8Path choose_int8_path(int64_t m, int64_t n, int64_t k, int64_t group_size, DType dtype,
+                                 int64_t gemv_max_m = 64) {
   (void)n;
   (void)k;
   // fp32 activations: tensor cores would round x to tf32 (10-bit mantissa), which breaks the fp32 spec;
   // fp32 is a correctness path, dequantize + fp32 cuBLAS (TF32 off unless the user enabled it).
-  if (dtype == DType::kFloat32 || !int8_gemv_group_ok(group_size)) return Int8Path::kDequantCublas;
+  if (dtype == DType::kFloat32 || !int8_gemv_group_ok(group_size) || m > gemv_max_m) {
+    return Int8Path::kDequantCublas;
+  }
   for (const Int8PathRow& row : kInt8PathTable) {
     if (m <= row.max_m) return row.path;
   }

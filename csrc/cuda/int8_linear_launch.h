@@ -23,6 +23,7 @@ struct Int8GemvArgs {
   int num_sms;     // SMs of the device (split-K rule)
   bool aligned;    // int8_shape_aligned(k, group_size) and x, w 16-byte aligned
   DType dtype;     // kBFloat16 or kFloat16
+  Int8Path path;   // one of the kGemvMma* rows of the dispatch table (sets the number of n=8 tiles)
 };
 
 // Tensor-core GEMV for m <= 64 (see int8_gemv_mma.cuh). dtype must be bf16 or fp16.
