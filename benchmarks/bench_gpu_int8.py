@@ -131,15 +131,20 @@ def bench_shape(n, k, row_counts, group_sizes, repeats, compiled_fn, copy_bw):
             qs = quantized[g]
             calls = [lambda q=q, s=s, x=x, g=g: torch.ops.fastquant.int8_linear(x, q, s, None, g) for q, s in qs]
             t = gpu_time_per_call(calls, repeats)
-            # Where the GEMV runs, also time the dequantize + cuBLAS path at the same M: the data that places
-            # the GEMV / cuBLAS boundary of the dispatch table (csrc/cuda/int8_linear_dispatch.h).
+            path = _native.int8_linear_kernel_path(torch.device("cuda"), m, n, k, g, torch.bfloat16)
+            # Where the GEMV or the fused GEMM runs, also time dequantize + cuBLAS at the same M: the data that
+            # places the boundaries of the dispatch table (csrc/cuda/int8_linear_dispatch.h).
             t_deq = None
-            if _native.has_cuda_kernels() and m <= _native.native.cuda_gemv_max_m():
-                _native.native.set_cuda_gemv_max_m(0)
+            if _native.has_cuda_kernels() and path != "cuda_dequant_cublas":
+                native = _native.native
+                gemv_max, gemm_max = native.cuda_gemv_max_m(), native.cuda_gemm_max_m()
+                native.set_cuda_gemv_max_m(0)
+                native.set_cuda_gemm_max_m(0)
                 try:
                     t_deq = gpu_time_per_call(calls, repeats)
                 finally:
-                    _native.native.set_cuda_gemv_max_m(64)
+                    native.set_cuda_gemv_max_m(gemv_max)
+                    native.set_cuda_gemm_max_m(gemm_max)
             weight_bytes = n * k + qs[0][1].numel() * 4
             speedup_min, copy_min = target_for(n, k, m) if g == -1 else (None, None)
             frac = weight_bytes / t / copy_bw
@@ -152,7 +157,7 @@ def bench_shape(n, k, row_counts, group_sizes, repeats, compiled_fn, copy_bw):
                     "k": k,
                     "m": m,
                     "group_size": g,
-                    "path": _native.int8_linear_kernel_path(torch.device("cuda"), m, n, k, g, torch.bfloat16),
+                    "path": path,
                     "t_fastquant_us": t * 1e6,
                     "t_bf16_us": t_bf16 * 1e6,
                     "t_compiled_us": None if t_compiled is None else t_compiled * 1e6,
@@ -202,8 +207,8 @@ def to_markdown(meta: dict, rows: list[dict]) -> str:
         "- peers: bf16 = F.linear on the bf16 weight (cuBLAS); compiled = torch.compile(F.linear(x, q.to(bf16)) "
         f"* scales) (torchao int8 weight-only), mode {meta['compiled_peer']}",
         "",
-        "- dequant+cuBLAS us: the same op with the GEMV capped off (set_cuda_gemv_max_m(0)), where the table "
-        "picks the GEMV: where it is lower, the table's GEMV rows should end earlier",
+        "- dequant+cuBLAS us: the same op with the GEMV and the GEMM switched off (set_cuda_gemv_max_m(0), "
+        "set_cuda_gemm_max_m(0)) where the table picks one of them: where it is lower, the table should move",
         "",
         "| N x K | M | group | kernel | fastquant us | bf16 us | compiled us | dequant+cuBLAS us | vs bf16 "
         "| vs compiled | weight GB/s | of copy BW | target | met |",

@@ -73,6 +73,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "Name of the CUDA kernel int8_linear runs for this problem (see csrc/cuda/int8_linear_dispatch.h)");
   m.def("cuda_gemv_max_m", &fastquant::cuda::gemv_max_m, "Largest M the CUDA tensor-core GEMV takes");
   m.def("set_cuda_gemv_max_m", &fastquant::cuda::set_gemv_max_m, py::arg("m"),
-        "Cap the M of the CUDA GEMV (0: always dequantize + cuBLAS; 64: default); for benchmarks and tests");
+        "Cap the M of the CUDA GEMV (0: never; 64: default); for benchmarks and tests");
+  m.def("cuda_gemm_max_m", &fastquant::cuda::gemm_max_m, "Largest M the fused CUDA GEMM takes");
+  m.def("set_cuda_gemm_max_m", &fastquant::cuda::set_gemm_max_m, py::arg("m"),
+        "Cap the M of the fused CUDA GEMM (0: never; above it dequantize + cuBLAS); for benchmarks and tests");
 #endif
 }

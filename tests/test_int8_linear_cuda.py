@@ -39,7 +39,8 @@ DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 GROUP_SIZES = [-1, 32, 64, 128, 256]
 UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 # (M, K, N): every decode/prefill row count of the issue, K and N among 17, 1000, 1025, 4096, 4100 (K % 16
-# != 0 takes the unaligned GEMV variants, K = 1025 gives a ragged last group for every group size).
+# != 0 takes the unaligned GEMV variants or, above M = 64, dequantize + cuBLAS; K = 1025 gives a ragged last
+# group for every group size). M = 128 and 255 with K = 4096 take the fused GEMM.
 SHAPES = [
     (1, 4096, 4096),
     (1, 17, 1000),
@@ -50,7 +51,9 @@ SHAPES = [
     (17, 1025, 4096),
     (33, 4096, 17),
     (64, 4100, 1000),
-    (255, 1000, 1025),
+    (128, 4096, 4100),
+    (255, 4096, 1025),
+    (300, 1000, 1025),
     (513, 4096, 4100),
     (2048, 1025, 4096),
 ]
@@ -118,8 +121,12 @@ PATH_CASES = [
     ("cuda_gemv_mma_m16_unaligned", 12, 1025, 64, torch.float16, 32),  # K % 16 == 1, ragged group
     ("cuda_gemv_mma_m32_unaligned", 30, 4100, 33, torch.bfloat16, 128),
     ("cuda_gemv_mma_m64_unaligned", 50, 17, 70, torch.float16, -1),
-    ("cuda_dequant_cublas", 65, 512, 256, torch.bfloat16, -1),  # M > 64
-    ("cuda_dequant_cublas", 300, 1000, 200, torch.float16, 64),  # M > 64, unaligned dequantize
+    ("cuda_gemm_mma", 65, 512, 256, torch.bfloat16, -1),  # M > 64: fused GEMM, 64-row blocks
+    ("cuda_gemm_mma", 200, 1040, 300, torch.float16, 32),  # K % 64 != 0: zero-filled last k-tile
+    ("cuda_gemm_mma", 512, 256, 8192, torch.bfloat16, 128),  # >= SMs blocks of 128 rows: 128-row blocks
+    ("cuda_gemm_mma", 300, 320, 4100, torch.float16, -1),  # N % 128 != 0, M % 64 != 0
+    ("cuda_dequant_cublas", 600, 512, 256, torch.bfloat16, -1),  # M > 512
+    ("cuda_dequant_cublas", 300, 1000, 200, torch.float16, 64),  # M > 64, K % 16 != 0: unaligned dequantize
     ("cuda_dequant_cublas", 4, 300, 40, torch.float32, -1),  # fp32 activations always
     ("cuda_dequant_cublas", 4, 256, 40, torch.bfloat16, 24),  # group size not a multiple of 16
 ]
@@ -139,32 +146,44 @@ def test_every_dispatch_path(path, m, k, n, dtype, group_size):
 
 
 def test_all_table_paths_are_covered():
-    names = {"cuda_dequant_cublas"} | {
+    names = {"cuda_dequant_cublas", "cuda_gemm_mma"} | {
         f"cuda_gemv_mma_m{m}{suffix}" for m in (8, 16, 32, 64) for suffix in ("", "_unaligned")
     }
     assert {case[0] for case in PATH_CASES} == names
 
 
-def test_gemv_cap_switches_to_dequant_cublas():
-    """set_cuda_gemv_max_m (the benchmark's switch) moves decode shapes to the cuBLAS path and back."""
+def test_caps_switch_paths():
+    """set_cuda_gemv_max_m / set_cuda_gemm_max_m (the benchmark's switches) move shapes between paths."""
     native = _native.native
     assert native.cuda_gemv_max_m() == 64
-    x, qweight, scales, bias = make_case(16, 1024, 256, torch.bfloat16, 128, with_bias=True, seed=21)
+    default_gemm = native.cuda_gemm_max_m()
     try:
         native.set_cuda_gemv_max_m(8)
+        native.set_cuda_gemm_max_m(0)
         assert cuda_path(8, 256, 1024, 128, torch.bfloat16) == "cuda_gemv_mma_m8"
         assert cuda_path(16, 256, 1024, 128, torch.bfloat16) == "cuda_dequant_cublas"
+        x, qweight, scales, bias = make_case(16, 1024, 256, torch.bfloat16, 128, with_bias=True, seed=21)
         y = fastquant.int8_linear(x, qweight, scales, bias, 128)
         assert_close_to_reference(y, x, qweight, scales, bias, 128, "cuda_dequant_cublas (capped)")
+        native.set_cuda_gemv_max_m(0)
+        native.set_cuda_gemm_max_m(4096)  # the fused GEMM at M = 1 and M = 2048 (128-row blocks)
+        for m in (1, 2048):
+            assert cuda_path(m, 4096, 4096, -1, torch.float16) == "cuda_gemm_mma"
+            x, qweight, scales, bias = make_case(m, 4096, 4096, torch.float16, -1, with_bias=True, seed=m)
+            y = fastquant.int8_linear(x, qweight, scales, bias, -1)
+            assert_close_to_reference(y, x, qweight, scales, bias, -1, "cuda_gemm_mma (forced)")
     finally:
         native.set_cuda_gemv_max_m(64)
+        native.set_cuda_gemm_max_m(default_gemm)
     assert cuda_path(16, 256, 1024, 128, torch.bfloat16) == "cuda_gemv_mma_m16"
 
 
+@pytest.mark.parametrize("m", [4, 100], ids=["gemv", "gemm"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_misaligned_pointers_take_the_unaligned_kernel(dtype):
-    """K % 16 == 0 but x or qweight start 1 element into their storage: no 16-byte vector loads."""
-    m, k, n = 4, 512, 96
+def test_misaligned_pointers_take_the_unaligned_kernel(dtype, m):
+    """K % 16 == 0 but x or qweight start 1 element into their storage: no 16-byte vector loads (the GEMV's
+    unaligned variant; the GEMM, which needs 16-byte cp.async, hands over to dequantize + cuBLAS)."""
+    k, n = 512, 96
     x, qweight, scales, bias = make_case(m, k, n, dtype, 64, with_bias=True, seed=4)
     x_off = torch.empty(m * k + 1, dtype=dtype, device="cuda")[1:].view(m, k)
     x_off.copy_(x)
@@ -218,8 +237,8 @@ def test_torch_compile_fullgraph_module():
 
 @pytest.mark.parametrize(
     ("m", "k", "n", "group_size"),
-    [(1, 4096, 1024, -1), (2, 8192, 64, 128), (100, 512, 256, 32)],
-    ids=["gemv", "gemv-split-k", "dequant-cublas"],
+    [(1, 4096, 1024, -1), (2, 8192, 64, 128), (100, 512, 256, 32), (600, 512, 256, -1)],
+    ids=["gemv", "gemv-split-k", "gemm", "dequant-cublas"],
 )
 def test_cuda_graph_capture_and_replay(m, k, n, group_size):
     x, qweight, scales, bias = make_case(m, k, n, torch.bfloat16, group_size, with_bias=True, seed=13)

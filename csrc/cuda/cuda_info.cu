@@ -53,14 +53,20 @@ const char* compiled_archs() {
 
 namespace {
 std::atomic<int64_t> g_gemv_max_m{64};
+std::atomic<int64_t> g_gemm_max_m{kDefaultGemmMaxM};
 }  // namespace
+
+int64_t gemm_max_m() { return g_gemm_max_m.load(std::memory_order_relaxed); }
+
+void set_gemm_max_m(int64_t m) { g_gemm_max_m.store(m < 0 ? 0 : m, std::memory_order_relaxed); }
 
 int64_t gemv_max_m() { return g_gemv_max_m.load(std::memory_order_relaxed); }
 
 void set_gemv_max_m(int64_t m) { g_gemv_max_m.store(m < 0 ? 0 : m, std::memory_order_relaxed); }
 
 const char* int8_linear_cuda_path(int64_t m, int64_t n, int64_t k, int64_t group_size, int dtype_code) {
-  const Int8Path path = choose_int8_path(m, n, k, group_size, static_cast<DType>(dtype_code), gemv_max_m());
+  const Int8Path path =
+      choose_int8_path(m, n, k, group_size, static_cast<DType>(dtype_code), gemv_max_m(), gemm_max_m());
   return int8_path_name(path, int8_shape_aligned(k, group_size));
 }
 

@@ -21,5 +21,8 @@ const char* int8_linear_cuda_path(int64_t m, int64_t n, int64_t k, int64_t group
 // a change may take either choice (both are correct).
 int64_t gemv_max_m();
 void set_gemv_max_m(int64_t m);
+// Largest M the fused GEMM takes (default kDefaultGemmMaxM = 512; 0: never). Same kind of switch.
+int64_t gemm_max_m();
+void set_gemm_max_m(int64_t m);
 
 }  // namespace fastquant::cuda

@@ -78,9 +78,10 @@ at::Tensor int8_linear_cuda(const at::Tensor& x, const at::Tensor& qweight, cons
   int64_t m = 1;
   for (int64_t d = 0; d + 1 < x.dim(); ++d) m *= x.size(d);
   constexpr int64_t kIntMax = std::numeric_limits<int>::max();
-  TORCH_CHECK(m <= kIntMax && n <= kIntMax && k <= kIntMax,
-              "fastquant.int8_linear (CUDA kernel): each of M, N, K must fit in 32 bits, got (M, N, K) = (",
-              m, ", ", n, ", ", k, ")");
+  TORCH_CHECK(
+      m <= kIntMax && n <= kIntMax && k <= kIntMax && group_size <= kIntMax,
+      "fastquant.int8_linear (CUDA kernel): M, N, K and group_size must fit in 32 bits, got (M, N, K) = (", m,
+      ", ", n, ", ", k, "), group_size ", group_size);
 
   c10::cuda::CUDAGuard device_guard(x.device());
   std::vector<int64_t> out_sizes(x.sizes().begin(), x.sizes().end());
@@ -96,7 +97,8 @@ at::Tensor int8_linear_cuda(const at::Tensor& x, const at::Tensor& qweight, cons
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const bool aligned =
       int8_shape_aligned(k, group_size) && aligned16(x2.data_ptr()) && aligned16(w.data_ptr());
-  const Int8Path path = choose_int8_path(m, n, k, group_size, dtype, gemv_max_m());
+  Int8Path path = choose_int8_path(m, n, k, group_size, dtype, gemv_max_m(), gemm_max_m());
+  if (path == Int8Path::kGemmMma && !aligned) path = Int8Path::kDequantCublas;  // e.g. x sliced 1 element in
 
   if (path == Int8Path::kDequantCublas) {
     // cuBLAS on the weight dequantized to x's dtype (fp32 accumulation in cuBLAS; for fp32 x, TF32 only if
@@ -116,7 +118,7 @@ at::Tensor int8_linear_cuda(const at::Tensor& x, const at::Tensor& qweight, cons
   }
 
   const int num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int splits = int8_gemv_splits(n, k, num_sms);
+  const int splits = path == Int8Path::kGemmMma ? 1 : int8_gemv_splits(n, k, num_sms);
   at::Tensor workspace;
   if (splits > 1) workspace = at::empty({m, n}, x.options().dtype(at::kFloat));
   Int8GemvArgs args;
@@ -135,7 +137,8 @@ at::Tensor int8_linear_cuda(const at::Tensor& x, const at::Tensor& qweight, cons
   args.aligned = aligned;
   args.dtype = dtype;
   args.path = path;
-  C10_CUDA_CHECK(launch_int8_gemv_mma(args, stream));
+  C10_CUDA_CHECK(path == Int8Path::kGemmMma ? launch_int8_gemm_mma(args, stream)
+                                            : launch_int8_gemv_mma(args, stream));
   return y;
 }
 

@@ -15,6 +15,7 @@ enum class Int8Path : int {
   kGemvMma16,     // same kernel, two n=8 tiles: M <= 16
   kGemvMma32,     // four n=8 tiles: M <= 32
   kGemvMma64,     // eight n=8 tiles: M <= 64
+  kGemmMma,       // fused tensor-core GEMM, int8 tiles dequantized in registers (int8_gemm_mma.cu)
   kDequantCublas  // dequantize the weight to x's dtype, then cuBLAS (at::mm / at::addmm)
 };
 
@@ -29,9 +30,11 @@ struct Int8PathRow {
 //   operand, so one n=8 tile wastes at most 7/8 of tensor-core work that is nearly free anyway: at M <= 64 a
 //   4096x4096 layer needs ~2 GFLOP against ~17 MB of int8 weight, i.e. it is bound by HBM (3.35 TB/s),
 //   not by the tensor cores, as long as each weight byte is read exactly once.
-// - M > 64: with 8+ n-tiles per warp the x fragments (re-read from L1 for every 16 weight rows) and the
-//   mma.sync issue rate become the limit; cuBLAS on a dequantized weight is the safe choice until a tiled
-//   fused GEMM exists. Guess: the crossover is between M = 64 and M = 128.
+// - 64 < M <= gemm_max_m (default 512): with 8+ n-tiles per warp the GEMV's x fragments (re-read from L1
+//   for every 16 weight rows) and its mma count become the limit; the fused tiled GEMM reads each int8 weight
+//   tile once per 64/128 x rows and skips the bf16 weight write of the cuBLAS path (3 bytes per weight).
+// - M > gemm_max_m: compute-bound; cuBLAS (wgmma on sm_90) on a dequantized weight beats an mma.sync GEMM
+//   once the dequantize pass is small against the matmul. Guess: crossover around M = 512-1024.
 inline constexpr Int8PathRow kInt8PathTable[] = {
     {8, Int8Path::kGemvMma8},
     {16, Int8Path::kGemvMma16},
@@ -49,20 +52,24 @@ inline bool int8_shape_aligned(int64_t k, int64_t group_size) {
   return k % 16 == 0 && int8_gemv_group_ok(group_size);
 }
 
-// gemv_max_m: run-time cap on the GEMV rows of the table (fastquant._C.set_cuda_gemv_max_m, for measuring
-// the GEMV against dequantize + cuBLAS at the same M; default 64 = the whole table).
+// GUESSED default of the largest M the fused GEMM takes (above: dequantize + cuBLAS).
+inline constexpr int64_t kDefaultGemmMaxM = 512;
+
+// gemv_max_m / gemm_max_m: run-time caps (fastquant._C.set_cuda_gemv_max_m / set_cuda_gemm_max_m) so the
+// benchmark can time every path at the same M; defaults 64 (the whole GEMV table) and kDefaultGemmMaxM.
 inline Int8Path choose_int8_path(int64_t m, int64_t n, int64_t k, int64_t group_size, DType dtype,
-                                 int64_t gemv_max_m = 64) {
+                                 int64_t gemv_max_m = 64, int64_t gemm_max_m = kDefaultGemmMaxM) {
   (void)n;
-  (void)k;
   // fp32 activations: tensor cores would round x to tf32 (10-bit mantissa), which breaks the fp32 spec;
   // fp32 is a correctness path, dequantize + fp32 cuBLAS (TF32 off unless the user enabled it).
-  if (dtype == DType::kFloat32 || !int8_gemv_group_ok(group_size) || m > gemv_max_m) {
-    return Int8Path::kDequantCublas;
+  if (dtype == DType::kFloat32 || !int8_gemv_group_ok(group_size)) return Int8Path::kDequantCublas;
+  if (m <= gemv_max_m) {
+    for (const Int8PathRow& row : kInt8PathTable) {
+      if (m <= row.max_m) return row.path;
+    }
   }
-  for (const Int8PathRow& row : kInt8PathTable) {
-    if (m <= row.max_m) return row.path;
-  }
+  // The GEMM stages 16-byte chunks with cp.async: aligned shapes only (the glue also checks the pointers).
+  if (m <= gemm_max_m && int8_shape_aligned(k, group_size)) return Int8Path::kGemmMma;
   return Int8Path::kDequantCublas;
 }
 
@@ -92,6 +99,8 @@ inline const char* int8_path_name(Int8Path path, bool aligned) {
       return aligned ? "cuda_gemv_mma_m32" : "cuda_gemv_mma_m32_unaligned";
     case Int8Path::kGemvMma64:
       return aligned ? "cuda_gemv_mma_m64" : "cuda_gemv_mma_m64_unaligned";
+    case Int8Path::kGemmMma:
+      return "cuda_gemm_mma";
     case Int8Path::kDequantCublas:
       return "cuda_dequant_cublas";
   }

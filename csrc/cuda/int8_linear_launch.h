@@ -36,6 +36,10 @@ inline cudaError_t launch_int8_gemv_mma(const Int8GemvArgs& args, cudaStream_t s
   return cudaErrorInvalidValue;
 }
 
+// Fused tensor-core GEMM (int8_gemm_mma.cu) for the kGemmMma path: same arguments (workspace and path
+// unused); needs aligned == true; dtype bf16 or fp16.
+cudaError_t launch_int8_gemm_mma(const Int8GemvArgs& args, cudaStream_t stream);
+
 // out[n][k] = dtype(float(w[n][k]) * scales[n][k / group_size]): the same rounding as PyTorch's
 // (qweight.float() * scales).to(dtype). group_size == -1: per-channel. aligned: k % 16 == 0, group_size
 // -1 or a multiple of 16, and w 16-byte aligned (out is a fresh allocation).
