@@ -33,6 +33,10 @@ pytestmark = [
         not _native.has_cuda_kernels(),
         reason="fastquant was built without CUDA kernels (CPU-only torch or no nvcc; rebuild with FASTQUANT_CUDA=ON)",
     ),
+    pytest.mark.skipif(
+        torch.cuda.is_available() and torch.cuda.get_device_capability()[0] < 8,
+        reason="the CUDA kernels need compute capability 8.0+ (bf16 mma.sync, cp.async)",
+    ),
 ]
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]

@@ -84,6 +84,12 @@ at::Tensor int8_linear_cuda(const at::Tensor& x, const at::Tensor& qweight, cons
       ", ", n, ", ", k, "), group_size ", group_size);
 
   c10::cuda::CUDAGuard device_guard(x.device());
+  const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
+  // bf16 mma.sync and cp.async need sm_80; the kernels are compiled for sm_80 and sm_90 only.
+  TORCH_CHECK(props->major >= 8,
+              "fastquant.int8_linear (CUDA kernel): needs a GPU of compute capability 8.0 or "
+              "newer, got ",
+              props->name, " (", props->major, ".", props->minor, ")");
   std::vector<int64_t> out_sizes(x.sizes().begin(), x.sizes().end());
   out_sizes.back() = n;
   at::Tensor y = at::empty(out_sizes, x.options());
@@ -117,7 +123,7 @@ at::Tensor int8_linear_cuda(const at::Tensor& x, const at::Tensor& qweight, cons
     return y;
   }
 
-  const int num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int num_sms = props->multiProcessorCount;
   const int splits = path == Int8Path::kGemmMma ? 1 : int8_gemv_splits(n, k, num_sms);
   at::Tensor workspace;
   if (splits > 1) workspace = at::empty({m, n}, x.options().dtype(at::kFloat));
