@@ -2,7 +2,8 @@
 //
 // y (M x N) = x (M x K) * W^T: x is the row-major A operand of mma.sync.m16n8k16, the int8 weight (N, K)
 // row-major is the column-major B operand. Tiles of x (bf16/fp16) and of the int8 weight are staged in shared
-// memory by cp.async (two stages: the next k-tile streams in while this one is multiplied); the weight stays
+// memory by cp.async (three stages: two k-tiles stream in while one is multiplied, enough to cover the
+// ~600-800 cycle global latency with 8-16 warps per SM); the weight stays
 // int8 in shared memory (half the bytes of a bf16 tile) and is converted in registers right before the mma,
 // with the same prmt + FADD trick and K permutation as the GEMV (int8_gemv_mma.cuh): lane t of a quad owns
 // the 16 consecutive k at 16t of each 64-wide k-tile, and mma step s uses the 4 at 16t + 4s, for A and B.
@@ -15,12 +16,13 @@
 // the problem is deep in the compute-bound range (see the table in int8_linear_dispatch.h).
 //
 // Block: 8 warps as 2 (M) x 4 (N); block tile (32 * MT) x 128, k-tile 64; warp tile (16 * MT) x 32.
-// Shared memory: 2 stages x ((32 * MT) x 64 x 2 B of x + 128 x 64 B of weight) = 32 KiB (MT = 2) or
-// 48 KiB (MT = 4): within the static 48 KiB, no opt-in attribute needed.
+// Dynamic shared memory: 3 stages x ((32 * MT) x 64 x 2 B of x + 128 x 64 B of weight) = 48 KiB (MT = 2) or
+// 72 KiB (MT = 4, above the 48 KiB default: opted in once per device with cudaFuncSetAttribute).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 
 #include "cuda/int8_gemv_mma.cuh"
@@ -37,6 +39,12 @@ using detail::word_of;
 constexpr int kBN = 128;  // weight rows per block
 constexpr int kBK = 64;   // k per tile: 4 lanes x 16
 constexpr int kThreads = 256;
+constexpr int kStages = 3;
+
+template <int MT>
+constexpr int smem_bytes() {
+  return kStages * (32 * MT * kBK * 2 + kBN * kBK);
+}
 
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool pred) {
   const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
@@ -69,8 +77,10 @@ __device__ __forceinline__ int x_offset(int row, int chunk) { return row * kBK +
 template <typename T, int MT, bool kGrouped>
 __global__ void __launch_bounds__(kThreads) int8_gemm_mma_kernel(GemmParams p) {
   constexpr int kBM = 32 * MT;
-  __shared__ __align__(16) uint16_t xs[2][kBM * kBK];
-  __shared__ __align__(16) int8_t ws[2][kBN * kBK];
+  extern __shared__ __align__(16) unsigned char smem[];
+  // [kStages][kBM * kBK] x elements, then [kStages][kBN * kBK] weight bytes (both 16-byte aligned).
+  auto* xs = reinterpret_cast<uint16_t (*)[kBM * kBK]>(smem);
+  auto* ws = reinterpret_cast<int8_t (*)[kBN * kBK]>(smem + kStages * kBM * kBK * 2);
 
   const int tid = threadIdx.x;
   const int lane = tid & 31;
@@ -114,17 +124,19 @@ __global__ void __launch_bounds__(kThreads) int8_gemm_mma_kernel(GemmParams p) {
     for (int j = 0; j < 4; ++j) acc[i][j][0] = acc[i][j][1] = acc[i][j][2] = acc[i][j][3] = 0.f;
   }
 
-  load_tile(0, 0);
-  cp_async_commit();
+  // Prologue: tiles 0 .. kStages - 2. One commit group per tile slot, empty past the last tile, so that at
+  // iteration kt exactly kStages - 1 groups younger than tile kt's may still be in flight.
+#pragma unroll
+  for (int st = 0; st < kStages - 1; ++st) {
+    if (st < k_tiles) load_tile(st, st);
+    cp_async_commit();
+  }
   for (int kt = 0; kt < k_tiles; ++kt) {
-    const int stage = kt & 1;
-    if (kt + 1 < k_tiles) {
-      load_tile(stage ^ 1, kt + 1);  // the other stage was released by the barrier ending the last step
-      cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
+    const int stage = kt % kStages;
+    // Refill the stage that tile kt - 1 used: released by the barrier that ended the previous iteration.
+    if (kt + kStages - 1 < k_tiles) load_tile((kt + kStages - 1) % kStages, kt + kStages - 1);
+    cp_async_commit();
+    cp_async_wait<kStages - 1>();
     __syncthreads();
 
     // B: 16 weight bytes per n-tile (rows wn * 32 + j * 8 + g, k 16t .. 16t + 15 of this tile).
@@ -197,14 +209,35 @@ __global__ void __launch_bounds__(kThreads) int8_gemm_mma_kernel(GemmParams p) {
   }
 }
 
-template <typename T, int MT>
-void launch_mt(const GemmParams& p, bool grouped, cudaStream_t stream) {
+// cudaFuncSetAttribute once per kernel and device (it is not a stream operation; the first call on a device
+// normally happens outside CUDA-graph capture, in the warm-up that capture requires anyway).
+constexpr int kMaxDevices = 64;
+
+template <typename Kernel>
+cudaError_t allow_smem(Kernel kernel, int bytes, std::atomic<bool> (&done)[kMaxDevices]) {
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  if (device < kMaxDevices && done[device].load(std::memory_order_acquire)) return cudaSuccess;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (err == cudaSuccess && device < kMaxDevices) done[device].store(true, std::memory_order_release);
+  return err;
+}
+
+template <typename T, int MT, bool kGrouped>
+cudaError_t launch_variant(const GemmParams& p, cudaStream_t stream) {
+  static std::atomic<bool> done[kMaxDevices];  // per instantiation: each kernel needs its own attribute
+  constexpr int bytes = smem_bytes<MT>();
+  const cudaError_t err = allow_smem(int8_gemm_mma_kernel<T, MT, kGrouped>, bytes, done);
+  if (err != cudaSuccess) return err;
   const dim3 grid((p.n + kBN - 1) / kBN, (p.m + 32 * MT - 1) / (32 * MT));
-  if (grouped) {
-    int8_gemm_mma_kernel<T, MT, true><<<grid, kThreads, 0, stream>>>(p);
-  } else {
-    int8_gemm_mma_kernel<T, MT, false><<<grid, kThreads, 0, stream>>>(p);
-  }
+  int8_gemm_mma_kernel<T, MT, kGrouped><<<grid, kThreads, bytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T, int MT>
+cudaError_t launch_mt(const GemmParams& p, bool grouped, cudaStream_t stream) {
+  return grouped ? launch_variant<T, MT, true>(p, stream) : launch_variant<T, MT, false>(p, stream);
 }
 
 template <typename T>
@@ -223,12 +256,8 @@ cudaError_t launch(const Int8GemvArgs& a, cudaStream_t stream) {
   // 128-row blocks reuse each dequantized weight fragment for 64 x rows per warp; when that leaves SMs idle
   // (fewer blocks than SMs, e.g. M = 256 on a 4096-wide layer: 64 blocks for 132 SMs), 64-row blocks.
   const int64_t blocks128 = static_cast<int64_t>((a.n + kBN - 1) / kBN) * ((a.m + 127) / 128);
-  if (blocks128 >= a.num_sms) {
-    launch_mt<T, 4>(p, a.group_size != -1, stream);
-  } else {
-    launch_mt<T, 2>(p, a.group_size != -1, stream);
-  }
-  return cudaGetLastError();
+  if (blocks128 >= a.num_sms) return launch_mt<T, 4>(p, a.group_size != -1, stream);
+  return launch_mt<T, 2>(p, a.group_size != -1, stream);
 }
 
 }  // namespace
