@@ -125,10 +125,11 @@ PATH_CASES = [
     ("cuda_gemv_mma_m16_unaligned", 12, 1025, 64, torch.float16, 32),  # K % 16 == 1, ragged group
     ("cuda_gemv_mma_m32_unaligned", 30, 4100, 33, torch.bfloat16, 128),
     ("cuda_gemv_mma_m64_unaligned", 50, 17, 70, torch.float16, -1),
-    ("cuda_gemm_mma", 65, 512, 256, torch.bfloat16, -1),  # M > 64: fused GEMM, 64-row blocks
-    ("cuda_gemm_mma", 200, 1040, 300, torch.float16, 32),  # K % 64 != 0: zero-filled last k-tile
+    ("cuda_gemm_mma", 65, 512, 256, torch.bfloat16, -1),  # M > 64: fused GEMM, 64-row blocks, 2 K splits
+    ("cuda_gemm_mma", 200, 1040, 300, torch.float16, 32),  # K % 64 != 0: zero-filled last k-tile, 4 splits
+    ("cuda_gemm_mma", 128, 4096, 1024, torch.bfloat16, -1),  # 16 blocks: 8 K splits + finalize
     ("cuda_gemm_mma", 512, 256, 8192, torch.bfloat16, 128),  # >= SMs blocks of 128 rows: 128-row blocks
-    ("cuda_gemm_mma", 300, 320, 4100, torch.float16, -1),  # N % 128 != 0, M % 64 != 0
+    ("cuda_gemm_mma", 300, 320, 4100, torch.float16, -1),  # N % 128 != 0, M % 64 != 0, 165 blocks: no split
     ("cuda_dequant_cublas", 600, 512, 256, torch.bfloat16, -1),  # M > 512
     ("cuda_dequant_cublas", 300, 1000, 200, torch.float16, 64),  # M > 64, K % 16 != 0: unaligned dequantize
     ("cuda_dequant_cublas", 4, 300, 40, torch.float32, -1),  # fp32 activations always

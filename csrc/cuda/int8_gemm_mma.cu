@@ -36,8 +36,8 @@ using detail::Act;
 using detail::dequant_word;
 using detail::word_of;
 
-constexpr int kBN = 128;  // weight rows per block
-constexpr int kBK = 64;   // k per tile: 4 lanes x 16
+constexpr int kBN = kGemmTileN;  // weight rows per block
+constexpr int kBK = kGemmTileK;  // k per tile: 4 lanes x 16
 constexpr int kThreads = 256;
 constexpr int kStages = 3;
 
@@ -65,6 +65,7 @@ struct GemmParams {
   const float* scales;
   const uint16_t* bias;
   uint16_t* y;
+  float* workspace;  // [gridDim.z][m][n] partial sums when gridDim.z > 1
   int m, n, k, group_size, n_groups;
 };
 
@@ -91,10 +92,14 @@ __global__ void __launch_bounds__(kThreads) int8_gemm_mma_kernel(GemmParams p) {
   const int wn = warp & 3;   // 0..3
   const int n_block = blockIdx.x * kBN;
   const int m_block = blockIdx.y * kBM;
-  const int k_tiles = (p.k + kBK - 1) / kBK;
+  // This block's k-tiles: split blockIdx.z of gridDim.z (split-K; one split covers all of K otherwise).
+  const int k_tiles_all = (p.k + kBK - 1) / kBK;
+  const int per_split = (k_tiles_all + gridDim.z - 1) / gridDim.z;
+  const int kt_begin = blockIdx.z * per_split;
+  const int k_tiles = max(0, min(k_tiles_all, kt_begin + per_split) - kt_begin);
 
-  auto load_tile = [&](int stage, int kt) {
-    const int k_base = kt * kBK;
+  auto load_tile = [&](int stage, int kt) {  // kt counts from kt_begin
+    const int k_base = (kt_begin + kt) * kBK;
 #pragma unroll
     for (int i = 0; i < kBM * 8 / kThreads; ++i) {
       const int idx = tid + i * kThreads;
@@ -149,7 +154,7 @@ __global__ void __launch_bounds__(kThreads) int8_gemm_mma_kernel(GemmParams p) {
       sb[j] = 1.f;
       if constexpr (kGrouped) {
         const int gn = n_block + nl;
-        const int k0 = kt * kBK + 16 * t;
+        const int k0 = (kt_begin + kt) * kBK + 16 * t;
         sb[j] = (gn < p.n && k0 < p.k)
                     ? __ldg(p.scales + static_cast<int64_t>(gn) * p.n_groups + k0 / p.group_size)
                     : 0.f;
@@ -188,12 +193,25 @@ __global__ void __launch_bounds__(kThreads) int8_gemm_mma_kernel(GemmParams p) {
   // C fragment: acc[i][j][v] is x row wm * 16MT + 16i + g + 8 (v / 2), weight row wn * 32 + 8j + 2t + v % 2.
   const T* bias = reinterpret_cast<const T*>(p.bias);
   T* y = reinterpret_cast<T*>(p.y);
+  const bool split = gridDim.z > 1;
+  float* partial = split ? p.workspace + static_cast<int64_t>(blockIdx.z) * p.m * p.n : nullptr;
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
 #pragma unroll
     for (int e = 0; e < 2; ++e) {
       const int n = n_block + wn * 32 + j * 8 + 2 * t + e;
       if (n >= p.n) continue;
+      if (split) {  // raw partial sums; the finalize kernel applies scale and bias once
+#pragma unroll
+        for (int i = 0; i < MT; ++i) {
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            const int m = m_block + wm * (16 * MT) + i * 16 + g + 8 * half;
+            if (m < p.m) partial[static_cast<int64_t>(m) * p.n + n] = acc[i][j][2 * half + e];
+          }
+        }
+        continue;
+      }
       const float scale = kGrouped ? 1.f : __ldg(p.scales + n);
       const float b = bias != nullptr ? Act<T>::to_float(bias[n]) : 0.f;
 #pragma unroll
@@ -224,20 +242,44 @@ cudaError_t allow_smem(Kernel kernel, int bytes, std::atomic<bool> (&done)[kMaxD
   return err;
 }
 
+// Split-K epilogue: y[m][n] = dtype(scale[n] * sum over splits of the partials + bias[n]), splits summed in
+// order (deterministic). scales == nullptr: group-wise, already applied to the weight.
+template <typename T>
+__global__ void gemm_finalize_kernel(const float* workspace, int splits, const float* scales,
+                                     const uint16_t* bias, uint16_t* y, int64_t total, int n) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float v = 0.f;
+    for (int s = 0; s < splits; ++s) v += workspace[s * total + i];
+    const int col = static_cast<int>(i % n);
+    if (scales != nullptr) v *= __ldg(scales + col);
+    if (bias != nullptr) v += Act<T>::to_float(reinterpret_cast<const T*>(bias)[col]);
+    reinterpret_cast<T*>(y)[i] = Act<T>::from_float(v);
+  }
+}
+
 template <typename T, int MT, bool kGrouped>
-cudaError_t launch_variant(const GemmParams& p, cudaStream_t stream) {
+cudaError_t launch_variant(const GemmParams& p, int splits, cudaStream_t stream) {
   static std::atomic<bool> done[kMaxDevices];  // per instantiation: each kernel needs its own attribute
   constexpr int bytes = smem_bytes<MT>();
   const cudaError_t err = allow_smem(int8_gemm_mma_kernel<T, MT, kGrouped>, bytes, done);
   if (err != cudaSuccess) return err;
-  const dim3 grid((p.n + kBN - 1) / kBN, (p.m + 32 * MT - 1) / (32 * MT));
+  const dim3 grid((p.n + kBN - 1) / kBN, (p.m + 32 * MT - 1) / (32 * MT), splits);
   int8_gemm_mma_kernel<T, MT, kGrouped><<<grid, kThreads, bytes, stream>>>(p);
+  cudaError_t launch_err = cudaGetLastError();
+  if (launch_err != cudaSuccess || splits == 1) return launch_err;
+  const int64_t total = static_cast<int64_t>(p.m) * p.n;
+  const int64_t blocks64 = (total + 255) / 256;
+  const int blocks = static_cast<int>(blocks64 < 4096 ? blocks64 : 4096);
+  gemm_finalize_kernel<T><<<blocks, 256, 0, stream>>>(p.workspace, splits, kGrouped ? nullptr : p.scales,
+                                                      p.bias, p.y, total, p.n);
   return cudaGetLastError();
 }
 
 template <typename T, int MT>
-cudaError_t launch_mt(const GemmParams& p, bool grouped, cudaStream_t stream) {
-  return grouped ? launch_variant<T, MT, true>(p, stream) : launch_variant<T, MT, false>(p, stream);
+cudaError_t launch_mt(const GemmParams& p, bool grouped, int splits, cudaStream_t stream) {
+  return grouped ? launch_variant<T, MT, true>(p, splits, stream)
+                 : launch_variant<T, MT, false>(p, splits, stream);
 }
 
 template <typename T>
@@ -253,11 +295,12 @@ cudaError_t launch(const Int8GemvArgs& a, cudaStream_t stream) {
   p.k = a.k;
   p.group_size = a.group_size == -1 ? a.k : a.group_size;
   p.n_groups = a.group_size == -1 ? 1 : a.n_groups;
-  // 128-row blocks reuse each dequantized weight fragment for 64 x rows per warp; when that leaves SMs idle
-  // (fewer blocks than SMs, e.g. M = 256 on a 4096-wide layer: 64 blocks for 132 SMs), 64-row blocks.
-  const int64_t blocks128 = static_cast<int64_t>((a.n + kBN - 1) / kBN) * ((a.m + 127) / 128);
-  if (blocks128 >= a.num_sms) return launch_mt<T, 4>(p, a.group_size != -1, stream);
-  return launch_mt<T, 2>(p, a.group_size != -1, stream);
+  p.workspace = a.workspace;
+  const int splits = int8_gemm_splits(a.m, a.n, a.k, a.num_sms);  // geometry rules: int8_linear_dispatch.h
+  if (splits > 1 && a.workspace == nullptr) return cudaErrorInvalidValue;
+  const bool grouped = a.group_size != -1;
+  if (int8_gemm_block_m(a.m, a.n, a.num_sms) == 128) return launch_mt<T, 4>(p, grouped, splits, stream);
+  return launch_mt<T, 2>(p, grouped, splits, stream);
 }
 
 }  // namespace

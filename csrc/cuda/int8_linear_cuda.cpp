@@ -124,9 +124,10 @@ at::Tensor int8_linear_cuda(const at::Tensor& x, const at::Tensor& qweight, cons
   }
 
   const int num_sms = props->multiProcessorCount;
-  const int splits = path == Int8Path::kGemmMma ? 1 : int8_gemv_splits(n, k, num_sms);
-  at::Tensor workspace;
-  if (splits > 1) workspace = at::empty({m, n}, x.options().dtype(at::kFloat));
+  const bool gemm = path == Int8Path::kGemmMma;
+  const int splits = gemm ? int8_gemm_splits(m, n, k, num_sms) : int8_gemv_splits(n, k, num_sms);
+  at::Tensor workspace;  // GEMV: atomics into m x n; GEMM: one m x n partial per split
+  if (splits > 1) workspace = at::empty({gemm ? splits : 1, m, n}, x.options().dtype(at::kFloat));
   Int8GemvArgs args;
   args.x = x2.data_ptr();
   args.w = w.data_ptr<int8_t>();
@@ -143,8 +144,7 @@ at::Tensor int8_linear_cuda(const at::Tensor& x, const at::Tensor& qweight, cons
   args.aligned = aligned;
   args.dtype = dtype;
   args.path = path;
-  C10_CUDA_CHECK(path == Int8Path::kGemmMma ? launch_int8_gemm_mma(args, stream)
-                                            : launch_int8_gemv_mma(args, stream));
+  C10_CUDA_CHECK(gemm ? launch_int8_gemm_mma(args, stream) : launch_int8_gemv_mma(args, stream));
   return y;
 }
 

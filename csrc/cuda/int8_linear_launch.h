@@ -16,7 +16,7 @@ struct Int8GemvArgs {
   const float* scales;  // n scales (group_size == -1) or n x n_groups
   const void* bias;     // n values of x's dtype, or nullptr
   void* y;              // m x n output, x's dtype
-  float* workspace;     // m x n fp32, needed when int8_gemv_splits(n, k, num_sms) > 1, else unused
+  float* workspace;     // fp32 split-K scratch: m x n (GEMV) or splits x m x n (GEMM), else unused
   int m, n, k;
   int group_size;  // -1: per-channel
   int n_groups;    // ceil(k / group_size), 1 for per-channel
@@ -36,8 +36,8 @@ inline cudaError_t launch_int8_gemv_mma(const Int8GemvArgs& args, cudaStream_t s
   return cudaErrorInvalidValue;
 }
 
-// Fused tensor-core GEMM (int8_gemm_mma.cu) for the kGemmMma path: same arguments (workspace and path
-// unused); needs aligned == true; dtype bf16 or fp16.
+// Fused tensor-core GEMM (int8_gemm_mma.cu) for the kGemmMma path: same arguments (path unused; workspace
+// when int8_gemm_splits(m, n, k, num_sms) > 1); needs aligned == true; dtype bf16 or fp16.
 cudaError_t launch_int8_gemm_mma(const Int8GemvArgs& args, cudaStream_t stream);
 
 // out[n][k] = dtype(float(w[n][k]) * scales[n][k / group_size]): the same rounding as PyTorch's
