@@ -129,10 +129,10 @@ inline int int8_gemv_splits(int64_t n, int64_t k, int num_sms) {
 
 // Fused GEMM geometry. Block tiles are (block_m) x 128 with k-tiles of 64. 128-row blocks reuse each
 // dequantized weight fragment for 64 x rows per warp; when they would leave SMs idle (fewer blocks than
-// SMs), 64-row blocks. If even then there are fewer blocks than 2 per SM (e.g. M = 128 on a 4096-wide layer:
-// 64 blocks for 132 SMs), K is split: each split writes its fp32 partial tile to a workspace
-// [splits][M][N] with plain stores and a finalize kernel sums them in a fixed order (deterministic, no
-// zeroing). GUESSED: at least 4 k-tiles per split, at most 8 splits.
+// SMs), 64-row blocks. If even then fewer than 3/4 of the SMs get a block (e.g. M = 128 on a 4096-wide layer:
+// 64 blocks for 132 SMs), K is split (aiming at 2 blocks per SM): each split writes its fp32 partial tile to
+// a workspace [splits][M][N] with plain stores and a finalize kernel sums them in a fixed order
+// (deterministic, no zeroing). GUESSED: at least 4 k-tiles per split, at most 8 splits.
 inline constexpr int kGemmTileN = 128;
 inline constexpr int kGemmTileK = 64;
 
@@ -145,7 +145,9 @@ inline int int8_gemm_splits(int64_t m, int64_t n, int64_t k, int num_sms) {
   const int block_m = int8_gemm_block_m(m, n, num_sms);
   const int64_t blocks = ((n + kGemmTileN - 1) / kGemmTileN) * ((m + block_m - 1) / block_m);
   const int64_t k_tiles = (k + kGemmTileK - 1) / kGemmTileK;
-  if (num_sms <= 0 || blocks >= num_sms) return 1;
+  // 3/4 of the SMs busy is close enough: the workspace round trip (splits x M x N x 4 bytes, mostly in L2)
+  // would cost more than the idle quarter.
+  if (num_sms <= 0 || 4 * blocks >= 3 * static_cast<int64_t>(num_sms)) return 1;
   int64_t splits = (2 * static_cast<int64_t>(num_sms) + blocks - 1) / blocks;
   if (splits > k_tiles / 4) splits = k_tiles / 4;
   if (splits > 8) splits = 8;
