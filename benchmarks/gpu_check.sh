@@ -51,7 +51,9 @@ if [ -z "${CUDACXX:-}" ]; then
 fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
+echo "fastquant $(git rev-parse --short HEAD 2>/dev/null || echo '(no git)'), $(date -u)"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+"$CUDACXX" --version | tail -n 2 || true
 "$PYTHON" -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, torch.cuda.is_available())"
 
 if ! step build 300 "$PYTHON" -m pip install --no-build-isolation --no-deps -v .; then
