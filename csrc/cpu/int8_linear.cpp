@@ -6,6 +6,10 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <atomic>
+#include <exception>
+#include <memory>
+
 #include "cpu/cpu_features.h"
 
 namespace fastquant::cpu {
@@ -20,18 +24,110 @@ ActDType act_dtype(const at::Tensor& x) {
     case at::kHalf:
       return ActDType::kFloat16;
     default:
-      TORCH_CHECK(false, "fastquant.int8_linear: x must be float32, bfloat16 or float16, got ", x.scalar_type());
+      TORCH_CHECK(false, "fastquant.int8_linear: x must be float32, bfloat16 or float16, got ",
+                  x.scalar_type());
   }
 }
 
-Int8LinearKernel kernel_for(Isa isa) {
-  return int8_linear_portable;
+// Threading. at::parallel_for is a header template whose OpenMP backend only runs in parallel when the
+// including file is compiled with -fopenmp; CMakeLists.txt does not pass it, so without this shim every
+// call ran on one core. When _OPENMP is not defined, run the region through libgomp's entry point (what
+// `#pragma omp parallel` compiles to) in the OpenMP runtime torch already loaded, so the team is torch's
+// own intra-op pool and torch.set_num_threads applies. If the symbols are absent, run serially.
+extern "C" {
+void GOMP_parallel(void (*fn)(void*), void* data, unsigned num_threads, unsigned flags) __attribute__((weak));
+int omp_get_thread_num(void) __attribute__((weak));
+int omp_get_num_threads(void) __attribute__((weak));
+}
+
+template <typename F>
+struct ParallelCtx {
+  const F* f;
+  int64_t n;
+  std::atomic_flag err = ATOMIC_FLAG_INIT;
+  std::exception_ptr eptr;
+};
+
+template <typename F>
+void parallel_trampoline(void* data) {
+  auto* ctx = static_cast<ParallelCtx<F>*>(data);
+  const int64_t nt = std::min<int64_t>(omp_get_num_threads(), ctx->n);
+  const int64_t tid = omp_get_thread_num();
+  const int64_t chunk = (ctx->n + nt - 1) / nt;
+  const int64_t begin = tid * chunk;
+  if (tid >= nt || begin >= ctx->n) return;
+  try {
+    (*ctx->f)(begin, std::min(ctx->n, begin + chunk));
+  } catch (...) {
+    if (!ctx->err.test_and_set()) ctx->eptr = std::current_exception();
+  }
+}
+
+// f(begin, end) over [0, n) split in contiguous, near-equal ranges, one per thread.
+template <typename F>
+void parallel_ranges(int64_t n, const F& f) {
+#ifdef _OPENMP
+  at::parallel_for(0, n, 1, f);
+#else
+  if (n <= 1 || at::get_num_threads() <= 1 || at::in_parallel_region() || !GOMP_parallel ||
+      !omp_get_thread_num || !omp_get_num_threads) {
+    f(0, n);
+    return;
+  }
+  ParallelCtx<F> ctx;
+  ctx.f = &f;
+  ctx.n = n;
+  // num_threads 0: the runtime's current team size, which torch.set_num_threads sets.
+  GOMP_parallel(&parallel_trampoline<F>, &ctx, 0, 0);
+  if (ctx.eptr) std::rethrow_exception(ctx.eptr);
+#endif
+}
+
+enum class Path { kPortable, kAvx2Fp32, kAvx512Fp32, kAvx512Bf16 };
+
+// Rows above which the AVX-512 kernel switches from exact fp32 FMA (memory-bound decode, K in lanes) to
+// bf16 dot products (compute-bound prefill, rows in lanes). Measured on Zen 5 (benchmarks/NOTES.md).
+constexpr int64_t kBf16MinRows = 16;
+
+// K chunk of the bf16 kernel: a multiple of the group, so that groups never straddle two chunks.
+int64_t bf16_chunk(int64_t k, int64_t group) {
+  if (group >= k) return 256;  // per-channel (or one group covering K)
+  if (group % 2 != 0) return 0;
+  if (256 % group == 0) return 256;
+  if (group % 256 == 0) return group;
+  return 0;
+}
+
+Path choose_path(Isa isa, int64_t m, int64_t k, int64_t group) {
+#if defined(__x86_64__) || defined(_M_X64)
+  if (isa == Isa::kAvx512) {
+    if (m > kBf16MinRows && bf16_chunk(k, group) > 0) return Path::kAvx512Bf16;
+    return Path::kAvx512Fp32;
+  }
+  if (isa == Isa::kAvx2) return Path::kAvx2Fp32;
+#endif
+  return Path::kPortable;
+}
+
+const char* path_name(Path path) {
+  switch (path) {
+    case Path::kAvx2Fp32:
+      return "cpu_avx2_fp32";
+    case Path::kAvx512Fp32:
+      return "cpu_avx512_fp32";
+    case Path::kAvx512Bf16:
+      return "cpu_avx512_bf16";
+    case Path::kPortable:
+      break;
+  }
+  return "cpu_portable";
 }
 
 }  // namespace
 
 const char* int8_linear_cpu_path(int64_t m, int64_t n, int64_t k, int64_t group_size, ActDType dtype) {
-  return "cpu_portable";
+  const int64_t group = group_size == -1 || group_size > k ? k : group_size;
+  return path_name(choose_path(active_isa(), m, k, group));
 }
 
 at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
@@ -57,8 +153,8 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
                 "fastquant.int8_linear: per-channel scales must have shape (N,) = (", n, ",), got ",
                 scales.sizes());
   } else {
-    TORCH_CHECK(group_size > 0, "fastquant.int8_linear: group_size must be -1 (per-channel) or positive, got ",
-                group_size);
+    TORCH_CHECK(group_size > 0,
+                "fastquant.int8_linear: group_size must be -1 (per-channel) or positive, got ", group_size);
     n_groups = (k + group_size - 1) / group_size;
     effective_group = group_size;
     TORCH_CHECK(scales.dim() == 2 && scales.size(0) == n && scales.size(1) == n_groups,
@@ -66,7 +162,8 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
                 group_size, " must have shape (", n, ", ", n_groups, "), got ", scales.sizes());
   }
   if (bias.has_value()) {
-    TORCH_CHECK(bias->device().is_cpu(), "fastquant.int8_linear: bias must be on the CPU, got ", bias->device());
+    TORCH_CHECK(bias->device().is_cpu(), "fastquant.int8_linear: bias must be on the CPU, got ",
+                bias->device());
     TORCH_CHECK(bias->scalar_type() == x.scalar_type(), "fastquant.int8_linear: bias dtype ",
                 bias->scalar_type(), " must match x dtype ", x.scalar_type());
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, "fastquant.int8_linear: bias must have shape (", n,
@@ -84,12 +181,68 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
   const at::Tensor w = qweight.contiguous();
   const at::Tensor s = scales.contiguous();
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
-  Int8LinearProblem p{x2.data_ptr(), w.data_ptr<int8_t>(), s.data_ptr<float>(),
-                      b.defined() ? b.data_ptr() : nullptr, y.data_ptr(), m, n, k, effective_group, n_groups,
+  Int8LinearProblem p{x2.data_ptr(),
+                      w.data_ptr<int8_t>(),
+                      s.data_ptr<float>(),
+                      b.defined() ? b.data_ptr() : nullptr,
+                      y.data_ptr(),
+                      m,
+                      n,
+                      k,
+                      effective_group,
+                      n_groups,
                       dtype};
-  const Int8LinearKernel kernel = kernel_for(active_isa());
-  // Columns are the unit of work: each thread streams a disjoint slice of the weight exactly once.
-  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) { kernel(p, begin, end); });
+  const Path path = choose_path(active_isa(), m, k, std::min(effective_group, k));
+  if (path == Path::kPortable) {
+    // Columns are the unit of work: each thread streams a disjoint slice of the weight exactly once.
+    parallel_ranges((n + 15) / 16, [&](int64_t begin, int64_t end) {
+      int8_linear_portable(p, begin * 16, std::min(end * 16, n), nullptr);
+    });
+    return y;
+  }
+#if defined(__x86_64__) || defined(_M_X64)
+  if (p.group_size > k) p.group_size = k;  // one group covering K reads as per-channel
+  // Vector paths compute in fp32 into an fp32 output (y itself for float32 x), then round once to x's dtype.
+  const at::Tensor b32 = b.defined() ? b.to(at::kFloat).contiguous() : at::Tensor();
+  at::Tensor y32 = dtype == ActDType::kFloat32 ? y : at::empty({m, n}, x.options().dtype(at::kFloat));
+  p.bias_f32 = b32.defined() ? b32.data_ptr<float>() : nullptr;
+  p.y_f32 = y32.data_ptr<float>();
+  at::Tensor x32, xt;
+  Int8LinearKernel kernel = nullptr;
+  int64_t grain = 16;  // columns
+  int64_t scratch_bytes = 0;
+  if (path == Path::kAvx512Bf16) {
+    // The only path that rounds activations: to bf16, once per call (exact when x is bf16 already).
+    // Pairs (x[i, 2q], x[i, 2q+1]) are packed in 32 bits and transposed so 16 rows fill a vector.
+    p.mp = (m + 15) / 16 * 16;
+    const int64_t kp2 = (k + 1) / 2;
+    at::Tensor xb = at::zeros({p.mp, 2 * kp2}, x.options().dtype(at::kBFloat16));
+    xb.narrow(0, 0, m).narrow(1, 0, k).copy_(x2);
+    xt = xb.view(at::kInt).t().contiguous();  // (kp2, mp)
+    p.xt = reinterpret_cast<const uint32_t*>(xt.data_ptr<int32_t>());
+    p.kc = bf16_chunk(k, p.group_size);
+    kernel = int8_linear_avx512_bf16;
+    grain = kBf16TileCols;
+    const int64_t kcs = (p.kc + 31) / 32 * 32;
+    scratch_bytes = kBf16TileCols * kcs * 2 + kBf16TileCols * p.mp * 4;
+  } else {
+    x32 = x2.to(at::kFloat).contiguous();
+    p.x_f32 = x32.data_ptr<float>();
+    kernel = path == Path::kAvx512Fp32 ? int8_linear_avx512_fp32 : int8_linear_avx2_fp32;
+    grain = 8;
+  }
+  // Work unit: blocks of `grain` output columns, so each thread streams a disjoint slice of the weight
+  // exactly once. Small N still splits across threads when it has at least two blocks.
+  const int64_t blocks = (n + grain - 1) / grain;
+  parallel_ranges(blocks, [&](int64_t begin, int64_t end) {
+    std::unique_ptr<char[]> scratch(scratch_bytes > 0 ? new char[scratch_bytes + 64] : nullptr);
+    void* aligned =
+        scratch ? reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(scratch.get()) + 63) & ~uintptr_t(63))
+                : nullptr;
+    kernel(p, begin * grain, std::min(end * grain, n), aligned);
+  });
+  if (dtype != ActDType::kFloat32) y.view({m, n}).copy_(y32);
+#endif
   return y;
 }
 

@@ -1,6 +1,16 @@
 #pragma once
 // Raw-pointer interface between the torch glue (int8_linear.cpp) and the per-ISA kernels. The ISA
 // files are compiled with their own -m flags and must include no torch headers (see CMakeLists.txt).
+//
+// Kernel paths (chosen in the glue by int8_linear_cpu_path / the active ISA):
+//   cpu_portable     scalar, any CPU; reads x, bias and writes y in the activation dtype.
+//   cpu_avx2_fp32    x converted to fp32 once by the glue (exact for bf16/fp16), int8 -> fp32 weights,
+//                    fp32 FMA with K in the vector lanes; fp32 output, the glue rounds it to x's dtype.
+//   cpu_avx512_fp32  same with 16 lanes: the decode path (small M). No rounding of activations.
+//   cpu_avx512_bf16  prefill path (larger M): activations rounded to bf16 ONCE per call by the glue
+//                    (relative error 2^-9 per product; exact when x already is bf16), weights int8 -> bf16
+//                    (exact) into per-thread L1/L2 tiles, _mm512_dpbf16_ps with fp32 accumulation, fp32
+//                    scale applied per group (or per channel) in fp32, fp32 output.
 #include <cstdint>
 
 namespace fastquant::cpu {
@@ -8,24 +18,39 @@ namespace fastquant::cpu {
 enum class ActDType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
 struct Int8LinearProblem {
-  const void* x;          // m x k activations, row-major, contiguous
-  const int8_t* w;        // n x k int8 weight, row-major, contiguous
-  const float* scales;    // n x n_groups fp32 scales
-  const void* bias;       // n values of the activation dtype, or nullptr
-  void* y;                // m x n output, activation dtype
+  const void* x;        // m x k activations, row-major, contiguous, activation dtype (portable path)
+  const int8_t* w;      // n x k int8 weight, row-major, contiguous
+  const float* scales;  // n x n_groups fp32 scales
+  const void* bias;     // n values of the activation dtype, or nullptr (portable path)
+  void* y;              // m x n output, activation dtype (portable path)
   int64_t m, n, k;
-  int64_t group_size;     // k for per-channel scales
-  int64_t n_groups;       // ceil(k / group_size)
+  int64_t group_size;  // k for per-channel scales
+  int64_t n_groups;    // ceil(k / group_size)
   ActDType dtype;
+
+  // Vector paths: fp32 bias (or nullptr) and an fp32 m x n output, rounded to the dtype by the glue.
+  const float* bias_f32 = nullptr;
+  float* y_f32 = nullptr;
+  // fp32 paths: m x k fp32 activations.
+  const float* x_f32 = nullptr;
+  // bf16 path: activations as bf16 pairs (k, k+1) packed in 32 bits, transposed: xt[p * mp + i] holds
+  // x[i, 2p], x[i, 2p+1]; p < ceil(k / 2), i < mp = m rounded up to 16, zero padding.
+  const uint32_t* xt = nullptr;
+  int64_t mp = 0;
+  int64_t kc = 0;  // bf16 path: K chunk converted per weight tile (multiple of group_size, or of it)
 };
 
 // Computes output columns [n_begin, n_end) for every row. Called concurrently on disjoint ranges.
-using Int8LinearKernel = void (*)(const Int8LinearProblem& p, int64_t n_begin, int64_t n_end);
+// scratch: per-call, per-thread memory of int8_linear_scratch_bytes(p) bytes (64-byte aligned).
+using Int8LinearKernel = void (*)(const Int8LinearProblem& p, int64_t n_begin, int64_t n_end, void* scratch);
 
-void int8_linear_portable(const Int8LinearProblem& p, int64_t n_begin, int64_t n_end);
+void int8_linear_portable(const Int8LinearProblem& p, int64_t n_begin, int64_t n_end, void* scratch);
 #if defined(__x86_64__) || defined(_M_X64)
-void int8_linear_avx2(const Int8LinearProblem& p, int64_t n_begin, int64_t n_end);
-void int8_linear_avx512(const Int8LinearProblem& p, int64_t n_begin, int64_t n_end);
+void int8_linear_avx2_fp32(const Int8LinearProblem& p, int64_t n_begin, int64_t n_end, void* scratch);
+void int8_linear_avx512_fp32(const Int8LinearProblem& p, int64_t n_begin, int64_t n_end, void* scratch);
+void int8_linear_avx512_bf16(const Int8LinearProblem& p, int64_t n_begin, int64_t n_end, void* scratch);
+// Columns converted per weight tile by the bf16 kernel; thread ranges are multiples of 16 columns.
+constexpr int64_t kBf16TileCols = 64;
 #endif
 
 // Name of the kernel the CPU op will run for this problem (reported by fastquant.report / info).

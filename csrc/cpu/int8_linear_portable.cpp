@@ -34,7 +34,7 @@ void run(const Int8LinearProblem& p, int64_t n_begin, int64_t n_end) {
 
 }  // namespace
 
-void int8_linear_portable(const Int8LinearProblem& p, int64_t n_begin, int64_t n_end) {
+void int8_linear_portable(const Int8LinearProblem& p, int64_t n_begin, int64_t n_end, void*) {
   switch (p.dtype) {
     case ActDType::kFloat32:
       return run<float>(p, n_begin, n_end);

@@ -1,0 +1,110 @@
+// AVX2 kernel for int8_linear (compiled with -mavx2 -mfma -mf16c; no torch headers). K in the 8 lanes:
+// int8 -> int32 (vpmovsxbd) -> fp32, FMA with fp32 activations (converted once by the glue), so every
+// product and sum is fp32 as in the reference. Grouped scales multiply the converted weight (q * s in fp32,
+// as the reference dequantizes); per-channel scales multiply the reduced dot product. Correctness over
+// peak speed: larger M re-reads each 4-column weight strip from cache for every 4 rows of x.
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "cpu/int8_linear.h"
+
+namespace fastquant::cpu {
+namespace {
+
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+template <int MR, int NR, bool GROUPED>
+void tile(const Int8LinearProblem& p, int64_t m0, int64_t j0) {
+  const int64_t K = p.k;
+  const float* x = p.x_f32 + m0 * K;
+  const int8_t* w = p.w + j0 * K;
+  __m256 acc[MR][NR];
+  float tail[MR][NR];
+  for (int r = 0; r < MR; ++r) {
+    for (int c = 0; c < NR; ++c) {
+      acc[r][c] = _mm256_setzero_ps();
+      tail[r][c] = 0.f;
+    }
+  }
+  const int64_t G = GROUPED ? p.group_size : K;
+  for (int64_t k0 = 0, g = 0; k0 < K; k0 += G, ++g) {
+    const int64_t k1 = k0 + G < K ? k0 + G : K;
+    float sc[NR];
+    __m256 s[NR];
+    for (int c = 0; c < NR; ++c) {
+      sc[c] = GROUPED ? p.scales[(j0 + c) * p.n_groups + g] : 1.f;
+      s[c] = _mm256_set1_ps(sc[c]);
+    }
+    int64_t k = k0;
+    for (; k + 8 <= k1; k += 8) {
+      __m256 wv[NR];
+      for (int c = 0; c < NR; ++c) {
+        int64_t q;
+        std::memcpy(&q, w + c * K + k, 8);
+        wv[c] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_cvtsi64_si128(q)));
+        if (GROUPED) wv[c] = _mm256_mul_ps(wv[c], s[c]);
+      }
+      for (int r = 0; r < MR; ++r) {
+        const __m256 xv = _mm256_loadu_ps(x + r * K + k);
+        for (int c = 0; c < NR; ++c) acc[r][c] = _mm256_fmadd_ps(xv, wv[c], acc[r][c]);
+      }
+    }
+    for (; k < k1; ++k) {
+      for (int c = 0; c < NR; ++c) {
+        const float wf = static_cast<float>(w[c * K + k]) * sc[c];
+        for (int r = 0; r < MR; ++r) tail[r][c] += x[r * K + k] * wf;
+      }
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    for (int c = 0; c < NR; ++c) {
+      float v = hsum8(acc[r][c]) + tail[r][c];
+      if (!GROUPED) v *= p.scales[j0 + c];
+      if (p.bias_f32) v += p.bias_f32[j0 + c];
+      p.y_f32[(m0 + r) * p.n + j0 + c] = v;
+    }
+  }
+}
+
+template <int MR, bool GROUPED>
+void cols(const Int8LinearProblem& p, int64_t m0, int64_t j0, int64_t nc) {
+  switch (nc) {
+    case 1:
+      return tile<MR, 1, GROUPED>(p, m0, j0);
+    case 2:
+      return tile<MR, 2, GROUPED>(p, m0, j0);
+    case 3:
+      return tile<MR, 3, GROUPED>(p, m0, j0);
+    default:
+      return tile<MR, 4, GROUPED>(p, m0, j0);
+  }
+}
+
+template <bool GROUPED>
+void run(const Int8LinearProblem& p, int64_t n_begin, int64_t n_end) {
+  for (int64_t j0 = n_begin; j0 < n_end; j0 += 4) {
+    const int64_t nc = n_end - j0 < 4 ? n_end - j0 : 4;
+    int64_t m0 = 0;
+    for (; m0 + 2 <= p.m; m0 += 2) cols<2, GROUPED>(p, m0, j0, nc);
+    if (m0 < p.m) cols<1, GROUPED>(p, m0, j0, nc);
+  }
+}
+
+}  // namespace
+
+void int8_linear_avx2_fp32(const Int8LinearProblem& p, int64_t n_begin, int64_t n_end, void*) {
+  if (p.group_size < p.k) {
+    run<true>(p, n_begin, n_end);
+  } else {
+    run<false>(p, n_begin, n_end);
+  }
+}
+
+}  // namespace fastquant::cpu

@@ -1,0 +1,284 @@
+// AVX-512 kernels for int8_linear (compiled with -mavx512f/bw/vl/dq/vnni/bf16 -mfma; no torch headers:
+// nothing here may be inlined into code that runs on a CPU without AVX-512).
+//
+// cpu_avx512_fp32 (decode, small M): K in the 16 lanes. Each weight row is read once from memory
+// (int8 -> int32 -> fp32 in registers) and FMA'd with fp32 activations; several output columns at once
+// share each activation load. Grouped scales multiply the converted weight (q * s in fp32, exactly as the
+// reference dequantizes); per-channel scales multiply the reduced dot product. No activation rounding:
+// products and sums are fp32, so small M matches the reference to fp32 rounding.
+//
+// cpu_avx512_bf16 (prefill, larger M): output columns are processed in tiles of 64; for each K chunk
+// the tile's int8 weights are converted once to bf16 (exact) into a per-thread scratch that stays in L1/L2,
+// then reused for every row of x. The activations were rounded to bf16 once per call by the glue and are
+// transposed so that 16 rows of x fill the lanes of one vector: acc[col][rows] += dpbf16(x pairs,
+// broadcast weight pair). Each group (or K chunk, per-channel) is accumulated from zero in fp32 and
+// added to an fp32 output slab with its fp32 scale (C += acc * s). The slab is finally transposed
+// into y with the bias.
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "cpu/int8_linear.h"
+
+namespace fastquant::cpu {
+namespace {
+
+#ifndef FQ_PF_DIST
+#define FQ_PF_DIST 4096
+#endif
+
+inline __m512 cvt_w16(__m128i q) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)); }
+
+// ---------------------------------------------------------------- fp32 path (K in lanes)
+
+template <int MR, int NR, bool GROUPED>
+void fp32_tile(const Int8LinearProblem& p, int64_t m0, int64_t j0) {
+  const int64_t K = p.k;
+  const float* x = p.x_f32 + m0 * K;
+  const int8_t* w = p.w + j0 * K;
+  __m512 acc[MR][NR];
+  for (int r = 0; r < MR; ++r)
+    for (int c = 0; c < NR; ++c) acc[r][c] = _mm512_setzero_ps();
+  const int64_t G = GROUPED ? p.group_size : K;
+  for (int64_t k0 = 0, g = 0; k0 < K; k0 += G, ++g) {
+    const int64_t k1 = k0 + G < K ? k0 + G : K;
+    __m512 s[NR];
+    if (GROUPED) {
+      for (int c = 0; c < NR; ++c) s[c] = _mm512_set1_ps(p.scales[(j0 + c) * p.n_groups + g]);
+    }
+    int64_t k = k0;
+    for (; k + 16 <= k1; k += 16) {
+      __m512 wv[NR];
+      for (int c = 0; c < NR; ++c) {
+        wv[c] = cvt_w16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + c * K + k)));
+        if (GROUPED) wv[c] = _mm512_mul_ps(wv[c], s[c]);
+      }
+      for (int r = 0; r < MR; ++r) {
+        const __m512 xv = _mm512_loadu_ps(x + r * K + k);
+        for (int c = 0; c < NR; ++c) acc[r][c] = _mm512_fmadd_ps(xv, wv[c], acc[r][c]);
+      }
+    }
+    if (k < k1) {
+      const __mmask16 mk = static_cast<__mmask16>((1u << (k1 - k)) - 1);
+      __m512 wv[NR];
+      for (int c = 0; c < NR; ++c) {
+        wv[c] = cvt_w16(_mm_maskz_loadu_epi8(mk, w + c * K + k));
+        if (GROUPED) wv[c] = _mm512_mul_ps(wv[c], s[c]);
+      }
+      for (int r = 0; r < MR; ++r) {
+        const __m512 xv = _mm512_maskz_loadu_ps(mk, x + r * K + k);
+        for (int c = 0; c < NR; ++c) acc[r][c] = _mm512_fmadd_ps(xv, wv[c], acc[r][c]);
+      }
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    for (int c = 0; c < NR; ++c) {
+      float v = _mm512_reduce_add_ps(acc[r][c]);
+      if (!GROUPED) v *= p.scales[j0 + c];
+      if (p.bias_f32) v += p.bias_f32[j0 + c];
+      p.y_f32[(m0 + r) * p.n + j0 + c] = v;
+    }
+  }
+}
+
+template <int MR, bool GROUPED>
+void fp32_cols(const Int8LinearProblem& p, int64_t m0, int64_t j0, int64_t nc) {
+  switch (nc) {
+    case 1:
+      return fp32_tile<MR, 1, GROUPED>(p, m0, j0);
+    case 2:
+      return fp32_tile<MR, 2, GROUPED>(p, m0, j0);
+    case 3:
+      return fp32_tile<MR, 3, GROUPED>(p, m0, j0);
+    case 4:
+      return fp32_tile<MR, 4, GROUPED>(p, m0, j0);
+    case 5:
+      return fp32_tile<MR, 5, GROUPED>(p, m0, j0);
+    case 6:
+      return fp32_tile<MR, 6, GROUPED>(p, m0, j0);
+    case 7:
+      return fp32_tile<MR, 7, GROUPED>(p, m0, j0);
+    default:
+      return fp32_tile<MR, 8, GROUPED>(p, m0, j0);
+  }
+}
+
+// M = 1: one weight row at a time with 4 accumulators, so each thread reads its slice of the weight as a
+// single sequential stream (what the hardware prefetcher follows best) instead of 8 interleaved rows.
+template <bool GROUPED>
+void fp32_row1(const Int8LinearProblem& p, int64_t n_begin, int64_t n_end) {
+  const int64_t K = p.k;
+  const float* x = p.x_f32;
+  const int64_t G = GROUPED ? p.group_size : K;
+  for (int64_t j = n_begin; j < n_end; ++j) {
+    const int8_t* w = p.w + j * K;
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(),
+           a3 = _mm512_setzero_ps();
+    for (int64_t k0 = 0, g = 0; k0 < K; k0 += G, ++g) {
+      const int64_t k1 = k0 + G < K ? k0 + G : K;
+      const __m512 s = _mm512_set1_ps(GROUPED ? p.scales[j * p.n_groups + g] : 1.f);
+      int64_t k = k0;
+      auto wv = [&](int64_t kk) {
+        const __m512 v = cvt_w16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + kk)));
+        return GROUPED ? _mm512_mul_ps(v, s) : v;
+      };
+      for (; k + 64 <= k1; k += 64) {
+        // One cache line per iteration; prefetching a few lines ahead (past the row end reaches the next
+        // row, which is read next) keeps more misses in flight than the hardware prefetcher alone.
+        _mm_prefetch(reinterpret_cast<const char*>(w + k + FQ_PF_DIST), _MM_HINT_T0);
+        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), wv(k), a0);
+        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 16), wv(k + 16), a1);
+        a2 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 32), wv(k + 32), a2);
+        a3 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 48), wv(k + 48), a3);
+      }
+      for (; k + 16 <= k1; k += 16) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), wv(k), a0);
+      if (k < k1) {
+        const __mmask16 mk = static_cast<__mmask16>((1u << (k1 - k)) - 1);
+        __m512 v = cvt_w16(_mm_maskz_loadu_epi8(mk, w + k));
+        if (GROUPED) v = _mm512_mul_ps(v, s);
+        a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, x + k), v, a1);
+      }
+    }
+    float v = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+    if (!GROUPED) v *= p.scales[j];
+    if (p.bias_f32) v += p.bias_f32[j];
+    p.y_f32[j] = v;
+  }
+}
+
+template <bool GROUPED>
+void fp32_run(const Int8LinearProblem& p, int64_t n_begin, int64_t n_end) {
+  // One row: 8 columns (8 independent FMA chains hide the FMA latency). More rows: 4 columns x 4 rows,
+  // the 4 weight rows are re-read from L1/L2 for every 4 rows of x.
+  if (p.m == 1) return fp32_row1<GROUPED>(p, n_begin, n_end);
+  const int64_t nr = 4;
+  for (int64_t j0 = n_begin; j0 < n_end; j0 += nr) {
+    const int64_t nc = n_end - j0 < nr ? n_end - j0 : nr;
+    int64_t m0 = 0;
+    for (; m0 + 4 <= p.m; m0 += 4) fp32_cols<4, GROUPED>(p, m0, j0, nc);
+    switch (p.m - m0) {
+      case 1:
+        fp32_cols<1, GROUPED>(p, m0, j0, nc);
+        break;
+      case 2:
+        fp32_cols<2, GROUPED>(p, m0, j0, nc);
+        break;
+      case 3:
+        fp32_cols<3, GROUPED>(p, m0, j0, nc);
+        break;
+      default:
+        break;
+    }
+  }
+}
+
+// ---------------------------------------------------------------- bf16 path (rows in lanes)
+
+constexpr int kNR = 8;  // columns per micro tile (broadcast operands)
+
+// acc[c][v] over pairs [q0, q1) of the chunk, then C[c][v] += acc * s[c].
+template <int MV>
+inline void bf16_micro(const uint32_t* xt, int64_t mp, const uint32_t* wb, int64_t wstride, int64_t q0,
+                       int64_t q1, float* C, int64_t cstride, const float* s) {
+  __m512 acc[kNR][MV];
+  for (int c = 0; c < kNR; ++c)
+    for (int v = 0; v < MV; ++v) acc[c][v] = _mm512_setzero_ps();
+  for (int64_t q = q0; q < q1; ++q) {
+    __m512bh xv[MV];
+    for (int v = 0; v < MV; ++v) xv[v] = (__m512bh)_mm512_loadu_si512(xt + q * mp + 16 * v);
+    for (int c = 0; c < kNR; ++c) {
+      const __m512bh b = (__m512bh)_mm512_set1_epi32(static_cast<int>(wb[c * wstride + q]));
+      for (int v = 0; v < MV; ++v) acc[c][v] = _mm512_dpbf16_ps(acc[c][v], xv[v], b);
+    }
+  }
+  for (int c = 0; c < kNR; ++c) {
+    const __m512 sc = _mm512_set1_ps(s[c]);
+    for (int v = 0; v < MV; ++v) {
+      float* cp = C + c * cstride + 16 * v;
+      _mm512_storeu_ps(cp, _mm512_fmadd_ps(acc[c][v], sc, _mm512_loadu_ps(cp)));
+    }
+  }
+}
+
+// Converts int8 w[0..len) to bf16 (exact) at dst, zero-filled up to len16 (a multiple of 16).
+inline void convert_row_bf16(const int8_t* w, int64_t len, int64_t len16, uint16_t* dst) {
+  int64_t k = 0;
+  for (; k + 16 <= len; k += 16) {
+    const __m512 f = cvt_w16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + k), (__m256i)_mm512_cvtneps_pbh(f));
+  }
+  for (; k < len16; k += 16) {
+    const int64_t rem = len - k;
+    const __mmask16 mk = rem <= 0 ? 0 : static_cast<__mmask16>((1u << (rem < 16 ? rem : 16)) - 1);
+    const __m512 f = cvt_w16(_mm_maskz_loadu_epi8(mk, w + k));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + k), (__m256i)_mm512_cvtneps_pbh(f));
+  }
+}
+
+}  // namespace
+
+void int8_linear_avx512_fp32(const Int8LinearProblem& p, int64_t n_begin, int64_t n_end, void*) {
+  if (p.group_size < p.k) {
+    fp32_run<true>(p, n_begin, n_end);
+  } else {
+    fp32_run<false>(p, n_begin, n_end);
+  }
+}
+
+// scratch: kBf16TileCols x kcs bf16 weight tile, then kBf16TileCols x mp fp32 output slab.
+void int8_linear_avx512_bf16(const Int8LinearProblem& p, int64_t n_begin, int64_t n_end, void* scratch) {
+  const int64_t K = p.k, mp = p.mp, KC = p.kc;
+  const bool grouped = p.group_size < K;
+  const int64_t kcs = (KC + 31) / 32 * 32;  // bf16 elements per tile column (even: whole pairs)
+  uint16_t* wtile = static_cast<uint16_t*>(scratch);
+  float* slab = reinterpret_cast<float*>(wtile + kBf16TileCols * kcs);
+  const int64_t wstride = kcs / 2;  // in pairs
+  const uint32_t* wpairs = reinterpret_cast<const uint32_t*>(wtile);
+  float s[kNR];
+
+  for (int64_t j0 = n_begin; j0 < n_end; j0 += kBf16TileCols) {
+    const int64_t nc = n_end - j0 < kBf16TileCols ? n_end - j0 : kBf16TileCols;
+    const int64_t nc8 = (nc + kNR - 1) / kNR * kNR;
+    std::memset(slab, 0, sizeof(float) * nc8 * mp);
+    for (int64_t kc0 = 0; kc0 < K; kc0 += KC) {
+      const int64_t klen = K - kc0 < KC ? K - kc0 : KC;
+      const int64_t klen16 = (klen + 15) / 16 * 16;
+      for (int64_t c = 0; c < nc8; ++c) {
+        uint16_t* dst = wtile + c * kcs;
+        if (c < nc) {
+          convert_row_bf16(p.w + (j0 + c) * K + kc0, klen, klen16, dst);
+        } else {
+          std::memset(dst, 0, sizeof(uint16_t) * klen16);
+        }
+      }
+      const int64_t G = grouped ? p.group_size : klen;  // even when grouped (checked by the glue)
+      for (int64_t g0 = 0; g0 < klen; g0 += G) {
+        const int64_t g1 = g0 + G < klen ? g0 + G : klen;
+        const int64_t q0 = g0 / 2, q1 = (g1 + 1) / 2;  // pairs; an odd K ends on a zero-padded pair
+        const int64_t gi = grouped ? (kc0 + g0) / p.group_size : 0;
+        const uint32_t* xg = p.xt + (kc0 / 2) * mp;
+        for (int64_t cb = 0; cb < nc8; cb += kNR) {
+          for (int c = 0; c < kNR; ++c) {
+            s[c] = cb + c < nc ? p.scales[(j0 + cb + c) * p.n_groups + gi] : 0.f;
+          }
+          const uint32_t* wb = wpairs + cb * wstride;
+          float* C = slab + cb * mp;
+          int64_t m0 = 0;
+          for (; m0 + 48 <= mp; m0 += 48) bf16_micro<3>(xg + m0, mp, wb, wstride, q0, q1, C + m0, mp, s);
+          if (mp - m0 == 32) bf16_micro<2>(xg + m0, mp, wb, wstride, q0, q1, C + m0, mp, s);
+          if (mp - m0 == 16) bf16_micro<1>(xg + m0, mp, wb, wstride, q0, q1, C + m0, mp, s);
+        }
+      }
+    }
+    // Transpose the slab into y (m x n, fp32) with the bias.
+    for (int64_t i = 0; i < p.m; ++i) {
+      float* yr = p.y_f32 + i * p.n + j0;
+      for (int64_t c = 0; c < nc; ++c) {
+        yr[c] = slab[c * mp + i] + (p.bias_f32 ? p.bias_f32[j0 + c] : 0.f);
+      }
+    }
+  }
+}
+
+}  // namespace fastquant::cpu
