@@ -27,6 +27,9 @@ namespace {
 #ifndef FQ_PF_DIST
 #define FQ_PF_DIST 4096
 #endif
+#ifndef FQ_PF_DIST_TILE
+#define FQ_PF_DIST_TILE 1024
+#endif
 
 inline __m512 cvt_w16(__m128i q) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)); }
 
@@ -49,6 +52,11 @@ void fp32_tile(const Int8LinearProblem& p, int64_t m0, int64_t j0) {
     }
     int64_t k = k0;
     for (; k + 16 <= k1; k += 16) {
+      if ((k & 63) == 0) {
+        for (int c = 0; c < NR; ++c) {
+          _mm_prefetch(reinterpret_cast<const char*>(w + c * K + k + FQ_PF_DIST_TILE), _MM_HINT_NTA);
+        }
+      }
       __m512 wv[NR];
       for (int c = 0; c < NR; ++c) {
         wv[c] = cvt_w16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + c * K + k)));
@@ -126,7 +134,7 @@ void fp32_row1(const Int8LinearProblem& p, int64_t n_begin, int64_t n_end) {
       for (; k + 64 <= k1; k += 64) {
         // One cache line per iteration; prefetching a few lines ahead (past the row end reaches the next
         // row, which is read next) keeps more misses in flight than the hardware prefetcher alone.
-        _mm_prefetch(reinterpret_cast<const char*>(w + k + FQ_PF_DIST), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(w + k + FQ_PF_DIST), _MM_HINT_NTA);
         a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), wv(k), a0);
         a1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 16), wv(k + 16), a1);
         a2 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 32), wv(k + 32), a2);
