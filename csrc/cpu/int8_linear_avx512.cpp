@@ -112,46 +112,77 @@ void fp32_cols(const Int8LinearProblem& p, int64_t m0, int64_t j0, int64_t nc) {
   }
 }
 
-// M = 1: one weight row at a time with 4 accumulators, so each thread reads its slice of the weight as a
-// single sequential stream (what the hardware prefetcher follows best) instead of 8 interleaved rows.
+// M = 1: sum over k in [ka, kb) of x[k] * w[k] (* its group's scale when GROUPED), ka on a group start.
+// Reads w sequentially with 4 accumulators, prefetching (non-temporal) the line that is read pf bytes
+// later in the thread's access order.
+template <bool GROUPED>
+inline float dot_range(const int8_t* w, const float* x, int64_t ka, int64_t kb, int64_t G, const float* srow,
+                       int64_t pf) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(),
+         a3 = _mm512_setzero_ps();
+  for (int64_t k0 = ka; k0 < kb; k0 += G) {
+    const int64_t k1 = k0 + G < kb ? k0 + G : kb;
+    const __m512 s = _mm512_set1_ps(GROUPED ? srow[k0 / G] : 1.f);
+    auto wv = [&](int64_t kk) {
+      const __m512 v = cvt_w16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + kk)));
+      return GROUPED ? _mm512_mul_ps(v, s) : v;
+    };
+    int64_t k = k0;
+    for (; k + 64 <= k1; k += 64) {
+      // One cache line per iteration. Non-temporal prefetch a few KiB ahead: the weight is used once,
+      // and this keeps more misses in flight than the hardware prefetcher alone (~1.3-1.5x at M = 1).
+      _mm_prefetch(reinterpret_cast<const char*>(w + k + pf), _MM_HINT_NTA);
+      a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), wv(k), a0);
+      a1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 16), wv(k + 16), a1);
+      a2 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 32), wv(k + 32), a2);
+      a3 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 48), wv(k + 48), a3);
+    }
+    for (; k + 16 <= k1; k += 16) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), wv(k), a0);
+    if (k < k1) {
+      const __mmask16 mk = static_cast<__mmask16>((1u << (k1 - k)) - 1);
+      __m512 v = cvt_w16(_mm_maskz_loadu_epi8(mk, w + k));
+      if (GROUPED) v = _mm512_mul_ps(v, s);
+      a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, x + k), v, a1);
+    }
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+}
+
+constexpr int64_t kRow1Chunk = 4096;  // K elements of x per pass: 16 KiB of fp32, stays in L1
+constexpr int64_t kRow1Rows = 8;      // rows sharing one x chunk
+
+// M = 1. K <= kRow1Chunk: one weight row after the other, so each thread reads its slice of the weight as
+// a single sequential stream. Larger K: blocks of 8 rows are read in K chunks of 4096 (row by row within a
+// chunk), so the fp32 x chunk stays in L1 instead of being re-read from L2 for every weight row.
 template <bool GROUPED>
 void fp32_row1(const Int8LinearProblem& p, int64_t n_begin, int64_t n_end) {
   const int64_t K = p.k;
-  const float* x = p.x_f32;
   const int64_t G = GROUPED ? p.group_size : K;
-  for (int64_t j = n_begin; j < n_end; ++j) {
-    const int8_t* w = p.w + j * K;
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(),
-           a3 = _mm512_setzero_ps();
-    for (int64_t k0 = 0, g = 0; k0 < K; k0 += G, ++g) {
-      const int64_t k1 = k0 + G < K ? k0 + G : K;
-      const __m512 s = _mm512_set1_ps(GROUPED ? p.scales[j * p.n_groups + g] : 1.f);
-      int64_t k = k0;
-      auto wv = [&](int64_t kk) {
-        const __m512 v = cvt_w16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + kk)));
-        return GROUPED ? _mm512_mul_ps(v, s) : v;
-      };
-      for (; k + 64 <= k1; k += 64) {
-        // One cache line per iteration; prefetching a few lines ahead (past the row end reaches the next
-        // row, which is read next) keeps more misses in flight than the hardware prefetcher alone.
-        _mm_prefetch(reinterpret_cast<const char*>(w + k + FQ_PF_DIST), _MM_HINT_NTA);
-        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), wv(k), a0);
-        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 16), wv(k + 16), a1);
-        a2 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 32), wv(k + 32), a2);
-        a3 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 48), wv(k + 48), a3);
-      }
-      for (; k + 16 <= k1; k += 16) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), wv(k), a0);
-      if (k < k1) {
-        const __mmask16 mk = static_cast<__mmask16>((1u << (k1 - k)) - 1);
-        __m512 v = cvt_w16(_mm_maskz_loadu_epi8(mk, w + k));
-        if (GROUPED) v = _mm512_mul_ps(v, s);
-        a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, x + k), v, a1);
+  const bool chunked = K > kRow1Chunk && (!GROUPED || kRow1Chunk % G == 0);
+  const int64_t chunk = chunked ? kRow1Chunk : K;
+  const int64_t rows = chunked ? kRow1Rows : 1;
+  const int64_t gstep = GROUPED ? G : chunk;
+  for (int64_t j0 = n_begin; j0 < n_end; j0 += rows) {
+    const int64_t nr = n_end - j0 < rows ? n_end - j0 : rows;
+    float part[kRow1Rows] = {};
+    for (int64_t kc = 0; kc < K; kc += chunk) {
+      const int64_t kb = kc + chunk < K ? kc + chunk : K;
+      for (int64_t r = 0; r < nr; ++r) {
+        const int8_t* w = p.w + (j0 + r) * K;
+        // Prefetch target: the same offset in the next row read (next row of the block, or the first row's
+        // next chunk, or the next block); past the thread's slice it is harmless.
+        const int64_t pf =
+            !chunked ? FQ_PF_DIST : (r + 1 < nr ? K : (kb < K ? chunk - (nr - 1) * K : nr * K - kc));
+        part[r] += dot_range<GROUPED>(w, p.x_f32, kc, kb, gstep,
+                                      GROUPED ? p.scales + (j0 + r) * p.n_groups : nullptr, pf);
       }
     }
-    float v = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-    if (!GROUPED) v *= p.scales[j];
-    if (p.bias_f32) v += p.bias_f32[j];
-    p.y_f32[j] = v;
+    for (int64_t r = 0; r < nr; ++r) {
+      float v = part[r];
+      if (!GROUPED) v *= p.scales[j0 + r];
+      if (p.bias_f32) v += p.bias_f32[j0 + r];
+      p.y_f32[j0 + r] = v;
+    }
   }
 }
 
