@@ -15,6 +15,7 @@ from fastquant.modules import Int8Linear
 from fastquant.ops import int8_linear
 from fastquant.patching import Report, patch, report
 from fastquant.reference import int8_dequantize, int8_quantize
+from fastquant.serialization import FastquantFormatError, load, save
 
 try:
     __version__ = version("fastquant")
@@ -22,13 +23,16 @@ except PackageNotFoundError:  # running from a source tree that was never instal
     __version__ = "0+unknown"
 
 __all__ = [
+    "FastquantFormatError",
     "Int8Linear",
     "Report",
     "__version__",
     "int8_dequantize",
     "int8_linear",
     "int8_quantize",
+    "load",
     "ops",
     "patch",
     "report",
+    "save",
 ]

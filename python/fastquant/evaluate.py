@@ -1,0 +1,177 @@
+"""Measure what compression costs and buys on a real model: quality, speed, size.
+
+Every compression method the CLI knows lives in :data:`METHODS`; ``fastquant demo``/``eval``/``compress``
+iterate over or look up that registry, so a new method (sparse, int8+sparse) is one entry here.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fastquant.patching import patch
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    description: str
+    # apply(float model, group_size) compresses the model in place and returns it
+    apply: Callable[[nn.Module, int | None], nn.Module]
+
+
+METHODS: dict[str, Method] = {
+    "int8": Method(
+        "int8",
+        "int8 weight-only, per-channel (per-group with --group-size); tied lm_head left in float",
+        lambda model, group_size: patch(model, "int8", group_size=group_size),
+    ),
+    "int8+lm_head": Method(
+        "int8+lm_head",
+        "int8 as above, plus a separate int8 copy of the tied lm_head (the embedding keeps its float weight)",
+        lambda model, group_size: patch(model, "int8", group_size=group_size, skip=(), quantize_tied=True),
+    ),
+}
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}: expected one of {sorted(METHODS)}")
+    return METHODS[name]
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of parameters and buffers, each storage counted once (tied weights are one tensor)."""
+    seen: set[int] = set()
+    total = 0
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() in seen:
+            continue
+        seen.add(storage.data_ptr())
+        total += storage.nbytes()
+    return total
+
+
+@torch.inference_mode()
+def perplexity(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    window: int = 512,
+    stride: int = 256,
+    progress: Callable | None = None,
+) -> float:
+    """Sliding-window perplexity: each window of ``window`` tokens scores only the tokens no earlier window
+    scored, so each token counts once and (after the first window) sees ``window - stride`` tokens or more
+    of context."""
+    ids = input_ids.reshape(1, -1)
+    n = ids.shape[1]
+    nll_sum, count, prev_end = 0.0, 0, 0
+    starts = list(range(0, max(n - window, 0) + 1, stride))
+    if starts[-1] + window < n:
+        starts.append(n - window)
+    for begin in starts:
+        end = min(begin + window, n)
+        chunk = ids[:, begin:end]
+        logits = model(chunk).logits[0, :-1].float()
+        targets = chunk[0, 1:]
+        first_new = max(prev_end - begin - 1, 0)  # predictions of tokens already scored by an earlier window
+        losses = torch.nn.functional.cross_entropy(logits[first_new:], targets[first_new:], reduction="none")
+        nll_sum += losses.double().sum().item()
+        count += losses.numel()
+        prev_end = end
+        if progress is not None:
+            progress()
+    return math.exp(nll_sum / count)
+
+
+def perplexity_steps(n_tokens: int, window: int = 512, stride: int = 256) -> int:
+    starts = list(range(0, max(n_tokens - window, 0) + 1, stride))
+    return len(starts) + (1 if starts[-1] + window < n_tokens else 0)
+
+
+def sentences(text: str, limit: int = 256, min_chars: int = 30) -> list[str]:
+    """Sentences of the play's dialogue (speaker names and stage directions dropped), in order."""
+    start = text.find("\nACT")  # skip the title page and the list of characters
+    body = re.sub(r"\[[^\]]*\]", " ", text[start if start >= 0 else 0 :])  # stage directions, even multi-line
+    lines = [ln.strip() for ln in body.splitlines()]
+    speech = " ".join(ln for ln in lines if ln and not ln.isupper() and not ln.startswith(("ACT", "SCENE")))
+    parts = [s.strip() for s in re.split(r"(?<=[.!?])\s+", speech)]
+    return [s for s in parts if len(s) >= min_chars][:limit]
+
+
+@torch.inference_mode()
+def sentence_embeddings(model: nn.Module, tokenizer, texts: list[str], batch_size: int = 32) -> torch.Tensor:
+    """Mean-pooled, L2-normalized token embeddings (the sentence-transformers recipe for MiniLM)."""
+    out = []
+    for i in range(0, len(texts), batch_size):
+        batch = tokenizer(texts[i : i + batch_size], padding=True, truncation=True, max_length=128, return_tensors="pt")
+        hidden = model(**batch).last_hidden_state.float()
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+        out.append(torch.nn.functional.normalize(pooled, dim=-1))
+    return torch.cat(out)
+
+
+def embedding_cosine(reference: torch.Tensor, other: torch.Tensor) -> dict[str, float]:
+    cos = torch.nn.functional.cosine_similarity(reference, other, dim=-1)
+    return {"mean": cos.mean().item(), "min": cos.min().item()}
+
+
+class _StepClock:
+    """A logits processor that records when each generated token's logits are ready: the first stamp ends
+    prefill, the gaps between the others are pure decode steps."""
+
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+
+    def __call__(self, input_ids, scores):
+        self.stamps.append(time.perf_counter())
+        return scores
+
+
+@torch.inference_mode()
+def decode_speed(model: nn.Module, prompt_ids: torch.Tensor, new_tokens: int = 64) -> dict[str, float]:
+    """Greedy batch-1 generation with HF ``generate``: decode tokens/s over ``new_tokens`` steps."""
+    from transformers import LogitsProcessorList
+
+    prompt_ids = prompt_ids.reshape(1, -1)
+    kwargs = dict(do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(prompt_ids))
+    model.generate(prompt_ids, max_new_tokens=4, min_new_tokens=4, **kwargs)  # warm-up: allocations, caches
+    clock = _StepClock()
+    start = time.perf_counter()
+    out = model.generate(
+        prompt_ids,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        logits_processor=LogitsProcessorList([clock]),
+        **kwargs,
+    )
+    end = time.perf_counter()
+    steps = len(clock.stamps) - 1
+    decode_s = clock.stamps[-1] - clock.stamps[0]
+    return {
+        "decode_tokens_per_s": steps / decode_s,
+        "generate_tokens_per_s": (out.shape[1] - prompt_ids.shape[1]) / (end - start),
+        "decode_ms_per_token": 1000 * decode_s / steps,
+        "tokens": out[0, prompt_ids.shape[1] :].tolist(),
+    }
+
+
+@torch.inference_mode()
+def prefill_speed(model: nn.Module, input_ids: torch.Tensor, repeats: int = 2) -> dict[str, float]:
+    """One forward pass over ``input_ids`` (batch 1): best of ``repeats`` after a warm-up."""
+    ids = input_ids.reshape(1, -1)
+    model(ids[:, :16])
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model(ids)
+        best = min(best, time.perf_counter() - start)
+    return {"prefill_tokens_per_s": ids.shape[1] / best, "prefill_tokens": ids.shape[1]}

@@ -1,0 +1,241 @@
+"""fastquant.save / fastquant.load: compressed checkpoints as safetensors, never pickle.
+
+File layout: one ``.safetensors`` file. The manifest is a JSON string stored in the safetensors header
+metadata under the key ``"fastquant"`` (so one file carries weights and manifest and cannot drift apart):
+
+    {"format": "fastquant", "format_version": 1, "fastquant_version": "...", "method": "int8",
+     "model_class": "LlamaForCausalLM",
+     "layers": {"model.layers.0.self_attn.q_proj": {"type": "int8", "in_features": 576,
+                "out_features": 576, "bias": false, "group_size": null, "dtype": "float32"}, ...},
+     "tensors": {"<state-dict name>": {"sha256": "...", "dtype": "int8", "shape": [576, 576]}, ...},
+     "aliases": {"lm_head.weight": "model.embed_tokens.weight"}}
+
+Tensors that share storage (tied embeddings) are written once; ``aliases`` maps the other names to it.
+Loading reads the header with the safetensors parser (no code execution), checks the version, the
+architecture (every state-dict name and shape) and every tensor's sha256 before touching the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from fastquant.modules import Int8Linear, is_quantizable_linear
+
+FORMAT_NAME = "fastquant"
+FORMAT_VERSION = 1
+METADATA_KEY = "fastquant"
+
+
+class FastquantFormatError(ValueError):
+    """A checkpoint that cannot be loaded: truncated, corrupted, tampered, too new, or for another model."""
+
+
+def _sha256(tensor: torch.Tensor) -> str:
+    # Hash the raw little-endian bytes as written, so any flipped byte in the file changes the digest.
+    data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+    return hashlib.sha256(data.tobytes()).hexdigest()
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def layer_params(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Per compressed layer: what it takes to rebuild it in an uncompressed model of the same architecture."""
+    layers: dict[str, dict[str, Any]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, Int8Linear):
+            layers[name] = {
+                "type": "int8",
+                "in_features": module.in_features,
+                "out_features": module.out_features,
+                "bias": module.bias is not None,
+                "group_size": module.group_size,
+                "dtype": _dtype_name(module.dtype),
+            }
+    return layers
+
+
+def save(model: nn.Module, path: str | os.PathLike, *, method: str | None = None) -> dict[str, Any]:
+    """Write a patched (or plain) model's weights to ``path`` (safetensors with the manifest in its header).
+
+    Returns the manifest. ``method`` is recorded for people reading the file; loading relies on the
+    per-layer entries only.
+    """
+    state = model.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for name, tensor in state.items():
+        key = (
+            tensor.untyped_storage().data_ptr(),
+            tensor.storage_offset(),
+            tuple(tensor.shape),
+            tensor.dtype,
+        )
+        if key in seen:  # tied weight: same storage and view, store it once
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        tensors[name] = tensor.detach().contiguous().cpu()
+    layers = layer_params(model)
+    if method is None:
+        method = "int8" if layers else "float"
+    manifest = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "fastquant_version": _fastquant_version(),
+        "method": method,
+        "model_class": type(model).__name__,
+        "layers": layers,
+        "tensors": {
+            n: {"sha256": _sha256(t), "dtype": _dtype_name(t.dtype), "shape": list(t.shape)} for n, t in tensors.items()
+        },
+        "aliases": aliases,
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(manifest, sort_keys=True)})
+    return manifest
+
+
+def _fastquant_version() -> str:
+    import fastquant
+
+    return fastquant.__version__
+
+
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """The manifest of a fastquant checkpoint, validated for format and version (tensors not read)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no fastquant checkpoint at {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError) as exc:
+        raise FastquantFormatError(f"{path}: not a readable safetensors file (truncated or corrupted?): {exc}") from exc
+    if METADATA_KEY not in metadata:
+        raise FastquantFormatError(f"{path}: safetensors file without a fastquant manifest")
+    try:
+        manifest = json.loads(metadata[METADATA_KEY])
+    except json.JSONDecodeError as exc:
+        raise FastquantFormatError(f"{path}: the fastquant manifest is not valid JSON: {exc}") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise FastquantFormatError(f"{path}: the manifest does not describe a fastquant checkpoint")
+    version = manifest.get("format_version")
+    if not isinstance(version, int):
+        raise FastquantFormatError(f"{path}: manifest has no integer format_version")
+    if version > FORMAT_VERSION:
+        raise FastquantFormatError(
+            f"{path}: written with checkpoint format version {version} (fastquant "
+            f"{manifest.get('fastquant_version', '?')}); this fastquant reads up to version "
+            f"{FORMAT_VERSION}: upgrade fastquant"
+        )
+    for key in ("layers", "tensors", "aliases"):
+        if not isinstance(manifest.get(key), dict):
+            raise FastquantFormatError(f"{path}: manifest entry {key!r} is missing or not a mapping")
+    return manifest
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _patch_to_match(model: nn.Module, layers: dict[str, dict[str, Any]], path: Path) -> None:
+    for name, spec in layers.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError as exc:
+            raise FastquantFormatError(f"{path}: architecture mismatch: the model has no layer {name!r}") from exc
+        if isinstance(module, Int8Linear):
+            continue  # already patched (e.g. loading into a model patched the same way)
+        if not is_quantizable_linear(module):
+            raise FastquantFormatError(
+                f"{path}: architecture mismatch: {name!r} is a {type(module).__name__}, "
+                "the checkpoint has a linear layer"
+            )
+        if spec.get("type") != "int8":
+            raise FastquantFormatError(f"{path}: layer {name!r} has unknown type {spec.get('type')!r}")
+        try:
+            dtype = getattr(torch, spec["dtype"])
+            new = Int8Linear(
+                int(spec["in_features"]),
+                int(spec["out_features"]),
+                bool(spec["bias"]),
+                spec["group_size"],
+                device="cpu",
+                dtype=dtype,
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise FastquantFormatError(f"{path}: invalid manifest entry for layer {name!r}: {exc}") from exc
+        _set_submodule(model, name, new)
+
+
+def load(model: nn.Module, path: str | os.PathLike, *, verify: bool = True) -> nn.Module:
+    """Load a checkpoint written by :func:`save` into ``model`` (a float model of the same architecture).
+
+    The model is patched to match the checkpoint's per-layer manifest, then every weight is copied in.
+    Raises :class:`FastquantFormatError` (a ValueError) naming the problem when the file is truncated,
+    corrupted, edited, newer than this fastquant, or for a different architecture. Returns the model.
+    """
+    path = Path(path)
+    manifest = read_manifest(path)
+    expected_class = manifest.get("model_class")
+    if expected_class and expected_class != type(model).__name__:
+        raise FastquantFormatError(
+            f"{path}: architecture mismatch: checkpoint is for {expected_class}, got {type(model).__name__}"
+        )
+    _patch_to_match(model, manifest["layers"], path)
+
+    target = model.state_dict()
+    stored = set(manifest["tensors"])
+    aliases = manifest["aliases"]
+    file_names = stored | set(aliases)
+    missing = sorted(set(target) - file_names)
+    unexpected = sorted(file_names - set(target))
+    if missing or unexpected:
+        raise FastquantFormatError(
+            f"{path}: architecture mismatch: {len(missing)} model tensors not in the checkpoint "
+            f"{missing[:5]}, {len(unexpected)} checkpoint tensors not in the model {unexpected[:5]}"
+        )
+    if any(src not in stored for src in aliases.values()):
+        raise FastquantFormatError(f"{path}: manifest aliases point to tensors that are not stored")
+
+    loaded: dict[str, torch.Tensor] = {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if set(f.keys()) != stored:
+                raise FastquantFormatError(f"{path}: the manifest and the stored tensors disagree (file edited?)")
+            for name in stored:
+                tensor = f.get_tensor(name)
+                entry = manifest["tensors"][name]
+                if verify and _sha256(tensor) != entry.get("sha256"):
+                    raise FastquantFormatError(f"{path}: tensor {name!r} fails its sha256 check (corrupted or edited)")
+                loaded[name] = tensor
+    except SafetensorError as exc:
+        raise FastquantFormatError(f"{path}: cannot read tensors (truncated or corrupted?): {exc}") from exc
+    for name, src in aliases.items():
+        loaded[name] = loaded[src]
+    for name, tensor in loaded.items():
+        want = target[name]
+        if tuple(tensor.shape) != tuple(want.shape) or tensor.dtype != want.dtype:
+            raise FastquantFormatError(
+                f"{path}: architecture mismatch at {name!r}: checkpoint {_dtype_name(tensor.dtype)}"
+                f"{list(tensor.shape)}, model {_dtype_name(want.dtype)}{list(want.shape)}"
+            )
+    with torch.no_grad():
+        model.load_state_dict(loaded, strict=True)
+    model._fastquant_notes = {name: "loaded from checkpoint" for name in manifest["layers"]}
+    return model
