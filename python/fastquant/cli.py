@@ -36,7 +36,8 @@ from fastquant.evaluate import (
 )
 from fastquant.models import LoadedModel, ModelNotFoundError, load_model, read_text
 
-console = Console()
+# Not a terminal (CI logs, pipes): rich would assume 80 columns and elide the method names.
+console = Console(width=None if sys.stdout.isatty() else 120)
 
 
 def _environment(threads: int) -> dict[str, Any]:
@@ -181,7 +182,7 @@ def _demo_chart(results: dict[str, Any], path: Path) -> Path | None:
     rows = results["rows"]
     names = [r["method"] for r in rows]
     panels = [
-        ("perplexity (lower is better)", "perplexity"),
+        ("perplexity change vs float32 (%)", "perplexity_delta_pct"),
         ("decode tokens/s", "decode_tokens_per_s"),
         ("prefill tokens/s", "prefill_tokens_per_s"),
         ("model size (MiB)", "model_bytes"),
@@ -190,7 +191,7 @@ def _demo_chart(results: dict[str, Any], path: Path) -> Path | None:
     for ax, (title, key) in zip(axes, panels, strict=True):
         values = [r[key] / 2**20 if key == "model_bytes" else r[key] for r in rows]
         bars = ax.bar(names, values, color=["#888888"] + ["#2a7ab9"] * (len(rows) - 1))
-        ax.bar_label(bars, fmt="%.1f" if key != "perplexity" else "%.3f", fontsize=8)
+        ax.bar_label(bars, fmt="%+.2f" if key == "perplexity_delta_pct" else "%.1f", fontsize=8)
         ax.set_title(title, fontsize=10)
         ax.tick_params(axis="x", labelsize=8, rotation=15)
     env = results["environment"]
@@ -276,6 +277,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     method = get_method(args.method)
     with console.status(f"loading {args.model}"):
         loaded = load_model(args.model)
+    float_bytes = model_bytes(loaded.model)
     model = method.apply(loaded.model, args.group_size)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -289,7 +291,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     rep = report(model)
     console.print(
         f"{loaded.name} -> {path}: {path.stat().st_size / 2**20:,.1f} MiB on disk "
-        f"(float32 model {model_bytes(load_model(args.model).model) / 2**20:,.1f} MiB in memory); "
+        f"(float model {float_bytes / 2**20:,.1f} MiB in memory); "
         f"linear layers {rep.bytes_before / 2**20:,.1f} -> {rep.bytes_after / 2**20:,.1f} MiB"
     )
     return 0
