@@ -1,0 +1,721 @@
+"""Weight pruning: magnitude, global magnitude, Wanda and SparseGPT, unstructured or N:M, optionally with int8.
+
+Every algorithm works on (out_features, in_features) weights (transformers Conv1D layers are handled through
+their transposed view) and runs on the weights' device. Wanda and SparseGPT need calibration inputs and
+calibrate *sequentially*: each group of layers that reads the same tensor (q/k/v, gate/up) is calibrated on the
+activations of the model whose earlier layers are already pruned, so later layers compensate for earlier ones.
+
+Entry point: :func:`prune_layers` (used by ``fastquant.patch`` for the sparse methods). Layer-level building
+blocks (:func:`magnitude_mask`, :func:`wanda_mask`, :func:`sparsegpt_prune`, :func:`global_magnitude_masks`)
+take plain tensors, so they can be used and tested without a model.
+
+Masks are boolean with True = kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from fastquant import reference
+from fastquant.modules import SUPPORTED_GROUP_SIZES, is_quantizable_linear, linear_weight
+
+PRUNING_METHODS = ("magnitude", "global-magnitude", "wanda", "sparsegpt")
+CALIBRATED_METHODS = ("wanda", "sparsegpt")
+PATTERNS_HELP = "'unstructured' or 'N:M' (keep N of every M consecutive input columns, e.g. '2:4', '4:8')"
+CALIBRATION_FORM = (
+    "an iterable of model inputs: LongTensors of token ids of shape (batch, seq), each called as model(ids), "
+    "or dicts of keyword arguments, each called as model(**d) (an 'attention_mask' there excludes padding); "
+    "fastquant.pruning.calibration_from_text builds one from text"
+)
+
+# SparseGPT's standard knobs (Frantar & Alistarh 2023): columns processed per lazy-update block, and the
+# Hessian dampening as a fraction of its mean diagonal.
+SPARSEGPT_BLOCK_SIZE = 128
+SPARSEGPT_DAMP = 0.01
+
+CALIBRATION_TEXT = "hamlet.txt"
+
+
+@dataclass
+class PrunedLayer:
+    """What pruning did to one layer: ``mask`` (N, K) bool, True where a weight is kept; with int8, the int8
+    codes (zero wherever the mask is False) and fp32 scales, (N,) per-channel or (N, ceil(K/G)) per group."""
+
+    mask: Tensor
+    qweight: Tensor | None = None
+    scales: Tensor | None = None
+
+
+# ------------------------------------------------------------------------------------------ arguments
+def parse_pattern(pattern: str, sparsity: float | None) -> tuple[int, int] | None:
+    """None for unstructured, else (N, M). Checks that ``sparsity`` agrees with the pattern."""
+    if not isinstance(pattern, str):
+        raise ValueError(f"pattern must be {PATTERNS_HELP}, got {pattern!r}")
+    if pattern == "unstructured":
+        check_sparsity(sparsity)
+        return None
+    parts = pattern.split(":")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise ValueError(f"unknown pattern {pattern!r}: expected {PATTERNS_HELP}")
+    n, m = int(parts[0]), int(parts[1])
+    if not 0 < n < m:
+        raise ValueError(f"pattern {pattern!r}: need 0 < N < M (N weights kept of every M)")
+    implied = 1 - n / m
+    if sparsity is not None:
+        check_sparsity(sparsity)
+        if not math.isclose(sparsity, implied, rel_tol=0, abs_tol=1e-6):
+            raise ValueError(
+                f"pattern {pattern!r} implies sparsity {implied:g}, but sparsity={sparsity!r} was given "
+                "(pass sparsity=None or the implied value)"
+            )
+    return n, m
+
+
+def check_sparsity(sparsity: float | None) -> float:
+    if sparsity is None:
+        raise ValueError("sparsity is required for the 'unstructured' pattern: a fraction in [0, 1)")
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
+        raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
+    if math.isnan(sparsity) or not 0 <= sparsity < 1:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")
+    return float(sparsity)
+
+
+def _check_nm_shape(k: int, nm: tuple[int, int] | None, name: str) -> None:
+    if nm is not None and k % nm[1] != 0:
+        raise ValueError(
+            f"layer {name!r}: in_features K={k} is not divisible by M={nm[1]} of the {nm[0]}:{nm[1]} pattern"
+        )
+
+
+# ---------------------------------------------------------------------------------------- layer level
+def _mask_from_scores(scores: Tensor, sparsity: float | None, nm: tuple[int, int] | None, per_row: bool) -> Tensor:
+    """Keep-mask pruning the lowest scores: exactly round(sparsity * count) of the layer (or of each row), or
+    M - N of every group of M consecutive columns."""
+    n_rows, k = scores.shape
+    mask = torch.ones(n_rows, k, dtype=torch.bool, device=scores.device)
+    if nm is not None:
+        n, m = nm
+        groups = scores.reshape(n_rows, k // m, m)
+        drop = torch.topk(groups, m - n, dim=2, largest=False).indices
+        mask.view(n_rows, k // m, m).scatter_(2, drop, False)
+        return mask
+    if per_row:
+        n_drop = round(sparsity * k)
+        if n_drop > 0:
+            mask.scatter_(1, torch.topk(scores, n_drop, dim=1, largest=False).indices, False)
+        return mask
+    n_drop = round(sparsity * n_rows * k)
+    if n_drop > 0:
+        mask.view(-1)[torch.topk(scores.reshape(-1), n_drop, largest=False).indices] = False
+    return mask
+
+
+def magnitude_mask(weight: Tensor, sparsity: float | None, pattern: str = "unstructured") -> Tensor:
+    """Prune the smallest |w|: round(sparsity * N * K) of the layer, or M - N of every M for 'N:M'."""
+    nm = parse_pattern(pattern, sparsity)
+    _check_nm_shape(weight.shape[1], nm, "weight")
+    return _mask_from_scores(weight.detach().float().abs(), sparsity, nm, per_row=False)
+
+
+def wanda_mask(weight: Tensor, input_norm: Tensor, sparsity: float | None, pattern: str = "unstructured") -> Tensor:
+    """Wanda (Sun et al. 2023): score |W_ij| * ||X_j||_2, pruned per output row (round(sparsity * K) each) or
+    per N:M group. ``input_norm`` (K,) is the L2 norm of each input feature over the calibration tokens."""
+    nm = parse_pattern(pattern, sparsity)
+    _check_nm_shape(weight.shape[1], nm, "weight")
+    if input_norm.shape != (weight.shape[1],):
+        raise ValueError(f"input_norm must have shape ({weight.shape[1]},), got {tuple(input_norm.shape)}")
+    scores = weight.detach().float().abs() * input_norm.float().to(weight.device)[None, :]
+    return _mask_from_scores(scores, sparsity, nm, per_row=True)
+
+
+def global_magnitude_masks(weights: list[Tensor], sparsity: float) -> list[Tensor]:
+    """One |w| threshold across all weights (like torch.nn.utils.prune.global_unstructured): exactly
+    round(sparsity * total) weights pruned; ties at the threshold are broken by layer order, then position."""
+    sparsity = check_sparsity(sparsity)
+    masks = [torch.ones(w.shape, dtype=torch.bool, device=w.device) for w in weights]
+    total = sum(w.numel() for w in weights)
+    n_drop = round(sparsity * total)
+    if n_drop == 0:
+        return masks
+    device = weights[0].device
+    flat = torch.cat([w.detach().float().abs().reshape(-1).to(device) for w in weights])
+    threshold = torch.kthvalue(flat, n_drop).values
+    del flat
+    remaining_ties = n_drop - sum(int((w.detach().float().abs() < threshold).sum()) for w in weights)
+    for w, mask in zip(weights, masks, strict=True):
+        a = w.detach().float().abs()
+        mask &= ~(a < threshold.to(a.device))
+        if remaining_ties > 0:
+            tied = (a == threshold.to(a.device)).reshape(-1).nonzero().squeeze(1)[:remaining_ties]
+            mask.view(-1)[tied] = False
+            remaining_ties -= tied.numel()
+    return masks
+
+
+def _cholesky_inverse_upper(hessian: Tensor, damp: float) -> Tensor:
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, SparseGPT's precomputed inverse rows."""
+    h = hessian.clone()
+    h.diagonal().add_(damp * torch.mean(torch.diagonal(h)))
+    factor, info = torch.linalg.cholesky_ex(h)
+    boost = damp
+    # fp32 round-off on a nearly singular X^T X (few tokens, collinear features) can leave it indefinite;
+    # more dampening is the standard remedy and only makes the update more conservative.
+    while int(info) != 0 and boost < 1e3:
+        boost *= 10
+        h = hessian.clone()
+        h.diagonal().add_(boost * torch.mean(torch.diagonal(h)))
+        factor, info = torch.linalg.cholesky_ex(h)
+    if int(info) != 0:
+        raise ValueError("the calibration Hessian is not positive definite even with heavy dampening")
+    return torch.linalg.cholesky(torch.cholesky_inverse(factor), upper=True)
+
+
+def sparsegpt_prune(
+    weight: Tensor,
+    hessian: Tensor,
+    sparsity: float | None,
+    pattern: str = "unstructured",
+    *,
+    block_size: int = SPARSEGPT_BLOCK_SIZE,
+    damp: float = SPARSEGPT_DAMP,
+    scales: Tensor | None = None,
+    group_size: int = -1,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """SparseGPT (Frantar & Alistarh 2023) on one layer: returns (new fp32 weight, keep mask, int8 codes or None).
+
+    ``hessian`` is 2 X^T X over the calibration tokens (any positive multiple gives the same result). Columns
+    are processed in blocks of ``block_size``; unstructured masks are chosen per block by w^2 / [H^-1]_jj^2 on
+    the already-compensated weights (round(sparsity * N * K) in total, spread over the blocks by cumulative
+    rounding), N:M masks per group of M; each column's pruning error is spread over the columns to its right.
+    With ``scales`` (fp32 (N,) or (N, ceil(K/G)), the int8 grid), each column is also rounded to the grid
+    inside the loop and its rounding error compensated the same way (joint sparsify + quantize).
+    """
+    nm = parse_pattern(pattern, sparsity)
+    n_rows, k = weight.shape
+    _check_nm_shape(k, nm, "weight")
+    if hessian.shape != (k, k):
+        raise ValueError(f"hessian must have shape ({k}, {k}), got {tuple(hessian.shape)}")
+    w_all = weight.detach().float().clone()
+    h = hessian.detach().float().to(w_all.device).clone()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1
+    w_all[:, dead] = 0  # an input that never fires carries no information: zero its weights, prune them first
+    hinv = _cholesky_inverse_upper(h, damp)
+    del h
+
+    step = None
+    codes = None
+    if scales is not None:
+        step = reference.expand_group_scales(scales.float().to(w_all.device), k, group_size).contiguous()
+        codes = torch.zeros(n_rows, k, dtype=torch.int8, device=w_all.device)
+    if nm is not None:
+        block_size = max(nm[1], block_size // nm[1] * nm[1])  # an N:M group never straddles two blocks
+    pruned = torch.zeros(n_rows, k, dtype=torch.bool, device=w_all.device)
+    for i1 in range(0, k, block_size):
+        i2 = min(i1 + block_size, k)
+        count = i2 - i1
+        w1 = w_all[:, i1:i2].clone()
+        q1 = torch.zeros_like(w1)
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        d1 = torch.diagonal(hinv1)
+        mask1 = torch.zeros(n_rows, count, dtype=torch.bool, device=w_all.device)
+        if nm is None:
+            n_drop = min(round(sparsity * n_rows * i2) - round(sparsity * n_rows * i1), n_rows * count)
+            if n_drop > 0:
+                score = (w1 / d1[None, :]) ** 2
+                mask1.view(-1)[torch.topk(score.reshape(-1), n_drop, largest=False).indices] = True
+        for i in range(count):
+            if nm is not None and i % nm[1] == 0:
+                m = nm[1]
+                score = (w1[:, i : i + m] / d1[None, i : i + m]) ** 2
+                mask1.scatter_(1, i + torch.topk(score, m - nm[0], dim=1, largest=False).indices, True)
+            w = w1[:, i]
+            q = w.masked_fill(mask1[:, i], 0)
+            if step is not None:
+                c = torch.round(q / step[:, i1 + i]).clamp_(-reference.INT8_MAX, reference.INT8_MAX)
+                codes[:, i1 + i] = c.to(torch.int8)
+                q = c * step[:, i1 + i]
+            q1[:, i] = q
+            err = (w - q) / hinv1[i, i]
+            w1[:, i:].addr_(err, hinv1[i, i:], alpha=-1)
+            err1[:, i] = err
+        w_all[:, i1:i2] = q1
+        pruned[:, i1:i2] = mask1
+        w_all[:, i2:].addmm_(err1, hinv[i1:i2, i2:], alpha=-1)
+    return w_all, ~pruned, codes
+
+
+# ------------------------------------------------------------------------------------ model level
+class _StopForward(Exception):
+    """Raised from a hook to end a forward pass once the layers of interest have run."""
+
+
+@dataclass
+class _Item:
+    args: tuple
+    kwargs: dict[str, Any]
+    token_mask: Tensor | None  # (batch, seq) bool: tokens that count in the statistics
+
+
+def _calibration_items(calibration: Iterable, device: torch.device, method: str) -> list[_Item]:
+    if calibration is None:
+        raise ValueError(f"calibration data is required for {method!r}: {CALIBRATION_FORM}")
+    if isinstance(calibration, (Tensor, Mapping)):
+        calibration = [calibration]
+    items = []
+    for i, item in enumerate(calibration):
+        if isinstance(item, Tensor):
+            items.append(_Item((item.to(device),), {}, None))
+        elif isinstance(item, Mapping):
+            kwargs = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in item.items()}
+            mask = kwargs.get("attention_mask")
+            items.append(_Item((), kwargs, mask.bool() if isinstance(mask, Tensor) and mask.dim() == 2 else None))
+        else:
+            raise ValueError(f"calibration item {i} is a {type(item).__name__}; expected {CALIBRATION_FORM}")
+    if not items:
+        raise ValueError(f"calibration data for {method!r} is empty; expected {CALIBRATION_FORM}")
+    return items
+
+
+def _tokens(x: Tensor, token_mask: Tensor | None) -> Tensor:
+    """The layer input as (tokens, K) fp32, without padding tokens when the item has an attention mask."""
+    if token_mask is not None and x.shape[:-1] == token_mask.shape:
+        x = x[token_mask]
+    return x.reshape(-1, x.shape[-1]).float()
+
+
+class _Stats:
+    """Statistics of one group's shared input: X^T X for SparseGPT, per-feature sum of squares for Wanda."""
+
+    def __init__(self, k: int, device: torch.device, method: str) -> None:
+        self.method = method
+        self.tokens = 0
+        if method == "sparsegpt":
+            self.xtx = torch.zeros(k, k, dtype=torch.float32, device=device)
+        else:
+            self.sumsq = torch.zeros(k, dtype=torch.float32, device=device)
+
+    def add(self, x: Tensor) -> None:
+        x = x.to(self.xtx.device if self.method == "sparsegpt" else self.sumsq.device)
+        self.tokens += x.shape[0]
+        if self.method == "sparsegpt":
+            self.xtx.addmm_(x.T, x)
+        else:
+            self.sumsq.add_((x * x).sum(0))
+
+
+def _layer_input(args: tuple, kwargs: dict[str, Any]) -> Tensor:
+    if args:
+        return args[0]
+    return next(v for v in kwargs.values() if isinstance(v, Tensor))
+
+
+def _execution_groups(
+    run: Callable[[_Item], Any], item: _Item, layers: dict[str, nn.Module]
+) -> tuple[list[list[str]], list[str]]:
+    """Run once, recording the order in which the layers first run; consecutive layers that receive the very
+    same input tensor form a group (they share calibration statistics). Also returns the layers never run."""
+    order: list[str] = []
+    inputs: list[Tensor] = []
+    handles = []
+
+    def make_hook(name: str):
+        def hook(module, args, kwargs):
+            if name not in order:
+                order.append(name)
+                inputs.append(_layer_input(args, kwargs))
+                if len(order) == len(layers):
+                    raise _StopForward
+
+        return hook
+
+    try:
+        for name, layer in layers.items():
+            handles.append(layer.register_forward_pre_hook(make_hook(name), with_kwargs=True))
+        with contextlib.suppress(_StopForward):
+            run(item)
+    finally:
+        for h in handles:
+            h.remove()
+    groups: list[list[str]] = []
+    for i, name in enumerate(order):
+        prev = inputs[i - 1] if i else None
+        x = inputs[i]
+        same = prev is not None and (
+            x is prev or (x.data_ptr() == prev.data_ptr() and x.shape == prev.shape and x.stride() == prev.stride())
+        )
+        if same:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+    return groups, [name for name in layers if name not in order]
+
+
+def _collect(run: Callable[[_Item], Any], items: list[_Item], last: nn.Module, stats: _Stats) -> None:
+    """Run every item until ``last`` is about to run, accumulating its input."""
+    current: list[_Item] = []
+
+    def hook(module, args, kwargs):
+        stats.add(_tokens(_layer_input(args, kwargs), current[0].token_mask))
+        raise _StopForward
+
+    handle = last.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for item in items:
+            current[:] = [item]
+            with contextlib.suppress(_StopForward):
+                run(item)
+    finally:
+        handle.remove()
+
+
+def _weight_view(layer: nn.Module) -> Tensor:
+    return linear_weight(layer).detach()
+
+
+def _write_weight(layer: nn.Module, new: Tensor) -> None:
+    view = _weight_view(layer)
+    with torch.no_grad():
+        view.copy_(new.to(device=view.device, dtype=view.dtype))
+
+
+def _finish(layer: nn.Module, weight: Tensor, mask: Tensor, int8: bool, group_size: int) -> PrunedLayer:
+    """Zero the pruned weights, quantize if asked, and write the layer's float weight back in place (for
+    int8, the dequantized weight, so later calibration sees what the int8 layer computes)."""
+    weight = weight.masked_fill(~mask, 0)
+    if not int8:
+        _write_weight(layer, weight)
+        return PrunedLayer(mask)
+    qweight, scales = reference.int8_quantize(weight, group_size)
+    _write_weight(layer, reference.int8_dequantize(qweight, scales, group_size))
+    return PrunedLayer(mask, qweight, scales)
+
+
+def _prune_one(
+    name: str,
+    layer: nn.Module,
+    stats: _Stats | None,
+    *,
+    sparsity: float | None,
+    pattern: str,
+    pruning: str,
+    int8: bool,
+    group_size: int,
+) -> PrunedLayer:
+    weight = _weight_view(layer)
+    if pruning == "magnitude":
+        return _finish(layer, weight.float(), magnitude_mask(weight, sparsity, pattern), int8, group_size)
+    if stats is None or stats.tokens == 0:
+        raise ValueError(f"layer {name!r} saw no calibration tokens")
+    if pruning == "wanda":
+        norm = stats.sumsq.sqrt()
+        return _finish(layer, weight.float(), wanda_mask(weight, norm, sparsity, pattern), int8, group_size)
+    scales = reference.int8_quantize(weight, group_size)[1] if int8 else None
+    new, mask, codes = sparsegpt_prune(
+        weight, stats.xtx * (2 / stats.tokens), sparsity, pattern, scales=scales, group_size=group_size
+    )
+    _write_weight(layer, new)
+    return PrunedLayer(mask, codes, scales)
+
+
+def _decoder_blocks(model: nn.Module, layers: dict[str, nn.Module]) -> nn.ModuleList | None:
+    """``model.model.layers`` of a transformers decoder, if every selected layer sits inside one of them."""
+    inner = getattr(model, "model", None)
+    blocks = getattr(inner, "layers", None)
+    if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
+        return None
+    inside = {id(m) for block in blocks for m in block.modules()}
+    return blocks if all(id(layer) in inside for layer in layers.values()) else None
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _run_model(model: nn.Module) -> Callable[[_Item], Any]:
+    return lambda item: model(*item.args, **item.kwargs)
+
+
+def _calibrate_groups(
+    run: Callable[[_Item], Any],
+    items: list[_Item],
+    layers: dict[str, nn.Module],
+    bar: tqdm,
+    prune: Callable[[str, nn.Module, _Stats], PrunedLayer],
+    method: str,
+) -> dict[str, PrunedLayer]:
+    groups, missing = _execution_groups(run, items[0], layers)
+    if missing:
+        raise ValueError(f"layers never ran on the calibration inputs, so they cannot be calibrated: {missing}")
+    results = {}
+    for group in groups:
+        last = layers[group[-1]]
+        k = _weight_view(last).shape[1]
+        stats = _Stats(k, _weight_view(last).device, method)
+        _collect(run, items, last, stats)
+        for name in group:
+            results[name] = prune(name, layers[name], stats)
+        del stats
+        bar.update(len(group))
+    return results
+
+
+def _calibrate_blocks(
+    model: nn.Module,
+    blocks: nn.ModuleList,
+    items: list[_Item],
+    layers: dict[str, nn.Module],
+    bar: tqdm,
+    prune: Callable[[str, nn.Module, _Stats], PrunedLayer],
+    method: str,
+) -> dict[str, PrunedLayer]:
+    """The transformers-decoder fast path: catch each item's inputs to the first block once, then calibrate
+    block by block on cached hidden states, so each group costs a partial block run, not a model run."""
+    cached: list[_Item] = []
+
+    def catch(module, args, kwargs):
+        # A KV cache would grow with every calibration run; the blocks never need one here.
+        kwargs = {k: (None if type(v).__name__.endswith("Cache") else v) for k, v in kwargs.items()}
+        if "use_cache" in kwargs:
+            kwargs["use_cache"] = False
+        cached.append(_Item(tuple(args), kwargs, current[0].token_mask))
+        raise _StopForward
+
+    current: list[_Item] = []
+    handle = blocks[0].register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        for item in items:
+            current[:] = [item]
+            with contextlib.suppress(_StopForward):
+                model(*item.args, **{"use_cache": False, **item.kwargs})
+    finally:
+        handle.remove()
+
+    def run_block(block: nn.Module) -> Callable[[_Item], Any]:
+        return lambda item: block(*item.args, **item.kwargs)
+
+    results: dict[str, PrunedLayer] = {}
+    for block in blocks:
+        inside = {id(m) for m in block.modules()}
+        block_layers = {name: layer for name, layer in layers.items() if id(layer) in inside}
+        if block_layers:
+            results.update(_calibrate_groups(run_block(block), cached, block_layers, bar, prune, method))
+        if len(results) == len(layers):
+            break
+        for i, item in enumerate(cached):
+            out = block(*item.args, **item.kwargs)
+            hidden = out[0] if isinstance(out, (tuple, list)) else out
+            if item.args:
+                cached[i] = _Item((hidden, *item.args[1:]), item.kwargs, item.token_mask)
+            else:
+                key = next(k for k, v in item.kwargs.items() if isinstance(v, Tensor))
+                cached[i] = _Item((), {**item.kwargs, key: hidden}, item.token_mask)
+    return results
+
+
+def prune_layers(
+    model: nn.Module,
+    layers: dict[str, nn.Module],
+    *,
+    sparsity: float | None,
+    pattern: str,
+    pruning: str,
+    calibration: Iterable | None,
+    int8: bool = False,
+    group_size: int | None = None,
+    progress: bool = True,
+) -> dict[str, PrunedLayer]:
+    """Prune ``layers`` (name -> nn.Linear or transformers Conv1D, all inside ``model``) in place.
+
+    Args:
+        sparsity: fraction of weights pruned, in [0, 1), for ``pattern="unstructured"``; for ``"N:M"`` None or
+            1 - N/M.
+        pattern: ``"unstructured"`` or ``"N:M"``: keep N of every M consecutive input columns of each row.
+        pruning: ``"magnitude"`` (per layer), ``"global-magnitude"`` (one threshold over all the layers,
+            unstructured), ``"wanda"`` or ``"sparsegpt"`` (both need ``calibration``).
+        calibration: model inputs, see :data:`CALIBRATION_FORM`; ignored by the magnitude methods.
+        int8: also quantize to int8 (SparseGPT jointly, compensating the rounding error; the others after
+            pruning) with scales per output channel (``group_size`` None) or per group of 32..256.
+
+    Each layer's float weight is replaced: pruned (SparseGPT: and compensated; with int8: the dequantized
+    int8 weight). Returns name -> :class:`PrunedLayer`.
+    """
+    if pruning not in PRUNING_METHODS:
+        raise ValueError(f"unknown pruning {pruning!r}: expected one of {PRUNING_METHODS}")
+    return _prune_layers(
+        model,
+        layers,
+        sparsity=sparsity,
+        pattern=pattern,
+        pruning=pruning,
+        calibration=calibration,
+        int8=int8,
+        group_size=group_size,
+        progress=progress,
+        fast_path=True,
+    )
+
+
+def _prune_layers(
+    model: nn.Module,
+    layers: dict[str, nn.Module],
+    *,
+    sparsity: float | None,
+    pattern: str,
+    pruning: str,
+    calibration: Iterable | None,
+    int8: bool,
+    group_size: int | None,
+    progress: bool,
+    fast_path: bool,
+) -> dict[str, PrunedLayer]:
+    if pruning not in PRUNING_METHODS:
+        raise ValueError(f"unknown pruning {pruning!r}: expected one of {PRUNING_METHODS}")
+    nm = parse_pattern(pattern, sparsity)
+    if nm is not None and pruning == "global-magnitude":
+        raise ValueError(
+            "'global-magnitude' ranks weights across layers and is unstructured only; "
+            f"for {pattern!r} use 'magnitude' (N:M groups are local to a row anyway)"
+        )
+    if int8 and group_size is not None and group_size not in SUPPORTED_GROUP_SIZES:
+        raise ValueError(f"group_size must be None (per-channel) or one of {SUPPORTED_GROUP_SIZES}, got {group_size}")
+    gs = -1 if group_size is None else group_size
+
+    unique: dict[str, nn.Module] = {}
+    aliases: dict[str, str] = {}  # a module listed under several names is pruned once
+    seen: dict[int, str] = {}
+    for name, layer in layers.items():
+        if not is_quantizable_linear(layer):
+            raise ValueError(f"layer {name!r} is a {type(layer).__name__}; expected nn.Linear or transformers Conv1D")
+        weight = _weight_view(layer)
+        _check_nm_shape(weight.shape[1], nm, name)
+        if not torch.isfinite(weight).all():
+            bad = int((~torch.isfinite(weight)).sum())
+            raise ValueError(f"layer {name!r}: weight of shape {tuple(weight.shape)} has {bad} NaN/inf values")
+        if id(layer) in seen:
+            aliases[name] = seen[id(layer)]
+        else:
+            seen[id(layer)] = name
+            unique[name] = layer
+
+    items = None
+    if pruning in CALIBRATED_METHODS:
+        items = _calibration_items(calibration, _model_device(model), pruning)
+
+    def prune(name: str, layer: nn.Module, stats: _Stats | None) -> PrunedLayer:
+        return _prune_one(
+            name, layer, stats, sparsity=sparsity, pattern=pattern, pruning=pruning, int8=int8, group_size=gs
+        )
+
+    results: dict[str, PrunedLayer] = {}
+    with torch.inference_mode(), tqdm(total=len(unique), desc=f"pruning ({pruning})", disable=not progress) as bar:
+        if pruning == "global-magnitude":
+            masks = global_magnitude_masks([_weight_view(layer) for layer in unique.values()], sparsity)
+            for (name, layer), mask in zip(unique.items(), masks, strict=True):
+                results[name] = _finish(layer, _weight_view(layer).float(), mask, int8, gs)
+                bar.update()
+        elif pruning == "magnitude":
+            for name, layer in unique.items():
+                results[name] = prune(name, layer, None)
+                bar.update()
+        else:
+            was_training = [(m, m.training) for m in model.modules()]
+            model.eval()  # dropout off: the statistics must describe the deterministic model
+            try:
+                blocks = _decoder_blocks(model, unique) if fast_path else None
+                if blocks is not None:
+                    results = _calibrate_blocks(model, blocks, items, unique, bar, prune, pruning)
+                else:
+                    results = _calibrate_groups(_run_model(model), items, unique, bar, prune, pruning)
+            finally:
+                for m, training in was_training:
+                    m.training = training
+    for name, target in aliases.items():
+        results[name] = results[target]
+    return {name: results[name] for name in layers}
+
+
+# ----------------------------------------------------------------------------------- model helpers
+def prunable_layers(model: nn.Module, skip: Iterable[str] = ("lm_head",)) -> dict[str, nn.Module]:
+    """The model's linear layers (nn.Linear, transformers Conv1D) except those named in ``skip`` (a full name
+    or a name component) and those whose weight is tied to a non-linear module (an embedding)."""
+    skip = tuple(skip)
+    owners: dict[int, list[nn.Module]] = {}
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            owners.setdefault(param.data_ptr(), []).append(module)
+    chosen = {}
+    for name, module in model.named_modules():
+        if not is_quantizable_linear(module):
+            continue
+        parts = name.split(".")
+        if any(name == s or s in parts for s in skip):
+            continue
+        if any(not is_quantizable_linear(m) for m in owners.get(module.weight.data_ptr(), [])):
+            continue
+        chosen[name] = module
+    return chosen
+
+
+def calibration_text() -> str:
+    """The embedded calibration text (Hamlet, Acts I-II; the evaluation text is The Tempest)."""
+    return resources.files("fastquant").joinpath("data", CALIBRATION_TEXT).read_text(encoding="utf-8")
+
+
+def calibration_from_text(
+    tokenizer,
+    text: str | None = None,
+    n_sequences: int = 32,
+    seq_len: int = 256,
+    batch_size: int = 8,
+) -> list[Tensor]:
+    """``n_sequences`` windows of ``seq_len`` tokens spread evenly over the text (the embedded Hamlet by
+    default), as (batch, seq_len) LongTensors of up to ``batch_size`` rows, ready for :func:`prune_layers`."""
+    ids = tokenizer(text if text is not None else calibration_text(), return_tensors="pt").input_ids[0]
+    if ids.numel() < seq_len:
+        raise ValueError(f"the calibration text has {ids.numel()} tokens, fewer than seq_len={seq_len}")
+    if n_sequences < 1:
+        raise ValueError(f"n_sequences must be >= 1, got {n_sequences}")
+    last = ids.numel() - seq_len
+    starts = [round(i * last / max(n_sequences - 1, 1)) for i in range(n_sequences)]
+    windows = torch.stack([ids[s : s + seq_len] for s in starts])
+    return list(windows.split(batch_size))
+
+
+def prune_model(
+    model: nn.Module,
+    *,
+    sparsity: float | None = 0.5,
+    pattern: str = "unstructured",
+    pruning: str = "sparsegpt",
+    calibration: Iterable | None = None,
+    int8: bool = False,
+    group_size: int | None = None,
+    skip: Iterable[str] = ("lm_head",),
+    progress: bool = True,
+) -> dict[str, PrunedLayer]:
+    """Prune every linear layer of ``model`` chosen by :func:`prunable_layers` (embeddings and lm_head stay
+    dense); see :func:`prune_layers` for the arguments."""
+    return prune_layers(
+        model,
+        prunable_layers(model, skip),
+        sparsity=sparsity,
+        pattern=pattern,
+        pruning=pruning,
+        calibration=calibration,
+        int8=int8,
+        group_size=group_size,
+        progress=progress,
+    )
