@@ -45,3 +45,16 @@ def int8_linear_kernel_path(device: torch.device, m: int, n: int, k: int, group_
     if device.type == "cuda" and has_cuda_kernels():
         return native.int8_linear_cuda_path(m, n, k, group_size, dtype_name)
     return "reference"
+
+
+def sparse_linear_kernel_path(
+    device: torch.device, m: int, n: int, k: int, values_dtype: torch.dtype, x_dtype: torch.dtype
+) -> str:
+    """Name of the kernel ``sparse_linear`` runs for an (m, k) x (n, k)^T problem on ``device``."""
+    values_name = str(values_dtype).removeprefix("torch.")
+    x_name = str(x_dtype).removeprefix("torch.")
+    if device.type == "cpu" and has_cpu_kernels() and hasattr(native, "sparse_linear_cpu_path"):
+        return native.sparse_linear_cpu_path(m, n, k, values_name, x_name)
+    if device.type == "cuda" and has_cuda_kernels() and hasattr(native, "sparse_linear_cuda_path"):
+        return native.sparse_linear_cuda_path(m, n, k, values_name, x_name)
+    return "reference"

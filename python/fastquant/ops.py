@@ -16,6 +16,10 @@ from fastquant import reference
 _lib = torch.library.Library("fastquant", "DEF")  # noqa: TOR901 - the namespace is defined once, here
 
 _lib.define("int8_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? bias, int group_size) -> Tensor")
+_lib.define(
+    "sparse_linear(Tensor x, Tensor values, Tensor masks, Tensor row_offsets, Tensor? scales, Tensor? bias, "
+    "int in_features, int group_size) -> Tensor"
+)
 
 ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -97,3 +101,199 @@ torch.library.register_autograd(
 def int8_linear(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None = None, group_size: int = -1) -> Tensor:
     """``x @ (qweight * scales).T + bias`` with fp32 accumulation, on the best kernel for x's device."""
     return torch.ops.fastquant.int8_linear(x, qweight, scales, bias, group_size)
+
+
+# ---------------------------------------------------------------- sparse_linear (bitmap16 weight)
+
+SPARSE_VALUE_DTYPES = reference.SPARSE_VALUE_DTYPES
+
+
+def check_sparse_linear_args(
+    x: Tensor,
+    values: Tensor,
+    masks: Tensor,
+    row_offsets: Tensor,
+    scales: Tensor | None,
+    bias: Tensor | None,
+    in_features: int,
+    group_size: int,
+) -> None:
+    """The shape/dtype/device rules every sparse_linear kernel enforces, worded as the C++ checks.
+
+    The contents of row_offsets and masks are checked by :func:`check_sparse_linear_contents` (the fake
+    kernel cannot read them).
+    """
+    prefix = "fastquant.sparse_linear:"
+    if x.dtype not in ACTIVATION_DTYPES:
+        raise RuntimeError(f"{prefix} x must be float32, bfloat16 or float16, got {x.dtype}")
+    if x.dim() < 1:
+        raise RuntimeError(f"{prefix} x must have at least 1 dimension, got a scalar")
+    if values.dtype not in SPARSE_VALUE_DTYPES or values.dim() != 1:
+        raise RuntimeError(
+            f"{prefix} values must be a 1-D float32, bfloat16, float16 or int8 tensor, got {values.dtype} "
+            f"of shape {tuple(values.shape)}"
+        )
+    if masks.dtype != torch.int16 or masks.dim() != 2:
+        raise RuntimeError(
+            f"{prefix} masks must be a 2-D int16 tensor (N, ceil(K / 16)), got {masks.dtype} of shape "
+            f"{tuple(masks.shape)}"
+        )
+    if in_features < 0:
+        raise RuntimeError(f"{prefix} in_features must be >= 0, got {in_features}")
+    k = in_features
+    n = masks.shape[0]
+    n_chunks = -(-k // 16)
+    if x.shape[-1] != k:
+        raise RuntimeError(
+            f"{prefix} x has {x.shape[-1]} input features (shape {tuple(x.shape)}) but in_features is {k}"
+        )
+    if masks.shape[1] != n_chunks:
+        raise RuntimeError(
+            f"{prefix} masks has {masks.shape[1]} chunks per row but in_features {k} needs ceil({k} / 16) = {n_chunks}"
+        )
+    if row_offsets.dtype != torch.int64 or tuple(row_offsets.shape) != (n + 1,):
+        raise RuntimeError(
+            f"{prefix} row_offsets must be an int64 tensor of shape (N + 1,) = ({n + 1},), got "
+            f"{row_offsets.dtype} of shape {tuple(row_offsets.shape)}"
+        )
+    if values.numel() < 64:
+        raise RuntimeError(f"{prefix} values must end with 64 elements of padding, got {values.numel()} elements")
+    if group_size != -1 and (group_size <= 0 or group_size % 16 != 0):
+        raise RuntimeError(
+            f"{prefix} group_size must be -1 (per-channel) or a positive multiple of 16, got {group_size}"
+        )
+    if values.dtype == torch.int8:
+        if scales is None:
+            raise RuntimeError(f"{prefix} int8 values need float32 scales, got None")
+        if scales.dtype != torch.float32:
+            raise RuntimeError(f"{prefix} scales must be float32, got {scales.dtype}")
+        if group_size == -1:
+            if tuple(scales.shape) != (n,):
+                raise RuntimeError(
+                    f"{prefix} per-channel scales must have shape (N,) = ({n},), got {tuple(scales.shape)}"
+                )
+        else:
+            n_groups = -(-k // group_size)
+            if tuple(scales.shape) != (n, n_groups):
+                raise RuntimeError(
+                    f"{prefix} group-wise scales for weight ({n}, {k}) and group_size {group_size} must have "
+                    f"shape ({n}, {n_groups}), got {tuple(scales.shape)}"
+                )
+    elif scales is not None:
+        raise RuntimeError(f"{prefix} scales must be None for {values.dtype} values (only int8 values are scaled)")
+    if bias is not None:
+        if bias.dtype != x.dtype:
+            raise RuntimeError(f"{prefix} bias dtype {bias.dtype} must match x dtype {x.dtype}")
+        if tuple(bias.shape) != (n,):
+            raise RuntimeError(f"{prefix} bias must have shape ({n},), got {tuple(bias.shape)}")
+    devices = {t.device for t in (x, values, masks, row_offsets, scales, bias) if t is not None}
+    if len(devices) > 1:
+        raise RuntimeError(f"{prefix} all tensors must be on one device, got {sorted(str(d) for d in devices)}")
+
+
+def check_sparse_linear_contents(values: Tensor, masks: Tensor, row_offsets: Tensor, in_features: int) -> None:
+    """Checks that row_offsets and masks agree, so that no kernel reads outside ``values``.
+
+    row_offsets[0] = 0, no row has a negative count, every row's count equals the popcount of its masks,
+    no mask bit is set past in_features, and row_offsets[N] + 64 (padding) <= values.numel(). Costs one
+    pass over the masks (N * K / 16 words), small next to the matmul. Same wording as the C++ checks.
+    """
+    prefix = "fastquant.sparse_linear:"
+    n = masks.shape[0]
+    offsets = row_offsets.cpu()
+    if int(offsets[0]) != 0:
+        raise RuntimeError(f"{prefix} row_offsets[0] must be 0, got {int(offsets[0])}")
+    counts = offsets[1:] - offsets[:-1]
+    bad = (counts < 0).nonzero()
+    if bad.numel():
+        i = int(bad[0])
+        raise RuntimeError(
+            f"{prefix} row_offsets must not decrease: row {i} goes from {int(offsets[i])} to {int(offsets[i + 1])}"
+        )
+    rem = in_features % 16
+    if rem and n:
+        tail = (masks[:, -1].to(torch.int32) & 0xFFFF) >> rem
+        bad = tail.nonzero()
+        if bad.numel():
+            raise RuntimeError(f"{prefix} masks of row {int(bad[0])} keep columns past in_features ({in_features})")
+    kept = reference.sparse_mask_bits(masks, masks.shape[1] * 16).sum(dim=1).cpu()
+    bad = (kept != counts).nonzero()
+    if bad.numel():
+        i = int(bad[0])
+        raise RuntimeError(
+            f"{prefix} row {i} keeps {int(kept[i])} weights in masks but row_offsets gives it {int(counts[i])}"
+        )
+    total = int(offsets[-1])
+    if total + 64 > values.numel():
+        raise RuntimeError(
+            f"{prefix} row_offsets[N] = {total} kept weights need values of at least {total + 64} elements "
+            f"(64 of padding), got {values.numel()}"
+        )
+
+
+@torch.library.register_fake("fastquant::sparse_linear")
+def _sparse_linear_fake(
+    x: Tensor,
+    values: Tensor,
+    masks: Tensor,
+    row_offsets: Tensor,
+    scales: Tensor | None,
+    bias: Tensor | None,
+    in_features: int,
+    group_size: int,
+) -> Tensor:
+    check_sparse_linear_args(x, values, masks, row_offsets, scales, bias, in_features, group_size)
+    return x.new_empty((*x.shape[:-1], masks.shape[0]))
+
+
+@torch.library.impl(_lib, "sparse_linear", "CompositeExplicitAutograd")
+def _sparse_linear_reference(
+    x: Tensor,
+    values: Tensor,
+    masks: Tensor,
+    row_offsets: Tensor,
+    scales: Tensor | None,
+    bias: Tensor | None,
+    in_features: int,
+    group_size: int,
+) -> Tensor:
+    check_sparse_linear_args(x, values, masks, row_offsets, scales, bias, in_features, group_size)
+    check_sparse_linear_contents(values, masks, row_offsets, in_features)
+    return reference.sparse_linear(x, values, masks, row_offsets, scales, bias, in_features, group_size)
+
+
+def _sparse_linear_setup_context(ctx, inputs, output) -> None:
+    x, values, masks, row_offsets, scales, bias, in_features, group_size = inputs
+    ctx.save_for_backward(values, masks, row_offsets, scales)
+    ctx.in_features = in_features
+    ctx.group_size = group_size
+    ctx.x_dtype = x.dtype
+
+
+def _sparse_linear_backward(ctx, grad_out: Tensor):
+    # As for int8_linear: the sparse weight is frozen, gradients reach the activations and the bias.
+    values, masks, row_offsets, scales = ctx.saved_tensors
+    weight = reference.sparse_dequantize(values, masks, row_offsets, scales, ctx.in_features, ctx.group_size)
+    grad_x = (grad_out.float() @ weight).to(ctx.x_dtype)
+    grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0) if ctx.needs_input_grad[5] else None
+    return grad_x, None, None, None, None, grad_bias, None, None
+
+
+torch.library.register_autograd(
+    "fastquant::sparse_linear", _sparse_linear_backward, setup_context=_sparse_linear_setup_context
+)
+
+
+def sparse_linear(
+    x: Tensor,
+    values: Tensor,
+    masks: Tensor,
+    row_offsets: Tensor,
+    scales: Tensor | None = None,
+    bias: Tensor | None = None,
+    *,
+    in_features: int,
+    group_size: int = -1,
+) -> Tensor:
+    """``x @ W.T + bias`` for a bitmap16 sparse weight W (see reference.sparse_pack), fp32 accumulation."""
+    return torch.ops.fastquant.sparse_linear(x, values, masks, row_offsets, scales, bias, in_features, group_size)

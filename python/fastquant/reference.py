@@ -51,3 +51,85 @@ def int8_linear(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None,
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
+
+
+# ---------------------------------------------------------------- sparse "bitmap16" format
+
+SPARSE_CHUNK = 16  # columns per mask word
+SPARSE_PADDING = 64  # zero elements after the kept values: a kernel may load 64 from any kept position
+SPARSE_VALUE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int8)
+
+
+def sparse_mask_bits(masks: Tensor, in_features: int) -> Tensor:
+    """The bool (N, K) keep-mask that int16 mask words stand for (bit j of word c is column 16c + j)."""
+    bits = torch.arange(SPARSE_CHUNK, device=masks.device, dtype=torch.int32)
+    words = masks.to(torch.int32) & 0xFFFF
+    keep = ((words[:, :, None] >> bits) & 1).bool()
+    return keep.reshape(masks.shape[0], -1)[:, :in_features]
+
+
+def sparse_pack(weight: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Packs a pruned (N, K) weight into bitmap16 ``(values, masks, row_offsets)``.
+
+    ``mask`` (bool, (N, K)) says which weights are kept; by default the nonzero ones. Values keep the
+    weight's dtype and are followed by 64 zeros of padding.
+    """
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (N, K), got shape {tuple(weight.shape)}")
+    if weight.dtype not in SPARSE_VALUE_DTYPES:
+        raise ValueError(f"weight must be float32, bfloat16, float16 or int8, got {weight.dtype}")
+    if mask is None:
+        mask = weight != 0
+    elif mask.dtype != torch.bool or tuple(mask.shape) != tuple(weight.shape):
+        raise ValueError(
+            f"mask must be a bool tensor of the weight's shape {tuple(weight.shape)}, "
+            f"got {mask.dtype} of shape {tuple(mask.shape)}"
+        )
+    mask = mask.to(weight.device)
+    n, k = weight.shape
+    n_chunks = -(-k // SPARSE_CHUNK)
+    padded = F.pad(mask, (0, n_chunks * SPARSE_CHUNK - k)).view(n, n_chunks, SPARSE_CHUNK)
+    bits = torch.arange(SPARSE_CHUNK, device=weight.device, dtype=torch.int32)
+    words = (padded.to(torch.int32) << bits).sum(dim=2, dtype=torch.int32)
+    masks = torch.where(words >= 2**15, words - 2**16, words).to(torch.int16)  # two's complement of uint16
+    kept = weight.detach()[mask]  # row-major: row by row, columns in increasing order
+    values = torch.cat([kept, kept.new_zeros(SPARSE_PADDING)])
+    counts = mask.sum(dim=1)
+    row_offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int64)
+    return values, masks.contiguous(), row_offsets
+
+
+def sparse_unpack(values: Tensor, masks: Tensor, row_offsets: Tensor, in_features: int) -> Tensor:
+    """The dense (N, K) weight in values' dtype, zeros where nothing is kept."""
+    keep = sparse_mask_bits(masks, in_features)
+    dense = values.new_zeros(keep.shape)
+    dense[keep] = values[: int(row_offsets[-1])]
+    return dense
+
+
+def sparse_dequantize(
+    values: Tensor, masks: Tensor, row_offsets: Tensor, scales: Tensor | None, in_features: int, group_size: int
+) -> Tensor:
+    """The float32 dense weight a bitmap16 weight stands for (int8 values times their scales)."""
+    dense = sparse_unpack(values, masks, row_offsets, in_features)
+    if scales is None:
+        return dense.float()
+    return int8_dequantize(dense, scales, group_size)
+
+
+def sparse_linear(
+    x: Tensor,
+    values: Tensor,
+    masks: Tensor,
+    row_offsets: Tensor,
+    scales: Tensor | None,
+    bias: Tensor | None,
+    in_features: int,
+    group_size: int,
+) -> Tensor:
+    """y = x @ W.T + bias with W the unpacked (and, for int8 values, scaled) weight; fp32 accumulation."""
+    weight = sparse_dequantize(values, masks, row_offsets, scales, in_features, group_size)
+    y = F.linear(x.float(), weight)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)

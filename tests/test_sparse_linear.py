@@ -1,0 +1,453 @@
+"""fastquant.sparse_linear (bitmap16 sparse weight) on the CPU: every ISA path vs the reference, the format
+helpers, opcheck, compile, bad input and corrupt row offsets.
+
+Tolerance rule (the int8_linear rule of tests/helpers.py, with W the unpacked weight times its scales):
+
+    |y - y64| <= 2 * |y_ref - y64| + 2^-16 * sqrt((x^2) @ (W^2)^T) + ulp(dtype) * |y64|
+
+y64 is the float64 evaluation, y_ref the fp32 reference kernel's output. Every sparse kernel multiplies in
+fp32 (values and activations are converted to fp32 exactly), so only the fp32 product rounding constant
+applies; losing or misplacing a single kept weight exceeds the bound.
+"""
+
+from __future__ import annotations
+
+import functools
+import zlib
+
+import pytest
+import torch
+
+import fastquant
+from fastquant import _native, reference
+from fastquant.ops import sparse_linear
+from helpers import ULP, available_cpu_isas, random_weight
+
+VALUE_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int8]
+X_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+GROUP_SIZES = [-1, 32, 64, 128, 256]
+SPARSITIES = [0.0, 0.5, 0.9, 1.0]
+# (M, K, N): decode and prefill row counts, K not a multiple of 16 or of any group, N not a multiple of any
+# row block, one square 4096 layer.
+SHAPES = [(1, 17, 3), (3, 1000, 17), (17, 1025, 1000), (64, 4096, 257), (513, 1025, 100), (1, 4096, 4096)]
+PORTABLE_SHAPES = SHAPES[:3]
+
+
+def make_mask(n: int, k: int, sparsity: float, pattern: str, gen: torch.Generator) -> torch.Tensor:
+    if pattern == "2:4":  # the 2 largest random scores of every 4 consecutive columns (a ragged tail keeps <= 2)
+        k4 = -(-k // 4) * 4
+        scores = torch.rand(n, k4 // 4, 4, generator=gen)
+        scores[:, -1, k4 - k :] = -1.0 if k4 > k else scores[:, -1, k4 - k :]
+        top = scores.topk(2, dim=2).indices
+        mask = torch.zeros(n, k4 // 4, 4, dtype=torch.bool).scatter_(2, top, True)
+        mask &= scores >= 0
+        return mask.view(n, k4)[:, :k]
+    return torch.rand(n, k, generator=gen) >= sparsity
+
+
+def make_case(m, k, n, values_dtype, x_dtype, group_size, sparsity, pattern, with_bias, seed):
+    """Inputs of one call; the dense weight is zero where pruned, and int8 codes are quantized after pruning."""
+    gen = torch.Generator().manual_seed(seed)
+    mask = make_mask(n, k, sparsity, pattern, gen)
+    weight = random_weight(n, k, gen) * mask
+    scales = None
+    if values_dtype == torch.int8:
+        weight, scales = reference.int8_quantize(weight, group_size)
+    else:
+        group_size = -1
+        weight = weight.to(values_dtype)
+    values, masks, row_offsets = reference.sparse_pack(weight, mask)
+    x = torch.randn(m, k, generator=gen).to(x_dtype)
+    bias = torch.randn(n, generator=gen).to(x_dtype) if with_bias else None
+    return (x, values, masks, row_offsets, scales, bias), group_size
+
+
+def cpu_path(m, n, k, values_dtype, x_dtype) -> str:
+    return _native.sparse_linear_kernel_path(torch.device("cpu"), m, n, k, values_dtype, x_dtype)
+
+
+def expected_and_bound(args, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """y64 (the float64 evaluation) and the tolerance bound of the module docstring for these inputs."""
+    x, values, masks, row_offsets, scales, bias = args
+    k = x.shape[-1]
+    weight32 = reference.sparse_dequantize(values, masks, row_offsets, scales, k, group_size)
+    weight = weight32.double()
+    x64 = x.double()
+    y64 = x64 @ weight.T
+    if bias is not None:
+        y64 = y64 + bias.double()
+    y_ref = reference.sparse_linear(x, values, masks, row_offsets, scales, bias, k, group_size)
+    scale = ((x64**2) @ (weight**2).T).sqrt()
+    return y64, 2 * (y_ref.double() - y64).abs() + 2.0**-16 * scale + ULP[x.dtype] * y64.abs()
+
+
+def assert_within(y: torch.Tensor, y64: torch.Tensor, bound: torch.Tensor, x_dtype: torch.dtype) -> None:
+    assert y.dtype == x_dtype and y.shape == y64.shape
+    if y.numel() == 0:
+        return
+    err = (y.double() - y64).abs()
+    worst = (err - bound).argmax()
+    assert bool((err <= bound).all()), (
+        f"error {err.flatten()[worst].item():.3g} exceeds bound {bound.flatten()[worst].item():.3g} at flat "
+        f"index {worst.item()} (y64={y64.flatten()[worst].item():.4g})"
+    )
+
+
+def assert_sparse_linear_close(y, args, group_size: int) -> None:
+    assert_within(y, *expected_and_bound(args, group_size), args[0].dtype)
+
+
+def run_op(args, group_size: int) -> torch.Tensor:
+    x, values, masks, row_offsets, scales, bias = args
+    return sparse_linear(x, values, masks, row_offsets, scales, bias, in_features=x.shape[-1], group_size=group_size)
+
+
+@functools.lru_cache(maxsize=2)
+def cached_case(shape, values_dtype, x_dtype, sparsity, pattern, group_size, with_bias):
+    """Inputs, y64 and bound of one case, shared by the ISAs (consecutive tests, see kernel_cases)."""
+    m, k, n = shape
+    seed = zlib.crc32(repr((shape, values_dtype, x_dtype, sparsity, pattern, group_size)).encode())
+    args, g = make_case(m, k, n, values_dtype, x_dtype, group_size, sparsity, pattern, with_bias, seed)
+    return args, g, *expected_and_bound(args, g)
+
+
+def kernel_cases():
+    """Shape x value dtype x ISA, x dtypes crossed on the smaller shapes; sparsity, pattern, group and bias
+    rotate so that every value of each appears on every shape class without the full cross product. The ISA
+    loop is innermost so that the ISAs share each case's inputs and float64 result."""
+    i = 0
+    isas = available_cpu_isas()
+    for shape in SHAPES:
+        m, k, n = shape
+        for vi, vdtype in enumerate(VALUE_DTYPES):
+            x_dtypes = X_DTYPES if m * k * n <= 2_000_000 else [X_DTYPES[(vi + i) % 3]]
+            for xdtype in x_dtypes:
+                i += 1
+                sparsity = SPARSITIES[i % len(SPARSITIES)]
+                pattern = "2:4" if i % 5 == 0 else "random"
+                group = GROUP_SIZES[i % len(GROUP_SIZES)] if vdtype == torch.int8 else -1
+                for isa in isas:
+                    if isa == "portable" and shape not in PORTABLE_SHAPES:
+                        continue
+                    tag = f"{isa}-{'x'.join(map(str, shape))}-{vdtype}-{xdtype}-s{sparsity}-{pattern}-g{group}"
+                    yield pytest.param(isa, shape, vdtype, xdtype, sparsity, pattern, group, i % 2 == 0, id=tag)
+
+
+@pytest.mark.parametrize(
+    ("cpu_isa", "shape", "values_dtype", "x_dtype", "sparsity", "pattern", "group_size", "with_bias"),
+    kernel_cases(),
+    indirect=["cpu_isa"],
+)
+def test_matches_reference(cpu_isa, shape, values_dtype, x_dtype, sparsity, pattern, group_size, with_bias):
+    m, k, n = shape
+    args, g, y64, bound = cached_case(shape, values_dtype, x_dtype, sparsity, pattern, group_size, with_bias)
+    path = cpu_path(m, n, k, values_dtype, x_dtype)
+    assert path == "reference" or (path.startswith("cpu_") and cpu_isa in path)
+    assert_within(run_op(args, g), y64, bound, x_dtype)
+
+
+@pytest.mark.parametrize("cpu_isa", available_cpu_isas(), indirect=True)
+@pytest.mark.parametrize("values_dtype", VALUE_DTYPES, ids=str)
+def test_every_group_and_pattern(cpu_isa, values_dtype):
+    """Every group size with every x dtype on a ragged shape, random and 2:4 masks."""
+    m, k, n = 3, 1000, 37
+    groups = GROUP_SIZES if values_dtype == torch.int8 else [-1]
+    for group in groups:
+        for x_dtype in X_DTYPES:
+            for pattern in ("random", "2:4"):
+                seed = zlib.crc32(repr((cpu_isa, values_dtype, group, x_dtype, pattern)).encode())
+                args, g = make_case(m, k, n, values_dtype, x_dtype, group, 0.7, pattern, seed % 2 == 0, seed)
+                assert_sparse_linear_close(run_op(args, g), args, g)
+
+
+@pytest.mark.parametrize("cpu_isa", available_cpu_isas(), indirect=True)
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 33, 128, 513])
+def test_every_row_count(cpu_isa, m):
+    """Row counts around every register tile and row block edge (M blocks, tails)."""
+    k, n = (100, 20) if cpu_isa == "portable" else (576, 130)
+    for vdtype in (torch.float32, torch.int8):
+        args, g = make_case(m, k, n, vdtype, torch.float32, 64, 0.5, "random", True, seed=m)
+        assert_sparse_linear_close(run_op(args, g), args, g)
+
+
+@pytest.mark.parametrize("cpu_isa", available_cpu_isas(), indirect=True)
+def test_all_zero_rows_and_dense_rows(cpu_isa):
+    """Rows keeping nothing next to rows keeping everything: the value pointer of each row must restart
+    at its own offset."""
+    gen = torch.Generator().manual_seed(4)
+    k, n = 1025, 40
+    weight = random_weight(n, k, gen)
+    weight[::3] = 0.0
+    mask = weight != 0
+    mask[1::3, 100:900] = False
+    for vdtype in (torch.float32, torch.bfloat16, torch.float16):
+        values, masks, row_offsets = reference.sparse_pack(weight.to(vdtype) * mask, mask)
+        for m in (1, 5, 20):
+            x = torch.randn(m, k, generator=gen)
+            args = (x, values, masks, row_offsets, None, None)
+            y = run_op(args, -1)
+            assert bool((y[:, ::3] == 0).all())
+            assert_sparse_linear_close(y, args, -1)
+
+
+@pytest.mark.parametrize("cpu_isa", available_cpu_isas(), indirect=True)
+def test_fp16_partial_sums_do_not_overflow(cpu_isa):
+    """Partial sums reach 4e5, past fp16's 65504, and cancel to a small result: fp32 accumulation."""
+    k = 512
+    x = torch.full((2, k), 100.0, dtype=torch.float16)
+    weight = torch.cat([torch.full((4, k // 2), 8.0), torch.full((4, k // 2), -8.0)], dim=1)
+    weight[:, 0] += 0.5
+    weight[:, 1::2] = 0.0
+    args = (x, *reference.sparse_pack(weight.half()), None, None)
+    y = run_op(args, -1)
+    assert torch.isfinite(y).all()
+    assert_sparse_linear_close(y, args, -1)
+
+
+@pytest.mark.parametrize("dtype", VALUE_DTYPES, ids=str)
+@pytest.mark.parametrize("k", [1, 16, 17, 1025])
+def test_pack_unpack_round_trip(dtype, k):
+    gen = torch.Generator().manual_seed(k)
+    n = 9
+    mask = torch.rand(n, k, generator=gen) > 0.6
+    mask[0] = False
+    mask[1] = True
+    if dtype == torch.int8:
+        weight = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8) * mask
+    else:
+        weight = (torch.randn(n, k, generator=gen) * mask).to(dtype)
+    weight[1, 0] = 0  # a kept weight that is zero stays kept with an explicit mask
+    values, masks, row_offsets = reference.sparse_pack(weight, mask)
+    assert values.dtype == dtype and masks.dtype == torch.int16 and row_offsets.dtype == torch.int64
+    assert masks.shape == (n, -(-k // 16)) and row_offsets.shape == (n + 1,)
+    nnz = int(mask.sum())
+    assert int(row_offsets[0]) == 0 and int(row_offsets[-1]) == nnz and values.numel() == nnz + 64
+    assert bool((values[nnz:] == 0).all())
+    assert torch.equal(reference.sparse_mask_bits(masks, k), mask)
+    assert torch.equal(reference.sparse_unpack(values, masks, row_offsets, k), weight)
+    default = reference.sparse_pack(weight)  # default mask: the nonzero weights
+    assert torch.equal(reference.sparse_unpack(*default, k), weight)
+    assert int(default[2][-1]) == int((weight != 0).sum())
+
+
+def test_pack_bit_layout():
+    """Bit j of word c is column 16c + j, LSB first; bit 15 makes the int16 word negative."""
+    weight = torch.zeros(2, 40)
+    weight[0, [0, 15, 16, 39]] = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    weight[1, 5] = 5.0
+    values, masks, row_offsets = reference.sparse_pack(weight)
+    assert masks.tolist() == [[1 - 2**16 + 2**15, 1, 1 << 7], [1 << 5, 0, 0]]
+    assert values[:5].tolist() == [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert row_offsets.tolist() == [0, 4, 5]
+
+
+@pytest.mark.parametrize(
+    ("message", "make"),
+    [
+        ("weight must be 2-D", lambda w: (w[0], None)),
+        ("weight must be float32, bfloat16, float16 or int8", lambda w: (w.double(), None)),
+        ("mask must be a bool tensor of the weight's shape", lambda w: (w, w != 0)[0:1] + ((w != 0)[:, :3],)),
+        ("mask must be a bool tensor of the weight's shape", lambda w: (w, (w != 0).int())),
+    ],
+)
+def test_pack_bad_input(message, make):
+    with pytest.raises(ValueError, match=message):
+        reference.sparse_pack(*make(torch.randn(4, 20)))
+
+
+@pytest.mark.parametrize("cpu_isa", available_cpu_isas(), indirect=True)
+@pytest.mark.parametrize(("values_dtype", "group_size"), [(torch.float32, -1), (torch.int8, -1), (torch.int8, 64)])
+def test_opcheck(cpu_isa, values_dtype, group_size):
+    args, g = make_case(5, 300, 40, values_dtype, torch.bfloat16, group_size, 0.6, "random", True, seed=7)
+    op = torch.ops.fastquant.sparse_linear.default
+    torch.library.opcheck(op, (*args, 300, g))
+    x, values, masks, row_offsets, scales, _ = args
+    torch.library.opcheck(op, (x.float(), values, masks, row_offsets, scales, None, 300, g))
+
+
+def test_reference_kernel_opcheck():
+    """The pure-PyTorch fallback is a registered kernel too (it runs on devices without a native one)."""
+    args, g = make_case(3, 100, 20, torch.int8, torch.float32, 32, 0.5, "random", True, seed=3)
+    y = torch.ops.fastquant.sparse_linear.default.redispatch(
+        torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd), *args, 100, g
+    )
+    expected = reference.sparse_linear(*args, 100, g)
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+
+
+def test_torch_compile_fullgraph():
+    args, g = make_case(4, 1025, 300, torch.int8, torch.bfloat16, 128, 0.7, "random", True, seed=11)
+    _, values, masks, row_offsets, scales, bias = args
+
+    def f(x):
+        y = fastquant.ops.sparse_linear(x, values, masks, row_offsets, scales, bias, in_features=1025, group_size=g)
+        return torch.nn.functional.gelu(y) * 2
+
+    compiled = torch.compile(f, fullgraph=True)
+    x = args[0]
+    torch.testing.assert_close(compiled(x), f(x))
+    x2 = torch.randn(9, 1025).bfloat16()
+    torch.testing.assert_close(compiled(x2), f(x2))
+
+
+def test_non_contiguous_and_batched_input():
+    args, g = make_case(6, 200, 50, torch.float32, torch.float32, -1, 0.5, "random", True, seed=5)
+    _, values, masks, row_offsets, scales, bias = args
+
+    def op(x):
+        return sparse_linear(x, values, masks, row_offsets, scales, bias, in_features=200)
+
+    x3 = torch.randn(200, 3, 4).permute(1, 2, 0)  # (3, 4, 200) with K not the innermost stride
+    assert not x3.is_contiguous()
+    y = op(x3)
+    assert y.shape == (3, 4, 50)
+    torch.testing.assert_close(y, op(x3.contiguous()), rtol=0, atol=0)
+    x_sliced = torch.randn(6, 400)[:, ::2]
+    torch.testing.assert_close(op(x_sliced), op(x_sliced.contiguous()), rtol=0, atol=0)
+    x1 = torch.randn(200)  # 1-D x: one row, output (N,)
+    assert op(x1).shape == (50,)
+    assert_sparse_linear_close(op(x1), (x1, *args[1:]), g)
+
+
+def test_empty_batch_and_empty_layer():
+    args, g = make_case(1, 64, 32, torch.float32, torch.float32, -1, 0.5, "random", True, seed=2)
+    _, values, masks, row_offsets, scales, bias = args
+    assert sparse_linear(torch.empty(0, 64), values, masks, row_offsets, None, bias, in_features=64).shape == (0, 32)
+    assert sparse_linear(torch.empty(2, 0, 64), values, masks, row_offsets, None, None, in_features=64).shape == (
+        2,
+        0,
+        32,
+    )
+    # K = 0: y is the bias
+    empty = reference.sparse_pack(torch.zeros(32, 0))
+    y = sparse_linear(torch.empty(3, 0), *empty, None, bias, in_features=0)
+    torch.testing.assert_close(y, bias.expand(3, 32), rtol=0, atol=0)
+
+
+def test_autograd_to_activations():
+    args, g = make_case(4, 96, 24, torch.int8, torch.float32, 32, 0.5, "random", True, seed=9)
+    x, values, masks, row_offsets, scales, bias = args
+    x.requires_grad_(True)
+    bias.requires_grad_(True)
+    y = sparse_linear(x, values, masks, row_offsets, scales, bias, in_features=96, group_size=32)
+    y.square().sum().backward()
+    grad_y = 2 * y.detach()
+    weight = reference.sparse_dequantize(values, masks, row_offsets, scales, 96, 32)
+    torch.testing.assert_close(x.grad, grad_y @ weight)
+    torch.testing.assert_close(bias.grad, grad_y.sum(0))
+
+
+def _bad(**changes):
+    """Builds the argument list of a 3 x 64 -> 32 int8 call with some arguments replaced."""
+
+    def make(a):
+        args = dict(a)
+        for key, fn in changes.items():
+            args[key] = fn(a)
+        return [args[key] for key in ("x", "values", "masks", "row_offsets", "scales", "bias", "k", "g")]
+
+    return make
+
+
+BAD_INPUTS = [
+    ("x must be float32, bfloat16 or float16", _bad(x=lambda a: a["x"].to(torch.int32))),
+    ("x must be float32, bfloat16 or float16", _bad(x=lambda a: a["x"].double())),
+    ("values must be a 1-D float32, bfloat16, float16 or int8 tensor", _bad(values=lambda a: a["values"].double())),
+    ("values must be a 1-D float32, bfloat16, float16 or int8 tensor", _bad(values=lambda a: a["values"][None])),
+    ("masks must be a 2-D int16 tensor", _bad(masks=lambda a: a["masks"].int())),
+    ("masks must be a 2-D int16 tensor", _bad(masks=lambda a: a["masks"][0])),
+    (
+        r"x has 63 input features \(shape [(\[]3, 63[)\]]\) but in_features is 64",
+        _bad(x=lambda a: a["x"][:, :63]),
+    ),
+    (r"masks has 3 chunks per row but in_features 64 needs ceil\(64 / 16\) = 4", _bad(masks=lambda a: a["m3"])),
+    (r"row_offsets must be an int64 tensor of shape \(N \+ 1,\) = \(33,\)", _bad(row_offsets=lambda a: a["ro"][:-1])),
+    (r"row_offsets must be an int64 tensor", _bad(row_offsets=lambda a: a["ro"].int())),
+    ("values must end with 64 elements of padding", _bad(values=lambda a: a["values"][:10])),
+    ("group_size must be -1 .* or a positive multiple of 16, got 24", _bad(g=lambda a: 24)),
+    ("group_size must be -1 .* or a positive multiple of 16, got 0", _bad(g=lambda a: 0)),
+    ("int8 values need float32 scales, got None", _bad(scales=lambda a: None)),
+    ("scales must be float32", _bad(scales=lambda a: a["scales"].half())),
+    (r"per-channel scales must have shape \(N,\) = \(32,\)", _bad(scales=lambda a: a["scales"][:31])),
+    (r"group-wise scales .* must have shape \(32, 2\)", _bad(g=lambda a: 32)),
+    ("scales must be None for .*float.* values", _bad(values=lambda a: a["values"].float())),
+    (
+        r"bias dtype (torch.float16|Half) must match x dtype (torch.float32|Float)",
+        _bad(bias=lambda a: a["bias"].half()),
+    ),
+    (r"bias must have shape \(32,\)", _bad(bias=lambda a: a["bias"][:5])),
+]
+
+
+def bad_input_base(device: str) -> dict:
+    gen = torch.Generator().manual_seed(1)
+    mask = torch.rand(32, 64, generator=gen) > 0.5
+    mask[0, 63] = True  # so that in_features = 60 with these masks keeps a column past K
+    qweight, scales = reference.int8_quantize(random_weight(32, 64, gen) * mask)
+    values, masks, row_offsets = reference.sparse_pack(qweight, mask)
+    x = torch.randn(3, 64, generator=gen)
+    bias = torch.randn(32, generator=gen)
+    base = {"x": x, "values": values, "masks": masks, "row_offsets": row_offsets, "scales": scales, "bias": bias}
+    base = {key: t.to(device) for key, t in base.items()}
+    base.update(k=64, g=-1, m3=base["masks"][:, :3], ro=base["row_offsets"])
+    return base
+
+
+@pytest.mark.parametrize(("message", "make_args"), BAD_INPUTS, ids=[m for m, _ in BAD_INPUTS])
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_bad_input_is_named(message, make_args, device):
+    """The native kernel and the fake kernel (what torch.compile traces) reject the same input alike."""
+    args = make_args(bad_input_base(device))
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.fastquant.sparse_linear(*args)
+
+
+def _corrupt_offsets(fn):
+    def make(a):
+        ro = a["row_offsets"].clone()
+        fn(ro)
+        return ro
+
+    return make
+
+
+CORRUPT = [
+    ("row_offsets\\[0\\] must be 0, got 1", _bad(row_offsets=_corrupt_offsets(lambda ro: ro.add_(1)))),
+    (
+        "row_offsets must not decrease: row 4 goes from",
+        _bad(row_offsets=_corrupt_offsets(lambda ro: ro[5].fill_(int(ro[4]) - 1))),
+    ),
+    (
+        "row 4 keeps .* weights in masks but row_offsets gives it",
+        _bad(row_offsets=_corrupt_offsets(lambda ro: ro[5:].add_(1))),
+    ),
+    (
+        r"row_offsets\[N\] = \d+ kept weights need values of at least \d+ elements \(64 of padding\)",
+        _bad(values=lambda a: a["values"][:-1]),
+    ),
+    ("masks of row 0 keep columns past in_features \\(60\\)", _bad(x=lambda a: a["x"][:, :60], k=lambda a: 60)),
+]
+
+
+@pytest.mark.parametrize(("message", "make_args"), CORRUPT, ids=[m for m, _ in CORRUPT])
+@pytest.mark.parametrize("kernel", ["native", "reference"])
+def test_corrupt_offsets_are_rejected(message, make_args, kernel):
+    """Offsets or masks that disagree would make a kernel read outside values: they are refused before."""
+    base = bad_input_base("cpu")
+    # bad_input_base keeps column 63 of row 0 (bit 15 of its last word, a negative int16).
+    assert int(base["masks"][0, 3]) < 0
+    args = make_args(base)
+    with pytest.raises(RuntimeError, match=message):
+        if kernel == "native":
+            torch.ops.fastquant.sparse_linear(*args)
+        else:
+            torch.ops.fastquant.sparse_linear.default.redispatch(
+                torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd), *args
+            )
+
+
+def test_mixed_devices_rejected():
+    args, g = make_case(3, 64, 32, torch.float32, torch.float32, -1, 0.5, "random", False, seed=1)
+    x, values, masks, row_offsets, _, _ = args
+    with pytest.raises(RuntimeError, match="device"):
+        torch.ops.fastquant.sparse_linear(x, values.to("meta"), masks, row_offsets, None, None, 64, -1)
