@@ -1,0 +1,11 @@
+// Instantiations of the bitmap16 decode GEMV (sparse_linear_gemv.cuh) for __half values; one file per value
+// dtype so the build compiles them in parallel.
+#include "cuda/sparse_linear_gemv.cuh"
+
+namespace fastquant::cuda {
+
+cudaError_t launch_sparse_gemv_f16(const SparseLinearArgs& args, cudaStream_t stream) {
+  return sparse_detail::launch_gemv<__half>(args, stream);
+}
+
+}  // namespace fastquant::cuda

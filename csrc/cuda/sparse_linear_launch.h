@@ -1,0 +1,46 @@
+#pragma once
+// Raw-pointer interface between the torch glue (sparse_linear_cuda.cpp) and the CUDA kernels of
+// fastquant::sparse_linear (sparse_linear_*.cu). The .cu files include no torch header: they see these
+// structs, device pointers and a cudaStream_t. Every launcher returns the cudaError_t of its launches
+// (cudaGetLastError after the last one); the glue checks it.
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "cuda/sparse_linear_dispatch.h"
+
+namespace fastquant::cuda {
+
+struct SparseLinearArgs {
+  const void* x;             // m x k activations (x_dtype), row-major, contiguous
+  const void* values;        // packed kept weights (values dtype), 16-byte aligned, then >= 64 of padding
+  int64_t values_numel;      // elements of values: no load goes past it, whatever row_offsets say
+  const uint16_t* masks;     // n x n_chunks mask words (int16 in torch, read as uint16)
+  const int64_t* row_offsets;  // n + 1 element offsets into values
+  const float* scales;       // int8 values: n (group_size == -1) or n x n_groups; else nullptr
+  const void* bias;          // n values of x_dtype, or nullptr
+  void* y;                   // m x n output, x_dtype
+  int m, n, k;
+  int group_size;            // -1: per-channel (int8 values only)
+  int n_groups;              // ceil(k / group_size), 1 for per-channel
+  int max_smem_bytes;        // the device's opt-in shared memory per block (slab sizing)
+  DType x_dtype;
+  SparseValues values_dtype;
+};
+
+// Decode GEMV (sparse_linear_gemv.cuh) for 1 <= m <= 16; one file per value dtype.
+cudaError_t launch_sparse_gemv_f32(const SparseLinearArgs& args, cudaStream_t stream);
+cudaError_t launch_sparse_gemv_bf16(const SparseLinearArgs& args, cudaStream_t stream);
+cudaError_t launch_sparse_gemv_f16(const SparseLinearArgs& args, cudaStream_t stream);
+cudaError_t launch_sparse_gemv_i8(const SparseLinearArgs& args, cudaStream_t stream);
+
+// Any m: the GEMV once per 16 rows of x (x and y pointers advanced per tile; all launches on one stream).
+cudaError_t launch_sparse_gemv(const SparseLinearArgs& args, cudaStream_t stream);
+
+// out (n x k, dense, row-major, out_dtype: float32, bfloat16 or float16) = the unpacked weight, int8 values
+// times their scales rounded once to out_dtype (the rounding of PyTorch's (q.float() * s).to(dtype)).
+// Needs the same alignment of values as the GEMV.
+cudaError_t launch_sparse_densify(const SparseLinearArgs& args, void* out, DType out_dtype,
+                                  cudaStream_t stream);
+
+}  // namespace fastquant::cuda
