@@ -7,6 +7,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <type_traits>
 
 #include "cuda/sparse_linear_launch.h"
 
@@ -26,7 +27,9 @@ struct Values;
 template <>
 struct Values<float> {
   static constexpr int kPerUnit = 4;
-  static __device__ __forceinline__ float get(const uint4& u, int q) { return __uint_as_float(word_of(u, q)); }
+  static __device__ __forceinline__ float get(const uint4& u, int q) {
+    return __uint_as_float(word_of(u, q));
+  }
 };
 
 template <>

@@ -68,8 +68,9 @@ __global__ void __launch_bounds__(kDensifyWarps * 32) sparse_densify_kernel(Dens
         // Bounded by values.numel() whatever row_offsets says (its contents are not checked on the GPU).
         if (idx >= 0 && idx < p.values_numel) v = sparse_detail::load_value<V>(p.values, idx);
         if constexpr (kInt8) {
-          v *= p.group_size == -1 ? channel_scale
-                                  : __ldg(p.scales + static_cast<int64_t>(n) * p.n_groups + col / p.group_size);
+          v *= p.group_size == -1
+                   ? channel_scale
+                   : __ldg(p.scales + static_cast<int64_t>(n) * p.n_groups + col / p.group_size);
         }
       }
       sparse_detail::store_act(p.out, out_row + col, v, p.out_dtype);
@@ -87,7 +88,8 @@ cudaError_t launch_densify(const DensifyParams& p, cudaStream_t stream) {
 
 }  // namespace
 
-cudaError_t launch_sparse_densify(const SparseLinearArgs& a, void* out, DType out_dtype, cudaStream_t stream) {
+cudaError_t launch_sparse_densify(const SparseLinearArgs& a, void* out, DType out_dtype,
+                                  cudaStream_t stream) {
   if (a.n <= 0 || a.k <= 0) return cudaSuccess;
   DensifyParams p;
   p.values = a.values;

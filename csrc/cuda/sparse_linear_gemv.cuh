@@ -19,8 +19,8 @@
 //   values at lane-strided addresses (many L1 wavefronts per instruction).
 // - x is staged once per block in shared memory as fp32 (M rows padded to MP), column-major [col][m] so
 //   that one float4 load gives 4 rows' activations; a pad of min(MP, 4) words per 32 columns spreads the
-//   lanes of a warp (whose columns advance ~16 per lane at 50% density) over the 32 banks. When M * K does not
-//   fit in the shared-memory budget, K is walked in slabs (block barrier per slab).
+//   lanes of a warp (whose columns advance ~16 per lane at 50% density) over the 32 banks. When M * K does
+//   not fit in the shared-memory budget, K is walked in slabs (block barrier per slab).
 // - fp32 accumulation per lane, a shuffle reduction per row at the end, fp32 group scales applied to the
 //   weight (w = q * s in fp32, exactly the reference's dequantization); per-channel scales to the sum.
 #include <algorithm>
@@ -123,7 +123,8 @@ __global__ void __launch_bounds__(kMaxWarps * 32) sparse_gemv_kernel(GemvParams 
       const int m = i / cols;
       const int col = i - m * cols;
       float v = 0.f;
-      if (m < p.m && col0 + col < p.k) v = load_act(p.x, static_cast<int64_t>(m) * p.k + col0 + col, p.x_dtype);
+      if (m < p.m && col0 + col < p.k)
+        v = load_act(p.x, static_cast<int64_t>(m) * p.k + col0 + col, p.x_dtype);
       xs[xs_index<MP>(col) + m] = v;
     }
     __syncthreads();
@@ -138,7 +139,8 @@ __global__ void __launch_bounds__(kMaxWarps * 32) sparse_gemv_kernel(GemvParams 
       const int total = __shfl_sync(kFullMask, incl, 31);
       __syncwarp();  // the previous step's readers of sm_mask / sm_scale are done
       sm_mask[warp][lane] = mask;
-      if constexpr (kGrouped) sm_scale[warp][lane] = c < p.n_chunks ? __ldg(srow + (c >> p.group_shift)) : 0.f;
+      if constexpr (kGrouped)
+        sm_scale[warp][lane] = c < p.n_chunks ? __ldg(srow + (c >> p.group_shift)) : 0.f;
       __syncwarp();
       if (total == 0) continue;  // warp-uniform
 
@@ -155,7 +157,8 @@ __global__ void __launch_bounds__(kMaxWarps * 32) sparse_gemv_kernel(GemvParams 
         const int64_t u = u_begin + local;
         raw[r] = make_uint4(0u, 0u, 0u, 0u);
         // Bounded by values.numel() whatever row_offsets says (its contents are not checked on the GPU).
-        if (local < n_units && u >= 0 && (u + 1) * E <= p.values_numel) raw[r] = load_stream16(p.values + u * 16);
+        if (local < n_units && u >= 0 && (u + 1) * E <= p.values_numel)
+          raw[r] = load_stream16(p.values + u * 16);
       }
 
       const int cbase = (c0 - s0) * 16;  // slab column of the step's first chunk

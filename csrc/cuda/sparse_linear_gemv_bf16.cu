@@ -1,5 +1,5 @@
-// Instantiations of the bitmap16 decode GEMV (sparse_linear_gemv.cuh) for __nv_bfloat16 values; one file per value
-// dtype so the build compiles them in parallel.
+// Instantiations of the bitmap16 decode GEMV (sparse_linear_gemv.cuh) for __nv_bfloat16 values; one file per
+// value dtype so the build compiles them in parallel.
 #include "cuda/sparse_linear_gemv.cuh"
 
 namespace fastquant::cuda {

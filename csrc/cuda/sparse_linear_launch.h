@@ -12,18 +12,18 @@
 namespace fastquant::cuda {
 
 struct SparseLinearArgs {
-  const void* x;             // m x k activations (x_dtype), row-major, contiguous
-  const void* values;        // packed kept weights (values dtype), 16-byte aligned, then >= 64 of padding
-  int64_t values_numel;      // elements of values: no load goes past it, whatever row_offsets say
-  const uint16_t* masks;     // n x n_chunks mask words (int16 in torch, read as uint16)
+  const void* x;               // m x k activations (x_dtype), row-major, contiguous
+  const void* values;          // packed kept weights (values dtype), 16-byte aligned, then >= 64 of padding
+  int64_t values_numel;        // elements of values: no load goes past it, whatever row_offsets say
+  const uint16_t* masks;       // n x n_chunks mask words (int16 in torch, read as uint16)
   const int64_t* row_offsets;  // n + 1 element offsets into values
-  const float* scales;       // int8 values: n (group_size == -1) or n x n_groups; else nullptr
-  const void* bias;          // n values of x_dtype, or nullptr
-  void* y;                   // m x n output, x_dtype
+  const float* scales;         // int8 values: n (group_size == -1) or n x n_groups; else nullptr
+  const void* bias;            // n values of x_dtype, or nullptr
+  void* y;                     // m x n output, x_dtype
   int m, n, k;
-  int group_size;            // -1: per-channel (int8 values only)
-  int n_groups;              // ceil(k / group_size), 1 for per-channel
-  int max_smem_bytes;        // the device's opt-in shared memory per block (slab sizing)
+  int group_size;      // -1: per-channel (int8 values only)
+  int n_groups;        // ceil(k / group_size), 1 for per-channel
+  int max_smem_bytes;  // the device's opt-in shared memory per block (slab sizing)
   DType x_dtype;
   SparseValues values_dtype;
 };
