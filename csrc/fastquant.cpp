@@ -12,6 +12,7 @@
 
 #ifdef FASTQUANT_WITH_CUDA
 #include "cuda/cuda_info.h"
+#include "cuda/sparse_linear_dispatch.h"
 #endif
 
 namespace py = pybind11;
@@ -77,5 +78,24 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cuda_gemm_max_m", &fastquant::cuda::gemm_max_m, "Largest M the fused CUDA GEMM takes");
   m.def("set_cuda_gemm_max_m", &fastquant::cuda::set_gemm_max_m, py::arg("m"),
         "Cap the M of the fused CUDA GEMM (0: never; above it dequantize + cuBLAS); for benchmarks and tests");
+  m.def(
+      "sparse_linear_cuda_path",
+      [](int64_t m_rows, int64_t n, int64_t k, const std::string& values_dtype, const std::string& x_dtype,
+         int64_t group_size) {
+        using fastquant::cuda::SparseValues;
+        SparseValues values;
+        if (values_dtype == "int8") {
+          values = SparseValues::kInt8;
+        } else {
+          values = static_cast<SparseValues>(static_cast<int>(parse_dtype(values_dtype)));
+        }
+        const auto x = static_cast<fastquant::cuda::DType>(static_cast<int>(parse_dtype(x_dtype)));
+        const auto path = fastquant::cuda::choose_sparse_path(m_rows, n, k, values, x, group_size,
+                                                              fastquant::cuda::sparse_gemv_max_m());
+        return std::string(fastquant::cuda::sparse_path_name(path, m_rows));
+      },
+      py::arg("m"), py::arg("n"), py::arg("k"), py::arg("values_dtype"), py::arg("x_dtype"),
+      py::arg("group_size") = -1,
+      "Name of the CUDA kernel sparse_linear runs for this problem (see csrc/cuda/sparse_linear_dispatch.h)");
 #endif
 }
