@@ -9,9 +9,10 @@ import pytest
 import torch
 
 import fastquant
-from fastquant import Int8Linear, cli
-from fastquant.evaluate import METHODS, model_bytes, perplexity, sentences
+from fastquant import Int8Linear, SparseLinear, cli
+from fastquant.evaluate import METHODS, MethodOptions, model_bytes, perplexity, sentences
 from fastquant.models import read_text
+from fastquant.pruning import calibration_from_text
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -110,12 +111,35 @@ def test_bad_arguments_give_exit_code_2(llama_dir, tmp_path, capsys):
 
 
 def test_every_method_in_the_registry_compresses(llama_dir):
+    tokenizer = transformers.AutoTokenizer.from_pretrained(llama_dir)
+    options = MethodOptions(
+        calibration=lambda: calibration_from_text(tokenizer, read_text(), n_sequences=4, seq_len=64), progress=False
+    )
     for name, method in METHODS.items():
         model = transformers.AutoModelForCausalLM.from_pretrained(llama_dir).eval()
         before = model_bytes(model)
-        method.apply(model, None)
-        assert any(isinstance(m, Int8Linear) for m in model.modules()), name
-        assert model_bytes(model) < before, name
+        method.apply(model, options)
+        rows = [row for row in fastquant.report(model).layers if row.name != "lm_head"]
+        if "sparse" in name:
+            # every layer pruned by half; the tiny layers may keep their faster dense kernels
+            assert rows and all("50% pruned" in row.note for row in rows), name
+            for module in model.modules():
+                if isinstance(module, (Int8Linear, SparseLinear)):
+                    assert (module.dequantize() == 0).float().mean().item() == pytest.approx(0.5, abs=0.01), name
+        else:
+            assert any(isinstance(m, Int8Linear) for m in model.modules()), name
+            assert model_bytes(model) < before, name
+
+
+def test_eval_sparse_method(llama_dir, tmp_path):
+    out = tmp_path / "eval.json"
+    args = ["eval", "--model", str(llama_dir), "--method", "int8+sparse", "--pruning", "wanda", "--sparsity", "0.6"]
+    assert (
+        cli.main([*args, "--calibration-sequences", "4", "--tokens", "300", "--window", "128", "--json", str(out)]) == 0
+    )
+    result = json.loads(out.read_text())
+    assert result["method"] == "int8+sparse" and result["compressed_bytes"] < result["float_bytes"]
+    assert math.isfinite(result["perplexity_compressed"]) and result["perplexity_compressed"] > 1
 
 
 def test_perplexity_scores_each_token_once(llama_dir):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fastquant
-from fastquant import FastquantFormatError, Int8Linear
+from fastquant import FastquantFormatError, Int8Linear, SparseLinear
 from fastquant.serialization import FORMAT_VERSION, METADATA_KEY, read_manifest
 
 transformers = pytest.importorskip("transformers")
@@ -40,15 +40,20 @@ def fresh_like(model):
 
 
 PATCHES = {
-    "int8": dict(),
-    "int8-group64": dict(group_size=64),
-    "int8+lm_head": dict(skip=(), quantize_tied=True),
+    "int8": ("int8", dict()),
+    "int8-group64": ("int8", dict(group_size=64)),
+    "int8+lm_head": ("int8", dict(skip=(), quantize_tied=True)),
+    # sparse_kernel="sparse": the tiny layers would otherwise keep their faster dense kernels
+    "sparse": ("sparse", dict(sparsity=0.6, sparse_kernel="sparse", progress=False)),
+    "sparse-2:4+lm_head": ("sparse", dict(pattern="2:4", sparse_kernel="sparse", skip=(), quantize_tied=True)),
+    "int8+sparse-group32": ("int8+sparse", dict(group_size=32, sparse_kernel="sparse", progress=False)),
 }
 
 
 @pytest.fixture(params=list(PATCHES))
 def saved(request, tmp_path):
-    model = fastquant.patch(tiny_llama(), "int8", **PATCHES[request.param])
+    method, kwargs = PATCHES[request.param]
+    model = fastquant.patch(tiny_llama(), method, **kwargs)
     path = tmp_path / "model.safetensors"
     fastquant.save(model, path)
     return model, path
@@ -82,9 +87,10 @@ def test_round_trip_is_bit_exact(saved):
     for name in a:
         assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
     for name, module in model.named_modules():
-        if isinstance(module, Int8Linear):
+        if isinstance(module, (Int8Linear, SparseLinear)):
             other = loaded.get_submodule(name)
-            assert isinstance(other, Int8Linear) and other.group_size == module.group_size
+            assert type(other) is type(module) and other.group_size == module.group_size
+            assert other.format == module.format
     ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         assert torch.equal(model(ids).logits, loaded(ids).logits)
@@ -131,9 +137,10 @@ def test_tied_weights_stored_once_and_size_is_compressed(tmp_path):
 def test_load_into_already_patched_model(saved):
     model, path = saved
     target = fresh_like(model)
-    fastquant.patch(target, "int8", **PATCHES["int8"])  # per-channel int8 everywhere but lm_head
+    fastquant.patch(target, "int8")  # per-channel int8 everywhere but lm_head
     if any(
-        isinstance(m, Int8Linear) and m.group_size != model.get_submodule(n).group_size
+        isinstance(m, Int8Linear)
+        and (type(model.get_submodule(n)) is not Int8Linear or m.group_size != model.get_submodule(n).group_size)
         for n, m in target.named_modules()
     ):
         with pytest.raises(FastquantFormatError, match="architecture mismatch"):
@@ -172,7 +179,8 @@ def test_edited_manifest_layer_parameters(saved):
     model, path = saved
     name = "model.layers.0.mlp.up_proj"
     _edit_manifest(path, lambda m: m["layers"][name].update(group_size=128))
-    with pytest.raises(FastquantFormatError, match="architecture mismatch at 'model.layers.0.mlp.up_proj.scales'"):
+    expected = "architecture mismatch at 'model.layers.0.mlp.up_proj.scales'|invalid manifest entry for layer"
+    with pytest.raises(FastquantFormatError, match=expected):
         fastquant.load(fresh_like(model), path)
 
 

@@ -2,6 +2,7 @@
 
 import fastquant
 fastquant.patch(model)            # int8 weight-only, per-channel scales
+fastquant.patch(model, "int8+sparse", sparsity=0.5, pruning="sparsegpt", calibration=batches)
 print(fastquant.report(model))    # what changed, per layer
 """
 
@@ -11,9 +12,9 @@ from fastquant import (
     _native,  # noqa: F401  (loads fastquant._C, which registers the native kernels)
     ops,  # defines the torch.ops.fastquant schemas before the native kernels register
 )
-from fastquant.modules import Int8Linear
-from fastquant.ops import int8_linear
-from fastquant.patching import Report, patch, report
+from fastquant.modules import Int8Linear, SparseLinear
+from fastquant.ops import int8_linear, sparse_linear
+from fastquant.patching import Report, patch, prune, report
 from fastquant.reference import int8_dequantize, int8_quantize
 from fastquant.serialization import FastquantFormatError, load, save
 
@@ -26,6 +27,7 @@ __all__ = [
     "FastquantFormatError",
     "Int8Linear",
     "Report",
+    "SparseLinear",
     "__version__",
     "int8_dequantize",
     "int8_linear",
@@ -33,6 +35,8 @@ __all__ = [
     "load",
     "ops",
     "patch",
+    "prune",
     "report",
     "save",
+    "sparse_linear",
 ]

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from fastquant import _native
 from fastquant.evaluate import (
     METHODS,
+    MethodOptions,
     decode_speed,
     embedding_cosine,
     get_method,
@@ -35,6 +36,7 @@ from fastquant.evaluate import (
     sentences,
 )
 from fastquant.models import LoadedModel, ModelNotFoundError, load_model, read_text
+from fastquant.pruning import PRUNING_METHODS, calibration_from_text
 
 # Not a terminal (CI logs, pipes): rich would assume 80 columns and elide the method names.
 console = Console(width=None if sys.stdout.isatty() else 120)
@@ -74,6 +76,22 @@ def _ppl(model, ids: torch.Tensor, label: str, window: int) -> float:
         return perplexity(model, ids, window=window, stride=stride, progress=bar.update)
 
 
+def _method_options(args: argparse.Namespace, loaded: LoadedModel) -> MethodOptions:
+    def calibration() -> list[torch.Tensor]:
+        if loaded.tokenizer is None:
+            raise ValueError(f"{loaded.name}: calibrating needs a tokenizer, and the model folder has none")
+        text = Path(args.calibration_text).read_text(encoding="utf-8") if args.calibration_text else None
+        return calibration_from_text(loaded.tokenizer, text, n_sequences=args.calibration_sequences)
+
+    return MethodOptions(
+        group_size=args.group_size,
+        sparsity=None if args.pattern != "unstructured" else args.sparsity,
+        pattern=args.pattern,
+        pruning=args.pruning,
+        calibration=calibration,
+    )
+
+
 def _mb(n: int) -> str:
     return f"{n / 2**20:,.1f}"
 
@@ -92,6 +110,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     ppl_ids = _tokens(loaded, text, args.ppl_tokens)
     prefill_ids = ppl_ids[: args.prefill_tokens]
     prompt_ids = ppl_ids[: args.prompt_tokens]
+    options = _method_options(args, loaded)
 
     rows: list[dict[str, Any]] = []
     float_model = loaded.model
@@ -100,7 +119,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             model, description = float_model, "float32 baseline (no compression)"
         else:
             method = get_method(name)
-            model, description = method.apply(copy.deepcopy(float_model), args.group_size), method.description
+            model, description = method.apply(copy.deepcopy(float_model), options), method.description
         ppl = _ppl(model, ppl_ids, name, args.window)
         speed = decode_speed(model, prompt_ids, args.decode_tokens)
         prefill = prefill_speed(model, prefill_ids)
@@ -212,7 +231,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ModelNotFoundError(f"{args.model}: no tokenizer files in the folder; eval needs one")
     text = read_text(args.text)
     float_model = loaded.model
-    compressed = method.apply(copy.deepcopy(float_model), args.group_size)
+    compressed = method.apply(copy.deepcopy(float_model), _method_options(args, loaded))
     result: dict[str, Any] = {
         "model": loaded.name,
         "kind": loaded.kind,
@@ -278,7 +297,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     with console.status(f"loading {args.model}"):
         loaded = load_model(args.model)
     float_bytes = model_bytes(loaded.model)
-    model = method.apply(loaded.model, args.group_size)
+    model = method.apply(loaded.model, _method_options(args, loaded))
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "model.fastquant.safetensors"
@@ -298,6 +317,15 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- main
+def _add_method_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--group-size", type=int, default=None, help="int8 group size (default per-channel)")
+    parser.add_argument("--sparsity", type=float, default=0.5, help="sparse methods: fraction of weights pruned")
+    parser.add_argument("--pattern", default="unstructured", help="sparse methods: 'unstructured' or N:M like 2:4")
+    parser.add_argument("--pruning", default="sparsegpt", choices=PRUNING_METHODS, help="sparse methods: algorithm")
+    parser.add_argument("--calibration-text", help="wanda/sparsegpt: calibration text file (default: embedded Hamlet)")
+    parser.add_argument("--calibration-sequences", type=int, default=32, help="wanda/sparsegpt: 256-token sequences")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastquant", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -306,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="SmolLM2-135M: perplexity, decode/prefill speed and size, float vs methods")
     demo.add_argument("-o", "--output", default="fastquant-demo", help="output folder (results.json, results.png)")
     demo.add_argument("--methods", nargs="+", choices=sorted(METHODS), help="methods to compare (default: all)")
-    demo.add_argument("--group-size", type=int, default=None, help="int8 group size (default per-channel)")
+    _add_method_options(demo)
     demo.add_argument("--text", help="text file for perplexity (default: the embedded play)")
     demo.add_argument("--ppl-tokens", type=int, default=4096, help="tokens scored for perplexity")
     demo.add_argument("--window", type=int, default=512, help="perplexity window (stride = window/2)")
@@ -319,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="quality of a method vs float: perplexity (LMs) or embedding cosine (encoders)")
     ev.add_argument("--model", default="smollm2", help="smollm2, minilm, or a transformers folder")
     ev.add_argument("--method", default="int8", help=method_help)
-    ev.add_argument("--group-size", type=int, default=None)
+    _add_method_options(ev)
     ev.add_argument("--text", help="text file (default: the embedded play)")
     ev.add_argument("--tokens", type=int, default=4096, help="causal LMs: tokens scored")
     ev.add_argument("--window", type=int, default=512, help="causal LMs: perplexity window")
@@ -331,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     comp = sub.add_parser("compress", help="write a compressed checkpoint (fastquant.save) and the model config")
     comp.add_argument("model", help="smollm2, minilm, or a transformers folder")
     comp.add_argument("--method", default="int8", help=method_help)
-    comp.add_argument("--group-size", type=int, default=None)
+    _add_method_options(comp)
     comp.add_argument("-o", "--output", required=True, help="output folder")
     comp.set_defaults(func=cmd_compress)
     return parser

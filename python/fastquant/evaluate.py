@@ -16,26 +16,71 @@ import torch
 from torch import nn
 
 from fastquant.patching import patch
+from fastquant.pruning import CALIBRATED_METHODS
+
+
+@dataclass
+class MethodOptions:
+    """What the command line can say about a method; each method reads the fields it needs."""
+
+    group_size: int | None = None
+    sparsity: float | None = 0.5
+    pattern: str = "unstructured"
+    pruning: str = "sparsegpt"
+    # Model inputs for Wanda/SparseGPT, made on first use (tokenizing the calibration text costs a little).
+    calibration: Callable[[], list] | None = None
+    progress: bool = True
 
 
 @dataclass(frozen=True)
 class Method:
     name: str
     description: str
-    # apply(float model, group_size) compresses the model in place and returns it
-    apply: Callable[[nn.Module, int | None], nn.Module]
+    # apply(float model, options) compresses the model in place and returns it
+    apply: Callable[[nn.Module, MethodOptions], nn.Module]
+
+
+def _sparse(method: str) -> Callable[[nn.Module, MethodOptions], nn.Module]:
+    def apply(model: nn.Module, options: MethodOptions) -> nn.Module:
+        needs_data = options.pruning in CALIBRATED_METHODS
+        if needs_data and options.calibration is None:
+            raise ValueError(f"pruning={options.pruning!r} needs calibration data (a tokenizer and a text)")
+        return patch(
+            model,
+            method,
+            group_size=options.group_size,
+            sparsity=options.sparsity,
+            pattern=options.pattern,
+            pruning=options.pruning,
+            calibration=options.calibration() if needs_data else None,
+            progress=options.progress,
+        )
+
+    return apply
 
 
 METHODS: dict[str, Method] = {
     "int8": Method(
         "int8",
         "int8 weight-only, per-channel (per-group with --group-size); tied lm_head left in float",
-        lambda model, group_size: patch(model, "int8", group_size=group_size),
+        lambda model, options: patch(model, "int8", group_size=options.group_size),
     ),
     "int8+lm_head": Method(
         "int8+lm_head",
         "int8 as above, plus a separate int8 copy of the tied lm_head (the embedding keeps its float weight)",
-        lambda model, group_size: patch(model, "int8", group_size=group_size, skip=(), quantize_tied=True),
+        lambda model, options: patch(model, "int8", group_size=options.group_size, skip=(), quantize_tied=True),
+    ),
+    "sparse": Method(
+        "sparse",
+        "pruned (default: SparseGPT, 50% unstructured, calibrated on Hamlet), float values in the bitmap16 "
+        "sparse format where its kernel beats dense",
+        _sparse("sparse"),
+    ),
+    "int8+sparse": Method(
+        "int8+sparse",
+        "pruned as above and int8-quantized (SparseGPT compensates the rounding too), sparse int8 kernel where "
+        "it beats dense int8",
+        _sparse("int8+sparse"),
     ),
 }
 

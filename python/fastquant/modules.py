@@ -8,6 +8,8 @@ from torch import Tensor, nn
 from fastquant import ops, reference
 
 SUPPORTED_GROUP_SIZES = (32, 64, 128, 256)
+SPARSE_VALUE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int8)
+SPARSE_CHUNK = 16  # input columns per bitmap16 mask
 
 
 def linear_weight(layer: nn.Module) -> Tensor:
@@ -83,6 +85,28 @@ class Int8Linear(nn.Module):
             layer.bias.data.copy_(linear.bias.detach())
         return layer
 
+    @classmethod
+    def from_codes(
+        cls, linear: nn.Module, qweight: Tensor, scales: Tensor, group_size: int | None = None
+    ) -> Int8Linear:
+        """An Int8Linear holding given int8 codes and scales (e.g. from a pruning algorithm that quantized
+        jointly), with the bias and dtype of ``linear``."""
+        weight = linear_weight(linear)
+        if tuple(qweight.shape) != tuple(weight.shape) or qweight.dtype != torch.int8:
+            raise ValueError(
+                f"qweight must be int8 of shape {tuple(weight.shape)}, got {qweight.dtype} {tuple(qweight.shape)}"
+            )
+        out_features, in_features = weight.shape
+        dtype = weight.dtype if weight.dtype in ops.ACTIVATION_DTYPES else torch.float32
+        layer = cls(in_features, out_features, linear.bias is not None, group_size, weight.device, dtype)
+        if tuple(scales.shape) != tuple(layer.scales.shape):
+            raise ValueError(f"scales must have shape {tuple(layer.scales.shape)}, got {tuple(scales.shape)}")
+        layer.qweight.copy_(qweight)
+        layer.scales.copy_(scales)
+        if linear.bias is not None:
+            layer.bias.data.copy_(linear.bias.detach())
+        return layer
+
     def forward(self, x: Tensor) -> Tensor:
         return ops.int8_linear(x, self.qweight, self.scales, self.bias, self.group_size_arg)
 
@@ -100,6 +124,171 @@ class Int8Linear(nn.Module):
         scales = self.scales
         super()._apply(fn, recurse)
         if self.scales.dtype != torch.float32:
+            self.scales = scales.to(self.scales.device)
+        probe = fn(torch.empty(0, dtype=self._dtype))
+        if probe.dtype in ops.ACTIVATION_DTYPES:
+            self._dtype = probe.dtype
+        return self
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, format={self.format}"
+        )
+
+
+class SparseLinear(nn.Module):
+    """A linear layer whose pruned weight is stored in the ``bitmap16`` sparse format.
+
+    Per row and per 16 input columns, a 16-bit mask says which weights are kept; the kept weights are packed
+    row by row (``values``), in the float dtype of the original weight or as int8 codes with fp32 scales. At
+    decode (few tokens) the layer is bound by the bytes it reads, so bytes per weight decide the speed:
+    1/8 + 4(1 - s) for float32 values and 1/8 + (1 - s) for int8 values at sparsity s, against 4 and 1 dense.
+    The forward pass runs ``torch.ops.fastquant.sparse_linear``, which never builds the dense weight.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        n_values: int,
+        bias: bool = True,
+        values_dtype: torch.dtype = torch.float32,
+        group_size: int | None = None,
+        pattern: str = "unstructured",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        """An empty layer with room for ``n_values`` packed values (kept weights plus the format's padding)."""
+        super().__init__()
+        if values_dtype not in SPARSE_VALUE_DTYPES:
+            raise ValueError(f"values_dtype must be one of {SPARSE_VALUE_DTYPES}, got {values_dtype}")
+        if values_dtype != torch.int8 and group_size is not None:
+            raise ValueError("group_size applies to int8 values only")
+        if group_size is not None and group_size not in SUPPORTED_GROUP_SIZES:
+            raise ValueError(
+                f"group_size must be None (per-channel) or one of {SUPPORTED_GROUP_SIZES}, got {group_size}"
+            )
+        if dtype not in ops.ACTIVATION_DTYPES:
+            raise ValueError(f"dtype must be one of {ops.ACTIVATION_DTYPES}, got {dtype}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.group_size = group_size
+        self.pattern = pattern
+        n_chunks = -(-in_features // SPARSE_CHUNK)
+        self.register_buffer("values", torch.zeros(n_values, dtype=values_dtype, device=device))
+        self.register_buffer("masks", torch.zeros(out_features, n_chunks, dtype=torch.int16, device=device))
+        self.register_buffer("row_offsets", torch.zeros(out_features + 1, dtype=torch.int64, device=device))
+        if values_dtype == torch.int8:
+            scale_shape = (out_features,) if group_size is None else (out_features, -(-in_features // group_size))
+            self.register_buffer("scales", torch.ones(scale_shape, dtype=torch.float32, device=device))
+        else:
+            self.scales = None
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+        self._dtype = dtype
+
+    @classmethod
+    def from_pruned(
+        cls,
+        linear: nn.Module,
+        mask: Tensor,
+        qweight: Tensor | None = None,
+        scales: Tensor | None = None,
+        group_size: int | None = None,
+        pattern: str = "unstructured",
+    ) -> SparseLinear:
+        """Pack a pruned nn.Linear (or Conv1D): its float weight where ``mask`` is True, or, when ``qweight``
+        and ``scales`` are given, those int8 codes (zero where pruned) with their scales."""
+        weight = linear_weight(linear).detach()
+        if mask.shape != weight.shape or mask.dtype != torch.bool:
+            raise ValueError(
+                f"mask must be a bool tensor of shape {tuple(weight.shape)}, got {mask.dtype} {tuple(mask.shape)}"
+            )
+        out_features, in_features = weight.shape
+        dtype = weight.dtype if weight.dtype in ops.ACTIVATION_DTYPES else torch.float32
+        source = weight.to(dtype) if qweight is None else qweight
+        values, masks, row_offsets = reference.sparse_pack(source.contiguous(), mask.to(weight.device))
+        layer = cls(
+            in_features,
+            out_features,
+            values.numel(),
+            linear.bias is not None,
+            values.dtype,
+            group_size if qweight is not None else None,
+            pattern,
+            weight.device,
+            dtype,
+        )
+        layer.values.copy_(values)
+        layer.masks.copy_(masks)
+        layer.row_offsets.copy_(row_offsets)
+        if qweight is not None:
+            if scales is None:
+                raise ValueError("int8 values need their scales")
+            layer.scales.copy_(scales)
+        if linear.bias is not None:
+            layer.bias.data.copy_(linear.bias.detach())
+        return layer
+
+    @property
+    def group_size_arg(self) -> int:
+        return -1 if self.group_size is None else self.group_size
+
+    @property
+    def n_kept(self) -> int:
+        return int(self.row_offsets[-1])
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.n_kept / (self.out_features * self.in_features)
+
+    @property
+    def format(self) -> str:
+        if self.values.dtype == torch.int8:
+            scales = "per-channel" if self.group_size is None else f"group={self.group_size}"
+            values = f"int8 {scales}"
+        else:
+            values = str(self.values.dtype).removeprefix("torch.")
+        return f"sparse {self.sparsity:.0%} {self.pattern} bitmap16, {values} values"
+
+    def packed_bytes(self) -> int:
+        return sum(
+            t.numel() * t.element_size()
+            for t in (self.values, self.masks, self.row_offsets, self.scales)
+            if t is not None
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.sparse_linear(
+            x,
+            self.values,
+            self.masks,
+            self.row_offsets,
+            self.scales,
+            self.bias,
+            in_features=self.in_features,
+            group_size=self.group_size_arg,
+        )
+
+    def dequantize(self) -> Tensor:
+        """The dense weight this layer computes with (zeros where pruned), in the layer's dtype."""
+        dense = reference.sparse_unpack(self.values, self.masks, self.row_offsets, self.in_features)
+        if self.scales is not None:
+            dense = reference.int8_dequantize(dense, self.scales, self.group_size_arg)
+        return dense.to(self._dtype)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.bias.dtype if self.bias is not None else self._dtype
+
+    def _apply(self, fn, recurse: bool = True):
+        # As in Int8Linear: int8 scales stay fp32; float values follow the model's dtype like any weight would.
+        scales = self.scales
+        super()._apply(fn, recurse)
+        if scales is not None and self.scales.dtype != torch.float32:
             self.scales = scales.to(self.scales.device)
         probe = fn(torch.empty(0, dtype=self._dtype))
         if probe.dtype in ops.ACTIVATION_DTYPES:

@@ -6,12 +6,15 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from fastquant import _native
-from fastquant.modules import SUPPORTED_GROUP_SIZES, Int8Linear, is_quantizable_linear, linear_weight
+from fastquant import pruning as pruning_lib
+from fastquant.kernel_choice import choose_kernel
+from fastquant.modules import SUPPORTED_GROUP_SIZES, Int8Linear, SparseLinear, is_quantizable_linear, linear_weight
 
-METHODS = ("int8",)
+METHODS = ("int8", "sparse", "int8+sparse")
+SPARSE_KERNELS = ("auto", "sparse", "dense")
 
 # Below this many weights the int8 kernel cannot beat the float one: the layer is a few KiB, sits in
 # L1/L2 either way, and the per-call overhead dominates.
@@ -81,42 +84,23 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def patch(
+def _select_layers(
     model: nn.Module,
-    method: str = "int8",
-    *,
-    group_size: int | None = None,
-    skip: Iterable[str] = ("lm_head",),
-    filter_fn: FilterFn | None = None,
-    quantize_tied: bool = False,
-) -> nn.Module:
-    """Replace the model's linear layers with compressed ones, in place, and return the model.
+    skip: Iterable[str],
+    filter_fn: FilterFn | None,
+    compress_tied: bool,
+    notes: dict[str, str],
+) -> list[tuple[str, nn.Module, list[str]]]:
+    """The linear layers to compress, each with the non-linear modules (embeddings) sharing its weight.
 
-    Args:
-        method: ``"int8"``: int8 weight-only, per-channel scales or per-group with ``group_size``.
-        group_size: None for one scale per output channel, else one of 32, 64, 128, 256.
-        skip: layer names (full qualified names or single name components) to leave in float.
-        filter_fn: ``filter_fn(module, qualified_name) -> bool``; only layers it accepts are compressed.
-        quantize_tied: a linear weight shared with an embedding is left in float unless this is True;
-            then the linear layer gets its own int8 copy and the embedding keeps the float weight.
-
-    Layers that are skipped keep a reason, shown by :func:`fastquant.report`.
+    Every layer left alone gets its reason in ``notes``.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}: expected one of {METHODS}")
-    if group_size is not None and group_size not in SUPPORTED_GROUP_SIZES:
-        raise ValueError(f"group_size must be None (per-channel) or one of {SUPPORTED_GROUP_SIZES}, got {group_size}")
     skip = tuple(skip)
     owners = _tensor_owners(model)
-    notes: dict[str, str] = getattr(model, "_fastquant_notes", {})
-    replaced: dict[int, Int8Linear] = {}  # weight storage -> its quantized layer, so shared linears stay shared
-
-    targets = [
-        (name, module)
-        for name, module in model.named_modules(remove_duplicate=False)
-        if is_quantizable_linear(module) and not isinstance(module, Int8Linear)
-    ]
-    for name, module in targets:
+    chosen = []
+    for name, module in model.named_modules(remove_duplicate=False):
+        if not is_quantizable_linear(module) or isinstance(module, (Int8Linear, SparseLinear)):
+            continue
         weight = linear_weight(module)
         if _matches(name, skip):
             notes[name] = "skipped by name"
@@ -127,11 +111,89 @@ def patch(
         if weight.numel() < MIN_WEIGHT_ELEMENTS:
             notes[name] = f"too small to gain ({weight.numel()} weights < {MIN_WEIGHT_ELEMENTS})"
             continue
-        storage = module.weight.data_ptr()
-        other_owners = [n for n, m in owners.get(storage, []) if not is_quantizable_linear(m)]
-        if other_owners and not quantize_tied:
-            notes[name] = f"weight tied to {', '.join(other_owners)}; pass quantize_tied=True to quantize a copy"
+        other_owners = [n for n, m in owners.get(module.weight.data_ptr(), []) if not is_quantizable_linear(m)]
+        if other_owners and not compress_tied:
+            notes[name] = f"weight tied to {', '.join(other_owners)}; pass quantize_tied=True to compress a copy"
             continue
+        chosen.append((name, module, other_owners))
+    return chosen
+
+
+def _untie(module: nn.Module) -> None:
+    """Give a linear layer its own copy of a weight it shares with an embedding, so pruning it in place
+    leaves the embedding intact."""
+    module.weight = nn.Parameter(module.weight.detach().clone(), requires_grad=module.weight.requires_grad)
+
+
+def patch(
+    model: nn.Module,
+    method: str = "int8",
+    *,
+    group_size: int | None = None,
+    sparsity: float | None = 0.5,
+    pattern: str = "unstructured",
+    pruning: str = "magnitude",
+    calibration: Iterable | None = None,
+    skip: Iterable[str] = ("lm_head",),
+    filter_fn: FilterFn | None = None,
+    quantize_tied: bool = False,
+    sparse_kernel: str = "auto",
+    progress: bool = True,
+) -> nn.Module:
+    """Replace the model's linear layers with compressed ones, in place, and return the model.
+
+    Args:
+        method: ``"int8"``: int8 weight-only, per-channel scales or per-group with ``group_size``.
+            ``"sparse"``: prune, then store the kept weights in the bitmap16 sparse format (float values).
+            ``"int8+sparse"``: prune, then int8-quantize the kept weights (SparseGPT compensates the rounding).
+        group_size: None for one scale per output channel, else one of 32, 64, 128, 256 (int8 methods).
+        sparsity: fraction of each layer's weights to remove, in [0, 1) (sparse methods; implied by an N:M
+            ``pattern``, where it may be None).
+        pattern: ``"unstructured"`` or ``"N:M"`` (e.g. ``"2:4"``: at most N kept of every M input columns).
+        pruning: ``"magnitude"`` (per layer), ``"global-magnitude"``, ``"wanda"`` or ``"sparsegpt"``; the last
+            two need ``calibration``.
+        calibration: an iterable of model inputs (LongTensors of token ids, or dicts of keyword arguments)
+            for ``"wanda"`` and ``"sparsegpt"``; layers are calibrated in order, each on the activations of
+            the already-pruned layers before it.
+        skip: layer names (full qualified names or single name components) to leave in float.
+        filter_fn: ``filter_fn(module, qualified_name) -> bool``; only layers it accepts are compressed.
+        quantize_tied: a linear weight shared with an embedding is left in float unless this is True;
+            then the linear layer gets its own compressed copy and the embedding keeps the float weight.
+        sparse_kernel: ``"auto"``: per layer, the faster of the sparse and dense kernels (below);
+            ``"sparse"``: always the sparse format (smallest memory); ``"dense"``: prune but keep dense weights.
+        progress: show progress bars while calibrating.
+
+    Sparse layers keep the faster of the sparse kernel and the dense kernel of the same numbers (float for
+    ``"sparse"``, int8 for ``"int8+sparse"``), timed on this machine for the layer's shape at decode (one
+    token); pruned weights stay pruned either way. Layers left alone and kernel choices keep a reason, shown
+    by :func:`fastquant.report`.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}: expected one of {METHODS}")
+    if group_size is not None and group_size not in SUPPORTED_GROUP_SIZES:
+        raise ValueError(f"group_size must be None (per-channel) or one of {SUPPORTED_GROUP_SIZES}, got {group_size}")
+    if sparse_kernel not in SPARSE_KERNELS:
+        raise ValueError(f"sparse_kernel must be one of {SPARSE_KERNELS}, got {sparse_kernel!r}")
+    if method == "sparse" and group_size is not None:
+        raise ValueError("group_size applies to the int8 methods; method='sparse' keeps float values")
+    notes: dict[str, str] = getattr(model, "_fastquant_notes", {})
+    chosen = _select_layers(model, skip, filter_fn, quantize_tied, notes)
+    if method == "int8":
+        _patch_int8(model, chosen, group_size, notes)
+    else:
+        _patch_sparse(
+            model, chosen, method, group_size, sparsity, pattern, pruning, calibration, sparse_kernel, progress, notes
+        )
+    model._fastquant_notes = notes
+    return model
+
+
+def _patch_int8(
+    model: nn.Module, chosen: list[tuple[str, nn.Module, list[str]]], group_size: int | None, notes: dict[str, str]
+) -> None:
+    replaced: dict[int, Int8Linear] = {}  # weight storage -> its quantized layer, so shared linears stay shared
+    for name, module, other_owners in chosen:
+        storage = module.weight.data_ptr()
         if storage not in replaced:
             try:
                 replaced[storage] = Int8Linear.from_linear(module, group_size)
@@ -139,14 +201,91 @@ def patch(
                 raise ValueError(f"layer {name!r}: {exc}") from exc
         _set_submodule(model, name, replaced[storage])
         notes[name] = f"int8 copy; float weight kept for {', '.join(other_owners)}" if other_owners else ""
+
+
+def _patch_sparse(
+    model: nn.Module,
+    chosen: list[tuple[str, nn.Module, list[str]]],
+    method: str,
+    group_size: int | None,
+    sparsity: float | None,
+    pattern: str,
+    pruning: str,
+    calibration: Iterable | None,
+    sparse_kernel: str,
+    progress: bool,
+    notes: dict[str, str],
+) -> None:
+    int8 = method == "int8+sparse"
+    for name, module, other_owners in chosen:
+        if not torch.isfinite(linear_weight(module)).all():
+            raise ValueError(f"layer {name!r}: cannot prune a weight with NaN/inf values")
+        if other_owners:
+            _untie(module)
+    layers = {name: module for name, module, _ in chosen}
+    pruned = pruning_lib.prune_layers(
+        model,
+        layers,
+        sparsity=sparsity,
+        pattern=pattern,
+        pruning=pruning,
+        calibration=calibration,
+        int8=int8,
+        group_size=group_size,
+        progress=progress,
+    )
+    replaced: dict[int, nn.Module] = {}
+    for name, module, other_owners in chosen:
+        storage = module.weight.data_ptr()
+        if storage not in replaced:
+            result = pruned[name]
+            sparse = SparseLinear.from_pruned(module, result.mask, result.qweight, result.scales, group_size, pattern)
+            dense = Int8Linear.from_codes(module, result.qweight, result.scales, group_size) if int8 else module
+            if sparse_kernel == "auto":
+                choice = choose_kernel(sparse, dense)
+                replaced[storage] = sparse if choice.winner == "sparse" else dense
+                notes[name] = f"{pruning} {choice.describe()}"
+            else:
+                replaced[storage] = sparse if sparse_kernel == "sparse" else dense
+                notes[name] = f"{pruning} {sparse.sparsity:.0%} pruned; {sparse_kernel} kernel as asked"
+        _set_submodule(model, name, replaced[storage])
+        if other_owners:
+            notes[name] += f"; float weight kept for {', '.join(other_owners)}"
+
+
+def prune(
+    model: nn.Module,
+    *,
+    sparsity: float | None = 0.5,
+    pattern: str = "unstructured",
+    pruning: str = "magnitude",
+    calibration: Iterable | None = None,
+    skip: Iterable[str] = ("lm_head",),
+    filter_fn: FilterFn | None = None,
+    progress: bool = True,
+) -> dict[str, Tensor]:
+    """Prune the model's linear layers in place and keep them dense; returns each layer's keep-mask.
+
+    The weights are zeroed for good (unlike ``torch.nn.utils.prune``, no mask is kept around): use this to
+    study accuracy, then :func:`patch` with a sparse method for the speed. Arguments as in :func:`patch`;
+    weights tied to an embedding are left alone.
+    """
+    notes: dict[str, str] = getattr(model, "_fastquant_notes", {})
+    layers = {name: module for name, module, _ in _select_layers(model, skip, filter_fn, False, notes)}
     model._fastquant_notes = notes
-    return model
+    results = pruning_lib.prune_layers(
+        model, layers, sparsity=sparsity, pattern=pattern, pruning=pruning, calibration=calibration, progress=progress
+    )
+    return {name: result.mask for name, result in results.items()}
 
 
-def _kernel_paths(layer: Int8Linear) -> str:
-    device = layer.qweight.device
-    n, k = layer.qweight.shape
-    paths = [_native.int8_linear_kernel_path(device, m, n, k, layer.group_size_arg, layer.dtype) for m in (1, 512)]
+def _kernel_paths(layer: Int8Linear | SparseLinear) -> str:
+    if isinstance(layer, SparseLinear):
+        device, (n, k) = layer.masks.device, (layer.out_features, layer.in_features)
+        paths = [_native.sparse_linear_kernel_path(device, m, n, k, layer.values.dtype, layer.dtype) for m in (1, 512)]
+    else:
+        device, (n, k) = layer.qweight.device, layer.qweight.shape
+        paths = [_native.int8_linear_kernel_path(device, m, n, k, layer.group_size_arg, layer.dtype) for m in (1, 512)]
     return paths[0] if paths[0] == paths[1] else " / ".join(paths)
 
 
@@ -155,10 +294,13 @@ def report(model: nn.Module) -> Report:
     notes: dict[str, str] = getattr(model, "_fastquant_notes", {})
     rows: list[LayerReport] = []
     for name, module in model.named_modules():
-        if isinstance(module, Int8Linear):
-            n, k = module.qweight.shape
+        if isinstance(module, (Int8Linear, SparseLinear)):
+            n, k = module.out_features, module.in_features
             float_bytes = n * k * torch.finfo(module.dtype).bits // 8
-            packed_bytes = module.qweight.numel() + module.scales.numel() * module.scales.element_size()
+            if isinstance(module, SparseLinear):
+                packed_bytes = module.packed_bytes()
+            else:
+                packed_bytes = module.qweight.numel() + module.scales.numel() * module.scales.element_size()
             rows.append(
                 LayerReport(
                     name, (n, k), module.format, float_bytes, packed_bytes, _kernel_paths(module), notes.get(name, "")

@@ -28,11 +28,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from fastquant.modules import Int8Linear, is_quantizable_linear
+from fastquant.modules import Int8Linear, SparseLinear, is_quantizable_linear
 
 FORMAT_NAME = "fastquant"
 FORMAT_VERSION = 1
 METADATA_KEY = "fastquant"
+# dtype names a manifest may use, looked up in this table (never with getattr on torch).
+_MANIFEST_DTYPES = {name: getattr(torch, name) for name in ("float32", "bfloat16", "float16", "int8")}
 
 
 class FastquantFormatError(ValueError):
@@ -62,6 +64,18 @@ def layer_params(model: nn.Module) -> dict[str, dict[str, Any]]:
                 "group_size": module.group_size,
                 "dtype": _dtype_name(module.dtype),
             }
+        elif isinstance(module, SparseLinear):
+            layers[name] = {
+                "type": "sparse",
+                "in_features": module.in_features,
+                "out_features": module.out_features,
+                "bias": module.bias is not None,
+                "group_size": module.group_size,
+                "dtype": _dtype_name(module.dtype),
+                "values_dtype": _dtype_name(module.values.dtype),
+                "n_values": module.values.numel(),
+                "pattern": module.pattern,
+            }
     return layers
 
 
@@ -89,7 +103,8 @@ def save(model: nn.Module, path: str | os.PathLike, *, method: str | None = None
         tensors[name] = tensor.detach().contiguous().cpu()
     layers = layer_params(model)
     if method is None:
-        method = "int8" if layers else "float"
+        types = sorted({spec["type"] for spec in layers.values()})
+        method = "+".join(types) if types else "float"
     manifest = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -159,25 +174,31 @@ def _patch_to_match(model: nn.Module, layers: dict[str, dict[str, Any]], path: P
             module = model.get_submodule(name)
         except AttributeError as exc:
             raise FastquantFormatError(f"{path}: architecture mismatch: the model has no layer {name!r}") from exc
-        if isinstance(module, Int8Linear):
+        if isinstance(module, (Int8Linear, SparseLinear)):
             continue  # already patched (e.g. loading into a model patched the same way)
         if not is_quantizable_linear(module):
             raise FastquantFormatError(
                 f"{path}: architecture mismatch: {name!r} is a {type(module).__name__}, "
                 "the checkpoint has a linear layer"
             )
-        if spec.get("type") != "int8":
+        if spec.get("type") not in ("int8", "sparse"):
             raise FastquantFormatError(f"{path}: layer {name!r} has unknown type {spec.get('type')!r}")
         try:
-            dtype = getattr(torch, spec["dtype"])
-            new = Int8Linear(
-                int(spec["in_features"]),
-                int(spec["out_features"]),
-                bool(spec["bias"]),
-                spec["group_size"],
-                device="cpu",
-                dtype=dtype,
-            )
+            dtype = _MANIFEST_DTYPES[spec["dtype"]]
+            shape = (int(spec["in_features"]), int(spec["out_features"]))
+            if spec["type"] == "int8":
+                new = Int8Linear(*shape, bool(spec["bias"]), spec["group_size"], device="cpu", dtype=dtype)
+            else:
+                new = SparseLinear(
+                    *shape,
+                    int(spec["n_values"]),
+                    bool(spec["bias"]),
+                    _MANIFEST_DTYPES[spec["values_dtype"]],
+                    spec["group_size"],
+                    str(spec["pattern"]),
+                    device="cpu",
+                    dtype=dtype,
+                )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise FastquantFormatError(f"{path}: invalid manifest entry for layer {name!r}: {exc}") from exc
         _set_submodule(model, name, new)
