@@ -1,0 +1,340 @@
+"""fastquant.sparse_linear (bitmap16 weight) on CUDA: every dispatch path vs a float64 reference, sparsity
+levels (all-zero rows, 2:4), every value / activation dtype, int8 scales, opcheck, torch.compile, CUDA-graph
+capture, bad input.
+
+Tolerance rule (CUDA kernels; the int8_linear CUDA rule): with y64 the float64 evaluation of
+``reference.sparse_linear``'s formula (W the unpacked weight, times its scales for int8 values), y_torch what
+PyTorch gives at the activation dtype by unpacking and calling ``F.linear(x, W.to(x.dtype), bias)`` (cuBLAS),
+u the unit roundoff of x's dtype (2^-24, 2^-8, 2^-11 for fp32, bf16, fp16), every output element must satisfy
+
+    |y - y64| <= 2 * |y_torch - y64| + 2^-12 * sqrt((x^2) @ (W^2)^T) + 4 * u * |y64|
+
+The first term allows what PyTorch loses at this precision (the densify + cuBLAS path rounds int8 q * s to x's
+dtype exactly as that expression does); the second is fp32 accumulation in any order; the last the final
+rounding of both outputs. Dropping, duplicating or misplacing one kept weight moves y by about
+|w| * |x| ~ sqrt(1 / kept) * sqrt((x^2) @ (W^2)^T), at least 2^-6 of that scale for the <= 4096 kept weights
+per row here: far outside the bound.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastquant  # noqa: F401 - registers the fastquant ops
+from fastquant import _native, reference
+
+_REASON = "needs a CUDA GPU and fastquant built with CUDA kernels"
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available() or not _native.has_cuda_kernels(), reason=_REASON),
+    pytest.mark.skipif(
+        torch.cuda.is_available() and torch.cuda.get_device_capability()[0] < 8,
+        reason="the CUDA kernels need compute capability 8.0+",
+    ),
+]
+
+VALUE_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int8]
+X_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+# (M, K, N): M over the GEMV tiles (1, 3, 16), the tiled GEMV (17, 64) and densify + cuBLAS (256); K not a
+# multiple of 16 (17, 1000 = 62.5 chunks, 1025), a multiple of the 512-column warp step (4096); N = 1 and 3
+# (blocks with idle warps), 1000 (not a multiple of the 8 or 16 rows of a block).
+SHAPES = [
+    (1, 4096, 1000),
+    (1, 17, 3),
+    (1, 1025, 1),
+    (3, 1000, 1000),
+    (3, 4096, 3),
+    (16, 1025, 1000),
+    (16, 17, 1),
+    (17, 4096, 3),
+    (17, 1000, 1000),
+    (64, 1025, 3),
+    (256, 1000, 1000),
+    (256, 17, 3),
+]
+
+
+def cuda_path(m: int, n: int, k: int, values_dtype: torch.dtype, x_dtype: torch.dtype, group_size: int = -1) -> str:
+    v = str(values_dtype).removeprefix("torch.")
+    x = str(x_dtype).removeprefix("torch.")
+    return _native.native.sparse_linear_cuda_path(m, n, k, v, x, group_size)
+
+
+def make_mask(n: int, k: int, sparsity: float | str, gen: torch.Generator) -> torch.Tensor:
+    if sparsity == "2:4":  # the 2 largest random scores of every 4 consecutive columns
+        k4 = -(-k // 4) * 4
+        scores = torch.rand(n, k4 // 4, 4, generator=gen, device="cuda")
+        top = scores.topk(2, dim=2).indices
+        mask = torch.zeros_like(scores, dtype=torch.bool).scatter_(2, top, True)
+        return mask.reshape(n, k4)[:, :k].contiguous()
+    return torch.rand(n, k, generator=gen, device="cuda") >= sparsity
+
+
+def make_case(m, k, n, values_dtype, x_dtype, sparsity=0.5, group_size=-1, with_bias=True, seed=0, zero_rows=True):
+    """Packed weight (values, masks, row_offsets, scales), x, bias and the dense fp32 weight they stand for."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    row_scale = torch.rand(n, 1, generator=gen, device="cuda") * 2 + 0.05  # rows of different magnitudes
+    weight = torch.randn(n, k, generator=gen, device="cuda") * row_scale
+    mask = make_mask(n, k, sparsity, gen)
+    if zero_rows and n >= 3:
+        mask[1] = False  # an all-zero row between kept rows
+    scales = None
+    if values_dtype == torch.int8:
+        qweight, scales = reference.int8_quantize(weight * mask, group_size)
+        values, masks, row_offsets = reference.sparse_pack(qweight, mask)
+    else:
+        values, masks, row_offsets = reference.sparse_pack((weight * mask).to(values_dtype), mask)
+    x = torch.randn(m, k, generator=gen, device="cuda").to(x_dtype)
+    bias = torch.randn(n, generator=gen, device="cuda").to(x_dtype) if with_bias else None
+    dense = reference.sparse_dequantize(values, masks, row_offsets, scales, k, group_size)
+    return (x, values, masks, row_offsets, scales, bias, k, group_size), dense
+
+
+def run(args):
+    return torch.ops.fastquant.sparse_linear(*args)
+
+
+def assert_close_to_reference(y, args, dense, path=""):
+    x, bias = args[0], args[5]
+    w64, x64 = dense.double(), x.double()
+    y64 = x64 @ w64.T
+    if bias is not None:
+        y64 = y64 + bias.double()
+    y_torch = F.linear(x, dense.to(x.dtype), bias)
+    scale = ((x64**2) @ (w64**2).T).sqrt()
+    bound = 2 * (y_torch.double() - y64).abs() + 2.0**-12 * scale + 4 * UNIT_ROUNDOFF[x.dtype] * y64.abs()
+    assert y.dtype == x.dtype and y.shape == y64.shape and y.device == x.device
+    err = (y.double() - y64).abs()
+    excess = err - bound
+    worst = int(excess.argmax()) if excess.numel() else 0
+    assert bool((excess <= 0).all()), (
+        f"kernel {path}: error {err.flatten()[worst].item():.3g} exceeds bound {bound.flatten()[worst].item():.3g} "
+        f"at flat index {worst} (y64={y64.flatten()[worst].item():.4g}, y={y.flatten()[worst].item():.4g})"
+    )
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("values_dtype", VALUE_DTYPES, ids=str)
+@pytest.mark.parametrize("x_dtype", X_DTYPES, ids=str)
+def test_matches_reference(shape, values_dtype, x_dtype):
+    m, k, n = shape
+    seed = zlib.crc32(repr((shape, values_dtype, x_dtype)).encode())
+    group_size = [-1, 32, 64, 128, 256][seed % 5] if values_dtype == torch.int8 else -1
+    args, dense = make_case(m, k, n, values_dtype, x_dtype, 0.5, group_size, with_bias=seed % 2 == 0, seed=seed)
+    path = cuda_path(m, n, k, values_dtype, x_dtype, group_size)
+    assert path.startswith("cuda_sparse_")
+    assert_close_to_reference(run(args), args, dense, path)
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.7, 0.9, 1.0, "2:4"], ids=str)
+@pytest.mark.parametrize("m", [1, 4, 16, 64, 256])
+@pytest.mark.parametrize("values_dtype", [torch.bfloat16, torch.int8], ids=str)
+def test_sparsity_levels(sparsity, m, values_dtype):
+    """Dense, typical, very sparse and empty rows (1.0: every row all-zero, y = bias), and 2:4 masks."""
+    k, n = 2100, 300  # 4 full warp steps + a ragged one; 300 rows = 37.5 blocks of 8
+    group_size = 128 if values_dtype == torch.int8 else -1
+    args, dense = make_case(m, k, n, values_dtype, torch.bfloat16, sparsity, group_size, seed=m + 1)
+    y = run(args)
+    assert_close_to_reference(y, args, dense, cuda_path(m, n, k, values_dtype, torch.bfloat16, group_size))
+    if sparsity == 1.0:
+        torch.testing.assert_close(y, args[5].expand(m, n), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("group_size", [-1, 32, 64, 128, 256, 48])
+@pytest.mark.parametrize("m", [1, 7, 40, 300])
+def test_int8_scales(group_size, m):
+    """Per-channel and per-group scales; group 48 (a multiple of 16, not a power of two) is densified."""
+    k, n = 1040, 130  # K % group != 0 for every group size: a ragged last group
+    args, dense = make_case(m, k, n, torch.int8, torch.float16, 0.6, group_size, seed=group_size + 1000 * m)
+    path = cuda_path(m, n, k, torch.int8, torch.float16, group_size)
+    if group_size == 48:
+        assert path == "cuda_sparse_densify_cublas"
+    assert_close_to_reference(run(args), args, dense, path)
+
+
+# One case per path of csrc/cuda/sparse_linear_dispatch.h: (expected path, M, K, N, values dtype, x dtype).
+PATH_CASES = [
+    ("cuda_sparse_gemv_m1", 1, 4096, 512, torch.bfloat16, torch.bfloat16),
+    ("cuda_sparse_gemv_m2", 2, 14336, 64, torch.float16, torch.float16),  # x slabs of 8192 columns: 2 slabs
+    ("cuda_sparse_gemv_m4", 4, 8192, 96, torch.float32, torch.bfloat16),  # x slabs of 4096 columns
+    ("cuda_sparse_gemv_m8", 5, 4100, 200, torch.int8, torch.bfloat16),  # 16-warp blocks, 2048-column slabs: 3
+    ("cuda_sparse_gemv_m16", 16, 3000, 77, torch.bfloat16, torch.float32),  # 1024-column slabs, last partial
+    ("cuda_sparse_gemv_tiled", 33, 1025, 100, torch.float16, torch.float16),  # 3 launches, last of 1 row
+    ("cuda_sparse_gemv_tiled", 64, 512, 64, torch.int8, torch.float32),
+    ("cuda_sparse_densify_cublas", 65, 1000, 100, torch.bfloat16, torch.bfloat16),
+    ("cuda_sparse_densify_cublas", 300, 1025, 70, torch.float32, torch.float16),  # mixed: fp32 GEMM
+    ("cuda_sparse_densify_cublas", 128, 640, 48, torch.int8, torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize(
+    ("path", "m", "k", "n", "values_dtype", "x_dtype"),
+    PATH_CASES,
+    ids=[f"{c[0]}-{c[1]}x{c[2]}x{c[3]}-{str(c[4]).removeprefix('torch.')}" for c in PATH_CASES],
+)
+def test_every_dispatch_path(path, m, k, n, values_dtype, x_dtype):
+    assert cuda_path(m, n, k, values_dtype, x_dtype) == path
+    assert _native.sparse_linear_kernel_path(torch.device("cuda"), m, n, k, values_dtype, x_dtype) == path
+    for with_bias in (False, True):
+        args, dense = make_case(m, k, n, values_dtype, x_dtype, 0.5, -1, with_bias, seed=m * 7919 + k + n)
+        assert_close_to_reference(run(args), args, dense, path)
+
+
+def test_all_paths_are_covered():
+    names = {"cuda_sparse_gemv_tiled", "cuda_sparse_densify_cublas"} | {
+        f"cuda_sparse_gemv_m{m}" for m in (1, 2, 4, 8, 16)
+    }
+    assert {case[0] for case in PATH_CASES} == names
+
+
+def test_misaligned_values_view():
+    """values starting 1 element into their storage (no 16-byte loads from it): the glue copies it."""
+    args, dense = make_case(3, 1000, 50, torch.bfloat16, torch.bfloat16, 0.5, seed=3)
+    values = args[1]
+    shifted = torch.empty(values.numel() + 1, dtype=values.dtype, device="cuda")[1:]
+    shifted.copy_(values)
+    assert shifted.data_ptr() % 16 != 0
+    moved = (args[0], shifted, *args[2:])
+    torch.testing.assert_close(run(moved), run(args), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("m", [1, 16, 100])
+def test_fp16_partial_sums_do_not_overflow(m):
+    """Partial sums reach 4e5, past fp16's 65504, and cancel to a small result: fp32 accumulation."""
+    k, n = 512, 32
+    weight = torch.cat([torch.full((n, k // 2), 8.0), torch.full((n, k // 2), -8.0)], dim=1).cuda().half()
+    weight[:, 0] += 0.5
+    weight[:, 1::2] = 0  # half of the weight pruned
+    values, masks, row_offsets = reference.sparse_pack(weight)
+    x = torch.full((m, k), 100.0, dtype=torch.float16, device="cuda")
+    args = (x, values, masks, row_offsets, None, None, k, -1)
+    y = run(args)
+    assert torch.isfinite(y).all()
+    assert_close_to_reference(y, args, weight.float(), "fp16 overflow")
+
+
+@pytest.mark.parametrize("m", [3, 100])
+@pytest.mark.parametrize("values_dtype", [torch.bfloat16, torch.int8], ids=str)
+def test_opcheck(m, values_dtype):
+    args, _ = make_case(m, 320, 48, values_dtype, torch.bfloat16, 0.5, 64, seed=7)
+    op = torch.ops.fastquant.sparse_linear.default
+    torch.library.opcheck(op, args)
+    torch.library.opcheck(op, (args[0].half(), *args[1:5], None, *args[6:]))
+    torch.library.opcheck(op, (args[0].float(), *args[1:5], None, *args[6:]))
+
+
+def test_torch_compile_fullgraph():
+    args, _ = make_case(1, 1024, 512, torch.bfloat16, torch.bfloat16, 0.7, seed=11)
+    _, values, masks, row_offsets, scales, bias, k, g = args
+
+    def f(x):
+        y = torch.ops.fastquant.sparse_linear(x, values, masks, row_offsets, scales, bias, k, g)
+        return F.gelu(y) * 2
+
+    compiled = torch.compile(f, fullgraph=True)
+    for m in (1, 4, 100):  # GEMV and densify + cuBLAS; a new batch size retraces or runs dynamic
+        x = torch.randn(2, m, k, device="cuda", dtype=torch.bfloat16)
+        # Inductor fuses gelu and the product in fp32 without rounding in between: bf16 tolerance.
+        torch.testing.assert_close(compiled(x), f(x))
+
+
+@pytest.mark.parametrize("m", [1, 40, 300], ids=["gemv", "gemv-tiled", "densify-cublas"])
+def test_cuda_graph_capture_and_replay(m):
+    args, dense = make_case(m, 2048, 256, torch.bfloat16, torch.bfloat16, 0.5, seed=13)
+    static_x = args[0].clone()
+    graph_args = (static_x, *args[1:])
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm up off the default stream, as capture requires
+        for _ in range(2):
+            run(graph_args)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = run(graph_args)
+    for seed in (1, 2):
+        gen = torch.Generator(device="cuda").manual_seed(seed)
+        static_x.copy_(torch.randn(m, 2048, generator=gen, device="cuda"))
+        graph.replay()
+        torch.cuda.synchronize()
+        expected = run(graph_args)
+        torch.testing.assert_close(static_y, expected, rtol=0, atol=0)  # no atomics: deterministic
+        assert_close_to_reference(static_y, graph_args, dense, "graph replay")
+
+
+def test_non_contiguous_batched_and_empty():
+    args, dense = make_case(1, 256, 50, torch.bfloat16, torch.bfloat16, 0.5, seed=5)
+    rest = args[1:]
+    x3 = torch.randn(256, 3, 4, device="cuda").bfloat16().permute(1, 2, 0)  # (3, 4, 256), K not innermost
+    assert not x3.is_contiguous()
+    y = run((x3, *rest))
+    assert y.shape == (3, 4, 50)
+    torch.testing.assert_close(y, run((x3.contiguous(), *rest)), rtol=0, atol=0)
+    assert run((torch.empty(0, 256, device="cuda").bfloat16(), *rest)).shape == (0, 50)
+    assert run((torch.empty(2, 0, 256, device="cuda").bfloat16(), *rest)).shape == (2, 0, 50)
+    # in_features = 0: y = bias.
+    bias = args[5]
+    empty_masks = torch.empty(50, 0, dtype=torch.int16, device="cuda")
+    values = torch.zeros(64, dtype=torch.bfloat16, device="cuda")
+    offsets = torch.zeros(51, dtype=torch.int64, device="cuda")
+    y = run((torch.empty(3, 0, device="cuda").bfloat16(), values, empty_masks, offsets, None, bias, 0, -1))
+    torch.testing.assert_close(y, bias.expand(3, 50))
+
+
+def _bad(i, value):
+    def make(args):
+        out = list(args)
+        out[i] = value(args) if callable(value) else value
+        return tuple(out)
+
+    return make
+
+
+BAD_INPUTS = [
+    ("x must be float32, bfloat16 or float16", _bad(0, lambda a: a[0].to(torch.int32))),
+    ("x must be float32, bfloat16 or float16", _bad(0, lambda a: a[0].double())),
+    ("values must be a 1-D float32, bfloat16, float16 or int8 tensor", _bad(1, lambda a: a[1].double())),
+    ("values must be a 1-D", _bad(1, lambda a: a[1].view(1, -1))),
+    (r"masks must be a 2-D int16 tensor \(N, ceil\(K / 16\)\)", _bad(2, lambda a: a[2].int())),
+    (r"x has 63 input features \(shape [(\[]3, 63[)\]]\) but in_features is 64", _bad(0, lambda a: a[0][:, :63])),
+    (r"masks has 3 chunks per row but in_features 64 needs ceil\(64 / 16\) = 4", _bad(2, lambda a: a[2][:, :3])),
+    (r"row_offsets must be an int64 tensor of shape \(N \+ 1,\) = \(33,\)", _bad(3, lambda a: a[3].int())),
+    (r"row_offsets must be an int64 tensor of shape \(N \+ 1,\) = \(33,\)", _bad(3, lambda a: a[3][:-1])),
+    ("values must end with 64 elements of padding", _bad(1, lambda a: a[1][:10])),
+    ("int8 values need float32 scales, got None", lambda a: (a[0], a[1].to(torch.int8), *a[2:4], None, *a[5:])),
+    ("scales must be None for", _bad(4, lambda a: torch.ones(32, device="cuda"))),
+    (r"bias dtype (torch.float16|Half) must match x dtype (torch.bfloat16|BFloat16)", _bad(5, lambda a: a[5].half())),
+    (r"bias must have shape \(32,\)", _bad(5, lambda a: a[5][:5])),
+    ("group_size must be -1", _bad(7, 24)),
+]
+
+
+@pytest.mark.parametrize(("message", "make_args"), BAD_INPUTS, ids=[m for m, _ in BAD_INPUTS])
+def test_bad_input_is_named(message, make_args):
+    args, _ = make_case(3, 64, 32, torch.bfloat16, torch.bfloat16, 0.5, seed=1)
+    with pytest.raises(RuntimeError, match=message):
+        run(make_args(args))
+
+
+def test_bad_int8_scales_are_named():
+    args, _ = make_case(3, 64, 32, torch.int8, torch.bfloat16, 0.5, 32, seed=1)
+    with pytest.raises(RuntimeError, match="scales must be float32"):
+        run((*args[:4], args[4].half(), *args[5:]))
+    with pytest.raises(RuntimeError, match=r"group-wise scales .* must have shape \(32, 2\)"):
+        run((*args[:4], args[4][:, :1].contiguous(), *args[5:]))
+    with pytest.raises(RuntimeError, match=r"per-channel scales must have shape \(N,\) = \(32,\)"):
+        run((*args[:4], args[4][:, 0].contiguous()[:31], *args[5:7], -1))
+
+
+@pytest.mark.parametrize("on_cpu", [0, 1, 2, 3, 5], ids=["x", "values", "masks", "row_offsets", "bias"])
+def test_mixed_devices_rejected(on_cpu):
+    args, _ = make_case(3, 64, 32, torch.bfloat16, torch.bfloat16, 0.5, seed=1)
+    args = list(args)
+    args[on_cpu] = args[on_cpu].cpu()
+    with pytest.raises(RuntimeError, match="device"):
+        run(tuple(args))
