@@ -11,6 +11,7 @@ from importlib.metadata import PackageNotFoundError, version
 from fastquant import (
     _native,  # noqa: F401  (loads fastquant._C, which registers the native kernels)
     ops,  # defines the torch.ops.fastquant schemas before the native kernels register
+    pruning,
 )
 from fastquant.modules import Int8Linear, SparseLinear
 from fastquant.ops import int8_linear, sparse_linear
@@ -36,6 +37,7 @@ __all__ = [
     "ops",
     "patch",
     "prune",
+    "pruning",
     "report",
     "save",
     "sparse_linear",

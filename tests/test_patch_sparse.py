@@ -1,0 +1,154 @@
+"""fastquant.patch with the sparse methods, fastquant.prune, and the measured sparse-vs-dense kernel choice."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_patch import make_block
+from torch import nn
+
+import fastquant
+from fastquant import Int8Linear, SparseLinear, reference
+from fastquant.kernel_choice import KernelChoice
+
+TOKENS = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(0))
+
+
+def pruned_float_copy(model: nn.Module) -> nn.Module:
+    """The float model a sparse-patched model stands for: same layers, dense pruned weights."""
+    dense = make_block()
+    for name in ("up", "down"):
+        layer = model.get_submodule(name)
+        weight = layer.dequantize() if isinstance(layer, (SparseLinear, Int8Linear)) else layer.weight
+        dense.get_submodule(name).weight.data.copy_(weight)
+    return dense
+
+
+@pytest.mark.parametrize("sparse_kernel", ["sparse", "dense", "auto"])
+@pytest.mark.parametrize("method", ["sparse", "int8+sparse"])
+def test_patched_model_computes_with_its_pruned_weights(method, sparse_kernel):
+    model = fastquant.patch(make_block(), method, sparsity=0.6, sparse_kernel=sparse_kernel, progress=False)
+    for name in ("up", "down"):
+        layer = model.get_submodule(name)
+        expected_type = {"sparse": SparseLinear, "dense": Int8Linear if method == "int8+sparse" else nn.Linear}
+        if sparse_kernel in expected_type:
+            assert type(layer) is expected_type[sparse_kernel], name
+        weight = layer.dequantize() if isinstance(layer, (SparseLinear, Int8Linear)) else layer.weight
+        assert (weight == 0).float().mean().item() == pytest.approx(0.6, abs=1 / 256), name
+    with torch.no_grad():
+        # Same numbers, different kernels: only fp32 summation order differs.
+        torch.testing.assert_close(model(TOKENS), pruned_float_copy(model)(TOKENS), rtol=1e-4, atol=1e-4)
+
+
+def test_sparse_layer_keeps_the_float_values_exactly():
+    model = make_block()
+    weight = model.up.weight.detach().clone()
+    fastquant.patch(model, "sparse", sparsity=0.5, sparse_kernel="sparse", progress=False)
+    dense = model.up.dequantize()
+    kept = dense != 0
+    assert torch.equal(dense[kept], weight[kept])  # pruning removes weights, never changes the kept ones
+    assert "sparse 50% unstructured bitmap16, float32 values" in repr(model.up)
+
+
+def test_report_shows_choice_format_and_bytes():
+    model = fastquant.patch(make_block(), "int8+sparse", sparsity=0.7, sparse_kernel="sparse", progress=False)
+    rows = {row.name: row for row in fastquant.report(model).layers}
+    up = rows["up"]
+    assert up.format == "sparse 70% unstructured bitmap16, int8 per-channel values"
+    # values (30% of 512x256 int8 + 64 padding) + masks (512 x 16 int16) + offsets (513 int64) + scales
+    assert up.bytes_after == (512 * 256 - round(0.7 * 512 * 256)) + 64 + 512 * 16 * 2 + 513 * 8 + 512 * 4
+    assert "70% pruned" in up.note and rows["lm_head"].note == "skipped by name"
+
+    auto = fastquant.patch(make_block(), "sparse", sparsity=0.5, progress=False)
+    note = {row.name: row.note for row in fastquant.report(auto).layers}["up"]
+    assert "kernel kept: sparse" in note and "at 1 token" in note
+
+
+def test_kernel_choice_description():
+    choice = KernelChoice("dense", "int8", sparse_ms=0.2, dense_ms=0.1, sparsity=0.5)
+    assert choice.describe() == (
+        "50% pruned; dense int8 kernel kept: sparse 0.200 ms vs dense int8 0.100 ms at 1 token (2.00x)"
+    )
+
+
+def test_two_to_four_pattern():
+    model = fastquant.patch(make_block(), "sparse", pattern="2:4", sparsity=None, sparse_kernel="sparse")
+    groups = model.up.dequantize().reshape(512, -1, 4)
+    assert bool(((groups != 0).sum(-1) <= 2).all())
+    assert "2:4" in model.up.format
+
+
+def test_tied_weight_is_copied_before_pruning():
+    model = make_block()
+    model.lm_head.weight = model.embed.weight
+    embed_before = model.embed.weight.detach().clone()
+    fastquant.patch(model, "sparse", skip=(), quantize_tied=True, sparse_kernel="sparse", progress=False)
+    assert isinstance(model.lm_head, SparseLinear)
+    assert torch.equal(model.embed.weight, embed_before)  # the embedding is not pruned with it
+
+
+def test_prune_keeps_dense_layers_and_returns_masks():
+    model = make_block()
+    masks = fastquant.prune(model, sparsity=0.25, progress=False)
+    assert set(masks) == {"up", "down"}  # lm_head skipped by name, tiny too small
+    assert type(model.up) is nn.Linear
+    assert torch.equal(model.up.weight != 0, masks["up"])
+    assert masks["up"].float().mean().item() == pytest.approx(0.75, abs=1 / 256)
+
+
+def test_calibrated_pruning_needs_calibration():
+    with pytest.raises(ValueError, match="calibration"):
+        fastquant.patch(make_block(), "sparse", pruning="wanda")
+
+
+def test_calibrated_pruning_runs_on_model_inputs():
+    model = make_block()
+    batches = [torch.randint(0, 300, (4, 16), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    fastquant.patch(model, "int8+sparse", pruning="sparsegpt", calibration=batches, sparse_kernel="sparse")
+    assert isinstance(model.up, SparseLinear) and model.up.sparsity == pytest.approx(0.5, abs=1 / 256)
+    with torch.no_grad():
+        assert torch.isfinite(model(TOKENS)).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(sparsity=1.5), "sparsity"),
+        (dict(sparsity=float("nan")), "sparsity"),
+        (dict(pattern="3:5"), "5"),
+        (dict(pruning="random"), "pruning"),
+        (dict(sparse_kernel="fastest"), "sparse_kernel"),
+        (dict(group_size=64), "group_size applies to the int8 methods"),
+    ],
+)
+def test_bad_sparse_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        fastquant.patch(make_block(), "sparse", progress=False, **kwargs)
+
+
+def test_nan_weight_names_the_layer():
+    model = make_block()
+    with torch.no_grad():
+        model.up.weight[0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"layer 'up'.*NaN/inf"):
+        fastquant.patch(model, "sparse")
+
+
+def test_compiled_sparse_model_matches_eager():
+    model = fastquant.patch(make_block(), "int8+sparse", sparse_kernel="sparse", progress=False)
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(TOKENS), model(TOKENS), rtol=1e-5, atol=1e-5)
+
+
+def test_dtype_moves_keep_fp32_scales_and_cast_float_values():
+    model = fastquant.patch(make_block(), "int8+sparse", sparse_kernel="sparse", progress=False)
+    model.to(torch.bfloat16)
+    assert model.up.scales.dtype == torch.float32 and model.up.values.dtype == torch.int8
+    assert model.up.masks.dtype == torch.int16 and model.up.row_offsets.dtype == torch.int64
+    with torch.no_grad():
+        assert model(TOKENS).dtype == torch.bfloat16
+    floats = fastquant.patch(make_block(), "sparse", sparse_kernel="sparse", progress=False).to(torch.bfloat16)
+    assert floats.up.values.dtype == torch.bfloat16
+    packed = reference.sparse_pack(floats.up.dequantize())
+    assert torch.equal(packed[1], floats.up.masks)
