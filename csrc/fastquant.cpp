@@ -9,6 +9,7 @@
 
 #include "cpu/cpu_features.h"
 #include "cpu/int8_linear.h"
+#include "cpu/sparse_linear.h"
 
 #ifdef FASTQUANT_WITH_CUDA
 #include "cuda/cuda_info.h"
@@ -24,6 +25,14 @@ fastquant::cpu::ActDType parse_dtype(const std::string& name) {
   if (name == "bfloat16") return fastquant::cpu::ActDType::kBFloat16;
   if (name == "float16") return fastquant::cpu::ActDType::kFloat16;
   throw std::invalid_argument("unknown activation dtype '" + name + "': expected float32, bfloat16 or float16");
+}
+
+fastquant::cpu::SparseValues parse_values_dtype(const std::string& name) {
+  if (name == "float32") return fastquant::cpu::SparseValues::kFloat32;
+  if (name == "bfloat16") return fastquant::cpu::SparseValues::kBFloat16;
+  if (name == "float16") return fastquant::cpu::SparseValues::kFloat16;
+  if (name == "int8") return fastquant::cpu::SparseValues::kInt8;
+  throw std::invalid_argument("unknown values dtype '" + name + "': expected float32, bfloat16, float16 or int8");
 }
 
 py::dict build_info() {
@@ -63,6 +72,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       py::arg("m"), py::arg("n"), py::arg("k"), py::arg("group_size"), py::arg("dtype"),
       "Name of the CPU kernel int8_linear runs for this problem");
+  m.def(
+      "sparse_linear_cpu_path",
+      [](int64_t m_rows, int64_t n, int64_t k, const std::string& values_dtype, const std::string& x_dtype) {
+        return std::string(fastquant::cpu::sparse_linear_cpu_path(m_rows, n, k, parse_values_dtype(values_dtype),
+                                                                  parse_dtype(x_dtype)));
+      },
+      py::arg("m"), py::arg("n"), py::arg("k"), py::arg("values_dtype"), py::arg("x_dtype"),
+      "Name of the CPU kernel sparse_linear runs for this problem");
 #ifdef FASTQUANT_WITH_CUDA
   m.def(
       "int8_linear_cuda_path",

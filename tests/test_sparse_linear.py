@@ -142,7 +142,7 @@ def test_matches_reference(cpu_isa, shape, values_dtype, x_dtype, sparsity, patt
     m, k, n = shape
     args, g, y64, bound = cached_case(shape, values_dtype, x_dtype, sparsity, pattern, group_size, with_bias)
     path = cpu_path(m, n, k, values_dtype, x_dtype)
-    assert path == "reference" or (path.startswith("cpu_") and cpu_isa in path)
+    assert path.startswith("cpu_") and cpu_isa in path
     assert_within(run_op(args, g), y64, bound, x_dtype)
 
 
@@ -370,7 +370,7 @@ BAD_INPUTS = [
     ("scales must be float32", _bad(scales=lambda a: a["scales"].half())),
     (r"per-channel scales must have shape \(N,\) = \(32,\)", _bad(scales=lambda a: a["scales"][:31])),
     (r"group-wise scales .* must have shape \(32, 2\)", _bad(g=lambda a: 32)),
-    ("scales must be None for .*float.* values", _bad(values=lambda a: a["values"].float())),
+    (r"scales must be None for (torch.float32|Float) values", _bad(values=lambda a: a["values"].float())),
     (
         r"bias dtype (torch.float16|Half) must match x dtype (torch.float32|Float)",
         _bad(bias=lambda a: a["bias"].half()),

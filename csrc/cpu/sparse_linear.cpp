@@ -1,0 +1,252 @@
+// Torch glue for fastquant::sparse_linear on CPU: checks arguments and the packed weight's offsets, then
+// splits output columns (weight rows) across torch's intra-op threads and runs the kernel for the active
+// ISA (cpu_features.h; fastquant._C.set_cpu_isa lowers it for tests).
+//
+// Format ("bitmap16", python/fastquant/reference.py): per weight row, one 16-bit mask word per 16 columns
+// and the kept values packed in column order, rows one after the other, 64 elements of padding at the end.
+// Kernels read each row's values with 16-wide (or 8-wide) unaligned loads at its running position and
+// expand them into the mask's lanes, so the only invariant that keeps them inside `values` is that each
+// row's offset difference equals the popcount of its masks. A corrupt row_offsets would otherwise turn
+// into out-of-bounds reads, so every call checks it: offsets start at 0 and never decrease, no mask bit is
+// set past in_features, every row's popcount equals its offset difference (one pass over the N * K / 16
+// mask words with hardware popcnt, split over the threads: ~1/8 of the bytes of an M = 1 call at 90%
+// sparsity, and nothing next to the matmul beyond decode), and row_offsets[N] + 64 <= values.numel().
+#include "cpu/sparse_linear.h"
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <vector>
+
+#include "cpu/cpu_features.h"
+#include "cpu/parallel.h"
+
+namespace fastquant::cpu {
+namespace {
+
+constexpr const char* kPrefix = "fastquant.sparse_linear:";
+
+ActDType act_dtype(const at::Tensor& x) {
+  switch (x.scalar_type()) {
+    case at::kFloat:
+      return ActDType::kFloat32;
+    case at::kBFloat16:
+      return ActDType::kBFloat16;
+    case at::kHalf:
+      return ActDType::kFloat16;
+    default:
+      TORCH_CHECK(false, kPrefix, " x must be float32, bfloat16 or float16, got ", x.scalar_type());
+  }
+}
+
+bool values_dtype(const at::Tensor& values, SparseValues* out) {
+  switch (values.scalar_type()) {
+    case at::kFloat:
+      *out = SparseValues::kFloat32;
+      return true;
+    case at::kBFloat16:
+      *out = SparseValues::kBFloat16;
+      return true;
+    case at::kHalf:
+      *out = SparseValues::kFloat16;
+      return true;
+    case at::kChar:
+      *out = SparseValues::kInt8;
+      return true;
+    default:
+      return false;
+  }
+}
+
+enum class Path { kPortable, kAvx2, kAvx512 };
+
+Path choose_path(Isa isa) {
+#if defined(__x86_64__) || defined(_M_X64)
+  if (isa == Isa::kAvx512) return Path::kAvx512;
+  if (isa == Isa::kAvx2) return Path::kAvx2;
+#endif
+  return Path::kPortable;
+}
+
+const char* path_name(Path path) {
+  switch (path) {
+    case Path::kAvx512:
+      return "cpu_avx512_expand";
+    case Path::kAvx2:
+      return "cpu_avx2_permute";
+    case Path::kPortable:
+      break;
+  }
+  return "cpu_portable";
+}
+
+int64_t row_popcount(const uint16_t* masks, int64_t n_chunks, int64_t j) {
+  int64_t count = 0;
+  for (int64_t c = 0; c < n_chunks; ++c) count += __builtin_popcount(masks[j * n_chunks + c]);
+  return count;
+}
+
+// The row-offset checks of the header comment, worded as check_sparse_linear_contents in ops.py.
+void check_contents(const at::Tensor& values, const uint16_t* masks, const int64_t* offsets, int64_t n,
+                    int64_t k, int64_t n_chunks, Path path) {
+  TORCH_CHECK(offsets[0] == 0, kPrefix, " row_offsets[0] must be 0, got ", offsets[0]);
+  for (int64_t j = 0; j < n; ++j) {
+    TORCH_CHECK(offsets[j + 1] >= offsets[j], kPrefix, " row_offsets must not decrease: row ", j,
+                " goes from ", offsets[j], " to ", offsets[j + 1]);
+  }
+  const int64_t rem = k % 16;
+  if (rem != 0) {
+    for (int64_t j = 0; j < n; ++j) {
+      TORCH_CHECK((masks[j * n_chunks + n_chunks - 1] >> rem) == 0, kPrefix, " masks of row ", j,
+                  " keep columns past in_features (", k, ")");
+    }
+  }
+  SparseRowCheck check = sparse_first_bad_row_portable;
+#if defined(__x86_64__) || defined(_M_X64)
+  if (path != Path::kPortable) check = sparse_first_bad_row_popcnt;
+#endif
+  std::atomic<int64_t> first_bad{n};
+  parallel_ranges((n + 255) / 256, [&](int64_t begin, int64_t end) {
+    const int64_t bad = check(masks, n_chunks, offsets, begin * 256, std::min(n, end * 256));
+    if (bad < 0) return;
+    int64_t cur = first_bad.load();
+    while (bad < cur && !first_bad.compare_exchange_weak(cur, bad)) {
+    }
+  });
+  const int64_t bad = first_bad.load();
+  TORCH_CHECK(bad == n, kPrefix, " row ", bad, " keeps ", row_popcount(masks, n_chunks, bad),
+              " weights in masks but row_offsets gives it ", offsets[bad + 1] - offsets[bad]);
+  const int64_t total = offsets[n];
+  TORCH_CHECK(total + 64 <= values.numel(), kPrefix, " row_offsets[N] = ", total,
+              " kept weights need values of at least ", total + 64, " elements (64 of padding), got ",
+              values.numel());
+}
+
+}  // namespace
+
+const char* sparse_linear_cpu_path(int64_t m, int64_t n, int64_t k, SparseValues values, ActDType x) {
+  return path_name(choose_path(active_isa()));
+}
+
+at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& masks,
+                             const at::Tensor& row_offsets, const std::optional<at::Tensor>& scales,
+                             const std::optional<at::Tensor>& bias, int64_t in_features, int64_t group_size) {
+  const ActDType dtype = act_dtype(x);
+  TORCH_CHECK(x.device().is_cpu() && values.device().is_cpu() && masks.device().is_cpu() &&
+                  row_offsets.device().is_cpu() && (!scales.has_value() || scales->device().is_cpu()) &&
+                  (!bias.has_value() || bias->device().is_cpu()),
+              "fastquant.sparse_linear (CPU kernel): all tensors must be on the CPU, got x on ", x.device(),
+              ", values on ", values.device(), ", masks on ", masks.device(), ", row_offsets on ",
+              row_offsets.device());
+  TORCH_CHECK(x.dim() >= 1, kPrefix, " x must have at least 1 dimension, got a scalar");
+  SparseValues vtype;
+  TORCH_CHECK(values_dtype(values, &vtype) && values.dim() == 1, kPrefix,
+              " values must be a 1-D float32, bfloat16, float16 or int8 tensor, got ", values.scalar_type(),
+              " of shape ", values.sizes());
+  TORCH_CHECK(masks.scalar_type() == at::kShort && masks.dim() == 2, kPrefix,
+              " masks must be a 2-D int16 tensor (N, ceil(K / 16)), got ", masks.scalar_type(), " of shape ",
+              masks.sizes());
+  TORCH_CHECK(in_features >= 0, kPrefix, " in_features must be >= 0, got ", in_features);
+  const int64_t k = in_features;
+  const int64_t n = masks.size(0);
+  const int64_t n_chunks = (k + 15) / 16;
+  TORCH_CHECK(x.size(-1) == k, kPrefix, " x has ", x.size(-1), " input features (shape ", x.sizes(),
+              ") but in_features is ", k);
+  TORCH_CHECK(masks.size(1) == n_chunks, kPrefix, " masks has ", masks.size(1), " chunks per row but in_features ",
+              k, " needs ceil(", k, " / 16) = ", n_chunks);
+  TORCH_CHECK(row_offsets.scalar_type() == at::kLong && row_offsets.dim() == 1 && row_offsets.size(0) == n + 1,
+              kPrefix, " row_offsets must be an int64 tensor of shape (N + 1,) = (", n + 1, ",), got ",
+              row_offsets.scalar_type(), " of shape ", row_offsets.sizes());
+  TORCH_CHECK(values.numel() >= 64, kPrefix, " values must end with 64 elements of padding, got ",
+              values.numel(), " elements");
+  TORCH_CHECK(group_size == -1 || (group_size > 0 && group_size % 16 == 0), kPrefix,
+              " group_size must be -1 (per-channel) or a positive multiple of 16, got ", group_size);
+  int64_t n_groups = 1;
+  if (vtype == SparseValues::kInt8) {
+    TORCH_CHECK(scales.has_value(), kPrefix, " int8 values need float32 scales, got None");
+    TORCH_CHECK(scales->scalar_type() == at::kFloat, kPrefix, " scales must be float32, got ",
+                scales->scalar_type());
+    if (group_size == -1) {
+      TORCH_CHECK(scales->dim() == 1 && scales->size(0) == n, kPrefix,
+                  " per-channel scales must have shape (N,) = (", n, ",), got ", scales->sizes());
+    } else {
+      n_groups = (k + group_size - 1) / group_size;
+      TORCH_CHECK(scales->dim() == 2 && scales->size(0) == n && scales->size(1) == n_groups, kPrefix,
+                  " group-wise scales for weight (", n, ", ", k, ") and group_size ", group_size,
+                  " must have shape (", n, ", ", n_groups, "), got ", scales->sizes());
+    }
+  } else {
+    TORCH_CHECK(!scales.has_value(), kPrefix, " scales must be None for ", values.scalar_type(),
+                " values (only int8 values are scaled)");
+  }
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type(), kPrefix, " bias dtype ", bias->scalar_type(),
+                " must match x dtype ", x.scalar_type());
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, kPrefix, " bias must have shape (", n, ",), got ",
+                bias->sizes());
+  }
+
+  const Path path = choose_path(active_isa());
+  const at::Tensor vals = values.contiguous();
+  const at::Tensor mk = masks.contiguous();
+  const at::Tensor offs = row_offsets.contiguous();
+  const auto* mask_words = reinterpret_cast<const uint16_t*>(mk.data_ptr<int16_t>());
+  check_contents(vals, mask_words, offs.data_ptr<int64_t>(), n, k, n_chunks, path);
+
+  std::vector<int64_t> out_sizes(x.sizes().begin(), x.sizes().end());
+  out_sizes.back() = n;
+  at::Tensor y = at::empty(out_sizes, x.options());
+  const int64_t m = x.numel() / std::max<int64_t>(k, 1);
+  if (y.numel() == 0) return y;
+  if (k == 0) return bias.has_value() ? y.copy_(bias->expand_as(y)) : y.zero_();
+
+  // Activations in fp32 (exact for bf16/fp16), zero-padded to whole 16-column chunks so that the last
+  // chunk's vector load reads zeros past K (its mask bits there are zero, checked above).
+  const int64_t ldx = n_chunks * 16;
+  at::Tensor x32;
+  if (dtype == ActDType::kFloat32 && ldx == k) {
+    x32 = x.reshape({m, k}).contiguous();
+  } else {
+    x32 = at::zeros({m, ldx}, x.options().dtype(at::kFloat));
+    x32.narrow(1, 0, k).copy_(x.reshape({m, k}));
+  }
+  const at::Tensor s = scales.has_value() ? scales->contiguous() : at::Tensor();
+  const at::Tensor b32 = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  at::Tensor y32 = dtype == ActDType::kFloat32 ? y : at::empty({m, n}, x.options().dtype(at::kFloat));
+
+  SparseLinearProblem p{};
+  p.x = x32.data_ptr<float>();
+  p.values = vals.data_ptr();
+  p.masks = mask_words;
+  p.row_offsets = offs.data_ptr<int64_t>();
+  p.scales = s.defined() ? s.data_ptr<float>() : nullptr;
+  p.bias = b32.defined() ? b32.data_ptr<float>() : nullptr;
+  p.y = y32.data_ptr<float>();
+  p.m = m;
+  p.n = n;
+  p.k = k;
+  p.n_chunks = n_chunks;
+  p.ldx = ldx;
+  p.group_chunks = vtype == SparseValues::kInt8 && group_size != -1 ? group_size / 16 : 0;
+  p.n_groups = n_groups;
+  p.vtype = vtype;
+
+  SparseLinearKernel kernel = sparse_linear_portable;
+#if defined(__x86_64__) || defined(_M_X64)
+  if (path == Path::kAvx512) kernel = sparse_linear_avx512;
+  if (path == Path::kAvx2) kernel = sparse_linear_avx2;
+#endif
+  // Weight rows are the unit of work: each thread streams a disjoint, contiguous slice of values and
+  // masks exactly once (per block of x rows). Blocks of 8 rows keep the kernels' row tiles whole.
+  constexpr int64_t grain = 8;
+  parallel_ranges((n + grain - 1) / grain, [&](int64_t begin, int64_t end) {
+    kernel(p, begin * grain, std::min(end * grain, n));
+  });
+  if (dtype != ActDType::kFloat32) y.view({m, n}).copy_(y32);
+  return y;
+}
+
+TORCH_LIBRARY_IMPL(fastquant, CPU, m) { m.impl("sparse_linear", &sparse_linear_cpu); }
+
+}  // namespace fastquant::cpu

@@ -1,0 +1,59 @@
+#pragma once
+// Raw-pointer interface between the torch glue (sparse_linear.cpp) and the per-ISA kernels of
+// sparse_linear, the product of activations with a "bitmap16" sparse weight (notes in sparse_linear.cpp).
+// The ISA files are compiled with their own -m flags and include no torch headers.
+//
+// Kernel paths (sparse_linear_cpu_path):
+//   cpu_portable        scalar, any CPU: walks the set bits of every mask word.
+//   cpu_avx2_permute    8 lanes: each 16-column chunk is two 8-bit halves; a 256-entry table turns a mask
+//                       byte into a vpermps index that moves the next popcount(byte) packed values into
+//                       their columns (sign bits select the kept lanes, blendv zeroes the others).
+//   cpu_avx512_expand   16 lanes: the 16-bit mask is a k-register and vexpandps/vpexpandd does the same.
+// All paths multiply and accumulate in fp32: values (bf16, fp16, int8 codes) and activations convert to
+// fp32 exactly, grouped int8 scales multiply the expanded weight (q * s in fp32, as the reference
+// dequantizes), per-channel scales multiply the finished dot product.
+#include <cstdint>
+
+#include "cpu/int8_linear.h"  // ActDType
+
+namespace fastquant::cpu {
+
+enum class SparseValues : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2, kInt8 = 3 };
+
+struct SparseLinearProblem {
+  const float* x;              // m x ldx fp32 activations; columns k..ldx are zero (ldx = 16 * n_chunks)
+  const void* values;          // kept weights in row-major order, then 64 elements of padding
+  const uint16_t* masks;       // n x n_chunks mask words (bit j of word c: column 16 c + j is kept)
+  const int64_t* row_offsets;  // n + 1: row j's values are values[row_offsets[j], row_offsets[j + 1])
+  const float* scales;         // int8 values: n x n_groups fp32; nullptr for float values
+  const float* bias;           // n fp32, or nullptr
+  float* y;                    // m x n fp32 output
+  int64_t m, n, k, n_chunks, ldx;
+  int64_t group_chunks;  // int8 with group-wise scales: chunks per group (group_size / 16); else 0
+  int64_t n_groups;      // columns of scales (1 for per-channel)
+  SparseValues vtype;
+};
+
+// Computes output columns [n_begin, n_end) for every row of x. Called concurrently on disjoint ranges.
+// The glue has checked that every row's offsets agree with the popcount of its masks, so a kernel may
+// load 64 elements from any position up to row_offsets[n] without leaving values.
+using SparseLinearKernel = void (*)(const SparseLinearProblem& p, int64_t n_begin, int64_t n_end);
+// First row in [n_begin, n_end) whose offset difference differs from the popcount of its mask words,
+// or -1. The offsets are already known not to decrease.
+using SparseRowCheck = int64_t (*)(const uint16_t* masks, int64_t n_chunks, const int64_t* row_offsets,
+                                   int64_t n_begin, int64_t n_end);
+
+void sparse_linear_portable(const SparseLinearProblem& p, int64_t n_begin, int64_t n_end);
+int64_t sparse_first_bad_row_portable(const uint16_t* masks, int64_t n_chunks, const int64_t* row_offsets,
+                                      int64_t n_begin, int64_t n_end);
+#if defined(__x86_64__) || defined(_M_X64)
+void sparse_linear_avx2(const SparseLinearProblem& p, int64_t n_begin, int64_t n_end);
+void sparse_linear_avx512(const SparseLinearProblem& p, int64_t n_begin, int64_t n_end);
+// Hardware popcnt (both ISA files are built with flags that imply it).
+int64_t sparse_first_bad_row_popcnt(const uint16_t* masks, int64_t n_chunks, const int64_t* row_offsets,
+                                    int64_t n_begin, int64_t n_end);
+#endif
+
+const char* sparse_linear_cpu_path(int64_t m, int64_t n, int64_t k, SparseValues values, ActDType x);
+
+}  // namespace fastquant::cpu
