@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One command for a machine with an NVIDIA GPU (no network needed): build fastquant with its CUDA kernels,
-# print `python -m fastquant.info`, run the whole test suite (CUDA tests included), the GPU kernel benchmark
-# and the end-to-end decode benchmark. Results go to benchmarks/results/gpu-<UTC stamp>.{json,md}, logs next
-# to them, and everything is copied to $OUT when it is set. Sized for 10 minutes on an H100 with 16 cores:
+# print `python -m fastquant.info`, run the whole test suite (CUDA tests included), the GPU kernel benchmarks
+# (int8_linear, then sparse_linear into gpu-<UTC stamp>-sparse.{json,md}) and the end-to-end decode benchmark.
+# Results go to benchmarks/results/gpu-<UTC stamp>.{json,md}, logs next to them, and everything is copied to $OUT when it is set. Sized for 10 minutes on an H100 with 16 cores:
 # each step has its own time limit, so a hang in one still leaves the others' results.
 #
 #   bash benchmarks/gpu_check.sh
@@ -67,6 +67,9 @@ else
   step tests 200 "$PYTHON" -m pytest -q -rs tests || status=1
   step bench $(($(left) > 150 ? 150 : $(left))) "$PYTHON" benchmarks/bench_gpu_int8.py --stem "$stem" --repeats 15 ||
     status=1
+  # The sparse_linear benchmark (bitmap16); its tables go to $stem-sparse.{json,md} next to the int8 ones.
+  step bench_sparse $(($(left) > 120 ? 120 : $(left))) "$PYTHON" benchmarks/bench_gpu_sparse.py --stem "$stem-sparse" \
+    --repeats 10 || status=1
   step e2e "$(left)" "$PYTHON" benchmarks/e2e_gpu_decode.py --stem "$stem" --new-tokens 100 --repeats 2 || status=1
 fi
 
@@ -76,5 +79,6 @@ if [ -n "${OUT:-}" ]; then
   cp "$stem"* "$OUT/results/" 2>/dev/null || true
 fi
 [ -f "$stem.md" ] && cat "$stem.md"
+[ -f "$stem-sparse.md" ] && cat "$stem-sparse.md"
 echo "gpu_check: done in $(elapsed)s, status $status"
 exit "$status"

@@ -1,0 +1,253 @@
+"""GPU benchmark of fastquant.sparse_linear (bitmap16 weights) against its peers, on 7B/8B-class layer shapes.
+
+For every weight shape (N x K), row count M and sparsity case it times, in the same run and on the same inputs:
+
+* ``fastquant``: ``torch.ops.fastquant.sparse_linear`` on the bitmap16 weight (bf16 values; int8 values with
+  per-channel scales for ``int8+50%``),
+* ``bf16``: ``F.linear`` on the dense bf16 weight (cuBLAS), the layer before pruning,
+* ``csr``: ``torch.sparse`` CSR matmul (cuSPARSE) of the same pruned weight,
+* ``2:4``: ``torch.sparse.to_sparse_semi_structured`` (CUTLASS / cuSPARSELt) for the 2:4 case, where it runs.
+
+A peer that fails (unsupported dtype or shape) is reported as n/a with its error, never stops the run.
+Timing as in bench_gpu_int8.py: CUDA events around batches of calls after warm-up, GPU pre-filled with a
+sleep kernel, median of many batches, weight sets rotated so that every call streams its weight from HBM
+(>= 160 MiB per shape, L2 is ~50 MB). Reported: time, ratio to bf16, format bytes per second and their
+fraction of the device-to-device copy bandwidth measured in the same run.
+
+Writes ``<stem>.json`` and ``<stem>.md`` (default stem ``benchmarks/results/gpu-sparse-<UTC date-time>``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from bench_gpu_int8 import copy_bandwidth, driver_version, gpu_time_per_call
+
+import fastquant
+from fastquant import _native, reference
+
+SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (N, K) = (out, in) features
+ROW_COUNTS = [1, 4, 16, 64, 256]
+CASES = ["50%", "70%", "90%", "2:4", "int8+50%"]
+ROTATION_BYTES = 160 * 2**20  # bytes of weight sets rotated through per shape and format (> 3x the 50 MB L2)
+MAX_SETS = 48
+# Minimum speed-up over bf16 F.linear at M = 1 (decode, memory-bound: format bytes vs 2 bytes per weight).
+TARGETS_M1 = {"50%": 1.5, "70%": 2.2, "90%": 4.0, "2:4": 1.7, "int8+50%": 2.8}
+
+
+def make_mask(n: int, k: int, case: str, gen: torch.Generator) -> torch.Tensor:
+    if case == "2:4":
+        scores = torch.rand(n, k // 4, 4, generator=gen, device="cuda")
+        top = scores.topk(2, dim=2).indices
+        return torch.zeros_like(scores, dtype=torch.bool).scatter_(2, top, True).reshape(n, k)
+    sparsity = float(case.removeprefix("int8+").removesuffix("%")) / 100
+    return torch.rand(n, k, generator=gen, device="cuda") >= sparsity
+
+
+def pack_case(weight: torch.Tensor, mask: torch.Tensor, case: str) -> dict:
+    pruned = weight * mask
+    if case.startswith("int8+"):
+        qweight, scales = reference.int8_quantize(pruned, -1)
+        values, masks, row_offsets = reference.sparse_pack(qweight, mask)
+    else:
+        scales = None
+        values, masks, row_offsets = reference.sparse_pack(pruned, mask)
+    nbytes = values.numel() * values.element_size() + masks.numel() * 2 + row_offsets.numel() * 8
+    if scales is not None:
+        nbytes += scales.numel() * 4
+    return {"values": values, "masks": masks, "row_offsets": row_offsets, "scales": scales, "bytes": nbytes}
+
+
+def try_time(name: str, make_calls, repeats: int, errors: dict) -> float | None:
+    try:
+        return gpu_time_per_call(make_calls(), repeats)
+    except Exception as exc:  # a peer that does not run here must not lose the rest of the table
+        message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
+        if errors.get(name) != message:
+            print(f"  {name} failed: {message}", flush=True)
+        errors[name] = message
+        return None
+
+
+def bench_shape(n: int, k: int, row_counts: list[int], cases: list[str], repeats: int, copy_bw: float, errors: dict):
+    gen = torch.Generator(device="cuda").manual_seed(n * 31 + k)
+    dense_sets = max(2, math.ceil(ROTATION_BYTES / (2 * n * k)))
+    dense = [torch.randn(n, k, generator=gen, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(dense_sets)]
+    rows = []
+    for case in cases:
+        # Pruned weights of this case: as many sets as rotate >= ROTATION_BYTES of format (the dense bf16 sets
+        # are reused as the source of the values, new masks per set).
+        first = pack_case(dense[0], make_mask(n, k, case, gen), case)
+        sets = min(MAX_SETS, max(2, math.ceil(ROTATION_BYTES / first["bytes"])))
+        packed = [first] + [pack_case(dense[i % dense_sets], make_mask(n, k, case, gen), case) for i in range(1, sets)]
+        csr = None
+        semi = None
+        try:
+            csr = [reference.sparse_unpack(p["values"], p["masks"], p["row_offsets"], k) for p in packed[:2]]
+            csr = [
+                (w.float() * p["scales"][:, None]).bfloat16() if p["scales"] is not None else w
+                for w, p in zip(csr, packed[:2], strict=True)
+            ]
+            if case == "2:4":
+                semi = csr
+            csr = [w.to_sparse_csr() for w in csr]
+        except Exception as exc:
+            errors["csr"] = f"{type(exc).__name__}: {exc}"[:200]
+            csr = None
+        if semi is not None:
+            try:
+                semi = [torch.sparse.to_sparse_semi_structured(w) for w in semi]
+            except Exception as exc:
+                errors["2:4"] = f"{type(exc).__name__}: {exc}"[:200]
+                semi = None
+        for m in row_counts:
+            x = torch.randn(m, k, generator=gen, device="cuda", dtype=torch.bfloat16)
+            t_bf16 = gpu_time_per_call([lambda w=w, x=x: F.linear(x, w) for w in dense], repeats)
+            calls = [
+                lambda p=p, x=x: torch.ops.fastquant.sparse_linear(
+                    x, p["values"], p["masks"], p["row_offsets"], p["scales"], None, k, -1
+                )
+                for p in packed
+            ]
+            t = gpu_time_per_call(calls, repeats)
+            t_csr = None
+            if csr is not None:
+                xt = x.t().contiguous()
+                t_csr = try_time(
+                    "csr", lambda xt=xt, ws=csr: [lambda w=w: torch.mm(w, xt) for w in ws], repeats, errors
+                )
+            t_semi = None
+            if semi is not None:
+                t_semi = try_time("2:4", lambda x=x, ws=semi: [lambda w=w: F.linear(x, w) for w in ws], repeats, errors)
+            values_dtype = packed[0]["values"].dtype
+            path = _native.sparse_linear_kernel_path(torch.device("cuda"), m, n, k, values_dtype, torch.bfloat16)
+            nbytes = packed[0]["bytes"]
+            target = TARGETS_M1.get(case) if m == 1 else None
+            r = {
+                "n": n,
+                "k": k,
+                "m": m,
+                "case": case,
+                "path": path,
+                "format_bytes": nbytes,
+                "t_fastquant_us": t * 1e6,
+                "t_bf16_us": t_bf16 * 1e6,
+                "t_csr_us": None if t_csr is None else t_csr * 1e6,
+                "t_semi_structured_us": None if t_semi is None else t_semi * 1e6,
+                "speedup_vs_bf16": t_bf16 / t,
+                "format_gb_s": nbytes / t / 1e9,
+                "fraction_of_copy_bw": nbytes / t / copy_bw,
+                "floor_us": nbytes / copy_bw * 1e6,
+                "target_speedup_vs_bf16": target,
+                "target_met": None if target is None else t_bf16 / t >= target,
+            }
+            rows.append(r)
+            print(
+                f"{n:>5}x{k:<5} {case:<8} M={m:<4} {path:<28} fastquant {r['t_fastquant_us']:8.1f} us  "
+                f"bf16 {r['t_bf16_us']:8.1f} us ({r['speedup_vs_bf16']:.2f}x)  csr {fmt(r['t_csr_us'], '8.1f')}  "
+                f"2:4 {fmt(r['t_semi_structured_us'], '8.1f')}  {r['format_gb_s']:6.0f} GB/s "
+                f"({r['fraction_of_copy_bw']:.0%} of copy)"
+                + ("" if target is None else ("  target met" if r["target_met"] else "  TARGET MISSED")),
+                flush=True,
+            )
+        del packed, csr, semi
+        torch.cuda.empty_cache()
+    del dense
+    torch.cuda.empty_cache()
+    return rows
+
+
+def fmt(v, spec):
+    return "n/a" if v is None else format(v, spec)
+
+
+def to_markdown(meta: dict, rows: list[dict], errors: dict) -> str:
+    lines = [
+        f"# GPU sparse_linear (bitmap16) benchmark, {meta['date']}",
+        "",
+        f"- GPU: {meta['gpu']} ({meta['sms']} SMs), driver {meta['driver']}",
+        f"- torch {meta['torch']} (CUDA {meta['torch_cuda']}), fastquant {meta['fastquant']}, "
+        f"kernels built for {meta['cuda_archs']}",
+        f"- device-to-device copy bandwidth (read + write): {meta['copy_bw_gb_s']:.0f} GB/s",
+        f"- timing: median of {meta['repeats']} batches of CUDA-event-timed calls, GPU pre-filled with a sleep "
+        f"kernel, weight sets rotated through >= {ROTATION_BYTES >> 20} MiB per shape and case (L2 is ~50 MB)",
+        "- fastquant: bf16 values (int8 codes + per-channel fp32 scales for int8+50%), bf16 x; format bytes = "
+        "values + masks + row offsets (+ scales); floor = format bytes / copy bandwidth",
+        "- peers: bf16 = F.linear on the dense bf16 weight (cuBLAS); csr = torch.mm(W.to_sparse_csr(), x.T) "
+        "(cuSPARSE); 2:4 = F.linear(x, to_sparse_semi_structured(W)) for 2:4 masks",
+        "",
+        "| N x K | case | M | kernel | fastquant us | floor us | bf16 us | csr us | 2:4 us | vs bf16 | format GB/s "
+        "| of copy BW | target (M=1) | met |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for r in rows:
+        target = "" if r["target_speedup_vs_bf16"] is None else f">= {r['target_speedup_vs_bf16']}x"
+        met = "" if r["target_met"] is None else ("yes" if r["target_met"] else "**NO**")
+        lines.append(
+            f"| {r['n']}x{r['k']} | {r['case']} | {r['m']} | {r['path']} | {r['t_fastquant_us']:.1f} "
+            f"| {r['floor_us']:.1f} | {r['t_bf16_us']:.1f} | {fmt(r['t_csr_us'], '.1f')} "
+            f"| {fmt(r['t_semi_structured_us'], '.1f')} | {r['speedup_vs_bf16']:.2f}x | {r['format_gb_s']:.0f} "
+            f"| {r['fraction_of_copy_bw']:.0%} | {target} | {met} |"
+        )
+    judged = [r for r in rows if r["target_met"] is not None]
+    lines += ["", f"Targets met: {sum(r['target_met'] for r in judged)} of {len(judged)}.", ""]
+    if errors:
+        lines += ["Peers that did not run:", ""] + [f"- {name}: {msg}" for name, msg in errors.items()] + [""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--stem", help="output path without extension (default benchmarks/results/gpu-sparse-<date>)")
+    parser.add_argument("--repeats", type=int, default=25)
+    parser.add_argument("--rows", default=",".join(map(str, ROW_COUNTS)), help="comma-separated M values")
+    parser.add_argument(
+        "--cases", default=",".join(CASES), help="comma-separated cases: " + ", ".join(CASES).replace("%", "%%")
+    )
+    parser.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES), help="comma-separated NxK")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_gpu_sparse.py needs a CUDA device")
+    if not _native.has_cuda_kernels():
+        print("WARNING: fastquant has no CUDA kernels built: timing the pure-PyTorch reference kernel")
+
+    now = dt.datetime.now(dt.timezone.utc)
+    stem = Path(args.stem) if args.stem else Path(__file__).parent / "results" / f"gpu-sparse-{now:%Y%m%d-%H%M%S}"
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    build = _native.native.build_info() if _native.native is not None else {}
+    props = torch.cuda.get_device_properties(0)
+    copy_bw = copy_bandwidth(max(5, args.repeats // 2))
+    meta = {
+        "date": now.isoformat(timespec="seconds"),
+        "gpu": props.name,
+        "sms": props.multi_processor_count,
+        "driver": driver_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "fastquant": fastquant.__version__,
+        "cuda_archs": build.get("cuda_archs"),
+        "copy_bw_gb_s": copy_bw / 1e9,
+        "repeats": args.repeats,
+    }
+    print(f"{meta['gpu']}: copy bandwidth {meta['copy_bw_gb_s']:.0f} GB/s (read + write)", flush=True)
+    row_counts = [int(v) for v in args.rows.split(",")]
+    cases = args.cases.split(",")
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    errors: dict[str, str] = {}
+    rows = []
+    for n, k in shapes:
+        rows += bench_shape(n, k, row_counts, cases, args.repeats, copy_bw, errors)
+    meta["peer_errors"] = errors
+    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    stem.with_suffix(".md").write_text(to_markdown(meta, rows, errors))
+    print(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()
