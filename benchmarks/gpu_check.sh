@@ -3,7 +3,8 @@
 # print `python -m fastquant.info`, run the whole test suite (CUDA tests included), the GPU kernel benchmarks
 # (int8_linear, then sparse_linear into gpu-<UTC stamp>-sparse.{json,md}) and the end-to-end decode benchmark.
 # Results go to benchmarks/results/gpu-<UTC stamp>.{json,md}, logs next to them, and everything is copied to
-# $OUT when it is set. Sized for 10 minutes on an H100 with 16 cores: each step has its own time limit, so a hang in one still leaves the others' results.
+# $OUT when it is set. Sized for 10 minutes on an H100 with 16 cores: each step has its own time limit, so a
+# hang in one still leaves the others' results.
 #
 #   bash benchmarks/gpu_check.sh
 #
