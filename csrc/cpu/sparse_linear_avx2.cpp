@@ -20,21 +20,29 @@
 namespace fastquant::cpu {
 namespace {
 
+#ifndef FQ_SPARSE_ASM_BLEND
+#define FQ_SPARSE_ASM_BLEND 1
+#endif
 #ifndef FQ_SPARSE_PF
 #define FQ_SPARSE_PF 1024  // bytes of values prefetched ahead of each row pointer (0: none)
 #endif
 
+// kPerm[b]: 8 bytes, byte j = 0x80 | (packed position of column j) when bit j of b is set, else 0. One
+// vpmovsxbd with a scaled index loads and widens an entry: the sign bit of each 32-bit lane marks the
+// kept lanes (for vblendvps) and the low 3 bits are the vpermps source lane.
 struct PermTable {
-  alignas(32) int32_t idx[256][8];
-  constexpr PermTable() : idx{} {
+  alignas(64) uint64_t entry[256];
+  constexpr PermTable() : entry{} {
     for (int b = 0; b < 256; ++b) {
+      uint64_t e = 0;
       int c = 0;
       for (int j = 0; j < 8; ++j) {
         if ((b >> j) & 1) {
-          idx[b][j] = (-2147483647 - 1) + c;  // sign bit: kept lane; low 3 bits: packed position
+          e |= static_cast<uint64_t>(0x80 | c) << (8 * j);
           ++c;
         }
       }
+      entry[b] = e;
     }
   }
 };
@@ -71,10 +79,17 @@ struct Val<SparseValues::kInt8> {
 // The 8 columns of one mask byte, from the packed stream at ptr (advanced past the kept ones).
 template <SparseValues V>
 inline __m256 expand8(const typename Val<V>::T*& ptr, unsigned byte) {
-  const __m256i idx = _mm256_load_si256(reinterpret_cast<const __m256i*>(kPerm.idx[byte]));
+  const __m256i idx = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(kPerm.entry + byte)));
   const __m256 v = _mm256_permutevar8x32_ps(Val<V>::load8(ptr), idx);
   ptr += _mm_popcnt_u32(byte);
+#if FQ_SPARSE_ASM_BLEND
+  // One vblendvps instead of the vpcmpgtd + vandps GCC makes of a blend with zero.
+  __m256 out;
+  asm("vblendvps %3, %2, %1, %0" : "=x"(out) : "x"(_mm256_setzero_ps()), "x"(v), "x"(idx));
+  return out;
+#else
   return _mm256_blendv_ps(_mm256_setzero_ps(), v, _mm256_castsi256_ps(idx));
+#endif
 }
 
 inline float hsum8(__m256 v) {
