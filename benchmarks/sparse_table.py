@@ -1,0 +1,284 @@
+"""CPU benchmark of fastquant.sparse_linear (bitmap16 sparse weight) against its peers: prints markdown tables
+and writes results.
+
+For every weight shape (N x K), row count M and sparsity it times, in the same run:
+
+* ``sparse``: ``fastquant.ops.sparse_linear`` with fp32 values (the pruned float weight, exact),
+* ``int8+sparse``: the same with int8 values and per-channel scales,
+* ``csr``: torch's CSR sparse matmul, ``F.linear(x, weight.to_sparse_csr())`` (fp32; on this torch build
+  ``torch.sparse.mm(W_csr, x.T)`` takes the same time: both reach the same CPU CSR kernel),
+* ``fp32``: dense ``F.linear`` on the fp32 weight (MKL), the layer before pruning,
+* ``int8``: dense ``fastquant.int8_linear`` (per-channel scales), the layer quantized but not pruned.
+
+Sparsity patterns: 50/70/90% unstructured (uniformly random mask) and 2:4 (2 kept of every 4 columns).
+Each peer rotates through several copies of its weight (>= 160 MB in all, 5x the 32 MB L3), so every call
+streams its weight from DRAM as in a real model; time per peer is the median of many single calls after
+warm-up. ``GB/s`` is the format's bytes (values + masks + row offsets + scales) over the time, next to
+torch's own read bandwidth (``sum`` of a float64 buffer, rotated) in the same run. A sweep over sparsity
+(M = 1, 4096 x 4096) finds where the sparse formats start to beat dense int8.
+
+Run: ``python benchmarks/sparse_table.py`` (``--quick``: one shape, M = 1). Writes
+``benchmarks/results/cpu-sparse-<UTC date>.md`` and ``.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from cpu_table import cpu_model, median_seconds, read_bandwidth
+
+import fastquant
+from fastquant import _native, reference
+
+SHAPES = [(4096, 4096), (11008, 4096), (1536, 576), (576, 1536)]  # (N, K) = (out, in)
+ROW_COUNTS = [1, 8, 128]
+PATTERNS = ["50%", "70%", "90%", "2:4"]
+SWEEP = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95]
+ROTATION_BYTES = 160 * 2**20
+MAX_COPIES = 1024
+DENSE_PEERS = ["fp32", "int8"]
+SPARSE_PEERS = ["sparse", "int8+sparse", "csr"]
+CSR_MAX_M = 8  # torch's CSR kernel takes seconds per call at M = 128 on the large layers
+
+
+def copies_for(nbytes: int) -> int:
+    return max(2, min(MAX_COPIES, math.ceil(ROTATION_BYTES / max(nbytes, 1))))
+
+
+def make_mask(n: int, k: int, pattern: str, gen: torch.Generator) -> torch.Tensor:
+    if pattern == "2:4":
+        scores = torch.rand(n, k // 4, 4, generator=gen)
+        top = scores.topk(2, dim=2).indices
+        return torch.zeros(n, k // 4, 4, dtype=torch.bool).scatter_(2, top, True).view(n, k)
+    sparsity = float(pattern.rstrip("%")) / 100
+    return torch.rand(n, k, generator=gen) >= sparsity
+
+
+def packed_bytes(values: torch.Tensor, masks: torch.Tensor, row_offsets: torch.Tensor, scales) -> int:
+    """Bytes one call reads: kept values, mask words, row offsets and scales (padding excluded)."""
+    nnz = int(row_offsets[-1])
+    total = nnz * values.element_size() + masks.numel() * 2 + row_offsets.numel() * 8
+    return total + (scales.numel() * 4 if scales is not None else 0)
+
+
+def make_calls(peer: str, n: int, k: int, m: int, pattern: str | None = None, seed: int = 0) -> tuple[list, int]:
+    """Zero-argument callables (one per weight copy) for ``peer``, and the weight bytes one call reads."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=gen)
+    weight = torch.randn(n, k, generator=gen)
+    calls = []
+    if peer == "fp32":
+        nbytes = n * k * 4
+        copies = [weight] + [torch.randn(n, k, generator=gen) for _ in range(copies_for(nbytes) - 1)]
+        calls = [lambda w=w: F.linear(x, w) for w in copies]
+        return calls, nbytes
+    if peer == "int8":
+        qweight, scales = reference.int8_quantize(weight)
+        nbytes = qweight.numel() + scales.numel() * 4
+        for i in range(copies_for(nbytes)):
+            q = qweight if i == 0 else qweight.roll(i, dims=0).contiguous()
+            calls.append(lambda q=q: fastquant.int8_linear(x, q, scales, None, -1))
+        return calls, nbytes
+    mask = make_mask(n, k, pattern, gen)
+    weight = weight * mask
+    if peer == "csr":
+        csr = weight.to_sparse_csr()
+        nbytes = int(csr._nnz()) * (4 + 8) + (n + 1) * 8  # fp32 values, int64 column indices and row pointers
+        copies = [csr] + [csr.clone() for _ in range(copies_for(nbytes) - 1)]
+        return [lambda w=w: F.linear(x, w) for w in copies], nbytes
+    scales = None
+    if peer == "int8+sparse":
+        weight, scales = reference.int8_quantize(weight)
+    values, masks, row_offsets = reference.sparse_pack(weight, mask)
+    nbytes = packed_bytes(values, masks, row_offsets, scales)
+    for i in range(copies_for(nbytes)):
+        v, mk = (values, masks) if i == 0 else (values.clone(), masks.clone())
+        calls.append(lambda v=v, mk=mk: fastquant.ops.sparse_linear(x, v, mk, row_offsets, scales, None, in_features=k))
+    return calls, nbytes
+
+
+def time_peer(peer: str, n: int, k: int, m: int, pattern: str | None = None) -> tuple[float, int]:
+    calls, nbytes = make_calls(peer, n, k, m, pattern)
+    budget = 0.3 if peer == "csr" else 0.6
+    ms = median_seconds(calls, budget_s=budget, min_runs=5 if peer != "csr" else 3) * 1e3
+    return ms, nbytes
+
+
+def run_table(shapes, row_counts, patterns) -> list[dict]:
+    rows = []
+    for n, k in shapes:
+        bw = None
+        for m in row_counts:
+            dense = {peer: time_peer(peer, n, k, m)[0] for peer in DENSE_PEERS}
+            for pattern in patterns:
+                row = {"n": n, "k": k, "m": m, "pattern": pattern, "ms": dict(dense), "bytes": {}}
+                for peer in SPARSE_PEERS:
+                    if peer == "csr" and m > CSR_MAX_M:
+                        continue
+                    row["ms"][peer], row["bytes"][peer] = time_peer(peer, n, k, m, pattern)
+                if bw is None:
+                    bw = read_bandwidth(row["bytes"]["sparse"])
+                row["read_gbs"] = bw / 1e9
+                row["path"] = _native.sparse_linear_kernel_path(
+                    torch.device("cpu"), m, n, k, torch.float32, torch.float32
+                )
+                rows.append(row)
+                print(format_row(row), flush=True)
+    return rows
+
+
+TABLE_COLS = [
+    "N x K",
+    "M",
+    "pattern",
+    "sparse ms",
+    "int8+sparse ms",
+    "fp32 ms",
+    "int8 ms",
+    "csr ms",
+    "fp32 / sparse",
+    "fp32 / int8+sparse",
+    "int8 / sparse",
+    "int8 / int8+sparse",
+    "csr / sparse",
+    "sparse GB/s",
+    "int8+sparse GB/s",
+    "read GB/s",
+]
+
+
+def table_header(cols) -> str:
+    return "| " + " | ".join(cols) + " |\n|" + "---|" * 3 + "---:|" * (len(cols) - 3)
+
+
+def format_row(row: dict) -> str:
+    ms = row["ms"]
+
+    def t(peer):
+        return f"{ms[peer]:.3f}" if peer in ms else "-"
+
+    def ratio(a, b):
+        return f"{ms[a] / ms[b]:.2f}x" if a in ms and b in ms else "-"
+
+    def gbs(peer):
+        return f"{row['bytes'][peer] / ms[peer] / 1e6:.1f}" if peer in ms else "-"
+
+    cells = [f"{row['n']} x {row['k']}", str(row["m"]), row["pattern"]]
+    cells += [t("sparse"), t("int8+sparse"), t("fp32"), t("int8"), t("csr")]
+    cells += [ratio("fp32", "sparse"), ratio("fp32", "int8+sparse"), ratio("int8", "sparse")]
+    cells += [ratio("int8", "int8+sparse"), ratio("csr", "sparse"), gbs("sparse"), gbs("int8+sparse")]
+    cells += [f"{row['read_gbs']:.1f}"]
+    return "| " + " | ".join(cells) + " |"
+
+
+def run_sweep(n: int = 4096, k: int = 4096) -> dict:
+    """M = 1 time of both sparse formats vs dense int8 over sparsity; crossover = first sparsity that wins."""
+    dense_int8 = time_peer("int8", n, k, 1)[0]
+    dense_fp32 = time_peer("fp32", n, k, 1)[0]
+    points = []
+    for sparsity in SWEEP:
+        pattern = f"{round(sparsity * 100)}%"
+        point = {"sparsity": sparsity}
+        for peer in ("sparse", "int8+sparse"):
+            point[peer] = time_peer(peer, n, k, 1, pattern)[0]
+        points.append(point)
+        print(f"sparsity {pattern}: sparse {point['sparse']:.3f} ms, int8+sparse {point['int8+sparse']:.3f} ms")
+    crossover = {}
+    for peer in ("sparse", "int8+sparse"):
+        wins = [p["sparsity"] for p in points if p[peer] < dense_int8]
+        crossover[peer] = wins[0] if wins else None
+    return {"n": n, "k": k, "int8_ms": dense_int8, "fp32_ms": dense_fp32, "points": points, "crossover": crossover}
+
+
+def sweep_lines(sweep: dict) -> list[str]:
+    lines = [
+        f"Sparsity sweep, {sweep['n']} x {sweep['k']}, M = 1 (dense int8 {sweep['int8_ms']:.3f} ms, dense fp32 "
+        f"{sweep['fp32_ms']:.3f} ms):",
+        "",
+        "| sparsity | sparse ms | int8+sparse ms | int8 / sparse | int8 / int8+sparse | fp32 / sparse |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for p in sweep["points"]:
+        lines.append(
+            f"| {p['sparsity']:.0%} | {p['sparse']:.3f} | {p['int8+sparse']:.3f} | "
+            f"{sweep['int8_ms'] / p['sparse']:.2f}x | {sweep['int8_ms'] / p['int8+sparse']:.2f}x | "
+            f"{sweep['fp32_ms'] / p['sparse']:.2f}x |"
+        )
+    cross = sweep["crossover"]
+
+    def fmt(v):
+        return f"{v:.0%}" if v is not None else "none in the sweep"
+
+    lines += [
+        "",
+        f"Crossover vs dense int8 (first swept sparsity that is faster): fp32 values {fmt(cross['sparse'])}, "
+        f"int8 values {fmt(cross['int8+sparse'])}.",
+    ]
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default=None, help="output stem (default benchmarks/results/cpu-sparse-<UTC date>)")
+    parser.add_argument("--quick", action="store_true", help="4096 x 4096 and 1536 x 576, M = 1 only, no sweep")
+    args = parser.parse_args()
+    if args.quick:
+        shapes, row_counts = [SHAPES[0], SHAPES[2]], [1]
+    else:
+        shapes, row_counts = SHAPES, ROW_COUNTS
+    now = dt.datetime.now(dt.timezone.utc)
+    stem = Path(args.out or Path(__file__).parent / "results" / f"cpu-sparse-{now:%Y-%m-%d}")
+    meta = {
+        "date_utc": now.isoformat(timespec="seconds"),
+        "cpu": cpu_model(),
+        "torch": torch.__version__,
+        "fastquant": fastquant.__version__,
+        "threads": torch.get_num_threads(),
+        "isa": _native.native.best_cpu_isa() if _native.native is not None else None,
+        "load_before": os.getloadavg()[0],
+    }
+    print(
+        f"{meta['cpu']}, torch {meta['torch']}, {meta['threads']} threads, ISA {meta['isa']}, "
+        f"load {meta['load_before']:.1f}\n"
+    )
+    print(table_header(TABLE_COLS))
+    start = time.perf_counter()
+    with torch.inference_mode():
+        rows = run_table(shapes, row_counts, PATTERNS)
+        sweep = None if args.quick else run_sweep()
+    meta["wall_s"] = round(time.perf_counter() - start, 1)
+    meta["load_after"] = os.getloadavg()[0]
+    lines = [
+        f"# CPU sparse_linear benchmark, {meta['date_utc']}",
+        "",
+        f"{meta['cpu']}, torch {meta['torch']}, {meta['threads']} threads, best ISA {meta['isa']} (kernel "
+        f"{rows[0]['path']}), 1-minute load average {meta['load_before']:.1f} before / {meta['load_after']:.1f} "
+        "after. Median ms per call, weights rotated from DRAM, fp32 activations. `a / b` > 1 means b is faster. "
+        "`sparse` = fp32 values, `int8+sparse` = int8 values + per-channel scales, `csr` = torch CSR (fp32) via "
+        "`F.linear`, `fp32` = dense `F.linear`, `int8` = dense `fastquant.int8_linear`. GB/s = format bytes "
+        "(values + masks + offsets + scales) / time; `read` = torch `sum` of a float64 buffer of the fp32 "
+        "sparse format's size, same run.",
+        "",
+        table_header(TABLE_COLS),
+        *(format_row(r) for r in rows),
+        "",
+    ]
+    if sweep is not None:
+        lines += sweep_lines(sweep) + [""]
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".md").write_text("\n".join(lines))
+    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows, "sweep": sweep}, indent=1))
+    print("\n".join(lines[-12:]) if sweep else "")
+    print(f"\nwrote {stem}.md / .json in {meta['wall_s']} s")
+
+
+if __name__ == "__main__":
+    main()
