@@ -108,11 +108,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         }
         const auto x = static_cast<fastquant::cuda::DType>(static_cast<int>(parse_dtype(x_dtype)));
         const auto path = fastquant::cuda::choose_sparse_path(m_rows, n, k, values, x, group_size,
-                                                              fastquant::cuda::sparse_gemv_max_m());
+                                                              fastquant::cuda::sparse_gemv_max_m(),
+                                                              fastquant::cuda::sparse_mma_max_m());
         return std::string(fastquant::cuda::sparse_path_name(path, m_rows));
       },
       py::arg("m"), py::arg("n"), py::arg("k"), py::arg("values_dtype"), py::arg("x_dtype"),
       py::arg("group_size") = -1,
       "Name of the CUDA kernel sparse_linear runs for this problem (see csrc/cuda/sparse_linear_dispatch.h)");
+  m.def("sparse_cuda_gemv_max_m", &fastquant::cuda::sparse_gemv_max_m,
+        "Largest M the CUDA sparse_linear GEMV (one launch or per 16 rows) takes");
+  m.def("set_sparse_cuda_gemv_max_m", &fastquant::cuda::set_sparse_gemv_max_m, py::arg("m"),
+        "Cap the M of the CUDA sparse_linear GEMV (0: never); for benchmarks and tests");
+  m.def("sparse_cuda_mma_max_m", &fastquant::cuda::sparse_mma_max_m,
+        "Largest M the CUDA sparse_linear tensor-core path takes");
+  m.def("set_sparse_cuda_mma_max_m", &fastquant::cuda::set_sparse_mma_max_m, py::arg("m"),
+        "Cap the M of the CUDA sparse_linear tensor-core path (0: never; above it GEMV or densify + cuBLAS); "
+        "for benchmarks and tests");
 #endif
 }

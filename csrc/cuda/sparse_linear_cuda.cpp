@@ -26,11 +26,16 @@ namespace fastquant::cuda {
 
 namespace {
 std::atomic<int64_t> g_sparse_gemv_max_m{kDefaultSparseGemvMaxM};
+std::atomic<int64_t> g_sparse_mma_max_m{kDefaultSparseMmaMaxM};
 }  // namespace
 
 int64_t sparse_gemv_max_m() { return g_sparse_gemv_max_m.load(std::memory_order_relaxed); }
 
 void set_sparse_gemv_max_m(int64_t m) { g_sparse_gemv_max_m.store(m < 0 ? 0 : m, std::memory_order_relaxed); }
+
+int64_t sparse_mma_max_m() { return g_sparse_mma_max_m.load(std::memory_order_relaxed); }
+
+void set_sparse_mma_max_m(int64_t m) { g_sparse_mma_max_m.store(m < 0 ? 0 : m, std::memory_order_relaxed); }
 
 namespace {
 
@@ -190,10 +195,29 @@ at::Tensor sparse_linear_cuda(const at::Tensor& x, const at::Tensor& values, con
   args.group_size = static_cast<int>(group_size);
   args.n_groups = static_cast<int>(n_groups);
   args.max_smem_bytes = static_cast<int>(props->sharedMemPerBlockOptin);
+  args.num_sms = props->multiProcessorCount;
+  args.workspace = nullptr;
+  args.split_offsets = nullptr;
   args.x_dtype = xd;
   args.values_dtype = vd;
 
-  const SparsePath path = choose_sparse_path(m, n, k, vd, xd, group_size, sparse_gemv_max_m());
+  const SparsePath path =
+      choose_sparse_path(m, n, k, vd, xd, group_size, sparse_gemv_max_m(), sparse_mma_max_m());
+  if (path == SparsePath::kMma) {
+    // Split-K scratch (fresh per call from the caching allocator, so concurrent calls on other streams and
+    // CUDA-graph replays never share it): fp32 partial sums and each split's per-row start offsets.
+    const int splits = sparse_mma_splits(m, n, k, args.num_sms);
+    at::Tensor workspace;
+    at::Tensor split_offsets;
+    if (splits > 1) {
+      workspace = at::empty({splits, m, n}, x.options().dtype(at::kFloat));
+      split_offsets = at::empty({n, splits}, x.options().dtype(at::kLong));
+      args.workspace = workspace.data_ptr<float>();
+      args.split_offsets = split_offsets.data_ptr<int64_t>();
+    }
+    C10_CUDA_CHECK(launch_sparse_mma(args, stream));
+    return y;
+  }
   if (path != SparsePath::kDensifyCublas) {
     C10_CUDA_CHECK(launch_sparse_gemv(args, stream));
     return y;

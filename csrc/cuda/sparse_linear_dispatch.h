@@ -16,6 +16,7 @@ enum class SparsePath : int {
   kGemv,           // one warp per weight row, values streamed once, fp32 FMA (M <= 16, one launch)
   kGemvTiled,      // the same kernel once per 16 rows of x (16 < M <= sparse_gemv_max_m)
   kDensifyCublas,  // unpack the whole weight into a dense temporary, then cuBLAS (at::mm / at::addmm)
+  kMma,            // tensor-core GEMM on weight tiles densified in shared memory (bf16/fp16 x, M > 16)
 };
 
 // Decode kernel geometry. A warp step covers 32 chunks of 16 columns (one mask word per lane, 512 columns):
@@ -41,15 +42,62 @@ inline bool sparse_gemv_group_ok(int64_t group_size) {
   return group_size == -1 || (group_size >= 16 && group_size % 16 == 0 && is_power_of_two(group_size));
 }
 
+// Tensor-core path (sparse_linear_mma.cuh). GUESSED (never measured: written on a machine without a GPU);
+// re-measure with benchmarks/bench_gpu_sparse.py (its mma / densify columns) and move it.
+// - 16 < M <= kDefaultSparseMmaMaxM, bf16/fp16 x: the mma path. Each block densifies a 128-row x 64-column
+//   weight tile into shared memory and runs mma.sync m16n8k16 on it, so the format is read once per 128 x
+//   rows (no dense temporary: densify + cuBLAS writes and re-reads 2 bytes per weight, ~17 us for 4096 x 4096
+//   on an H100) and the multiply is on tensor cores (the tiled GEMV does fp32 FMAs on CUDA cores).
+// - M > kDefaultSparseMmaMaxM: densify + cuBLAS. The mma path does the dense multiply on the densified tiles
+//   (unstructured zeros cannot be skipped by a 16 x 16 x 16 tensor-core step), re-densifies the weight for
+//   every 128 x rows, and mma.sync reaches only part of the wgmma peak that cuBLAS uses on sm_90; once M is
+//   large the one-off densify pass of the cuBLAS path is the cheaper overhead. Predicted crossover on H100
+//   around M = 512 at any sparsity (the mma path's cost does not shrink with sparsity once compute-bound);
+//   on A100 (no wgmma) later. Neither path can beat dense F.linear there: both do dense work plus a densify.
+// - fp32 x keeps the GEMV / densify + cuBLAS paths: tensor cores would round x (tf32 or bf16), which the
+//   fp32 spec does not allow.
+inline constexpr int64_t kDefaultSparseMmaMaxM = 512;
+
+// gemv_max_m / mma_max_m: run-time caps (fastquant._C.set_sparse_cuda_gemv_max_m / set_sparse_cuda_mma_max_m)
+// so that the benchmark can time every path at the same M.
 inline SparsePath choose_sparse_path(int64_t m, int64_t n, int64_t k, SparseValues values, DType x_dtype,
-                                     int64_t group_size, int64_t gemv_max_m = kDefaultSparseGemvMaxM) {
+                                     int64_t group_size, int64_t gemv_max_m = kDefaultSparseGemvMaxM,
+                                     int64_t mma_max_m = kDefaultSparseMmaMaxM) {
   (void)n;
   (void)k;
-  (void)x_dtype;
-  if (values == SparseValues::kInt8 && !sparse_gemv_group_ok(group_size)) return SparsePath::kDensifyCublas;
-  if (m <= kSparseMaxTileM && m <= gemv_max_m) return SparsePath::kGemv;
-  if (m <= gemv_max_m) return SparsePath::kGemvTiled;
+  const bool gemv_group_ok = values != SparseValues::kInt8 || sparse_gemv_group_ok(group_size);
+  if (m <= kSparseMaxTileM && m <= gemv_max_m && gemv_group_ok) return SparsePath::kGemv;
+  // The mma kernel looks a scale up per 16-column chunk by counting chunks: any group size that is a multiple
+  // of 16 (the glue rejects others).
+  if (x_dtype != DType::kFloat32 && m > kSparseMaxTileM && m <= mma_max_m) return SparsePath::kMma;
+  if (m <= gemv_max_m && gemv_group_ok) return SparsePath::kGemvTiled;
   return SparsePath::kDensifyCublas;
+}
+
+// mma geometry (shared by the kernel, the glue's workspace sizing and the split rule): blocks of 128 weight
+// rows x block_m x rows, k-tiles of 64 columns (4 mask chunks).
+inline constexpr int kSparseMmaTileN = 128;
+inline constexpr int kSparseMmaTileK = 64;
+
+// x rows per block: 32 / 64 / 128 (n=8 mma tiles per warp: 2, 4, 8). Small M takes small blocks so that
+// the zero rows of the last tile cost as few mma and shared-memory loads as possible.
+inline int sparse_mma_block_m(int64_t m) { return m <= 32 ? 32 : (m <= 64 ? 64 : 128); }
+
+// Split-K: N / 128 x ceil(M / block_m) blocks is 32 for a 4096-row layer at M <= 128, a quarter of an H100's
+// 132 SMs, and each SM's share of HBM bandwidth needs its own block to stream it. So K is split until about 2
+// blocks per SM (3/4 of the SMs busy is enough: the partial-sum round trip, splits x M x N x 4 bytes mostly
+// in L2, costs more than the idle quarter). Each split's per-row start offsets come from a small kernel that
+// scans the mask popcounts once (the format has offsets only per row). GUESSED: >= 4 k-tiles per split,
+// at most 8 splits.
+inline int sparse_mma_splits(int64_t m, int64_t n, int64_t k, int num_sms) {
+  const int64_t blocks = ((n + kSparseMmaTileN - 1) / kSparseMmaTileN) *
+                         ((m + sparse_mma_block_m(m) - 1) / sparse_mma_block_m(m));
+  const int64_t k_tiles = (k + kSparseMmaTileK - 1) / kSparseMmaTileK;
+  if (num_sms <= 0 || 4 * blocks >= 3 * static_cast<int64_t>(num_sms)) return 1;
+  int64_t splits = (2 * static_cast<int64_t>(num_sms) + blocks - 1) / blocks;
+  if (splits > k_tiles / 4) splits = k_tiles / 4;
+  if (splits > 8) splits = 8;
+  return splits < 1 ? 1 : static_cast<int>(splits);
 }
 
 // x rows the GEMV kernel is instantiated for: M padded to 1, 2, 4, 8 or 16 (fp32 accumulators per lane and
@@ -81,6 +129,8 @@ inline const char* sparse_path_name(SparsePath path, int64_t m) {
       return "cuda_sparse_gemv_tiled";
     case SparsePath::kDensifyCublas:
       return "cuda_sparse_densify_cublas";
+    case SparsePath::kMma:
+      return "cuda_sparse_mma";
   }
   return "unknown";
 }
@@ -89,5 +139,9 @@ inline const char* sparse_path_name(SparsePath path, int64_t m) {
 // sparse_linear_cuda.cpp.
 int64_t sparse_gemv_max_m();
 void set_sparse_gemv_max_m(int64_t m);
+
+// Run-time cap of the mma path (default kDefaultSparseMmaMaxM; 0: never). Defined in sparse_linear_cuda.cpp.
+int64_t sparse_mma_max_m();
+void set_sparse_mma_max_m(int64_t m);
 
 }  // namespace fastquant::cuda

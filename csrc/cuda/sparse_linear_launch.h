@@ -24,6 +24,10 @@ struct SparseLinearArgs {
   int group_size;      // -1: per-channel (int8 values only)
   int n_groups;        // ceil(k / group_size), 1 for per-channel
   int max_smem_bytes;  // the device's opt-in shared memory per block (slab sizing)
+  int num_sms;         // SMs of the device (mma split-K rule)
+  // mma path with sparse_mma_splits(m, n, k, num_sms) > 1 only (else unused, may be nullptr):
+  float* workspace;        // splits x m x n fp32 partial sums
+  int64_t* split_offsets;  // n x splits: each split's start offset into values, per row
   DType x_dtype;
   SparseValues values_dtype;
 };
@@ -42,5 +46,27 @@ cudaError_t launch_sparse_gemv(const SparseLinearArgs& args, cudaStream_t stream
 // Needs the same alignment of values as the GEMV.
 cudaError_t launch_sparse_densify(const SparseLinearArgs& args, void* out, DType out_dtype,
                                   cudaStream_t stream);
+
+// Tensor-core GEMM on densified weight tiles (sparse_linear_mma.cuh) for x bf16/fp16, any m >= 1 (dispatched
+// for m > 16); one file per value dtype. Needs workspace and split_offsets when
+// sparse_mma_splits(m, n, k, num_sms) > 1 and values 16-byte aligned.
+cudaError_t launch_sparse_mma_f32(const SparseLinearArgs& args, cudaStream_t stream);
+cudaError_t launch_sparse_mma_bf16(const SparseLinearArgs& args, cudaStream_t stream);
+cudaError_t launch_sparse_mma_f16(const SparseLinearArgs& args, cudaStream_t stream);
+cudaError_t launch_sparse_mma_i8(const SparseLinearArgs& args, cudaStream_t stream);
+
+inline cudaError_t launch_sparse_mma(const SparseLinearArgs& args, cudaStream_t stream) {
+  switch (args.values_dtype) {
+    case SparseValues::kFloat32:
+      return launch_sparse_mma_f32(args, stream);
+    case SparseValues::kBFloat16:
+      return launch_sparse_mma_bf16(args, stream);
+    case SparseValues::kFloat16:
+      return launch_sparse_mma_f16(args, stream);
+    case SparseValues::kInt8:
+      return launch_sparse_mma_i8(args, stream);
+  }
+  return cudaErrorInvalidValue;
+}
 
 }  // namespace fastquant::cuda

@@ -1,0 +1,11 @@
+// Instantiations of the bitmap16 tensor-core GEMM (sparse_linear_mma.cuh) for int8_t values; one file per
+// value dtype so the build compiles them in parallel.
+#include "cuda/sparse_linear_mma.cuh"
+
+namespace fastquant::cuda {
+
+cudaError_t launch_sparse_mma_i8(const SparseLinearArgs& args, cudaStream_t stream) {
+  return sparse_detail::launch_mma<int8_t>(args, stream);
+}
+
+}  // namespace fastquant::cuda
