@@ -120,6 +120,8 @@ def kernel_cases():
     for shape in SHAPES:
         m, k, n = shape
         for vi, vdtype in enumerate(VALUE_DTYPES):
+            if m * k * n > 10_000_000 and vdtype in (torch.bfloat16, torch.float16):
+                continue  # the 4096 x 4096 layer: fp32 and int8 values (16-bit loads are covered above)
             x_dtypes = X_DTYPES if m * k * n <= 2_000_000 else [X_DTYPES[(vi + i) % 3]]
             for xdtype in x_dtypes:
                 i += 1
@@ -419,7 +421,7 @@ CORRUPT = [
     ),
     (
         "row 4 keeps .* weights in masks but row_offsets gives it",
-        _bad(row_offsets=_corrupt_offsets(lambda ro: ro[5:].add_(1))),
+        _bad(row_offsets=_corrupt_offsets(lambda ro: ro[5].add_(1))),
     ),
     (
         r"row_offsets\[N\] = \d+ kept weights need values of at least \d+ elements \(64 of padding\)",

@@ -5,12 +5,14 @@
 // Format ("bitmap16", python/fastquant/reference.py): per weight row, one 16-bit mask word per 16 columns
 // and the kept values packed in column order, rows one after the other, 64 elements of padding at the end.
 // Kernels read each row's values with 16-wide (or 8-wide) unaligned loads at its running position and
-// expand them into the mask's lanes, so the only invariant that keeps them inside `values` is that each
-// row's offset difference equals the popcount of its masks. A corrupt row_offsets would otherwise turn
-// into out-of-bounds reads, so every call checks it: offsets start at 0 and never decrease, no mask bit is
-// set past in_features, every row's popcount equals its offset difference (one pass over the N * K / 16
-// mask words with hardware popcnt, split over the threads: ~1/8 of the bytes of an M = 1 call at 90%
-// sparsity, and nothing next to the matmul beyond decode), and row_offsets[N] + 64 <= values.numel().
+// expand them into the mask's lanes, so the invariant that keeps them inside `values` is that each row's
+// offset difference equals the popcount of its masks. A corrupt row_offsets would otherwise turn into
+// out-of-bounds reads, so every call checks it: here (O(N)) that offsets start at 0 and never decrease, that
+// no mask bit is set past in_features and that row_offsets[N] + 64 <= values.numel(); in the kernels, just
+// before a block of rows is read, that each row's popcount equals its offset difference. That is one
+// popcnt per 4 mask words (N * K / 64 in all) on words the kernel loads next anyway: no extra pass over
+// memory, a fraction of a cycle per 16 weights. A failing row stops its thread and raises after the
+// parallel region (the output is discarded).
 #include "cpu/sparse_linear.h"
 
 #include <ATen/ATen.h>
@@ -87,9 +89,10 @@ int64_t row_popcount(const uint16_t* masks, int64_t n_chunks, int64_t j) {
   return count;
 }
 
-// The row-offset checks of the header comment, worded as check_sparse_linear_contents in ops.py.
-void check_contents(const at::Tensor& values, const uint16_t* masks, const int64_t* offsets, int64_t n,
-                    int64_t k, int64_t n_chunks, Path path) {
+// The O(N) checks of the header comment, worded as check_sparse_linear_contents in ops.py; the popcount of
+// each row is checked by the kernels just before they read the row.
+void check_offsets(const at::Tensor& values, const uint16_t* masks, const int64_t* offsets, int64_t n, int64_t k,
+                   int64_t n_chunks) {
   TORCH_CHECK(offsets[0] == 0, kPrefix, " row_offsets[0] must be 0, got ", offsets[0]);
   for (int64_t j = 0; j < n; ++j) {
     TORCH_CHECK(offsets[j + 1] >= offsets[j], kPrefix, " row_offsets must not decrease: row ", j,
@@ -102,21 +105,6 @@ void check_contents(const at::Tensor& values, const uint16_t* masks, const int64
                   " keep columns past in_features (", k, ")");
     }
   }
-  SparseRowCheck check = sparse_first_bad_row_portable;
-#if defined(__x86_64__) || defined(_M_X64)
-  if (path != Path::kPortable) check = sparse_first_bad_row_popcnt;
-#endif
-  std::atomic<int64_t> first_bad{n};
-  parallel_ranges((n + 255) / 256, [&](int64_t begin, int64_t end) {
-    const int64_t bad = check(masks, n_chunks, offsets, begin * 256, std::min(n, end * 256));
-    if (bad < 0) return;
-    int64_t cur = first_bad.load();
-    while (bad < cur && !first_bad.compare_exchange_weak(cur, bad)) {
-    }
-  });
-  const int64_t bad = first_bad.load();
-  TORCH_CHECK(bad == n, kPrefix, " row ", bad, " keeps ", row_popcount(masks, n_chunks, bad),
-              " weights in masks but row_offsets gives it ", offsets[bad + 1] - offsets[bad]);
   const int64_t total = offsets[n];
   TORCH_CHECK(total + 64 <= values.numel(), kPrefix, " row_offsets[N] = ", total,
               " kept weights need values of at least ", total + 64, " elements (64 of padding), got ",
@@ -192,7 +180,8 @@ at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& values, cons
   const at::Tensor mk = masks.contiguous();
   const at::Tensor offs = row_offsets.contiguous();
   const auto* mask_words = reinterpret_cast<const uint16_t*>(mk.data_ptr<int16_t>());
-  check_contents(vals, mask_words, offs.data_ptr<int64_t>(), n, k, n_chunks, path);
+  const int64_t* offsets = offs.data_ptr<int64_t>();
+  check_offsets(vals, mask_words, offsets, n, k, n_chunks);
 
   std::vector<int64_t> out_sizes(x.sizes().begin(), x.sizes().end());
   out_sizes.back() = n;
@@ -240,9 +229,17 @@ at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& values, cons
   // Weight rows are the unit of work: each thread streams a disjoint, contiguous slice of values and
   // masks exactly once (per block of x rows). Blocks of 8 rows keep the kernels' row tiles whole.
   constexpr int64_t grain = 8;
+  std::atomic<int64_t> first_bad{n};
   parallel_ranges((n + grain - 1) / grain, [&](int64_t begin, int64_t end) {
-    kernel(p, begin * grain, std::min(end * grain, n));
+    const int64_t bad = kernel(p, begin * grain, std::min(end * grain, n));
+    if (bad < 0) return;
+    int64_t cur = first_bad.load();
+    while (bad < cur && !first_bad.compare_exchange_weak(cur, bad)) {
+    }
   });
+  const int64_t bad = first_bad.load();
+  TORCH_CHECK(bad == n, kPrefix, " row ", bad, " keeps ", row_popcount(mask_words, n_chunks, bad),
+              " weights in masks but row_offsets gives it ", offsets[bad + 1] - offsets[bad]);
   if (dtype != ActDType::kFloat32) y.view({m, n}).copy_(y32);
   return y;
 }

@@ -35,23 +35,17 @@ struct SparseLinearProblem {
 };
 
 // Computes output columns [n_begin, n_end) for every row of x. Called concurrently on disjoint ranges.
-// The glue has checked that every row's offsets agree with the popcount of its masks, so a kernel may
-// load 64 elements from any position up to row_offsets[n] without leaving values.
-using SparseLinearKernel = void (*)(const SparseLinearProblem& p, int64_t n_begin, int64_t n_end);
-// First row in [n_begin, n_end) whose offset difference differs from the popcount of its mask words,
-// or -1. The offsets are already known not to decrease.
-using SparseRowCheck = int64_t (*)(const uint16_t* masks, int64_t n_chunks, const int64_t* row_offsets,
-                                   int64_t n_begin, int64_t n_end);
+// Before reading a weight row's values a kernel checks that the row's offset difference equals the
+// popcount of its mask words (the masks are then in L1 for the product); it returns the first row that
+// fails, having computed only the rows before it, or -1. With that, and the glue's checks that offsets
+// never decrease and that row_offsets[n] + 64 <= values.numel(), a kernel may load 64 elements from any
+// position of a row without leaving values.
+using SparseLinearKernel = int64_t (*)(const SparseLinearProblem& p, int64_t n_begin, int64_t n_end);
 
-void sparse_linear_portable(const SparseLinearProblem& p, int64_t n_begin, int64_t n_end);
-int64_t sparse_first_bad_row_portable(const uint16_t* masks, int64_t n_chunks, const int64_t* row_offsets,
-                                      int64_t n_begin, int64_t n_end);
+int64_t sparse_linear_portable(const SparseLinearProblem& p, int64_t n_begin, int64_t n_end);
 #if defined(__x86_64__) || defined(_M_X64)
-void sparse_linear_avx2(const SparseLinearProblem& p, int64_t n_begin, int64_t n_end);
-void sparse_linear_avx512(const SparseLinearProblem& p, int64_t n_begin, int64_t n_end);
-// Hardware popcnt (both ISA files are built with flags that imply it).
-int64_t sparse_first_bad_row_popcnt(const uint16_t* masks, int64_t n_chunks, const int64_t* row_offsets,
-                                    int64_t n_begin, int64_t n_end);
+int64_t sparse_linear_avx2(const SparseLinearProblem& p, int64_t n_begin, int64_t n_end);
+int64_t sparse_linear_avx512(const SparseLinearProblem& p, int64_t n_begin, int64_t n_end);
 #endif
 
 const char* sparse_linear_cpu_path(int64_t m, int64_t n, int64_t k, SparseValues values, ActDType x);

@@ -162,6 +162,22 @@ constexpr int kMB = 4;          // rows of x per tile at M > 1
 constexpr int kNR = 2;          // weight rows per tile at M > 1
 constexpr int64_t kBlock = 32;  // weight rows whose values stay in L2 while x streams past (M > 1)
 
+// First row in [j0, j1) whose offset difference is not the popcount of its mask words, or -1.
+int64_t first_bad_row(const SparseLinearProblem& p, int64_t j0, int64_t j1) {
+  for (int64_t j = j0; j < j1; ++j) {
+    const uint16_t* w = p.masks + j * p.n_chunks;
+    int64_t count = 0, c = 0;
+    for (; c + 4 <= p.n_chunks; c += 4) {
+      uint64_t q;
+      std::memcpy(&q, w + c, sizeof(q));
+      count += _mm_popcnt_u64(q);
+    }
+    for (; c < p.n_chunks; ++c) count += _mm_popcnt_u32(w[c]);
+    if (count != p.row_offsets[j + 1] - p.row_offsets[j]) return j;
+  }
+  return -1;
+}
+
 template <SparseValues V, int NR, bool GROUPED>
 void tile_m(const SparseLinearProblem& p, int64_t m0, int mb, int64_t j0) {
   switch (mb) {
@@ -177,15 +193,24 @@ void tile_m(const SparseLinearProblem& p, int64_t m0, int mb, int64_t j0) {
 }
 
 template <SparseValues V, bool GROUPED>
-void run(const SparseLinearProblem& p, int64_t n_begin, int64_t n_end) {
+int64_t run(const SparseLinearProblem& p, int64_t n_begin, int64_t n_end) {
   if (p.m == 1) {
     int64_t j = n_begin;
-    for (; j + kRows1 <= n_end; j += kRows1) tile<V, 1, kRows1, GROUPED>(p, 0, j);
-    for (; j < n_end; ++j) tile<V, 1, 1, GROUPED>(p, 0, j);
-    return;
+    for (; j + kRows1 <= n_end; j += kRows1) {
+      const int64_t bad = first_bad_row(p, j, j + kRows1);
+      if (bad >= 0) return bad;
+      tile<V, 1, kRows1, GROUPED>(p, 0, j);
+    }
+    for (; j < n_end; ++j) {
+      if (first_bad_row(p, j, j + 1) >= 0) return j;
+      tile<V, 1, 1, GROUPED>(p, 0, j);
+    }
+    return -1;
   }
   for (int64_t b0 = n_begin; b0 < n_end; b0 += kBlock) {
     const int64_t b1 = b0 + kBlock < n_end ? b0 + kBlock : n_end;
+    const int64_t bad = first_bad_row(p, b0, b1);
+    if (bad >= 0) return bad;
     for (int64_t m0 = 0; m0 < p.m; m0 += kMB) {
       const int mb = static_cast<int>(p.m - m0 < kMB ? p.m - m0 : kMB);
       int64_t j = b0;
@@ -193,20 +218,17 @@ void run(const SparseLinearProblem& p, int64_t n_begin, int64_t n_end) {
       for (; j < b1; ++j) tile_m<V, 1, GROUPED>(p, m0, mb, j);
     }
   }
+  return -1;
 }
 
 template <SparseValues V>
-void run_values(const SparseLinearProblem& p, int64_t n_begin, int64_t n_end) {
-  if (p.group_chunks > 0) {
-    run<V, true>(p, n_begin, n_end);
-  } else {
-    run<V, false>(p, n_begin, n_end);
-  }
+int64_t run_values(const SparseLinearProblem& p, int64_t n_begin, int64_t n_end) {
+  return p.group_chunks > 0 ? run<V, true>(p, n_begin, n_end) : run<V, false>(p, n_begin, n_end);
 }
 
 }  // namespace
 
-void sparse_linear_avx2(const SparseLinearProblem& p, int64_t n_begin, int64_t n_end) {
+int64_t sparse_linear_avx2(const SparseLinearProblem& p, int64_t n_begin, int64_t n_end) {
   switch (p.vtype) {
     case SparseValues::kFloat32:
       return run_values<SparseValues::kFloat32>(p, n_begin, n_end);
@@ -216,21 +238,6 @@ void sparse_linear_avx2(const SparseLinearProblem& p, int64_t n_begin, int64_t n
       return run_values<SparseValues::kFloat16>(p, n_begin, n_end);
     case SparseValues::kInt8:
       return run_values<SparseValues::kInt8>(p, n_begin, n_end);
-  }
-}
-
-int64_t sparse_first_bad_row_popcnt(const uint16_t* masks, int64_t n_chunks, const int64_t* row_offsets,
-                                    int64_t n_begin, int64_t n_end) {
-  for (int64_t j = n_begin; j < n_end; ++j) {
-    const uint16_t* w = masks + j * n_chunks;
-    int64_t count = 0, c = 0;
-    for (; c + 4 <= n_chunks; c += 4) {
-      uint64_t q;
-      std::memcpy(&q, w + c, sizeof(q));
-      count += _mm_popcnt_u64(q);
-    }
-    for (; c < n_chunks; ++c) count += _mm_popcnt_u32(w[c]);
-    if (count != row_offsets[j + 1] - row_offsets[j]) return j;
   }
   return -1;
 }

@@ -27,11 +27,14 @@ inline float value_f32(const Bf16* v, int64_t i) {
 inline float value_f32(const F16* v, int64_t i) { return c10::detail::fp16_ieee_to_fp32_value(v[i].bits); }
 
 template <typename T>
-void run(const SparseLinearProblem& p, int64_t n_begin, int64_t n_end) {
+int64_t run(const SparseLinearProblem& p, int64_t n_begin, int64_t n_end) {
   const T* values = static_cast<const T*>(p.values);
   const int64_t gc = p.group_chunks;
   for (int64_t j = n_begin; j < n_end; ++j) {
     const uint16_t* mrow = p.masks + j * p.n_chunks;
+    int64_t count = 0;
+    for (int64_t c = 0; c < p.n_chunks; ++c) count += __builtin_popcount(mrow[c]);
+    if (count != p.row_offsets[j + 1] - p.row_offsets[j]) return j;
     const float* srow = p.scales ? p.scales + j * p.n_groups : nullptr;
     for (int64_t i = 0; i < p.m; ++i) {
       const float* xi = p.x + i * p.ldx;
@@ -52,11 +55,12 @@ void run(const SparseLinearProblem& p, int64_t n_begin, int64_t n_end) {
       p.y[i * p.n + j] = acc;
     }
   }
+  return -1;
 }
 
 }  // namespace
 
-void sparse_linear_portable(const SparseLinearProblem& p, int64_t n_begin, int64_t n_end) {
+int64_t sparse_linear_portable(const SparseLinearProblem& p, int64_t n_begin, int64_t n_end) {
   switch (p.vtype) {
     case SparseValues::kFloat32:
       return run<float>(p, n_begin, n_end);
@@ -66,15 +70,6 @@ void sparse_linear_portable(const SparseLinearProblem& p, int64_t n_begin, int64
       return run<F16>(p, n_begin, n_end);
     case SparseValues::kInt8:
       return run<int8_t>(p, n_begin, n_end);
-  }
-}
-
-int64_t sparse_first_bad_row_portable(const uint16_t* masks, int64_t n_chunks, const int64_t* row_offsets,
-                                      int64_t n_begin, int64_t n_end) {
-  for (int64_t j = n_begin; j < n_end; ++j) {
-    int64_t count = 0;
-    for (int64_t c = 0; c < n_chunks; ++c) count += __builtin_popcount(masks[j * n_chunks + c]);
-    if (count != row_offsets[j + 1] - row_offsets[j]) return j;
   }
   return -1;
 }

@@ -194,9 +194,10 @@ def check_sparse_linear_args(
 def check_sparse_linear_contents(values: Tensor, masks: Tensor, row_offsets: Tensor, in_features: int) -> None:
     """Checks that row_offsets and masks agree, so that no kernel reads outside ``values``.
 
-    row_offsets[0] = 0, no row has a negative count, every row's count equals the popcount of its masks,
-    no mask bit is set past in_features, and row_offsets[N] + 64 (padding) <= values.numel(). Costs one
-    pass over the masks (N * K / 16 words), small next to the matmul. Same wording as the C++ checks.
+    row_offsets[0] = 0, no row has a negative count, no mask bit is set past in_features,
+    row_offsets[N] + 64 (padding) <= values.numel(), and every row's count equals the popcount of its masks
+    (one pass over the N * K / 16 mask words; the C++ kernels do it on each block of rows just before
+    reading it). Same wording and order as the C++ checks.
     """
     prefix = "fastquant.sparse_linear:"
     n = masks.shape[0]
@@ -216,18 +217,18 @@ def check_sparse_linear_contents(values: Tensor, masks: Tensor, row_offsets: Ten
         bad = tail.nonzero()
         if bad.numel():
             raise RuntimeError(f"{prefix} masks of row {int(bad[0])} keep columns past in_features ({in_features})")
+    total = int(offsets[-1])
+    if total + 64 > values.numel():
+        raise RuntimeError(
+            f"{prefix} row_offsets[N] = {total} kept weights need values of at least {total + 64} elements "
+            f"(64 of padding), got {values.numel()}"
+        )
     kept = reference.sparse_mask_bits(masks, masks.shape[1] * 16).sum(dim=1).cpu()
     bad = (kept != counts).nonzero()
     if bad.numel():
         i = int(bad[0])
         raise RuntimeError(
             f"{prefix} row {i} keeps {int(kept[i])} weights in masks but row_offsets gives it {int(counts[i])}"
-        )
-    total = int(offsets[-1])
-    if total + 64 > values.numel():
-        raise RuntimeError(
-            f"{prefix} row_offsets[N] = {total} kept weights need values of at least {total + 64} elements "
-            f"(64 of padding), got {values.numel()}"
         )
 
 
