@@ -1,6 +1,6 @@
 """fastquant.sparse_linear (bitmap16 weight) on CUDA: every dispatch path vs a float64 reference, sparsity
-levels (all-zero rows, 2:4), every value / activation dtype, int8 scales, opcheck, torch.compile, CUDA-graph
-capture, bad input.
+levels (all-zero rows, 2:4), every value / activation dtype, int8 scales, the run-time path caps, opcheck,
+torch.compile, CUDA-graph capture, bad input.
 
 Tolerance rule (CUDA kernels; the int8_linear CUDA rule): with y64 the float64 evaluation of
 ``reference.sparse_linear``'s formula (W the unpacked weight, times its scales for int8 values), y_torch what
@@ -40,9 +40,11 @@ pytestmark = [
 VALUE_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int8]
 X_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
-# (M, K, N): M over the GEMV tiles (1, 3, 16), the tiled GEMV (17, 64) and densify + cuBLAS (256); K not a
-# multiple of 16 (17, 1000 = 62.5 chunks, 1025), a multiple of the 512-column warp step (4096); N = 1 and 3
-# (blocks with idle warps), 1000 (not a multiple of the 8 or 16 rows of a block).
+# (M, K, N): M over the GEMV tiles (1, 3, 16); above 16 the tensor-core path for bf16/fp16 x (17, 33, 64, 65,
+# 256, 300: x tiles of 32, 64 and 128 rows, partly filled) and the tiled GEMV (M <= 64) or densify + cuBLAS for
+# fp32 x; K not a multiple of 16 (17, 1000 = 62.5 chunks, 1025), nor of the 64-column mma k-tile (1000, 1040),
+# nor of 8 (17, 1025: x rows not 16-byte aligned, element loads), a multiple of the 512-column warp step (4096);
+# N = 1 and 3 (blocks with idle warps), 1000, 257 (not a multiple of the 8, 16 or 128 rows of a block).
 SHAPES = [
     (1, 4096, 1000),
     (1, 17, 3),
@@ -53,9 +55,12 @@ SHAPES = [
     (16, 17, 1),
     (17, 4096, 3),
     (17, 1000, 1000),
+    (33, 1000, 130),
     (64, 1025, 3),
+    (65, 1040, 257),
     (256, 1000, 1000),
     (256, 17, 3),
+    (300, 1025, 129),
 ]
 
 
@@ -148,27 +153,39 @@ def test_sparsity_levels(sparsity, m, values_dtype):
 @pytest.mark.parametrize("group_size", [-1, 32, 64, 128, 256, 48])
 @pytest.mark.parametrize("m", [1, 7, 40, 300])
 def test_int8_scales(group_size, m):
-    """Per-channel and per-group scales; group 48 (a multiple of 16, not a power of two) is densified."""
+    """Per-channel and per-group scales; group 48 (a multiple of 16, not a power of two) is densified for M <= 16
+    (the GEMV finds groups by shifting) and taken by the tensor-core path above."""
     k, n = 1040, 130  # K % group != 0 for every group size: a ragged last group
     args, dense = make_case(m, k, n, torch.int8, torch.float16, 0.6, group_size, seed=group_size + 1000 * m)
     path = cuda_path(m, n, k, torch.int8, torch.float16, group_size)
-    if group_size == 48:
+    if m > 16:
+        assert path == "cuda_sparse_mma"  # counts chunks per group: any multiple of 16
+    elif group_size == 48:
         assert path == "cuda_sparse_densify_cublas"
     assert_close_to_reference(run(args), args, dense, path)
 
 
 # One case per path of csrc/cuda/sparse_linear_dispatch.h: (expected path, M, K, N, values dtype, x dtype).
+# Split-K of the mma path depends on the SM count (sparse_mma_splits): on an A100/H100 the N <= 1000 cases
+# split K (2..8 splits), 4096 x 400 does not.
 PATH_CASES = [
     ("cuda_sparse_gemv_m1", 1, 4096, 512, torch.bfloat16, torch.bfloat16),
     ("cuda_sparse_gemv_m2", 2, 14336, 64, torch.float16, torch.float16),  # x slabs of 8192 columns: 2 slabs
     ("cuda_sparse_gemv_m4", 4, 8192, 96, torch.float32, torch.bfloat16),  # x slabs of 4096 columns
     ("cuda_sparse_gemv_m8", 5, 4100, 200, torch.int8, torch.bfloat16),  # 16-warp blocks, 2048-column slabs: 3
     ("cuda_sparse_gemv_m16", 16, 3000, 77, torch.bfloat16, torch.float32),  # 1024-column slabs, last partial
-    ("cuda_sparse_gemv_tiled", 33, 1025, 100, torch.float16, torch.float16),  # 3 launches, last of 1 row
+    ("cuda_sparse_gemv_tiled", 33, 1025, 100, torch.float16, torch.float32),  # fp32 x: 3 launches, last of 1 row
     ("cuda_sparse_gemv_tiled", 64, 512, 64, torch.int8, torch.float32),
-    ("cuda_sparse_densify_cublas", 65, 1000, 100, torch.bfloat16, torch.bfloat16),
-    ("cuda_sparse_densify_cublas", 300, 1025, 70, torch.float32, torch.float16),  # mixed: fp32 GEMM
-    ("cuda_sparse_densify_cublas", 128, 640, 48, torch.int8, torch.bfloat16),
+    ("cuda_sparse_mma", 17, 1000, 100, torch.bfloat16, torch.bfloat16),  # 32-row x tile, 15 rows of padding
+    ("cuda_sparse_mma", 33, 1025, 100, torch.float16, torch.float16),  # K % 8 != 0: x by element loads
+    ("cuda_sparse_mma", 64, 4096, 300, torch.int8, torch.bfloat16),  # 3 row blocks: 8 splits of K
+    ("cuda_sparse_mma", 65, 1000, 1000, torch.float32, torch.bfloat16),  # fp32 values rounded to bf16
+    ("cuda_sparse_mma", 300, 2000, 257, torch.bfloat16, torch.float16),  # bf16 values rounded to fp16
+    ("cuda_sparse_mma", 400, 512, 4096, torch.float16, torch.float16),  # 128 blocks: no split
+    ("cuda_sparse_densify_cublas", 600, 1000, 100, torch.bfloat16, torch.bfloat16),
+    ("cuda_sparse_densify_cublas", 600, 1025, 70, torch.float32, torch.float16),  # mixed: fp32 GEMM
+    ("cuda_sparse_densify_cublas", 520, 640, 48, torch.int8, torch.bfloat16),
+    ("cuda_sparse_densify_cublas", 100, 640, 48, torch.bfloat16, torch.float32),  # fp32 x above the GEMV cap
 ]
 
 
@@ -186,10 +203,63 @@ def test_every_dispatch_path(path, m, k, n, values_dtype, x_dtype):
 
 
 def test_all_paths_are_covered():
-    names = {"cuda_sparse_gemv_tiled", "cuda_sparse_densify_cublas"} | {
+    names = {"cuda_sparse_gemv_tiled", "cuda_sparse_densify_cublas", "cuda_sparse_mma"} | {
         f"cuda_sparse_gemv_m{m}" for m in (1, 2, 4, 8, 16)
     }
     assert {case[0] for case in PATH_CASES} == names
+
+
+@pytest.mark.parametrize("values_dtype", VALUE_DTYPES, ids=str)
+@pytest.mark.parametrize("m", [17, 33, 64, 65, 256, 300])
+def test_mma_path_against_forced_densify(m, values_dtype):
+    """The tensor-core path and, forced with set_sparse_cuda_mma_max_m(0) (the benchmark's switch), the tiled
+    GEMV or densify + cuBLAS at the same M, all against the float64 reference: an all-zero row, K not a multiple
+    of the 64-column k-tile, N not a multiple of the 128-row block."""
+    native = _native.native
+    k, n = 1000, 260
+    group_size = 64 if values_dtype == torch.int8 else -1
+    x_dtype = torch.float16 if m % 2 else torch.bfloat16
+    args, dense = make_case(m, k, n, values_dtype, x_dtype, 0.6, group_size, seed=31 * m + 7)
+    assert bool((dense[1] == 0).all())
+    assert cuda_path(m, n, k, values_dtype, x_dtype, group_size) == "cuda_sparse_mma"
+    y_mma = run(args)
+    assert_close_to_reference(y_mma, args, dense, "cuda_sparse_mma")
+    default = native.sparse_cuda_mma_max_m()
+    try:
+        native.set_sparse_cuda_mma_max_m(0)
+        path = cuda_path(m, n, k, values_dtype, x_dtype, group_size)
+        assert path == ("cuda_sparse_gemv_tiled" if m <= 64 else "cuda_sparse_densify_cublas")
+        assert_close_to_reference(run(args), args, dense, path)
+    finally:
+        native.set_sparse_cuda_mma_max_m(default)
+    torch.testing.assert_close(run(args), y_mma, rtol=0, atol=0)  # split-K sums in a fixed order
+
+
+def test_path_caps_move_shapes():
+    """set_sparse_cuda_mma_max_m / set_sparse_cuda_gemv_max_m (the benchmark's switches) move shapes between
+    the tensor-core path, the tiled GEMV and densify + cuBLAS; fp32 x never takes the tensor-core path."""
+    native = _native.native
+    bf16 = torch.bfloat16
+    mma_default, gemv_default = native.sparse_cuda_mma_max_m(), native.sparse_cuda_gemv_max_m()
+    assert cuda_path(16, 4096, 4096, bf16, bf16) == "cuda_sparse_gemv_m16"
+    assert cuda_path(17, 4096, 4096, bf16, bf16) == "cuda_sparse_mma"
+    assert cuda_path(mma_default, 4096, 4096, bf16, bf16) == "cuda_sparse_mma"
+    assert cuda_path(mma_default + 1, 4096, 4096, bf16, bf16) == "cuda_sparse_densify_cublas"
+    assert cuda_path(256, 4096, 4096, torch.int8, torch.float32) == "cuda_sparse_densify_cublas"
+    try:
+        native.set_sparse_cuda_mma_max_m(0)
+        assert cuda_path(17, 4096, 4096, bf16, bf16) == "cuda_sparse_gemv_tiled"
+        native.set_sparse_cuda_gemv_max_m(0)
+        assert cuda_path(1, 4096, 4096, bf16, bf16) == "cuda_sparse_densify_cublas"
+        assert cuda_path(17, 4096, 4096, bf16, bf16) == "cuda_sparse_densify_cublas"
+        native.set_sparse_cuda_mma_max_m(4096)
+        assert cuda_path(17, 4096, 4096, bf16, bf16) == "cuda_sparse_mma"
+        assert cuda_path(4096, 4096, 4096, bf16, bf16) == "cuda_sparse_mma"
+        assert cuda_path(1, 4096, 4096, bf16, bf16) == "cuda_sparse_densify_cublas"  # M <= 16: never mma
+    finally:
+        native.set_sparse_cuda_mma_max_m(mma_default)
+        native.set_sparse_cuda_gemv_max_m(gemv_default)
+    assert native.sparse_cuda_mma_max_m() == mma_default and native.sparse_cuda_gemv_max_m() == gemv_default
 
 
 def test_misaligned_values_view():
@@ -237,13 +307,13 @@ def test_torch_compile_fullgraph():
         return F.gelu(y) * 2
 
     compiled = torch.compile(f, fullgraph=True)
-    for m in (1, 4, 100):  # GEMV and densify + cuBLAS; a new batch size retraces or runs dynamic
+    for m in (1, 4, 100, 600):  # GEMV, tensor-core path, densify + cuBLAS; a new batch size retraces or runs dynamic
         x = torch.randn(2, m, k, device="cuda", dtype=torch.bfloat16)
         # Inductor fuses gelu and the product in fp32 without rounding in between: bf16 tolerance.
         torch.testing.assert_close(compiled(x), f(x))
 
 
-@pytest.mark.parametrize("m", [1, 40, 300], ids=["gemv", "gemv-tiled", "densify-cublas"])
+@pytest.mark.parametrize("m", [1, 40, 300, 600], ids=["gemv", "mma-split-k", "mma", "densify-cublas"])
 def test_cuda_graph_capture_and_replay(m):
     args, dense = make_case(m, 2048, 256, torch.bfloat16, torch.bfloat16, 0.5, seed=13)
     static_x = args[0].clone()
