@@ -6,7 +6,10 @@ For every weight shape (N x K), row count M and sparsity case it times, in the s
   per-channel scales for ``int8+50%``),
 * ``bf16``: ``F.linear`` on the dense bf16 weight (cuBLAS), the layer before pruning,
 * ``csr``: ``torch.sparse`` CSR matmul (cuSPARSE) of the same pruned weight,
-* ``2:4``: ``torch.sparse.to_sparse_semi_structured`` (CUTLASS / cuSPARSELt) for the 2:4 case, where it runs.
+* ``2:4``: ``torch.sparse.to_sparse_semi_structured`` (CUTLASS / cuSPARSELt) for the 2:4 case, where it runs,
+* ``densify``: the same op forced onto densify + cuBLAS (``set_sparse_cuda_mma_max_m(0)`` and
+  ``set_sparse_cuda_gemv_max_m(0)``) where the table picks the tensor-core path (M > 16), so that the
+  tensor-core path, unpack + cuBLAS and bf16 F.linear are timed at the same M.
 
 A peer that fails (unsupported dtype or shape) is reported as n/a with its error, never stops the run.
 Timing as in bench_gpu_int8.py: CUDA events around batches of calls after warm-up, GPU pre-filled with a
@@ -33,7 +36,7 @@ import fastquant
 from fastquant import _native, reference
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (N, K) = (out, in) features
-ROW_COUNTS = [1, 4, 16, 64, 256]
+ROW_COUNTS = [1, 4, 16, 17, 64, 128, 256, 512]  # 17..512: the tensor-core path and its M cap
 CASES = ["50%", "70%", "90%", "2:4", "int8+50%"]
 ROTATION_BYTES = 160 * 2**20  # bytes of weight sets rotated through per shape and format (> 3x the 50 MB L2)
 MAX_SETS = 48
@@ -116,6 +119,19 @@ def bench_shape(n: int, k: int, row_counts: list[int], cases: list[str], repeats
                 for p in packed
             ]
             t = gpu_time_per_call(calls, repeats)
+            values_dtype = packed[0]["values"].dtype
+            path = _native.sparse_linear_kernel_path(torch.device("cuda"), m, n, k, values_dtype, torch.bfloat16)
+            t_densify = None
+            native = _native.native
+            if path == "cuda_sparse_mma" and hasattr(native, "set_sparse_cuda_mma_max_m"):
+                mma_max, gemv_max = native.sparse_cuda_mma_max_m(), native.sparse_cuda_gemv_max_m()
+                try:
+                    native.set_sparse_cuda_mma_max_m(0)
+                    native.set_sparse_cuda_gemv_max_m(0)
+                    t_densify = gpu_time_per_call(calls, repeats)
+                finally:
+                    native.set_sparse_cuda_mma_max_m(mma_max)
+                    native.set_sparse_cuda_gemv_max_m(gemv_max)
             t_csr = None
             if csr is not None:
                 xt = x.t().contiguous()
@@ -125,8 +141,6 @@ def bench_shape(n: int, k: int, row_counts: list[int], cases: list[str], repeats
             t_semi = None
             if semi is not None:
                 t_semi = try_time("2:4", lambda x=x, ws=semi: [lambda w=w: F.linear(x, w) for w in ws], repeats, errors)
-            values_dtype = packed[0]["values"].dtype
-            path = _native.sparse_linear_kernel_path(torch.device("cuda"), m, n, k, values_dtype, torch.bfloat16)
             nbytes = packed[0]["bytes"]
             target = TARGETS_M1.get(case) if m == 1 else None
             r = {
@@ -138,6 +152,7 @@ def bench_shape(n: int, k: int, row_counts: list[int], cases: list[str], repeats
                 "format_bytes": nbytes,
                 "t_fastquant_us": t * 1e6,
                 "t_bf16_us": t_bf16 * 1e6,
+                "t_densify_cublas_us": None if t_densify is None else t_densify * 1e6,
                 "t_csr_us": None if t_csr is None else t_csr * 1e6,
                 "t_semi_structured_us": None if t_semi is None else t_semi * 1e6,
                 "speedup_vs_bf16": t_bf16 / t,
@@ -150,7 +165,8 @@ def bench_shape(n: int, k: int, row_counts: list[int], cases: list[str], repeats
             rows.append(r)
             print(
                 f"{n:>5}x{k:<5} {case:<8} M={m:<4} {path:<28} fastquant {r['t_fastquant_us']:8.1f} us  "
-                f"bf16 {r['t_bf16_us']:8.1f} us ({r['speedup_vs_bf16']:.2f}x)  csr {fmt(r['t_csr_us'], '8.1f')}  "
+                f"bf16 {r['t_bf16_us']:8.1f} us ({r['speedup_vs_bf16']:.2f}x)  "
+                f"densify {fmt(r['t_densify_cublas_us'], '8.1f')}  csr {fmt(r['t_csr_us'], '8.1f')}  "
                 f"2:4 {fmt(r['t_semi_structured_us'], '8.1f')}  {r['format_gb_s']:6.0f} GB/s "
                 f"({r['fraction_of_copy_bw']:.0%} of copy)"
                 + ("" if target is None else ("  target met" if r["target_met"] else "  TARGET MISSED")),
@@ -181,17 +197,19 @@ def to_markdown(meta: dict, rows: list[dict], errors: dict) -> str:
         "values + masks + row offsets (+ scales); floor = format bytes / copy bandwidth",
         "- peers: bf16 = F.linear on the dense bf16 weight (cuBLAS); csr = torch.mm(W.to_sparse_csr(), x.T) "
         "(cuSPARSE); 2:4 = F.linear(x, to_sparse_semi_structured(W)) for 2:4 masks",
+        "- densify us: the same op forced onto densify + cuBLAS where the table picks cuda_sparse_mma (M > 16)",
         "",
-        "| N x K | case | M | kernel | fastquant us | floor us | bf16 us | csr us | 2:4 us | vs bf16 | format GB/s "
-        "| of copy BW | target (M=1) | met |",
-        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+        "| N x K | case | M | kernel | fastquant us | floor us | bf16 us | densify us | csr us | 2:4 us | vs bf16 "
+        "| format GB/s | of copy BW | target (M=1) | met |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for r in rows:
         target = "" if r["target_speedup_vs_bf16"] is None else f">= {r['target_speedup_vs_bf16']}x"
         met = "" if r["target_met"] is None else ("yes" if r["target_met"] else "**NO**")
         lines.append(
             f"| {r['n']}x{r['k']} | {r['case']} | {r['m']} | {r['path']} | {r['t_fastquant_us']:.1f} "
-            f"| {r['floor_us']:.1f} | {r['t_bf16_us']:.1f} | {fmt(r['t_csr_us'], '.1f')} "
+            f"| {r['floor_us']:.1f} | {r['t_bf16_us']:.1f} | {fmt(r['t_densify_cublas_us'], '.1f')} "
+            f"| {fmt(r['t_csr_us'], '.1f')} "
             f"| {fmt(r['t_semi_structured_us'], '.1f')} | {r['speedup_vs_bf16']:.2f}x | {r['format_gb_s']:.0f} "
             f"| {r['fraction_of_copy_bw']:.0%} | {target} | {met} |"
         )
