@@ -13,8 +13,8 @@ namespace fastquant::cuda {
 enum class SparseValues : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2, kInt8 = 3 };
 
 enum class SparsePath : int {
-  kGemv,           // one warp per weight row, values streamed once, fp32 FMA (M <= 16, one launch)
-  kGemvTiled,      // the same kernel once per 16 rows of x (16 < M <= sparse_gemv_max_m; fp32 x, or mma capped)
+  kGemv,       // one warp per weight row, values streamed once, fp32 FMA (M <= 16, one launch)
+  kGemvTiled,  // the same kernel once per 16 rows of x (16 < M <= sparse_gemv_max_m; fp32 x, or mma capped)
   kDensifyCublas,  // unpack the whole weight into a dense temporary, then cuBLAS (at::mm / at::addmm)
   kMma,            // tensor-core GEMM on weight tiles densified in shared memory (bf16/fp16 x, M > 16)
 };
