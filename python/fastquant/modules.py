@@ -75,15 +75,9 @@ class Int8Linear(nn.Module):
         if not torch.isfinite(weight).all():
             bad = (~torch.isfinite(weight)).sum().item()
             raise ValueError(f"cannot quantize a weight of shape {tuple(weight.shape)} with {bad} NaN/inf values")
-        out_features, in_features = weight.shape
-        dtype = weight.dtype if weight.dtype in ops.ACTIVATION_DTYPES else torch.float32
-        layer = cls(in_features, out_features, linear.bias is not None, group_size, weight.device, dtype)
+        # An unsupported group_size quantizes fine here and is refused by the constructor in from_codes.
         qweight, scales = reference.int8_quantize(weight, -1 if group_size is None else group_size)
-        layer.qweight.copy_(qweight)
-        layer.scales.copy_(scales)
-        if linear.bias is not None:
-            layer.bias.data.copy_(linear.bias.detach())
-        return layer
+        return cls.from_codes(linear, qweight, scales, group_size)
 
     @classmethod
     def from_codes(
