@@ -1,0 +1,210 @@
+"""Perplexity of SmolLM2-135M pruned by magnitude / Wanda / SparseGPT: 50% unstructured, 2:4, int8 + 50%.
+
+Float32 on CPU, the demo's evaluation (first 4096 tokens of the embedded Tempest, window 512, stride 256),
+calibration on the embedded Hamlet (a different play). Embeddings and the (tied) lm_head stay dense.
+
+    python benchmarks/prune_accuracy.py                       # the full table, ~30-60 min on 2 busy cores
+    python benchmarks/prune_accuracy.py --only sparsegpt --n-sequences 64 --damp 0.05   # tuning runs
+
+Writes benchmarks/results/pruning-accuracy-<date>.{json,md}; the JSON is rewritten after every row, so an
+interrupted run keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from fastquant import pruning
+from fastquant.evaluate import perplexity
+from fastquant.models import load_model, read_text
+
+CONFIGS = {  # label -> (sparsity, pattern, int8)
+    "50% unstructured": (0.5, "unstructured", False),
+    "2:4": (None, "2:4", False),
+    "int8 + 50% unstructured": (0.5, "unstructured", True),
+}
+TARGETS = {"50% unstructured": 1.3, "2:4": 2.0, "int8 + 50% unstructured": 1.35}
+METHODS = ("sparsegpt", "wanda", "magnitude")  # run order: the slow, target-bearing rows first
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "unknown"
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def markdown(result: dict) -> str:
+    s = result["settings"]
+    lines = [
+        f"# Pruning accuracy: SmolLM2-135M on The Tempest, {result['date']}",
+        "",
+        f"`python benchmarks/prune_accuracy.py` at commit {result['commit']}, torch {result['torch']}, "
+        f"{s['threads']} threads, float32 on CPU ({result['machine']}).",
+        f"Perplexity: `fastquant.evaluate.perplexity`, first {s['ppl_tokens']} tokens of the embedded Tempest, "
+        f"window {s['window']}, stride {s['window'] // 2} (as `fastquant demo`). Calibration (Wanda, SparseGPT): "
+        f"{s['n_sequences']} windows x {s['seq_len']} tokens spread over the embedded Hamlet (Acts I-II), "
+        f"sequential (each layer group sees the already-pruned model), SparseGPT block {s['block_size']}, "
+        f"dampening {s['damp']} x mean diag(H). All linear layers of the 30 blocks pruned (210 layers); "
+        "embeddings and the tied lm_head stay dense. int8: per-channel symmetric (SparseGPT quantizes jointly "
+        "inside its column loop; magnitude/Wanda prune, then quantize).",
+        "",
+        "| method | pattern | perplexity | x float | target | met | calibration + pruning s | load before |",
+        "|---|---|---:|---:|---:|---|---:|---|",
+    ]
+    for r in result["rows"]:
+        target = TARGETS.get(r["config"])
+        met = "" if target is None or r["method"] == "magnitude" else ("yes" if r["ratio"] <= target else "**no**")
+        lines.append(
+            f"| {r['method']} | {r['config']} | {r['perplexity']:.3f} | {r['ratio']:.3f} | "
+            f"{'' if target is None else f'<= {target}'} | {met} | {r['prune_s']:.0f} | {r['load']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def merge(paths: list[Path], output: Path) -> None:
+    results = [json.loads(p.read_text()) for p in paths]
+    first = results[0]
+    for other in results[1:]:
+        if other["settings"] != first["settings"]:
+            raise SystemExit(f"settings differ: {first['settings']} vs {other['settings']}")
+    rows = {(r["method"], r["config"]): r for result in results for r in result["rows"]}
+    order = {m: i for i, m in enumerate(("float32", *METHODS))}
+    merged = dict(first, rows=sorted(rows.values(), key=lambda r: order[r["method"]]))
+    merged["commit"] = ", ".join(dict.fromkeys(r["commit"] for r in results))
+    stem = output / f"pruning-accuracy-{first['date']}"
+    stem.with_suffix(".json").write_text(json.dumps(merged, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(markdown(merged))
+    print(markdown(merged))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ppl-tokens", type=int, default=4096)
+    parser.add_argument("--window", type=int, default=512)
+    parser.add_argument("--n-sequences", type=int, default=64)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--damp", type=float, default=pruning.SPARSEGPT_DAMP)
+    parser.add_argument("--block-size", type=int, default=pruning.SPARSEGPT_BLOCK_SIZE)
+    parser.add_argument("--only", nargs="*", choices=METHODS, help="methods to run (default: all)")
+    parser.add_argument("--configs", nargs="*", choices=list(CONFIGS), help="configs to run (default: all)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--output", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--tag", default="", help="suffix of the result file names (tuning runs)")
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="JSON",
+        help="combine result files of runs with the same settings (e.g. methods run in parallel) and exit",
+    )
+    args = parser.parse_args()
+    if args.merge:
+        merge([Path(p) for p in args.merge], Path(args.output))
+        return
+
+    torch.set_num_threads(args.threads)
+    pruning.SPARSEGPT_DAMP = args.damp
+    pruning.SPARSEGPT_BLOCK_SIZE = args.block_size
+    date = datetime.date.today().isoformat()
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"pruning-accuracy-{date}{args.tag}"
+
+    loaded = load_model("smollm2")
+    model, tokenizer = loaded.model, loaded.tokenizer
+    ids = tokenizer(read_text(), return_tensors="pt").input_ids[0][: args.ppl_tokens]
+    calibration = pruning.calibration_from_text(tokenizer, n_sequences=args.n_sequences, seq_len=args.seq_len)
+
+    result = {
+        "date": date,
+        "commit": commit(),
+        "torch": torch.__version__,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "settings": {
+            "ppl_tokens": args.ppl_tokens,
+            "window": args.window,
+            "n_sequences": args.n_sequences,
+            "seq_len": args.seq_len,
+            "damp": args.damp,
+            "block_size": args.block_size,
+            "threads": args.threads,
+        },
+        "rows": [],
+    }
+
+    def record(row: dict) -> None:
+        result["rows"].append(row)
+        stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+        stem.with_suffix(".md").write_text(markdown(result))
+        print(
+            f"{row['method']:>10} {row['config']:<24} ppl {row['perplexity']:8.3f}  x{row['ratio']:.3f}  "
+            f"prune {row['prune_s']:6.1f} s  load {row['load']}",
+            flush=True,
+        )
+
+    load = load_average()
+    start = time.perf_counter()
+    base = perplexity(model, ids, window=args.window, stride=args.window // 2)
+    record(
+        dict(
+            method="float32",
+            config="dense",
+            perplexity=base,
+            ratio=1.0,
+            prune_s=0.0,
+            ppl_s=time.perf_counter() - start,
+            load=load,
+        )
+    )
+    for method in args.only or METHODS:
+        for label in args.configs or CONFIGS:
+            sparsity, pattern, int8 = CONFIGS[label]
+            pruned = copy.deepcopy(model)
+            load = load_average()
+            start = time.perf_counter()
+            layers = pruning.prune_model(
+                pruned,
+                sparsity=sparsity,
+                pattern=pattern,
+                pruning=method,
+                calibration=calibration,
+                int8=int8,
+                progress=False,
+            )
+            prune_s = time.perf_counter() - start
+            kept = sum(int(r.mask.sum()) for r in layers.values())
+            total = sum(r.mask.numel() for r in layers.values())
+            start = time.perf_counter()
+            ppl = perplexity(pruned, ids, window=args.window, stride=args.window // 2)
+            record(
+                dict(
+                    method=method,
+                    config=label,
+                    perplexity=ppl,
+                    ratio=ppl / base,
+                    prune_s=prune_s,
+                    ppl_s=time.perf_counter() - start,
+                    layers=len(layers),
+                    sparsity=1 - kept / total,
+                    load=load,
+                )
+            )
+            del pruned
+
+
+if __name__ == "__main__":
+    main()
