@@ -70,6 +70,13 @@ METHODS: dict[str, Method] = {
         "int8 as above, plus a separate int8 copy of the tied lm_head (the embedding keeps its float weight)",
         lambda model, options: patch(model, "int8", group_size=options.group_size, skip=(), quantize_tied=True),
     ),
+    "int8-gptq": Method(
+        "int8-gptq",
+        "int8 per-channel with GPTQ rounding (errors compensated on Hamlet calibration text); lm_head in float",
+        lambda model, options: patch(
+            model, "int8", group_size=options.group_size, calibration=options.calibration(), progress=options.progress
+        ),
+    ),
     "sparse": Method(
         "sparse",
         "pruned (default: SparseGPT, 50% unstructured, calibrated on Hamlet), float values in the bitmap16 "

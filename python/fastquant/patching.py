@@ -143,7 +143,9 @@ def patch(
     """Replace the model's linear layers with compressed ones, in place, and return the model.
 
     Args:
-        method: ``"int8"``: int8 weight-only, per-channel scales or per-group with ``group_size``.
+        method: ``"int8"``: int8 weight-only, per-channel scales or per-group with ``group_size``; rounded to
+            nearest, or, when ``calibration`` is given, by GPTQ (rounding errors compensated on the calibration
+            inputs: slower to patch, closer to the float model).
             ``"sparse"``: prune, then store the kept weights in the bitmap16 sparse format (float values).
             ``"int8+sparse"``: prune, then int8-quantize the kept weights (SparseGPT compensates the rounding).
         group_size: None for one scale per output channel, else one of 32, 64, 128, 256 (int8 methods).
@@ -178,8 +180,10 @@ def patch(
         raise ValueError("group_size applies to the int8 methods; method='sparse' keeps float values")
     notes: dict[str, str] = getattr(model, "_fastquant_notes", {})
     chosen = _select_layers(model, skip, filter_fn, quantize_tied, notes)
-    if method == "int8":
+    if method == "int8" and calibration is None:
         _patch_int8(model, chosen, group_size, notes)
+    elif method == "int8":
+        _patch_int8_calibrated(model, chosen, group_size, calibration, progress, notes)
     else:
         _patch_sparse(
             model, chosen, method, group_size, sparsity, pattern, pruning, calibration, sparse_kernel, progress, notes
@@ -203,6 +207,52 @@ def _patch_int8(
         notes[name] = f"int8 copy; float weight kept for {', '.join(other_owners)}" if other_owners else ""
 
 
+def _layers_to_rewrite(chosen: list[tuple[str, nn.Module, list[str]]], action: str) -> dict[str, nn.Module]:
+    """The layers a calibrated algorithm will rewrite in place, each with a weight of its own (a weight tied to
+    an embedding is copied first, so the embedding keeps its float values)."""
+    for name, module, other_owners in chosen:
+        if not torch.isfinite(linear_weight(module)).all():
+            raise ValueError(f"layer {name!r}: cannot {action} a weight with NaN/inf values")
+        if other_owners:
+            _untie(module)
+    return {name: module for name, module, _ in chosen}
+
+
+def _patch_int8_calibrated(
+    model: nn.Module,
+    chosen: list[tuple[str, nn.Module, list[str]]],
+    group_size: int | None,
+    calibration: Iterable,
+    progress: bool,
+    notes: dict[str, str],
+) -> None:
+    # GPTQ: SparseGPT's column-by-column quantization with nothing pruned. Each rounding error is pushed onto
+    # the columns not yet quantized, weighted by the inverse Hessian of the layer's calibration inputs, so the
+    # layer's output error (not its weight error) is what rounding minimizes.
+    layers = _layers_to_rewrite(chosen, "quantize")
+    results = pruning_lib.prune_layers(
+        model,
+        layers,
+        sparsity=0.0,
+        pattern="unstructured",
+        pruning="sparsegpt",
+        calibration=calibration,
+        int8=True,
+        group_size=group_size,
+        progress=progress,
+    )
+    replaced: dict[int, Int8Linear] = {}
+    for name, module, other_owners in chosen:
+        storage = module.weight.data_ptr()
+        if storage not in replaced:
+            result = results[name]
+            replaced[storage] = Int8Linear.from_codes(module, result.qweight, result.scales, group_size)
+        _set_submodule(model, name, replaced[storage])
+        notes[name] = "int8, GPTQ rounding on the calibration data"
+        if other_owners:
+            notes[name] += f"; float weight kept for {', '.join(other_owners)}"
+
+
 def _patch_sparse(
     model: nn.Module,
     chosen: list[tuple[str, nn.Module, list[str]]],
@@ -217,12 +267,7 @@ def _patch_sparse(
     notes: dict[str, str],
 ) -> None:
     int8 = method == "int8+sparse"
-    for name, module, other_owners in chosen:
-        if not torch.isfinite(linear_weight(module)).all():
-            raise ValueError(f"layer {name!r}: cannot prune a weight with NaN/inf values")
-        if other_owners:
-            _untie(module)
-    layers = {name: module for name, module, _ in chosen}
+    layers = _layers_to_rewrite(chosen, "prune")
     pruned = pruning_lib.prune_layers(
         model,
         layers,
