@@ -14,7 +14,7 @@ import torch
 
 import fastquant
 from fastquant import cli
-from fastquant.evaluate import METHODS, embedding_cosine, perplexity, sentence_embeddings, sentences
+from fastquant.evaluate import METHODS, MethodOptions, embedding_cosine, perplexity, sentence_embeddings, sentences
 from fastquant.models import INSTALL_HINTS, load_model, minilm_dir, read_text, smollm2_gguf
 
 pytest.importorskip("transformers")
@@ -42,7 +42,7 @@ def smollm2():
 def test_smollm2_int8_perplexity_within_0_3_percent(smollm2):
     ids = smollm2.tokenizer(read_text(), return_tensors="pt").input_ids[0][:TOKENS]
     base = perplexity(smollm2.model, ids)
-    int8 = METHODS["int8"].apply(copy.deepcopy(smollm2.model), None)
+    int8 = METHODS["int8"].apply(copy.deepcopy(smollm2.model), MethodOptions())
     assert sum(isinstance(m, fastquant.Int8Linear) for m in int8.modules()) == 30 * 7
     ppl = perplexity(int8, ids)
     # The float model is sane on Shakespeare (a broken load gives perplexities in the thousands) ...
@@ -56,7 +56,7 @@ def test_smollm2_int8_perplexity_within_0_3_percent(smollm2):
 def test_smollm2_save_load_round_trip(smollm2, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    model = METHODS["int8+lm_head"].apply(copy.deepcopy(smollm2.model), None)
+    model = METHODS["int8+lm_head"].apply(copy.deepcopy(smollm2.model), MethodOptions())
     path = tmp_path / "smollm2.safetensors"
     fastquant.save(model, path)
     # Compressed size: float embedding (stored once) + int8 layers and lm_head copy: under half the float.
