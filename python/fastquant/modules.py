@@ -25,7 +25,39 @@ def is_quantizable_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or (type(module).__name__ == "Conv1D" and hasattr(module, "nf"))
 
 
-class Int8Linear(nn.Module):
+class _CompressedLinear(nn.Module):
+    """What every compressed linear layer shares: fp32 scales that survive dtype moves, the activation dtype,
+    and how it prints. Subclasses set in_features, out_features, group_size, scales (or None), bias, _dtype."""
+
+    @property
+    def group_size_arg(self) -> int:
+        return -1 if self.group_size is None else self.group_size
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.bias.dtype if self.bias is not None else self._dtype
+
+    def _apply(self, fn, recurse: bool = True):
+        # Module.to(dtype) and .half() cast every floating tensor. The scales must keep fp32 precision
+        # (they are applied in fp32 so fp16 activations never overflow): only the activation dtype moves.
+        # Float sparse values do follow the model's dtype, as a float weight would.
+        scales = self.scales
+        super()._apply(fn, recurse)
+        if scales is not None and self.scales.dtype != torch.float32:
+            self.scales = scales.to(self.scales.device)
+        probe = fn(torch.empty(0, dtype=self._dtype))
+        if probe.dtype in ops.ACTIVATION_DTYPES:
+            self._dtype = probe.dtype
+        return self
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, format={self.format}"
+        )
+
+
+class Int8Linear(_CompressedLinear):
     """A linear layer whose weight is stored as int8 with fp32 scales (per output channel or per group).
 
     The forward pass runs ``torch.ops.fastquant.int8_linear``: a fused dequantize-matmul that never
@@ -59,10 +91,6 @@ class Int8Linear(nn.Module):
         else:
             self.register_parameter("bias", None)
         self._dtype = dtype
-
-    @property
-    def group_size_arg(self) -> int:
-        return -1 if self.group_size is None else self.group_size
 
     @property
     def format(self) -> str:
@@ -108,30 +136,8 @@ class Int8Linear(nn.Module):
         """The float weight this layer computes with, (out_features, in_features), in the layer's dtype."""
         return reference.int8_dequantize(self.qweight, self.scales, self.group_size_arg).to(self._dtype)
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.bias.dtype if self.bias is not None else self._dtype
 
-    def _apply(self, fn, recurse: bool = True):
-        # Module.to(dtype) and .half() cast every floating tensor. The scales must keep fp32 precision
-        # (they are applied in fp32 so fp16 activations never overflow): only the activation dtype moves.
-        scales = self.scales
-        super()._apply(fn, recurse)
-        if self.scales.dtype != torch.float32:
-            self.scales = scales.to(self.scales.device)
-        probe = fn(torch.empty(0, dtype=self._dtype))
-        if probe.dtype in ops.ACTIVATION_DTYPES:
-            self._dtype = probe.dtype
-        return self
-
-    def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, format={self.format}"
-        )
-
-
-class SparseLinear(nn.Module):
+class SparseLinear(_CompressedLinear):
     """A linear layer whose pruned weight is stored in the ``bitmap16`` sparse format.
 
     Per row and per 16 input columns, a 16-bit mask says which weights are kept; the kept weights are packed
@@ -228,10 +234,6 @@ class SparseLinear(nn.Module):
         return layer
 
     @property
-    def group_size_arg(self) -> int:
-        return -1 if self.group_size is None else self.group_size
-
-    @property
     def n_kept(self) -> int:
         return int(self.row_offsets[-1])
 
@@ -273,24 +275,3 @@ class SparseLinear(nn.Module):
         if self.scales is not None:
             dense = reference.int8_dequantize(dense, self.scales, self.group_size_arg)
         return dense.to(self._dtype)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.bias.dtype if self.bias is not None else self._dtype
-
-    def _apply(self, fn, recurse: bool = True):
-        # As in Int8Linear: int8 scales stay fp32; float values follow the model's dtype like any weight would.
-        scales = self.scales
-        super()._apply(fn, recurse)
-        if scales is not None and self.scales.dtype != torch.float32:
-            self.scales = scales.to(self.scales.device)
-        probe = fn(torch.empty(0, dtype=self._dtype))
-        if probe.dtype in ops.ACTIVATION_DTYPES:
-            self._dtype = probe.dtype
-        return self
-
-    def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, format={self.format}"
-        )
