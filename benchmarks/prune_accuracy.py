@@ -63,15 +63,16 @@ def markdown(result: dict) -> str:
         "embeddings and the tied lm_head stay dense. int8: per-channel symmetric (SparseGPT quantizes jointly "
         "inside its column loop; magnitude/Wanda prune, then quantize).",
         "",
-        "| method | pattern | perplexity | x float | target | met | calibration + pruning s | load before |",
-        "|---|---|---:|---:|---:|---|---:|---|",
+        "| method | pattern | perplexity | x float | target | met | calibration + pruning s | threads | load before |",
+        "|---|---|---:|---:|---:|---|---:|---:|---|",
     ]
     for r in result["rows"]:
         target = TARGETS.get(r["config"])
         met = "" if target is None or r["method"] == "magnitude" else ("yes" if r["ratio"] <= target else "**no**")
         lines.append(
             f"| {r['method']} | {r['config']} | {r['perplexity']:.3f} | {r['ratio']:.3f} | "
-            f"{'' if target is None else f'<= {target}'} | {met} | {r['prune_s']:.0f} | {r['load']} |"
+            f"{'' if target is None else f'<= {target}'} | {met} | {r['prune_s']:.0f} | "
+            f"{r.get('threads', s['threads'])} | {r['load']} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -79,12 +80,19 @@ def markdown(result: dict) -> str:
 def merge(paths: list[Path], output: Path) -> None:
     results = [json.loads(p.read_text()) for p in paths]
     first = results[0]
+
+    def accuracy_settings(result: dict) -> dict:  # the thread count changes timings, not perplexities
+        return {k: v for k, v in result["settings"].items() if k != "threads"}
+
     for other in results[1:]:
-        if other["settings"] != first["settings"]:
+        if accuracy_settings(other) != accuracy_settings(first):
             raise SystemExit(f"settings differ: {first['settings']} vs {other['settings']}")
-    rows = {(r["method"], r["config"]): r for result in results for r in result["rows"]}
+    rows = {
+        (r["method"], r["config"]): dict(r, threads=res["settings"]["threads"]) for res in results for r in res["rows"]
+    }
     order = {m: i for i, m in enumerate(("float32", *METHODS))}
     merged = dict(first, rows=sorted(rows.values(), key=lambda r: order[r["method"]]))
+    merged["settings"] = dict(first["settings"], threads=" / ".join(str(r["settings"]["threads"]) for r in results))
     merged["commit"] = ", ".join(dict.fromkeys(r["commit"] for r in results))
     stem = output / f"pruning-accuracy-{first['date']}"
     stem.with_suffix(".json").write_text(json.dumps(merged, indent=2) + "\n")
