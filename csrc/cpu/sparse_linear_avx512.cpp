@@ -4,7 +4,8 @@
 // makes the over-read safe), widened to 32-bit lanes (vpmovsxbd for int8, vpmovzxwd + shift for bf16,
 // vcvtph2ps for fp16) and vexpandps/vpexpandd moves the first popcount(mask) of them into the kept lanes,
 // zeroing the rest; one FMA with x's 16 fp32 activations, and the pointer advances by popcnt(mask).
-// FQ_SPARSE_EXPANDLOAD selects the memory form (vexpandps zmm{k}{z}, m512) for fp32 values instead.
+// The register form (load, then vexpandps) is used for fp32 values too; the memory form (vexpandps
+// zmm{k}{z}, m512) is left for when it can be measured on an AVX-512 machine.
 //
 // Row tiles as in the AVX2 kernel: M = 1 interleaves 4 weight rows (independent pointer chains and memory
 // streams, software prefetch ahead of each); M > 1 expands each chunk once and FMAs it into up to 8 rows
@@ -22,9 +23,6 @@ namespace {
 #ifndef FQ_SPARSE_PF
 #define FQ_SPARSE_PF 1024  // bytes of values prefetched ahead of each row pointer (0: none)
 #endif
-#ifndef FQ_SPARSE_EXPANDLOAD
-#define FQ_SPARSE_EXPANDLOAD 0
-#endif
 
 template <SparseValues V>
 struct Val;
@@ -32,11 +30,7 @@ template <>
 struct Val<SparseValues::kFloat32> {
   using T = float;
   static __m512 expand(const T* p, __mmask16 k) {
-#if FQ_SPARSE_EXPANDLOAD
-    return _mm512_maskz_expandloadu_ps(k, p);
-#else
     return _mm512_maskz_expand_ps(k, _mm512_loadu_ps(p));
-#endif
   }
 };
 template <>
