@@ -29,9 +29,7 @@ struct Val;
 template <>
 struct Val<SparseValues::kFloat32> {
   using T = float;
-  static __m512 expand(const T* p, __mmask16 k) {
-    return _mm512_maskz_expand_ps(k, _mm512_loadu_ps(p));
-  }
+  static __m512 expand(const T* p, __mmask16 k) { return _mm512_maskz_expand_ps(k, _mm512_loadu_ps(p)); }
 };
 template <>
 struct Val<SparseValues::kBFloat16> {
@@ -45,7 +43,8 @@ template <>
 struct Val<SparseValues::kFloat16> {
   using T = uint16_t;
   static __m512 expand(const T* p, __mmask16 k) {
-    return _mm512_maskz_expand_ps(k, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+    return _mm512_maskz_expand_ps(k,
+                                  _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
   }
 };
 template <>
