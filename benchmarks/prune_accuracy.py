@@ -108,6 +108,9 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--damp", type=float, default=pruning.SPARSEGPT_DAMP)
     parser.add_argument("--block-size", type=int, default=pruning.SPARSEGPT_BLOCK_SIZE)
+    parser.add_argument(
+        "--refit-iterations", type=int, default=pruning.REFIT_ITERATIONS, help="0: SparseGPT without the refit"
+    )
     parser.add_argument("--only", nargs="*", choices=METHODS, help="methods to run (default: all)")
     parser.add_argument("--configs", nargs="*", choices=list(CONFIGS), help="configs to run (default: all)")
     parser.add_argument("--threads", type=int, default=2)
@@ -127,6 +130,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     pruning.SPARSEGPT_DAMP = args.damp
     pruning.SPARSEGPT_BLOCK_SIZE = args.block_size
+    pruning.REFIT_ITERATIONS = args.refit_iterations
     date = datetime.date.today().isoformat()
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -149,6 +153,7 @@ def main() -> None:
             "seq_len": args.seq_len,
             "damp": args.damp,
             "block_size": args.block_size,
+            "refit_iterations": args.refit_iterations,
             "threads": args.threads,
         },
         "rows": [],

@@ -69,7 +69,8 @@ def test_report_shows_choice_format_and_bytes():
 def test_kernel_choice_description():
     choice = KernelChoice("dense", "int8", sparse_ms=0.2, dense_ms=0.1, sparsity=0.5)
     assert choice.describe() == (
-        "50% pruned; dense int8 kernel kept: sparse 0.200 ms vs dense int8 0.100 ms at 1 token (2.00x)"
+        "50% pruned; dense int8 kernel kept: sparse 0.200 ms vs dense int8 0.100 ms at 1 token, weights from memory "
+        "(2.00x)"
     )
 
 

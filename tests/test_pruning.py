@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from fastquant import pruning, reference
-from fastquant.pruning import magnitude_mask, prune_layers, sparsegpt_prune, wanda_mask
+from fastquant.pruning import magnitude_mask, prune_layers, refit_kept_weights, sparsegpt_prune, wanda_mask
 
 
 def correlated_inputs(tokens: int, k: int, seed: int = 0) -> torch.Tensor:
@@ -198,10 +198,10 @@ def test_int8_codes_zero_where_pruned_and_scales_shape(pruning_method, group_siz
         gs = -1 if group_size is None else group_size
         # the layer's float weight is what the int8 layer computes
         torch.testing.assert_close(layer.weight.data, reference.int8_dequantize(r.qweight, r.scales, gs))
-        if pruning_method == "sparsegpt":
-            # the grid is the int8 path's grid for the layer's weight before pruning
-            original_weight = original.get_submodule(name).weight
-            torch.testing.assert_close(r.scales, reference.int8_quantize(original_weight, gs)[1])
+        if pruning_method != "sparsegpt":
+            # the grid is the int8 path's grid for the pruned weight (SparseGPT's comes from its refitted weight)
+            pruned = original.get_submodule(name).weight.detach() * r.mask
+            torch.testing.assert_close(r.scales, reference.int8_quantize(pruned, gs)[1])
 
 
 def test_sparsegpt_int8_compensates_rounding():
@@ -216,6 +216,99 @@ def test_sparsegpt_int8_compensates_rounding():
     plain, mask2, _ = sparsegpt_prune(w, x.T @ x, 0.5)
     rounded = torch.round(plain / scales[:, None]).clamp(-127, 127) * scales[:, None]
     assert output_error(x, w, joint) < output_error(x, w, rounded)
+
+
+def test_sparsegpt_int8_refit_beats_no_refit(monkeypatch):
+    torch.manual_seed(0)
+    x = correlated_inputs(512, 96)
+    errors = {}
+    for iterations in (0, pruning.REFIT_ITERATIONS):
+        monkeypatch.setattr(pruning, "REFIT_ITERATIONS", iterations)
+        layer = nn.Linear(96, 40, bias=False)
+        layer.weight.data = random_weight(40, 96)
+        dense = layer.weight.detach().clone()
+        r = prune_layers(
+            layer,
+            {"": layer},
+            sparsity=0.5,
+            pattern="unstructured",
+            pruning="sparsegpt",
+            calibration=[x],
+            int8=True,
+            progress=False,
+        )[""]
+        assert (~r.mask).sum() == round(0.5 * 40 * 96) and bool((r.qweight[~r.mask] == 0).all())
+        errors[iterations] = output_error(x, dense, reference.int8_dequantize(r.qweight, r.scales, -1))
+        if iterations == 0:  # without the refit the grid is the int8 path's grid for the unpruned weight
+            torch.testing.assert_close(r.scales, reference.int8_quantize(dense)[1])
+    assert errors[pruning.REFIT_ITERATIONS] < 0.95 * errors[0], errors
+
+
+# ---------------------------------------------------------------------------------------------- refit
+def direct_refit(w: torch.Tensor, keep: torch.Tensor, h: torch.Tensor, damp: float) -> torch.Tensor:
+    """Row by row in float64: the kept set's normal equations Hd_SS w_S = (Hd w)_S, Hd = H + damp * mean(diag H) I."""
+    h = h.double()
+    hd = h + damp * h.diagonal().mean() * torch.eye(h.shape[0], dtype=h.dtype)
+    target = w.double() @ hd
+    out = torch.zeros_like(w, dtype=torch.float64)
+    for i in range(w.shape[0]):
+        s = keep[i]
+        if s.any():
+            out[i, s] = torch.linalg.solve(hd[s][:, s], target[i, s])
+    return out.float()
+
+
+@pytest.mark.parametrize("shape", [(1, 16), (5, 23), (17, 64)])
+def test_refit_matches_direct_solve(shape):
+    n, k = shape
+    w = random_weight(n, k)
+    x = correlated_inputs(300, k)
+    h = x.T @ x
+    keep = torch.rand(n, k, generator=torch.Generator().manual_seed(3)) < torch.linspace(0.2, 0.8, n)[:, None]
+    keep[0] = False  # a row that keeps nothing stays zero
+    start = w * keep
+    got = refit_kept_weights(w, start, keep, h, damp=0.01, iterations=3 * k)
+    # fp32 CG vs a float64 direct solve: agreement to 1e-3 of the row's scale (the system is well conditioned
+    # after dampening; CG in exact arithmetic ends in at most K steps, 3K absorbs fp32 round-off)
+    want = direct_refit(w, keep, h, 0.01)
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3 * float(want.abs().max()))
+    assert bool((got[~keep] == 0).all())
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_refit_lowers_sparsegpt_layer_error(pattern):
+    n, k = 48, 128
+    w = random_weight(n, k)
+    x = correlated_inputs(1024, k)
+    sparsity = 0.5 if pattern == "unstructured" else None
+    sgpt, keep, _ = sparsegpt_prune(w, x.T @ x, sparsity, pattern, block_size=32)
+    refit = refit_kept_weights(w, sgpt, keep, x.T @ x)
+    assert bool((refit[~keep] == 0).all())
+    assert output_error(x, w, refit) < 0.98 * output_error(x, w, sgpt)
+    # SparseGPT with the mask given uses that mask
+    again, keep_again, _ = sparsegpt_prune(refit, x.T @ x, sparsity, pattern, keep=keep)
+    assert torch.equal(keep_again, keep) and bool((again[~keep] == 0).all())
+
+
+def test_refit_without_iterations_or_signal_returns_masked_start():
+    w = random_weight(6, 20)
+    keep = torch.rand(6, 20, generator=torch.Generator().manual_seed(0)) < 0.5
+    start = w * 1.5
+    torch.testing.assert_close(refit_kept_weights(w, start, keep, torch.eye(20), iterations=0), start * keep)
+    torch.testing.assert_close(refit_kept_weights(w, start, keep, torch.zeros(20, 20)), start * keep)
+    everything = torch.ones_like(keep)
+    torch.testing.assert_close(refit_kept_weights(w, start, everything, torch.eye(20)), w)  # the dense optimum
+
+
+def test_refit_and_keep_shape_errors():
+    w = random_weight(6, 20)
+    keep = torch.ones(6, 20, dtype=torch.bool)
+    with pytest.raises(ValueError, match="one shape"):
+        refit_kept_weights(w, w, keep[:, :10], torch.eye(20))
+    with pytest.raises(ValueError, match="hessian must have shape"):
+        refit_kept_weights(w, w, keep, torch.eye(19))
+    with pytest.raises(ValueError, match="keep must have the weight's shape"):
+        sparsegpt_prune(w, torch.eye(20), 0.5, keep=keep[:3])
 
 
 # ---------------------------------------------------------------------------------- sequential / models
