@@ -111,6 +111,9 @@ def main() -> None:
     parser.add_argument(
         "--refit-iterations", type=int, default=pruning.REFIT_ITERATIONS, help="0: SparseGPT without the refit"
     )
+    parser.add_argument(
+        "--no-dense-target", action="store_true", help="fit each layer to its own weight, not the dense model's output"
+    )
     parser.add_argument("--only", nargs="*", choices=METHODS, help="methods to run (default: all)")
     parser.add_argument("--configs", nargs="*", choices=list(CONFIGS), help="configs to run (default: all)")
     parser.add_argument("--threads", type=int, default=2)
@@ -131,6 +134,7 @@ def main() -> None:
     pruning.SPARSEGPT_DAMP = args.damp
     pruning.SPARSEGPT_BLOCK_SIZE = args.block_size
     pruning.REFIT_ITERATIONS = args.refit_iterations
+    pruning.DENSE_TARGET = not args.no_dense_target
     date = datetime.date.today().isoformat()
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -154,6 +158,7 @@ def main() -> None:
             "damp": args.damp,
             "block_size": args.block_size,
             "refit_iterations": args.refit_iterations,
+            "dense_target": not args.no_dense_target,
             "threads": args.threads,
         },
         "rows": [],

@@ -10,7 +10,14 @@ import torch
 from torch import nn
 
 from fastquant import pruning, reference
-from fastquant.pruning import magnitude_mask, prune_layers, refit_kept_weights, sparsegpt_prune, wanda_mask
+from fastquant.pruning import (
+    dense_target_weight,
+    magnitude_mask,
+    prune_layers,
+    refit_kept_weights,
+    sparsegpt_prune,
+    wanda_mask,
+)
 
 
 def correlated_inputs(tokens: int, k: int, seed: int = 0) -> torch.Tensor:
@@ -311,6 +318,57 @@ def test_refit_and_keep_shape_errors():
         sparsegpt_prune(w, torch.eye(20), 0.5, keep=keep[:3])
 
 
+# ---------------------------------------------------------------------------------------- dense target
+def test_dense_target_weight_is_the_weight_when_inputs_agree():
+    w = random_weight(12, 40)
+    x = correlated_inputs(400, 40)
+    torch.testing.assert_close(dense_target_weight(w, x.T @ x, x.T @ x), w, rtol=1e-4, atol=1e-4)
+
+
+def test_dense_target_objective_differs_by_a_constant():
+    """For any W', ||W' Xp^T - W Xd^T||^2 + d ||W' - W||^2 - (W' - W_t)(H + dI)(W' - W_t)^T is one constant."""
+    n, k, damp = 8, 24, 0.01
+    w = random_weight(n, k).double()
+    xp = correlated_inputs(300, k, seed=1).double()
+    xd = xp + 0.3 * correlated_inputs(300, k, seed=2).double()  # the dense model's inputs: close, not equal
+    h, cross = xp.T @ xp, xd.T @ xp
+    d = damp * float(h.diagonal().mean())
+    target = dense_target_weight(w.float(), h.float(), cross.float(), damp).double()
+
+    def gap(candidate):
+        direct = ((candidate @ xp.T - w @ xd.T) ** 2).sum() + d * ((candidate - w) ** 2).sum()
+        delta = candidate - target
+        return float(direct - (delta @ (h + d * torch.eye(k, dtype=h.dtype)) * delta).sum())
+
+    g = torch.Generator().manual_seed(4)
+    gaps = [gap(torch.randn(n, k, generator=g, dtype=torch.float64)) for _ in range(3)]
+    scale = float(((w @ xd.T) ** 2).sum())
+    assert max(gaps) - min(gaps) < 1e-3 * scale, gaps
+
+
+def test_dense_target_lowers_model_output_error(monkeypatch):
+    calibration = token_batches(n=4, batch=2, seq=16)
+    dense = tiny_llama(layers=3)
+    with torch.no_grad():
+        want = torch.cat([dense(ids).logits for ids in calibration])
+    errors = {}
+    for dense_target in (False, True):
+        monkeypatch.setattr(pruning, "DENSE_TARGET", dense_target)
+        model = copy.deepcopy(dense)
+        prune_layers(
+            model,
+            pruning.prunable_layers(model),
+            sparsity=0.6,
+            pattern="unstructured",
+            pruning="sparsegpt",
+            calibration=calibration,
+            progress=False,
+        )
+        with torch.no_grad():
+            errors[dense_target] = float((torch.cat([model(ids).logits for ids in calibration]) - want).norm())
+    assert errors[True] < errors[False], errors
+
+
 # ---------------------------------------------------------------------------------- sequential / models
 @pytest.mark.parametrize("pruning_method", ["magnitude", "global-magnitude", "wanda", "sparsegpt"])
 def test_tiny_llama_every_layer_pruned_and_model_runs(pruning_method):
@@ -343,7 +401,9 @@ def test_tiny_llama_every_layer_pruned_and_model_runs(pruning_method):
 
 
 @pytest.mark.parametrize("pruning_method", ["wanda", "sparsegpt"])
-def test_decoder_fast_path_matches_generic_path(pruning_method):
+def test_decoder_fast_path_matches_generic_path(pruning_method, monkeypatch):
+    # The dense target needs the block path's second stream; without it the two paths compute the same thing.
+    monkeypatch.setattr(pruning, "DENSE_TARGET", False)
     base = tiny_llama(seed=3)
     calibration = token_batches()
     outcomes = []

@@ -15,6 +15,7 @@ Masks are boolean with True = kept.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -46,6 +47,12 @@ SPARSEGPT_DAMP = 0.01
 # mask. Preconditioned CG reaches that optimum to 3 digits of the layer error in ~25 iterations on SmolLM2's
 # layers; 0 turns the refit off.
 REFIT_ITERATIONS = 25
+# Transformers decoders (the block-by-block path): SparseGPT fits each layer to the *dense* model's output
+# on the dense model's inputs, min ||W' X_pruned - W X_dense||, rather than to its own weight on the pruned
+# model's inputs, so every layer also corrects the error that the layers before it let through. The
+# objective equals SparseGPT's for the weight W (X_d^T X_p)(X_p^T X_p)^-1, so SparseGPT and the refit run
+# unchanged on that weight. Costs a second (dense) stream of block runs during calibration.
+DENSE_TARGET = True
 
 CALIBRATION_TEXT = "hamlet.txt"
 
@@ -271,6 +278,31 @@ def sparsegpt_prune(
     return wt.t().contiguous(), ~pruned.t(), None if codes is None else codes.t().contiguous()
 
 
+def dense_target_weight(weight: Tensor, hessian: Tensor, cross: Tensor, damp: float = SPARSEGPT_DAMP) -> Tensor:
+    """The weight whose SparseGPT objective on the pruned model's inputs X_p equals the error against the dense
+    model's output: (W' - W_t) H (W' - W_t)^T = ||W' X_p - W X_d||^2 + const, with H = X_p^T X_p and
+    ``cross`` = X_d^T X_p. Dampened like SparseGPT (+ damp * mean(diag H) on both sides), so the answer falls
+    back to ``weight`` along directions the calibration tokens do not excite: W_t = W (C + d I)(H + d I)^-1.
+    """
+    k = weight.shape[1]
+    if hessian.shape != (k, k) or cross.shape != (k, k):
+        raise ValueError(
+            f"hessian and cross must have shape ({k}, {k}), got {tuple(hessian.shape)}, {tuple(cross.shape)}"
+        )
+    h = hessian.detach().float().clone()
+    d = damp * float(torch.diagonal(h).mean())
+    if d <= 0:
+        return weight.detach().float()
+    h.diagonal().add_(d)
+    c = cross.detach().float().clone()
+    c.diagonal().add_(d)
+    factor, info = torch.linalg.cholesky_ex(h)
+    if int(info) != 0:
+        return weight.detach().float()
+    # W_t^T = (H + dI)^-1 (C + dI)^T W^T, H symmetric
+    return torch.cholesky_solve(c.T @ weight.detach().float().T, factor).T.contiguous()
+
+
 def refit_kept_weights(
     weight: Tensor,
     start: Tensor,
@@ -364,21 +396,27 @@ def _tokens(x: Tensor, token_mask: Tensor | None) -> Tensor:
 
 
 class _Stats:
-    """Statistics of one group's shared input: X^T X for SparseGPT, per-feature sum of squares for Wanda."""
+    """Statistics of one group's shared input: X^T X for SparseGPT, per-feature sum of squares for Wanda;
+    with ``dense_target``, also X_dense^T X (the same tokens' input in the dense model)."""
 
-    def __init__(self, k: int, device: torch.device, method: str) -> None:
+    def __init__(self, k: int, device: torch.device, method: str, dense_target: bool = False) -> None:
         self.method = method
         self.tokens = 0
+        self.cross = None
         if method == "sparsegpt":
             self.xtx = torch.zeros(k, k, dtype=torch.float32, device=device)
+            if dense_target:
+                self.cross = torch.zeros(k, k, dtype=torch.float32, device=device)
         else:
             self.sumsq = torch.zeros(k, dtype=torch.float32, device=device)
 
-    def add(self, x: Tensor) -> None:
+    def add(self, x: Tensor, x_dense: Tensor | None = None) -> None:
         x = x.to(self.xtx.device if self.method == "sparsegpt" else self.sumsq.device)
         self.tokens += x.shape[0]
         if self.method == "sparsegpt":
             self.xtx.addmm_(x.T, x)
+            if self.cross is not None:
+                self.cross.addmm_(x_dense.to(x.device).T, x)
         else:
             self.sumsq.add_((x * x).sum(0))
 
@@ -430,22 +468,45 @@ def _execution_groups(
     return groups, [name for name in layers if name not in order]
 
 
-def _collect(run: Callable[[_Item], Any], items: list[_Item], last: nn.Module, stats: _Stats) -> None:
-    """Run every item until ``last`` is about to run, accumulating its input."""
-    current: list[_Item] = []
+@dataclass
+class _DenseStream:
+    """The dense model's side of a block for dense-target calibration: a run over its own cached inputs,
+    and the dense copy of each layer (by the pruned layer's name)."""
+
+    run: Callable[[_Item], Any]
+    items: list[_Item]
+    layers: dict[str, nn.Module]
+
+
+def _layer_inputs(run: Callable[[_Item], Any], item: _Item, last: nn.Module) -> Tensor:
+    """Run ``item`` until ``last`` is about to run; its input as (tokens, K) fp32."""
+    seen: list[Tensor] = []
 
     def hook(module, args, kwargs):
-        stats.add(_tokens(_layer_input(args, kwargs), current[0].token_mask))
+        seen.append(_tokens(_layer_input(args, kwargs), item.token_mask))
         raise _StopForward
 
     handle = last.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        for item in items:
-            current[:] = [item]
-            with contextlib.suppress(_StopForward):
-                run(item)
+        with contextlib.suppress(_StopForward):
+            run(item)
     finally:
         handle.remove()
+    return seen[0]
+
+
+def _collect(
+    run: Callable[[_Item], Any],
+    items: list[_Item],
+    last: nn.Module,
+    stats: _Stats,
+    dense: tuple[_DenseStream, nn.Module] | None = None,
+) -> None:
+    """Run every item until ``last`` is about to run, accumulating its input (and, with ``dense``, the dense
+    model's input to the same layer on the same tokens)."""
+    for i, item in enumerate(items):
+        x = _layer_inputs(run, item, last)
+        stats.add(x, None if dense is None else _layer_inputs(dense[0].run, dense[0].items[i], dense[1]))
 
 
 def _weight_view(layer: nn.Module) -> Tensor:
@@ -491,6 +552,8 @@ def _prune_one(
         return _finish(layer, weight.float(), wanda_mask(weight, norm, sparsity, pattern), int8, group_size)
     # The module-level knobs are read at call time so that a caller (the accuracy benchmark) can tune them.
     hessian = stats.xtx * (2 / stats.tokens)
+    if stats.cross is not None:
+        weight = dense_target_weight(weight, hessian, stats.cross * (2 / stats.tokens), SPARSEGPT_DAMP)
     knobs = {"block_size": SPARSEGPT_BLOCK_SIZE, "damp": SPARSEGPT_DAMP}
     if REFIT_ITERATIONS <= 0:
         scales = reference.int8_quantize(weight, group_size)[1] if int8 else None
@@ -540,6 +603,7 @@ def _calibrate_groups(
     bar: tqdm,
     prune: Callable[[str, nn.Module, _Stats], PrunedLayer],
     method: str,
+    dense: _DenseStream | None = None,
 ) -> dict[str, PrunedLayer]:
     groups, missing = _execution_groups(run, items[0], layers)
     if missing:
@@ -548,8 +612,8 @@ def _calibrate_groups(
     for group in groups:
         last = layers[group[-1]]
         k = _weight_view(last).shape[1]
-        stats = _Stats(k, _weight_view(last).device, method)
-        _collect(run, items, last, stats)
+        stats = _Stats(k, _weight_view(last).device, method, dense_target=dense is not None)
+        _collect(run, items, last, stats, None if dense is None else (dense, dense.layers[group[-1]]))
         for name in group:
             results[name] = prune(name, layers[name], stats)
         del stats
@@ -591,23 +655,39 @@ def _calibrate_blocks(
     def run_block(block: nn.Module) -> Callable[[_Item], Any]:
         return lambda item: block(*item.args, **item.kwargs)
 
+    dense_cached = list(cached) if DENSE_TARGET and method == "sparsegpt" else None
     results: dict[str, PrunedLayer] = {}
     for block in blocks:
-        inside = {id(m) for m in block.modules()}
-        block_layers = {name: layer for name, layer in layers.items() if id(layer) in inside}
+        relative = {id(m): name for name, m in block.named_modules()}
+        block_layers = {name: layer for name, layer in layers.items() if id(layer) in relative}
+        dense_block = block
         if block_layers:
-            results.update(_calibrate_groups(run_block(block), cached, block_layers, bar, prune, method))
+            dense = None
+            if dense_cached is not None:
+                dense_block = copy.deepcopy(block)  # before any of its layers is pruned
+                dense_layers = {
+                    name: dense_block.get_submodule(relative[id(layer)]) for name, layer in block_layers.items()
+                }
+                dense = _DenseStream(run_block(dense_block), dense_cached, dense_layers)
+            results.update(_calibrate_groups(run_block(block), cached, block_layers, bar, prune, method, dense))
         if len(results) == len(layers):
             break
-        for i, item in enumerate(cached):
-            out = block(*item.args, **item.kwargs)
-            hidden = out[0] if isinstance(out, (tuple, list)) else out
-            if item.args:
-                cached[i] = _Item((hidden, *item.args[1:]), item.kwargs, item.token_mask)
-            else:
-                key = next(k for k, v in item.kwargs.items() if isinstance(v, Tensor))
-                cached[i] = _Item((), {**item.kwargs, key: hidden}, item.token_mask)
+        _advance(block, cached)
+        if dense_cached is not None:
+            _advance(dense_block, dense_cached)
     return results
+
+
+def _advance(block: nn.Module, cached: list[_Item]) -> None:
+    """Replace each cached block input by the block's output (the next block's input)."""
+    for i, item in enumerate(cached):
+        out = block(*item.args, **item.kwargs)
+        hidden = out[0] if isinstance(out, (tuple, list)) else out
+        if item.args:
+            cached[i] = _Item((hidden, *item.args[1:]), item.kwargs, item.token_mask)
+        else:
+            key = next(k for k, v in item.kwargs.items() if isinstance(v, Tensor))
+            cached[i] = _Item((), {**item.kwargs, key: hidden}, item.token_mask)
 
 
 def prune_layers(
