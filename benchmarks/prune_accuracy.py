@@ -57,11 +57,18 @@ def markdown(result: dict) -> str:
         f"{s['threads']} threads, float32 on CPU ({result['machine']}).",
         f"Perplexity: `fastquant.evaluate.perplexity`, first {s['ppl_tokens']} tokens of the embedded Tempest, "
         f"window {s['window']}, stride {s['window'] // 2} (as `fastquant demo`). Calibration (Wanda, SparseGPT): "
-        f"{s['n_sequences']} windows x {s['seq_len']} tokens spread over the embedded Hamlet (Acts I-II), "
+        f"{s['n_sequences']} windows x {s['seq_len']} tokens spread over the embedded Hamlet (whole play), "
         f"sequential (each layer group sees the already-pruned model), SparseGPT block {s['block_size']}, "
-        f"dampening {s['damp']} x mean diag(H). All linear layers of the 30 blocks pruned (210 layers); "
-        "embeddings and the tied lm_head stay dense. int8: per-channel symmetric (SparseGPT quantizes jointly "
-        "inside its column loop; magnitude/Wanda prune, then quantize).",
+        f"dampening {s['damp']} x mean diag(H), "
+        + ("fitted to the dense model's output on its inputs (dense target), " if s.get("dense_target") else "")
+        + (
+            f"kept weights refitted by least squares ({s['refit_iterations']} CG iterations). "
+            if s.get("refit_iterations")
+            else "no refit. "
+        )
+        + "All linear layers of the 30 blocks pruned (210 layers); embeddings and the tied lm_head stay dense. "
+        "int8: per-channel symmetric (SparseGPT rounds in its column loop with the mask fixed, after the refit; "
+        "magnitude/Wanda prune, then quantize).",
         "",
         "| method | pattern | perplexity | x float | target | met | calibration + pruning s | threads | load before |",
         "|---|---|---:|---:|---:|---|---:|---:|---|",
@@ -104,7 +111,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ppl-tokens", type=int, default=4096)
     parser.add_argument("--window", type=int, default=512)
-    parser.add_argument("--n-sequences", type=int, default=64)
+    parser.add_argument("--n-sequences", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--damp", type=float, default=pruning.SPARSEGPT_DAMP)
     parser.add_argument("--block-size", type=int, default=pruning.SPARSEGPT_BLOCK_SIZE)

@@ -835,7 +835,7 @@ def prunable_layers(model: nn.Module, skip: Iterable[str] = ("lm_head",)) -> dic
 
 
 def calibration_text() -> str:
-    """The embedded calibration text (Hamlet, Acts I-II; the evaluation text is The Tempest)."""
+    """The embedded calibration text (the whole of Hamlet; the evaluation text is The Tempest)."""
     return resources.files("fastquant").joinpath("data", CALIBRATION_TEXT).read_text(encoding="utf-8")
 
 
