@@ -10,7 +10,7 @@ from test_patch import make_block
 from torch import nn
 
 import fastquant
-from fastquant import Int8Linear, SparseLinear, reference
+from fastquant import Int8Linear, SparseLinear, kernel_choice, reference
 from fastquant.kernel_choice import KernelChoice
 
 TOKENS = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(0))
@@ -72,6 +72,22 @@ def test_kernel_choice_description():
         "50% pruned; dense int8 kernel kept: sparse 0.200 ms vs dense int8 0.100 ms at 1 token, weights from memory "
         "(2.00x)"
     )
+
+
+def test_kernel_choice_times_copies_that_do_not_fit_in_cache():
+    """The choice is timed on weights streamed from memory: the rotation's copies total at least twice the
+    last-level cache, each with its own storage, each computing the same thing."""
+    cache = kernel_choice.last_level_cache_bytes(torch.device("cpu"))
+    assert cache >= 2**20  # every x86 or Arm server CPU has at least 1 MiB of last-level cache
+    layer = SparseLinear.from_pruned(nn.Linear(256, 384), torch.rand(384, 256) < 0.5)
+    copies = kernel_choice._copies_from_memory(layer, torch.device("cpu"))
+    assert copies[0] is layer
+    per_copy = kernel_choice._weight_bytes(layer)
+    assert len(copies) * per_copy >= 2 * cache or len(copies) == kernel_choice.MAX_COPIES
+    assert len({c.values.data_ptr() for c in copies}) == len(copies)
+    x = torch.randn(1, 256)
+    with torch.no_grad():
+        assert all(torch.equal(c(x), layer(x)) for c in copies[:3])
 
 
 def test_two_to_four_pattern():
