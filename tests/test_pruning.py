@@ -246,8 +246,10 @@ def test_sparsegpt_int8_refit_beats_no_refit(monkeypatch):
         )[""]
         assert (~r.mask).sum() == round(0.5 * 40 * 96) and bool((r.qweight[~r.mask] == 0).all())
         errors[iterations] = output_error(x, dense, reference.int8_dequantize(r.qweight, r.scales, -1))
-        if iterations == 0:  # without the refit the grid is the int8 path's grid for the unpruned weight
-            torch.testing.assert_close(r.scales, reference.int8_quantize(dense)[1])
+        if iterations == 0:  # without the refit the grid is the int8 path's grid for SparseGPT's pruned weight
+            pruned, mask, _ = sparsegpt_prune(dense, 2 * x.T @ x / x.shape[0], 0.5)
+            assert torch.equal(mask, r.mask)
+            torch.testing.assert_close(r.scales, reference.int8_quantize(pruned)[1])
     assert errors[pruning.REFIT_ITERATIONS] < 0.95 * errors[0], errors
 
 

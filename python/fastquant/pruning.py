@@ -331,8 +331,10 @@ def refit_kept_weights(
         raise ValueError(f"hessian must have shape ({k}, {k}), got {tuple(hessian.shape)}")
     hd = hessian.detach().float().to(weight.device).clone()
     mean_diag = float(torch.diagonal(hd).mean())
-    if iterations <= 0 or mean_diag <= 0 or bool(keep.all()):
-        return (weight if bool(keep.all()) else start).detach().float().masked_fill(~keep, 0)
+    if bool(keep.all()):
+        return weight.detach().float()
+    if iterations <= 0 or mean_diag <= 0:
+        return start.detach().float().masked_fill(~keep, 0)
     w = weight.detach().float()
     kept = keep.float()
     hd.diagonal().add_(damp * mean_diag)
@@ -555,19 +557,12 @@ def _prune_one(
     if stats.cross is not None:
         weight = dense_target_weight(weight, hessian, stats.cross * (2 / stats.tokens), SPARSEGPT_DAMP)
     knobs = {"block_size": SPARSEGPT_BLOCK_SIZE, "damp": SPARSEGPT_DAMP}
-    if REFIT_ITERATIONS <= 0:
-        scales = reference.int8_quantize(weight, group_size)[1] if int8 else None
-        new, mask, codes = sparsegpt_prune(
-            weight, hessian, sparsity, pattern, scales=scales, group_size=group_size, **knobs
-        )
-        _write_weight(layer, new)
-        return PrunedLayer(mask, codes, scales)
     new, mask, _ = sparsegpt_prune(weight, hessian, sparsity, pattern, **knobs)
     new = refit_kept_weights(weight, new, mask, hessian, damp=SPARSEGPT_DAMP, iterations=REFIT_ITERATIONS)
     if not int8:
         _write_weight(layer, new)
         return PrunedLayer(mask)
-    # The int8 grid comes from the refitted weights (they may outgrow the original range); SparseGPT's
+    # The int8 grid comes from the pruned, refitted weights (they may outgrow the original range); SparseGPT's
     # column loop then rounds them with the mask fixed, compensating each column's rounding error.
     scales = reference.int8_quantize(new, group_size)[1]
     new, _, codes = sparsegpt_prune(
