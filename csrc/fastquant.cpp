@@ -9,6 +9,7 @@
 
 #include "cpu/cpu_features.h"
 #include "cpu/int8_linear.h"
+#include "cpu/sparse_csr_linear.h"
 #include "cpu/sparse_linear.h"
 
 #ifdef FASTQUANT_WITH_CUDA
@@ -24,7 +25,8 @@ fastquant::cpu::ActDType parse_dtype(const std::string& name) {
   if (name == "float32") return fastquant::cpu::ActDType::kFloat32;
   if (name == "bfloat16") return fastquant::cpu::ActDType::kBFloat16;
   if (name == "float16") return fastquant::cpu::ActDType::kFloat16;
-  throw std::invalid_argument("unknown activation dtype '" + name + "': expected float32, bfloat16 or float16");
+  throw std::invalid_argument("unknown activation dtype '" + name +
+                              "': expected float32, bfloat16 or float16");
 }
 
 fastquant::cpu::SparseValues parse_values_dtype(const std::string& name) {
@@ -32,7 +34,8 @@ fastquant::cpu::SparseValues parse_values_dtype(const std::string& name) {
   if (name == "bfloat16") return fastquant::cpu::SparseValues::kBFloat16;
   if (name == "float16") return fastquant::cpu::SparseValues::kFloat16;
   if (name == "int8") return fastquant::cpu::SparseValues::kInt8;
-  throw std::invalid_argument("unknown values dtype '" + name + "': expected float32, bfloat16, float16 or int8");
+  throw std::invalid_argument("unknown values dtype '" + name +
+                              "': expected float32, bfloat16, float16 or int8");
 }
 
 py::dict build_info() {
@@ -58,28 +61,34 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastquant native kernels (operators are registered under torch.ops.fastquant)";
   m.def("build_info", &build_info, "Versions and options this extension was built with");
   m.def("cpu_features", &fastquant::cpu::cpu_features_string, "CPU features detected at run time");
-  m.def("cpu_isa", [] { return std::string(fastquant::cpu::isa_name(fastquant::cpu::active_isa())); },
-        "Instruction set the CPU kernels use now");
-  m.def("best_cpu_isa",
-        [] { return std::string(fastquant::cpu::isa_name(fastquant::cpu::best_supported_isa())); },
-        "Best instruction set this CPU supports");
+  m.def(
+      "cpu_isa", [] { return std::string(fastquant::cpu::isa_name(fastquant::cpu::active_isa())); },
+      "Instruction set the CPU kernels use now");
+  m.def(
+      "best_cpu_isa",
+      [] { return std::string(fastquant::cpu::isa_name(fastquant::cpu::best_supported_isa())); },
+      "Best instruction set this CPU supports");
   m.def("set_cpu_isa", &fastquant::cpu::set_isa_limit, py::arg("name"),
         "Cap the CPU kernels at an instruction set (avx512, avx2, portable); for tests and comparisons");
   m.def(
       "int8_linear_cpu_path",
       [](int64_t m_rows, int64_t n, int64_t k, int64_t group_size, const std::string& dtype) {
-        return std::string(fastquant::cpu::int8_linear_cpu_path(m_rows, n, k, group_size, parse_dtype(dtype)));
+        return std::string(
+            fastquant::cpu::int8_linear_cpu_path(m_rows, n, k, group_size, parse_dtype(dtype)));
       },
       py::arg("m"), py::arg("n"), py::arg("k"), py::arg("group_size"), py::arg("dtype"),
       "Name of the CPU kernel int8_linear runs for this problem");
   m.def(
       "sparse_linear_cpu_path",
       [](int64_t m_rows, int64_t n, int64_t k, const std::string& values_dtype, const std::string& x_dtype) {
-        return std::string(fastquant::cpu::sparse_linear_cpu_path(m_rows, n, k, parse_values_dtype(values_dtype),
-                                                                  parse_dtype(x_dtype)));
+        return std::string(fastquant::cpu::sparse_linear_cpu_path(
+            m_rows, n, k, parse_values_dtype(values_dtype), parse_dtype(x_dtype)));
       },
       py::arg("m"), py::arg("n"), py::arg("k"), py::arg("values_dtype"), py::arg("x_dtype"),
       "Name of the CPU kernel sparse_linear runs for this problem");
+  m.def(
+      "sparse_csr_linear_cpu_path", [] { return std::string(fastquant::cpu::sparse_csr_linear_cpu_path()); },
+      "Name of the CPU kernel sparse_csr_linear runs");
 #ifdef FASTQUANT_WITH_CUDA
   m.def(
       "int8_linear_cuda_path",
@@ -93,8 +102,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_cuda_gemv_max_m", &fastquant::cuda::set_gemv_max_m, py::arg("m"),
         "Cap the M of the CUDA GEMV (0: never; 64: default); for benchmarks and tests");
   m.def("cuda_gemm_max_m", &fastquant::cuda::gemm_max_m, "Largest M the fused CUDA GEMM takes");
-  m.def("set_cuda_gemm_max_m", &fastquant::cuda::set_gemm_max_m, py::arg("m"),
-        "Cap the M of the fused CUDA GEMM (0: never; above it dequantize + cuBLAS); for benchmarks and tests");
+  m.def(
+      "set_cuda_gemm_max_m", &fastquant::cuda::set_gemm_max_m, py::arg("m"),
+      "Cap the M of the fused CUDA GEMM (0: never; above it dequantize + cuBLAS); for benchmarks and tests");
   m.def(
       "sparse_linear_cuda_path",
       [](int64_t m_rows, int64_t n, int64_t k, const std::string& values_dtype, const std::string& x_dtype,

@@ -67,10 +67,14 @@ def test_report_shows_choice_format_and_bytes():
 
 
 def test_kernel_choice_description():
-    choice = KernelChoice("dense", "int8", sparse_ms=0.2, dense_ms=0.1, sparsity=0.5)
+    choice = KernelChoice("dense", "bitmap16", "int8", {"bitmap16": 0.2, "csr16": 0.3}, dense_ms=0.1, sparsity=0.5)
     assert choice.describe() == (
-        "50% pruned; dense int8 kernel kept: sparse 0.200 ms vs dense int8 0.100 ms at 1 token, weights from memory "
-        "(2.00x)"
+        "50% pruned; dense int8 kernel kept: sparse bitmap16 0.200 ms, csr16 0.300 ms vs dense int8 0.100 ms at "
+        "1 token, weights from memory (2.00x)"
+    )
+    choice = KernelChoice("sparse", "csr16", "float", {"bitmap16": 0.4, "csr16": 0.1}, dense_ms=0.3, sparsity=0.9)
+    assert choice.describe().startswith("90% pruned; sparse csr16 kernel kept:") and choice.describe().endswith(
+        "(3.00x)"
     )
 
 

@@ -23,43 +23,12 @@
 
 #include "cpu/cpu_features.h"
 #include "cpu/parallel.h"
+#include "cpu/sparse_glue.h"
 
 namespace fastquant::cpu {
 namespace {
 
 constexpr const char* kPrefix = "fastquant.sparse_linear:";
-
-ActDType act_dtype(const at::Tensor& x) {
-  switch (x.scalar_type()) {
-    case at::kFloat:
-      return ActDType::kFloat32;
-    case at::kBFloat16:
-      return ActDType::kBFloat16;
-    case at::kHalf:
-      return ActDType::kFloat16;
-    default:
-      TORCH_CHECK(false, kPrefix, " x must be float32, bfloat16 or float16, got ", x.scalar_type());
-  }
-}
-
-bool values_dtype(const at::Tensor& values, SparseValues* out) {
-  switch (values.scalar_type()) {
-    case at::kFloat:
-      *out = SparseValues::kFloat32;
-      return true;
-    case at::kBFloat16:
-      *out = SparseValues::kBFloat16;
-      return true;
-    case at::kHalf:
-      *out = SparseValues::kFloat16;
-      return true;
-    case at::kChar:
-      *out = SparseValues::kInt8;
-      return true;
-    default:
-      return false;
-  }
-}
 
 enum class Path { kPortable, kAvx2, kAvx512 };
 
@@ -91,8 +60,8 @@ int64_t row_popcount(const uint16_t* masks, int64_t n_chunks, int64_t j) {
 
 // The O(N) checks of the header comment, worded as check_sparse_linear_contents in ops.py; the popcount of
 // each row is checked by the kernels just before they read the row.
-void check_offsets(const at::Tensor& values, const uint16_t* masks, const int64_t* offsets, int64_t n, int64_t k,
-                   int64_t n_chunks) {
+void check_offsets(const at::Tensor& values, const uint16_t* masks, const int64_t* offsets, int64_t n,
+                   int64_t k, int64_t n_chunks) {
   TORCH_CHECK(offsets[0] == 0, kPrefix, " row_offsets[0] must be 0, got ", offsets[0]);
   for (int64_t j = 0; j < n; ++j) {
     TORCH_CHECK(offsets[j + 1] >= offsets[j], kPrefix, " row_offsets must not decrease: row ", j,
@@ -120,7 +89,7 @@ const char* sparse_linear_cpu_path(int64_t m, int64_t n, int64_t k, SparseValues
 at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& masks,
                              const at::Tensor& row_offsets, const std::optional<at::Tensor>& scales,
                              const std::optional<at::Tensor>& bias, int64_t in_features, int64_t group_size) {
-  const ActDType dtype = act_dtype(x);
+  const ActDType dtype = sparse_act_dtype(x, kPrefix);
   TORCH_CHECK(x.device().is_cpu() && values.device().is_cpu() && masks.device().is_cpu() &&
                   row_offsets.device().is_cpu() && (!scales.has_value() || scales->device().is_cpu()) &&
                   (!bias.has_value() || bias->device().is_cpu()),
@@ -128,10 +97,7 @@ at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& values, cons
               ", values on ", values.device(), ", masks on ", masks.device(), ", row_offsets on ",
               row_offsets.device());
   TORCH_CHECK(x.dim() >= 1, kPrefix, " x must have at least 1 dimension, got a scalar");
-  SparseValues vtype;
-  TORCH_CHECK(values_dtype(values, &vtype) && values.dim() == 1, kPrefix,
-              " values must be a 1-D float32, bfloat16, float16 or int8 tensor, got ", values.scalar_type(),
-              " of shape ", values.sizes());
+  const SparseValues vtype = sparse_values_dtype(values, kPrefix);
   TORCH_CHECK(masks.scalar_type() == at::kShort && masks.dim() == 2, kPrefix,
               " masks must be a 2-D int16 tensor (N, ceil(K / 16)), got ", masks.scalar_type(), " of shape ",
               masks.sizes());
@@ -141,39 +107,16 @@ at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& values, cons
   const int64_t n_chunks = (k + 15) / 16;
   TORCH_CHECK(x.size(-1) == k, kPrefix, " x has ", x.size(-1), " input features (shape ", x.sizes(),
               ") but in_features is ", k);
-  TORCH_CHECK(masks.size(1) == n_chunks, kPrefix, " masks has ", masks.size(1), " chunks per row but in_features ",
-              k, " needs ceil(", k, " / 16) = ", n_chunks);
-  TORCH_CHECK(row_offsets.scalar_type() == at::kLong && row_offsets.dim() == 1 && row_offsets.size(0) == n + 1,
-              kPrefix, " row_offsets must be an int64 tensor of shape (N + 1,) = (", n + 1, ",), got ",
-              row_offsets.scalar_type(), " of shape ", row_offsets.sizes());
+  TORCH_CHECK(masks.size(1) == n_chunks, kPrefix, " masks has ", masks.size(1),
+              " chunks per row but in_features ", k, " needs ceil(", k, " / 16) = ", n_chunks);
+  TORCH_CHECK(
+      row_offsets.scalar_type() == at::kLong && row_offsets.dim() == 1 && row_offsets.size(0) == n + 1,
+      kPrefix, " row_offsets must be an int64 tensor of shape (N + 1,) = (", n + 1, ",), got ",
+      row_offsets.scalar_type(), " of shape ", row_offsets.sizes());
   TORCH_CHECK(values.numel() >= 64, kPrefix, " values must end with 64 elements of padding, got ",
               values.numel(), " elements");
-  TORCH_CHECK(group_size == -1 || (group_size > 0 && group_size % 16 == 0), kPrefix,
-              " group_size must be -1 (per-channel) or a positive multiple of 16, got ", group_size);
-  int64_t n_groups = 1;
-  if (vtype == SparseValues::kInt8) {
-    TORCH_CHECK(scales.has_value(), kPrefix, " int8 values need float32 scales, got None");
-    TORCH_CHECK(scales->scalar_type() == at::kFloat, kPrefix, " scales must be float32, got ",
-                scales->scalar_type());
-    if (group_size == -1) {
-      TORCH_CHECK(scales->dim() == 1 && scales->size(0) == n, kPrefix,
-                  " per-channel scales must have shape (N,) = (", n, ",), got ", scales->sizes());
-    } else {
-      n_groups = (k + group_size - 1) / group_size;
-      TORCH_CHECK(scales->dim() == 2 && scales->size(0) == n && scales->size(1) == n_groups, kPrefix,
-                  " group-wise scales for weight (", n, ", ", k, ") and group_size ", group_size,
-                  " must have shape (", n, ", ", n_groups, "), got ", scales->sizes());
-    }
-  } else {
-    TORCH_CHECK(!scales.has_value(), kPrefix, " scales must be None for ", values.scalar_type(),
-                " values (only int8 values are scaled)");
-  }
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->scalar_type() == x.scalar_type(), kPrefix, " bias dtype ", bias->scalar_type(),
-                " must match x dtype ", x.scalar_type());
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, kPrefix, " bias must have shape (", n, ",), got ",
-                bias->sizes());
-  }
+  const int64_t n_groups =
+      check_sparse_scales_and_bias(kPrefix, x, vtype, values, scales, bias, n, k, group_size);
 
   const Path path = choose_path(active_isa());
   const at::Tensor vals = values.contiguous();

@@ -58,3 +58,12 @@ def sparse_linear_kernel_path(
     if device.type == "cuda" and has_cuda_kernels() and hasattr(native, "sparse_linear_cuda_path"):
         return native.sparse_linear_cuda_path(m, n, k, values_name, x_name)
     return "reference"
+
+
+def sparse_csr_linear_kernel_path(device: torch.device) -> str:
+    """Name of the kernel ``sparse_csr_linear`` runs on ``device``."""
+    if device.type == "cpu" and has_cpu_kernels() and hasattr(native, "sparse_csr_linear_cpu_path"):
+        return native.sparse_csr_linear_cpu_path()
+    if device.type == "cuda" and has_cuda_kernels() and hasattr(native, "sparse_csr_linear_cuda_path"):
+        return native.sparse_csr_linear_cuda_path()
+    return "reference"

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fastquant import reference
 from fastquant.modules import Int8Linear, SparseLinear
 
 # Enough repetitions that the median is stable to a few percent for layers of 10 us and more, few enough
@@ -37,18 +38,21 @@ TIMED_CALLS = 25
 @dataclass(frozen=True)
 class KernelChoice:
     winner: str  # "sparse" or "dense"
+    layout: str  # the faster sparse layout: "bitmap16" or "csr16"
     dense_kind: str  # "float" or "int8"
-    sparse_ms: float
+    sparse_ms: dict[str, float]  # per sparse layout timed
     dense_ms: float
     sparsity: float
 
     def describe(self) -> str:
-        faster, slower = sorted((self.sparse_ms, self.dense_ms))
+        best_sparse = self.sparse_ms[self.layout]
+        faster, slower = sorted((best_sparse, self.dense_ms))
         ratio = slower / faster if faster > 0 else float("inf")
-        kept = "sparse kernel" if self.winner == "sparse" else f"dense {self.dense_kind} kernel"
+        kept = f"sparse {self.layout} kernel" if self.winner == "sparse" else f"dense {self.dense_kind} kernel"
+        timed = ", ".join(f"{layout} {ms:.3f} ms" for layout, ms in self.sparse_ms.items())
         return (
-            f"{self.sparsity:.0%} pruned; {kept} kept: sparse {self.sparse_ms:.3f} ms vs dense "
-            f"{self.dense_kind} {self.dense_ms:.3f} ms at 1 token, weights from memory ({ratio:.2f}x)"
+            f"{self.sparsity:.0%} pruned; {kept} kept: sparse {timed} vs dense {self.dense_kind} "
+            f"{self.dense_ms:.3f} ms at 1 token, weights from memory ({ratio:.2f}x)"
         )
 
 
@@ -113,8 +117,9 @@ def _median_ms(layers: list[nn.Module], x: torch.Tensor) -> float:
 
 
 def choose_kernel(sparse: SparseLinear, dense: nn.Module) -> KernelChoice:
-    """Time ``sparse`` against ``dense`` (the same pruned weights as nn.Linear/Conv1D or Int8Linear) on one
-    token and say which to keep. Cached by device, threads, shape, value format and sparsity (to 1%)."""
+    """Time ``sparse`` in each layout (bitmap16, and csr16 where K allows) against ``dense`` (the same pruned
+    weights as nn.Linear/Conv1D or Int8Linear) on one token and say which to keep. Cached by device, threads,
+    shape, value format and sparsity (to 1%)."""
     dense_kind = "int8" if isinstance(dense, Int8Linear) else "float"
     device = sparse.masks.device
     key = (
@@ -130,16 +135,25 @@ def choose_kernel(sparse: SparseLinear, dense: nn.Module) -> KernelChoice:
     )
     if key not in _cache:
         x = torch.randn(1, sparse.in_features, dtype=sparse.dtype, device=device)
-        sparse_copies = _copies_from_memory(sparse, device)
-        dense_copies = _copies_from_memory(dense, device)
-        # Alternate the two, twice, so a frequency change or a noisy neighbour hits both alike.
-        sparse_runs, dense_runs = [], []
+        layouts = [layout for layout in SparseLinear.LAYOUTS if _layout_fits(sparse, layout)]
+        candidates = {
+            layout: _copies_from_memory(copy.deepcopy(sparse).set_layout(layout), device) for layout in layouts
+        }
+        candidates["dense"] = _copies_from_memory(dense, device)
+        # Alternate the candidates, twice, so a frequency change or a noisy neighbour hits all alike.
+        runs: dict[str, list[float]] = {name: [] for name in candidates}
         for _ in range(2):
-            sparse_runs.append(_median_ms(sparse_copies, x))
-            dense_runs.append(_median_ms(dense_copies, x))
-        del sparse_copies, dense_copies
-        sparse_ms, dense_ms = min(sparse_runs), min(dense_runs)
-        winner = "sparse" if sparse_ms < dense_ms else "dense"
-        _cache[key] = KernelChoice(winner, dense_kind, sparse_ms, dense_ms, sparse.sparsity)
+            for name, copies in candidates.items():
+                runs[name].append(_median_ms(copies, x))
+        del candidates
+        best = {name: min(times) for name, times in runs.items()}
+        dense_ms = best.pop("dense")
+        layout = min(best, key=best.__getitem__)
+        winner = "sparse" if best[layout] < dense_ms else "dense"
+        _cache[key] = KernelChoice(winner, layout, dense_kind, best, dense_ms, sparse.sparsity)
     cached = _cache[key]
-    return KernelChoice(cached.winner, dense_kind, cached.sparse_ms, cached.dense_ms, sparse.sparsity)
+    return KernelChoice(cached.winner, cached.layout, dense_kind, cached.sparse_ms, cached.dense_ms, sparse.sparsity)
+
+
+def _layout_fits(sparse: SparseLinear, layout: str) -> bool:
+    return layout != "csr16" or sparse.in_features <= reference.SPARSE_CSR_MAX_IN_FEATURES

@@ -17,6 +17,10 @@ _lib = torch.library.Library("fastquant", "DEF")  # noqa: TOR901 - the namespace
 
 _lib.define("int8_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? bias, int group_size) -> Tensor")
 _lib.define(
+    "sparse_csr_linear(Tensor x, Tensor values, Tensor column_indices, Tensor row_offsets, Tensor? scales, "
+    "Tensor? bias, int in_features, int group_size) -> Tensor"
+)
+_lib.define(
     "sparse_linear(Tensor x, Tensor values, Tensor masks, Tensor row_offsets, Tensor? scales, Tensor? bias, "
     "int in_features, int group_size) -> Tensor"
 )
@@ -108,6 +112,47 @@ def int8_linear(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None 
 SPARSE_VALUE_DTYPES = reference.SPARSE_VALUE_DTYPES
 
 
+def _check_scales_and_bias(
+    prefix: str,
+    x: Tensor,
+    values: Tensor,
+    scales: Tensor | None,
+    bias: Tensor | None,
+    n: int,
+    k: int,
+    group_size: int,
+) -> None:
+    """The rules sparse_linear and sparse_csr_linear share for group_size, scales and bias."""
+    if group_size != -1 and (group_size <= 0 or group_size % 16 != 0):
+        raise RuntimeError(
+            f"{prefix} group_size must be -1 (per-channel) or a positive multiple of 16, got {group_size}"
+        )
+    if values.dtype == torch.int8:
+        if scales is None:
+            raise RuntimeError(f"{prefix} int8 values need float32 scales, got None")
+        if scales.dtype != torch.float32:
+            raise RuntimeError(f"{prefix} scales must be float32, got {scales.dtype}")
+        if group_size == -1:
+            if tuple(scales.shape) != (n,):
+                raise RuntimeError(
+                    f"{prefix} per-channel scales must have shape (N,) = ({n},), got {tuple(scales.shape)}"
+                )
+        else:
+            n_groups = -(-k // group_size)
+            if tuple(scales.shape) != (n, n_groups):
+                raise RuntimeError(
+                    f"{prefix} group-wise scales for weight ({n}, {k}) and group_size {group_size} must have "
+                    f"shape ({n}, {n_groups}), got {tuple(scales.shape)}"
+                )
+    elif scales is not None:
+        raise RuntimeError(f"{prefix} scales must be None for {values.dtype} values (only int8 values are scaled)")
+    if bias is not None:
+        if bias.dtype != x.dtype:
+            raise RuntimeError(f"{prefix} bias dtype {bias.dtype} must match x dtype {x.dtype}")
+        if tuple(bias.shape) != (n,):
+            raise RuntimeError(f"{prefix} bias must have shape ({n},), got {tuple(bias.shape)}")
+
+
 def check_sparse_linear_args(
     x: Tensor,
     values: Tensor,
@@ -158,34 +203,7 @@ def check_sparse_linear_args(
         )
     if values.numel() < 64:
         raise RuntimeError(f"{prefix} values must end with 64 elements of padding, got {values.numel()} elements")
-    if group_size != -1 and (group_size <= 0 or group_size % 16 != 0):
-        raise RuntimeError(
-            f"{prefix} group_size must be -1 (per-channel) or a positive multiple of 16, got {group_size}"
-        )
-    if values.dtype == torch.int8:
-        if scales is None:
-            raise RuntimeError(f"{prefix} int8 values need float32 scales, got None")
-        if scales.dtype != torch.float32:
-            raise RuntimeError(f"{prefix} scales must be float32, got {scales.dtype}")
-        if group_size == -1:
-            if tuple(scales.shape) != (n,):
-                raise RuntimeError(
-                    f"{prefix} per-channel scales must have shape (N,) = ({n},), got {tuple(scales.shape)}"
-                )
-        else:
-            n_groups = -(-k // group_size)
-            if tuple(scales.shape) != (n, n_groups):
-                raise RuntimeError(
-                    f"{prefix} group-wise scales for weight ({n}, {k}) and group_size {group_size} must have "
-                    f"shape ({n}, {n_groups}), got {tuple(scales.shape)}"
-                )
-    elif scales is not None:
-        raise RuntimeError(f"{prefix} scales must be None for {values.dtype} values (only int8 values are scaled)")
-    if bias is not None:
-        if bias.dtype != x.dtype:
-            raise RuntimeError(f"{prefix} bias dtype {bias.dtype} must match x dtype {x.dtype}")
-        if tuple(bias.shape) != (n,):
-            raise RuntimeError(f"{prefix} bias must have shape ({n},), got {tuple(bias.shape)}")
+    _check_scales_and_bias(prefix, x, values, scales, bias, n, k, group_size)
     devices = {t.device for t in (x, values, masks, row_offsets, scales, bias) if t is not None}
     if len(devices) > 1:
         raise RuntimeError(f"{prefix} all tensors must be on one device, got {sorted(str(d) for d in devices)}")
@@ -298,3 +316,153 @@ def sparse_linear(
 ) -> Tensor:
     """``x @ W.T + bias`` for a bitmap16 sparse weight W (see reference.sparse_pack), fp32 accumulation."""
     return torch.ops.fastquant.sparse_linear(x, values, masks, row_offsets, scales, bias, in_features, group_size)
+
+
+# ---------------------------------------------------------------- sparse_csr_linear (csr16 weight)
+
+
+def check_sparse_csr_linear_args(
+    x: Tensor,
+    values: Tensor,
+    column_indices: Tensor,
+    row_offsets: Tensor,
+    scales: Tensor | None,
+    bias: Tensor | None,
+    in_features: int,
+    group_size: int,
+) -> None:
+    """The shape/dtype/device rules every sparse_csr_linear kernel enforces, worded as the C++ checks.
+
+    The contents of row_offsets and column_indices are checked by :func:`check_sparse_csr_linear_contents`.
+    """
+    prefix = "fastquant.sparse_csr_linear:"
+    if x.dtype not in ACTIVATION_DTYPES:
+        raise RuntimeError(f"{prefix} x must be float32, bfloat16 or float16, got {x.dtype}")
+    if x.dim() < 1:
+        raise RuntimeError(f"{prefix} x must have at least 1 dimension, got a scalar")
+    if values.dtype not in SPARSE_VALUE_DTYPES or values.dim() != 1:
+        raise RuntimeError(
+            f"{prefix} values must be a 1-D float32, bfloat16, float16 or int8 tensor, got {values.dtype} "
+            f"of shape {tuple(values.shape)}"
+        )
+    if column_indices.dtype != torch.int16 or tuple(column_indices.shape) != tuple(values.shape):
+        raise RuntimeError(
+            f"{prefix} column_indices must be an int16 tensor of the values' shape {tuple(values.shape)}, got "
+            f"{column_indices.dtype} of shape {tuple(column_indices.shape)}"
+        )
+    if row_offsets.dtype != torch.int64 or row_offsets.dim() != 1 or row_offsets.numel() < 1:
+        raise RuntimeError(
+            f"{prefix} row_offsets must be a non-empty 1-D int64 tensor (N + 1,), got {row_offsets.dtype} of "
+            f"shape {tuple(row_offsets.shape)}"
+        )
+    if not 0 <= in_features <= reference.SPARSE_CSR_MAX_IN_FEATURES:
+        raise RuntimeError(
+            f"{prefix} in_features must be in [0, {reference.SPARSE_CSR_MAX_IN_FEATURES}] (16-bit column indices), "
+            f"got {in_features}"
+        )
+    k = in_features
+    if x.shape[-1] != k:
+        raise RuntimeError(
+            f"{prefix} x has {x.shape[-1]} input features (shape {tuple(x.shape)}) but in_features is {k}"
+        )
+    _check_scales_and_bias(prefix, x, values, scales, bias, row_offsets.numel() - 1, k, group_size)
+    devices = {t.device for t in (x, values, column_indices, row_offsets, scales, bias) if t is not None}
+    if len(devices) > 1:
+        raise RuntimeError(f"{prefix} all tensors must be on one device, got {sorted(str(d) for d in devices)}")
+
+
+def check_sparse_csr_linear_contents(column_indices: Tensor, row_offsets: Tensor, in_features: int) -> None:
+    """row_offsets[0] = 0, offsets never decrease, row_offsets[N] <= the values' length, and every kept
+    column index (read as uint16) is below in_features. Same wording and order as the C++ checks."""
+    prefix = "fastquant.sparse_csr_linear:"
+    offsets = row_offsets.cpu()
+    if int(offsets[0]) != 0:
+        raise RuntimeError(f"{prefix} row_offsets[0] must be 0, got {int(offsets[0])}")
+    bad = (offsets.diff() < 0).nonzero()
+    if bad.numel():
+        i = int(bad[0])
+        raise RuntimeError(
+            f"{prefix} row_offsets must not decrease: row {i} goes from {int(offsets[i])} to {int(offsets[i + 1])}"
+        )
+    total = int(offsets[-1])
+    if total > column_indices.numel():
+        raise RuntimeError(
+            f"{prefix} row_offsets[N] = {total} kept weights but values has {column_indices.numel()} elements"
+        )
+    columns = column_indices[:total].to(torch.int64) & 0xFFFF
+    bad = (columns >= in_features).nonzero()
+    if bad.numel():
+        row = int(torch.searchsorted(offsets, int(bad[0]), right=True)) - 1
+        worst = int(columns[int(offsets[row]) : int(offsets[row + 1])].max())
+        raise RuntimeError(f"{prefix} row {row} has column index {worst}, not below in_features ({in_features})")
+
+
+@torch.library.register_fake("fastquant::sparse_csr_linear")
+def _sparse_csr_linear_fake(
+    x: Tensor,
+    values: Tensor,
+    column_indices: Tensor,
+    row_offsets: Tensor,
+    scales: Tensor | None,
+    bias: Tensor | None,
+    in_features: int,
+    group_size: int,
+) -> Tensor:
+    check_sparse_csr_linear_args(x, values, column_indices, row_offsets, scales, bias, in_features, group_size)
+    return x.new_empty((*x.shape[:-1], row_offsets.shape[0] - 1))
+
+
+@torch.library.impl(_lib, "sparse_csr_linear", "CompositeExplicitAutograd")
+def _sparse_csr_linear_reference(
+    x: Tensor,
+    values: Tensor,
+    column_indices: Tensor,
+    row_offsets: Tensor,
+    scales: Tensor | None,
+    bias: Tensor | None,
+    in_features: int,
+    group_size: int,
+) -> Tensor:
+    check_sparse_csr_linear_args(x, values, column_indices, row_offsets, scales, bias, in_features, group_size)
+    check_sparse_csr_linear_contents(column_indices, row_offsets, in_features)
+    return reference.sparse_csr_linear(x, values, column_indices, row_offsets, scales, bias, in_features, group_size)
+
+
+def _sparse_csr_linear_setup_context(ctx, inputs, output) -> None:
+    x, values, column_indices, row_offsets, scales, bias, in_features, group_size = inputs
+    ctx.save_for_backward(values, column_indices, row_offsets, scales)
+    ctx.in_features = in_features
+    ctx.group_size = group_size
+    ctx.x_dtype = x.dtype
+
+
+def _sparse_csr_linear_backward(ctx, grad_out: Tensor):
+    values, column_indices, row_offsets, scales = ctx.saved_tensors
+    weight = reference.sparse_csr_dequantize(
+        values, column_indices, row_offsets, scales, ctx.in_features, ctx.group_size
+    )
+    grad_x = (grad_out.float() @ weight).to(ctx.x_dtype)
+    grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0) if ctx.needs_input_grad[5] else None
+    return grad_x, None, None, None, None, grad_bias, None, None
+
+
+torch.library.register_autograd(
+    "fastquant::sparse_csr_linear", _sparse_csr_linear_backward, setup_context=_sparse_csr_linear_setup_context
+)
+
+
+def sparse_csr_linear(
+    x: Tensor,
+    values: Tensor,
+    column_indices: Tensor,
+    row_offsets: Tensor,
+    scales: Tensor | None = None,
+    bias: Tensor | None = None,
+    *,
+    in_features: int,
+    group_size: int = -1,
+) -> Tensor:
+    """``x @ W.T + bias`` for a csr16 sparse weight W (see reference.sparse_column_indices), fp32 accumulation."""
+    return torch.ops.fastquant.sparse_csr_linear(
+        x, values, column_indices, row_offsets, scales, bias, in_features, group_size
+    )

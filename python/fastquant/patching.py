@@ -288,7 +288,7 @@ def _patch_sparse(
             dense = Int8Linear.from_codes(module, result.qweight, result.scales, group_size) if int8 else module
             if sparse_kernel == "auto":
                 choice = choose_kernel(sparse, dense)
-                replaced[storage] = sparse if choice.winner == "sparse" else dense
+                replaced[storage] = sparse.set_layout(choice.layout) if choice.winner == "sparse" else dense
                 notes[name] = f"{pruning} {choice.describe()}"
             else:
                 replaced[storage] = sparse if sparse_kernel == "sparse" else dense
@@ -325,6 +325,8 @@ def prune(
 
 
 def _kernel_paths(layer: Int8Linear | SparseLinear) -> str:
+    if isinstance(layer, SparseLinear) and layer.layout == "csr16":
+        return _native.sparse_csr_linear_kernel_path(layer.values.device)
     if isinstance(layer, SparseLinear):
         device, (n, k) = layer.masks.device, (layer.out_features, layer.in_features)
         paths = [_native.sparse_linear_kernel_path(device, m, n, k, layer.values.dtype, layer.dtype) for m in (1, 512)]

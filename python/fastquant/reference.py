@@ -133,3 +133,61 @@ def sparse_linear(
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
+
+
+# ---------------------------------------------------------------- sparse "csr16" format
+# The same kept values and row offsets as bitmap16, with an int16 column index per value (read as uint16,
+# so K <= 65536) instead of the mask words. It moves 2 bytes per kept weight of index where bitmap16 moves
+# 1/8 byte per weight, but a kernel does work per kept weight instead of per 16 columns: on CPUs without a
+# vector expand it is the faster one at high sparsity (benchmarks/NOTES.md, "csr16").
+
+SPARSE_CSR_MAX_IN_FEATURES = 2**16
+
+
+def sparse_column_indices(masks: Tensor, in_features: int, length: int) -> Tensor:
+    """The int16 column of each of the ``length`` packed values of a bitmap16 weight (zeros past the kept ones)."""
+    if in_features > SPARSE_CSR_MAX_IN_FEATURES:
+        raise ValueError(f"csr16 column indices hold at most {SPARSE_CSR_MAX_IN_FEATURES} columns, got {in_features}")
+    keep = sparse_mask_bits(masks, in_features)
+    columns = keep.nonzero()[:, 1]  # row-major, columns increasing: the order of the packed values
+    indices = columns.new_zeros(length)
+    indices[: columns.numel()] = columns
+    return torch.where(indices >= 2**15, indices - 2**16, indices).to(torch.int16)  # two's complement of uint16
+
+
+def sparse_csr_dequantize(
+    values: Tensor,
+    column_indices: Tensor,
+    row_offsets: Tensor,
+    scales: Tensor | None,
+    in_features: int,
+    group_size: int,
+) -> Tensor:
+    """The float32 dense (N, K) weight a csr16 weight stands for; repeated columns of a row add up."""
+    n = row_offsets.numel() - 1
+    total = int(row_offsets[-1])
+    rows = torch.repeat_interleave(torch.arange(n, device=values.device), row_offsets.diff())
+    columns = column_indices[:total].to(torch.int64) & 0xFFFF
+    kept = values[:total].float()
+    if scales is not None:
+        kept = kept * (scales[rows] if group_size == -1 else scales[rows, columns // group_size])
+    dense = torch.zeros(n, in_features, dtype=torch.float32, device=values.device)
+    return dense.index_put_((rows, columns), kept, accumulate=True)
+
+
+def sparse_csr_linear(
+    x: Tensor,
+    values: Tensor,
+    column_indices: Tensor,
+    row_offsets: Tensor,
+    scales: Tensor | None,
+    bias: Tensor | None,
+    in_features: int,
+    group_size: int,
+) -> Tensor:
+    """y = x @ W.T + bias with W the csr16 weight (int8 values times their scales); fp32 accumulation."""
+    weight = sparse_csr_dequantize(values, column_indices, row_offsets, scales, in_features, group_size)
+    y = F.linear(x.float(), weight)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)

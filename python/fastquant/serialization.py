@@ -75,6 +75,7 @@ def layer_params(model: nn.Module) -> dict[str, dict[str, Any]]:
                 "values_dtype": _dtype_name(module.values.dtype),
                 "n_values": module.values.numel(),
                 "pattern": module.pattern,
+                "layout": module.layout,
             }
     return layers
 
@@ -258,5 +259,12 @@ def load(model: nn.Module, path: str | os.PathLike, *, verify: bool = True) -> n
             )
     with torch.no_grad():
         model.load_state_dict(loaded, strict=True)
+    for name, spec in manifest["layers"].items():
+        module = model.get_submodule(name)
+        if isinstance(module, SparseLinear):
+            try:
+                module.set_layout(spec.get("layout", "bitmap16"))
+            except ValueError as exc:
+                raise FastquantFormatError(f"{path}: invalid manifest entry for layer {name!r}: {exc}") from exc
     model._fastquant_notes = {name: "loaded from checkpoint" for name in manifest["layers"]}
     return model

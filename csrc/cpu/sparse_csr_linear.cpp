@@ -1,0 +1,140 @@
+// Torch glue for fastquant::sparse_csr_linear on CPU (csr16 weights, notes in sparse_csr_linear.h): checks
+// arguments and row_offsets, splits output columns (weight rows) across torch's intra-op threads and runs
+// the kernel for the active ISA.
+//
+// A column index >= K would read past the activations, so every call checks them: here (O(N)) that offsets
+// start at 0, never decrease and end within values; in the kernels, just before a row is read, that its
+// indices are below K (a vectorized max over indices the product loads next anyway). A failing row stops its
+// thread and raises after the parallel region (the output is discarded).
+#include "cpu/sparse_csr_linear.h"
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <vector>
+
+#include "cpu/cpu_features.h"
+#include "cpu/parallel.h"
+#include "cpu/sparse_glue.h"
+
+namespace fastquant::cpu {
+namespace {
+
+constexpr const char* kPrefix = "fastquant.sparse_csr_linear:";
+constexpr int64_t kMaxInFeatures = int64_t{1} << 16;
+
+bool use_avx2() {
+#if defined(__x86_64__) || defined(_M_X64)
+  return active_isa() == Isa::kAvx2 || active_isa() == Isa::kAvx512;
+#else
+  return false;
+#endif
+}
+
+void check_offsets(const int64_t* offsets, int64_t n, int64_t numel) {
+  TORCH_CHECK(offsets[0] == 0, kPrefix, " row_offsets[0] must be 0, got ", offsets[0]);
+  for (int64_t j = 0; j < n; ++j) {
+    TORCH_CHECK(offsets[j + 1] >= offsets[j], kPrefix, " row_offsets must not decrease: row ", j,
+                " goes from ", offsets[j], " to ", offsets[j + 1]);
+  }
+  TORCH_CHECK(offsets[n] <= numel, kPrefix, " row_offsets[N] = ", offsets[n], " kept weights but values has ",
+              numel, " elements");
+}
+
+}  // namespace
+
+const char* sparse_csr_linear_cpu_path() { return use_avx2() ? "cpu_csr_avx2" : "cpu_csr_portable"; }
+
+at::Tensor sparse_csr_linear_cpu(const at::Tensor& x, const at::Tensor& values,
+                                 const at::Tensor& column_indices, const at::Tensor& row_offsets,
+                                 const std::optional<at::Tensor>& scales,
+                                 const std::optional<at::Tensor>& bias, int64_t in_features,
+                                 int64_t group_size) {
+  const ActDType dtype = sparse_act_dtype(x, kPrefix);
+  TORCH_CHECK(x.device().is_cpu() && values.device().is_cpu() && column_indices.device().is_cpu() &&
+                  row_offsets.device().is_cpu() && (!scales.has_value() || scales->device().is_cpu()) &&
+                  (!bias.has_value() || bias->device().is_cpu()),
+              "fastquant.sparse_csr_linear (CPU kernel): all tensors must be on the CPU, got x on ",
+              x.device(), ", values on ", values.device(), ", column_indices on ", column_indices.device(),
+              ", row_offsets on ", row_offsets.device());
+  TORCH_CHECK(x.dim() >= 1, kPrefix, " x must have at least 1 dimension, got a scalar");
+  const SparseValues vtype = sparse_values_dtype(values, kPrefix);
+  TORCH_CHECK(column_indices.scalar_type() == at::kShort && column_indices.sizes() == values.sizes(), kPrefix,
+              " column_indices must be an int16 tensor of the values' shape ", values.sizes(), ", got ",
+              column_indices.scalar_type(), " of shape ", column_indices.sizes());
+  TORCH_CHECK(row_offsets.scalar_type() == at::kLong && row_offsets.dim() == 1 && row_offsets.numel() >= 1,
+              kPrefix, " row_offsets must be a non-empty 1-D int64 tensor (N + 1,), got ",
+              row_offsets.scalar_type(), " of shape ", row_offsets.sizes());
+  TORCH_CHECK(in_features >= 0 && in_features <= kMaxInFeatures, kPrefix, " in_features must be in [0, ",
+              kMaxInFeatures, "] (16-bit column indices), got ", in_features);
+  const int64_t k = in_features;
+  const int64_t n = row_offsets.size(0) - 1;
+  TORCH_CHECK(x.size(-1) == k, kPrefix, " x has ", x.size(-1), " input features (shape ", x.sizes(),
+              ") but in_features is ", k);
+  const int64_t n_groups =
+      check_sparse_scales_and_bias(kPrefix, x, vtype, values, scales, bias, n, k, group_size);
+
+  const at::Tensor vals = values.contiguous();
+  const at::Tensor idx = column_indices.contiguous();
+  const at::Tensor offs = row_offsets.contiguous();
+  const int64_t* offsets = offs.data_ptr<int64_t>();
+  check_offsets(offsets, n, vals.numel());
+
+  std::vector<int64_t> out_sizes(x.sizes().begin(), x.sizes().end());
+  out_sizes.back() = n;
+  at::Tensor y = at::empty(out_sizes, x.options());
+  const int64_t m = x.numel() / std::max<int64_t>(k, 1);
+  if (y.numel() == 0) return y;
+  if (k == 0) return bias.has_value() ? y.copy_(bias->expand_as(y)) : y.zero_();
+
+  const at::Tensor x32 = x.reshape({m, k}).to(at::kFloat).contiguous();
+  const at::Tensor s = scales.has_value() ? scales->contiguous() : at::Tensor();
+  const at::Tensor b32 = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  at::Tensor y32 = dtype == ActDType::kFloat32 ? y : at::empty({m, n}, x.options().dtype(at::kFloat));
+
+  SparseCsrLinearProblem p{};
+  p.x = x32.data_ptr<float>();
+  p.values = vals.data_ptr();
+  p.column_indices = reinterpret_cast<const uint16_t*>(idx.data_ptr<int16_t>());
+  p.row_offsets = offsets;
+  p.scales = s.defined() ? s.data_ptr<float>() : nullptr;
+  p.bias = b32.defined() ? b32.data_ptr<float>() : nullptr;
+  p.y = y32.data_ptr<float>();
+  p.m = m;
+  p.n = n;
+  p.k = k;
+  p.group_size = vtype == SparseValues::kInt8 && group_size != -1 ? group_size : 0;
+  p.n_groups = n_groups;
+  p.vtype = vtype;
+
+  SparseCsrLinearKernel kernel = sparse_csr_linear_portable;
+#if defined(__x86_64__) || defined(_M_X64)
+  if (use_avx2()) kernel = sparse_csr_linear_avx2;
+#endif
+  // Rows are split evenly, not by their kept counts: pruning per output row (Wanda, SparseGPT, 2:4, per-layer
+  // magnitude at moderate sparsity) keeps the counts close, and an even split needs no scan of the offsets.
+  constexpr int64_t grain = 8;
+  std::atomic<int64_t> first_bad{n};
+  parallel_ranges((n + grain - 1) / grain, [&](int64_t begin, int64_t end) {
+    const int64_t bad = kernel(p, begin * grain, std::min(end * grain, n));
+    if (bad < 0) return;
+    int64_t cur = first_bad.load();
+    while (bad < cur && !first_bad.compare_exchange_weak(cur, bad)) {
+    }
+  });
+  const int64_t bad = first_bad.load();
+  if (bad != n) {
+    const auto* cols = p.column_indices + offsets[bad];
+    const int64_t len = offsets[bad + 1] - offsets[bad];
+    TORCH_CHECK(false, kPrefix, " row ", bad, " has column index ", *std::max_element(cols, cols + len),
+                ", not below in_features (", k, ")");
+  }
+  if (dtype != ActDType::kFloat32) y.view({m, n}).copy_(y32);
+  return y;
+}
+
+TORCH_LIBRARY_IMPL(fastquant, CPU, m) { m.impl("sparse_csr_linear", &sparse_csr_linear_cpu); }
+
+}  // namespace fastquant::cpu
