@@ -1,10 +1,12 @@
-"""CPU benchmark of fastquant.sparse_linear (bitmap16 sparse weight) against its peers: prints markdown tables
-and writes results.
+"""CPU benchmark of fastquant's sparse kernels (bitmap16 and csr16 weights) against their peers: prints markdown
+tables and writes results.
 
 For every weight shape (N x K), row count M and sparsity it times, in the same run:
 
 * ``sparse``: ``fastquant.ops.sparse_linear`` with fp32 values (the pruned float weight, exact),
 * ``int8+sparse``: the same with int8 values and per-channel scales,
+* ``csr16`` / ``int8+csr16``: ``fastquant.ops.sparse_csr_linear`` on the same values with 16-bit column
+  indices instead of the masks (the layout the kernel choice takes where it is faster),
 * ``csr``: torch's CSR sparse matmul, ``F.linear(x, weight.to_sparse_csr())`` (fp32; on this torch build
   ``torch.sparse.mm(W_csr, x.T)`` takes the same time: both reach the same CPU CSR kernel),
 * ``fp32``: dense ``F.linear`` on the fp32 weight (MKL), the layer before pruning,
@@ -15,7 +17,8 @@ Each peer rotates through several copies of its weight (>= 160 MB in all, 5x the
 streams its weight from DRAM as in a real model; time per peer is the median of many single calls after
 warm-up. ``GB/s`` is the format's bytes (values + masks + row offsets + scales) over the time, next to
 torch's own read bandwidth (``sum`` of a float64 buffer, rotated) in the same run. A sweep over sparsity
-(M = 1, 4096 x 4096) finds where the sparse formats start to beat dense int8.
+(M = 1, 4096 x 4096) finds where the sparse formats start to beat dense int8. ``best`` columns take the
+faster layout of each value type, as the per-layer kernel choice does.
 
 Run: ``python benchmarks/sparse_table.py`` (``--quick``: one shape, M = 1). Writes
 ``benchmarks/results/cpu-sparse-<UTC date>.md`` and ``.json``.
@@ -46,7 +49,8 @@ SWEEP = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95]
 ROTATION_BYTES = 160 * 2**20
 MAX_COPIES = 1024
 DENSE_PEERS = ["fp32", "int8"]
-SPARSE_PEERS = ["sparse", "int8+sparse", "csr"]
+SPARSE_PEERS = ["sparse", "int8+sparse", "csr16", "int8+csr16", "csr"]
+BEST = {"sparse": ("sparse", "csr16"), "int8+sparse": ("int8+sparse", "int8+csr16")}  # per value type
 CSR_MAX_M = 8  # torch's CSR kernel takes seconds per call at M = 128 on the large layers
 
 
@@ -96,9 +100,18 @@ def make_calls(peer: str, n: int, k: int, m: int, pattern: str | None = None, se
         copies = [csr] + [csr.clone() for _ in range(copies_for(nbytes) - 1)]
         return [lambda w=w: F.linear(x, w) for w in copies], nbytes
     scales = None
-    if peer == "int8+sparse":
+    if peer.startswith("int8+"):
         weight, scales = reference.int8_quantize(weight)
     values, masks, row_offsets = reference.sparse_pack(weight, mask)
+    if peer.endswith("csr16"):
+        indices = reference.sparse_column_indices(masks, k, values.numel())
+        nbytes = packed_bytes(values, masks, row_offsets, scales) - masks.numel() * 2 + int(row_offsets[-1]) * 2
+        for i in range(copies_for(nbytes)):
+            v, ix = (values, indices) if i == 0 else (values.clone(), indices.clone())
+            calls.append(
+                lambda v=v, ix=ix: fastquant.ops.sparse_csr_linear(x, v, ix, row_offsets, scales, None, in_features=k)
+            )
+        return calls, nbytes
     nbytes = packed_bytes(values, masks, row_offsets, scales)
     for i in range(copies_for(nbytes)):
         v, mk = (values, masks) if i == 0 else (values.clone(), masks.clone())
@@ -164,18 +177,25 @@ TABLE_COLS = [
     "pattern",
     "sparse ms",
     "int8+sparse ms",
+    "csr16 ms",
+    "int8+csr16 ms",
     "fp32 ms",
     "int8 ms",
     "csr ms",
-    "fp32 / sparse",
-    "fp32 / int8+sparse",
-    "int8 / sparse",
-    "int8 / int8+sparse",
-    "csr / sparse",
-    "sparse GB/s",
-    "int8+sparse GB/s",
+    "fp32 / best sparse",
+    "fp32 / best int8+sparse",
+    "int8 / best sparse",
+    "int8 / best int8+sparse",
+    "csr / best sparse",
+    "best sparse GB/s",
+    "best int8+sparse GB/s",
     "read GB/s",
 ]
+
+
+def best_peer(ms: dict, kind: str) -> str:
+    """The faster layout of ``kind`` ("sparse": fp32 values, "int8+sparse": int8 values) in this row."""
+    return min((peer for peer in BEST[kind] if peer in ms), key=ms.__getitem__)
 
 
 def table_header(cols) -> str:
@@ -194,28 +214,32 @@ def format_row(row: dict) -> str:
     def gbs(peer):
         return f"{row['bytes'][peer] / ms[peer] / 1e6:.1f}" if peer in ms else "-"
 
+    best, best_int8 = best_peer(ms, "sparse"), best_peer(ms, "int8+sparse")
     cells = [f"{row['n']} x {row['k']}", str(row["m"]), row["pattern"]]
-    cells += [t("sparse"), t("int8+sparse"), t("fp32"), t("int8"), t("csr")]
-    cells += [ratio("fp32", "sparse"), ratio("fp32", "int8+sparse"), ratio("int8", "sparse")]
-    cells += [ratio("int8", "int8+sparse"), ratio("csr", "sparse"), gbs("sparse"), gbs("int8+sparse")]
+    cells += [t(peer) for peer in ("sparse", "int8+sparse", "csr16", "int8+csr16", "fp32", "int8", "csr")]
+    cells += [ratio("fp32", best), ratio("fp32", best_int8), ratio("int8", best)]
+    cells += [ratio("int8", best_int8), ratio("csr", best), gbs(best), gbs(best_int8)]
     cells += [f"{row['read_gbs']:.1f}"]
     return "| " + " | ".join(cells) + " |"
 
 
+SWEEP_PEERS = ["sparse", "int8+sparse", "csr16", "int8+csr16"]
+
+
 def run_sweep(n: int = 4096, k: int = 4096) -> dict:
-    """M = 1 time of both sparse formats vs dense int8 over sparsity; crossover = first sparsity that wins."""
+    """M = 1 time of every sparse layout vs dense int8 over sparsity; crossover = first sparsity that wins."""
     dense_int8 = time_peer("int8", n, k, 1)[0]
     dense_fp32 = time_peer("fp32", n, k, 1)[0]
     points = []
     for sparsity in SWEEP:
         pattern = f"{round(sparsity * 100)}%"
         point = {"sparsity": sparsity}
-        for peer in ("sparse", "int8+sparse"):
+        for peer in SWEEP_PEERS:
             point[peer] = time_peer(peer, n, k, 1, pattern)[0]
         points.append(point)
-        print(f"sparsity {pattern}: sparse {point['sparse']:.3f} ms, int8+sparse {point['int8+sparse']:.3f} ms")
+        print(f"sparsity {pattern}: " + ", ".join(f"{peer} {point[peer]:.3f} ms" for peer in SWEEP_PEERS))
     crossover = {}
-    for peer in ("sparse", "int8+sparse"):
+    for peer in SWEEP_PEERS:
         wins = [p["sparsity"] for p in points if p[peer] < dense_int8]
         crossover[peer] = wins[0] if wins else None
     return {"n": n, "k": k, "int8_ms": dense_int8, "fp32_ms": dense_fp32, "points": points, "crossover": crossover}
@@ -226,14 +250,17 @@ def sweep_lines(sweep: dict) -> list[str]:
         f"Sparsity sweep, {sweep['n']} x {sweep['k']}, M = 1 (dense int8 {sweep['int8_ms']:.3f} ms, dense fp32 "
         f"{sweep['fp32_ms']:.3f} ms):",
         "",
-        "| sparsity | sparse ms | int8+sparse ms | int8 / sparse | int8 / int8+sparse | fp32 / sparse |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "| sparsity | " + " | ".join(f"{peer} ms" for peer in SWEEP_PEERS) + " | fp32 / best sparse | "
+        "fp32 / best int8+sparse | int8 / best int8+sparse |",
+        "|---:|" + "---:|" * (len(SWEEP_PEERS) + 3),
     ]
     for p in sweep["points"]:
+        best, best_int8 = (min(p[peer] for peer in BEST[kind]) for kind in ("sparse", "int8+sparse"))
         lines.append(
-            f"| {p['sparsity']:.0%} | {p['sparse']:.3f} | {p['int8+sparse']:.3f} | "
-            f"{sweep['int8_ms'] / p['sparse']:.2f}x | {sweep['int8_ms'] / p['int8+sparse']:.2f}x | "
-            f"{sweep['fp32_ms'] / p['sparse']:.2f}x |"
+            f"| {p['sparsity']:.0%} | "
+            + " | ".join(f"{p[peer]:.3f}" for peer in SWEEP_PEERS)
+            + f" | {sweep['fp32_ms'] / best:.2f}x | {sweep['fp32_ms'] / best_int8:.2f}x | "
+            f"{sweep['int8_ms'] / best_int8:.2f}x |"
         )
     cross = sweep["crossover"]
 
@@ -242,8 +269,9 @@ def sweep_lines(sweep: dict) -> list[str]:
 
     lines += [
         "",
-        f"Crossover vs dense int8 (first swept sparsity that is faster): fp32 values {fmt(cross['sparse'])}, "
-        f"int8 values {fmt(cross['int8+sparse'])}.",
+        "Crossover vs dense int8 (first swept sparsity that is faster): "
+        + ", ".join(f"{peer} {fmt(cross[peer])}" for peer in SWEEP_PEERS)
+        + ".",
     ]
     return lines
 
@@ -251,12 +279,14 @@ def sweep_lines(sweep: dict) -> list[str]:
 def fastest_lines(rows: list[dict]) -> list[str]:
     """M = 1 again with the fastest single call of each cell: on a shared 2-core machine a 2-thread call whose
     second thread is descheduled takes a scheduler tick (~4-8 ms), which the median can absorb."""
+    peers = [*SPARSE_PEERS, *DENSE_PEERS]
     lines = [
         "Fastest single call per cell, M = 1 (same runs as above):",
         "",
-        "| N x K | pattern | sparse | int8+sparse | fp32 | int8 | csr | fp32 / sparse | fp32 / int8+sparse | "
-        "int8 / int8+sparse | csr / sparse |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| N x K | pattern | "
+        + " | ".join(peers)
+        + " | fp32 / best sparse | fp32 / best int8+sparse | int8 / best int8+sparse | csr / best sparse |",
+        "|---|---|" + "---:|" * (len(peers) + 4),
     ]
     for r in rows:
         if r["m"] != 1:
@@ -264,11 +294,12 @@ def fastest_lines(rows: list[dict]) -> list[str]:
         n, k, pattern = r["n"], r["k"], r["pattern"]
         t = {peer: MIN_MS.get((peer, n, k, 1, pattern)) for peer in SPARSE_PEERS}
         t.update({peer: MIN_MS.get((peer, n, k, 1, None)) for peer in DENSE_PEERS})
+        best, best_int8 = (min(t[peer] for peer in BEST[kind]) for kind in ("sparse", "int8+sparse"))
         lines.append(
-            f"| {n} x {k} | {pattern} | {t['sparse']:.3f} | {t['int8+sparse']:.3f} | {t['fp32']:.3f} | "
-            f"{t['int8']:.3f} | {t['csr']:.3f} | {t['fp32'] / t['sparse']:.2f}x | "
-            f"{t['fp32'] / t['int8+sparse']:.2f}x | {t['int8'] / t['int8+sparse']:.2f}x | "
-            f"{t['csr'] / t['sparse']:.2f}x |"
+            f"| {n} x {k} | {pattern} | "
+            + " | ".join(f"{t[peer]:.3f}" for peer in peers)
+            + f" | {t['fp32'] / best:.2f}x | {t['fp32'] / best_int8:.2f}x | {t['int8'] / best_int8:.2f}x | "
+            f"{t['csr'] / best:.2f}x |"
         )
     return lines
 
@@ -305,15 +336,18 @@ def main() -> None:
     meta["wall_s"] = round(time.perf_counter() - start, 1)
     meta["load_after"] = os.getloadavg()[0]
     lines = [
-        f"# CPU sparse_linear benchmark, {meta['date_utc']}",
+        f"# CPU sparse_linear / sparse_csr_linear benchmark, {meta['date_utc']}",
         "",
         f"{meta['cpu']}, torch {meta['torch']}, {meta['threads']} threads, best ISA {meta['isa']} (kernel "
         f"{rows[0]['path']}), 1-minute load average {meta['load_before']:.1f} before / {meta['load_after']:.1f} "
         "after. Median ms per call, weights rotated from DRAM, fp32 activations. `a / b` > 1 means b is faster. "
-        "`sparse` = fp32 values, `int8+sparse` = int8 values + per-channel scales, `csr` = torch CSR (fp32) via "
-        "`F.linear`, `fp32` = dense `F.linear`, `int8` = dense `fastquant.int8_linear`. GB/s = format bytes "
-        "(values + masks + offsets + scales) / time; `read` = torch `sum` of a float64 buffer of the fp32 "
-        "sparse format's size, same run.",
+        "`sparse` = bitmap16 with fp32 values, `int8+sparse` = bitmap16 with int8 values + per-channel scales, "
+        "`csr16` / `int8+csr16` = the same values with 16-bit column indices (`sparse_csr_linear`, CPU kernel "
+        f"{_native.sparse_csr_linear_kernel_path(torch.device('cpu'))}), `best` = the faster layout of a value "
+        "type (what the per-layer kernel choice keeps), `csr` = torch CSR (fp32) via `F.linear`, `fp32` = dense "
+        "`F.linear`, `int8` = dense `fastquant.int8_linear`. GB/s = format bytes (values + masks or indices + "
+        "offsets + scales) / time; `read` = torch `sum` of a float64 buffer of the fp32 bitmap16 format's size, "
+        "same run.",
         "",
         table_header(TABLE_COLS),
         *(format_row(r) for r in rows),
