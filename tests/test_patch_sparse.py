@@ -63,7 +63,10 @@ def test_report_shows_choice_format_and_bytes():
 
     auto = fastquant.patch(make_block(), "sparse", sparsity=0.5, progress=False)
     note = {row.name: row.note for row in fastquant.report(auto).layers}["up"]
-    assert "kernel kept: sparse" in note and "at 1 token" in note
+    assert "kernel kept: sparse bitmap16" in note and ", csr16 " in note and "at 1 token" in note
+    for layer in auto.modules():
+        if isinstance(layer, SparseLinear):  # the layout the choice kept, with indices only where csr16 runs
+            assert (layer.layout == "csr16") == (layer.column_indices is not None)
 
 
 def test_kernel_choice_description():

@@ -2,7 +2,8 @@
 
 Whether a sparse weight pays off depends on the machine (memory bandwidth, cores, instruction set), the
 layer's shape and its sparsity, so the choice is timed, not predicted: at decode (one token) a pruned layer
-runs both its sparse form and the dense form of the same numbers, and the faster one is kept. Decisions are
+runs its sparse form in each layout (bitmap16; csr16, which does work per kept weight rather than per 16
+columns) and the dense form of the same numbers, and the fastest is kept. Decisions are
 cached per process by everything that changes the answer, so a model with many layers of a few shapes
 measures each shape once.
 
