@@ -277,11 +277,10 @@ class SparseLinear(_CompressedLinear):
         return f"sparse {self.sparsity:.0%} {self.pattern} {self.layout}, {values} values"
 
     def packed_bytes(self) -> int:
-        """Bytes the layer's kernel reads: the mask words for bitmap16, the column indices for csr16."""
-        index = self.column_indices if self.layout == "csr16" else self.masks
-        return sum(
-            t.numel() * t.element_size() for t in (self.values, index, self.row_offsets, self.scales) if t is not None
-        )
+        """Bytes the layer holds: the bitmap16 weight, plus the column indices where the csr16 kernel runs (the
+        masks stay: they are what a checkpoint stores)."""
+        tensors = (self.values, self.masks, self.column_indices, self.row_offsets, self.scales)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.column_indices is not None:
