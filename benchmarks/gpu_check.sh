@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One command for a machine with an NVIDIA GPU (no network needed): build fastquant with its CUDA kernels,
 # print `python -m fastquant.info`, run the whole test suite (CUDA tests included), the GPU kernel benchmarks
-# (int8_linear, then sparse_linear into gpu-<UTC stamp>-sparse.{json,md}) and the end-to-end decode benchmark.
+# (int8_linear, then sparse_linear into gpu-<UTC stamp>-sparse.{json,md}, then csr16 vs bitmap16 into
+# gpu-<UTC stamp>-csr.md) and the end-to-end decode benchmark.
 # Results go to benchmarks/results/gpu-<UTC stamp>.{json,md}, logs next to them, and everything is copied to
 # $OUT when it is set. Sized for 10 minutes on an H100 with 16 cores: each step has its own time limit, so a
 # hang in one still leaves the others' results.
@@ -71,6 +72,8 @@ else
   # The sparse_linear benchmark (bitmap16); its tables go to $stem-sparse.{json,md} next to the int8 ones.
   step bench_sparse $(($(left) > 120 ? 120 : $(left))) "$PYTHON" benchmarks/bench_gpu_sparse.py --stem "$stem-sparse" \
     --repeats 10 || status=1
+  # sparse_csr_linear (csr16) next to sparse_linear (bitmap16) on the same pruned weights: $stem-csr.md.
+  step bench_csr $(($(left) > 60 ? 60 : $(left))) "$PYTHON" benchmarks/bench_gpu_csr.py --stem "$stem-csr" || status=1
   step e2e "$(left)" "$PYTHON" benchmarks/e2e_gpu_decode.py --stem "$stem" --new-tokens 100 --repeats 2 || status=1
 fi
 

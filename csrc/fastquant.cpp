@@ -14,6 +14,7 @@
 
 #ifdef FASTQUANT_WITH_CUDA
 #include "cuda/cuda_info.h"
+#include "cuda/sparse_csr_linear_launch.h"
 #include "cuda/sparse_linear_dispatch.h"
 #endif
 
@@ -125,6 +126,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       py::arg("m"), py::arg("n"), py::arg("k"), py::arg("values_dtype"), py::arg("x_dtype"),
       py::arg("group_size") = -1,
       "Name of the CUDA kernel sparse_linear runs for this problem (see csrc/cuda/sparse_linear_dispatch.h)");
+  m.def(
+      "sparse_csr_linear_cuda_path", [] { return std::string(fastquant::cuda::kSparseCsrCudaPath); },
+      "Name of the CUDA kernel sparse_csr_linear runs");
   m.def("sparse_cuda_gemv_max_m", &fastquant::cuda::sparse_gemv_max_m,
         "Largest M the CUDA sparse_linear GEMV (one launch or per 16 rows) takes");
   m.def("set_sparse_cuda_gemv_max_m", &fastquant::cuda::set_sparse_gemv_max_m, py::arg("m"),

@@ -1,6 +1,7 @@
 """fastquant.sparse_linear (bitmap16 weight) on CUDA: every dispatch path vs a float64 reference, sparsity
 levels (all-zero rows, 2:4), every value / activation dtype, int8 scales, the run-time path caps, opcheck,
-torch.compile, CUDA-graph capture, bad input.
+torch.compile, CUDA-graph capture, bad input. The csr16 op, fastquant.sparse_csr_linear, is tested at the end of
+the file (test_csr_*) with its own tolerance rule, on operands built from these bitmap16 cases.
 
 Tolerance rule (CUDA kernels; the int8_linear CUDA rule): with y64 the float64 evaluation of
 ``reference.sparse_linear``'s formula (W the unpacked weight, times its scales for int8 values), y_torch what
@@ -18,6 +19,7 @@ per row here: far outside the bound.
 
 from __future__ import annotations
 
+import itertools
 import zlib
 
 import pytest
@@ -408,3 +410,338 @@ def test_mixed_devices_rejected(on_cpu):
     args[on_cpu] = args[on_cpu].cpu()
     with pytest.raises(RuntimeError, match="device"):
         run(tuple(args))
+
+
+# ---------------------------------------------------------------- sparse_csr_linear (csr16 weight) on CUDA
+# csrc/cuda/sparse_csr_linear*.{cu,cpp,h}: one warp per weight row, x tiles of up to 16 rows staged in shared
+# memory (or gathered from global memory when one row of x does not fit), any M by tiles.
+#
+# Tolerance rule (csr16): with y64 the float64 evaluation of reference.sparse_csr_linear's formula (W =
+# reference.sparse_csr_dequantize: int8 values times their scales in fp32, repeated columns added), y_ref what
+# reference.sparse_csr_linear (fp32 products and sums, the op's oracle) returns in x's dtype and u the unit
+# roundoff of x's dtype, every output element must satisfy
+#
+#     |y - y64| <= 2 * |y_ref - y64| + 2^-12 * sqrt((x^2) @ (W^2)^T) + 4 * u * |y64|
+#
+# The kernel multiplies and adds in fp32 as the oracle does, so this is tighter than the bitmap16 rule above
+# (which allows cuBLAS at x's dtype): the first term is what rounding the oracle's fp32 result to x's dtype
+# loses, the second fp32 accumulation in any order (and per-channel int8 scales applied to the sum rather than
+# to each weight), the third the final rounding. Dropping, duplicating or misplacing one kept weight moves y by
+# about sqrt(1 / kept) of the scale term, >= 2^-6 of it for the <= 4096 kept weights per row here.
+
+CSR_VALUE_KINDS = [  # (values dtype, group_size): every value dtype, int8 per-channel and with group scales
+    (torch.float32, -1),
+    (torch.bfloat16, -1),
+    (torch.float16, -1),
+    (torch.int8, -1),
+    (torch.int8, 32),
+    (torch.int8, 128),
+]
+CSR_KIND_IDS = ["f32", "bf16", "f16", "i8", "i8g32", "i8g128"]
+CSR_M = [1, 3, 17]  # one 16-row tile of x or less, and 17: a second tile of one row
+CSR_N = [1, 3, 17, 64]  # blocks with idle warps, an all-zero row 1 (make_case) from N = 3
+CSR_K = [1, 17, 1025, 4096]  # rows shorter than a warp's 8-entry unit, ragged units, several 512-entry batches
+CSR_SPARSITIES = [0.0, 0.5, 0.9, 1.0]
+
+
+def as_int16(columns: torch.Tensor) -> torch.Tensor:
+    """uint16 column numbers as the int16 two's complement the format stores."""
+    return torch.where(columns >= 2**15, columns - 2**16, columns).to(torch.int16)
+
+
+def csr_from_bitmap(args):
+    """The csr16 operands of a bitmap16 case: the same values and row offsets, a column index per value."""
+    x, values, masks, row_offsets, scales, bias, k, group_size = args
+    column_indices = reference.sparse_column_indices(masks, k, values.numel())
+    return (x, values, column_indices, row_offsets, scales, bias, k, group_size)
+
+
+def make_csr_case(m, k, n, values_dtype, x_dtype, sparsity, group_size=-1, with_bias=True, seed=0):
+    args, _ = make_case(m, k, n, values_dtype, x_dtype, sparsity, group_size, with_bias, seed)
+    return csr_from_bitmap(args)
+
+
+def run_csr(args):
+    return torch.ops.fastquant.sparse_csr_linear(*args)
+
+
+def assert_csr_close(y, args, what=""):
+    x, values, column_indices, row_offsets, scales, bias, k, group_size = args
+    w64 = reference.sparse_csr_dequantize(values, column_indices, row_offsets, scales, k, group_size).double()
+    x64 = x.double()
+    y64 = x64 @ w64.T
+    if bias is not None:
+        y64 = y64 + bias.double()
+    y_ref = reference.sparse_csr_linear(*args)
+    scale = ((x64**2) @ (w64**2).T).sqrt()
+    bound = 2 * (y_ref.double() - y64).abs() + 2.0**-12 * scale + 4 * UNIT_ROUNDOFF[x.dtype] * y64.abs()
+    assert y.dtype == x.dtype and y.shape == y64.shape and y.device == x.device
+    err = (y.double() - y64).abs()
+    excess = err - bound
+    worst = int(excess.argmax()) if excess.numel() else 0
+    assert bool((excess <= 0).all()), (
+        f"{what}: error {err.flatten()[worst].item():.3g} exceeds bound {bound.flatten()[worst].item():.3g} "
+        f"at flat index {worst} (y64={y64.flatten()[worst].item():.4g}, y={y.flatten()[worst].item():.4g})"
+    )
+
+
+def test_csr_cuda_kernel_is_registered():
+    """Without it the op would silently run the reference on CUDA tensors (and pass every comparison)."""
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("fastquant::sparse_csr_linear", "CUDA")
+
+
+@pytest.mark.parametrize("sparsity", CSR_SPARSITIES, ids=str)
+@pytest.mark.parametrize(("values_dtype", "group_size"), CSR_VALUE_KINDS, ids=CSR_KIND_IDS)
+@pytest.mark.parametrize("x_dtype", X_DTYPES, ids=str)
+def test_csr_matches_reference(x_dtype, values_dtype, group_size, sparsity):
+    """Every (M, N, K) of CSR_M x CSR_N x CSR_K, fresh random weights, x and bias (or none) for each."""
+    for m, n, k in itertools.product(CSR_M, CSR_N, CSR_K):
+        case = (m, n, k, values_dtype, x_dtype, group_size, sparsity)
+        seed = zlib.crc32(repr(case).encode())
+        args = make_csr_case(m, k, n, values_dtype, x_dtype, sparsity, group_size, seed % 2 == 0, seed)
+        y = run_csr(args)
+        assert_csr_close(y, args, f"(M, N, K) = ({m}, {n}, {k})")
+        if sparsity == 1.0 and args[5] is not None:
+            torch.testing.assert_close(y, args[5].expand(m, n), rtol=0, atol=0)
+
+
+# (M, K, N): x tiles the kernel cannot take in one pass (csrc/cuda/sparse_csr_linear.cu): 16 rows of K = 4096
+# fit the shared-memory budget only as 4 tiles of 4; large M (tiles spread over blockIdx.y when N is small);
+# K = 20000 and 30000 fit one row of x per tile only in the device's whole opt-in shared memory; K = 65536 (the
+# format's limit, columns >= 32768 stored as negative int16) does not fit at all: x is gathered from global.
+CSR_TILE_SHAPES = [
+    (16, 4096, 300),
+    (40, 1025, 50),
+    (300, 4096, 64),
+    (1000, 17, 3),
+    (2, 20000, 33),
+    (17, 30000, 5),
+    (3, 65536, 20),
+]
+
+
+@pytest.mark.parametrize("shape", CSR_TILE_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize(
+    ("values_dtype", "group_size"), [(torch.bfloat16, -1), (torch.int8, 128)], ids=["bf16", "i8g128"]
+)
+def test_csr_tiles_of_x(shape, values_dtype, group_size):
+    m, k, n = shape
+    x_dtype = torch.float32 if m % 2 else torch.bfloat16
+    args = make_csr_case(m, k, n, values_dtype, x_dtype, 0.9, group_size, seed=m * 7919 + k + n)
+    assert_csr_close(run_csr(args), args, f"tiles {shape}")
+
+
+def make_random_csr(m, k, n, values_dtype, x_dtype, group_size, max_per_row, padding, seed):
+    """A csr16 weight no bitmap16 weight gives: columns in random order, repeated ones (which add up), and
+    values.numel() = kept + padding (padding 0 with an odd count: a ragged last 8-entry unit)."""
+    gen = torch.Generator().manual_seed(seed)
+    counts = torch.randint(0, max_per_row + 1, (n,), generator=gen)
+    if padding == 0 and int(counts.sum()) % 8 == 0:
+        counts[-1] += 1
+    row_offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int64)
+    total = int(row_offsets[-1])
+    columns = torch.randint(0, k, (total + padding,), generator=gen)
+    columns[total:] = 0
+    scales = None
+    if values_dtype == torch.int8:
+        values = torch.randint(-127, 128, (total + padding,), generator=gen).to(torch.int8)
+        n_scales = (n,) if group_size == -1 else (n, -(-k // group_size))
+        scales = torch.rand(n_scales, generator=gen) * 0.02 + 1e-3
+    else:
+        values = torch.randn(total + padding, generator=gen).to(values_dtype)
+    values[total:] = 0
+    x = torch.randn(m, k, generator=gen).to(x_dtype)
+    bias = torch.randn(n, generator=gen).to(x_dtype)
+    tensors = (x, values, as_int16(columns), row_offsets, scales, bias)
+    return (*(None if t is None else t.cuda() for t in tensors), k, group_size)
+
+
+@pytest.mark.parametrize("padding", [0, 3, 64])
+@pytest.mark.parametrize(("values_dtype", "group_size"), CSR_VALUE_KINDS, ids=CSR_KIND_IDS)
+def test_csr_any_order_repeats_and_ragged_end(values_dtype, group_size, padding):
+    for m, k, n, max_per_row in ((1, 100, 37, 300), (5, 4096, 64, 700), (17, 65536, 9, 40)):
+        args = make_random_csr(m, k, n, values_dtype, torch.bfloat16, group_size, max_per_row, padding, seed=k + n)
+        assert_csr_close(run_csr(args), args, f"random csr16 ({m}, {k}, {n})")
+
+
+def test_csr_misaligned_views():
+    """values and column_indices starting 1 element into their storage (no 16-byte loads): the glue copies them."""
+    args = make_csr_case(3, 1000, 50, torch.bfloat16, torch.bfloat16, 0.5, seed=3)
+    moved = list(args)
+    for i in (1, 2):
+        shifted = torch.empty(args[i].numel() + 1, dtype=args[i].dtype, device="cuda")[1:]
+        shifted.copy_(args[i])
+        assert shifted.data_ptr() % 16 != 0
+        moved[i] = shifted
+    torch.testing.assert_close(run_csr(tuple(moved)), run_csr(args), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("values_dtype", "group_size"), [(torch.bfloat16, -1), (torch.int8, 128)], ids=["bf16", "i8g128"]
+)
+def test_csr_column_index_past_k_is_skipped(values_dtype, group_size):
+    """Column indices are not checked on the GPU (no sync per call): one >= K must not read past x (nor past the
+    row's group scales) and is skipped. The reference path would raise instead, so this also shows the CUDA
+    kernel ran."""
+    args = make_csr_case(5, 1025, 40, values_dtype, torch.float16, 0.5, group_size, seed=21)
+    x, values, indices, row_offsets, scales, bias, k, g = args
+    kept = torch.arange(int(row_offsets[-1]), device="cuda")
+    hit = kept[::7]
+    bad = indices.clone()
+    bad[hit[0::2]] = k  # just past x
+    bad[hit[1::2]] = -1  # int16 -1: column 65535
+    y = run_csr((x, values, bad, row_offsets, scales, bias, k, g))
+    torch.cuda.synchronize()
+    without = values.clone()
+    without[hit] = 0
+    assert_csr_close(y, (x, without, indices, row_offsets, scales, bias, k, g), "indices past K skipped")
+
+
+def clamped_rows(values, indices, row_offsets):
+    """What the kernel reads for row offsets it cannot trust: row j is values[max(o[j], 0) : min(o[j + 1], numel)]
+    (empty when that is), as a valid csr16 weight."""
+    numel = values.numel()
+    offsets = row_offsets.tolist()
+    parts = [(max(a, 0), min(b, numel)) for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
+    keep = [torch.arange(a, b) for a, b in parts if b > a]
+    take = torch.cat(keep).cuda() if keep else torch.zeros(0, dtype=torch.int64, device="cuda")
+    counts = torch.tensor([max(b - a, 0) for a, b in parts])
+    new_offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).cuda()
+    return values[take], indices[take], new_offsets
+
+
+def test_csr_row_offsets_out_of_range_never_crash():
+    """Offsets are not checked on the GPU either: negative, past values.numel() or decreasing ones must not read
+    out of bounds; each row reads its range clamped to [0, values.numel())."""
+    args = make_csr_case(5, 1000, 30, torch.bfloat16, torch.bfloat16, 0.5, seed=23)
+    x, values, indices, row_offsets, scales, bias, k, g = args
+    numel = values.numel()
+    bad = row_offsets.clone()
+    bad[0] = -(2**40)  # row 0 from 0: unchanged
+    bad[-1] = 2**40  # the last row runs to the end of values: its padding zeros add nothing
+    bad[10] = numel + 1000  # row 9 runs to the end of values (rows 10.. included), row 10 is empty
+    bad[20] = -5  # row 19 empty, row 20 from 0
+    bad[25] = int(row_offsets[24]) - 3  # row 24 empty (decreasing), row 25 from 3 entries of row 23 on
+    y = run_csr((x, values, indices, bad, scales, bias, k, g))
+    torch.cuda.synchronize()
+    assert bool(torch.isfinite(y).all())
+    clamped = clamped_rows(values, indices, bad)
+    assert_csr_close(y, (x, *clamped, scales, bias, k, g), "clamped rows")
+    assert_csr_close(y[:, :9], (x, values, indices, row_offsets[:10], scales, bias[:9], k, g), "rows 0..8")
+    assert_csr_close(run_csr(args), args, "valid call afterwards")  # the context is still usable
+
+
+@pytest.mark.parametrize("m", [3, 40])
+@pytest.mark.parametrize(
+    ("values_dtype", "group_size"), [(torch.bfloat16, -1), (torch.int8, 64)], ids=["bf16", "i8g64"]
+)
+def test_csr_opcheck(m, values_dtype, group_size):
+    args = make_csr_case(m, 320, 48, values_dtype, torch.bfloat16, 0.5, group_size, seed=7)
+    op = torch.ops.fastquant.sparse_csr_linear.default
+    torch.library.opcheck(op, args)
+    torch.library.opcheck(op, (args[0].half(), *args[1:5], None, *args[6:]))
+    torch.library.opcheck(op, (args[0].float(), *args[1:5], None, *args[6:]))
+
+
+def test_csr_torch_compile_fullgraph():
+    _, values, indices, row_offsets, scales, bias, k, g = make_csr_case(
+        1, 1024, 512, torch.int8, torch.bfloat16, 0.9, 128, seed=11
+    )
+
+    def f(x):
+        y = torch.ops.fastquant.sparse_csr_linear(x, values, indices, row_offsets, scales, bias, k, g)
+        return F.gelu(y) * 2
+
+    compiled = torch.compile(f, fullgraph=True)
+    for m in (1, 4, 100):  # one tile, one padded tile, several; a new batch size retraces or runs dynamic
+        x = torch.randn(2, m, k, device="cuda", dtype=torch.bfloat16)
+        # Inductor fuses gelu and the product in fp32 without rounding in between: bf16 tolerance.
+        torch.testing.assert_close(compiled(x), f(x))
+
+
+def test_csr_cuda_graph_capture_and_replay():
+    """No device-to-host sync in the glue: the op captures into a CUDA graph."""
+    args = make_csr_case(4, 2048, 256, torch.bfloat16, torch.bfloat16, 0.9, seed=13)
+    static_x = args[0].clone()
+    graph_args = (static_x, *args[1:])
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm up off the default stream, as capture requires
+        for _ in range(2):
+            run_csr(graph_args)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = run_csr(graph_args)
+    for seed in (1, 2):
+        gen = torch.Generator(device="cuda").manual_seed(seed)
+        static_x.copy_(torch.randn(4, 2048, generator=gen, device="cuda"))
+        graph.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(static_y, run_csr(graph_args), rtol=0, atol=0)  # no atomics: deterministic
+        assert_csr_close(static_y, graph_args, "graph replay")
+
+
+def test_csr_fp16_partial_sums_do_not_overflow():
+    """Partial sums reach 4e5, past fp16's 65504, and cancel to a small result: fp32 accumulation."""
+    k, n, m = 512, 32, 3
+    weight = torch.cat([torch.full((n, k // 2), 8.0), torch.full((n, k // 2), -8.0)], dim=1).cuda().half()
+    weight[:, 0] += 0.5
+    weight[:, 1::2] = 0
+    values, masks, row_offsets = reference.sparse_pack(weight)
+    x = torch.full((m, k), 100.0, dtype=torch.float16, device="cuda")
+    args = csr_from_bitmap((x, values, masks, row_offsets, None, None, k, -1))
+    y = run_csr(args)
+    assert bool(torch.isfinite(y).all())
+    assert_csr_close(y, args, "fp16 overflow")
+
+
+def test_csr_non_contiguous_batched_and_empty():
+    args = make_csr_case(1, 256, 50, torch.bfloat16, torch.bfloat16, 0.5, seed=5)
+    rest = args[1:]
+    x3 = torch.randn(256, 3, 4, device="cuda").bfloat16().permute(1, 2, 0)  # (3, 4, 256), K not innermost
+    assert not x3.is_contiguous()
+    y = run_csr((x3, *rest))
+    assert y.shape == (3, 4, 50)
+    torch.testing.assert_close(y, run_csr((x3.contiguous(), *rest)), rtol=0, atol=0)
+    assert run_csr((torch.empty(0, 256, device="cuda").bfloat16(), *rest)).shape == (0, 50)
+    assert run_csr((torch.empty(2, 0, 256, device="cuda").bfloat16(), *rest)).shape == (2, 0, 50)
+    bias = args[5]
+    empty = torch.zeros(64, dtype=torch.bfloat16, device="cuda")
+    empty_indices = torch.zeros(64, dtype=torch.int16, device="cuda")
+    offsets = torch.zeros(51, dtype=torch.int64, device="cuda")
+    y = run_csr((torch.empty(3, 0, device="cuda").bfloat16(), empty, empty_indices, offsets, None, bias, 0, -1))
+    torch.testing.assert_close(y, bias.expand(3, 50))  # in_features = 0: y = bias
+    no_rows = torch.zeros(1, dtype=torch.int64, device="cuda")
+    assert run_csr((args[0], args[1], args[2], no_rows, None, None, 256, -1)).shape == (1, 0)
+
+
+CSR_BAD_INPUTS = [
+    ("x must be float32, bfloat16 or float16", _bad(0, lambda a: a[0].double())),
+    ("values must be a 1-D float32, bfloat16, float16 or int8 tensor", _bad(1, lambda a: a[1].double())),
+    ("column_indices must be an int16 tensor of the values' shape", _bad(2, lambda a: a[2].int())),
+    ("column_indices must be an int16 tensor of the values' shape", _bad(2, lambda a: a[2][:-1])),
+    ("row_offsets must be a non-empty 1-D int64 tensor", _bad(3, lambda a: a[3].int())),
+    ("row_offsets must be a non-empty 1-D int64 tensor", _bad(3, lambda a: a[3][:0])),
+    (r"in_features must be in \[0, 65536\]", _bad(6, 65537)),
+    (r"x has 64 input features .* but in_features is 60", _bad(6, 60)),
+    ("group_size must be -1 .* or a positive multiple of 16, got 24", _bad(7, 24)),
+    ("int8 values need float32 scales, got None", lambda a: (a[0], a[1].to(torch.int8), *a[2:4], None, *a[5:])),
+    ("scales must be None for", _bad(4, lambda a: torch.ones(32, device="cuda"))),
+    (r"bias must have shape \(32,\)", _bad(5, lambda a: a[5][:5])),
+]
+
+
+@pytest.mark.parametrize(("message", "make_args"), CSR_BAD_INPUTS, ids=[m for m, _ in CSR_BAD_INPUTS])
+def test_csr_bad_input_is_named(message, make_args):
+    args = make_csr_case(3, 64, 32, torch.bfloat16, torch.bfloat16, 0.5, seed=1)
+    with pytest.raises(RuntimeError, match=message):
+        run_csr(make_args(args))
+
+
+@pytest.mark.parametrize("on_cpu", [0, 1, 2, 3, 5], ids=["x", "values", "column_indices", "row_offsets", "bias"])
+def test_csr_mixed_devices_rejected(on_cpu):
+    args = list(make_csr_case(3, 64, 32, torch.bfloat16, torch.bfloat16, 0.5, seed=1))
+    args[on_cpu] = args[on_cpu].cpu()
+    with pytest.raises(RuntimeError, match="device"):
+        run_csr(tuple(args))
