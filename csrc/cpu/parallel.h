@@ -68,4 +68,20 @@ void parallel_ranges(int64_t n, const F& f) {
 #endif
 }
 
+// Rows [0, n) in blocks of `grain` over parallel_ranges, for kernels that check each row before reading it:
+// kernel(row_begin, row_end) returns the first row it refused (having stopped there) or -1. Returns the first
+// refused row over all threads, or n when every row was computed.
+template <typename Kernel>
+int64_t parallel_rows_first_refused(int64_t n, int64_t grain, const Kernel& kernel) {
+  std::atomic<int64_t> first{n};
+  parallel_ranges((n + grain - 1) / grain, [&](int64_t begin, int64_t end) {
+    const int64_t refused = kernel(begin * grain, std::min(end * grain, n));
+    if (refused < 0) return;
+    int64_t cur = first.load();
+    while (refused < cur && !first.compare_exchange_weak(cur, refused)) {
+    }
+  });
+  return first.load();
+}
+
 }  // namespace fastquant::cpu

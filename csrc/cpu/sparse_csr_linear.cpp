@@ -12,15 +12,18 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
 #include <vector>
 
 #include "cpu/cpu_features.h"
 #include "cpu/parallel.h"
-#include "cpu/sparse_glue.h"
+#include "sparse_glue.h"
 
 namespace fastquant::cpu {
 namespace {
+
+static_assert(static_cast<int>(ActDType::kBFloat16) == kCodeBFloat16 &&
+                  static_cast<int>(SparseValues::kInt8) == kCodeInt8,
+              "sparse_glue.h dtype codes");
 
 constexpr const char* kPrefix = "fastquant.sparse_csr_linear:";
 constexpr int64_t kMaxInFeatures = int64_t{1} << 16;
@@ -52,7 +55,7 @@ at::Tensor sparse_csr_linear_cpu(const at::Tensor& x, const at::Tensor& values,
                                  const std::optional<at::Tensor>& scales,
                                  const std::optional<at::Tensor>& bias, int64_t in_features,
                                  int64_t group_size) {
-  const ActDType dtype = sparse_act_dtype(x, kPrefix);
+  const ActDType dtype = sparse_act_dtype<ActDType>(x, kPrefix);
   TORCH_CHECK(x.device().is_cpu() && values.device().is_cpu() && column_indices.device().is_cpu() &&
                   row_offsets.device().is_cpu() && (!scales.has_value() || scales->device().is_cpu()) &&
                   (!bias.has_value() || bias->device().is_cpu()),
@@ -60,7 +63,7 @@ at::Tensor sparse_csr_linear_cpu(const at::Tensor& x, const at::Tensor& values,
               x.device(), ", values on ", values.device(), ", column_indices on ", column_indices.device(),
               ", row_offsets on ", row_offsets.device());
   TORCH_CHECK(x.dim() >= 1, kPrefix, " x must have at least 1 dimension, got a scalar");
-  const SparseValues vtype = sparse_values_dtype(values, kPrefix);
+  const SparseValues vtype = sparse_values_dtype<SparseValues>(values, kPrefix);
   TORCH_CHECK(column_indices.scalar_type() == at::kShort && column_indices.sizes() == values.sizes(), kPrefix,
               " column_indices must be an int16 tensor of the values' shape ", values.sizes(), ", got ",
               column_indices.scalar_type(), " of shape ", column_indices.sizes());
@@ -73,8 +76,7 @@ at::Tensor sparse_csr_linear_cpu(const at::Tensor& x, const at::Tensor& values,
   const int64_t n = row_offsets.size(0) - 1;
   TORCH_CHECK(x.size(-1) == k, kPrefix, " x has ", x.size(-1), " input features (shape ", x.sizes(),
               ") but in_features is ", k);
-  const int64_t n_groups =
-      check_sparse_scales_and_bias(kPrefix, x, vtype, values, scales, bias, n, k, group_size);
+  const int64_t n_groups = check_sparse_scales_and_bias(kPrefix, x, values, scales, bias, n, k, group_size);
 
   const at::Tensor vals = values.contiguous();
   const at::Tensor idx = column_indices.contiguous();
@@ -116,15 +118,8 @@ at::Tensor sparse_csr_linear_cpu(const at::Tensor& x, const at::Tensor& values,
   // Rows are split evenly, not by their kept counts: pruning per output row (Wanda, SparseGPT, 2:4, per-layer
   // magnitude at moderate sparsity) keeps the counts close, and an even split needs no scan of the offsets.
   constexpr int64_t grain = 8;
-  std::atomic<int64_t> first_bad{n};
-  parallel_ranges((n + grain - 1) / grain, [&](int64_t begin, int64_t end) {
-    const int64_t bad = kernel(p, begin * grain, std::min(end * grain, n));
-    if (bad < 0) return;
-    int64_t cur = first_bad.load();
-    while (bad < cur && !first_bad.compare_exchange_weak(cur, bad)) {
-    }
-  });
-  const int64_t bad = first_bad.load();
+  const int64_t bad = parallel_rows_first_refused(
+      n, grain, [&](int64_t begin, int64_t end) { return kernel(p, begin, end); });
   if (bad != n) {
     const auto* cols = p.column_indices + offsets[bad];
     const int64_t len = offsets[bad + 1] - offsets[bad];

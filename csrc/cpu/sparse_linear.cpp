@@ -18,15 +18,18 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
-#include <atomic>
 #include <vector>
 
 #include "cpu/cpu_features.h"
 #include "cpu/parallel.h"
-#include "cpu/sparse_glue.h"
+#include "sparse_glue.h"
 
 namespace fastquant::cpu {
 namespace {
+
+static_assert(static_cast<int>(ActDType::kBFloat16) == kCodeBFloat16 &&
+                  static_cast<int>(SparseValues::kInt8) == kCodeInt8,
+              "sparse_glue.h dtype codes");
 
 constexpr const char* kPrefix = "fastquant.sparse_linear:";
 
@@ -89,7 +92,7 @@ const char* sparse_linear_cpu_path(int64_t m, int64_t n, int64_t k, SparseValues
 at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& masks,
                              const at::Tensor& row_offsets, const std::optional<at::Tensor>& scales,
                              const std::optional<at::Tensor>& bias, int64_t in_features, int64_t group_size) {
-  const ActDType dtype = sparse_act_dtype(x, kPrefix);
+  const ActDType dtype = sparse_act_dtype<ActDType>(x, kPrefix);
   TORCH_CHECK(x.device().is_cpu() && values.device().is_cpu() && masks.device().is_cpu() &&
                   row_offsets.device().is_cpu() && (!scales.has_value() || scales->device().is_cpu()) &&
                   (!bias.has_value() || bias->device().is_cpu()),
@@ -97,7 +100,7 @@ at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& values, cons
               ", values on ", values.device(), ", masks on ", masks.device(), ", row_offsets on ",
               row_offsets.device());
   TORCH_CHECK(x.dim() >= 1, kPrefix, " x must have at least 1 dimension, got a scalar");
-  const SparseValues vtype = sparse_values_dtype(values, kPrefix);
+  const SparseValues vtype = sparse_values_dtype<SparseValues>(values, kPrefix);
   TORCH_CHECK(masks.scalar_type() == at::kShort && masks.dim() == 2, kPrefix,
               " masks must be a 2-D int16 tensor (N, ceil(K / 16)), got ", masks.scalar_type(), " of shape ",
               masks.sizes());
@@ -115,8 +118,7 @@ at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& values, cons
       row_offsets.scalar_type(), " of shape ", row_offsets.sizes());
   TORCH_CHECK(values.numel() >= 64, kPrefix, " values must end with 64 elements of padding, got ",
               values.numel(), " elements");
-  const int64_t n_groups =
-      check_sparse_scales_and_bias(kPrefix, x, vtype, values, scales, bias, n, k, group_size);
+  const int64_t n_groups = check_sparse_scales_and_bias(kPrefix, x, values, scales, bias, n, k, group_size);
 
   const Path path = choose_path(active_isa());
   const at::Tensor vals = values.contiguous();
@@ -172,15 +174,8 @@ at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& values, cons
   // Weight rows are the unit of work: each thread streams a disjoint, contiguous slice of values and
   // masks exactly once (per block of x rows). Blocks of 8 rows keep the kernels' row tiles whole.
   constexpr int64_t grain = 8;
-  std::atomic<int64_t> first_bad{n};
-  parallel_ranges((n + grain - 1) / grain, [&](int64_t begin, int64_t end) {
-    const int64_t bad = kernel(p, begin * grain, std::min(end * grain, n));
-    if (bad < 0) return;
-    int64_t cur = first_bad.load();
-    while (bad < cur && !first_bad.compare_exchange_weak(cur, bad)) {
-    }
-  });
-  const int64_t bad = first_bad.load();
+  const int64_t bad = parallel_rows_first_refused(
+      n, grain, [&](int64_t begin, int64_t end) { return kernel(p, begin, end); });
   TORCH_CHECK(bad == n, kPrefix, " row ", bad, " keeps ", row_popcount(mask_words, n_chunks, bad),
               " weights in masks but row_offsets gives it ", offsets[bad + 1] - offsets[bad]);
   if (dtype != ActDType::kFloat32) y.view({m, n}).copy_(y32);

@@ -19,43 +19,16 @@
 #include <vector>
 
 #include "cuda/sparse_csr_linear_launch.h"
+#include "sparse_glue.h"
 
 namespace fastquant::cuda {
 namespace {
 
 constexpr const char* kPrefix = "fastquant.sparse_csr_linear:";
 
-DType act_dtype(const at::Tensor& x) {
-  switch (x.scalar_type()) {
-    case at::kFloat:
-      return DType::kFloat32;
-    case at::kBFloat16:
-      return DType::kBFloat16;
-    case at::kHalf:
-      return DType::kFloat16;
-    default:
-      TORCH_CHECK(false, kPrefix, " x must be float32, bfloat16 or float16, got ", x.scalar_type());
-  }
-}
-
-bool values_dtype(const at::Tensor& values, SparseValues* out) {
-  switch (values.scalar_type()) {
-    case at::kFloat:
-      *out = SparseValues::kFloat32;
-      return true;
-    case at::kBFloat16:
-      *out = SparseValues::kBFloat16;
-      return true;
-    case at::kHalf:
-      *out = SparseValues::kFloat16;
-      return true;
-    case at::kChar:
-      *out = SparseValues::kInt8;
-      return true;
-    default:
-      return false;
-  }
-}
+static_assert(static_cast<int>(DType::kBFloat16) == kCodeBFloat16 &&
+                  static_cast<int>(SparseValues::kInt8) == kCodeInt8,
+              "sparse_glue.h dtype codes");
 
 std::string optional_device_str(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->device().str() : "-";
@@ -76,7 +49,7 @@ at::Tensor sparse_csr_linear_cuda(const at::Tensor& x, const at::Tensor& values,
                                   const std::optional<at::Tensor>& scales,
                                   const std::optional<at::Tensor>& bias, int64_t in_features,
                                   int64_t group_size) {
-  const DType xd = act_dtype(x);
+  const DType xd = sparse_act_dtype<DType>(x, kPrefix);
   const auto on_x = [&](const std::optional<at::Tensor>& t) {
     return !t.has_value() || t->device() == x.device();
   };
@@ -88,10 +61,7 @@ at::Tensor sparse_csr_linear_cuda(const at::Tensor& x, const at::Tensor& values,
               ", row_offsets on ", row_offsets.device(), ", scales on ", optional_device_str(scales),
               ", bias on ", optional_device_str(bias));
   TORCH_CHECK(x.dim() >= 1, kPrefix, " x must have at least 1 dimension, got a scalar");
-  SparseValues vd = SparseValues::kFloat32;
-  TORCH_CHECK(values_dtype(values, &vd) && values.dim() == 1, kPrefix,
-              " values must be a 1-D float32, bfloat16, float16 or int8 tensor, got ", values.scalar_type(),
-              " of shape ", values.sizes());
+  const SparseValues vd = sparse_values_dtype<SparseValues>(values, kPrefix);
   TORCH_CHECK(column_indices.scalar_type() == at::kShort && column_indices.sizes() == values.sizes(), kPrefix,
               " column_indices must be an int16 tensor of the values' shape ", values.sizes(), ", got ",
               column_indices.scalar_type(), " of shape ", column_indices.sizes());
@@ -105,32 +75,7 @@ at::Tensor sparse_csr_linear_cuda(const at::Tensor& x, const at::Tensor& values,
   const int64_t n = row_offsets.numel() - 1;
   TORCH_CHECK(x.size(-1) == k, kPrefix, " x has ", x.size(-1), " input features (shape ", x.sizes(),
               ") but in_features is ", k);
-  TORCH_CHECK(group_size == -1 || (group_size > 0 && group_size % 16 == 0), kPrefix,
-              " group_size must be -1 (per-channel) or a positive multiple of 16, got ", group_size);
-  int64_t n_groups = 1;
-  if (vd == SparseValues::kInt8) {
-    TORCH_CHECK(scales.has_value(), kPrefix, " int8 values need float32 scales, got None");
-    TORCH_CHECK(scales->scalar_type() == at::kFloat, kPrefix, " scales must be float32, got ",
-                scales->scalar_type());
-    if (group_size == -1) {
-      TORCH_CHECK(scales->dim() == 1 && scales->size(0) == n, kPrefix,
-                  " per-channel scales must have shape (N,) = (", n, ",), got ", scales->sizes());
-    } else {
-      n_groups = (k + group_size - 1) / group_size;
-      TORCH_CHECK(scales->dim() == 2 && scales->size(0) == n && scales->size(1) == n_groups, kPrefix,
-                  " group-wise scales for weight (", n, ", ", k, ") and group_size ", group_size,
-                  " must have shape (", n, ", ", n_groups, "), got ", scales->sizes());
-    }
-  } else {
-    TORCH_CHECK(!scales.has_value(), kPrefix, " scales must be None for ", values.scalar_type(),
-                " values (only int8 values are scaled)");
-  }
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->scalar_type() == x.scalar_type(), kPrefix, " bias dtype ", bias->scalar_type(),
-                " must match x dtype ", x.scalar_type());
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, kPrefix, " bias must have shape (", n, ",), got ",
-                bias->sizes());
-  }
+  const int64_t n_groups = check_sparse_scales_and_bias(kPrefix, x, values, scales, bias, n, k, group_size);
 
   int64_t m = 1;
   for (int64_t d = 0; d + 1 < x.dim(); ++d) m *= x.size(d);

@@ -21,6 +21,7 @@
 
 #include "cuda/sparse_linear_dispatch.h"
 #include "cuda/sparse_linear_launch.h"
+#include "sparse_glue.h"
 
 namespace fastquant::cuda {
 
@@ -41,37 +42,9 @@ namespace {
 
 constexpr const char* kPrefix = "fastquant.sparse_linear:";
 
-DType act_dtype(const at::Tensor& x) {
-  switch (x.scalar_type()) {
-    case at::kFloat:
-      return DType::kFloat32;
-    case at::kBFloat16:
-      return DType::kBFloat16;
-    case at::kHalf:
-      return DType::kFloat16;
-    default:
-      TORCH_CHECK(false, kPrefix, " x must be float32, bfloat16 or float16, got ", x.scalar_type());
-  }
-}
-
-bool values_dtype(const at::Tensor& values, SparseValues* out) {
-  switch (values.scalar_type()) {
-    case at::kFloat:
-      *out = SparseValues::kFloat32;
-      return true;
-    case at::kBFloat16:
-      *out = SparseValues::kBFloat16;
-      return true;
-    case at::kHalf:
-      *out = SparseValues::kFloat16;
-      return true;
-    case at::kChar:
-      *out = SparseValues::kInt8;
-      return true;
-    default:
-      return false;
-  }
-}
+static_assert(static_cast<int>(DType::kBFloat16) == kCodeBFloat16 &&
+                  static_cast<int>(SparseValues::kInt8) == kCodeInt8,
+              "sparse_glue.h dtype codes");
 
 at::ScalarType scalar_type_of(DType d) {
   return d == DType::kFloat32 ? at::kFloat : (d == DType::kBFloat16 ? at::kBFloat16 : at::kHalf);
@@ -93,7 +66,7 @@ at::Tensor sparse_linear_cuda(const at::Tensor& x, const at::Tensor& values, con
                               const at::Tensor& row_offsets, const std::optional<at::Tensor>& scales,
                               const std::optional<at::Tensor>& bias, int64_t in_features,
                               int64_t group_size) {
-  const DType xd = act_dtype(x);
+  const DType xd = sparse_act_dtype<DType>(x, kPrefix);
   const auto on_x = [&](const std::optional<at::Tensor>& t) {
     return !t.has_value() || t->device() == x.device();
   };
@@ -104,10 +77,7 @@ at::Tensor sparse_linear_cuda(const at::Tensor& x, const at::Tensor& values, con
               row_offsets.device(), ", scales on ", optional_device_str(scales), ", bias on ",
               optional_device_str(bias));
   TORCH_CHECK(x.dim() >= 1, kPrefix, " x must have at least 1 dimension, got a scalar");
-  SparseValues vd = SparseValues::kFloat32;
-  TORCH_CHECK(values_dtype(values, &vd) && values.dim() == 1, kPrefix,
-              " values must be a 1-D float32, bfloat16, float16 or int8 tensor, got ", values.scalar_type(),
-              " of shape ", values.sizes());
+  const SparseValues vd = sparse_values_dtype<SparseValues>(values, kPrefix);
   TORCH_CHECK(masks.scalar_type() == at::kShort && masks.dim() == 2, kPrefix,
               " masks must be a 2-D int16 tensor (N, ceil(K / 16)), got ", masks.scalar_type(), " of shape ",
               masks.sizes());
@@ -125,32 +95,7 @@ at::Tensor sparse_linear_cuda(const at::Tensor& x, const at::Tensor& values, con
       row_offsets.scalar_type(), " of shape ", row_offsets.sizes());
   TORCH_CHECK(values.numel() >= 64, kPrefix, " values must end with 64 elements of padding, got ",
               values.numel(), " elements");
-  TORCH_CHECK(group_size == -1 || (group_size > 0 && group_size % 16 == 0), kPrefix,
-              " group_size must be -1 (per-channel) or a positive multiple of 16, got ", group_size);
-  int64_t n_groups = 1;
-  if (vd == SparseValues::kInt8) {
-    TORCH_CHECK(scales.has_value(), kPrefix, " int8 values need float32 scales, got None");
-    TORCH_CHECK(scales->scalar_type() == at::kFloat, kPrefix, " scales must be float32, got ",
-                scales->scalar_type());
-    if (group_size == -1) {
-      TORCH_CHECK(scales->dim() == 1 && scales->size(0) == n, kPrefix,
-                  " per-channel scales must have shape (N,) = (", n, ",), got ", scales->sizes());
-    } else {
-      n_groups = (k + group_size - 1) / group_size;
-      TORCH_CHECK(scales->dim() == 2 && scales->size(0) == n && scales->size(1) == n_groups, kPrefix,
-                  " group-wise scales for weight (", n, ", ", k, ") and group_size ", group_size,
-                  " must have shape (", n, ", ", n_groups, "), got ", scales->sizes());
-    }
-  } else {
-    TORCH_CHECK(!scales.has_value(), kPrefix, " scales must be None for ", values.scalar_type(),
-                " values (only int8 values are scaled)");
-  }
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->scalar_type() == x.scalar_type(), kPrefix, " bias dtype ", bias->scalar_type(),
-                " must match x dtype ", x.scalar_type());
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, kPrefix, " bias must have shape (", n, ",), got ",
-                bias->sizes());
-  }
+  const int64_t n_groups = check_sparse_scales_and_bias(kPrefix, x, values, scales, bias, n, k, group_size);
 
   int64_t m = 1;
   for (int64_t d = 0; d + 1 < x.dim(); ++d) m *= x.size(d);
