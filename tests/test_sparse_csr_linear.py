@@ -303,6 +303,13 @@ def test_layer_layouts_compute_the_same(int8):
         assert layer.packed_bytes() == bitmap_bytes + layer.values.numel() * 2
         assert "column_indices" not in layer.state_dict()
         torch.testing.assert_close(layer(x), bitmap)
+        for rows in (1, 4):  # csr16 runs decode rows, bitmap16 longer inputs (counted by the ops' dispatch)
+            with torch.profiler.profile() as prof:
+                layer(x[:rows])
+            names = {event.name for event in prof.events()}
+            csr_runs = rows <= SparseLinear.CSR16_MAX_ROWS
+            assert ("fastquant::sparse_csr_linear" in names) == csr_runs
+            assert ("fastquant::sparse_linear" in names) != csr_runs
         assert layer.set_layout("bitmap16").column_indices is None
     with pytest.raises(ValueError, match="layout must be one of"):
         layer.set_layout("csr32")

@@ -72,14 +72,26 @@ float dot1(const float* x, const T* v, const uint16_t* idx, int64_t len, const f
 template <typename T, bool GROUPED, int MB>
 void dot_tile(const SparseCsrLinearProblem& p, int64_t m0, const T* v, const uint16_t* idx, int64_t len,
               const float* srow, const GroupOf& g, float* out) {
-  float acc[MB] = {};
+  // Two sets of accumulators (even and odd entries): with few rows in the tile, one FMA chain per row would
+  // wait on the FMA latency at every entry.
+  float even[MB] = {}, odd[MB] = {};
   const float* x = p.x + m0 * p.k;
-  for (int64_t i = 0; i < len; ++i) {
-    const uint32_t col = idx[i];
-    const float w = weight<T, GROUPED>(v, idx, i, srow, g);
-    for (int t = 0; t < MB; ++t) acc[t] += x[t * p.k + col] * w;
+  int64_t i = 0;
+  for (; i + 2 <= len; i += 2) {
+    const uint32_t c0 = idx[i], c1 = idx[i + 1];
+    const float w0 = weight<T, GROUPED>(v, idx, i, srow, g);
+    const float w1 = weight<T, GROUPED>(v, idx, i + 1, srow, g);
+    for (int t = 0; t < MB; ++t) {
+      even[t] += x[t * p.k + c0] * w0;
+      odd[t] += x[t * p.k + c1] * w1;
+    }
   }
-  for (int t = 0; t < MB; ++t) out[t] = acc[t];
+  if (i < len) {
+    const uint32_t c0 = idx[i];
+    const float w0 = weight<T, GROUPED>(v, idx, i, srow, g);
+    for (int t = 0; t < MB; ++t) even[t] += x[t * p.k + c0] * w0;
+  }
+  for (int t = 0; t < MB; ++t) out[t] = even[t] + odd[t];
 }
 
 template <typename T, bool GROUPED>
