@@ -54,19 +54,36 @@ inline float weight(const T* v, const uint16_t* idx, int64_t i, const float* sro
   return GROUPED ? w * srow[group_of(idx[i])] : w;
 }
 
+// Entries checked (column < k) at a time before they are used: checking a whole row first stalls on its
+// indices arriving from memory before any product starts (~30% slower at 70% sparsity on Zen 3); a block of
+// 256 (512 bytes of indices) is checked and then used from L1 while the next block streams in.
+constexpr int64_t kCheckBlock = 256;
+
+// Row dot product at M = 1, or false (and nothing computed past the block) if a column index is >= k.
 template <typename T, bool GROUPED>
-float dot1(const float* x, const T* v, const uint16_t* idx, int64_t len, const float* srow,
-           const GroupOf& g) {
+bool dot1(const float* x, int64_t k, const T* v, const uint16_t* idx, int64_t len, const float* srow,
+          const GroupOf& g, float* out) {
+  // Four indices per 64-bit load, split with shifts: the loop is bound by the load ports (index, activation,
+  // value per kept weight), and the ALUs that do the split are idle (~10-25% faster on Zen 3 at 70-90%).
   float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
-  int64_t i = 0;
-  for (; i + 4 <= len; i += 4) {
-    a0 += x[idx[i]] * weight<T, GROUPED>(v, idx, i, srow, g);
-    a1 += x[idx[i + 1]] * weight<T, GROUPED>(v, idx, i + 1, srow, g);
-    a2 += x[idx[i + 2]] * weight<T, GROUPED>(v, idx, i + 2, srow, g);
-    a3 += x[idx[i + 3]] * weight<T, GROUPED>(v, idx, i + 3, srow, g);
+  for (int64_t b = 0; b < len; b += kCheckBlock) {
+    const int64_t e = b + kCheckBlock < len ? b + kCheckBlock : len;
+    if (max_index(idx + b, e - b) >= k) return false;
+    int64_t i = b;
+    for (; i + 4 <= e; i += 4) {
+      uint64_t four;
+      std::memcpy(&four, idx + i, sizeof(four));
+      const uint32_t c0 = four & 0xffffu, c1 = (four >> 16) & 0xffffu, c2 = (four >> 32) & 0xffffu,
+                     c3 = four >> 48;
+      a0 += x[c0] * (GROUPED ? to_f32(v[i]) * srow[g(c0)] : to_f32(v[i]));
+      a1 += x[c1] * (GROUPED ? to_f32(v[i + 1]) * srow[g(c1)] : to_f32(v[i + 1]));
+      a2 += x[c2] * (GROUPED ? to_f32(v[i + 2]) * srow[g(c2)] : to_f32(v[i + 2]));
+      a3 += x[c3] * (GROUPED ? to_f32(v[i + 3]) * srow[g(c3)] : to_f32(v[i + 3]));
+    }
+    for (; i < e; ++i) a0 += x[idx[i]] * weight<T, GROUPED>(v, idx, i, srow, g);
   }
-  for (; i < len; ++i) a0 += x[idx[i]] * weight<T, GROUPED>(v, idx, i, srow, g);
-  return (a0 + a1) + (a2 + a3);
+  *out = (a0 + a1) + (a2 + a3);
+  return true;
 }
 
 template <typename T, bool GROUPED, int MB>
@@ -124,14 +141,16 @@ int64_t run(const SparseCsrLinearProblem& p, int64_t n_begin, int64_t n_end) {
     const int64_t len = p.row_offsets[j + 1] - begin;
     const uint16_t* idx = p.column_indices + begin;
     const T* v = values + begin;
-    if (len > 0 && max_index(idx, len) >= p.k) return j;
     const float* srow = p.scales ? p.scales + j * p.n_groups : nullptr;
     const float post = !GROUPED && srow ? srow[0] : 1.f;
     const float bias = p.bias ? p.bias[j] : 0.f;
     if (p.m == 1) {
-      p.y[j] = dot1<T, GROUPED>(p.x, v, idx, len, srow, group_of) * post + bias;
+      float dot;
+      if (!dot1<T, GROUPED>(p.x, p.k, v, idx, len, srow, group_of, &dot)) return j;
+      p.y[j] = dot * post + bias;
       continue;
     }
+    if (len > 0 && max_index(idx, len) >= p.k) return j;
     for (int64_t m0 = 0; m0 < p.m; m0 += kTileM) {
       const int mb = static_cast<int>(p.m - m0 < kTileM ? p.m - m0 : kTileM);
       float out[kTileM];
