@@ -328,3 +328,16 @@ def test_saved_layout_is_restored(tmp_path):
     assert loaded[0].layout == "csr16" and loaded[2].layout == "bitmap16"
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("cpu_isa", available_cpu_isas(), indirect=True)
+def test_bad_index_deep_in_a_long_row_is_rejected(cpu_isa):
+    """Indices are checked block by block as the M = 1 kernel goes: one past the first blocks is still caught."""
+    gen = torch.Generator().manual_seed(12)
+    weight = random_weight(3, 4096, gen) * (torch.rand(3, 4096, generator=gen) > 0.3)
+    values, masks, row_offsets = reference.sparse_pack(weight)
+    indices = reference.sparse_column_indices(masks, 4096, values.numel())
+    indices[int(row_offsets[1]) + 1500] = 4096
+    for m in (1, 2):
+        with pytest.raises(RuntimeError, match=r"row 1 has column index 4096, not below in_features \(4096\)"):
+            sparse_csr_linear(torch.randn(m, 4096), values, indices, row_offsets, in_features=4096)
