@@ -281,26 +281,27 @@ def _sparse_linear_reference(
     return reference.sparse_linear(x, values, masks, row_offsets, scales, bias, in_features, group_size)
 
 
-def _sparse_linear_setup_context(ctx, inputs, output) -> None:
-    x, values, masks, row_offsets, scales, bias, in_features, group_size = inputs
-    ctx.save_for_backward(values, masks, row_offsets, scales)
-    ctx.in_features = in_features
-    ctx.group_size = group_size
-    ctx.x_dtype = x.dtype
+def _register_frozen_weight_autograd(op: str, dequantize) -> None:
+    """Autograd of a sparse op (x, values, index, row_offsets, scales, bias, in_features, group_size), as for
+    int8_linear: the sparse weight is frozen, gradients reach the activations and the bias."""
+
+    def setup_context(ctx, inputs, output) -> None:
+        x, values, index, row_offsets, scales, _, in_features, group_size = inputs
+        ctx.save_for_backward(values, index, row_offsets, scales)
+        ctx.in_features = in_features
+        ctx.group_size = group_size
+        ctx.x_dtype = x.dtype
+
+    def backward(ctx, grad_out: Tensor):
+        weight = dequantize(*ctx.saved_tensors, ctx.in_features, ctx.group_size)
+        grad_x = (grad_out.float() @ weight).to(ctx.x_dtype)
+        grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0) if ctx.needs_input_grad[5] else None
+        return grad_x, None, None, None, None, grad_bias, None, None
+
+    torch.library.register_autograd(op, backward, setup_context=setup_context)
 
 
-def _sparse_linear_backward(ctx, grad_out: Tensor):
-    # As for int8_linear: the sparse weight is frozen, gradients reach the activations and the bias.
-    values, masks, row_offsets, scales = ctx.saved_tensors
-    weight = reference.sparse_dequantize(values, masks, row_offsets, scales, ctx.in_features, ctx.group_size)
-    grad_x = (grad_out.float() @ weight).to(ctx.x_dtype)
-    grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0) if ctx.needs_input_grad[5] else None
-    return grad_x, None, None, None, None, grad_bias, None, None
-
-
-torch.library.register_autograd(
-    "fastquant::sparse_linear", _sparse_linear_backward, setup_context=_sparse_linear_setup_context
-)
+_register_frozen_weight_autograd("fastquant::sparse_linear", reference.sparse_dequantize)
 
 
 def sparse_linear(
@@ -428,27 +429,7 @@ def _sparse_csr_linear_reference(
     return reference.sparse_csr_linear(x, values, column_indices, row_offsets, scales, bias, in_features, group_size)
 
 
-def _sparse_csr_linear_setup_context(ctx, inputs, output) -> None:
-    x, values, column_indices, row_offsets, scales, bias, in_features, group_size = inputs
-    ctx.save_for_backward(values, column_indices, row_offsets, scales)
-    ctx.in_features = in_features
-    ctx.group_size = group_size
-    ctx.x_dtype = x.dtype
-
-
-def _sparse_csr_linear_backward(ctx, grad_out: Tensor):
-    values, column_indices, row_offsets, scales = ctx.saved_tensors
-    weight = reference.sparse_csr_dequantize(
-        values, column_indices, row_offsets, scales, ctx.in_features, ctx.group_size
-    )
-    grad_x = (grad_out.float() @ weight).to(ctx.x_dtype)
-    grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0) if ctx.needs_input_grad[5] else None
-    return grad_x, None, None, None, None, grad_bias, None, None
-
-
-torch.library.register_autograd(
-    "fastquant::sparse_csr_linear", _sparse_csr_linear_backward, setup_context=_sparse_csr_linear_setup_context
-)
+_register_frozen_weight_autograd("fastquant::sparse_csr_linear", reference.sparse_csr_dequantize)
 
 
 def sparse_csr_linear(

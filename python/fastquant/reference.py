@@ -45,12 +45,17 @@ def int8_quantize(weight: Tensor, group_size: int = -1) -> tuple[Tensor, Tensor]
     return qweight.clamp_(-INT8_MAX, INT8_MAX).to(torch.int8), scales
 
 
-def int8_linear(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None, group_size: int) -> Tensor:
-    """y = x @ (qweight * scales).T + bias, accumulated in fp32, returned in x's dtype."""
-    y = F.linear(x.float(), int8_dequantize(qweight, scales, group_size))
+def _linear_fp32(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """x @ weight.T + bias in fp32, returned in x's dtype (how every kernel accumulates)."""
+    y = F.linear(x.float(), weight)
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
+
+
+def int8_linear(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None, group_size: int) -> Tensor:
+    """y = x @ (qweight * scales).T + bias, accumulated in fp32, returned in x's dtype."""
+    return _linear_fp32(x, int8_dequantize(qweight, scales, group_size), bias)
 
 
 # ---------------------------------------------------------------- sparse "bitmap16" format
@@ -128,11 +133,7 @@ def sparse_linear(
     group_size: int,
 ) -> Tensor:
     """y = x @ W.T + bias with W the unpacked (and, for int8 values, scaled) weight; fp32 accumulation."""
-    weight = sparse_dequantize(values, masks, row_offsets, scales, in_features, group_size)
-    y = F.linear(x.float(), weight)
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(x.dtype)
+    return _linear_fp32(x, sparse_dequantize(values, masks, row_offsets, scales, in_features, group_size), bias)
 
 
 # ---------------------------------------------------------------- sparse "csr16" format
@@ -187,7 +188,4 @@ def sparse_csr_linear(
 ) -> Tensor:
     """y = x @ W.T + bias with W the csr16 weight (int8 values times their scales); fp32 accumulation."""
     weight = sparse_csr_dequantize(values, column_indices, row_offsets, scales, in_features, group_size)
-    y = F.linear(x.float(), weight)
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(x.dtype)
+    return _linear_fp32(x, weight, bias)
