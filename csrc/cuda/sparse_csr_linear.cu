@@ -43,7 +43,6 @@
 namespace fastquant::cuda {
 namespace {
 
-using sparse_detail::kFullMask;
 using sparse_detail::word_of;
 
 constexpr int kCsrMaxWarps = 16;
@@ -288,18 +287,7 @@ __global__ void __launch_bounds__(kCsrMaxWarps * 32) sparse_csr_kernel(CsrParams
     }
     if (!row_ok) continue;
 
-#pragma unroll
-    for (int i = 0; i < MP; ++i) {
-      float v = acc[i];
-#pragma unroll
-      for (int o = 16; o >= 1; o >>= 1) v += __shfl_xor_sync(kFullMask, v, o);
-      acc[i] = v;
-    }
-    float out = 0.f;
-#pragma unroll
-    for (int i = 0; i < MP; ++i) {
-      if (lane == i) out = acc[i];
-    }
+    float out = sparse_detail::warp_sums_by_lane<MP>(acc, lane);
     if (lane < rows) {
       sparse_detail::store_act(p.y, static_cast<int64_t>(m0 + lane) * p.n + n, out * channel_scale + bias,
                                p.x_dtype);

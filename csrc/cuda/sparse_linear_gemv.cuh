@@ -46,6 +46,21 @@ __host__ __device__ constexpr int slab_floats(int cols) {
   return cols * MP + (cols / 32) * pad_words<MP>();
 }
 
+// The warp's sum of each acc[i] (one partial per lane), returned by lane i (0 on lanes >= MP): one shuffle
+// tree per row of x, then lane i keeps row i's total, so the store is one coalesced write per warp.
+template <int MP>
+__device__ __forceinline__ float warp_sums_by_lane(const float (&acc)[MP], int lane) {
+  float out = 0.f;
+#pragma unroll
+  for (int i = 0; i < MP; ++i) {
+    float v = acc[i];
+#pragma unroll
+    for (int o = 16; o >= 1; o >>= 1) v += __shfl_xor_sync(kFullMask, v, o);
+    if (lane == i) out = v;
+  }
+  return out;
+}
+
 template <int MP>
 __device__ __forceinline__ int xs_index(int col) {
   return col * MP + (col >> 5) * pad_words<MP>();
@@ -209,18 +224,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32) sparse_gemv_kernel(GemvParams 
   }
   if (!row_ok) return;
 
-#pragma unroll
-  for (int i = 0; i < MP; ++i) {
-    float v = acc[i];
-#pragma unroll
-    for (int o = 16; o >= 1; o >>= 1) v += __shfl_xor_sync(kFullMask, v, o);
-    acc[i] = v;
-  }
-  float out = 0.f;
-#pragma unroll
-  for (int i = 0; i < MP; ++i) {
-    if (lane == i) out = acc[i];
-  }
+  float out = warp_sums_by_lane<MP>(acc, lane);
   if (lane < p.m) {
     if constexpr (kInt8 && !kGrouped) out *= __ldg(p.scales + n);
     if (p.bias != nullptr) out += load_act(p.bias, n, p.x_dtype);
