@@ -341,3 +341,12 @@ def test_bad_index_deep_in_a_long_row_is_rejected(cpu_isa):
     for m in (1, 2):
         with pytest.raises(RuntimeError, match=r"row 1 has column index 4096, not below in_features \(4096\)"):
             sparse_csr_linear(torch.randn(m, 4096), values, indices, row_offsets, in_features=4096)
+
+
+def test_layers_wider_than_csr16_keep_bitmap16():
+    """in_features past 65536 cannot hold 16-bit columns: the choice times bitmap16 only, set_layout refuses."""
+    layer = SparseLinear.from_pruned(nn.Linear(2**16 + 1, 2), torch.rand(2, 2**16 + 1) > 0.9)
+    with pytest.raises(ValueError, match="csr16 holds at most 65536 input features, got 65537"):
+        layer.set_layout("csr16")
+    choice = fastquant.kernel_choice.choose_kernel(layer, nn.Linear(2**16 + 1, 2))
+    assert set(choice.sparse_ms) == {"bitmap16"} and choice.layout == "bitmap16"
