@@ -303,13 +303,11 @@ def test_layer_layouts_compute_the_same(int8):
         assert layer.packed_bytes() == bitmap_bytes + layer.values.numel() * 2
         assert "column_indices" not in layer.state_dict()
         torch.testing.assert_close(layer(x), bitmap)
-        for rows in (1, 4):  # csr16 runs decode rows, bitmap16 longer inputs (counted by the ops' dispatch)
+        for rows in (1, 4):  # the csr16 op runs at decode and prefill alike
             with torch.profiler.profile() as prof:
                 layer(x[:rows])
             names = {event.name for event in prof.events()}
-            csr_runs = rows <= SparseLinear.CSR16_MAX_ROWS
-            assert ("fastquant::sparse_csr_linear" in names) == csr_runs
-            assert ("fastquant::sparse_linear" in names) != csr_runs
+            assert "fastquant::sparse_csr_linear" in names and "fastquant::sparse_linear" not in names
         assert layer.set_layout("bitmap16").column_indices is None
     with pytest.raises(ValueError, match="layout must be one of"):
         layer.set_layout("csr32")
@@ -332,13 +330,14 @@ def test_saved_layout_is_restored(tmp_path):
 
 @pytest.mark.parametrize("cpu_isa", available_cpu_isas(), indirect=True)
 def test_bad_index_deep_in_a_long_row_is_rejected(cpu_isa):
-    """Indices are checked block by block as the M = 1 kernel goes: one past the first blocks is still caught."""
+    """Indices are checked block by block as the M = 1 kernel goes (per row for more rows of x): one past the
+    first blocks is still caught."""
     gen = torch.Generator().manual_seed(12)
     weight = random_weight(3, 4096, gen) * (torch.rand(3, 4096, generator=gen) > 0.3)
     values, masks, row_offsets = reference.sparse_pack(weight)
     indices = reference.sparse_column_indices(masks, 4096, values.numel())
     indices[int(row_offsets[1]) + 1500] = 4096
-    for m in (1, 2):
+    for m in (1, 2, 8):  # the M = 1 loop, the scalar row tiles, the transposed-x tiles
         with pytest.raises(RuntimeError, match=r"row 1 has column index 4096, not below in_features \(4096\)"):
             sparse_csr_linear(torch.randn(m, 4096), values, indices, row_offsets, in_features=4096)
 

@@ -27,6 +27,7 @@ static_assert(static_cast<int>(ActDType::kBFloat16) == kCodeBFloat16 &&
 
 constexpr const char* kPrefix = "fastquant.sparse_csr_linear:";
 constexpr int64_t kMaxInFeatures = int64_t{1} << 16;
+constexpr int64_t kCsrTransposedMinRows = 8;
 
 bool use_avx2() {
 #if defined(__x86_64__) || defined(_M_X64)
@@ -96,8 +97,19 @@ at::Tensor sparse_csr_linear_cpu(const at::Tensor& x, const at::Tensor& values,
   const at::Tensor b32 = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
   at::Tensor y32 = dtype == ActDType::kFloat32 ? y : at::empty({m, n}, x.options().dtype(at::kFloat));
 
+  // From 8 rows of x the AVX2 kernel takes x transposed and zero-padded to whole 16-row tiles (notes in
+  // sparse_csr_linear_avx2.cpp); the copy is K x M floats, against M x (kept weights) FMAs. Below 8 rows the
+  // padding would waste most of each tile: the scalar row tiles are faster there (measured in NOTES).
+  at::Tensor xt;
+  if (use_avx2() && m >= kCsrTransposedMinRows) {
+    xt = at::zeros({k, (m + 15) / 16 * 16}, x32.options());
+    xt.narrow(1, 0, m).copy_(x32.t());
+  }
+
   SparseCsrLinearProblem p{};
   p.x = x32.data_ptr<float>();
+  p.xt = xt.defined() ? xt.data_ptr<float>() : nullptr;
+  p.ldxt = xt.defined() ? xt.size(1) : 0;
   p.values = vals.data_ptr();
   p.column_indices = reinterpret_cast<const uint16_t*>(idx.data_ptr<int16_t>());
   p.row_offsets = offsets;

@@ -11,7 +11,8 @@
 // Kernel paths (sparse_csr_linear_cpu_path):
 //   cpu_csr_portable   any CPU, compiled for the baseline ISA.
 //   cpu_csr_avx2       the same loops compiled with AVX2/FMA/F16C (vfmadd231ss, vcvtph2ps, and the row's
-//                      index bound check vectorized).
+//                      index bound check vectorized) up to M = 7; from M = 8 the glue passes x transposed
+//                      and each kept weight is one broadcast FMA into 16 rows of x at once.
 // Both multiply and accumulate in fp32 like sparse_linear: grouped int8 scales multiply each value
 // (q * s, as the reference dequantizes), per-channel scales the finished dot product.
 #include <cstdint>
@@ -28,6 +29,8 @@ struct SparseCsrLinearProblem {
   const float* scales;             // int8 values: n x n_groups fp32; nullptr for float values
   const float* bias;               // n fp32, or nullptr
   float* y;                        // m x n fp32 output
+  const float* xt;  // AVX2 path with m >= 8: x transposed, k x ldxt fp32 (rows m.. ldxt zero); else nullptr
+  int64_t ldxt;
   int64_t m, n, k;
   int64_t group_size;  // int8 with group-wise scales: columns per group; else 0
   int64_t n_groups;    // columns of scales (1 for per-channel)

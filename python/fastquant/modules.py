@@ -148,17 +148,12 @@ class SparseLinear(_CompressedLinear):
 
     ``layout`` says which kernel reads it: ``"bitmap16"`` (the stored format), or ``"csr16"``, where
     :meth:`set_layout` derives a 16-bit column index per kept value once and the forward pass runs
-    ``torch.ops.fastquant.sparse_csr_linear`` at decode (work per kept weight rather than per 16 columns:
-    faster at high sparsity on CPUs without a vector expand), bitmap16 for longer inputs. The indices are
-    derived, not saved: a checkpoint stores bitmap16 and the layout name, and loading derives them again.
+    ``torch.ops.fastquant.sparse_csr_linear`` (work per kept weight rather than per 16 columns: faster at
+    high sparsity on CPUs without a vector expand, at decode and prefill). The indices are derived, not saved:
+    a checkpoint stores bitmap16 and the layout name, and loading derives them again.
     """
 
     LAYOUTS = ("bitmap16", "csr16")
-    # csr16 runs for inputs of at most this many rows (decode); more rows run bitmap16 from the same layer.
-    # The csr16 kernel does per kept weight and row of x what bitmap16 vectorizes across a tile of rows: on the
-    # AVX2 development VM (int8 values, 4096 x 4096) csr16 / bitmap16 time at 80% sparsity is 0.84 at M = 1 but
-    # 1.2-1.4 at M = 2-8, and at M = 64 up to 2.7x.
-    CSR16_MAX_ROWS = 1
 
     def __init__(
         self,
@@ -288,7 +283,7 @@ class SparseLinear(_CompressedLinear):
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.column_indices is not None and x.numel() <= self.CSR16_MAX_ROWS * self.in_features:
+        if self.column_indices is not None:
             return ops.sparse_csr_linear(
                 x,
                 self.values,
