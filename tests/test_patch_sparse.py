@@ -26,15 +26,21 @@ def pruned_float_copy(model: nn.Module) -> nn.Module:
     return dense
 
 
-@pytest.mark.parametrize("sparse_kernel", ["sparse", "dense", "auto"])
+@pytest.mark.parametrize("sparse_kernel", ["sparse", "csr16", "dense", "auto"])
 @pytest.mark.parametrize("method", ["sparse", "int8+sparse"])
 def test_patched_model_computes_with_its_pruned_weights(method, sparse_kernel):
     model = fastquant.patch(make_block(), method, sparsity=0.6, sparse_kernel=sparse_kernel, progress=False)
     for name in ("up", "down"):
         layer = model.get_submodule(name)
-        expected_type = {"sparse": SparseLinear, "dense": Int8Linear if method == "int8+sparse" else nn.Linear}
+        expected_type = {
+            "sparse": SparseLinear,
+            "csr16": SparseLinear,
+            "dense": Int8Linear if method == "int8+sparse" else nn.Linear,
+        }
         if sparse_kernel in expected_type:
             assert type(layer) is expected_type[sparse_kernel], name
+        if sparse_kernel in ("sparse", "csr16"):
+            assert layer.layout == {"sparse": "bitmap16", "csr16": "csr16"}[sparse_kernel], name
         weight = layer.dequantize() if isinstance(layer, (SparseLinear, Int8Linear)) else layer.weight
         assert (weight == 0).float().mean().item() == pytest.approx(0.6, abs=1 / 256), name
     with torch.no_grad():

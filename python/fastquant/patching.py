@@ -14,7 +14,7 @@ from fastquant.kernel_choice import choose_kernel
 from fastquant.modules import SUPPORTED_GROUP_SIZES, Int8Linear, SparseLinear, is_quantizable_linear, linear_weight
 
 METHODS = ("int8", "sparse", "int8+sparse")
-SPARSE_KERNELS = ("auto", "sparse", "dense")
+SPARSE_KERNELS = ("auto", "sparse", "csr16", "dense")
 
 # Below this many weights the int8 kernel cannot beat the float one: the layer is a few KiB, sits in
 # L1/L2 either way, and the per-call overhead dominates.
@@ -161,14 +161,16 @@ def patch(
         filter_fn: ``filter_fn(module, qualified_name) -> bool``; only layers it accepts are compressed.
         quantize_tied: a linear weight shared with an embedding is left in float unless this is True;
             then the linear layer gets its own compressed copy and the embedding keeps the float weight.
-        sparse_kernel: ``"auto"``: per layer, the faster of the sparse and dense kernels (below);
-            ``"sparse"``: always the sparse format (smallest memory); ``"dense"``: prune but keep dense weights.
+        sparse_kernel: ``"auto"``: per layer, the fastest of the sparse layouts and the dense kernel (below);
+            ``"sparse"``: always the bitmap16 sparse format (smallest memory); ``"csr16"``: always the csr16
+            layout (16-bit column per kept weight; in_features <= 65536); ``"dense"``: prune but keep dense
+            weights.
         progress: show progress bars while calibrating.
 
-    Sparse layers keep the faster of the sparse kernel and the dense kernel of the same numbers (float for
-    ``"sparse"``, int8 for ``"int8+sparse"``), timed on this machine for the layer's shape at decode (one
-    token); pruned weights stay pruned either way. Layers left alone and kernel choices keep a reason, shown
-    by :func:`fastquant.report`.
+    Sparse layers keep the fastest of the sparse kernels (bitmap16, and csr16 for very sparse layers) and the
+    dense kernel of the same numbers (float for ``"sparse"``, int8 for ``"int8+sparse"``), timed on this
+    machine for the layer's shape at decode (one token); pruned weights stay pruned either way. Layers left
+    alone and kernel choices keep a reason, shown by :func:`fastquant.report`.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: expected one of {METHODS}")
@@ -291,7 +293,9 @@ def _patch_sparse(
                 replaced[storage] = sparse.set_layout(choice.layout) if choice.winner == "sparse" else dense
                 notes[name] = f"{pruning} {choice.describe()}"
             else:
-                replaced[storage] = sparse if sparse_kernel == "sparse" else dense
+                if sparse_kernel == "csr16":
+                    sparse.set_layout("csr16")
+                replaced[storage] = dense if sparse_kernel == "dense" else sparse
                 notes[name] = f"{pruning} {sparse.sparsity:.0%} pruned; {sparse_kernel} kernel as asked"
         _set_submodule(model, name, replaced[storage])
         if other_owners:
