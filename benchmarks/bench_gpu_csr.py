@@ -61,6 +61,7 @@ def main() -> None:
         "|---|---|---:|---:|---:|---:|---:|",
     ]
     print("\n".join(lines), flush=True)
+    stem.parent.mkdir(parents=True, exist_ok=True)
     with torch.inference_mode():
         for n, k in SHAPES:
             gen = torch.Generator(device="cuda").manual_seed(n * 31 + k)
@@ -86,9 +87,9 @@ def main() -> None:
                     )
                     lines.append(line)
                     print(line, flush=True)
+                    # Rewritten after every row: a run stopped by its time limit keeps what it measured.
+                    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
                 del sets
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print(f"wrote {stem}.md")
 
 
