@@ -345,7 +345,27 @@ def test_bad_index_deep_in_a_long_row_is_rejected(cpu_isa):
 def test_layers_wider_than_csr16_keep_bitmap16():
     """in_features past 65536 cannot hold 16-bit columns: the choice times bitmap16 only, set_layout refuses."""
     layer = SparseLinear.from_pruned(nn.Linear(2**16 + 1, 2), torch.rand(2, 2**16 + 1) > 0.9)
-    with pytest.raises(ValueError, match="csr16 holds at most 65536 input features, got 65537"):
+    assert layer.layouts() == ("bitmap16",)
+    with pytest.raises(ValueError, match="csr16 column indices hold at most 65536 columns, got 65537"):
         layer.set_layout("csr16")
     choice = fastquant.kernel_choice.choose_kernel(layer, nn.Linear(2**16 + 1, 2))
     assert set(choice.sparse_ms) == {"bitmap16"} and choice.layout == "bitmap16"
+
+
+def test_loading_new_weights_into_a_csr16_layer_derives_its_indices_again():
+    """load_state_dict brings new masks; indices derived from the old ones would compute with wrong columns."""
+    gen = torch.Generator().manual_seed(8)
+    linear = nn.Linear(96, 40)
+
+    def mask_keeping_20_per_row():  # same kept count, different columns: the state dicts fit each other
+        order = torch.rand(40, 96, generator=gen).argsort(dim=1)
+        return torch.zeros(40, 96, dtype=torch.bool).scatter_(1, order[:, :20], True)
+
+    layer = SparseLinear.from_pruned(linear, mask_keeping_20_per_row()).set_layout("csr16")
+    new = SparseLinear.from_pruned(linear, mask_keeping_20_per_row())
+    assert not torch.equal(layer.masks, new.masks)
+    layer.load_state_dict(new.state_dict())
+    assert layer.layout == "csr16" and torch.equal(layer.masks, new.masks)
+    x = torch.randn(3, 96, generator=gen)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), new(x))

@@ -38,10 +38,11 @@ void row_tile(const SparseCsrLinearProblem& p, int64_t j, int64_t m0) {
   __m256 a0 = _mm256_setzero_ps(), a1 = a0, b0 = a0, b1 = a0;
   int64_t i = 0;
   for (; i + 2 <= len; i += 2) {
-    const float* r0 = xt + static_cast<int64_t>(idx[i]) * p.ldxt;
-    const float* r1 = xt + static_cast<int64_t>(idx[i + 1]) * p.ldxt;
-    const __m256 w0 = _mm256_set1_ps(weight<T, GROUPED>(v, idx, i, srow, g));
-    const __m256 w1 = _mm256_set1_ps(weight<T, GROUPED>(v, idx, i + 1, srow, g));
+    const uint32_t c0 = idx[i], c1 = idx[i + 1];
+    const float* r0 = xt + static_cast<int64_t>(c0) * p.ldxt;
+    const float* r1 = xt + static_cast<int64_t>(c1) * p.ldxt;
+    const __m256 w0 = _mm256_set1_ps(weight<T, GROUPED>(v, i, c0, srow, g));
+    const __m256 w1 = _mm256_set1_ps(weight<T, GROUPED>(v, i + 1, c1, srow, g));
     a0 = _mm256_fmadd_ps(_mm256_loadu_ps(r0), w0, a0);
     a1 = _mm256_fmadd_ps(_mm256_loadu_ps(r0 + 8), w0, a1);
     b0 = _mm256_fmadd_ps(_mm256_loadu_ps(r1), w1, b0);
@@ -49,7 +50,7 @@ void row_tile(const SparseCsrLinearProblem& p, int64_t j, int64_t m0) {
   }
   if (i < len) {
     const float* r0 = xt + static_cast<int64_t>(idx[i]) * p.ldxt;
-    const __m256 w0 = _mm256_set1_ps(weight<T, GROUPED>(v, idx, i, srow, g));
+    const __m256 w0 = _mm256_set1_ps(weight<T, GROUPED>(v, i, idx[i], srow, g));
     a0 = _mm256_fmadd_ps(_mm256_loadu_ps(r0), w0, a0);
     a1 = _mm256_fmadd_ps(_mm256_loadu_ps(r0 + 8), w0, a1);
   }

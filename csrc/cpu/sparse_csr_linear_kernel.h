@@ -47,11 +47,11 @@ inline uint32_t max_index(const uint16_t* idx, int64_t len) {
   return hi;
 }
 
-// Weight of entry i of a row: the value, times its group's scale for group-wise int8.
+// Weight of entry i of a row, whose column is col: the value, times its group's scale for group-wise int8.
 template <typename T, bool GROUPED>
-inline float weight(const T* v, const uint16_t* idx, int64_t i, const float* srow, const GroupOf& group_of) {
+inline float weight(const T* v, int64_t i, uint32_t col, const float* srow, const GroupOf& group_of) {
   const float w = to_f32(v[i]);
-  return GROUPED ? w * srow[group_of(idx[i])] : w;
+  return GROUPED ? w * srow[group_of(col)] : w;
 }
 
 // Entries checked (column < k) at a time before they are used: checking a whole row first stalls on its
@@ -75,12 +75,12 @@ bool dot1(const float* x, int64_t k, const T* v, const uint16_t* idx, int64_t le
       std::memcpy(&four, idx + i, sizeof(four));
       const uint32_t c0 = four & 0xffffu, c1 = (four >> 16) & 0xffffu, c2 = (four >> 32) & 0xffffu,
                      c3 = four >> 48;
-      a0 += x[c0] * (GROUPED ? to_f32(v[i]) * srow[g(c0)] : to_f32(v[i]));
-      a1 += x[c1] * (GROUPED ? to_f32(v[i + 1]) * srow[g(c1)] : to_f32(v[i + 1]));
-      a2 += x[c2] * (GROUPED ? to_f32(v[i + 2]) * srow[g(c2)] : to_f32(v[i + 2]));
-      a3 += x[c3] * (GROUPED ? to_f32(v[i + 3]) * srow[g(c3)] : to_f32(v[i + 3]));
+      a0 += x[c0] * weight<T, GROUPED>(v, i, c0, srow, g);
+      a1 += x[c1] * weight<T, GROUPED>(v, i + 1, c1, srow, g);
+      a2 += x[c2] * weight<T, GROUPED>(v, i + 2, c2, srow, g);
+      a3 += x[c3] * weight<T, GROUPED>(v, i + 3, c3, srow, g);
     }
-    for (; i < e; ++i) a0 += x[idx[i]] * weight<T, GROUPED>(v, idx, i, srow, g);
+    for (; i < e; ++i) a0 += x[idx[i]] * weight<T, GROUPED>(v, i, idx[i], srow, g);
   }
   *out = (a0 + a1) + (a2 + a3);
   return true;
@@ -96,8 +96,8 @@ void dot_tile(const SparseCsrLinearProblem& p, int64_t m0, const T* v, const uin
   int64_t i = 0;
   for (; i + 2 <= len; i += 2) {
     const uint32_t c0 = idx[i], c1 = idx[i + 1];
-    const float w0 = weight<T, GROUPED>(v, idx, i, srow, g);
-    const float w1 = weight<T, GROUPED>(v, idx, i + 1, srow, g);
+    const float w0 = weight<T, GROUPED>(v, i, c0, srow, g);
+    const float w1 = weight<T, GROUPED>(v, i + 1, c1, srow, g);
     for (int t = 0; t < MB; ++t) {
       even[t] += x[t * p.k + c0] * w0;
       odd[t] += x[t * p.k + c1] * w1;
@@ -105,7 +105,7 @@ void dot_tile(const SparseCsrLinearProblem& p, int64_t m0, const T* v, const uin
   }
   if (i < len) {
     const uint32_t c0 = idx[i];
-    const float w0 = weight<T, GROUPED>(v, idx, i, srow, g);
+    const float w0 = weight<T, GROUPED>(v, i, c0, srow, g);
     for (int t = 0; t < MB; ++t) even[t] += x[t * p.k + c0] * w0;
   }
   for (int t = 0; t < MB; ++t) out[t] = even[t] + odd[t];

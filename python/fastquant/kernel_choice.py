@@ -27,7 +27,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fastquant import reference
 from fastquant.modules import Int8Linear, SparseLinear
 
 # Enough repetitions that the median is stable to a few percent for layers of 10 us and more, few enough
@@ -136,9 +135,8 @@ def choose_kernel(sparse: SparseLinear, dense: nn.Module) -> KernelChoice:
     )
     if key not in _cache:
         x = torch.randn(1, sparse.in_features, dtype=sparse.dtype, device=device)
-        layouts = [layout for layout in SparseLinear.LAYOUTS if _layout_fits(sparse, layout)]
         candidates = {
-            layout: _copies_from_memory(copy.deepcopy(sparse).set_layout(layout), device) for layout in layouts
+            layout: _copies_from_memory(copy.deepcopy(sparse).set_layout(layout), device) for layout in sparse.layouts()
         }
         candidates["dense"] = _copies_from_memory(dense, device)
         # Alternate the candidates, twice, so a frequency change or a noisy neighbour hits all alike.
@@ -154,7 +152,3 @@ def choose_kernel(sparse: SparseLinear, dense: nn.Module) -> KernelChoice:
         _cache[key] = KernelChoice(winner, layout, dense_kind, best, dense_ms, sparse.sparsity)
     cached = _cache[key]
     return KernelChoice(cached.winner, cached.layout, dense_kind, cached.sparse_ms, cached.dense_ms, sparse.sparsity)
-
-
-def _layout_fits(sparse: SparseLinear, layout: str) -> bool:
-    return layout != "csr16" or sparse.in_features <= reference.SPARSE_CSR_MAX_IN_FEATURES

@@ -200,14 +200,16 @@ class SparseLinear(_CompressedLinear):
         self.layout = "bitmap16"
         self.register_buffer("column_indices", None, persistent=False)
 
+    def layouts(self) -> tuple[str, ...]:
+        """The layouts this layer can run: csr16's 16-bit column indices need in_features <= 65536."""
+        if self.in_features > reference.SPARSE_CSR_MAX_IN_FEATURES:
+            return ("bitmap16",)
+        return self.LAYOUTS
+
     def set_layout(self, layout: str) -> SparseLinear:
         """Run the layer with the ``"bitmap16"`` or the ``"csr16"`` kernel (derives the column indices once)."""
         if layout not in self.LAYOUTS:
             raise ValueError(f"layout must be one of {self.LAYOUTS}, got {layout!r}")
-        if layout == "csr16" and self.in_features > reference.SPARSE_CSR_MAX_IN_FEATURES:
-            raise ValueError(
-                f"csr16 holds at most {reference.SPARSE_CSR_MAX_IN_FEATURES} input features, got {self.in_features}"
-            )
         self.column_indices = (
             reference.sparse_column_indices(self.masks, self.in_features, self.values.numel())
             if layout == "csr16"
@@ -215,6 +217,12 @@ class SparseLinear(_CompressedLinear):
         )
         self.layout = layout
         return self
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # New masks make the derived column indices stale: derive them again from what was loaded.
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.column_indices is not None:
+            self.set_layout("csr16")
 
     @classmethod
     def from_pruned(

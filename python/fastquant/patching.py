@@ -329,11 +329,11 @@ def prune(
 
 
 def _kernel_paths(layer: Int8Linear | SparseLinear) -> str:
+    if isinstance(layer, SparseLinear) and layer.layout == "csr16":
+        return _native.sparse_csr_linear_kernel_path(layer.values.device)
     if isinstance(layer, SparseLinear):
         device, (n, k) = layer.masks.device, (layer.out_features, layer.in_features)
         paths = [_native.sparse_linear_kernel_path(device, m, n, k, layer.values.dtype, layer.dtype) for m in (1, 512)]
-        if layer.layout == "csr16":
-            paths = [_native.sparse_csr_linear_kernel_path(device)] * 2
     else:
         device, (n, k) = layer.qweight.device, layer.qweight.shape
         paths = [_native.int8_linear_kernel_path(device, m, n, k, layer.group_size_arg, layer.dtype) for m in (1, 512)]
