@@ -70,7 +70,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       [] { return std::string(fastquant::cpu::isa_name(fastquant::cpu::best_supported_isa())); },
       "Best instruction set this CPU supports");
   m.def("set_cpu_isa", &fastquant::cpu::set_isa_limit, py::arg("name"),
-        "Cap the CPU kernels at an instruction set (avx512, avx2, portable); for tests and comparisons");
+        "Cap the CPU kernels at an instruction set (avx512_vbmi, avx512, avx2, portable); for tests and "
+        "comparisons");
   m.def(
       "int8_linear_cpu_path",
       [](int64_t m_rows, int64_t n, int64_t k, int64_t group_size, const std::string& dtype) {

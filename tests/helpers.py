@@ -44,12 +44,15 @@ def assert_int8_linear_close(y, x, qweight, scales, bias, group_size, path: str)
     )
 
 
-def available_cpu_isas() -> list[str]:
+def available_cpu_isas(with_vbmi: bool = False) -> list[str]:
+    """The ISA levels this CPU can run, lowest first. "avx512_vbmi" only changes the kernels that expand int8
+    values (sparse_linear at M = 1), so only their tests ask for it; elsewhere it runs the avx512 kernels."""
     if _native.native is None:
         return []
-    order = ["portable", "avx2", "avx512"]
+    order = ["portable", "avx2", "avx512", "avx512_vbmi"]
     best = _native.native.best_cpu_isa()
-    return order[: order.index(best) + 1]
+    available = order[: order.index(best) + 1]
+    return available if with_vbmi else [isa for isa in available if isa != "avx512_vbmi"]
 
 
 def random_weight(n: int, k: int, generator: torch.Generator) -> torch.Tensor:

@@ -21,11 +21,13 @@ CpuFeatures detect() {
   f.avx512dq = __builtin_cpu_supports("avx512dq");
   f.avx512_vnni = __builtin_cpu_supports("avx512vnni");
   f.avx512_bf16 = __builtin_cpu_supports("avx512bf16");
+  f.avx512_vbmi = __builtin_cpu_supports("avx512vbmi");
+  f.avx512_vbmi2 = __builtin_cpu_supports("avx512vbmi2");
 #endif
   return f;
 }
 
-std::atomic<int> g_isa_limit{static_cast<int>(Isa::kAvx512)};
+std::atomic<int> g_isa_limit{static_cast<int>(Isa::kAvx512Vbmi)};
 
 }  // namespace
 
@@ -38,7 +40,7 @@ Isa best_supported_isa() {
 #if defined(__x86_64__) || defined(_M_X64)
   const CpuFeatures& f = cpu_features();
   if (f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq && f.avx512_vnni && f.avx512_bf16 && f.fma) {
-    return Isa::kAvx512;
+    return f.avx512_vbmi && f.avx512_vbmi2 ? Isa::kAvx512Vbmi : Isa::kAvx512;
   }
   if (f.avx2 && f.fma && f.f16c) return Isa::kAvx2;
 #endif
@@ -53,6 +55,8 @@ Isa active_isa() {
 
 const char* isa_name(Isa isa) {
   switch (isa) {
+    case Isa::kAvx512Vbmi:
+      return "avx512_vbmi";
     case Isa::kAvx512:
       return "avx512";
     case Isa::kAvx2:
@@ -65,18 +69,21 @@ const char* isa_name(Isa isa) {
 
 void set_isa_limit(const std::string& name) {
   Isa wanted;
-  if (name == "avx512") {
+  if (name == "avx512_vbmi") {
+    wanted = Isa::kAvx512Vbmi;
+  } else if (name == "avx512") {
     wanted = Isa::kAvx512;
   } else if (name == "avx2") {
     wanted = Isa::kAvx2;
   } else if (name == "portable") {
     wanted = Isa::kPortable;
   } else {
-    throw std::invalid_argument("unknown CPU ISA '" + name + "': expected avx512, avx2 or portable");
+    throw std::invalid_argument("unknown CPU ISA '" + name +
+                                "': expected avx512_vbmi, avx512, avx2 or portable");
   }
   if (static_cast<int>(wanted) > static_cast<int>(best_supported_isa())) {
-    throw std::invalid_argument(std::string("this CPU does not support the ") + name + " kernels (best: " +
-                                isa_name(best_supported_isa()) + ")");
+    throw std::invalid_argument(std::string("this CPU does not support the ") + name +
+                                " kernels (best: " + isa_name(best_supported_isa()) + ")");
   }
   g_isa_limit.store(static_cast<int>(wanted), std::memory_order_relaxed);
 }
@@ -98,6 +105,8 @@ std::string cpu_features_string() {
   add(f.avx512dq, "avx512dq");
   add(f.avx512_vnni, "avx512_vnni");
   add(f.avx512_bf16, "avx512_bf16");
+  add(f.avx512_vbmi, "avx512_vbmi");
+  add(f.avx512_vbmi2, "avx512_vbmi2");
   return s.empty() ? std::string("none") : s;
 }
 

@@ -16,9 +16,13 @@ struct CpuFeatures {
   bool avx512dq = false;
   bool avx512_vnni = false;
   bool avx512_bf16 = false;
+  bool avx512_vbmi = false;
+  bool avx512_vbmi2 = false;
 };
 
-enum class Isa { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
+// Ordered: each level includes the ones below it. kAvx512Vbmi adds the byte permute and byte expand
+// (VBMI, VBMI2; Ice Lake, Zen 4 and later) to kAvx512, for kernels that expand int8 values.
+enum class Isa { kPortable = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Vbmi = 3 };
 
 const CpuFeatures& cpu_features();
 // The best ISA this CPU supports, lowered by set_isa_limit (tests use it to reach every path).

@@ -46,7 +46,7 @@ int64_t bf16_chunk(int64_t k, int64_t group) {
 
 Path choose_path(Isa isa, int64_t m, int64_t k, int64_t group) {
 #if defined(__x86_64__) || defined(_M_X64)
-  if (isa == Isa::kAvx512) {
+  if (isa >= Isa::kAvx512) {
     if (m > kBf16MinRows && bf16_chunk(k, group) > 0) return Path::kAvx512Bf16;
     return Path::kAvx512Fp32;
   }

@@ -31,7 +31,7 @@ constexpr int64_t kCsrTransposedMinRows = 8;
 
 bool use_avx2() {
 #if defined(__x86_64__) || defined(_M_X64)
-  return active_isa() == Isa::kAvx2 || active_isa() == Isa::kAvx512;
+  return active_isa() >= Isa::kAvx2;
 #else
   return false;
 #endif

@@ -33,11 +33,12 @@ static_assert(static_cast<int>(ActDType::kBFloat16) == kCodeBFloat16 &&
 
 constexpr const char* kPrefix = "fastquant.sparse_linear:";
 
-enum class Path { kPortable, kAvx2, kAvx512 };
+enum class Path { kPortable, kAvx2, kAvx512, kAvx512Vbmi };
 
-Path choose_path(Isa isa) {
+Path choose_path(Isa isa, int64_t m, SparseValues values) {
 #if defined(__x86_64__) || defined(_M_X64)
-  if (isa == Isa::kAvx512) return Path::kAvx512;
+  if (isa == Isa::kAvx512Vbmi && values == SparseValues::kInt8 && m == 1) return Path::kAvx512Vbmi;
+  if (isa >= Isa::kAvx512) return Path::kAvx512;
   if (isa == Isa::kAvx2) return Path::kAvx2;
 #endif
   return Path::kPortable;
@@ -45,6 +46,8 @@ Path choose_path(Isa isa) {
 
 const char* path_name(Path path) {
   switch (path) {
+    case Path::kAvx512Vbmi:
+      return "cpu_avx512_vbmi_expand";
     case Path::kAvx512:
       return "cpu_avx512_expand";
     case Path::kAvx2:
@@ -86,7 +89,7 @@ void check_offsets(const at::Tensor& values, const uint16_t* masks, const int64_
 }  // namespace
 
 const char* sparse_linear_cpu_path(int64_t m, int64_t n, int64_t k, SparseValues values, ActDType x) {
-  return path_name(choose_path(active_isa()));
+  return path_name(choose_path(active_isa(), m, values));
 }
 
 at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& masks,
@@ -120,7 +123,6 @@ at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& values, cons
               values.numel(), " elements");
   const int64_t n_groups = check_sparse_scales_and_bias(kPrefix, x, values, scales, bias, n, k, group_size);
 
-  const Path path = choose_path(active_isa());
   const at::Tensor vals = values.contiguous();
   const at::Tensor mk = masks.contiguous();
   const at::Tensor offs = row_offsets.contiguous();
@@ -165,10 +167,12 @@ at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& values, cons
   p.group_chunks = vtype == SparseValues::kInt8 && group_size != -1 ? group_size / 16 : 0;
   p.n_groups = n_groups;
   p.vtype = vtype;
+  const Path path = choose_path(active_isa(), m, vtype);
+  p.byte_expand = path == Path::kAvx512Vbmi;
 
   SparseLinearKernel kernel = sparse_linear_portable;
 #if defined(__x86_64__) || defined(_M_X64)
-  if (path == Path::kAvx512) kernel = sparse_linear_avx512;
+  if (path == Path::kAvx512 || path == Path::kAvx512Vbmi) kernel = sparse_linear_avx512;
   if (path == Path::kAvx2) kernel = sparse_linear_avx2;
 #endif
   // Weight rows are the unit of work: each thread streams a disjoint, contiguous slice of values and

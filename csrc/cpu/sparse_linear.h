@@ -9,6 +9,8 @@
 //                       byte into a vpermps index that moves the next popcount(byte) packed values into
 //                       their columns (sign bits select the kept lanes, blendv zeroes the others).
 //   cpu_avx512_expand   16 lanes: the 16-bit mask is a k-register and vexpandps/vpexpandd does the same.
+//   cpu_avx512_vbmi_expand  int8 values at M = 1 with VBMI/VBMI2: one vpexpandb places the kept bytes of 64
+//                       columns, vpermb widens each 16 of them to 32-bit lanes.
 // All paths multiply and accumulate in fp32: values (bf16, fp16, int8 codes) and activations convert to
 // fp32 exactly, grouped int8 scales multiply the expanded weight (q * s in fp32, as the reference
 // dequantizes), per-channel scales multiply the finished dot product.
@@ -32,6 +34,7 @@ struct SparseLinearProblem {
   int64_t group_chunks;  // int8 with group-wise scales: chunks per group (group_size / 16); else 0
   int64_t n_groups;      // columns of scales (1 for per-channel)
   SparseValues vtype;
+  bool byte_expand;  // int8 values, M = 1: the VBMI/VBMI2 byte-expand kernel (CPU support checked by caller)
 };
 
 // Computes output columns [n_begin, n_end) for every row of x. Called concurrently on disjoint ranges.

@@ -66,7 +66,9 @@ struct Val<SparseValues::kBFloat16> {
 template <>
 struct Val<SparseValues::kFloat16> {
   using T = uint16_t;
-  static __m256 load8(const T* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  static __m256 load8(const T* p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
 };
 template <>
 struct Val<SparseValues::kInt8> {
@@ -79,7 +81,8 @@ struct Val<SparseValues::kInt8> {
 // The 8 columns of one mask byte, from the packed stream at ptr (advanced past the kept ones).
 template <SparseValues V>
 inline __m256 expand8(const typename Val<V>::T*& ptr, unsigned byte) {
-  const __m256i idx = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(kPerm.entry + byte)));
+  const __m256i idx =
+      _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(kPerm.entry + byte)));
   const __m256 v = _mm256_permutevar8x32_ps(Val<V>::load8(ptr), idx);
   ptr += _mm_popcnt_u32(byte);
 #if FQ_SPARSE_ASM_BLEND

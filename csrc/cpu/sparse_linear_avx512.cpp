@@ -4,11 +4,10 @@
 // makes the over-read safe), widened to 32-bit lanes (vpmovsxbd for int8, vpmovzxwd + shift for bf16,
 // vcvtph2ps for fp16) and vexpandps/vpexpandd moves the first popcount(mask) of them into the kept lanes,
 // zeroing the rest; one FMA with x's 16 fp32 activations, and the pointer advances by popcnt(mask).
-// The register form (load, then vexpandps) is used for fp32 values too; the memory form (vexpandps
-// zmm{k}{z}, m512) is left for when it can be measured on an AVX-512 machine.
+// The register form (load, then vexpandps) is used for fp32 values too: the memory form (vexpandps
+// zmm{k}{z}, m512) measured no faster on Zen 5. With VBMI/VBMI2, int8 values at M = 1 take row1_bytes.
 //
-// Row tiles as in the AVX2 kernel: M = 1 interleaves 4 weight rows (independent pointer chains and memory
-// streams, software prefetch ahead of each); M > 1 expands each chunk once and FMAs it into up to 8 rows
+// M = 1 reads one weight row at a time (row1); M > 1 expands each chunk once and FMAs it into up to 8 rows
 // of x, weight rows in blocks of 32 whose values stay in L2 while the x blocks stream past.
 #include <immintrin.h>
 
@@ -24,27 +23,39 @@ namespace {
 #define FQ_SPARSE_PF 1024  // bytes of values prefetched ahead of each row pointer (0: none)
 #endif
 
+// vpexpandd / vexpandps with zero-masking still wait for the previous value of their destination register
+// on Zen 5: a loop whose expands all wrote one register (as GCC allocates them) ran 3-4x slower than the
+// same loop with the expand done in place. In place, that dependency is on the source, which the expand
+// reads anyway.
+inline __m512i expand_epi32(__mmask16 k, __m512i v) {
+  asm("vpexpandd %0, %0%{%1%}%{z%}" : "+v"(v) : "Yk"(k));
+  return v;
+}
+inline __m512 expand_ps(__mmask16 k, __m512 v) {
+  asm("vexpandps %0, %0%{%1%}%{z%}" : "+v"(v) : "Yk"(k));
+  return v;
+}
+
 template <SparseValues V>
 struct Val;
 template <>
 struct Val<SparseValues::kFloat32> {
   using T = float;
-  static __m512 expand(const T* p, __mmask16 k) { return _mm512_maskz_expand_ps(k, _mm512_loadu_ps(p)); }
+  static __m512 expand(const T* p, __mmask16 k) { return expand_ps(k, _mm512_loadu_ps(p)); }
 };
 template <>
 struct Val<SparseValues::kBFloat16> {
   using T = uint16_t;
   static __m512 expand(const T* p, __mmask16 k) {
     const __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-    return _mm512_castsi512_ps(_mm512_maskz_expand_epi32(k, _mm512_slli_epi32(u, 16)));
+    return _mm512_castsi512_ps(expand_epi32(k, _mm512_slli_epi32(u, 16)));
   }
 };
 template <>
 struct Val<SparseValues::kFloat16> {
   using T = uint16_t;
   static __m512 expand(const T* p, __mmask16 k) {
-    return _mm512_maskz_expand_ps(k,
-                                  _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+    return expand_ps(k, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
   }
 };
 template <>
@@ -52,7 +63,7 @@ struct Val<SparseValues::kInt8> {
   using T = int8_t;
   static __m512 expand(const T* p, __mmask16 k) {
     const __m512i q = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    return _mm512_cvtepi32_ps(_mm512_maskz_expand_epi32(k, q));
+    return _mm512_cvtepi32_ps(expand_epi32(k, q));
   }
 };
 
@@ -106,10 +117,142 @@ void tile(const SparseLinearProblem& p, int64_t m0, int64_t j0) {
   }
 }
 
-constexpr int kRows1 = 4;       // weight rows interleaved at M = 1
 constexpr int kMB = 8;          // rows of x per tile at M > 1
 constexpr int kNR = 2;          // weight rows per tile at M > 1
 constexpr int64_t kBlock = 32;  // weight rows whose values stay in L2 while x streams past (M > 1)
+constexpr int kUnroll = 4;      // chunks per step at M = 1: one 64-bit load of 4 mask words
+
+// M = 1: one weight row at a time, so each thread reads its slice of values as one sequential stream,
+// 4 chunks per step into 4 accumulators (independent FMA chains; the pointer chain is one add per chunk).
+// Interleaving 4 rows (4 streams, one accumulator each) was 1.3-1.8x slower on Zen 5 (4096 x 4096).
+template <SparseValues V, bool GROUPED>
+void row1(const SparseLinearProblem& p, int64_t j) {
+  using T = typename Val<V>::T;
+  const T* vp = static_cast<const T*>(p.values) + p.row_offsets[j];
+  const uint16_t* mrow = p.masks + j * p.n_chunks;
+  const float* x = p.x;
+  __m512 acc[kUnroll];
+  for (int u = 0; u < kUnroll; ++u) acc[u] = _mm512_setzero_ps();
+  const int64_t nc = p.n_chunks;
+  const int64_t gc = GROUPED ? p.group_chunks : nc;
+  auto chunk = [&](int64_t c, __m512 s, __m512& a) {
+    const unsigned bits = mrow[c];
+    __m512 w = Val<V>::expand(vp, static_cast<__mmask16>(bits));
+    vp += _mm_popcnt_u32(bits);
+    if (GROUPED) w = _mm512_mul_ps(w, s);
+    a = _mm512_fmadd_ps(_mm512_loadu_ps(x + 16 * c), w, a);
+  };
+  for (int64_t c0 = 0; c0 < nc; c0 += gc) {
+    const int64_t c1 = c0 + gc < nc ? c0 + gc : nc;
+    const __m512 s = _mm512_set1_ps(GROUPED ? p.scales[j * p.n_groups + c0 / gc] : 1.f);
+    int64_t c = c0;
+    for (; c + kUnroll <= c1; c += kUnroll) {
+      // 4 chunks of fp32 values at 50% are two cache lines: prefetch both.
+      for (int l = 0; FQ_SPARSE_PF > 0 && l < (sizeof(T) == 4 ? 2 : 1); ++l) {
+        _mm_prefetch(reinterpret_cast<const char*>(vp) + FQ_SPARSE_PF + 64 * l, _MM_HINT_T0);
+      }
+      for (int u = 0; u < kUnroll; ++u) chunk(c + u, s, acc[u]);
+    }
+    for (; c < c1; ++c) chunk(c, s, acc[0]);
+  }
+  float v = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
+  if (!GROUPED && p.scales) v *= p.scales[j];
+  if (p.bias) v += p.bias[j];
+  p.y[j] = v;
+}
+
+// M = 1, int8 values, CPUs with VBMI2 and VBMI (Isa::kAvx512Vbmi; the target attribute keeps these
+// instructions out of the rest of the file). Per 64 columns: one vpexpandb moves the kept bytes into their
+// columns (the 64-bit mask is 4 mask words), then per 16 of them one vpermb puts byte i into the top byte of
+// 32-bit lane i and zeroes the rest, i.e. q << 24, which vcvtdq2ps converts exactly. The row's sum is
+// scaled by 2^-24 at the end, a power of two, so the result is that of the unscaled sums. Against row1
+// (per 16 columns: vpmovsxbd, vpexpandd, vcvtdq2ps), 1 expand and 4 permutes replace 4 sign extensions
+// and 4 expands: ~1.3x at 50% sparsity on Zen 5 (benchmarks/NOTES.md).
+struct BytePlacement {
+  __m512i index[kUnroll];
+};
+
+__attribute__((target("avx512vbmi,avx512vbmi2"))) BytePlacement byte_placement() {
+  BytePlacement b;
+  for (int t = 0; t < kUnroll; ++t) {
+    alignas(64) uint8_t idx[64];
+    for (int i = 0; i < 64; ++i) idx[i] = static_cast<uint8_t>(16 * t + i / 4);
+    b.index[t] = _mm512_load_si512(idx);
+  }
+  return b;
+}
+
+__attribute__((target("avx512vbmi,avx512vbmi2"))) inline __m512i expand_bytes(__mmask64 k, __m512i v) {
+  asm("vpexpandb %0, %0%{%1%}%{z%}" : "+v"(v) : "Yk"(k));  // in place: see expand_epi32
+  return v;
+}
+
+// The 16-column weight vector of chunk t (of the 4 placed by one expand), times its group's scale.
+template <bool GROUPED>
+__attribute__((target("avx512vbmi,avx512vbmi2"))) inline __m512 placed_chunk(__m512i kept, __m512i index,
+                                                                             const float* srow,
+                                                                             int64_t& group,
+                                                                             int64_t& group_left,
+                                                                             int64_t group_chunks) {
+  constexpr __mmask64 kTopBytes = 0x8888888888888888ull;
+  __m512 w = _mm512_cvtepi32_ps(_mm512_maskz_permutexvar_epi8(kTopBytes, index, kept));
+  if (GROUPED) {
+    w = _mm512_mul_ps(w, _mm512_set1_ps(srow[group]));
+    if (--group_left == 0) {
+      ++group;
+      group_left = group_chunks;
+    }
+  }
+  return w;
+}
+
+template <bool GROUPED>
+__attribute__((target("avx512vbmi,avx512vbmi2"))) void row1_bytes(const SparseLinearProblem& p,
+                                                                  const BytePlacement& place, int64_t j) {
+  const int8_t* vp = static_cast<const int8_t*>(p.values) + p.row_offsets[j];
+  const uint16_t* mrow = p.masks + j * p.n_chunks;
+  const float* srow = GROUPED ? p.scales + j * p.n_groups : nullptr;
+  const float* x = p.x;
+  const int64_t nc = p.n_chunks;
+  const int64_t gc = p.group_chunks;
+  // Group of the next chunk and the chunks left in it (a counter instead of a division per chunk).
+  int64_t group = 0, group_left = gc;
+  const __m512i i0 = place.index[0], i1 = place.index[1], i2 = place.index[2], i3 = place.index[3];
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(),
+         a3 = _mm512_setzero_ps();
+  int64_t c = 0;
+  for (; c + kUnroll <= nc; c += kUnroll) {
+    uint64_t bits;
+    std::memcpy(&bits, mrow + c, sizeof(bits));
+    _mm_prefetch(reinterpret_cast<const char*>(vp) + FQ_SPARSE_PF, _MM_HINT_T0);
+    // 64 bytes from any position of a row stay inside values (its 64 elements of padding).
+    const __m512i kept = expand_bytes(bits, _mm512_loadu_si512(vp));
+    vp += _mm_popcnt_u64(bits);
+    const float* xc = x + 16 * c;
+    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(xc), placed_chunk<GROUPED>(kept, i0, srow, group, group_left, gc),
+                         a0);
+    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(xc + 16),
+                         placed_chunk<GROUPED>(kept, i1, srow, group, group_left, gc), a1);
+    a2 = _mm512_fmadd_ps(_mm512_loadu_ps(xc + 32),
+                         placed_chunk<GROUPED>(kept, i2, srow, group, group_left, gc), a2);
+    a3 = _mm512_fmadd_ps(_mm512_loadu_ps(xc + 48),
+                         placed_chunk<GROUPED>(kept, i3, srow, group, group_left, gc), a3);
+  }
+  if (c < nc) {  // the last 1-3 chunks: their mask words only, the missing ones zero
+    uint64_t bits = 0;
+    std::memcpy(&bits, mrow + c, sizeof(uint16_t) * (nc - c));
+    const __m512i kept = expand_bytes(bits, _mm512_loadu_si512(vp));
+    for (int t = 0; c + t < nc; ++t) {
+      const __m512 w = placed_chunk<GROUPED>(kept, place.index[t], srow, group, group_left, gc);
+      a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + 16 * (c + t)), w, a0);
+    }
+  }
+  float v = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+  v *= 1.0f / 16777216.0f;
+  if (!GROUPED && p.scales) v *= p.scales[j];
+  if (p.bias) v += p.bias[j];
+  p.y[j] = v;
+}
 
 // First row in [j0, j1) whose offset difference is not the popcount of its mask words, or -1.
 int64_t first_bad_row(const SparseLinearProblem& p, int64_t j0, int64_t j1) {
@@ -152,15 +295,19 @@ void tile_m(const SparseLinearProblem& p, int64_t m0, int mb, int64_t j0) {
 template <SparseValues V, bool GROUPED>
 int64_t run(const SparseLinearProblem& p, int64_t n_begin, int64_t n_end) {
   if (p.m == 1) {
-    int64_t j = n_begin;
-    for (; j + kRows1 <= n_end; j += kRows1) {
-      const int64_t bad = first_bad_row(p, j, j + kRows1);
-      if (bad >= 0) return bad;
-      tile<V, 1, kRows1, GROUPED>(p, 0, j);
+    if constexpr (V == SparseValues::kInt8) {
+      if (p.byte_expand) {
+        const BytePlacement place = byte_placement();
+        for (int64_t j = n_begin; j < n_end; ++j) {
+          if (first_bad_row(p, j, j + 1) >= 0) return j;
+          row1_bytes<GROUPED>(p, place, j);
+        }
+        return -1;
+      }
     }
-    for (; j < n_end; ++j) {
+    for (int64_t j = n_begin; j < n_end; ++j) {
       if (first_bad_row(p, j, j + 1) >= 0) return j;
-      tile<V, 1, 1, GROUPED>(p, 0, j);
+      row1<V, GROUPED>(p, j);
     }
     return -1;
   }
