@@ -433,6 +433,10 @@ CORRUPT = [
         "row 4 keeps .* weights in masks but row_offsets gives it",
         _bad(row_offsets=_corrupt_offsets(lambda ro: ro[5].add_(1))),
     ),
+    (  # near the end of values: the M = 1 kernel checks such rows before reading them, others after
+        "row 30 keeps .* weights in masks but row_offsets gives it",
+        _bad(row_offsets=_corrupt_offsets(lambda ro: ro[31].add_(1))),
+    ),
     (
         r"row_offsets\[N\] = \d+ kept weights need values of at least \d+ elements \(64 of padding\)",
         _bad(values=lambda a: a["values"][:-1]),

@@ -154,6 +154,7 @@ at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& values, cons
   SparseLinearProblem p{};
   p.x = x32.data_ptr<float>();
   p.values = vals.data_ptr();
+  p.values_size = vals.numel();
   p.masks = mask_words;
   p.row_offsets = offs.data_ptr<int64_t>();
   p.scales = s.defined() ? s.data_ptr<float>() : nullptr;

@@ -25,6 +25,7 @@ enum class SparseValues : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2, kInt8
 struct SparseLinearProblem {
   const float* x;              // m x ldx fp32 activations; columns k..ldx are zero (ldx = 16 * n_chunks)
   const void* values;          // kept weights in row-major order, then 64 elements of padding
+  int64_t values_size;         // elements of values (>= row_offsets[n] + 64)
   const uint16_t* masks;       // n x n_chunks mask words (bit j of word c: column 16 c + j is kept)
   const int64_t* row_offsets;  // n + 1: row j's values are values[row_offsets[j], row_offsets[j + 1])
   const float* scales;         // int8 values: n x n_groups fp32; nullptr for float values
@@ -39,10 +40,11 @@ struct SparseLinearProblem {
 
 // Computes output columns [n_begin, n_end) for every row of x. Called concurrently on disjoint ranges.
 // Before reading a weight row's values a kernel checks that the row's offset difference equals the
-// popcount of its mask words (the masks are then in L1 for the product); it returns the first row that
-// fails, having computed only the rows before it, or -1. With that, and the glue's checks that offsets
-// never decrease and that row_offsets[n] + 64 <= values.numel(), a kernel may load 64 elements from any
-// position of a row without leaving values.
+// popcount of its mask words (the masks are then in L1 for the product), or, for a row that cannot read
+// past values_size whatever its masks, that its values ended at the next row's offset after reading them;
+// it returns the first row that fails (the output is then discarded), or -1. With that, and the glue's checks
+// that offsets never decrease and that row_offsets[n] + 64 <= values.numel(), a kernel may load 64 elements
+// from any position of a row without leaving values.
 using SparseLinearKernel = int64_t (*)(const SparseLinearProblem& p, int64_t n_begin, int64_t n_end);
 
 int64_t sparse_linear_portable(const SparseLinearProblem& p, int64_t n_begin, int64_t n_end);

@@ -190,71 +190,69 @@ __attribute__((target("avx512vbmi,avx512vbmi2"))) inline __m512i expand_bytes(__
   return v;
 }
 
-// The 16-column weight vector of chunk t (of the 4 placed by one expand), times its group's scale.
-template <bool GROUPED>
-__attribute__((target("avx512vbmi,avx512vbmi2"))) inline __m512 placed_chunk(__m512i kept, __m512i index,
-                                                                             const float* srow,
-                                                                             int64_t& group,
-                                                                             int64_t& group_left,
-                                                                             int64_t group_chunks) {
+// Rows [j, j + R) at M = 1 with int8 values, VBMI2/VBMI (Isa::kAvx512Vbmi). R = 2 rows share each x load
+// and overlap their per-row costs (~80 cycles per row of setup, reduction and loop exits: at K = 576 that
+// was as much as the row's 9 steps of 64 columns). Returns the first of the rows whose values did not end
+// at the next row's offset (its output is then garbage, and the caller raises), or -1. The caller
+// guarantees that the rows cannot read past the end of values whatever their masks (see run).
+template <bool GROUPED, int R>
+__attribute__((target("avx512vbmi,avx512vbmi2"))) int64_t rows_bytes(const SparseLinearProblem& p,
+                                                                     const BytePlacement& place, int64_t j) {
   constexpr __mmask64 kTopBytes = 0x8888888888888888ull;
-  __m512 w = _mm512_cvtepi32_ps(_mm512_maskz_permutexvar_epi8(kTopBytes, index, kept));
-  if (GROUPED) {
-    w = _mm512_mul_ps(w, _mm512_set1_ps(srow[group]));
-    if (--group_left == 0) {
-      ++group;
-      group_left = group_chunks;
-    }
-  }
-  return w;
-}
-
-template <bool GROUPED>
-__attribute__((target("avx512vbmi,avx512vbmi2"))) void row1_bytes(const SparseLinearProblem& p,
-                                                                  const BytePlacement& place, int64_t j) {
-  const int8_t* vp = static_cast<const int8_t*>(p.values) + p.row_offsets[j];
-  const uint16_t* mrow = p.masks + j * p.n_chunks;
-  const float* srow = GROUPED ? p.scales + j * p.n_groups : nullptr;
-  const float* x = p.x;
+  const int8_t* values = static_cast<const int8_t*>(p.values);
   const int64_t nc = p.n_chunks;
-  const int64_t gc = p.group_chunks;
+  const int8_t* vp[R];
+  const uint16_t* mrow[R];
+  const float* srow[R];
+  __m512 acc[R][kUnroll];
+  for (int r = 0; r < R; ++r) {
+    vp[r] = values + p.row_offsets[j + r];
+    mrow[r] = p.masks + (j + r) * nc;
+    srow[r] = GROUPED ? p.scales + (j + r) * p.n_groups : nullptr;
+    for (int t = 0; t < kUnroll; ++t) acc[r][t] = _mm512_setzero_ps();
+  }
   // Group of the next chunk and the chunks left in it (a counter instead of a division per chunk).
-  int64_t group = 0, group_left = gc;
-  const __m512i i0 = place.index[0], i1 = place.index[1], i2 = place.index[2], i3 = place.index[3];
-  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(),
-         a3 = _mm512_setzero_ps();
+  int64_t group = 0, group_left = p.group_chunks;
   int64_t c = 0;
-  for (; c + kUnroll <= nc; c += kUnroll) {
-    uint64_t bits;
-    std::memcpy(&bits, mrow + c, sizeof(bits));
-    _mm_prefetch(reinterpret_cast<const char*>(vp) + FQ_SPARSE_BYTES_PF, _MM_HINT_T0);
-    // 64 bytes from any position of a row stay inside values (its 64 elements of padding).
-    const __m512i kept = expand_bytes(bits, _mm512_loadu_si512(vp));
-    vp += _mm_popcnt_u64(bits);
-    const float* xc = x + 16 * c;
-    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(xc), placed_chunk<GROUPED>(kept, i0, srow, group, group_left, gc),
-                         a0);
-    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(xc + 16),
-                         placed_chunk<GROUPED>(kept, i1, srow, group, group_left, gc), a1);
-    a2 = _mm512_fmadd_ps(_mm512_loadu_ps(xc + 32),
-                         placed_chunk<GROUPED>(kept, i2, srow, group, group_left, gc), a2);
-    a3 = _mm512_fmadd_ps(_mm512_loadu_ps(xc + 48),
-                         placed_chunk<GROUPED>(kept, i3, srow, group, group_left, gc), a3);
-  }
-  if (c < nc) {  // the last 1-3 chunks: their mask words only, the missing ones zero
-    uint64_t bits = 0;
-    std::memcpy(&bits, mrow + c, sizeof(uint16_t) * (nc - c));
-    const __m512i kept = expand_bytes(bits, _mm512_loadu_si512(vp));
-    for (int t = 0; c + t < nc; ++t) {
-      const __m512 w = placed_chunk<GROUPED>(kept, place.index[t], srow, group, group_left, gc);
-      a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + 16 * (c + t)), w, a0);
+  // Chunks [c, c + chunks) of every row: one expand per row places them, chunk t goes to acc[r][slot(t)].
+  auto step = [&](int chunks, uint64_t bits_mask,
+                  bool tail) __attribute__((target("avx512vbmi,avx512vbmi2"))) {
+    __m512i kept[R];
+    for (int r = 0; r < R; ++r) {
+      uint64_t bits = 0;
+      std::memcpy(&bits, mrow[r] + c, sizeof(uint16_t) * chunks);
+      bits &= bits_mask;
+      _mm_prefetch(reinterpret_cast<const char*>(vp[r]) + FQ_SPARSE_BYTES_PF, _MM_HINT_T0);
+      kept[r] = expand_bytes(bits, _mm512_loadu_si512(vp[r]));
+      vp[r] += _mm_popcnt_u64(bits);
     }
+    for (int t = 0; t < chunks; ++t) {
+      const __m512 xv = _mm512_loadu_ps(p.x + 16 * (c + t));
+      for (int r = 0; r < R; ++r) {
+        __m512 w = _mm512_cvtepi32_ps(_mm512_maskz_permutexvar_epi8(kTopBytes, place.index[t], kept[r]));
+        if (GROUPED) w = _mm512_mul_ps(w, _mm512_set1_ps(srow[r][group]));
+        __m512& a = acc[r][tail ? 0 : t];
+        a = _mm512_fmadd_ps(xv, w, a);
+      }
+      if (GROUPED && --group_left == 0) {
+        ++group;
+        group_left = p.group_chunks;
+      }
+    }
+  };
+  for (; c + kUnroll <= nc; c += kUnroll) step(kUnroll, ~uint64_t{0}, false);
+  if (c < nc) step(static_cast<int>(nc - c), ~uint64_t{0}, true);  // the last 1-3 chunks
+  int64_t bad = -1;
+  for (int r = 0; r < R; ++r) {
+    if (bad < 0 && vp[r] != values + p.row_offsets[j + r + 1]) bad = j + r;
+    float v = _mm512_reduce_add_ps(
+        _mm512_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]), _mm512_add_ps(acc[r][2], acc[r][3])));
+    v *= 1.0f / 16777216.0f;  // the q << 24 of the placement: a power of two, exact
+    if (!GROUPED && p.scales) v *= p.scales[j + r];
+    if (p.bias) v += p.bias[j + r];
+    p.y[j + r] = v;
   }
-  float v = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-  v *= 1.0f / 16777216.0f;
-  if (!GROUPED && p.scales) v *= p.scales[j];
-  if (p.bias) v += p.bias[j];
-  p.y[j] = v;
+  return bad;
 }
 
 // First row in [j0, j1) whose offset difference is not the popcount of its mask words, or -1.
@@ -301,9 +299,21 @@ int64_t run(const SparseLinearProblem& p, int64_t n_begin, int64_t n_end) {
     if constexpr (V == SparseValues::kInt8) {
       if (p.byte_expand) {
         const BytePlacement place = byte_placement();
-        for (int64_t j = n_begin; j < n_end; ++j) {
-          if (first_bad_row(p, j, j + 1) >= 0) return j;
-          row1_bytes<GROUPED>(p, place, j);
+        // A row whose offset is at most values_size - row_reach cannot read past values whatever its
+        // masks (its pointer advances by at most 16 per chunk, loads reach 64 past it): such rows are
+        // checked after they are read (one compare) instead of before (a popcount pass over their masks,
+        // 20% of the time at K = 576). Offsets never decrease, so the last row of a pair decides.
+        const int64_t row_reach = 16 * p.n_chunks + 64;
+        for (int64_t j = n_begin; j < n_end;) {
+          const int rows = j + 2 <= n_end ? 2 : 1;
+          if (p.row_offsets[j + rows - 1] > p.values_size - row_reach) {
+            const int64_t bad = first_bad_row(p, j, j + rows);
+            if (bad >= 0) return bad;
+          }
+          const int64_t bad =
+              rows == 2 ? rows_bytes<GROUPED, 2>(p, place, j) : rows_bytes<GROUPED, 1>(p, place, j);
+          if (bad >= 0) return bad;
+          j += rows;
         }
         return -1;
       }
