@@ -15,10 +15,10 @@ For every weight shape (N x K), row count M and sparsity it times, in the same r
 Sparsity patterns: 50/70/90% unstructured (uniformly random mask) and 2:4 (2 kept of every 4 columns).
 Each peer rotates through several copies of its weight (>= 160 MB in all, 5x the 32 MB L3), so every call
 streams its weight from DRAM as in a real model; time per peer is the median of many single calls after
-warm-up. ``GB/s`` is the format's bytes (values + masks + row offsets + scales) over the time, next to
-torch's own read bandwidth (``sum`` of a float64 buffer, rotated) in the same run. A sweep over sparsity
-(M = 1, 4096 x 4096) finds where the sparse formats start to beat dense int8. ``best`` columns take the
-faster layout of each value type, as the per-layer kernel choice does.
+warm-up, the peers of a cell taking turns call by call. ``GB/s`` is the format's bytes (values + masks + row
+offsets + scales) over the time, next to torch's own read bandwidth (``sum`` of a float64 buffer, rotated)
+in the same run. A sweep over sparsity (M = 1, 4096 x 4096) finds where the sparse formats start to beat
+dense int8. ``best`` columns take the faster layout of each value type, as the per-layer kernel choice does.
 
 Run: ``python benchmarks/sparse_table.py`` (``--quick``: one shape, M = 1). Writes
 ``benchmarks/results/cpu-sparse-<UTC date>.md`` and ``.json``.
@@ -122,30 +122,39 @@ def make_calls(peer: str, n: int, k: int, m: int, pattern: str | None = None, se
 MIN_MS: dict[tuple, float] = {}  # fastest single call of every timed cell, kept in the JSON
 
 
-def timed_ms(calls, budget_s: float, min_runs: int, max_runs: int = 100) -> tuple[float, float]:
-    """Median and minimum ms of single calls in rotation after warm-up (cpu_table.median_seconds, plus the
-    minimum: on a shared machine a call preempted mid-way shows up as a multiple of the scheduler tick)."""
-    for fn in calls[: max(2, min(len(calls), 4))]:
-        fn()
+def timed_interleaved(calls: dict[str, list], budget_s: float, min_rounds: int, max_rounds: int = 100) -> dict:
+    """Median and minimum ms per peer of single calls, the peers taking turns call by call (each rotating
+    through its own weight copies), so that the VM's drifting speed (up to ~1.5x within minutes here) hits
+    every peer of a cell alike and their ratios are measured at the same moments. On a shared machine a
+    call preempted mid-way shows up as a multiple of the scheduler tick, hence the minimum as well."""
+    for peer_calls in calls.values():
+        for fn in peer_calls[: max(2, min(len(peer_calls), 4))]:
+            fn()
     t0 = time.perf_counter()
-    calls[0]()
-    estimate = time.perf_counter() - t0
-    runs = int(max(min_runs, min(max_runs, budget_s / max(estimate, 1e-6))))
-    times = []
-    for i in range(runs):
-        fn = calls[(i + 1) % len(calls)]
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3, min(times) * 1e3
+    for peer_calls in calls.values():
+        peer_calls[0]()
+    round_s = time.perf_counter() - t0
+    rounds = int(max(min_rounds, min(max_rounds, budget_s / max(round_s, 1e-6))))
+    times: dict[str, list[float]] = {peer: [] for peer in calls}
+    for i in range(rounds):
+        for peer, peer_calls in calls.items():
+            fn = peer_calls[(i + 1) % len(peer_calls)]
+            t = time.perf_counter()
+            fn()
+            times[peer].append(time.perf_counter() - t)
+    return {peer: (statistics.median(t) * 1e3, min(t) * 1e3) for peer, t in times.items()}
 
 
-def time_peer(peer: str, n: int, k: int, m: int, pattern: str | None = None) -> tuple[float, int]:
-    calls, nbytes = make_calls(peer, n, k, m, pattern)
-    budget = 0.3 if peer == "csr" else 0.8
-    ms, fastest = timed_ms(calls, budget_s=budget, min_runs=5 if peer != "csr" else 3)
-    MIN_MS[(peer, n, k, m, pattern)] = fastest
-    return ms, nbytes
+def time_cell(peers: list[str], n: int, k: int, m: int, pattern: str) -> tuple[dict, dict]:
+    """ms and bytes per call of every peer on one (shape, M, pattern) cell, timed interleaved."""
+    calls, nbytes = {}, {}
+    for peer in peers:
+        calls[peer], nbytes[peer] = make_calls(peer, n, k, m, None if peer in DENSE_PEERS else pattern)
+    timed = timed_interleaved(calls, budget_s=2.0, min_rounds=7)
+    del calls
+    for peer, (_, fastest) in timed.items():
+        MIN_MS[(peer, n, k, m, pattern)] = fastest
+    return {peer: median for peer, (median, _) in timed.items()}, nbytes
 
 
 def run_table(shapes, row_counts, patterns) -> list[dict]:
@@ -153,19 +162,19 @@ def run_table(shapes, row_counts, patterns) -> list[dict]:
     for n, k in shapes:
         bw = None
         for m in row_counts:
-            dense = {peer: time_peer(peer, n, k, m)[0] for peer in DENSE_PEERS}
             for pattern in patterns:
-                row = {"n": n, "k": k, "m": m, "pattern": pattern, "ms": dict(dense), "bytes": {}}
-                for peer in SPARSE_PEERS:
-                    if peer == "csr" and m > CSR_MAX_M:
-                        continue
-                    row["ms"][peer], row["bytes"][peer] = time_peer(peer, n, k, m, pattern)
+                peers = DENSE_PEERS + [peer for peer in SPARSE_PEERS if peer != "csr" or m <= CSR_MAX_M]
+                ms, nbytes = time_cell(peers, n, k, m, pattern)
+                row = {"n": n, "k": k, "m": m, "pattern": pattern, "ms": ms, "bytes": nbytes}
                 if bw is None:
                     bw = read_bandwidth(row["bytes"]["sparse"])
                 row["read_gbs"] = bw / 1e9
-                row["path"] = _native.sparse_linear_kernel_path(
-                    torch.device("cpu"), m, n, k, torch.float32, torch.float32
-                )
+                row["path"] = {
+                    str(dtype).removeprefix("torch."): _native.sparse_linear_kernel_path(
+                        torch.device("cpu"), m, n, k, dtype, torch.float32
+                    )
+                    for dtype in (torch.float32, torch.int8)
+                }
                 rows.append(row)
                 print(format_row(row), flush=True)
     return rows
@@ -227,40 +236,36 @@ SWEEP_PEERS = ["sparse", "int8+sparse", "csr16", "int8+csr16"]
 
 
 def run_sweep(n: int = 4096, k: int = 4096) -> dict:
-    """M = 1 time of every sparse layout vs dense int8 over sparsity; crossover = first sparsity that wins."""
-    dense_int8 = time_peer("int8", n, k, 1)[0]
-    dense_fp32 = time_peer("fp32", n, k, 1)[0]
+    """M = 1 time of every sparse layout vs dense int8 and fp32 (timed with them, interleaved) over sparsity;
+    crossover = first sparsity that beats dense int8."""
     points = []
     for sparsity in SWEEP:
         pattern = f"{round(sparsity * 100)}%"
-        point = {"sparsity": sparsity}
-        for peer in SWEEP_PEERS:
-            point[peer] = time_peer(peer, n, k, 1, pattern)[0]
-        points.append(point)
-        print(f"sparsity {pattern}: " + ", ".join(f"{peer} {point[peer]:.3f} ms" for peer in SWEEP_PEERS))
+        ms, _ = time_cell(["int8", "fp32", *SWEEP_PEERS], n, k, 1, pattern)
+        points.append({"sparsity": sparsity, **ms})
+        print(f"sparsity {pattern}: " + ", ".join(f"{peer} {ms[peer]:.3f} ms" for peer in ms))
     crossover = {}
     for peer in SWEEP_PEERS:
-        wins = [p["sparsity"] for p in points if p[peer] < dense_int8]
+        wins = [p["sparsity"] for p in points if p[peer] < p["int8"]]
         crossover[peer] = wins[0] if wins else None
-    return {"n": n, "k": k, "int8_ms": dense_int8, "fp32_ms": dense_fp32, "points": points, "crossover": crossover}
+    return {"n": n, "k": k, "points": points, "crossover": crossover}
 
 
 def sweep_lines(sweep: dict) -> list[str]:
     lines = [
-        f"Sparsity sweep, {sweep['n']} x {sweep['k']}, M = 1 (dense int8 {sweep['int8_ms']:.3f} ms, dense fp32 "
-        f"{sweep['fp32_ms']:.3f} ms):",
+        f"Sparsity sweep, {sweep['n']} x {sweep['k']}, M = 1, dense int8 and fp32 timed in each point's run:",
         "",
-        "| sparsity | " + " | ".join(f"{peer} ms" for peer in SWEEP_PEERS) + " | fp32 / best sparse | "
-        "fp32 / best int8+sparse | int8 / best int8+sparse |",
-        "|---:|" + "---:|" * (len(SWEEP_PEERS) + 3),
+        "| sparsity | int8 ms | fp32 ms | "
+        + " | ".join(f"{peer} ms" for peer in SWEEP_PEERS)
+        + " | fp32 / best sparse | fp32 / best int8+sparse | int8 / best int8+sparse |",
+        "|---:|" + "---:|" * (len(SWEEP_PEERS) + 5),
     ]
     for p in sweep["points"]:
         best, best_int8 = (min(p[peer] for peer in BEST[kind]) for kind in ("sparse", "int8+sparse"))
         lines.append(
-            f"| {p['sparsity']:.0%} | "
+            f"| {p['sparsity']:.0%} | {p['int8']:.3f} | {p['fp32']:.3f} | "
             + " | ".join(f"{p[peer]:.3f}" for peer in SWEEP_PEERS)
-            + f" | {sweep['fp32_ms'] / best:.2f}x | {sweep['fp32_ms'] / best_int8:.2f}x | "
-            f"{sweep['int8_ms'] / best_int8:.2f}x |"
+            + f" | {p['fp32'] / best:.2f}x | {p['fp32'] / best_int8:.2f}x | {p['int8'] / best_int8:.2f}x |"
         )
     cross = sweep["crossover"]
 
@@ -292,8 +297,7 @@ def fastest_lines(rows: list[dict]) -> list[str]:
         if r["m"] != 1:
             continue
         n, k, pattern = r["n"], r["k"], r["pattern"]
-        t = {peer: MIN_MS.get((peer, n, k, 1, pattern)) for peer in SPARSE_PEERS}
-        t.update({peer: MIN_MS.get((peer, n, k, 1, None)) for peer in DENSE_PEERS})
+        t = {peer: MIN_MS.get((peer, n, k, 1, pattern)) for peer in peers}
         best, best_int8 = (min(t[peer] for peer in BEST[kind]) for kind in ("sparse", "int8+sparse"))
         lines.append(
             f"| {n} x {k} | {pattern} | "
@@ -338,9 +342,11 @@ def main() -> None:
     lines = [
         f"# CPU sparse_linear / sparse_csr_linear benchmark, {meta['date_utc']}",
         "",
-        f"{meta['cpu']}, torch {meta['torch']}, {meta['threads']} threads, best ISA {meta['isa']} (kernel "
-        f"{rows[0]['path']}), 1-minute load average {meta['load_before']:.1f} before / {meta['load_after']:.1f} "
-        "after. Median ms per call, weights rotated from DRAM, fp32 activations. `a / b` > 1 means b is faster. "
+        f"{meta['cpu']}, torch {meta['torch']}, {meta['threads']} threads, best ISA {meta['isa']} (bitmap16 kernels "
+        f"at M = 1: {rows[0]['path']['float32']} for fp32 values, {rows[0]['path']['int8']} for int8 values), "
+        f"1-minute load average {meta['load_before']:.1f} before / {meta['load_after']:.1f} after. Median ms per "
+        "call, weights rotated from DRAM, fp32 activations, the peers of each row timed in turns, call by call "
+        "(so the VM's drifting speed hits them alike). `a / b` > 1 means b is faster. "
         "`sparse` = bitmap16 with fp32 values, `int8+sparse` = bitmap16 with int8 values + per-channel scales, "
         "`csr16` / `int8+csr16` = the same values with 16-bit column indices (`sparse_csr_linear`, CPU kernel "
         f"{_native.sparse_csr_linear_kernel_path(torch.device('cpu'))}), `best` = the faster layout of a value "

@@ -33,9 +33,11 @@ def info_lines() -> list[str]:
             for m in (1, 16, 512):
                 path = _native.int8_linear_kernel_path(device, m, 4096, 4096, -1, dtype)
                 lines.append(f"int8_linear {device.type} {str(dtype).removeprefix('torch.')} M={m}: {path}")
-        for m in (1, 512):
-            path = _native.sparse_linear_kernel_path(device, m, 4096, 4096, torch.int8, torch.float32)
-            lines.append(f"sparse_linear (bitmap16) {device.type} M={m}: {path}")
+        for values in (torch.float32, torch.int8):
+            for m in (1, 512):
+                path = _native.sparse_linear_kernel_path(device, m, 4096, 4096, values, torch.float32)
+                name = str(values).removeprefix("torch.")
+                lines.append(f"sparse_linear (bitmap16) {device.type} {name} values M={m}: {path}")
         lines.append(f"sparse_csr_linear (csr16) {device.type}: {_native.sparse_csr_linear_kernel_path(device)}")
     return lines
 
