@@ -183,3 +183,24 @@ def test_info_command_reports_kernel_paths():
     assert "sparse_csr_linear (csr16) cpu:" in out.stdout
     if fastquant._native.native is not None:
         assert "CPU features:" in out.stdout
+
+
+@pytest.mark.parametrize("method", ["int8", "int8+sparse", "sparse"])
+def test_layers_agree_with_and_without_autograd(method):
+    """Without gradients the layers skip the op's Python autograd kernel (its per-call cost matters at
+    decode): same outputs in every grad mode, and gradients still reach the activations when enabled."""
+    model = fastquant.patch(make_block(), method, sparsity=0.5, sparse_kernel="sparse", progress=False)
+    layer = model.up
+    x = torch.randn(3, layer.in_features)
+    with torch.no_grad():
+        y_no_grad = layer(x)
+    with torch.inference_mode():
+        y_inference = layer(x)
+    x_grad = x.clone().requires_grad_(True)
+    y_grad = layer(x_grad)
+    assert y_grad.requires_grad and not y_no_grad.requires_grad
+    torch.testing.assert_close(y_no_grad, y_grad.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(y_inference, y_no_grad, rtol=0, atol=0)
+    y_grad.sum().backward()
+    expected = layer.dequantize().sum(0).expand_as(x)  # d(sum(x @ W.T)) / dx = column sums of W
+    torch.testing.assert_close(x_grad.grad, expected, rtol=1e-5, atol=1e-5)
