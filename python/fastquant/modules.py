@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor, nn
 
@@ -32,13 +34,13 @@ def _below_autograd_when_no_grad(forward):
     the kernel of a small decode layer (~210 such calls per SmolLM2 token). Under ``torch.compile`` the
     op is left to the compiler."""
 
+    @functools.wraps(forward)
     def wrapped(self, x: Tensor) -> Tensor:
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
             return forward(self, x)
         with torch._C._AutoDispatchBelowAutograd():
             return forward(self, x)
 
-    wrapped.__doc__ = forward.__doc__
     return wrapped
 
 
