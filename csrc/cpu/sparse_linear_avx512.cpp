@@ -5,7 +5,7 @@
 // vcvtph2ps for fp16) and vexpandps/vpexpandd moves the first popcount(mask) of them into the kept lanes,
 // zeroing the rest; one FMA with x's 16 fp32 activations, and the pointer advances by popcnt(mask).
 // The register form (load, then vexpandps) is used for fp32 values too: the memory form (vexpandps
-// zmm{k}{z}, m512) measured no faster on Zen 5. With VBMI/VBMI2, int8 values at M = 1 take row1_bytes.
+// zmm{k}{z}, m512) measured no faster on Zen 5. With VBMI/VBMI2, int8 values at M = 1 take rows_bytes.
 //
 // M = 1 reads one weight row at a time (row1); M > 1 expands each chunk once and FMAs it into up to 8 rows
 // of x, weight rows in blocks of 32 whose values stay in L2 while the x blocks stream past.
@@ -170,7 +170,7 @@ void row1(const SparseLinearProblem& p, int64_t j) {
 // 32-bit lane i and zeroes the rest, i.e. q << 24, which vcvtdq2ps converts exactly. The row's sum is
 // scaled by 2^-24 at the end, a power of two, so the result is that of the unscaled sums. Against row1
 // (per 16 columns: vpmovsxbd, vpexpandd, vcvtdq2ps), 1 expand and 4 permutes replace 4 sign extensions
-// and 4 expands: ~1.3x at 50% sparsity on Zen 5 (benchmarks/NOTES.md).
+// and 4 expands: 1.1-1.3x at 50% sparsity on Zen 5 (benchmarks/NOTES.md).
 struct BytePlacement {
   __m512i index[kUnroll];
 };
@@ -214,14 +214,13 @@ __attribute__((target("avx512vbmi,avx512vbmi2"))) int64_t rows_bytes(const Spars
   // Group of the next chunk and the chunks left in it (a counter instead of a division per chunk).
   int64_t group = 0, group_left = p.group_chunks;
   int64_t c = 0;
-  // Chunks [c, c + chunks) of every row: one expand per row places them, chunk t goes to acc[r][slot(t)].
-  auto step = [&](int chunks, uint64_t bits_mask,
-                  bool tail) __attribute__((target("avx512vbmi,avx512vbmi2"))) {
+  // Chunks [c, c + chunks) of every row: one expand per row places them; chunk t accumulates into
+  // acc[r][t] (acc[r][0] for the last 1-3 chunks of a row, whose missing mask words read as zero).
+  auto step = [&](int chunks, bool tail) __attribute__((target("avx512vbmi,avx512vbmi2"))) {
     __m512i kept[R];
     for (int r = 0; r < R; ++r) {
       uint64_t bits = 0;
       std::memcpy(&bits, mrow[r] + c, sizeof(uint16_t) * chunks);
-      bits &= bits_mask;
       _mm_prefetch(reinterpret_cast<const char*>(vp[r]) + FQ_SPARSE_BYTES_PF, _MM_HINT_T0);
       kept[r] = expand_bytes(bits, _mm512_loadu_si512(vp[r]));
       vp[r] += _mm_popcnt_u64(bits);
@@ -240,8 +239,8 @@ __attribute__((target("avx512vbmi,avx512vbmi2"))) int64_t rows_bytes(const Spars
       }
     }
   };
-  for (; c + kUnroll <= nc; c += kUnroll) step(kUnroll, ~uint64_t{0}, false);
-  if (c < nc) step(static_cast<int>(nc - c), ~uint64_t{0}, true);  // the last 1-3 chunks
+  for (; c + kUnroll <= nc; c += kUnroll) step(kUnroll, false);
+  if (c < nc) step(static_cast<int>(nc - c), true);
   int64_t bad = -1;
   for (int r = 0; r < R; ++r) {
     if (bad < 0 && vp[r] != values + p.row_offsets[j + r + 1]) bad = j + r;
