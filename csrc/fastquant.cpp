@@ -82,12 +82,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "Name of the CPU kernel int8_linear runs for this problem");
   m.def(
       "sparse_linear_cpu_path",
-      [](int64_t m_rows, int64_t n, int64_t k, const std::string& values_dtype, const std::string& x_dtype) {
+      [](int64_t m_rows, int64_t n, int64_t k, const std::string& values_dtype, const std::string& x_dtype,
+         int64_t group_size) {
         return std::string(fastquant::cpu::sparse_linear_cpu_path(
-            m_rows, n, k, parse_values_dtype(values_dtype), parse_dtype(x_dtype)));
+            m_rows, n, k, parse_values_dtype(values_dtype), parse_dtype(x_dtype), group_size));
       },
       py::arg("m"), py::arg("n"), py::arg("k"), py::arg("values_dtype"), py::arg("x_dtype"),
-      "Name of the CPU kernel sparse_linear runs for this problem");
+      py::arg("group_size") = -1, "Name of the CPU kernel sparse_linear runs for this problem");
   m.def(
       "sparse_csr_linear_cpu_path", [] { return std::string(fastquant::cpu::sparse_csr_linear_cpu_path()); },
       "Name of the CPU kernel sparse_csr_linear runs");

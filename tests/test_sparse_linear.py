@@ -7,7 +7,9 @@ Tolerance rule (the int8_linear rule of tests/helpers.py, with W the unpacked we
 
 y64 is the float64 evaluation, y_ref the fp32 reference kernel's output. Every sparse kernel multiplies in
 fp32 (values and activations are converted to fp32 exactly), so only the fp32 product rounding constant
-applies; losing or misplacing a single kept weight exceeds the bound.
+applies; losing or misplacing a single kept weight exceeds the bound. The one exception is the AVX-512
+prefill path for int8 values (cpu_avx512_bf16_tiles, M > 16), which rounds x to bf16 once per call as
+int8_linear's prefill path does: there y64, y_ref and the bound are those of the rounded x.
 """
 
 from __future__ import annotations
@@ -62,14 +64,36 @@ def make_case(m, k, n, values_dtype, x_dtype, group_size, sparsity, pattern, wit
     return (x, values, masks, row_offsets, scales, bias), group_size
 
 
-def cpu_path(m, n, k, values_dtype, x_dtype) -> str:
-    return _native.sparse_linear_kernel_path(torch.device("cpu"), m, n, k, values_dtype, x_dtype)
+BF16_PATH = "cpu_avx512_bf16_tiles"
 
 
-def expected_cpu_path(isa: str, m: int, values_dtype: torch.dtype) -> str:
+def cpu_path(m, n, k, values_dtype, x_dtype, group_size: int = -1) -> str:
+    return _native.sparse_linear_kernel_path(torch.device("cpu"), m, n, k, values_dtype, x_dtype, group_size)
+
+
+def bf16_tiles_take(k: int, group_size: int) -> bool:
+    """Group sizes int8_linear's bf16 tiles accept: per-channel, or groups that tile a 256-column chunk."""
+    group = k if group_size == -1 or group_size >= k else group_size
+    return group == k or (group % 2 == 0 and (256 % group == 0 or group % 256 == 0))
+
+
+def expected_cpu_path(isa: str, m: int, k: int, values_dtype: torch.dtype, group_size: int = -1) -> str:
+    int8 = values_dtype == torch.int8
+    if isa in ("avx512", "avx512_vbmi") and int8 and m > 16 and bf16_tiles_take(k, group_size):
+        return BF16_PATH
     if isa == "avx512_vbmi":  # the byte expand is for int8 values at M = 1; the rest is the avx512 kernel
-        return "cpu_avx512_vbmi_expand" if values_dtype == torch.int8 and m == 1 else "cpu_avx512_expand"
+        return "cpu_avx512_vbmi_expand" if int8 and m == 1 else "cpu_avx512_expand"
     return {"portable": "cpu_portable", "avx2": "cpu_avx2_permute", "avx512": "cpu_avx512_expand"}[isa]
+
+
+def as_computed(args, group_size: int):
+    """args with x as the kernel that runs for them sees it: rounded to bf16 on the bf16 tiles path."""
+    x, values, masks, row_offsets, _, _ = args
+    n = masks.shape[0]
+    m = x.numel() // max(x.shape[-1], 1)
+    if cpu_path(m, n, x.shape[-1], values.dtype, x.dtype, group_size) != BF16_PATH:
+        return args
+    return (x.bfloat16().to(x.dtype), *args[1:])
 
 
 def expected_and_bound(args, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,7 +124,7 @@ def assert_within(y: torch.Tensor, y64: torch.Tensor, bound: torch.Tensor, x_dty
 
 
 def assert_sparse_linear_close(y, args, group_size: int) -> None:
-    assert_within(y, *expected_and_bound(args, group_size), args[0].dtype)
+    assert_within(y, *expected_and_bound(as_computed(args, group_size), group_size), args[0].dtype)
 
 
 def run_op(args, group_size: int) -> torch.Tensor:
@@ -137,7 +161,9 @@ def kernel_cases():
                 for isa in isas:
                     if isa == "portable" and shape not in PORTABLE_SHAPES:
                         continue
-                    same_as_avx512 = expected_cpu_path(isa, m, vdtype) == expected_cpu_path("avx512", m, vdtype)
+                    same_as_avx512 = expected_cpu_path(isa, m, k, vdtype, group) == expected_cpu_path(
+                        "avx512", m, k, vdtype, group
+                    )
                     if isa == "avx512_vbmi" and same_as_avx512:
                         continue
                     tag = f"{isa}-{'x'.join(map(str, shape))}-{vdtype}-{xdtype}-s{sparsity}-{pattern}-g{group}"
@@ -152,7 +178,10 @@ def kernel_cases():
 def test_matches_reference(cpu_isa, shape, values_dtype, x_dtype, sparsity, pattern, group_size, with_bias):
     m, k, n = shape
     args, g, y64, bound = cached_case(shape, values_dtype, x_dtype, sparsity, pattern, group_size, with_bias)
-    assert cpu_path(m, n, k, values_dtype, x_dtype) == expected_cpu_path(cpu_isa, m, values_dtype)
+    path = cpu_path(m, n, k, values_dtype, x_dtype, g)
+    assert path == expected_cpu_path(cpu_isa, m, k, values_dtype, g)
+    if path == BF16_PATH:  # x rounded to bf16 by the kernel: the reference and bound of the rounded x
+        y64, bound = expected_and_bound(as_computed(args, g), g)
     assert_within(run_op(args, g), y64, bound, x_dtype)
 
 

@@ -10,6 +10,7 @@
 #include <memory>
 
 #include "cpu/cpu_features.h"
+#include "cpu/int8_linear_glue.h"
 #include "cpu/parallel.h"
 
 namespace fastquant::cpu {
@@ -30,19 +31,6 @@ ActDType act_dtype(const at::Tensor& x) {
 }
 
 enum class Path { kPortable, kAvx2Fp32, kAvx512Fp32, kAvx512Bf16 };
-
-// Rows above which the AVX-512 kernel switches from exact fp32 FMA (memory-bound decode, K in lanes) to
-// bf16 dot products (compute-bound prefill, rows in lanes). Measured on Zen 5 (benchmarks/NOTES.md).
-constexpr int64_t kBf16MinRows = 16;
-
-// K chunk of the bf16 kernel: a multiple of the group, so that groups never straddle two chunks.
-int64_t bf16_chunk(int64_t k, int64_t group) {
-  if (group >= k) return 256;  // per-channel (or one group covering K)
-  if (group % 2 != 0) return 0;
-  if (256 % group == 0) return 256;
-  if (group % 256 == 0) return group;
-  return 0;
-}
 
 Path choose_path(Isa isa, int64_t m, int64_t k, int64_t group) {
 #if defined(__x86_64__) || defined(_M_X64)
@@ -70,6 +58,40 @@ const char* path_name(Path path) {
 }
 
 }  // namespace
+
+// K chunk of the bf16 kernel: a multiple of the group, so that groups never straddle two chunks.
+int64_t bf16_chunk(int64_t k, int64_t group) {
+  if (group >= k) return 256;  // per-channel (or one group covering K)
+  if (group % 2 != 0) return 0;
+  if (256 % group == 0) return 256;
+  if (group % 256 == 0) return group;
+  return 0;
+}
+
+#if defined(__x86_64__) || defined(_M_X64)
+void int8_linear_run_bf16(Int8LinearProblem& p, const at::Tensor& x2) {
+  // The only path that rounds activations: to bf16, once per call (exact when x is bf16 already).
+  // Pairs (x[i, 2q], x[i, 2q+1]) are packed in 32 bits and transposed so 16 rows fill a vector.
+  const int64_t m = p.m, k = p.k, n = p.n;
+  p.mp = (m + 15) / 16 * 16;
+  const int64_t kp2 = (k + 1) / 2;
+  at::Tensor xb = at::zeros({p.mp, 2 * kp2}, x2.options().dtype(at::kBFloat16));
+  xb.narrow(0, 0, m).narrow(1, 0, k).copy_(x2);
+  const at::Tensor xt = xb.view(at::kInt).t().contiguous();  // (kp2, mp)
+  p.xt = reinterpret_cast<const uint32_t*>(xt.data_ptr<int32_t>());
+  p.kc = bf16_chunk(k, p.group_size);
+  const int64_t kcs = (p.kc + 31) / 32 * 32;
+  const int64_t scratch_bytes = kBf16TileCols * kcs * 2 + kBf16TileCols * p.mp * 4;
+  // Work unit: blocks of kBf16TileCols output columns, so each thread reads a disjoint slice of the
+  // weight exactly once.
+  parallel_ranges((n + kBf16TileCols - 1) / kBf16TileCols, [&](int64_t begin, int64_t end) {
+    std::unique_ptr<char[]> scratch(new char[scratch_bytes + 64]);
+    void* aligned =
+        reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(scratch.get()) + 63) & ~uintptr_t(63));
+    int8_linear_avx512_bf16(p, begin * kBf16TileCols, std::min(end * kBf16TileCols, n), aligned);
+  });
+}
+#endif
 
 const char* int8_linear_cpu_path(int64_t m, int64_t n, int64_t k, int64_t group_size, ActDType dtype) {
   const int64_t group = group_size == -1 || group_size > k ? k : group_size;
@@ -153,40 +175,20 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
   at::Tensor y32 = dtype == ActDType::kFloat32 ? y : at::empty({m, n}, x.options().dtype(at::kFloat));
   p.bias_f32 = b32.defined() ? b32.data_ptr<float>() : nullptr;
   p.y_f32 = y32.data_ptr<float>();
-  at::Tensor x32, xt;
-  Int8LinearKernel kernel = nullptr;
-  int64_t grain = 16;  // columns
-  int64_t scratch_bytes = 0;
   if (path == Path::kAvx512Bf16) {
-    // The only path that rounds activations: to bf16, once per call (exact when x is bf16 already).
-    // Pairs (x[i, 2q], x[i, 2q+1]) are packed in 32 bits and transposed so 16 rows fill a vector.
-    p.mp = (m + 15) / 16 * 16;
-    const int64_t kp2 = (k + 1) / 2;
-    at::Tensor xb = at::zeros({p.mp, 2 * kp2}, x.options().dtype(at::kBFloat16));
-    xb.narrow(0, 0, m).narrow(1, 0, k).copy_(x2);
-    xt = xb.view(at::kInt).t().contiguous();  // (kp2, mp)
-    p.xt = reinterpret_cast<const uint32_t*>(xt.data_ptr<int32_t>());
-    p.kc = bf16_chunk(k, p.group_size);
-    kernel = int8_linear_avx512_bf16;
-    grain = kBf16TileCols;
-    const int64_t kcs = (p.kc + 31) / 32 * 32;
-    scratch_bytes = kBf16TileCols * kcs * 2 + kBf16TileCols * p.mp * 4;
+    int8_linear_run_bf16(p, x2);
   } else {
-    x32 = x2.to(at::kFloat).contiguous();
+    const at::Tensor x32 = x2.to(at::kFloat).contiguous();
     p.x_f32 = x32.data_ptr<float>();
-    kernel = path == Path::kAvx512Fp32 ? int8_linear_avx512_fp32 : int8_linear_avx2_fp32;
-    grain = 8;
+    const Int8LinearKernel kernel =
+        path == Path::kAvx512Fp32 ? int8_linear_avx512_fp32 : int8_linear_avx2_fp32;
+    // Work unit: blocks of 8 output columns, so each thread streams a disjoint slice of the weight
+    // exactly once. Small N still splits across threads when it has at least two blocks.
+    constexpr int64_t grain = 8;
+    parallel_ranges((n + grain - 1) / grain, [&](int64_t begin, int64_t end) {
+      kernel(p, begin * grain, std::min(end * grain, n), nullptr);
+    });
   }
-  // Work unit: blocks of `grain` output columns, so each thread streams a disjoint slice of the weight
-  // exactly once. Small N still splits across threads when it has at least two blocks.
-  const int64_t blocks = (n + grain - 1) / grain;
-  parallel_ranges(blocks, [&](int64_t begin, int64_t end) {
-    std::unique_ptr<char[]> scratch(scratch_bytes > 0 ? new char[scratch_bytes + 64] : nullptr);
-    void* aligned =
-        scratch ? reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(scratch.get()) + 63) & ~uintptr_t(63))
-                : nullptr;
-    kernel(p, begin * grain, std::min(end * grain, n), aligned);
-  });
   if (dtype != ActDType::kFloat32) y.view({m, n}).copy_(y32);
 #endif
   return y;

@@ -17,6 +17,15 @@ namespace fastquant::cpu {
 
 enum class ActDType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
+// A bitmap16 sparse weight with int8 values (sparse_linear's format, sparse_linear.h) for the bf16 path:
+// its tiles are expanded from the masks instead of converted from a dense row, everything else is shared.
+struct Bitmap16Int8 {
+  const int8_t* values;        // kept codes, row after row, then 64 of padding
+  const uint16_t* masks;       // n x n_chunks mask words
+  const int64_t* row_offsets;  // n + 1, each row's popcount equal to its offset difference (checked)
+  int64_t n_chunks;
+};
+
 struct Int8LinearProblem {
   const void* x;        // m x k activations, row-major, contiguous, activation dtype (portable path)
   const int8_t* w;      // n x k int8 weight, row-major, contiguous
@@ -38,6 +47,7 @@ struct Int8LinearProblem {
   const uint32_t* xt = nullptr;
   int64_t mp = 0;
   int64_t kc = 0;  // bf16 path: K chunk converted per weight tile (multiple of group_size, or of it)
+  const Bitmap16Int8* bitmap = nullptr;  // bf16 path: the weight in bitmap16 instead of w
 };
 
 // Computes output columns [n_begin, n_end) for every row. Called concurrently on disjoint ranges.

@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "cpu/avx512_expand.h"
 #include "cpu/int8_linear.h"
 
 namespace fastquant::cpu {
@@ -255,6 +256,21 @@ inline void convert_row_bf16(const int8_t* w, int64_t len, int64_t len16, uint16
   }
 }
 
+// Columns [kc0, kc0 + klen16) of a bitmap16 row (kc0 on a chunk boundary; the masks are zero past K) as
+// bf16 (exact: int8 codes) at dst. vp is the row's value pointer at column kc0 and moves past them; its
+// 16-byte loads stay inside values (the row's popcounts were checked against its offsets by the glue).
+inline void expand_row_bf16(const Bitmap16Int8& b, int64_t row, int64_t kc0, int64_t klen16,
+                            const int8_t*& vp, uint16_t* dst) {
+  const uint16_t* masks = b.masks + row * b.n_chunks + kc0 / 16;
+  for (int64_t c = 0; c < klen16 / 16; ++c) {
+    const unsigned bits = masks[c];
+    const __m512i q = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(vp)));
+    vp += _mm_popcnt_u32(bits);
+    const __m512 f = _mm512_cvtepi32_ps(expand_epi32(static_cast<__mmask16>(bits), q));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 16 * c), (__m256i)_mm512_cvtneps_pbh(f));
+  }
+}
+
 }  // namespace
 
 void int8_linear_avx512_fp32(const Int8LinearProblem& p, int64_t n_begin, int64_t n_end, void*) {
@@ -280,12 +296,17 @@ void int8_linear_avx512_bf16(const Int8LinearProblem& p, int64_t n_begin, int64_
     const int64_t nc = n_end - j0 < kBf16TileCols ? n_end - j0 : kBf16TileCols;
     const int64_t nc8 = (nc + kNR - 1) / kNR * kNR;
     std::memset(slab, 0, sizeof(float) * nc8 * mp);
+    const int8_t* row_values[kBf16TileCols];  // bitmap16: each column's value pointer at kc0
+    for (int64_t c = 0; p.bitmap && c < nc; ++c)
+      row_values[c] = p.bitmap->values + p.bitmap->row_offsets[j0 + c];
     for (int64_t kc0 = 0; kc0 < K; kc0 += KC) {
       const int64_t klen = K - kc0 < KC ? K - kc0 : KC;
       const int64_t klen16 = (klen + 15) / 16 * 16;
       for (int64_t c = 0; c < nc8; ++c) {
         uint16_t* dst = wtile + c * kcs;
-        if (c < nc) {
+        if (c < nc && p.bitmap) {
+          expand_row_bf16(*p.bitmap, j0 + c, kc0, klen16, row_values[c], dst);
+        } else if (c < nc) {
           convert_row_bf16(p.w + (j0 + c) * K + kc0, klen, klen16, dst);
         } else {
           std::memset(dst, 0, sizeof(uint16_t) * klen16);

@@ -11,6 +11,9 @@
 //   cpu_avx512_expand   16 lanes: the 16-bit mask is a k-register and vexpandps/vpexpandd does the same.
 //   cpu_avx512_vbmi_expand  int8 values at M = 1 with VBMI/VBMI2: one vpexpandb places the kept bytes of 64
 //                       columns, vpermb widens each 16 of them to 32-bit lanes.
+//   cpu_avx512_bf16_tiles  int8 values at M > 16 (prefill): int8_linear's bf16 path, its weight tiles
+//                       expanded from the masks (int8 -> bf16 is exact); x is rounded to bf16 once per call
+//                       as that path does, products and sums in fp32.
 // All paths multiply and accumulate in fp32: values (bf16, fp16, int8 codes) and activations convert to
 // fp32 exactly, grouped int8 scales multiply the expanded weight (q * s in fp32, as the reference
 // dequantizes), per-channel scales multiply the finished dot product.
@@ -53,6 +56,8 @@ int64_t sparse_linear_avx2(const SparseLinearProblem& p, int64_t n_begin, int64_
 int64_t sparse_linear_avx512(const SparseLinearProblem& p, int64_t n_begin, int64_t n_end);
 #endif
 
-const char* sparse_linear_cpu_path(int64_t m, int64_t n, int64_t k, SparseValues values, ActDType x);
+// group_size: -1 for per-channel scales (or float values).
+const char* sparse_linear_cpu_path(int64_t m, int64_t n, int64_t k, SparseValues values, ActDType x,
+                                   int64_t group_size);
 
 }  // namespace fastquant::cpu

@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "cpu/avx512_expand.h"
 #include "cpu/sparse_linear.h"
 
 namespace fastquant::cpu {
@@ -25,19 +26,6 @@ namespace {
 #ifndef FQ_SPARSE_BYTES_PF
 #define FQ_SPARSE_BYTES_PF 4096  // the same for row1_bytes: 0.5 KiB per row at 50%, so ~8 rows ahead
 #endif
-
-// vpexpandd / vexpandps with zero-masking still wait for the previous value of their destination register
-// on Zen 5: a loop whose expands all wrote one register (as GCC allocates them) ran 3-4x slower than the
-// same loop with the expand done in place. In place, that dependency is on the source, which the expand
-// reads anyway.
-inline __m512i expand_epi32(__mmask16 k, __m512i v) {
-  asm("vpexpandd %0, %0%{%1%}%{z%}" : "+v"(v) : "Yk"(k));
-  return v;
-}
-inline __m512 expand_ps(__mmask16 k, __m512 v) {
-  asm("vexpandps %0, %0%{%1%}%{z%}" : "+v"(v) : "Yk"(k));
-  return v;
-}
 
 template <SparseValues V>
 struct Val;
@@ -186,7 +174,7 @@ __attribute__((target("avx512vbmi,avx512vbmi2"))) BytePlacement byte_placement()
 }
 
 __attribute__((target("avx512vbmi,avx512vbmi2"))) inline __m512i expand_bytes(__mmask64 k, __m512i v) {
-  asm("vpexpandb %0, %0%{%1%}%{z%}" : "+v"(v) : "Yk"(k));  // in place: see expand_epi32
+  asm("vpexpandb %0, %0%{%1%}%{z%}" : "+v"(v) : "Yk"(k));  // in place: see avx512_expand.h
   return v;
 }
 

@@ -48,13 +48,19 @@ def int8_linear_kernel_path(device: torch.device, m: int, n: int, k: int, group_
 
 
 def sparse_linear_kernel_path(
-    device: torch.device, m: int, n: int, k: int, values_dtype: torch.dtype, x_dtype: torch.dtype
+    device: torch.device,
+    m: int,
+    n: int,
+    k: int,
+    values_dtype: torch.dtype,
+    x_dtype: torch.dtype,
+    group_size: int = -1,
 ) -> str:
     """Name of the kernel ``sparse_linear`` runs for an (m, k) x (n, k)^T problem on ``device``."""
     values_name = str(values_dtype).removeprefix("torch.")
     x_name = str(x_dtype).removeprefix("torch.")
     if device.type == "cpu" and has_cpu_kernels() and hasattr(native, "sparse_linear_cpu_path"):
-        return native.sparse_linear_cpu_path(m, n, k, values_name, x_name)
+        return native.sparse_linear_cpu_path(m, n, k, values_name, x_name, group_size)
     if device.type == "cuda" and has_cuda_kernels() and hasattr(native, "sparse_linear_cuda_path"):
         return native.sparse_linear_cuda_path(m, n, k, values_name, x_name)
     return "reference"

@@ -333,7 +333,10 @@ def _kernel_paths(layer: Int8Linear | SparseLinear) -> str:
         return _native.sparse_csr_linear_kernel_path(layer.values.device)
     if isinstance(layer, SparseLinear):
         device, (n, k) = layer.masks.device, (layer.out_features, layer.in_features)
-        paths = [_native.sparse_linear_kernel_path(device, m, n, k, layer.values.dtype, layer.dtype) for m in (1, 512)]
+        paths = [
+            _native.sparse_linear_kernel_path(device, m, n, k, layer.values.dtype, layer.dtype, layer.group_size_arg)
+            for m in (1, 512)
+        ]
     else:
         device, (n, k) = layer.qweight.device, layer.qweight.shape
         paths = [_native.int8_linear_kernel_path(device, m, n, k, layer.group_size_arg, layer.dtype) for m in (1, 512)]
