@@ -204,3 +204,23 @@ def test_int8_with_calibration_uses_gptq_rounding():
         rtn_error = (rtn(x) - expected).norm()
         gptq_error = (gptq(x) - expected).norm()
     assert gptq_error < 0.8 * rtn_error
+
+
+def test_csr16_layer_prefills_with_bitmap16_where_that_has_a_prefill_kernel():
+    """A csr16 layer with int8 values hands calls of more than 16 rows to the bitmap16 op where that op has
+    the bf16 prefill path (AVX-512): same weights, so the same result as the bitmap16 layout."""
+    model = fastquant.patch(make_block(), "int8+sparse", sparsity=0.9, sparse_kernel="csr16", progress=False)
+    layer = model.up
+    bitmap = copy.deepcopy(layer).set_layout("bitmap16")
+    path = fastquant._native.sparse_linear_kernel_path(
+        torch.device("cpu"), 17, layer.out_features, layer.in_features, torch.int8, torch.float32
+    )
+    assert layer._prefill_in_bitmap16 == (path == "cpu_avx512_bf16_tiles")
+    with torch.no_grad():
+        for rows in (1, 16, 17, 40):
+            x = torch.randn(rows, layer.in_features)
+            y, y_bitmap = layer(x), bitmap(x)
+            if rows > 16 and layer._prefill_in_bitmap16:
+                torch.testing.assert_close(y, y_bitmap, rtol=0, atol=0)
+            else:
+                torch.testing.assert_close(y, y_bitmap, rtol=1e-5, atol=1e-5)

@@ -330,7 +330,8 @@ def prune(
 
 def _kernel_paths(layer: Int8Linear | SparseLinear) -> str:
     if isinstance(layer, SparseLinear) and layer.layout == "csr16":
-        return _native.sparse_csr_linear_kernel_path(layer.values.device)
+        path = _native.sparse_csr_linear_kernel_path(layer.values.device)
+        return f"{path} / cpu_avx512_bf16_tiles (prefill)" if layer._prefill_in_bitmap16 else path
     if isinstance(layer, SparseLinear):
         device, (n, k) = layer.masks.device, (layer.out_features, layer.in_features)
         paths = [
