@@ -476,12 +476,12 @@ CORRUPT = [
 
 @pytest.mark.parametrize(("message", "make_args"), CORRUPT, ids=[m for m, _ in CORRUPT])
 @pytest.mark.parametrize("kernel", ["native", "reference"])
-@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("m", [1, 3, 17])
 def test_corrupt_offsets_are_rejected(message, make_args, kernel, m):
     """Offsets or masks that disagree would make a kernel read outside values: they are refused before
-    (M = 1 and M = 3 take different kernels)."""
+    (M = 1, 3 and 17 take different kernels and checks on AVX-512)."""
     base = bad_input_base("cpu")
-    base["x"] = base["x"][:m]
+    base["x"] = torch.randn(m, 64, generator=torch.Generator().manual_seed(m))
     # bad_input_base keeps column 63 of row 0 (bit 15 of its last word, a negative int16).
     assert int(base["masks"][0, 3]) < 0
     args = make_args(base)

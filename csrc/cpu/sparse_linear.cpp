@@ -18,7 +18,6 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
-#include <cstring>
 #include <vector>
 
 #include "cpu/cpu_features.h"
@@ -64,18 +63,6 @@ const char* path_name(Path path) {
       break;
   }
   return "cpu_portable";
-}
-
-int64_t row_popcount(const uint16_t* masks, int64_t n_chunks, int64_t j) {
-  const uint16_t* row = masks + j * n_chunks;
-  int64_t count = 0, c = 0;
-  for (; c + 4 <= n_chunks; c += 4) {  // 4 mask words per popcount
-    uint64_t words;
-    std::memcpy(&words, row + c, sizeof(words));
-    count += __builtin_popcountll(words);
-  }
-  for (; c < n_chunks; ++c) count += __builtin_popcount(row[c]);
-  return count;
 }
 
 // The O(N) checks of the header comment, worded as check_sparse_linear_contents in ops.py; the popcount of
@@ -152,60 +139,11 @@ at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& values, cons
   if (y.numel() == 0) return y;
   if (k == 0) return bias.has_value() ? y.copy_(bias->expand_as(y)) : y.zero_();
 
-  const Path path = choose_path(active_isa(), m, k, vtype, group_size == -1 ? k : group_size);
-#if defined(__x86_64__) || defined(_M_X64)
-  if (path == Path::kAvx512Bf16Tiles) {
-    // Every row's popcount against its offsets first (the tiles expand rows in K chunks, so no row can be
-    // checked just before it is read): ~0.1 ms for 4096 x 4096, ~1% of a prefill call.
-    const int64_t bad = parallel_rows_first_refused(n, 64, [&](int64_t begin, int64_t end) -> int64_t {
-      for (int64_t j = begin; j < end; ++j) {
-        if (row_popcount(mask_words, n_chunks, j) != offsets[j + 1] - offsets[j]) return j;
-      }
-      return -1;
-    });
-    TORCH_CHECK(bad == n, kPrefix, " row ", bad, " keeps ", row_popcount(mask_words, n_chunks, bad),
-                " weights in masks but row_offsets gives it ", offsets[bad + 1] - offsets[bad]);
-    const at::Tensor x2 = x.reshape({m, k}).contiguous();
-    const at::Tensor s = scales->contiguous();
-    const at::Tensor b32 = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
-    at::Tensor y32 = dtype == ActDType::kFloat32 ? y : at::empty({m, n}, x.options().dtype(at::kFloat));
-    const Bitmap16Int8 bitmap{static_cast<const int8_t*>(vals.data_ptr()), mask_words, offsets, n_chunks};
-    Int8LinearProblem ip{x2.data_ptr(),
-                         nullptr,
-                         s.data_ptr<float>(),
-                         nullptr,
-                         y32.data_ptr(),
-                         m,
-                         n,
-                         k,
-                         group_size == -1 ? k : std::min(group_size, k),
-                         n_groups,
-                         dtype};
-    ip.bias_f32 = b32.defined() ? b32.data_ptr<float>() : nullptr;
-    ip.y_f32 = y32.data_ptr<float>();
-    ip.bitmap = &bitmap;
-    int8_linear_run_bf16(ip, x2);
-    if (dtype != ActDType::kFloat32) y.view({m, n}).copy_(y32);
-    return y;
-  }
-#endif
-
-  // Activations in fp32 (exact for bf16/fp16), zero-padded to whole 16-column chunks so that the last
-  // chunk's vector load reads zeros past K (its mask bits there are zero, checked above).
-  const int64_t ldx = n_chunks * 16;
-  at::Tensor x32;
-  if (dtype == ActDType::kFloat32 && ldx == k) {
-    x32 = x.reshape({m, k}).contiguous();
-  } else {
-    x32 = at::zeros({m, ldx}, x.options().dtype(at::kFloat));
-    x32.narrow(1, 0, k).copy_(x.reshape({m, k}));
-  }
   const at::Tensor s = scales.has_value() ? scales->contiguous() : at::Tensor();
   const at::Tensor b32 = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
   at::Tensor y32 = dtype == ActDType::kFloat32 ? y : at::empty({m, n}, x.options().dtype(at::kFloat));
 
   SparseLinearProblem p{};
-  p.x = x32.data_ptr<float>();
   p.values = vals.data_ptr();
   p.values_size = vals.numel();
   p.masks = mask_words;
@@ -217,23 +155,66 @@ at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& values, cons
   p.n = n;
   p.k = k;
   p.n_chunks = n_chunks;
-  p.ldx = ldx;
   p.group_chunks = vtype == SparseValues::kInt8 && group_size != -1 ? group_size / 16 : 0;
   p.n_groups = n_groups;
   p.vtype = vtype;
+  const Path path = choose_path(active_isa(), m, k, vtype, group_size == -1 ? k : group_size);
   p.byte_expand = path == Path::kAvx512Vbmi;
 
-  SparseLinearKernel kernel = sparse_linear_portable;
+  int64_t bad = n;
 #if defined(__x86_64__) || defined(_M_X64)
-  if (path == Path::kAvx512 || path == Path::kAvx512Vbmi) kernel = sparse_linear_avx512;
-  if (path == Path::kAvx2) kernel = sparse_linear_avx2;
+  if (path == Path::kAvx512Bf16Tiles) {
+    // Every row's popcount against its offsets first (the tiles expand rows in K chunks, so no row can be
+    // checked just before it is read): ~0.1 ms for 4096 x 4096, ~1% of a prefill call.
+    bad = parallel_rows_first_refused(
+        n, 64, [&](int64_t begin, int64_t end) { return sparse_first_bad_row_avx512(p, begin, end); });
+    if (bad == n) {
+      const at::Tensor x2 = x.reshape({m, k}).contiguous();
+      const Bitmap16Int8 bitmap{static_cast<const int8_t*>(p.values), mask_words, offsets, n_chunks};
+      Int8LinearProblem ip{x2.data_ptr(),
+                           nullptr,
+                           p.scales,
+                           nullptr,
+                           y32.data_ptr(),
+                           m,
+                           n,
+                           k,
+                           group_size == -1 ? k : std::min(group_size, k),
+                           n_groups,
+                           dtype};
+      ip.bias_f32 = p.bias;
+      ip.y_f32 = p.y;
+      ip.bitmap = &bitmap;
+      int8_linear_run_bf16(ip, x2);
+    }
+  }
 #endif
-  // Weight rows are the unit of work: each thread streams a disjoint, contiguous slice of values and
-  // masks exactly once (per block of x rows). Blocks of 8 rows keep the kernels' row tiles whole.
-  constexpr int64_t grain = 8;
-  const int64_t bad = parallel_rows_first_refused(
-      n, grain, [&](int64_t begin, int64_t end) { return kernel(p, begin, end); });
-  TORCH_CHECK(bad == n, kPrefix, " row ", bad, " keeps ", row_popcount(mask_words, n_chunks, bad),
+  if (path != Path::kAvx512Bf16Tiles) {
+    // Activations in fp32 (exact for bf16/fp16), zero-padded to whole 16-column chunks so that the last
+    // chunk's vector load reads zeros past K (its mask bits there are zero, checked above).
+    const int64_t ldx = n_chunks * 16;
+    at::Tensor x32;
+    if (dtype == ActDType::kFloat32 && ldx == k) {
+      x32 = x.reshape({m, k}).contiguous();
+    } else {
+      x32 = at::zeros({m, ldx}, x.options().dtype(at::kFloat));
+      x32.narrow(1, 0, k).copy_(x.reshape({m, k}));
+    }
+    p.x = x32.data_ptr<float>();
+    p.ldx = ldx;
+
+    SparseLinearKernel kernel = sparse_linear_portable;
+#if defined(__x86_64__) || defined(_M_X64)
+    if (path == Path::kAvx512 || path == Path::kAvx512Vbmi) kernel = sparse_linear_avx512;
+    if (path == Path::kAvx2) kernel = sparse_linear_avx2;
+#endif
+    // Weight rows are the unit of work: each thread streams a disjoint, contiguous slice of values and
+    // masks exactly once (per block of x rows). Blocks of 8 rows keep the kernels' row tiles whole.
+    constexpr int64_t grain = 8;
+    bad = parallel_rows_first_refused(n, grain,
+                                      [&](int64_t begin, int64_t end) { return kernel(p, begin, end); });
+  }
+  TORCH_CHECK(bad == n, kPrefix, " row ", bad, " keeps ", row_mask_popcount(mask_words, n_chunks, bad),
               " weights in masks but row_offsets gives it ", offsets[bad + 1] - offsets[bad]);
   if (dtype != ActDType::kFloat32) y.view({m, n}).copy_(y32);
   return y;

@@ -18,6 +18,7 @@
 // fp32 exactly, grouped int8 scales multiply the expanded weight (q * s in fp32, as the reference
 // dequantizes), per-channel scales multiply the finished dot product.
 #include <cstdint>
+#include <cstring>
 
 #include "cpu/int8_linear.h"  // ActDType
 
@@ -57,6 +58,34 @@ int64_t sparse_linear_avx512(const SparseLinearProblem& p, int64_t n_begin, int6
 #endif
 
 // group_size: -1 for per-channel scales (or float values).
+// Kept weights in row j's masks. static: each file (ISA kernels, glue) compiles its own copy with its own
+// flags, so no AVX-512 build of it can be linked into code that runs elsewhere.
+static inline int64_t row_mask_popcount(const uint16_t* masks, int64_t n_chunks, int64_t j) {
+  const uint16_t* row = masks + j * n_chunks;
+  int64_t count = 0, c = 0;
+  for (; c + 4 <= n_chunks; c += 4) {  // 4 mask words per popcount
+    uint64_t words;
+    std::memcpy(&words, row + c, sizeof(words));
+    count += __builtin_popcountll(words);
+  }
+  for (; c < n_chunks; ++c) count += __builtin_popcount(row[c]);
+  return count;
+}
+
+// First row in [j0, j1) whose offset difference is not the popcount of its mask words, or -1.
+static inline int64_t first_bad_row(const SparseLinearProblem& p, int64_t j0, int64_t j1) {
+  for (int64_t j = j0; j < j1; ++j) {
+    if (row_mask_popcount(p.masks, p.n_chunks, j) != p.row_offsets[j + 1] - p.row_offsets[j]) return j;
+  }
+  return -1;
+}
+
+#if defined(__x86_64__) || defined(_M_X64)
+// first_bad_row compiled with the AVX-512 file's flags (a popcnt instruction per 4 mask words), for the
+// glue's check of every row before sparse_linear's bf16 prefill path.
+int64_t sparse_first_bad_row_avx512(const SparseLinearProblem& p, int64_t j0, int64_t j1);
+#endif
+
 const char* sparse_linear_cpu_path(int64_t m, int64_t n, int64_t k, SparseValues values, ActDType x,
                                    int64_t group_size);
 

@@ -165,22 +165,6 @@ constexpr int kMB = 4;          // rows of x per tile at M > 1
 constexpr int kNR = 2;          // weight rows per tile at M > 1
 constexpr int64_t kBlock = 32;  // weight rows whose values stay in L2 while x streams past (M > 1)
 
-// First row in [j0, j1) whose offset difference is not the popcount of its mask words, or -1.
-int64_t first_bad_row(const SparseLinearProblem& p, int64_t j0, int64_t j1) {
-  for (int64_t j = j0; j < j1; ++j) {
-    const uint16_t* w = p.masks + j * p.n_chunks;
-    int64_t count = 0, c = 0;
-    for (; c + 4 <= p.n_chunks; c += 4) {
-      uint64_t q;
-      std::memcpy(&q, w + c, sizeof(q));
-      count += _mm_popcnt_u64(q);
-    }
-    for (; c < p.n_chunks; ++c) count += _mm_popcnt_u32(w[c]);
-    if (count != p.row_offsets[j + 1] - p.row_offsets[j]) return j;
-  }
-  return -1;
-}
-
 template <SparseValues V, int NR, bool GROUPED>
 void tile_m(const SparseLinearProblem& p, int64_t m0, int mb, int64_t j0) {
   switch (mb) {

@@ -24,7 +24,7 @@ namespace {
 #define FQ_SPARSE_PF 1024  // bytes of values prefetched ahead of each row pointer (0: none)
 #endif
 #ifndef FQ_SPARSE_BYTES_PF
-#define FQ_SPARSE_BYTES_PF 4096  // the same for row1_bytes: 0.5 KiB per row at 50%, so ~8 rows ahead
+#define FQ_SPARSE_BYTES_PF 4096  // the same for rows_bytes: 0.5 KiB per row at 50%, so ~8 rows ahead
 #endif
 
 template <SparseValues V>
@@ -242,22 +242,6 @@ __attribute__((target("avx512vbmi,avx512vbmi2"))) int64_t rows_bytes(const Spars
   return bad;
 }
 
-// First row in [j0, j1) whose offset difference is not the popcount of its mask words, or -1.
-int64_t first_bad_row(const SparseLinearProblem& p, int64_t j0, int64_t j1) {
-  for (int64_t j = j0; j < j1; ++j) {
-    const uint16_t* w = p.masks + j * p.n_chunks;
-    int64_t count = 0, c = 0;
-    for (; c + 4 <= p.n_chunks; c += 4) {
-      uint64_t q;
-      std::memcpy(&q, w + c, sizeof(q));
-      count += _mm_popcnt_u64(q);
-    }
-    for (; c < p.n_chunks; ++c) count += _mm_popcnt_u32(w[c]);
-    if (count != p.row_offsets[j + 1] - p.row_offsets[j]) return j;
-  }
-  return -1;
-}
-
 template <SparseValues V, int NR, bool GROUPED>
 void tile_m(const SparseLinearProblem& p, int64_t m0, int mb, int64_t j0) {
   switch (mb) {
@@ -331,6 +315,10 @@ int64_t run_values(const SparseLinearProblem& p, int64_t n_begin, int64_t n_end)
 }
 
 }  // namespace
+
+int64_t sparse_first_bad_row_avx512(const SparseLinearProblem& p, int64_t j0, int64_t j1) {
+  return first_bad_row(p, j0, j1);
+}
 
 int64_t sparse_linear_avx512(const SparseLinearProblem& p, int64_t n_begin, int64_t n_end) {
   switch (p.vtype) {

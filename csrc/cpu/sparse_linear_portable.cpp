@@ -32,9 +32,7 @@ int64_t run(const SparseLinearProblem& p, int64_t n_begin, int64_t n_end) {
   const int64_t gc = p.group_chunks;
   for (int64_t j = n_begin; j < n_end; ++j) {
     const uint16_t* mrow = p.masks + j * p.n_chunks;
-    int64_t count = 0;
-    for (int64_t c = 0; c < p.n_chunks; ++c) count += __builtin_popcount(mrow[c]);
-    if (count != p.row_offsets[j + 1] - p.row_offsets[j]) return j;
+    if (first_bad_row(p, j, j + 1) >= 0) return j;
     const float* srow = p.scales ? p.scales + j * p.n_groups : nullptr;
     for (int64_t i = 0; i < p.m; ++i) {
       const float* xi = p.x + i * p.ldx;
