@@ -7,9 +7,12 @@ Tolerance rule (the int8_linear rule of tests/helpers.py, with W the unpacked we
 
 y64 is the float64 evaluation, y_ref the fp32 reference kernel's output. Every sparse kernel multiplies in
 fp32 (values and activations are converted to fp32 exactly), so only the fp32 product rounding constant
-applies; losing or misplacing a single kept weight exceeds the bound. The one exception is the AVX-512
-prefill path for int8 values (cpu_avx512_bf16_tiles, M > 16), which rounds x to bf16 once per call as
-int8_linear's prefill path does: there y64, y_ref and the bound are those of the rounded x.
+applies; losing or misplacing a single kept weight exceeds the bound. Two paths differ: the AVX-512
+prefill path for int8 values (cpu_avx512_bf16_tiles, M > 16) rounds x to bf16 once per call as
+int8_linear's prefill path does: there y64, y_ref and the bound are those of the rounded x. The M = 1 path
+for per-channel int8 values (cpu_avx512_vnni_fixed) rounds x to 32-bit fixed point (steps of 2^-31 max|x|)
+and sums exactly in integers, for x whose largest magnitude is at most 1024x the mean of the others: its
+error, at most 2^-32 max|x| sum|q| s, is far inside the same bound.
 """
 
 from __future__ import annotations
@@ -82,7 +85,9 @@ def expected_cpu_path(isa: str, m: int, k: int, values_dtype: torch.dtype, group
     if isa in ("avx512", "avx512_vbmi") and int8 and m > 16 and bf16_tiles_take(k, group_size):
         return BF16_PATH
     if isa == "avx512_vbmi":  # the byte expand is for int8 values at M = 1; the rest is the avx512 kernel
-        return "cpu_avx512_vbmi_expand" if int8 and m == 1 else "cpu_avx512_expand"
+        if int8 and m == 1:
+            return "cpu_avx512_vnni_fixed" if group_size == -1 else "cpu_avx512_vbmi_expand"
+        return "cpu_avx512_expand"
     return {"portable": "cpu_portable", "avx2": "cpu_avx2_permute", "avx512": "cpu_avx512_expand"}[isa]
 
 
@@ -205,9 +210,10 @@ def test_every_group_and_pattern(cpu_isa, values_dtype, m):
 def test_every_row_count(cpu_isa, m):
     """Row counts around every register tile and row block edge (M blocks, tails)."""
     k, n = (100, 20) if cpu_isa == "portable" else (576, 130)
-    for vdtype in (torch.float32, torch.int8):
-        args, g = make_case(m, k, n, vdtype, torch.float32, 64, 0.5, "random", True, seed=m)
-        assert_sparse_linear_close(run_op(args, g), args, g)
+    for vdtype, group in ((torch.float32, -1), (torch.int8, 64), (torch.int8, -1)):
+        for rows in (n, 1, 2, 3, 5, 6, 7):  # and the row tails of the M = 1 kernels (pairs, fours)
+            args, g = make_case(m, k, rows, vdtype, torch.float32, group, 0.5, "random", True, seed=m + rows)
+            assert_sparse_linear_close(run_op(args, g), args, g)
 
 
 @pytest.mark.parametrize("cpu_isa", available_cpu_isas(), indirect=True)
@@ -220,14 +226,66 @@ def test_all_zero_rows_and_dense_rows(cpu_isa):
     weight[::3] = 0.0
     mask = weight != 0
     mask[1::3, 100:900] = False
-    for vdtype in (torch.float32, torch.bfloat16, torch.float16):
-        values, masks, row_offsets = reference.sparse_pack(weight.to(vdtype) * mask, mask)
+    for vdtype in (torch.float32, torch.bfloat16, torch.float16, torch.int8):
+        if vdtype == torch.int8:
+            codes, scales = reference.int8_quantize(weight * mask)
+            values, masks, row_offsets = reference.sparse_pack(codes, mask)
+        else:
+            scales = None
+            values, masks, row_offsets = reference.sparse_pack(weight.to(vdtype) * mask, mask)
         for m in (1, 5, 20):
             x = torch.randn(m, k, generator=gen)
-            args = (x, values, masks, row_offsets, None, None)
+            args = (x, values, masks, row_offsets, scales, None)
             y = run_op(args, -1)
             assert bool((y[:, ::3] == 0).all())
             assert_sparse_linear_close(y, args, -1)
+
+
+@pytest.mark.parametrize("cpu_isa", available_cpu_isas(with_vbmi=True), indirect=True)
+@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_non_finite_x_propagates(cpu_isa, m, bad):
+    """A NaN or infinity in x reaches the outputs of the rows that keep its column as in the reference (the
+    M = 1 fixed-point path hands such x to the fp32 kernel instead of rounding it). Rows that pruned the
+    column give NaN (the dense layer's inf * 0: kernels that expand the masks) or the sum over their kept
+    weights (kernels that visit only kept weights, like the portable one); other rows of x are unaffected."""
+    k, n = 300, 37
+    for vdtype in (torch.int8, torch.float32):
+        args, _ = make_case(m, k, n, vdtype, torch.float32, -1, 0.5, "random", True, seed=5)
+        x = args[0].clone()
+        x[0, 7] = bad
+        case = (x, *args[1:])
+        y = run_op(case, -1)
+        y_dense = reference.sparse_linear(*case, k, -1)
+        x_zero = x.clone()
+        x_zero[0, 7] = 0.0
+        y_kept_only = reference.sparse_linear(x_zero, *args[1:], k, -1)
+        kept = reference.sparse_dequantize(*args[1:5], k, -1)[:, 7] != 0
+        torch.testing.assert_close(y[0, kept], y_dense[0, kept], equal_nan=True, rtol=0, atol=0)
+        pruned = y[0, ~kept]
+        assert bool((pruned.isnan() | torch.isclose(pruned, y_kept_only[0, ~kept], rtol=1e-5, atol=1e-5)).all())
+        if m > 1:
+            assert_sparse_linear_close(y[1:], (x[1:], *args[1:]), -1)
+
+
+@pytest.mark.parametrize("cpu_isa", available_cpu_isas(with_vbmi=True), indirect=True)
+@pytest.mark.parametrize("outlier", [0.0, 30.0, 1000.0, 1e5, 1e30])
+def test_x_outliers_and_zero_x(cpu_isa, outlier):
+    """x with one element `outlier` times the others' mean magnitude (the fixed-point path takes x up to 1024x,
+    the fp32 kernel the rest), at a pruned and at a kept column, and x = 0 (the output is then the bias)."""
+    k, n = 1000, 64
+    args, _ = make_case(1, k, n, torch.int8, torch.float32, -1, 0.5, "random", True, seed=int(outlier) % 1000 + 3)
+    x, values, masks, row_offsets, scales, bias = args
+    if outlier == 0.0:
+        y = run_op((torch.zeros_like(x), *args[1:]), -1)
+        torch.testing.assert_close(y, bias.expand_as(y), rtol=0, atol=0)
+        return
+    mask0 = reference.sparse_dequantize(values, masks, row_offsets, scales, k, -1)[0] != 0
+    for column in (int(mask0.nonzero()[0]), int((~mask0).nonzero()[0])):
+        x_out = x.clone()
+        x_out[0, column] = outlier * x.abs().mean()
+        case = (x_out, *args[1:])
+        assert_sparse_linear_close(run_op(case, -1), case, -1)
 
 
 @pytest.mark.parametrize("cpu_isa", available_cpu_isas(), indirect=True)

@@ -34,15 +34,21 @@ static_assert(static_cast<int>(ActDType::kBFloat16) == kCodeBFloat16 &&
 
 constexpr const char* kPrefix = "fastquant.sparse_linear:";
 
-enum class Path { kPortable, kAvx2, kAvx512, kAvx512Vbmi, kAvx512Bf16Tiles };
+enum class Path { kPortable, kAvx2, kAvx512, kAvx512Vbmi, kAvx512VnniFixed, kAvx512Bf16Tiles };
 
-// group: the group size (k for per-channel scales).
-Path choose_path(Isa isa, int64_t m, int64_t k, SparseValues values, int64_t group) {
+// Largest K of the fixed-point path: its int32 sums of 255 * 128 * K must not overflow.
+constexpr int64_t kFixedPointMaxK = 65536;
+
+// group_size: -1 for per-channel scales (or float values).
+Path choose_path(Isa isa, int64_t m, int64_t k, SparseValues values, int64_t group_size) {
+  const int64_t group = group_size == -1 ? k : group_size;
 #if defined(__x86_64__) || defined(_M_X64)
   if (isa >= Isa::kAvx512 && values == SparseValues::kInt8 && m > kBf16MinRows && bf16_chunk(k, group) > 0) {
     return Path::kAvx512Bf16Tiles;
   }
-  if (isa == Isa::kAvx512Vbmi && values == SparseValues::kInt8 && m == 1) return Path::kAvx512Vbmi;
+  if (isa == Isa::kAvx512Vbmi && values == SparseValues::kInt8 && m == 1) {
+    return group_size == -1 && k <= kFixedPointMaxK ? Path::kAvx512VnniFixed : Path::kAvx512Vbmi;
+  }
   if (isa >= Isa::kAvx512) return Path::kAvx512;
   if (isa == Isa::kAvx2) return Path::kAvx2;
 #endif
@@ -53,6 +59,8 @@ const char* path_name(Path path) {
   switch (path) {
     case Path::kAvx512Bf16Tiles:
       return "cpu_avx512_bf16_tiles";
+    case Path::kAvx512VnniFixed:
+      return "cpu_avx512_vnni_fixed";
     case Path::kAvx512Vbmi:
       return "cpu_avx512_vbmi_expand";
     case Path::kAvx512:
@@ -91,7 +99,7 @@ void check_offsets(const at::Tensor& values, const uint16_t* masks, const int64_
 
 const char* sparse_linear_cpu_path(int64_t m, int64_t n, int64_t k, SparseValues values, ActDType x,
                                    int64_t group_size) {
-  return path_name(choose_path(active_isa(), m, k, values, group_size == -1 ? k : group_size));
+  return path_name(choose_path(active_isa(), m, k, values, group_size));
 }
 
 at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& masks,
@@ -158,8 +166,8 @@ at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& values, cons
   p.group_chunks = vtype == SparseValues::kInt8 && group_size != -1 ? group_size / 16 : 0;
   p.n_groups = n_groups;
   p.vtype = vtype;
-  const Path path = choose_path(active_isa(), m, k, vtype, group_size == -1 ? k : group_size);
-  p.byte_expand = path == Path::kAvx512Vbmi;
+  const Path path = choose_path(active_isa(), m, k, vtype, group_size);
+  p.byte_expand = path == Path::kAvx512Vbmi || path == Path::kAvx512VnniFixed;
 
   int64_t bad = n;
 #if defined(__x86_64__) || defined(_M_X64)
@@ -202,10 +210,29 @@ at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& values, cons
     }
     p.x = x32.data_ptr<float>();
     p.ldx = ldx;
+#if defined(__x86_64__) || defined(_M_X64)
+    at::Tensor planes;
+    if (path == Path::kAvx512Vbmi || path == Path::kAvx512VnniFixed) {
+      const SparseXRange range = sparse_x_range_avx512(p.x, k);
+      if (!range.finite || range.max_abs > kByteExpandMaxX) {
+        p.byte_expand = false;  // the fp32 kernel, which propagates NaN and infinities as the reference does
+      } else if (path == Path::kAvx512VnniFixed &&
+                 (range.max_abs == 0 || range.max_abs <= kFixedPointRange * range.others_mean)) {
+        const int64_t stride = (ldx + 63) / 64 * 64;
+        planes = at::empty({4 * stride}, x.options().dtype(at::kByte));
+        sparse_fixed_point_x_avx512(p.x, k, range.max_abs, stride, planes.data_ptr<uint8_t>(),
+                                    &p.x_fixed_top_sum, &p.x_fixed_step);
+        p.x_fixed = planes.data_ptr<uint8_t>();
+        p.x_fixed_stride = stride;
+      }
+    }
+#endif
 
     SparseLinearKernel kernel = sparse_linear_portable;
 #if defined(__x86_64__) || defined(_M_X64)
-    if (path == Path::kAvx512 || path == Path::kAvx512Vbmi) kernel = sparse_linear_avx512;
+    if (path == Path::kAvx512 || path == Path::kAvx512Vbmi || path == Path::kAvx512VnniFixed) {
+      kernel = sparse_linear_avx512;
+    }
     if (path == Path::kAvx2) kernel = sparse_linear_avx2;
 #endif
     // Weight rows are the unit of work: each thread streams a disjoint, contiguous slice of values and

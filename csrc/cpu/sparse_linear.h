@@ -11,10 +11,15 @@
 //   cpu_avx512_expand   16 lanes: the 16-bit mask is a k-register and vexpandps/vpexpandd does the same.
 //   cpu_avx512_vbmi_expand  int8 values at M = 1 with VBMI/VBMI2: one vpexpandb places the kept bytes of 64
 //                       columns, vpermb widens each 16 of them to 32-bit lanes.
+//   cpu_avx512_vnni_fixed  per-channel int8 values at M = 1: x in 32-bit fixed point, split into 4 byte
+//                       planes once per call; per 64 columns one vpexpandb places the kept int8 values and
+//                       4 vpdpbusd multiply them with the 4 planes, summing in int32 exactly. The only
+//                       rounding is x's, to 2^-32 of max|x|, below fp32's for the x it takes (finite, max|x|
+//                       <= 2^10 x the others' mean); other x takes cpu_avx512_vbmi_expand's kernel.
 //   cpu_avx512_bf16_tiles  int8 values at M > 16 (prefill): int8_linear's bf16 path, its weight tiles
 //                       expanded from the masks (int8 -> bf16 is exact); x is rounded to bf16 once per call
 //                       as that path does, products and sums in fp32.
-// All paths multiply and accumulate in fp32: values (bf16, fp16, int8 codes) and activations convert to
+// All other paths multiply and accumulate in fp32: values (bf16, fp16, int8 codes) and activations convert to
 // fp32 exactly, grouped int8 scales multiply the expanded weight (q * s in fp32, as the reference
 // dequantizes), per-channel scales multiply the finished dot product.
 #include <cstdint>
@@ -40,6 +45,13 @@ struct SparseLinearProblem {
   int64_t n_groups;      // columns of scales (1 for per-channel)
   SparseValues vtype;
   bool byte_expand;  // int8 values, M = 1: the VBMI/VBMI2 byte-expand kernel (CPU support checked by caller)
+  // Per-channel int8 values at M = 1 with byte_expand (cpu_avx512_vnni_fixed): x in 32-bit fixed point,
+  // X = round(x / x_fixed_step), the 4 bytes of X in 4 planes of x_fixed_stride bytes (byte 3 is signed);
+  // nullptr when x does not qualify (see SparseXRange) and an fp32 kernel runs instead.
+  const uint8_t* x_fixed;
+  int64_t x_fixed_stride;   // a multiple of 64, >= 16 * n_chunks; planes are zero past k
+  int64_t x_fixed_top_sum;  // the sum over all columns of byte 3 of X
+  double x_fixed_step;
 };
 
 // Computes output columns [n_begin, n_end) for every row of x. Called concurrently on disjoint ranges.
@@ -84,6 +96,24 @@ static inline int64_t first_bad_row(const SparseLinearProblem& p, int64_t j0, in
 // first_bad_row compiled with the AVX-512 file's flags (a popcnt instruction per 4 mask words), for the
 // glue's check of every row before sparse_linear's bf16 prefill path.
 int64_t sparse_first_bad_row_avx512(const SparseLinearProblem& p, int64_t j0, int64_t j1);
+
+// The magnitudes of x (k fp32) that decide its M = 1 kernel: fixed point (cpu_avx512_vnni_fixed) takes
+// finite x with max_abs <= kFixedPointRange * others_mean, the mean magnitude of the other elements (beyond
+// that, rounding typical elements to 2^-32 max|x| could cost more than fp32's rounding). rows_bytes sums
+// q * 2^24 * x, which could overflow fp32 for max_abs > kByteExpandMaxX (2^80: sums reach K * 2^31 max_abs)
+// where the result would not; such x takes the plain fp32 kernel.
+struct SparseXRange {
+  bool finite;
+  float max_abs;
+  float others_mean;
+};
+constexpr float kFixedPointRange = 1024.f;
+constexpr float kByteExpandMaxX = 0x1p80f;
+SparseXRange sparse_x_range_avx512(const float* x, int64_t k);
+// Writes the 4 byte planes of X = round(x / step), step = max_abs / (2^31 - 1), into planes (4 x stride
+// bytes, zero past k), and the sum of X's top bytes.
+void sparse_fixed_point_x_avx512(const float* x, int64_t k, float max_abs, int64_t stride, uint8_t* planes,
+                                 int64_t* top_sum, double* step);
 #endif
 
 const char* sparse_linear_cpu_path(int64_t m, int64_t n, int64_t k, SparseValues values, ActDType x,
