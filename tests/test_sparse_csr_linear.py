@@ -255,6 +255,14 @@ CORRUPT = [
         "row_offsets must not decrease: row 4 goes from",
         _bad(row_offsets=_edited("row_offsets", lambda ro: ro[5].fill_(int(ro[4]) - 1))),
     ),
+    (  # an offset far before values, or far past it: refused before any read (each thread checks its rows)
+        "row_offsets must not decrease: row 3 goes from",
+        _bad(row_offsets=_edited("row_offsets", lambda ro: ro[4].fill_(-(10**12)))),
+    ),
+    (
+        "row_offsets must not decrease: row 5 goes from",
+        _bad(row_offsets=_edited("row_offsets", lambda ro: ro[5].fill_(10**12))),
+    ),
     (
         r"row_offsets\[N\] = \d+ kept weights but values has \d+ elements",
         _bad(row_offsets=_edited("row_offsets", lambda ro: ro[-1].add_(65))),
@@ -272,9 +280,13 @@ CORRUPT = [
 
 @pytest.mark.parametrize(("message", "make_args"), CORRUPT, ids=[m for m, _ in CORRUPT])
 @pytest.mark.parametrize("kernel", ["native", "reference"])
-def test_corrupt_indices_are_rejected(message, make_args, kernel):
-    """Offsets or column indices that would make a kernel read outside values or x are refused before."""
-    args = make_args(bad_base("cpu"))
+@pytest.mark.parametrize("m", [1, 9])
+@pytest.mark.parametrize("cpu_isa", available_cpu_isas(), indirect=True)
+def test_corrupt_indices_are_rejected(message, make_args, kernel, m, cpu_isa):
+    """Offsets or column indices that would make a kernel read outside values or x are refused before (M = 9
+    takes the AVX2 kernel's transposed-x path)."""
+    args = list(make_args(bad_base("cpu")))
+    args[0] = torch.randn(m, args[0].shape[-1], generator=torch.Generator().manual_seed(m))
     with pytest.raises(RuntimeError, match=message):
         if kernel == "native":
             torch.ops.fastquant.sparse_csr_linear(*args)

@@ -516,6 +516,14 @@ CORRUPT = [
         "row_offsets must not decrease: row 4 goes from",
         _bad(row_offsets=_corrupt_offsets(lambda ro: ro[5].fill_(int(ro[4]) - 1))),
     ),
+    (  # an offset far before values, or far past it: refused before any read (each thread checks its rows)
+        "row_offsets must not decrease: row 3 goes from",
+        _bad(row_offsets=_corrupt_offsets(lambda ro: ro[4].fill_(-(10**12)))),
+    ),
+    (
+        "row_offsets must not decrease: row 5 goes from",
+        _bad(row_offsets=_corrupt_offsets(lambda ro: ro[5].fill_(10**12))),
+    ),
     (
         "row 4 keeps .* weights in masks but row_offsets gives it",
         _bad(row_offsets=_corrupt_offsets(lambda ro: ro[5].add_(1))),
@@ -535,9 +543,10 @@ CORRUPT = [
 @pytest.mark.parametrize(("message", "make_args"), CORRUPT, ids=[m for m, _ in CORRUPT])
 @pytest.mark.parametrize("kernel", ["native", "reference"])
 @pytest.mark.parametrize("m", [1, 3, 17])
-def test_corrupt_offsets_are_rejected(message, make_args, kernel, m):
+@pytest.mark.parametrize("cpu_isa", available_cpu_isas(with_vbmi=True), indirect=True)
+def test_corrupt_offsets_are_rejected(message, make_args, kernel, m, cpu_isa):
     """Offsets or masks that disagree would make a kernel read outside values: they are refused before
-    (M = 1, 3 and 17 take different kernels and checks on AVX-512)."""
+    (M = 1, 3 and 17 take different kernels and checks on each ISA)."""
     base = bad_input_base("cpu")
     base["x"] = torch.randn(m, 64, generator=torch.Generator().manual_seed(m))
     # bad_input_base keeps column 63 of row 0 (bit 15 of its last word, a negative int16).

@@ -2,10 +2,11 @@
 // arguments and row_offsets, splits output columns (weight rows) across torch's intra-op threads and runs
 // the kernel for the active ISA.
 //
-// A column index >= K would read past the activations, so every call checks them: here (O(N)) that offsets
-// start at 0, never decrease and end within values; in the kernels, just before a row is read, that its
-// indices are below K (a vectorized max over indices the product loads next anyway). A failing row stops its
-// thread and raises after the parallel region (the output is discarded).
+// A column index >= K would read past the activations, so every call checks them: here that offsets start
+// at 0 and end within values; in the kernels, just before a row is read, that it lies within the values
+// and that its indices are below K (a vectorized max over indices the product loads next anyway). A failing
+// row stops its thread and raises after the parallel region (the output is discarded), naming the first
+// decreasing offset if there is one.
 #include "cpu/sparse_csr_linear.h"
 
 #include <ATen/ATen.h>
@@ -37,14 +38,22 @@ bool use_avx2() {
 #endif
 }
 
-void check_offsets(const int64_t* offsets, int64_t n, int64_t numel) {
+void check_offsets_ends(const int64_t* offsets, int64_t n, int64_t numel) {
   TORCH_CHECK(offsets[0] == 0, kPrefix, " row_offsets[0] must be 0, got ", offsets[0]);
-  for (int64_t j = 0; j < n; ++j) {
-    TORCH_CHECK(offsets[j + 1] >= offsets[j], kPrefix, " row_offsets must not decrease: row ", j,
-                " goes from ", offsets[j], " to ", offsets[j + 1]);
-  }
   TORCH_CHECK(offsets[n] <= numel, kPrefix, " row_offsets[N] = ", offsets[n], " kept weights but values has ",
               numel, " elements");
+}
+
+// After a kernel refused row `bad`: the first decreasing offset if there is one, else the row's index.
+[[noreturn]] void raise_refused(const SparseCsrLinearProblem& p, int64_t bad) {
+  for (int64_t j = 0; j < p.n; ++j) {
+    TORCH_CHECK(p.row_offsets[j + 1] >= p.row_offsets[j], kPrefix, " row_offsets must not decrease: row ", j,
+                " goes from ", p.row_offsets[j], " to ", p.row_offsets[j + 1]);
+  }
+  const auto* cols = p.column_indices + p.row_offsets[bad];
+  const int64_t len = p.row_offsets[bad + 1] - p.row_offsets[bad];
+  TORCH_CHECK(false, kPrefix, " row ", bad, " has column index ", *std::max_element(cols, cols + len),
+              ", not below in_features (", p.k, ")");
 }
 
 }  // namespace
@@ -83,7 +92,7 @@ at::Tensor sparse_csr_linear_cpu(const at::Tensor& x, const at::Tensor& values,
   const at::Tensor idx = column_indices.contiguous();
   const at::Tensor offs = row_offsets.contiguous();
   const int64_t* offsets = offs.data_ptr<int64_t>();
-  check_offsets(offsets, n, vals.numel());
+  check_offsets_ends(offsets, n, vals.numel());
 
   std::vector<int64_t> out_sizes(x.sizes().begin(), x.sizes().end());
   out_sizes.back() = n;
@@ -132,12 +141,7 @@ at::Tensor sparse_csr_linear_cpu(const at::Tensor& x, const at::Tensor& values,
   constexpr int64_t grain = 8;
   const int64_t bad = parallel_rows_first_refused(
       n, grain, [&](int64_t begin, int64_t end) { return kernel(p, begin, end); });
-  if (bad != n) {
-    const auto* cols = p.column_indices + offsets[bad];
-    const int64_t len = offsets[bad + 1] - offsets[bad];
-    TORCH_CHECK(false, kPrefix, " row ", bad, " has column index ", *std::max_element(cols, cols + len),
-                ", not below in_features (", k, ")");
-  }
+  if (bad != n) raise_refused(p, bad);
   if (dtype != ActDType::kFloat32) y.view({m, n}).copy_(y32);
   return y;
 }

@@ -38,10 +38,16 @@ struct SparseCsrLinearProblem {
 };
 
 // Computes output columns [n_begin, n_end) for every row of x. Called concurrently on disjoint ranges.
-// Before reading activations for a weight row, a kernel checks that all its column indices are below k
-// (the row's indices are then in L1 for the product); it returns the first row that fails, having computed
-// only the rows before it, or -1. The glue checks that offsets start at 0, never decrease and end within
-// values.
+// Before reading a weight row, a kernel checks that it lies within [0, row_offsets[n]] (row_in_values) and
+// that all its column indices are below k (the row's indices are then in L1 for the product); it returns
+// the first row that fails, having computed only the rows before it, or -1. The glue checks that offsets
+// start at 0 and that row_offsets[n] <= values.numel(), and looks for a decreasing offset only after a
+// refusal (no serial O(N) pass over cold offsets before every call).
+static inline bool row_in_values(const SparseCsrLinearProblem& p, int64_t j) {
+  const int64_t begin = p.row_offsets[j], end = p.row_offsets[j + 1];
+  return begin >= 0 && end >= begin && end <= p.row_offsets[p.n];
+}
+
 using SparseCsrLinearKernel = int64_t (*)(const SparseCsrLinearProblem& p, int64_t n_begin, int64_t n_end);
 
 int64_t sparse_csr_linear_portable(const SparseCsrLinearProblem& p, int64_t n_begin, int64_t n_end);

@@ -68,6 +68,7 @@ int64_t run_transposed(const SparseCsrLinearProblem& p, int64_t n_begin, int64_t
   for (int64_t b0 = n_begin; b0 < n_end; b0 += kBlockRows) {
     const int64_t b1 = b0 + kBlockRows < n_end ? b0 + kBlockRows : n_end;
     for (int64_t j = b0; j < b1; ++j) {
+      if (!row_in_values(p, j)) return j;
       const int64_t len = p.row_offsets[j + 1] - p.row_offsets[j];
       if (len > 0 && max_index(p.column_indices + p.row_offsets[j], len) >= p.k) return j;
     }

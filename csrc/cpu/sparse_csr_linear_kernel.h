@@ -137,6 +137,7 @@ int64_t run(const SparseCsrLinearProblem& p, int64_t n_begin, int64_t n_end) {
   const T* values = static_cast<const T*>(p.values);
   const GroupOf group_of(p.group_size);
   for (int64_t j = n_begin; j < n_end; ++j) {
+    if (!row_in_values(p, j)) return j;
     const int64_t begin = p.row_offsets[j];
     const int64_t len = p.row_offsets[j + 1] - begin;
     const uint16_t* idx = p.column_indices + begin;

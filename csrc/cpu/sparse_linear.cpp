@@ -7,12 +7,13 @@
 // Kernels read each row's values with 16-wide (or 8-wide) unaligned loads at its running position and
 // expand them into the mask's lanes, so the invariant that keeps them inside `values` is that each row's
 // offset difference equals the popcount of its masks. A corrupt row_offsets would otherwise turn into
-// out-of-bounds reads, so every call checks it: here (O(N)) that offsets start at 0 and never decrease, that
-// no mask bit is set past in_features and that row_offsets[N] + 64 <= values.numel(); in the kernels, just
-// before a block of rows is read, that each row's popcount equals its offset difference. That is one
-// popcnt per 4 mask words (N * K / 64 in all) on words the kernel loads next anyway: no extra pass over
-// memory, a fraction of a cycle per 16 weights. A failing row stops its thread and raises after the
-// parallel region (the output is discarded).
+// out-of-bounds reads, so every call checks it: here that offsets start at 0, that row_offsets[N] + 64 <=
+// values.numel() and (K not a multiple of 16) that no mask bit is set past in_features; in the kernels, just
+// before a block of rows is read, that each row lies within [0, row_offsets[N]] with its popcount equal to
+// its offset difference (first_bad_row in sparse_linear.h; or after reading, for rows that cannot leave
+// values). That is one popcnt per 4 mask words (N * K / 64 in all) on words the kernel loads next anyway: no
+// extra pass over memory, a fraction of a cycle per 16 weights. A failing row stops its thread and raises
+// after the parallel region (the output is discarded), naming the first decreasing offset if there is one.
 #include "cpu/sparse_linear.h"
 
 #include <ATen/ATen.h>
@@ -73,15 +74,11 @@ const char* path_name(Path path) {
   return "cpu_portable";
 }
 
-// The O(N) checks of the header comment, worded as check_sparse_linear_contents in ops.py; the popcount of
-// each row is checked by the kernels just before they read the row.
-void check_offsets(const at::Tensor& values, const uint16_t* masks, const int64_t* offsets, int64_t n,
-                   int64_t k, int64_t n_chunks) {
+// The checks of the header comment before the kernels run: O(1), and O(N) only for a K that ends inside a
+// mask word. Worded as check_sparse_linear_contents in ops.py.
+void check_offsets_ends(const at::Tensor& values, const uint16_t* masks, const int64_t* offsets, int64_t n,
+                        int64_t k, int64_t n_chunks) {
   TORCH_CHECK(offsets[0] == 0, kPrefix, " row_offsets[0] must be 0, got ", offsets[0]);
-  for (int64_t j = 0; j < n; ++j) {
-    TORCH_CHECK(offsets[j + 1] >= offsets[j], kPrefix, " row_offsets must not decrease: row ", j,
-                " goes from ", offsets[j], " to ", offsets[j + 1]);
-  }
   const int64_t rem = k % 16;
   if (rem != 0) {
     for (int64_t j = 0; j < n; ++j) {
@@ -93,6 +90,18 @@ void check_offsets(const at::Tensor& values, const uint16_t* masks, const int64_
   TORCH_CHECK(total + 64 <= values.numel(), kPrefix, " row_offsets[N] = ", total,
               " kept weights need values of at least ", total + 64, " elements (64 of padding), got ",
               values.numel());
+}
+
+// After a kernel refused row `bad`: the first decreasing offset if there is one (the more precise message),
+// else the refused row's popcount.
+[[noreturn]] void raise_refused(const uint16_t* masks, const int64_t* offsets, int64_t n, int64_t n_chunks,
+                                int64_t bad) {
+  for (int64_t j = 0; j < n; ++j) {
+    TORCH_CHECK(offsets[j + 1] >= offsets[j], kPrefix, " row_offsets must not decrease: row ", j,
+                " goes from ", offsets[j], " to ", offsets[j + 1]);
+  }
+  TORCH_CHECK(false, kPrefix, " row ", bad, " keeps ", row_mask_popcount(masks, n_chunks, bad),
+              " weights in masks but row_offsets gives it ", offsets[bad + 1] - offsets[bad]);
 }
 
 }  // namespace
@@ -138,7 +147,7 @@ at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& values, cons
   const at::Tensor offs = row_offsets.contiguous();
   const auto* mask_words = reinterpret_cast<const uint16_t*>(mk.data_ptr<int16_t>());
   const int64_t* offsets = offs.data_ptr<int64_t>();
-  check_offsets(vals, mask_words, offsets, n, k, n_chunks);
+  check_offsets_ends(vals, mask_words, offsets, n, k, n_chunks);
 
   std::vector<int64_t> out_sizes(x.sizes().begin(), x.sizes().end());
   out_sizes.back() = n;
@@ -241,8 +250,7 @@ at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& values, cons
     bad = parallel_rows_first_refused(n, grain,
                                       [&](int64_t begin, int64_t end) { return kernel(p, begin, end); });
   }
-  TORCH_CHECK(bad == n, kPrefix, " row ", bad, " keeps ", row_mask_popcount(mask_words, n_chunks, bad),
-              " weights in masks but row_offsets gives it ", offsets[bad + 1] - offsets[bad]);
+  if (bad != n) raise_refused(mask_words, offsets, n, n_chunks, bad);
   if (dtype != ActDType::kFloat32) y.view({m, n}).copy_(y32);
   return y;
 }

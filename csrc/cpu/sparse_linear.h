@@ -55,12 +55,13 @@ struct SparseLinearProblem {
 };
 
 // Computes output columns [n_begin, n_end) for every row of x. Called concurrently on disjoint ranges.
-// Before reading a weight row's values a kernel checks that the row's offset difference equals the
-// popcount of its mask words (the masks are then in L1 for the product), or, for a row that cannot read
-// past values_size whatever its masks, that its values ended at the next row's offset after reading them;
-// it returns the first row that fails (the output is then discarded), or -1. With that, and the glue's checks
-// that offsets never decrease and that row_offsets[n] + 64 <= values.numel(), a kernel may load 64 elements
-// from any position of a row without leaving values.
+// Before reading a weight row's values a kernel checks it with first_bad_row (the masks are then in L1 for
+// the product), or, for a row whose offset lies in [0, values_size - 16 n_chunks - 64] (it cannot read past
+// values whatever its masks), that its values ended at the next row's offset after reading them; it
+// returns the first row that fails (the output is then discarded), or -1. With that, and the glue's checks
+// that row_offsets[0] = 0 and row_offsets[n] + 64 <= values.numel(), a kernel may load 64 elements from any
+// position of a row without leaving values. No O(N) pass over the offsets precedes the kernels: in a
+// model, where a layer's offsets are cold, such a serial pass took 3-8 us of a 12-30 us decode call.
 using SparseLinearKernel = int64_t (*)(const SparseLinearProblem& p, int64_t n_begin, int64_t n_end);
 
 int64_t sparse_linear_portable(const SparseLinearProblem& p, int64_t n_begin, int64_t n_end);
@@ -84,10 +85,14 @@ static inline int64_t row_mask_popcount(const uint16_t* masks, int64_t n_chunks,
   return count;
 }
 
-// First row in [j0, j1) whose offset difference is not the popcount of its mask words, or -1.
+// First row in [j0, j1) that does not lie within [0, row_offsets[n]] with an offset difference equal to the
+// popcount of its mask words, or -1. Rows that pass read only inside values (the glue checked that
+// row_offsets[n] + 64 <= values_size) whether or not the offsets of other rows are sound.
 static inline int64_t first_bad_row(const SparseLinearProblem& p, int64_t j0, int64_t j1) {
+  const int64_t total = p.row_offsets[p.n];
   for (int64_t j = j0; j < j1; ++j) {
-    if (row_mask_popcount(p.masks, p.n_chunks, j) != p.row_offsets[j + 1] - p.row_offsets[j]) return j;
+    const int64_t begin = p.row_offsets[j], end = p.row_offsets[j + 1];
+    if (begin < 0 || end > total || row_mask_popcount(p.masks, p.n_chunks, j) != end - begin) return j;
   }
   return -1;
 }

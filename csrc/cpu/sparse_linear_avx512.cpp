@@ -341,16 +341,23 @@ int64_t run(const SparseLinearProblem& p, int64_t n_begin, int64_t n_end) {
     if constexpr (V == SparseValues::kInt8) {
       if (p.byte_expand) {
         const BytePlacement place = byte_placement();
-        // A row whose offset is at most values_size - row_reach cannot read past values whatever its
+        // A row whose offset lies in [0, values_size - row_reach] cannot read past values whatever its
         // masks (its pointer advances by at most 16 per chunk, loads reach 64 past it): such rows are
         // checked after they are read (one compare) instead of before (a popcount pass over their masks,
-        // 20% of the time at K = 576). Offsets never decrease, so the last row of a pair decides.
+        // 20% of the time at K = 576).
         const int64_t row_reach = 16 * p.n_chunks + 64;
+        const auto readable = [&](int64_t j, int rows) {
+          for (int r = 0; r < rows; ++r) {
+            const int64_t offset = p.row_offsets[j + r];
+            if (offset < 0 || offset > p.values_size - row_reach) return false;
+          }
+          return true;
+        };
         const bool fixed = !GROUPED && p.x_fixed;
         for (int64_t j = n_begin; j < n_end;) {
           const int64_t left = n_end - j;
           const int rows = fixed && left >= 4 ? 4 : left >= 2 ? 2 : 1;
-          if (p.row_offsets[j + rows - 1] > p.values_size - row_reach) {
+          if (!readable(j, rows)) {
             const int64_t bad = first_bad_row(p, j, j + rows);
             if (bad >= 0) return bad;
           }

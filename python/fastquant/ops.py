@@ -215,7 +215,7 @@ def check_sparse_linear_contents(values: Tensor, masks: Tensor, row_offsets: Ten
     row_offsets[0] = 0, no row has a negative count, no mask bit is set past in_features,
     row_offsets[N] + 64 (padding) <= values.numel(), and every row's count equals the popcount of its masks
     (one pass over the N * K / 16 mask words; the C++ kernels do it on each block of rows just before
-    reading it). Same wording and order as the C++ checks.
+    reading it, and look for a decreasing offset only once a row is refused). Same wording as the C++ checks.
     """
     prefix = "fastquant.sparse_linear:"
     n = masks.shape[0]
@@ -374,7 +374,8 @@ def check_sparse_csr_linear_args(
 
 def check_sparse_csr_linear_contents(column_indices: Tensor, row_offsets: Tensor, in_features: int) -> None:
     """row_offsets[0] = 0, offsets never decrease, row_offsets[N] <= the values' length, and every kept
-    column index (read as uint16) is below in_features. Same wording and order as the C++ checks."""
+    column index (read as uint16) is below in_features. Same wording as the C++ checks (whose kernels check
+    each row's offsets and indices just before reading it, and look for a decreasing offset once one fails)."""
     prefix = "fastquant.sparse_csr_linear:"
     offsets = row_offsets.cpu()
     if int(offsets[0]) != 0:
