@@ -13,12 +13,13 @@ For every weight shape (N x K), row count M and sparsity it times, in the same r
 * ``int8``: dense ``fastquant.int8_linear`` (per-channel scales), the layer quantized but not pruned.
 
 Sparsity patterns: 50/70/90% unstructured (uniformly random mask) and 2:4 (2 kept of every 4 columns).
-Each peer rotates through several copies of its weight (>= 160 MB in all, 5x the 32 MB L3), so every call
-streams its weight from DRAM as in a real model; time per peer is the median of many single calls after
-warm-up, the peers of a cell taking turns call by call. ``GB/s`` is the format's bytes (values + masks + row
-offsets + scales) over the time, next to torch's own read bandwidth (``sum`` of a float64 buffer, rotated)
-in the same run. A sweep over sparsity (M = 1, 4096 x 4096) finds where the sparse formats start to beat
-dense int8. ``best`` columns take the faster layout of each value type, as the per-layer kernel choice does.
+Each peer rotates through several copies of its weight, offsets and masks included (>= 160 MB in all, 5x the
+32 MB L3), so every call streams its weight from DRAM as in a real model; time per peer is the median of many
+single calls after warm-up, the peers of a cell taking turns call by call. ``GB/s`` is the format's bytes
+(values + masks + row offsets + scales) over the time, next to torch's own read bandwidth (``sum`` of a
+float64 buffer, rotated) in the same run. A sweep over sparsity (M = 1, 4096 x 4096) finds where the sparse
+formats start to beat dense int8. ``best`` columns take the faster layout of each value type, as the per-layer
+kernel choice does.
 
 Run: ``python benchmarks/sparse_table.py`` (``--quick``: one shape, M = 1). Writes
 ``benchmarks/results/cpu-sparse-<UTC date>.md`` and ``.json``.
@@ -107,15 +108,17 @@ def make_calls(peer: str, n: int, k: int, m: int, pattern: str | None = None, se
         indices = reference.sparse_column_indices(masks, k, values.numel())
         nbytes = packed_bytes(values, masks, row_offsets, scales) - masks.numel() * 2 + int(row_offsets[-1]) * 2
         for i in range(copies_for(nbytes)):
-            v, ix = (values, indices) if i == 0 else (values.clone(), indices.clone())
+            v, ix, ro = (
+                (values, indices, row_offsets) if i == 0 else (values.clone(), indices.clone(), row_offsets.clone())
+            )
             calls.append(
-                lambda v=v, ix=ix: fastquant.ops.sparse_csr_linear(x, v, ix, row_offsets, scales, None, in_features=k)
+                lambda v=v, ix=ix, ro=ro: fastquant.ops.sparse_csr_linear(x, v, ix, ro, scales, None, in_features=k)
             )
         return calls, nbytes
     nbytes = packed_bytes(values, masks, row_offsets, scales)
     for i in range(copies_for(nbytes)):
-        v, mk = (values, masks) if i == 0 else (values.clone(), masks.clone())
-        calls.append(lambda v=v, mk=mk: fastquant.ops.sparse_linear(x, v, mk, row_offsets, scales, None, in_features=k))
+        v, mk, ro = (values, masks, row_offsets) if i == 0 else (values.clone(), masks.clone(), row_offsets.clone())
+        calls.append(lambda v=v, mk=mk, ro=ro: fastquant.ops.sparse_linear(x, v, mk, ro, scales, None, in_features=k))
     return calls, nbytes
 
 
