@@ -24,7 +24,7 @@ namespace {
 #define FQ_SPARSE_PF 1024  // bytes of values prefetched ahead of each row pointer (0: none)
 #endif
 #ifndef FQ_SPARSE_BYTES_PF
-#define FQ_SPARSE_BYTES_PF 4096  // the same for rows_bytes: 0.5 KiB per row at 50%, so ~8 rows ahead
+#define FQ_SPARSE_BYTES_PF 4096  // rows_bytes, rows_fixed: bytes prefetched past the rows of the next pass
 #endif
 
 template <SparseValues V>
@@ -152,6 +152,21 @@ void row1(const SparseLinearProblem& p, int64_t j) {
   p.y[j] = v;
 }
 
+// Software prefetch of rows_bytes and rows_fixed, whose loads of values wait on the popcount of mask words
+// just loaded, so the core keeps few misses in flight on its own. Values: past the R rows of the pass (which
+// lie one after another), so that row r fetches row r of the next pass, plus FQ_SPARSE_BYTES_PF; a fixed
+// distance fetched rows of the current pass once R rows spanned it. Masks: the next pass's words at the same
+// chunk, one line per 32 chunks per row. The next rows' offsets may be corrupt (each row is checked when
+// reached), and a prefetch of any address is harmless, so the addresses are computed on integers.
+inline uintptr_t values_ahead(const SparseLinearProblem& p, int64_t j, int rows) {
+  return static_cast<uintptr_t>(p.row_offsets[j + rows]) - static_cast<uintptr_t>(p.row_offsets[j]) +
+         FQ_SPARSE_BYTES_PF;
+}
+
+inline void prefetch_at(const void* base, uintptr_t ahead) {
+  _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(base) + ahead), _MM_HINT_T0);
+}
+
 // M = 1, int8 values, CPUs with VBMI2 and VBMI (Isa::kAvx512Vbmi; the target attribute keeps these
 // instructions out of the rest of the file). Per 64 columns: one vpexpandb moves the kept bytes into their
 // columns (the 64-bit mask is 4 mask words), then per 16 of them one vpermb puts byte i into the top byte of
@@ -199,6 +214,8 @@ __attribute__((target("avx512vbmi,avx512vbmi2"))) int64_t rows_bytes(const Spars
     srow[r] = GROUPED ? p.scales + (j + r) * p.n_groups : nullptr;
     for (int t = 0; t < kUnroll; ++t) acc[r][t] = _mm512_setzero_ps();
   }
+  const uintptr_t ahead = values_ahead(p, j, R);
+  const uintptr_t masks_ahead = sizeof(uint16_t) * R * nc + 64;
   // Group of the next chunk and the chunks left in it (a counter instead of a division per chunk).
   int64_t group = 0, group_left = p.group_chunks;
   int64_t c = 0;
@@ -209,7 +226,8 @@ __attribute__((target("avx512vbmi,avx512vbmi2"))) int64_t rows_bytes(const Spars
     for (int r = 0; r < R; ++r) {
       uint64_t bits = 0;
       std::memcpy(&bits, mrow[r] + c, sizeof(uint16_t) * chunks);
-      _mm_prefetch(reinterpret_cast<const char*>(vp[r]) + FQ_SPARSE_BYTES_PF, _MM_HINT_T0);
+      prefetch_at(vp[r], ahead);
+      if (c % 32 == 0) prefetch_at(mrow[r] + c, masks_ahead);
       kept[r] = expand_bytes(bits, _mm512_loadu_si512(vp[r]));
       vp[r] += _mm_popcnt_u64(bits);
     }
@@ -278,6 +296,8 @@ __attribute__((target("avx512vbmi,avx512vbmi2"))) int64_t rows_fixed(const Spars
     mrow[r] = p.masks + (j + r) * nc;
     for (int b = 0; b < 4; ++b) acc[r][b] = _mm512_setzero_si512();
   }
+  const uintptr_t ahead = values_ahead(p, j, R);
+  const uintptr_t masks_ahead = sizeof(uint16_t) * R * nc + 64;
   // Chunks [c, c + chunks): missing mask words of a short last step read as zero, as do the planes past k.
   auto step = [&](int64_t c, int chunks) __attribute__((target("avx512vbmi,avx512vbmi2"))) {
     __m512i x[4];
@@ -285,7 +305,8 @@ __attribute__((target("avx512vbmi,avx512vbmi2"))) int64_t rows_fixed(const Spars
     for (int r = 0; r < R; ++r) {
       uint64_t bits = 0;
       std::memcpy(&bits, mrow[r] + c, sizeof(uint16_t) * chunks);
-      _mm_prefetch(reinterpret_cast<const char*>(vp[r]) + FQ_SPARSE_BYTES_PF, _MM_HINT_T0);
+      prefetch_at(vp[r], ahead);
+      if (c % 32 == 0) prefetch_at(mrow[r] + c, masks_ahead);
       const __m512i q = expand_bytes(bits, _mm512_loadu_si512(vp[r]));
       vp[r] += _mm_popcnt_u64(bits);
       acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], x[0], q);
