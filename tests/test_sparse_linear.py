@@ -436,6 +436,20 @@ def test_autograd_to_activations():
     torch.testing.assert_close(bias.grad, grad_y.sum(0))
 
 
+def test_every_grad_mode_computes_the_same():
+    """Under no_grad and inference_mode the op runs below its Python autograd kernel (ops._call): the same
+    result, no graph, and a requires-grad x still gets a graph when grad mode is on."""
+    args, g = make_case(1, 96, 24, torch.int8, torch.float32, -1, 0.5, "random", True, seed=10)
+    x = args[0].clone().requires_grad_(True)
+    y_grad = sparse_linear(x, *args[1:], in_features=96, group_size=g)
+    assert y_grad.grad_fn is not None
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            y = sparse_linear(x, *args[1:], in_features=96, group_size=g)
+        assert y.grad_fn is None
+        torch.testing.assert_close(y, y_grad.detach(), rtol=0, atol=0)
+
+
 def _bad(**changes):
     """Builds the argument list of a 3 x 64 -> 32 int8 call with some arguments replaced."""
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor, nn
 
@@ -26,23 +24,6 @@ def linear_weight(layer: nn.Module) -> Tensor:
 
 def is_quantizable_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or (type(module).__name__ == "Conv1D" and hasattr(module, "nf"))
-
-
-def _below_autograd_when_no_grad(forward):
-    """Runs a layer's op directly under its kernels when no gradient can be recorded (no_grad, as in HF
-    ``generate``, or inference_mode). The autograd kernel that ``torch.library.register_autograd`` installs is
-    Python and runs on every call, gradients or not: 3.5-6.5 us per call on a 2-core Zen 5, which is as much as
-    the kernel of a small decode layer (~210 such calls per SmolLM2 token). Under ``torch.compile`` the
-    op is left to the compiler."""
-
-    @functools.wraps(forward)
-    def wrapped(self, x: Tensor) -> Tensor:
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return forward(self, x)
-        with torch._C._AutoDispatchBelowAutograd():
-            return forward(self, x)
-
-    return wrapped
 
 
 class _CompressedLinear(nn.Module):
@@ -149,7 +130,6 @@ class Int8Linear(_CompressedLinear):
             layer.bias.data.copy_(linear.bias.detach())
         return layer
 
-    @_below_autograd_when_no_grad
     def forward(self, x: Tensor) -> Tensor:
         return ops.int8_linear(x, self.qweight, self.scales, self.bias, self.group_size_arg)
 
@@ -335,7 +315,6 @@ class SparseLinear(_CompressedLinear):
         tensors = (self.values, self.masks, self.column_indices, self.row_offsets, self.scales)
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
-    @_below_autograd_when_no_grad
     def forward(self, x: Tensor) -> Tensor:
         prefill = x.numel() > PREFILL_ROWS * self.in_features
         if self.column_indices is not None and not (prefill and self._prefill_in_bitmap16):
