@@ -174,19 +174,21 @@ inline void prefetch_at(const void* base, uintptr_t ahead) {
 // scaled by 2^-24 at the end, a power of two, so the result is that of the unscaled sums. Against row1
 // (per 16 columns: vpmovsxbd, vpexpandd, vcvtdq2ps), 1 expand and 4 permutes replace 4 sign extensions
 // and 4 expands: 1.1-1.3x at 50% sparsity on Zen 5 (benchmarks/NOTES.md).
+// The vpermb indices: for chunk t of a step, byte 4i + 3 of the result takes byte 16t + i (the other bytes
+// are zeroed by the mask). A constant table rather than one built on every call.
 struct BytePlacement {
-  __m512i index[kUnroll];
+  alignas(64) uint8_t index[kUnroll][64];
 };
 
-__attribute__((target("avx512vbmi,avx512vbmi2"))) BytePlacement byte_placement() {
-  BytePlacement b;
+constexpr BytePlacement make_byte_placement() {
+  BytePlacement b{};
   for (int t = 0; t < kUnroll; ++t) {
-    alignas(64) uint8_t idx[64];
-    for (int i = 0; i < 64; ++i) idx[i] = static_cast<uint8_t>(16 * t + i / 4);
-    b.index[t] = _mm512_load_si512(idx);
+    for (int i = 0; i < 64; ++i) b.index[t][i] = static_cast<uint8_t>(16 * t + i / 4);
   }
   return b;
 }
+
+constexpr BytePlacement kBytePlacement = make_byte_placement();
 
 __attribute__((target("avx512vbmi,avx512vbmi2"))) inline __m512i expand_bytes(__mmask64 k, __m512i v) {
   asm("vpexpandb %0, %0%{%1%}%{z%}" : "+v"(v) : "Yk"(k));  // in place: see avx512_expand.h
@@ -200,8 +202,10 @@ __attribute__((target("avx512vbmi,avx512vbmi2"))) inline __m512i expand_bytes(__
 // guarantees that the rows cannot read past the end of values whatever their masks (see run).
 template <bool GROUPED, int R>
 __attribute__((target("avx512vbmi,avx512vbmi2"))) int64_t rows_bytes(const SparseLinearProblem& p,
-                                                                     const BytePlacement& place, int64_t j) {
+                                                                     int64_t j) {
   constexpr __mmask64 kTopBytes = 0x8888888888888888ull;
+  __m512i place[kUnroll];
+  for (int t = 0; t < kUnroll; ++t) place[t] = _mm512_load_si512(kBytePlacement.index[t]);
   const int8_t* values = static_cast<const int8_t*>(p.values);
   const int64_t nc = p.n_chunks;
   const int8_t* vp[R];
@@ -234,7 +238,7 @@ __attribute__((target("avx512vbmi,avx512vbmi2"))) int64_t rows_bytes(const Spars
     for (int t = 0; t < chunks; ++t) {
       const __m512 xv = _mm512_loadu_ps(p.x + 16 * (c + t));
       for (int r = 0; r < R; ++r) {
-        __m512 w = _mm512_cvtepi32_ps(_mm512_maskz_permutexvar_epi8(kTopBytes, place.index[t], kept[r]));
+        __m512 w = _mm512_cvtepi32_ps(_mm512_maskz_permutexvar_epi8(kTopBytes, place[t], kept[r]));
         if (GROUPED) w = _mm512_mul_ps(w, _mm512_set1_ps(srow[r][group]));
         __m512& a = acc[r][tail ? 0 : t];
         a = _mm512_fmadd_ps(xv, w, a);
@@ -361,7 +365,6 @@ int64_t run(const SparseLinearProblem& p, int64_t n_begin, int64_t n_end) {
   if (p.m == 1) {
     if constexpr (V == SparseValues::kInt8) {
       if (p.byte_expand) {
-        const BytePlacement place = byte_placement();
         // A row whose offset lies in [0, values_size - row_reach] cannot read past values whatever its
         // masks (its pointer advances by at most 16 per chunk, loads reach 64 past it): such rows are
         // checked after they are read (one compare) instead of before (a popcount pass over their masks,
@@ -386,7 +389,7 @@ int64_t run(const SparseLinearProblem& p, int64_t n_begin, int64_t n_end) {
           if (fixed) {
             bad = rows == 4 ? rows_fixed<4>(p, j) : rows == 2 ? rows_fixed<2>(p, j) : rows_fixed<1>(p, j);
           } else {
-            bad = rows == 2 ? rows_bytes<GROUPED, 2>(p, place, j) : rows_bytes<GROUPED, 1>(p, place, j);
+            bad = rows == 2 ? rows_bytes<GROUPED, 2>(p, j) : rows_bytes<GROUPED, 1>(p, j);
           }
           if (bad >= 0) return bad;
           j += rows;
