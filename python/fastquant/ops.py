@@ -29,12 +29,13 @@ ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _call(op: torch._ops.OpOverloadPacket, *args: object) -> Tensor:
-    """Runs ``op`` directly on its kernels when no gradient can be recorded (no_grad, as in HF ``generate``,
-    or inference_mode). The autograd kernel that ``torch.library.register_autograd`` installs is Python and
-    runs on every call, gradients or not: 3.5-6.5 us per call on a 2-core Zen 5, as much as the kernel of a
-    small decode layer (~210 such calls per SmolLM2 token). Under ``torch.compile`` the op is left to the
-    compiler."""
-    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+    """Runs ``op`` directly on its kernels when no gradient can be recorded. The autograd kernel that
+    ``torch.library.register_autograd`` installs is Python and runs on every call, gradients or not: 3.5-6.5
+    us per call on a 2-core Zen 5, as much as the kernel of a small decode layer (~210 such calls per SmolLM2
+    token). Under no_grad (HF ``generate``) a guard steps below it (~0.5 us); inference_mode already leaves
+    the autograd keys out. Under ``torch.compile`` the op is left to the compiler (checked first: dynamo cannot
+    trace the inference-mode query)."""
+    if torch.compiler.is_compiling() or torch.is_grad_enabled() or torch.is_inference_mode_enabled():
         return op(*args)
     with torch._C._AutoDispatchBelowAutograd():
         return op(*args)
