@@ -18,6 +18,7 @@ error, at most 2^-32 max|x| sum|q| s, is far inside the same bound.
 from __future__ import annotations
 
 import functools
+import sys
 import zlib
 
 import pytest
@@ -86,7 +87,8 @@ def expected_cpu_path(isa: str, m: int, k: int, values_dtype: torch.dtype, group
         return BF16_PATH
     if isa == "avx512_vbmi":  # the byte expand is for int8 values at M = 1; the rest is the avx512 kernel
         if int8 and m == 1:
-            return "cpu_avx512_vnni_fixed" if group_size == -1 else "cpu_avx512_vbmi_expand"
+            fixed_point = group_size == -1 and k <= 65536  # its int32 sums hold 255 * 128 * K
+            return "cpu_avx512_vnni_fixed" if fixed_point else "cpu_avx512_vbmi_expand"
         return "cpu_avx512_expand"
     return {"portable": "cpu_portable", "avx2": "cpu_avx2_permute", "avx512": "cpu_avx512_expand"}[isa]
 
@@ -436,9 +438,27 @@ def test_autograd_to_activations():
     torch.testing.assert_close(bias.grad, grad_y.sum(0))
 
 
+def python_autograd_frames(fn) -> list[str]:
+    """Names of the functions of torch.library's Python autograd kernel that run during fn()."""
+    seen = []
+
+    def record(frame, event, arg):
+        path = frame.f_code.co_filename
+        if event == "call" and "_library" in path and "autograd" in path:
+            seen.append(frame.f_code.co_name)
+
+    sys.setprofile(record)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return seen
+
+
 def test_every_grad_mode_computes_the_same():
     """Under no_grad and inference_mode the op runs below its Python autograd kernel (ops._call): the same
-    result, no graph, and a requires-grad x still gets a graph when grad mode is on."""
+    result, and none of that kernel's Python runs (the bare op under no_grad shows that it would); with grad
+    mode on, a requires-grad x still gets a graph."""
     args, g = make_case(1, 96, 24, torch.int8, torch.float32, -1, 0.5, "random", True, seed=10)
     x = args[0].clone().requires_grad_(True)
     y_grad = sparse_linear(x, *args[1:], in_features=96, group_size=g)
@@ -446,8 +466,20 @@ def test_every_grad_mode_computes_the_same():
     for mode in (torch.no_grad, torch.inference_mode):
         with mode():
             y = sparse_linear(x, *args[1:], in_features=96, group_size=g)
-        assert y.grad_fn is None
+            assert python_autograd_frames(lambda: sparse_linear(x, *args[1:], in_features=96, group_size=g)) == []
         torch.testing.assert_close(y, y_grad.detach(), rtol=0, atol=0)
+    with torch.no_grad():
+        assert python_autograd_frames(lambda: torch.ops.fastquant.sparse_linear(x, *args[1:], 96, g))
+
+
+@pytest.mark.parametrize("cpu_isa", available_cpu_isas(with_vbmi=True), indirect=True)
+def test_more_in_features_than_the_fixed_point_path_takes(cpu_isa):
+    """Per-channel int8 at M = 1 with K > 65536, where the fixed-point sums could overflow int32: the byte
+    kernel runs instead (3 rows: a pair and a single row)."""
+    k = 65536 + 40
+    args, g = make_case(1, k, 3, torch.int8, torch.float32, -1, 0.5, "random", True, seed=11)
+    assert cpu_path(1, 3, k, torch.int8, torch.float32, g) == expected_cpu_path(cpu_isa, 1, k, torch.int8, g)
+    assert_sparse_linear_close(run_op(args, g), args, g)
 
 
 def _bad(**changes):
