@@ -10,9 +10,9 @@ fp32 (values and activations are converted to fp32 exactly), so only the fp32 pr
 applies; losing or misplacing a single kept weight exceeds the bound. Two paths differ: the AVX-512
 prefill path for int8 values (cpu_avx512_bf16_tiles, M > 16) rounds x to bf16 once per call as
 int8_linear's prefill path does: there y64, y_ref and the bound are those of the rounded x. The M = 1 path
-for per-channel int8 values (cpu_avx512_vnni_fixed) rounds x to 32-bit fixed point (steps of 2^-31 max|x|)
-and sums exactly in integers, for x whose largest magnitude is at most 1024x the mean of the others: its
-error, at most 2^-32 max|x| sum|q| s, is far inside the same bound.
+for per-channel int8 values (cpu_avx512_vnni_fixed, cpu_avx2_fixed) rounds x to 32-bit fixed point (steps of
+about 2^-31 max|x|) and sums exactly in integers, for x whose largest magnitude is at most 1024x the mean of
+the others: its error, at most ~2^-32 max|x| sum|q| s, is far inside the same bound.
 """
 
 from __future__ import annotations
@@ -90,6 +90,8 @@ def expected_cpu_path(isa: str, m: int, k: int, values_dtype: torch.dtype, group
             fixed_point = group_size == -1 and k <= 65536  # its int32 sums hold 255 * 128 * K
             return "cpu_avx512_vnni_fixed" if fixed_point else "cpu_avx512_vbmi_expand"
         return "cpu_avx512_expand"
+    if isa == "avx2" and int8 and m == 1 and group_size == -1:
+        return "cpu_avx2_fixed"
     return {"portable": "cpu_portable", "avx2": "cpu_avx2_permute", "avx512": "cpu_avx512_expand"}[isa]
 
 
@@ -288,6 +290,25 @@ def test_x_outliers_and_zero_x(cpu_isa, outlier):
         x_out[0, column] = outlier * x.abs().mean()
         case = (x_out, *args[1:])
         assert_sparse_linear_close(run_op(case, -1), case, -1)
+
+
+@pytest.mark.parametrize("cpu_isa", available_cpu_isas(with_vbmi=True), indirect=True)
+def test_fixed_point_sums_at_their_largest(cpu_isa):
+    """Dense 8192-column rows of codes +-127 times a constant x, the largest fixed-point magnitude in every
+    column: the integer sums reach 8192 * 127 * 2^31 (AVX2 sums 2048 columns in int32 lanes at a time) and
+    must not wrap. Row 2 alternates signs and cancels to exactly 0."""
+    k = 8192
+    weight = torch.ones(4, k)
+    weight[1] = -1.0
+    weight[2, 1::2] = -1.0
+    weight[3, ::3] = 0.0
+    q, scales = reference.int8_quantize(weight, -1)
+    mask = q != 0
+    x = torch.full((1, k), -3.0)
+    args = (x, *reference.sparse_pack(q, mask), scales, None)
+    y = run_op(args, -1)
+    torch.testing.assert_close(y[0, :3], torch.tensor([-3.0 * k, 3.0 * k, 0.0]), rtol=1e-6, atol=0)
+    assert_sparse_linear_close(y, args, -1)
 
 
 @pytest.mark.parametrize("cpu_isa", available_cpu_isas(), indirect=True)

@@ -35,7 +35,7 @@ static_assert(static_cast<int>(ActDType::kBFloat16) == kCodeBFloat16 &&
 
 constexpr const char* kPrefix = "fastquant.sparse_linear:";
 
-enum class Path { kPortable, kAvx2, kAvx512, kAvx512Vbmi, kAvx512VnniFixed, kAvx512Bf16Tiles };
+enum class Path { kPortable, kAvx2, kAvx2Fixed, kAvx512, kAvx512Vbmi, kAvx512VnniFixed, kAvx512Bf16Tiles };
 
 // Largest K of the fixed-point path: its int32 sums of 255 * 128 * K must not overflow.
 constexpr int64_t kFixedPointMaxK = 65536;
@@ -51,7 +51,9 @@ Path choose_path(Isa isa, int64_t m, int64_t k, SparseValues values, int64_t gro
     return group_size == -1 && k <= kFixedPointMaxK ? Path::kAvx512VnniFixed : Path::kAvx512Vbmi;
   }
   if (isa >= Isa::kAvx512) return Path::kAvx512;
-  if (isa == Isa::kAvx2) return Path::kAvx2;
+  if (isa == Isa::kAvx2) {
+    return values == SparseValues::kInt8 && m == 1 && group_size == -1 ? Path::kAvx2Fixed : Path::kAvx2;
+  }
 #endif
   return Path::kPortable;
 }
@@ -66,6 +68,8 @@ const char* path_name(Path path) {
       return "cpu_avx512_vbmi_expand";
     case Path::kAvx512:
       return "cpu_avx512_expand";
+    case Path::kAvx2Fixed:
+      return "cpu_avx2_fixed";
     case Path::kAvx2:
       return "cpu_avx2_permute";
     case Path::kPortable:
@@ -225,14 +229,22 @@ at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& values, cons
       const SparseXRange range = sparse_x_range_avx512(p.x, k);
       if (!range.finite || range.max_abs > kByteExpandMaxX) {
         p.byte_expand = false;  // the fp32 kernel, which propagates NaN and infinities as the reference does
-      } else if (path == Path::kAvx512VnniFixed &&
-                 (range.max_abs == 0 || range.max_abs <= kFixedPointRange * range.others_mean)) {
+      } else if (path == Path::kAvx512VnniFixed && fixed_point_takes(range)) {
         const int64_t stride = (ldx + 63) / 64 * 64;
         planes = at::empty({4 * stride}, x.options().dtype(at::kByte));
         sparse_fixed_point_x_avx512(p.x, k, range.max_abs, stride, planes.data_ptr<uint8_t>(),
                                     &p.x_fixed_top_sum, &p.x_fixed_step);
         p.x_fixed = planes.data_ptr<uint8_t>();
         p.x_fixed_stride = stride;
+      }
+    }
+    if (path == Path::kAvx2Fixed) {  // other x: the fp32 kernel (cpu_avx2_permute)
+      const SparseXRange range = sparse_x_range_avx2(p.x, k);
+      if (fixed_point_takes(range)) {
+        planes = at::empty({2 * ldx}, x.options().dtype(at::kShort));
+        sparse_fixed_point_x_avx2(p.x, ldx, range.max_abs, planes.data_ptr<int16_t>(), &p.x_fixed_step);
+        p.x_fixed = reinterpret_cast<const uint8_t*>(planes.data_ptr<int16_t>());
+        p.x_fixed_stride = ldx;
       }
     }
 #endif
@@ -242,7 +254,7 @@ at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& values, cons
     if (path == Path::kAvx512 || path == Path::kAvx512Vbmi || path == Path::kAvx512VnniFixed) {
       kernel = sparse_linear_avx512;
     }
-    if (path == Path::kAvx2) kernel = sparse_linear_avx2;
+    if (path == Path::kAvx2 || path == Path::kAvx2Fixed) kernel = sparse_linear_avx2;
 #endif
     // Weight rows are the unit of work: each thread streams a disjoint, contiguous slice of values and
     // masks exactly once (per block of x rows). Blocks of 8 rows keep the kernels' row tiles whole.

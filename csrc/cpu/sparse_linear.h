@@ -16,6 +16,11 @@
 //                       4 vpdpbusd multiply them with the 4 planes, summing in int32 exactly. The only
 //                       rounding is x's, to 2^-32 of max|x|, below fp32's for the x it takes (finite, max|x|
 //                       <= 2^10 x the others' mean); other x takes cpu_avx512_vbmi_expand's kernel.
+//   cpu_avx2_fixed      the same for AVX2: x in two int16 planes (X = 65536 hi + lo); per 16 columns one
+//                       vpshufb moves the kept int8 values into the high bytes of 16-bit lanes (a 16-byte
+//                       control per mask byte), vpsraw makes them int16, and 2 vpmaddwd multiply them with
+//                       the planes, summing in int32 (flushed to int64 every 2048 columns); other x takes
+//                       cpu_avx2_permute's kernel.
 //   cpu_avx512_bf16_tiles  int8 values at M > 16 (prefill): int8_linear's bf16 path, its weight tiles
 //                       expanded from the masks (int8 -> bf16 is exact); x is rounded to bf16 once per call
 //                       as that path does, products and sums in fp32.
@@ -45,11 +50,13 @@ struct SparseLinearProblem {
   int64_t n_groups;      // columns of scales (1 for per-channel)
   SparseValues vtype;
   bool byte_expand;  // int8 values, M = 1: the VBMI/VBMI2 byte-expand kernel (CPU support checked by caller)
-  // Per-channel int8 values at M = 1 with byte_expand (cpu_avx512_vnni_fixed): x in 32-bit fixed point,
-  // X = round(x / x_fixed_step), the 4 bytes of X in 4 planes of x_fixed_stride bytes (byte 3 is signed);
-  // nullptr when x does not qualify (see SparseXRange) and an fp32 kernel runs instead.
+  // Per-channel int8 values at M = 1: x in 32-bit fixed point, X = round(x / x_fixed_step); nullptr when x
+  // does not qualify (see SparseXRange) and an fp32 kernel runs instead. cpu_avx512_vnni_fixed (with
+  // byte_expand): the 4 bytes of X in 4 planes of x_fixed_stride bytes (byte 3 is signed), stride a
+  // multiple of 64. cpu_avx2_fixed: two int16 planes (hi, lo) of x_fixed_stride = ldx elements.
+  // Planes are zero past k.
   const uint8_t* x_fixed;
-  int64_t x_fixed_stride;   // a multiple of 64, >= 16 * n_chunks; planes are zero past k
+  int64_t x_fixed_stride;
   int64_t x_fixed_top_sum;  // the sum over all columns of byte 3 of X
   double x_fixed_step;
 };
@@ -97,16 +104,45 @@ static inline int64_t first_bad_row(const SparseLinearProblem& p, int64_t j0, in
   return -1;
 }
 
-#if defined(__x86_64__) || defined(_M_X64)
-// first_bad_row compiled with the AVX-512 file's flags (a popcnt instruction per 4 mask words), for the
-// glue's check of every row before sparse_linear's bf16 prefill path.
-int64_t sparse_first_bad_row_avx512(const SparseLinearProblem& p, int64_t j0, int64_t j1);
+// M = 1 row passes of int8 values (rows_bytes, rows_fixed): a row whose offset lies in [0, values_size -
+// 16 n_chunks - 64] cannot read past values whatever its masks (its pointer advances by at most 16 per chunk,
+// loads reach 64 past it), so such rows are checked after they are read (their pointer must end at the next
+// row's offset: one compare) instead of before (a popcount pass over their masks, 20% of the time at
+// K = 576). Rows [j, j + rows) all qualify.
+static inline bool rows_read_inside(const SparseLinearProblem& p, int64_t j, int rows) {
+  const int64_t row_reach = 16 * p.n_chunks + 64;
+  for (int r = 0; r < rows; ++r) {
+    const int64_t offset = p.row_offsets[j + r];
+    if (offset < 0 || offset > p.values_size - row_reach) return false;
+  }
+  return true;
+}
 
-// The magnitudes of x (k fp32) that decide its M = 1 kernel: fixed point (cpu_avx512_vnni_fixed) takes
-// finite x with max_abs <= kFixedPointRange * others_mean, the mean magnitude of the other elements (beyond
-// that, rounding typical elements to 2^-32 max|x| could cost more than fp32's rounding). rows_bytes sums
-// q * 2^24 * x, which could overflow fp32 for max_abs > kByteExpandMaxX (2^80: sums reach K * 2^31 max_abs)
-// where the result would not; such x takes the plain fp32 kernel.
+#ifndef FQ_SPARSE_BYTES_PF
+#define FQ_SPARSE_BYTES_PF 4096  // rows_bytes, rows_fixed: bytes prefetched past the rows of the next pass
+#endif
+
+// Software prefetch of rows_bytes and rows_fixed, whose loads of values wait on the popcount of mask words
+// just loaded, so the core keeps few misses in flight on its own. Values: past the R rows of the pass (which
+// lie one after another), so that row r fetches row r of the next pass, plus FQ_SPARSE_BYTES_PF; a fixed
+// distance fetched rows of the current pass once R rows spanned it. Masks: the next pass's words at the same
+// chunk, one line per 32 chunks per row. The next rows' offsets may be corrupt (each row is checked when
+// reached), and a prefetch of any address is harmless, so the addresses are computed on integers.
+static inline uintptr_t values_ahead(const SparseLinearProblem& p, int64_t j, int rows) {
+  return static_cast<uintptr_t>(p.row_offsets[j + rows]) - static_cast<uintptr_t>(p.row_offsets[j]) +
+         FQ_SPARSE_BYTES_PF;
+}
+
+static inline void prefetch_at(const void* base, uintptr_t ahead) {
+  __builtin_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(base) + ahead), 0, 3);
+}
+
+// The magnitudes of x (k fp32) that decide its M = 1 kernel for per-channel int8 values: fixed point
+// (cpu_avx512_vnni_fixed, cpu_avx2_fixed) takes finite x with max_abs <= kFixedPointRange * others_mean, the
+// mean magnitude of the other elements (beyond that, rounding typical elements to 2^-32 max|x| could cost
+// more than fp32's rounding). rows_bytes sums q * 2^24 * x, which could overflow fp32 for max_abs >
+// kByteExpandMaxX (2^80: sums reach K * 2^31 max_abs) where the result would not; such x takes the plain
+// fp32 kernel.
 struct SparseXRange {
   bool finite;
   float max_abs;
@@ -114,6 +150,22 @@ struct SparseXRange {
 };
 constexpr float kFixedPointRange = 1024.f;
 constexpr float kByteExpandMaxX = 0x1p80f;
+
+static inline bool fixed_point_takes(const SparseXRange& range) {
+  return range.finite && (range.max_abs == 0 || range.max_abs <= kFixedPointRange * range.others_mean);
+}
+
+#if defined(__x86_64__) || defined(_M_X64)
+// x in 32-bit fixed point for cpu_avx2_fixed: X = round(x / step), step = max_abs / (2^31 - 2^16), written as
+// two int16 planes of ldx elements, hi then lo, with X = 65536 hi + lo (lo the signed low half; the margin
+// of 2^16 keeps hi within int16). x has ldx elements (a multiple of 16), zero past k.
+SparseXRange sparse_x_range_avx2(const float* x, int64_t k);
+void sparse_fixed_point_x_avx2(const float* x, int64_t ldx, float max_abs, int16_t* planes, double* step);
+
+// first_bad_row compiled with the AVX-512 file's flags (a popcnt instruction per 4 mask words), for the
+// glue's check of every row before sparse_linear's bf16 prefill path.
+int64_t sparse_first_bad_row_avx512(const SparseLinearProblem& p, int64_t j0, int64_t j1);
+
 SparseXRange sparse_x_range_avx512(const float* x, int64_t k);
 // Writes the 4 byte planes of X = round(x / step), step = max_abs / (2^31 - 1), into planes (4 x stride
 // bytes, zero past k), and the sum of X's top bytes.

@@ -160,6 +160,134 @@ void tile(const SparseLinearProblem& p, int64_t m0, int64_t j0) {
   }
 }
 
+// cpu_avx2_fixed, per-channel int8 values at M = 1. The fp32 path above is bound by its two cross-lane
+// vpermps per 16 columns (~6.6 cycles per 16 columns and row on Zen 3, as much as 4x the cost of dense
+// int8's conversion), so it could not beat dense int8 where that is not memory-bound. Here x is 32-bit fixed
+// point in two int16 planes, X = 65536 hi + lo, and q.X = 65536 q.hi + q.lo: per 16 columns the 16 kept
+// int8 values are placed by one in-lane vpshufb, each into the high byte of its 16-bit lane, vpsraw by 8
+// sign-extends them, and 2 vpmaddwd (16 x 16 -> 32 bits, adjacent pairs summed) multiply them with the
+// planes. Sums are exact: a vpmaddwd lane is at most 2 * 128 * 32768 = 2^23, so int32 lanes hold 128
+// chunks (2^30) and are then widened into int64.
+//
+// kHalfPlacement[b]: vpshufb control for the 8 columns of mask byte b: the 16-bit lane of column j takes the
+// packed byte rank(j) (its index among the kept columns) into its high byte; 0x80 zeroes the low bytes and
+// the pruned columns.
+struct HalfPlacement {
+  alignas(16) uint8_t control[256][16];
+};
+
+constexpr HalfPlacement make_half_placement() {
+  HalfPlacement h{};
+  for (int b = 0; b < 256; ++b) {
+    int rank = 0;
+    for (int j = 0; j < 8; ++j) {
+      h.control[b][2 * j] = 0x80;
+      h.control[b][2 * j + 1] = (b >> j) & 1 ? static_cast<uint8_t>(rank++) : 0x80;
+    }
+  }
+  return h;
+}
+
+constexpr HalfPlacement kHalfPlacement = make_half_placement();
+
+constexpr int64_t kFlushChunks = 128;  // chunks summed in int32 lanes before widening (2^30 at most)
+
+inline int64_t sum_epi32_in_epi64(__m256i v) {
+  const __m256i wide = _mm256_add_epi64(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(v)),
+                                        _mm256_cvtepi32_epi64(_mm256_extracti128_si256(v, 1)));
+  const __m128i half = _mm_add_epi64(_mm256_castsi256_si128(wide), _mm256_extracti128_si256(wide, 1));
+  return _mm_cvtsi128_si64(half) + _mm_extract_epi64(half, 1);
+}
+
+// Rows [j, j + R) (R rows share each chunk's plane loads). Returns the first row whose values did not end
+// at the next row's offset, or -1; the caller guarantees that the rows cannot read past values.
+template <int R>
+int64_t rows_fixed(const SparseLinearProblem& p, int64_t j) {
+  const int8_t* values = static_cast<const int8_t*>(p.values);
+  const int64_t nc = p.n_chunks;
+  const int16_t* x_hi = reinterpret_cast<const int16_t*>(p.x_fixed);
+  const int16_t* x_lo = x_hi + p.x_fixed_stride;
+  const int8_t* vp[R];
+  const uint16_t* mrow[R];
+  int64_t sum_hi[R], sum_lo[R];
+  for (int r = 0; r < R; ++r) {
+    vp[r] = values + p.row_offsets[j + r];
+    mrow[r] = p.masks + (j + r) * nc;
+    sum_hi[r] = sum_lo[r] = 0;
+  }
+  const uintptr_t ahead = values_ahead(p, j, R);
+  const uintptr_t masks_ahead = sizeof(uint16_t) * R * nc + 64;
+  for (int64_t c0 = 0; c0 < nc; c0 += kFlushChunks) {
+    const int64_t c1 = c0 + kFlushChunks < nc ? c0 + kFlushChunks : nc;
+    __m256i acc_hi[R], acc_lo[R];
+    for (int r = 0; r < R; ++r) acc_hi[r] = acc_lo[r] = _mm256_setzero_si256();
+    const auto chunk = [&](int64_t c, int r, unsigned word) {
+      const unsigned low = word & 0xffu, high = word >> 8;
+      const unsigned low_kept = _mm_popcnt_u32(low);
+      // Both 128-bit lanes index 16 bytes of values: the lower from the row's position, the upper from
+      // past the lower half's low_kept values.
+      const __m256i control = _mm256_inserti128_si256(
+          _mm256_castsi128_si256(
+              _mm_load_si128(reinterpret_cast<const __m128i*>(kHalfPlacement.control[low]))),
+          _mm_load_si128(reinterpret_cast<const __m128i*>(kHalfPlacement.control[high])), 1);
+      const __m256i packed = _mm256_inserti128_si256(
+          _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(vp[r]))),
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(vp[r] + low_kept)), 1);
+      const __m256i q = _mm256_srai_epi16(_mm256_shuffle_epi8(packed, control), 8);
+      vp[r] += low_kept + _mm_popcnt_u32(high);
+      const __m256i xh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x_hi + 16 * c));
+      const __m256i xl = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x_lo + 16 * c));
+      acc_hi[r] = _mm256_add_epi32(acc_hi[r], _mm256_madd_epi16(q, xh));
+      acc_lo[r] = _mm256_add_epi32(acc_lo[r], _mm256_madd_epi16(q, xl));
+    };
+    int64_t c = c0;
+    for (; c + 4 <= c1; c += 4) {  // kFlushChunks is a multiple of 4: one 64-bit load of 4 mask words
+      uint64_t words[R];
+      for (int r = 0; r < R; ++r) {
+        std::memcpy(&words[r], mrow[r] + c, sizeof(words[r]));
+        prefetch_at(vp[r], ahead);
+        if (c % 32 == 0) prefetch_at(mrow[r] + c, masks_ahead);
+      }
+      for (int t = 0; t < 4; ++t) {
+        for (int r = 0; r < R; ++r) chunk(c + t, r, static_cast<unsigned>(words[r] >> (16 * t)) & 0xffffu);
+      }
+    }
+    for (; c < c1; ++c) {
+      for (int r = 0; r < R; ++r) chunk(c, r, mrow[r][c]);
+    }
+    for (int r = 0; r < R; ++r) {
+      sum_hi[r] += sum_epi32_in_epi64(acc_hi[r]);
+      sum_lo[r] += sum_epi32_in_epi64(acc_lo[r]);
+    }
+  }
+  int64_t bad = -1;
+  for (int r = 0; r < R; ++r) {
+    if (bad < 0 && vp[r] != values + p.row_offsets[j + r + 1]) bad = j + r;
+    const int64_t dot = sum_hi[r] * 65536 + sum_lo[r];  // |sum_hi| <= 2^22 K: exact for K < 2^24
+    float v = static_cast<float>(static_cast<double>(dot) * p.x_fixed_step * p.scales[j + r]);
+    if (p.bias) v += p.bias[j + r];
+    p.y[j + r] = v;
+  }
+  return bad;
+}
+
+int64_t run_fixed(const SparseLinearProblem& p, int64_t n_begin, int64_t n_end) {
+  for (int64_t j = n_begin; j < n_end;) {
+    const int64_t left = n_end - j;
+    const int rows = left >= 4 ? 4 : left >= 2 ? 2 : 1;
+    if (!rows_read_inside(p, j, rows)) {
+      const int64_t bad = first_bad_row(p, j, j + rows);
+      if (bad >= 0) return bad;
+    }
+    const int64_t bad = rows == 4   ? rows_fixed<4>(p, j)
+                        : rows == 2 ? rows_fixed<2>(p, j)
+                                    : rows_fixed<1>(p, j);
+    if (bad >= 0) return bad;
+    j += rows;
+  }
+  return -1;
+}
+
 constexpr int kRows1 = 4;       // weight rows interleaved at M = 1
 constexpr int kMB = 4;          // rows of x per tile at M > 1
 constexpr int kNR = 2;          // weight rows per tile at M > 1
@@ -215,7 +343,65 @@ int64_t run_values(const SparseLinearProblem& p, int64_t n_begin, int64_t n_end)
 
 }  // namespace
 
+SparseXRange sparse_x_range_avx2(const float* x, int64_t k) {
+  const __m256 zero = _mm256_setzero_ps(), sign = _mm256_set1_ps(-0.0f);
+  __m256 non_finite = zero, largest = zero, total = zero;
+  int64_t i = 0;
+  for (; i + 8 <= k; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    const __m256 times_zero = _mm256_mul_ps(v, zero);  // NaN exactly for NaN and infinities
+    non_finite = _mm256_or_ps(non_finite, _mm256_cmp_ps(times_zero, times_zero, _CMP_UNORD_Q));
+    const __m256 a = _mm256_andnot_ps(sign, v);
+    largest = _mm256_max_ps(largest, a);
+    total = _mm256_add_ps(total, a);
+  }
+  alignas(32) float lanes[8], sums[8];
+  _mm256_store_ps(lanes, largest);
+  _mm256_store_ps(sums, total);
+  bool finite = _mm256_movemask_ps(non_finite) == 0;
+  float max_abs = 0.f, sum = 0.f;
+  for (int l = 0; l < 8; ++l) {
+    max_abs = lanes[l] > max_abs ? lanes[l] : max_abs;
+    sum += sums[l];
+  }
+  for (; i < k; ++i) {
+    const float a = x[i] < 0 ? -x[i] : x[i];
+    finite = finite && a - a == 0.f;
+    max_abs = a > max_abs ? a : max_abs;
+    sum += a;
+  }
+  return {finite, max_abs, k > 1 ? (sum - max_abs) / static_cast<float>(k - 1) : 0.f};
+}
+
+void sparse_fixed_point_x_avx2(const float* x, int64_t ldx, float max_abs, int16_t* planes, double* step) {
+  constexpr double kFixedMax = 2147418112.0;  // 2^31 - 2^16
+  const double inv = max_abs > 0 ? kFixedMax / max_abs : 0.0;
+  *step = max_abs > 0 ? max_abs / kFixedMax : 0.0;
+  const __m256d vinv = _mm256_set1_pd(inv);
+  int16_t* hi_plane = planes;
+  int16_t* lo_plane = planes + ldx;
+  for (int64_t i = 0; i < ldx; i += 16) {
+    __m256i hi[2], lo[2];
+    for (int h = 0; h < 2; ++h) {
+      const __m256 v = _mm256_loadu_ps(x + i + 8 * h);
+      // x * inv in double, rounded to nearest (the MXCSR default): X is x / step to within half a step,
+      // and |X| <= 2^31 - 2^16, so hi = (X - lo) / 65536 fits int16.
+      const __m128i a = _mm256_cvtpd_epi32(_mm256_mul_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v)), vinv));
+      const __m128i b = _mm256_cvtpd_epi32(_mm256_mul_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)), vinv));
+      const __m256i fixed = _mm256_inserti128_si256(_mm256_castsi128_si256(a), b, 1);
+      lo[h] = _mm256_srai_epi32(_mm256_slli_epi32(fixed, 16), 16);
+      hi[h] = _mm256_srai_epi32(_mm256_sub_epi32(fixed, lo[h]), 16);
+    }
+    // packs works per 128-bit lane: [0-3, 8-11, 4-7, 12-15] -> element order by 64-bit lanes 0, 2, 1, 3.
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(hi_plane + i),
+                        _mm256_permute4x64_epi64(_mm256_packs_epi32(hi[0], hi[1]), 0xD8));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(lo_plane + i),
+                        _mm256_permute4x64_epi64(_mm256_packs_epi32(lo[0], lo[1]), 0xD8));
+  }
+}
+
 int64_t sparse_linear_avx2(const SparseLinearProblem& p, int64_t n_begin, int64_t n_end) {
+  if (p.x_fixed) return run_fixed(p, n_begin, n_end);
   switch (p.vtype) {
     case SparseValues::kFloat32:
       return run_values<SparseValues::kFloat32>(p, n_begin, n_end);

@@ -23,9 +23,6 @@ namespace {
 #ifndef FQ_SPARSE_PF
 #define FQ_SPARSE_PF 1024  // bytes of values prefetched ahead of each row pointer (0: none)
 #endif
-#ifndef FQ_SPARSE_BYTES_PF
-#define FQ_SPARSE_BYTES_PF 4096  // rows_bytes, rows_fixed: bytes prefetched past the rows of the next pass
-#endif
 
 template <SparseValues V>
 struct Val;
@@ -150,21 +147,6 @@ void row1(const SparseLinearProblem& p, int64_t j) {
   if (!GROUPED && p.scales) v *= p.scales[j];
   if (p.bias) v += p.bias[j];
   p.y[j] = v;
-}
-
-// Software prefetch of rows_bytes and rows_fixed, whose loads of values wait on the popcount of mask words
-// just loaded, so the core keeps few misses in flight on its own. Values: past the R rows of the pass (which
-// lie one after another), so that row r fetches row r of the next pass, plus FQ_SPARSE_BYTES_PF; a fixed
-// distance fetched rows of the current pass once R rows spanned it. Masks: the next pass's words at the same
-// chunk, one line per 32 chunks per row. The next rows' offsets may be corrupt (each row is checked when
-// reached), and a prefetch of any address is harmless, so the addresses are computed on integers.
-inline uintptr_t values_ahead(const SparseLinearProblem& p, int64_t j, int rows) {
-  return static_cast<uintptr_t>(p.row_offsets[j + rows]) - static_cast<uintptr_t>(p.row_offsets[j]) +
-         FQ_SPARSE_BYTES_PF;
-}
-
-inline void prefetch_at(const void* base, uintptr_t ahead) {
-  _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(base) + ahead), _MM_HINT_T0);
 }
 
 // M = 1, int8 values, CPUs with VBMI2 and VBMI (Isa::kAvx512Vbmi; the target attribute keeps these
@@ -365,23 +347,11 @@ int64_t run(const SparseLinearProblem& p, int64_t n_begin, int64_t n_end) {
   if (p.m == 1) {
     if constexpr (V == SparseValues::kInt8) {
       if (p.byte_expand) {
-        // A row whose offset lies in [0, values_size - row_reach] cannot read past values whatever its
-        // masks (its pointer advances by at most 16 per chunk, loads reach 64 past it): such rows are
-        // checked after they are read (one compare) instead of before (a popcount pass over their masks,
-        // 20% of the time at K = 576).
-        const int64_t row_reach = 16 * p.n_chunks + 64;
-        const auto readable = [&](int64_t j, int rows) {
-          for (int r = 0; r < rows; ++r) {
-            const int64_t offset = p.row_offsets[j + r];
-            if (offset < 0 || offset > p.values_size - row_reach) return false;
-          }
-          return true;
-        };
         const bool fixed = !GROUPED && p.x_fixed;
         for (int64_t j = n_begin; j < n_end;) {
           const int64_t left = n_end - j;
           const int rows = fixed && left >= 4 ? 4 : left >= 2 ? 2 : 1;
-          if (!readable(j, rows)) {
+          if (!rows_read_inside(p, j, rows)) {
             const int64_t bad = first_bad_row(p, j, j + rows);
             if (bad >= 0) return bad;
           }
