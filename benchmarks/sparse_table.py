@@ -21,7 +21,8 @@ float64 buffer, rotated) in the same run. A sweep over sparsity (M = 1, 4096 x 4
 formats start to beat dense int8. ``best`` columns take the faster layout of each value type, as the per-layer
 kernel choice does.
 
-Run: ``python benchmarks/sparse_table.py`` (``--quick``: one shape, M = 1). Writes
+Run: ``python benchmarks/sparse_table.py`` (``--quick``: two shapes, M = 1; ``--decode``: every shape at M = 1,
+and the sweep). Writes
 ``benchmarks/results/cpu-sparse-<UTC date>.md`` and ``.json``.
 """
 
@@ -315,9 +316,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=None, help="output stem (default benchmarks/results/cpu-sparse-<UTC date>)")
     parser.add_argument("--quick", action="store_true", help="4096 x 4096 and 1536 x 576, M = 1 only, no sweep")
+    parser.add_argument("--decode", action="store_true", help="every shape at M = 1 only, and the sweep")
     args = parser.parse_args()
     if args.quick:
         shapes, row_counts = [SHAPES[0], SHAPES[2]], [1]
+    elif args.decode:
+        shapes, row_counts = SHAPES, [1]
     else:
         shapes, row_counts = SHAPES, ROW_COUNTS
     now = dt.datetime.now(dt.timezone.utc)
