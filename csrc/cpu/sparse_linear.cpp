@@ -35,7 +35,16 @@ static_assert(static_cast<int>(ActDType::kBFloat16) == kCodeBFloat16 &&
 
 constexpr const char* kPrefix = "fastquant.sparse_linear:";
 
-enum class Path { kPortable, kAvx2, kAvx2Fixed, kAvx512, kAvx512Vbmi, kAvx512VnniFixed, kAvx512Bf16Tiles };
+enum class Path {
+  kPortable,
+  kAvx2,
+  kAvx2Fixed,
+  kAvx2DenseInt8,
+  kAvx512,
+  kAvx512Vbmi,
+  kAvx512VnniFixed,
+  kAvx512Bf16Tiles
+};
 
 // Largest K of the fixed-point path: its int32 sums of 255 * 128 * K must not overflow.
 constexpr int64_t kFixedPointMaxK = 65536;
@@ -51,6 +60,7 @@ Path choose_path(Isa isa, int64_t m, int64_t k, SparseValues values, int64_t gro
     return group_size == -1 && k <= kFixedPointMaxK ? Path::kAvx512VnniFixed : Path::kAvx512Vbmi;
   }
   if (isa >= Isa::kAvx512) return Path::kAvx512;
+  if (isa == Isa::kAvx2 && values == SparseValues::kInt8 && m > kBf16MinRows) return Path::kAvx2DenseInt8;
   if (isa == Isa::kAvx2) {
     return values == SparseValues::kInt8 && m == 1 && group_size == -1 ? Path::kAvx2Fixed : Path::kAvx2;
   }
@@ -70,6 +80,8 @@ const char* path_name(Path path) {
       return "cpu_avx512_expand";
     case Path::kAvx2Fixed:
       return "cpu_avx2_fixed";
+    case Path::kAvx2DenseInt8:
+      return "cpu_avx2_dense_int8";
     case Path::kAvx2:
       return "cpu_avx2_permute";
     case Path::kPortable:
@@ -184,6 +196,14 @@ at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& values, cons
 
   int64_t bad = n;
 #if defined(__x86_64__) || defined(_M_X64)
+  if (path == Path::kAvx2DenseInt8) {
+    at::Tensor dense = at::empty({n, k}, vals.options());
+    bad = parallel_rows_first_refused(n, 8, [&](int64_t begin, int64_t end) {
+      return sparse_expand_int8_avx2(p, dense.data_ptr<int8_t>(), begin, end);
+    });
+    if (bad != n) raise_refused(mask_words, offsets, n, n_chunks, bad);
+    return int8_linear_cpu(x, dense, s, bias, group_size);
+  }
   if (path == Path::kAvx512Bf16Tiles) {
     // Every row's popcount against its offsets first (the tiles expand rows in K chunks, so no row can be
     // checked just before it is read): ~0.1 ms for 4096 x 4096, ~1% of a prefill call.

@@ -190,6 +190,21 @@ constexpr HalfPlacement make_half_placement() {
 
 constexpr HalfPlacement kHalfPlacement = make_half_placement();
 
+// kByteRank[b]: vpshufb control for the 8 columns of mask byte b at byte level: column j takes packed byte
+// rank(j), 0x80 zeroes the pruned columns (cpu_avx2_dense_int8's expansion).
+struct ByteRank {
+  alignas(64) uint64_t entry[256];
+  constexpr ByteRank() : entry{} {
+    for (int b = 0; b < 256; ++b) {
+      int rank = 0;
+      for (int j = 0; j < 8; ++j) {
+        entry[b] |= static_cast<uint64_t>((b >> j) & 1 ? rank++ : 0x80) << (8 * j);
+      }
+    }
+  }
+};
+constexpr ByteRank kByteRank{};
+
 constexpr int64_t kFlushChunks = 128;  // chunks summed in int32 lanes before widening (2^30 at most)
 
 inline int64_t sum_epi32_in_epi64(__m256i v) {
@@ -342,6 +357,37 @@ int64_t run_values(const SparseLinearProblem& p, int64_t n_begin, int64_t n_end)
 }
 
 }  // namespace
+
+int64_t sparse_expand_int8_avx2(const SparseLinearProblem& p, int8_t* dense, int64_t j0, int64_t j1) {
+  const int64_t bad = first_bad_row(p, j0, j1);
+  if (bad >= 0) return bad;
+  const int64_t nc = p.n_chunks;
+  for (int64_t j = j0; j < j1; ++j) {
+    const int8_t* vp = static_cast<const int8_t*>(p.values) + p.row_offsets[j];
+    const uint16_t* row = p.masks + j * nc;
+    int8_t* out = dense + j * p.k;
+    for (int64_t c = 0; c < nc; ++c) {
+      const unsigned low = row[c] & 0xffu, high = row[c] >> 8;
+      const unsigned low_kept = _mm_popcnt_u32(low);
+      const __m128i lower =
+          _mm_shuffle_epi8(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(vp)),
+                           _mm_loadl_epi64(reinterpret_cast<const __m128i*>(kByteRank.entry + low)));
+      const __m128i upper =
+          _mm_shuffle_epi8(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(vp + low_kept)),
+                           _mm_loadl_epi64(reinterpret_cast<const __m128i*>(kByteRank.entry + high)));
+      const __m128i bytes = _mm_unpacklo_epi64(lower, upper);
+      vp += low_kept + _mm_popcnt_u32(high);
+      if (16 * c + 16 <= p.k) {
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 16 * c), bytes);
+      } else {  // the row's last columns: a full store would write into the next row (another thread's)
+        alignas(16) int8_t tail[16];
+        _mm_store_si128(reinterpret_cast<__m128i*>(tail), bytes);
+        std::memcpy(out + 16 * c, tail, p.k - 16 * c);
+      }
+    }
+  }
+  return -1;
+}
 
 SparseXRange sparse_x_range_avx2(const float* x, int64_t k) {
   const __m256 zero = _mm256_setzero_ps(), sign = _mm256_set1_ps(-0.0f);
