@@ -9,8 +9,8 @@ y64 is the float64 evaluation, y_ref the fp32 reference kernel's output. Every s
 fp32 (values and activations are converted to fp32 exactly), so only the fp32 product rounding constant
 applies; losing or misplacing a single kept weight exceeds the bound. Two paths differ: the AVX-512
 prefill path for int8 values (cpu_avx512_bf16_tiles, M > 16) rounds x to bf16 once per call as
-int8_linear's prefill path does: there y64, y_ref and the bound are those of the rounded x. On AVX2 the same
-calls (cpu_avx2_dense_int8) expand the weight to dense int8 and run int8_linear's fp32 kernel. The M = 1 path
+int8_linear's prefill path does: there y64, y_ref and the bound are those of the rounded x. On AVX2, int8
+values at M >= 8 (cpu_avx2_dense_int8) are expanded to dense int8 and run int8_linear's fp32 kernel. The M = 1 path
 for per-channel int8 values (cpu_avx512_vnni_fixed, cpu_avx2_fixed) rounds x to 32-bit fixed point (steps of
 about 2^-31 max|x|) and sums exactly in integers, for x whose largest magnitude is at most 1024x the mean of
 the others: its error, at most ~2^-32 max|x| sum|q| s, is far inside the same bound.
@@ -91,7 +91,7 @@ def expected_cpu_path(isa: str, m: int, k: int, values_dtype: torch.dtype, group
             fixed_point = group_size == -1 and k <= 65536  # its int32 sums hold 255 * 128 * K
             return "cpu_avx512_vnni_fixed" if fixed_point else "cpu_avx512_vbmi_expand"
         return "cpu_avx512_expand"
-    if isa == "avx2" and int8 and m > 16:
+    if isa == "avx2" and int8 and m >= 8:
         return "cpu_avx2_dense_int8"
     if isa == "avx2" and int8 and m == 1 and group_size == -1:
         return "cpu_avx2_fixed"

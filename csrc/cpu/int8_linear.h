@@ -48,6 +48,9 @@ struct Int8LinearProblem {
   int64_t mp = 0;
   int64_t kc = 0;  // bf16 path: K chunk converted per weight tile (multiple of group_size, or of it)
   const Bitmap16Int8* bitmap = nullptr;  // bf16 path: the weight in bitmap16 instead of w
+  // w holds the weight's rows from this one on: a block of rows expanded for the call
+  // (sparse_linear's cpu_avx2_dense_int8); only rows [w_first_row, ...) may then be computed.
+  int64_t w_first_row = 0;
 };
 
 // Computes output columns [n_begin, n_end) for every row. Called concurrently on disjoint ranges.

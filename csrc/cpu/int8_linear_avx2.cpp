@@ -24,7 +24,7 @@ template <int MR, int NR, bool GROUPED>
 void tile(const Int8LinearProblem& p, int64_t m0, int64_t j0) {
   const int64_t K = p.k;
   const float* x = p.x_f32 + m0 * K;
-  const int8_t* w = p.w + j0 * K;
+  const int8_t* w = p.w + (j0 - p.w_first_row) * K;
   __m256 acc[MR][NR];
   float tail[MR][NR];
   for (int r = 0; r < MR; ++r) {

@@ -40,7 +40,7 @@ template <int MR, int NR, bool GROUPED>
 void fp32_tile(const Int8LinearProblem& p, int64_t m0, int64_t j0) {
   const int64_t K = p.k;
   const float* x = p.x_f32 + m0 * K;
-  const int8_t* w = p.w + j0 * K;
+  const int8_t* w = p.w + (j0 - p.w_first_row) * K;
   __m512 acc[MR][NR];
   for (int r = 0; r < MR; ++r)
     for (int c = 0; c < NR; ++c) acc[r][c] = _mm512_setzero_ps();
@@ -169,7 +169,7 @@ void fp32_row1(const Int8LinearProblem& p, int64_t n_begin, int64_t n_end) {
     for (int64_t kc = 0; kc < K; kc += chunk) {
       const int64_t kb = kc + chunk < K ? kc + chunk : K;
       for (int64_t r = 0; r < nr; ++r) {
-        const int8_t* w = p.w + (j0 + r) * K;
+        const int8_t* w = p.w + (j0 + r - p.w_first_row) * K;
         // Prefetch target: the same offset in the next row read (next row of the block, or the first row's
         // next chunk, or the next block); past the thread's slice it is harmless.
         const int64_t pf =
@@ -307,7 +307,7 @@ void int8_linear_avx512_bf16(const Int8LinearProblem& p, int64_t n_begin, int64_
         if (c < nc && p.bitmap) {
           expand_row_bf16(*p.bitmap, j0 + c, kc0, klen16, row_values[c], dst);
         } else if (c < nc) {
-          convert_row_bf16(p.w + (j0 + c) * K + kc0, klen, klen16, dst);
+          convert_row_bf16(p.w + (j0 + c - p.w_first_row) * K + kc0, klen, klen16, dst);
         } else {
           std::memset(dst, 0, sizeof(uint16_t) * klen16);
         }

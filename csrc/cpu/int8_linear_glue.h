@@ -1,7 +1,6 @@
 #pragma once
-// int8_linear for the glue of another op whose weight it can read (sparse_linear with int8 values): the
-// whole op, and its AVX-512 bf16 prefill path, reading the weight through Int8LinearProblem::bitmap. Torch
-// glue only: includes ATen.
+// The AVX-512 bf16 prefill path of int8_linear as a whole, for the glue of another op whose weight it can
+// read (sparse_linear with int8 values, through Int8LinearProblem::bitmap). Torch glue only: includes ATen.
 #include <ATen/ATen.h>
 
 #include "cpu/int8_linear.h"
@@ -12,10 +11,6 @@ namespace fastquant::cpu {
 // size (0: the path does not apply to this group size).
 constexpr int64_t kBf16MinRows = 16;
 int64_t bf16_chunk(int64_t k, int64_t group);
-
-// The CPU kernel of int8_linear (int8_linear.cpp), for sparse_linear's cpu_avx2_dense_int8 path.
-at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                           const std::optional<at::Tensor>& bias, int64_t group_size);
 
 #if defined(__x86_64__) || defined(_M_X64)
 // Rounds x2 (m x k, contiguous, activation dtype) to bf16 pairs transposed so 16 rows fill a vector, then

@@ -16,7 +16,7 @@ void run(const Int8LinearProblem& p, int64_t n_begin, int64_t n_end) {
   for (int64_t i = 0; i < p.m; ++i) {
     const T* xi = x + i * p.k;
     for (int64_t j = n_begin; j < n_end; ++j) {
-      const int8_t* wj = p.w + j * p.k;
+      const int8_t* wj = p.w + (j - p.w_first_row) * p.k;
       const float* sj = p.scales + j * p.n_groups;
       float acc = 0.f;
       for (int64_t g = 0; g < p.n_groups; ++g) {

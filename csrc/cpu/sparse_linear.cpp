@@ -46,6 +46,11 @@ enum class Path {
   kAvx512Bf16Tiles
 };
 
+// Rows of x from which int8 values on AVX2 take cpu_avx2_dense_int8: below, the expansion (~25% of a dense
+// call at M = 2, 4096 x 4096) costs more than the bitmap16 kernel loses (M = 4: 0.59-0.67x dense int8 for
+// bitmap16, 0.52-0.59x expanded; M = 8: 0.66-0.68x and 0.68-0.79x).
+constexpr int64_t kAvx2DenseMinRows = 8;
+
 // Largest K of the fixed-point path: its int32 sums of 255 * 128 * K must not overflow.
 constexpr int64_t kFixedPointMaxK = 65536;
 
@@ -60,7 +65,8 @@ Path choose_path(Isa isa, int64_t m, int64_t k, SparseValues values, int64_t gro
     return group_size == -1 && k <= kFixedPointMaxK ? Path::kAvx512VnniFixed : Path::kAvx512Vbmi;
   }
   if (isa >= Isa::kAvx512) return Path::kAvx512;
-  if (isa == Isa::kAvx2 && values == SparseValues::kInt8 && m > kBf16MinRows) return Path::kAvx2DenseInt8;
+  if (isa == Isa::kAvx2 && values == SparseValues::kInt8 && m >= kAvx2DenseMinRows)
+    return Path::kAvx2DenseInt8;
   if (isa == Isa::kAvx2) {
     return values == SparseValues::kInt8 && m == 1 && group_size == -1 ? Path::kAvx2Fixed : Path::kAvx2;
   }
@@ -197,12 +203,30 @@ at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& values, cons
   int64_t bad = n;
 #if defined(__x86_64__) || defined(_M_X64)
   if (path == Path::kAvx2DenseInt8) {
-    at::Tensor dense = at::empty({n, k}, vals.options());
-    bad = parallel_rows_first_refused(n, 8, [&](int64_t begin, int64_t end) {
-      return sparse_expand_int8_avx2(p, dense.data_ptr<int8_t>(), begin, end);
+    const at::Tensor x32 = x.reshape({m, k}).to(at::kFloat).contiguous();
+    Int8LinearProblem ip{nullptr,  nullptr, p.scales,
+                         nullptr,  nullptr, m,
+                         n,        k,       group_size == -1 ? k : std::min(group_size, k),
+                         n_groups, dtype};
+    ip.x_f32 = x32.data_ptr<float>();
+    ip.bias_f32 = p.bias;
+    ip.y_f32 = p.y;
+    // 32 rows of K int8 (128 KiB at K = 4096) stay in L2 while the rows of x stream past them, as they do
+    // past each 4-row strip of a dense weight.
+    constexpr int64_t kBlockRows = 32;
+    bad = parallel_rows_first_refused(n, kBlockRows, [&](int64_t begin, int64_t end) {
+      std::vector<int8_t> block(kBlockRows * k);
+      for (int64_t b0 = begin; b0 < end; b0 += kBlockRows) {
+        const int64_t b1 = std::min(b0 + kBlockRows, end);
+        const int64_t refused = sparse_expand_int8_avx2(p, block.data(), b0, b1);
+        if (refused >= 0) return refused;
+        Int8LinearProblem bp = ip;
+        bp.w = block.data();
+        bp.w_first_row = b0;
+        int8_linear_avx2_fp32(bp, b0, b1, nullptr);
+      }
+      return int64_t{-1};
     });
-    if (bad != n) raise_refused(mask_words, offsets, n, n_chunks, bad);
-    return int8_linear_cpu(x, dense, s, bias, group_size);
   }
   if (path == Path::kAvx512Bf16Tiles) {
     // Every row's popcount against its offsets first (the tiles expand rows in K chunks, so no row can be
@@ -230,7 +254,7 @@ at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& values, cons
     }
   }
 #endif
-  if (path != Path::kAvx512Bf16Tiles) {
+  if (path != Path::kAvx512Bf16Tiles && path != Path::kAvx2DenseInt8) {
     // Activations in fp32 (exact for bf16/fp16), zero-padded to whole 16-column chunks so that the last
     // chunk's vector load reads zeros past K (its mask bits there are zero, checked above).
     const int64_t ldx = n_chunks * 16;

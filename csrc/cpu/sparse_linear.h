@@ -21,10 +21,10 @@
 //                       control per mask byte), vpsraw makes them int16, and 2 vpmaddwd multiply them with
 //                       the planes, summing in int32 (flushed to int64 every 2048 columns); other x takes
 //                       cpu_avx2_permute's kernel.
-//   cpu_avx2_dense_int8 int8 values at M > 16 on AVX2: the weight is expanded into a dense int8 copy for
-//                       the call (one pass over the format, ~1-5% of a prefill call), which int8_linear's
-//                       kernel multiplies: the bitmap16 kernels expand each chunk once per 4 rows of x and
-//                       took 1.4-1.6x dense int8's time there.
+//   cpu_avx2_dense_int8 int8 values at M >= 8 on AVX2: each thread expands blocks of 32 weight rows into a
+//                       dense int8 buffer that stays in L2, and int8_linear's AVX2 kernel multiplies each
+//                       block with all rows of x: the bitmap16 kernels expand each chunk once per 4 rows of
+//                       x and took 1.4-1.6x dense int8's time there.
 //   cpu_avx512_bf16_tiles  int8 values at M > 16 (prefill): int8_linear's bf16 path, its weight tiles
 //                       expanded from the masks (int8 -> bf16 is exact); x is rounded to bf16 once per call
 //                       as that path does, products and sums in fp32.
@@ -164,9 +164,9 @@ static inline bool fixed_point_takes(const SparseXRange& range) {
 // two int16 planes of ldx elements, hi then lo, with X = 65536 hi + lo (lo the signed low half; the margin
 // of 2^16 keeps hi within int16). x has ldx elements (a multiple of 16), zero past k.
 SparseXRange sparse_x_range_avx2(const float* x, int64_t k);
-// cpu_avx2_dense_int8: checks rows [j0, j1) (first_bad_row) and expands their int8 values into the dense
-// n x k int8 weight `dense` (zeros where pruned); returns the first refused row, or -1.
-int64_t sparse_expand_int8_avx2(const SparseLinearProblem& p, int8_t* dense, int64_t j0, int64_t j1);
+// cpu_avx2_dense_int8: checks rows [j0, j1) (first_bad_row) and expands their int8 values into `block`, a
+// dense (j1 - j0) x k int8 weight (zeros where pruned); returns the first refused row, or -1.
+int64_t sparse_expand_int8_avx2(const SparseLinearProblem& p, int8_t* block, int64_t j0, int64_t j1);
 void sparse_fixed_point_x_avx2(const float* x, int64_t ldx, float max_abs, int16_t* planes, double* step);
 
 // first_bad_row compiled with the AVX-512 file's flags (a popcnt instruction per 4 mask words), for the

@@ -358,14 +358,14 @@ int64_t run_values(const SparseLinearProblem& p, int64_t n_begin, int64_t n_end)
 
 }  // namespace
 
-int64_t sparse_expand_int8_avx2(const SparseLinearProblem& p, int8_t* dense, int64_t j0, int64_t j1) {
+int64_t sparse_expand_int8_avx2(const SparseLinearProblem& p, int8_t* block, int64_t j0, int64_t j1) {
   const int64_t bad = first_bad_row(p, j0, j1);
   if (bad >= 0) return bad;
   const int64_t nc = p.n_chunks;
   for (int64_t j = j0; j < j1; ++j) {
     const int8_t* vp = static_cast<const int8_t*>(p.values) + p.row_offsets[j];
     const uint16_t* row = p.masks + j * nc;
-    int8_t* out = dense + j * p.k;
+    int8_t* out = block + (j - j0) * p.k;
     for (int64_t c = 0; c < nc; ++c) {
       const unsigned low = row[c] & 0xffu, high = row[c] >> 8;
       const unsigned low_kept = _mm_popcnt_u32(low);
