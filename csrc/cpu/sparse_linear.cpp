@@ -220,6 +220,7 @@ at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& values, cons
         const int64_t b1 = std::min(b0 + kBlockRows, end);
         const int64_t refused = sparse_expand_int8_avx2(p, block.data(), b0, b1);
         if (refused >= 0) return refused;
+        prefetch_rows(p, b1, std::min(b1 + kBlockRows, end));
         Int8LinearProblem bp = ip;
         bp.w = block.data();
         bp.w_first_row = b0;

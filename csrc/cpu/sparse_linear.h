@@ -167,6 +167,20 @@ SparseXRange sparse_x_range_avx2(const float* x, int64_t k);
 // cpu_avx2_dense_int8: checks rows [j0, j1) (first_bad_row) and expands their int8 values into `block`, a
 // dense (j1 - j0) x k int8 weight (zeros where pruned); returns the first refused row, or -1.
 int64_t sparse_expand_int8_avx2(const SparseLinearProblem& p, int8_t* block, int64_t j0, int64_t j1);
+
+// Software prefetch of the values and masks of rows [j0, j1), so that a block's format arrives while the
+// previous block is multiplied (the expansion itself would otherwise wait on DRAM). Offsets are read as
+// integers: a prefetch of any address is harmless, and the rows are checked when expanded.
+static inline void prefetch_rows(const SparseLinearProblem& p, int64_t j0, int64_t j1) {
+  if (j0 >= j1) return;
+  const auto* values = static_cast<const char*>(p.values);
+  const uintptr_t begin = static_cast<uintptr_t>(p.row_offsets[j0]);
+  const uintptr_t end = static_cast<uintptr_t>(p.row_offsets[j1]);
+  for (uintptr_t b = begin; b < end && b - begin < (uintptr_t{1} << 20); b += 64) prefetch_at(values, b);
+  const auto* masks = reinterpret_cast<const char*>(p.masks + j0 * p.n_chunks);
+  const int64_t mask_bytes = (j1 - j0) * p.n_chunks * 2;
+  for (int64_t b = 0; b < mask_bytes; b += 64) prefetch_at(masks, b);
+}
 void sparse_fixed_point_x_avx2(const float* x, int64_t ldx, float max_abs, int16_t* planes, double* step);
 
 // first_bad_row compiled with the AVX-512 file's flags (a popcnt instruction per 4 mask words), for the
