@@ -46,9 +46,9 @@ enum class Path {
   kAvx512Bf16Tiles
 };
 
-// Rows of x from which int8 values on AVX2 take cpu_avx2_dense_int8: below, the expansion (~25% of a dense
-// call at M = 2, 4096 x 4096) costs more than the bitmap16 kernel loses (M = 4: 0.59-0.67x dense int8 for
-// bitmap16, 0.52-0.59x expanded; M = 8: 0.66-0.68x and 0.68-0.79x).
+// Rows of x from which int8 values on AVX2 take cpu_avx2_dense_int8: below, the expansion costs more than
+// the bitmap16 kernel loses (dense int8 time / sparse time at 1536 x 576 and 4096 x 4096: M = 4 bitmap16
+// 0.73 / 0.67, expanded 0.52 / 0.59; M = 8 bitmap16 0.66 / 0.66, expanded 0.72 / 0.85).
 constexpr int64_t kAvx2DenseMinRows = 8;
 
 // Largest K of the fixed-point path: its int32 sums of 255 * 128 * K must not overflow.
@@ -65,9 +65,8 @@ Path choose_path(Isa isa, int64_t m, int64_t k, SparseValues values, int64_t gro
     return group_size == -1 && k <= kFixedPointMaxK ? Path::kAvx512VnniFixed : Path::kAvx512Vbmi;
   }
   if (isa >= Isa::kAvx512) return Path::kAvx512;
-  if (isa == Isa::kAvx2 && values == SparseValues::kInt8 && m >= kAvx2DenseMinRows)
-    return Path::kAvx2DenseInt8;
   if (isa == Isa::kAvx2) {
+    if (values == SparseValues::kInt8 && m >= kAvx2DenseMinRows) return Path::kAvx2DenseInt8;
     return values == SparseValues::kInt8 && m == 1 && group_size == -1 ? Path::kAvx2Fixed : Path::kAvx2;
   }
 #endif
