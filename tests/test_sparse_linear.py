@@ -11,7 +11,8 @@ applies; losing or misplacing a single kept weight exceeds the bound. Two paths 
 prefill path for int8 values (cpu_avx512_bf16_tiles, M > 16) rounds x to bf16 once per call as
 int8_linear's prefill path does: there y64, y_ref and the bound are those of the rounded x. On AVX2, int8
 values at M >= 8 (cpu_avx2_dense_int8) are expanded to dense int8 and run int8_linear's fp32 kernel. The M = 1 path
-for per-channel int8 values (cpu_avx512_vnni_fixed, cpu_avx2_fixed) rounds x to 32-bit fixed point (steps of
+for per-channel int8 values (cpu_avx512_vnni_fixed; cpu_avx2_fixed, which also takes groups of a multiple of
+64) rounds x to 32-bit fixed point (steps of
 about 2^-31 max|x|) and sums exactly in integers, for x whose largest magnitude is at most 1024x the mean of
 the others: its error, at most ~2^-32 max|x| sum|q| s, is far inside the same bound.
 """
@@ -93,8 +94,8 @@ def expected_cpu_path(isa: str, m: int, k: int, values_dtype: torch.dtype, group
         return "cpu_avx512_expand"
     if isa == "avx2" and int8 and m >= 8:
         return "cpu_avx2_dense_int8"
-    if isa == "avx2" and int8 and m == 1 and group_size == -1:
-        return "cpu_avx2_fixed"
+    if isa == "avx2" and int8 and m == 1 and (group_size == -1 or group_size % 64 == 0):
+        return "cpu_avx2_fixed"  # groups of whole 64-column steps
     return {"portable": "cpu_portable", "avx2": "cpu_avx2_permute", "avx512": "cpu_avx512_expand"}[isa]
 
 
@@ -296,22 +297,27 @@ def test_x_outliers_and_zero_x(cpu_isa, outlier):
 
 
 @pytest.mark.parametrize("cpu_isa", available_cpu_isas(with_vbmi=True), indirect=True)
-def test_fixed_point_sums_at_their_largest(cpu_isa):
+@pytest.mark.parametrize("group_size", [-1, 64, 4096])
+def test_fixed_point_sums_at_their_largest(cpu_isa, group_size):
     """Dense 8192-column rows of codes +-127 times a constant x, the largest fixed-point magnitude in every
-    column: the integer sums reach 8192 * 127 * 2^31 (AVX2 sums 2048 columns in int32 lanes at a time) and
-    must not wrap. Row 2 alternates signs and cancels to exactly 0."""
+    column: the integer sums reach 8192 * 127 * 2^31 (AVX2 sums at most 2048 columns, and one group, in int32
+    lanes at a time) and must not wrap. Row 2 alternates signs and cancels to exactly 0. Groups of 4096
+    columns span two of AVX2's 2048-column sums."""
     k = 8192
     weight = torch.ones(4, k)
     weight[1] = -1.0
     weight[2, 1::2] = -1.0
     weight[3, ::3] = 0.0
-    q, scales = reference.int8_quantize(weight, -1)
+    q, scales = reference.int8_quantize(weight, group_size)
     mask = q != 0
     x = torch.full((1, k), -3.0)
     args = (x, *reference.sparse_pack(q, mask), scales, None)
-    y = run_op(args, -1)
+    assert cpu_path(1, 4, k, torch.int8, torch.float32, group_size) == expected_cpu_path(
+        cpu_isa, 1, k, torch.int8, group_size
+    )
+    y = run_op(args, group_size)
     torch.testing.assert_close(y[0, :3], torch.tensor([-3.0 * k, 3.0 * k, 0.0]), rtol=1e-6, atol=0)
-    assert_sparse_linear_close(y, args, -1)
+    assert_sparse_linear_close(y, args, group_size)
 
 
 @pytest.mark.parametrize("cpu_isa", available_cpu_isas(), indirect=True)

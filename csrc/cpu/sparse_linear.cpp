@@ -67,7 +67,9 @@ Path choose_path(Isa isa, int64_t m, int64_t k, SparseValues values, int64_t gro
   if (isa >= Isa::kAvx512) return Path::kAvx512;
   if (isa == Isa::kAvx2) {
     if (values == SparseValues::kInt8 && m >= kAvx2DenseMinRows) return Path::kAvx2DenseInt8;
-    return values == SparseValues::kInt8 && m == 1 && group_size == -1 ? Path::kAvx2Fixed : Path::kAvx2;
+    // Groups of whole 64-column steps: the fixed-point kernel flushes its sums at each group's end.
+    const bool fixed_groups = group_size == -1 || group_size % 64 == 0;
+    return values == SparseValues::kInt8 && m == 1 && fixed_groups ? Path::kAvx2Fixed : Path::kAvx2;
   }
 #endif
   return Path::kPortable;

@@ -16,7 +16,8 @@
 //                       4 vpdpbusd multiply them with the 4 planes, summing in int32 exactly. The only
 //                       rounding is x's, to 2^-32 of max|x|, below fp32's for the x it takes (finite, max|x|
 //                       <= 2^10 x the others' mean); other x takes cpu_avx512_vbmi_expand's kernel.
-//   cpu_avx2_fixed      the same for AVX2: x in two int16 planes (X = 65536 hi + lo); per 16 columns one
+//   cpu_avx2_fixed      the same for AVX2 (and groups of a multiple of 64 columns, each group's exact sum
+//                       scaled in double): x in two int16 planes (X = 65536 hi + lo); per 16 columns one
 //                       vpshufb moves the kept int8 values into the high bytes of 16-bit lanes (a 16-byte
 //                       control per mask byte), vpsraw makes them int16, and 2 vpmaddwd multiply them with
 //                       the planes, summing in int32 (flushed to int64 every 2048 columns); other x takes

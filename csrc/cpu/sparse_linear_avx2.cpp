@@ -12,6 +12,7 @@
 // L2 while every 4-row block of x streams past them.
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 
@@ -160,14 +161,14 @@ void tile(const SparseLinearProblem& p, int64_t m0, int64_t j0) {
   }
 }
 
-// cpu_avx2_fixed, per-channel int8 values at M = 1. The fp32 path above is bound by its two cross-lane
-// vpermps per 16 columns (~6.6 cycles per 16 columns and row on Zen 3, as much as 4x the cost of dense
-// int8's conversion), so it could not beat dense int8 where that is not memory-bound. Here x is 32-bit fixed
-// point in two int16 planes, X = 65536 hi + lo, and q.X = 65536 q.hi + q.lo: per 16 columns the 16 kept
-// int8 values are placed by one in-lane vpshufb, each into the high byte of its 16-bit lane, vpsraw by 8
-// sign-extends them, and 2 vpmaddwd (16 x 16 -> 32 bits, adjacent pairs summed) multiply them with the
-// planes. Sums are exact: a vpmaddwd lane is at most 2 * 128 * 32768 = 2^23, so int32 lanes hold 128
-// chunks (2^30) and are then widened into int64.
+// cpu_avx2_fixed, int8 values at M = 1 (per-channel, or groups of whole 64-column steps). The fp32 path above
+// is bound by its two cross-lane vpermps per 16 columns (~6.6 cycles per 16 columns and row on Zen 3, as much
+// as 4x the cost of dense int8's conversion), so it could not beat dense int8 where that is not memory-bound.
+// Here x is 32-bit fixed point in two int16 planes, X = 65536 hi + lo, and q.X = 65536 q.hi + q.lo: per 16
+// columns the 16 kept int8 values are placed by one in-lane vpshufb, each into the high byte of its 16-bit
+// lane, vpsraw by 8 sign-extends them, and 2 vpmaddwd (16 x 16 -> 32 bits, adjacent pairs summed) multiply
+// them with the planes. Sums are exact: a vpmaddwd lane is at most 2 * 128 * 32768 = 2^23, so int32 lanes
+// hold 128 chunks (2^30) and are then widened into int64.
 //
 // kHalfPlacement[b]: vpshufb control for the 8 columns of mask byte b: the 16-bit lane of column j takes the
 // packed byte rank(j) (its index among the kept columns) into its high byte; 0x80 zeroes the low bytes and
@@ -215,8 +216,10 @@ inline int64_t sum_epi32_in_epi64(__m256i v) {
 }
 
 // Rows [j, j + R) (R rows share each chunk's plane loads). Returns the first row whose values did not end
-// at the next row's offset, or -1; the caller guarantees that the rows cannot read past values.
-template <int R>
+// at the next row's offset, or -1; the caller guarantees that the rows cannot read past values. GROUPED:
+// groups of a multiple of 4 chunks (checked by the caller); int32 lanes are flushed at every group's end
+// too, and each flush's exact sum is scaled by its group's scale in double.
+template <int R, bool GROUPED>
 int64_t rows_fixed(const SparseLinearProblem& p, int64_t j) {
   const int8_t* values = static_cast<const int8_t*>(p.values);
   const int64_t nc = p.n_chunks;
@@ -225,15 +228,18 @@ int64_t rows_fixed(const SparseLinearProblem& p, int64_t j) {
   const int8_t* vp[R];
   const uint16_t* mrow[R];
   int64_t sum_hi[R], sum_lo[R];
+  double scaled[R];  // GROUPED: the flushed sums times their group's scale
   for (int r = 0; r < R; ++r) {
     vp[r] = values + p.row_offsets[j + r];
     mrow[r] = p.masks + (j + r) * nc;
     sum_hi[r] = sum_lo[r] = 0;
+    scaled[r] = 0.0;
   }
   const uintptr_t ahead = values_ahead(p, j, R);
   const uintptr_t masks_ahead = sizeof(uint16_t) * R * nc + 64;
-  for (int64_t c0 = 0; c0 < nc; c0 += kFlushChunks) {
-    const int64_t c1 = c0 + kFlushChunks < nc ? c0 + kFlushChunks : nc;
+  for (int64_t c0 = 0, c1; c0 < nc; c0 = c1) {
+    c1 = c0 + kFlushChunks < nc ? c0 + kFlushChunks : nc;
+    if (GROUPED) c1 = std::min(c1, (c0 / p.group_chunks + 1) * p.group_chunks);
     __m256i acc_hi[R], acc_lo[R];
     for (int r = 0; r < R; ++r) acc_hi[r] = acc_lo[r] = _mm256_setzero_si256();
     const auto chunk = [&](int64_t c, int r, unsigned word) {
@@ -271,15 +277,21 @@ int64_t rows_fixed(const SparseLinearProblem& p, int64_t j) {
       for (int r = 0; r < R; ++r) chunk(c, r, mrow[r][c]);
     }
     for (int r = 0; r < R; ++r) {
-      sum_hi[r] += sum_epi32_in_epi64(acc_hi[r]);
-      sum_lo[r] += sum_epi32_in_epi64(acc_lo[r]);
+      if (GROUPED) {  // at most 2^38 in magnitude: exact in double
+        const int64_t dot = sum_epi32_in_epi64(acc_hi[r]) * 65536 + sum_epi32_in_epi64(acc_lo[r]);
+        scaled[r] += static_cast<double>(dot) * p.scales[(j + r) * p.n_groups + c0 / p.group_chunks];
+      } else {
+        sum_hi[r] += sum_epi32_in_epi64(acc_hi[r]);
+        sum_lo[r] += sum_epi32_in_epi64(acc_lo[r]);
+      }
     }
   }
   int64_t bad = -1;
   for (int r = 0; r < R; ++r) {
     if (bad < 0 && vp[r] != values + p.row_offsets[j + r + 1]) bad = j + r;
     const int64_t dot = sum_hi[r] * 65536 + sum_lo[r];  // |sum_hi| <= 2^22 K: exact for K < 2^24
-    float v = static_cast<float>(static_cast<double>(dot) * p.x_fixed_step * p.scales[j + r]);
+    const double scaled_dot = GROUPED ? scaled[r] : static_cast<double>(dot) * p.scales[j + r];
+    float v = static_cast<float>(scaled_dot * p.x_fixed_step);
     if (p.bias) v += p.bias[j + r];
     p.y[j + r] = v;
   }
@@ -294,9 +306,16 @@ int64_t run_fixed(const SparseLinearProblem& p, int64_t n_begin, int64_t n_end) 
       const int64_t bad = first_bad_row(p, j, j + rows);
       if (bad >= 0) return bad;
     }
-    const int64_t bad = rows == 4   ? rows_fixed<4>(p, j)
-                        : rows == 2 ? rows_fixed<2>(p, j)
-                                    : rows_fixed<1>(p, j);
+    int64_t bad;
+    if (p.group_chunks > 0) {
+      bad = rows == 4   ? rows_fixed<4, true>(p, j)
+            : rows == 2 ? rows_fixed<2, true>(p, j)
+                        : rows_fixed<1, true>(p, j);
+    } else {
+      bad = rows == 4   ? rows_fixed<4, false>(p, j)
+            : rows == 2 ? rows_fixed<2, false>(p, j)
+                        : rows_fixed<1, false>(p, j);
+    }
     if (bad >= 0) return bad;
     j += rows;
   }
