@@ -10,11 +10,12 @@ fp32 (values and activations are converted to fp32 exactly), so only the fp32 pr
 applies; losing or misplacing a single kept weight exceeds the bound. Two paths differ: the AVX-512
 prefill path for int8 values (cpu_avx512_bf16_tiles, M > 16) rounds x to bf16 once per call as
 int8_linear's prefill path does: there y64, y_ref and the bound are those of the rounded x. On AVX2, int8
-values at M >= 8 (cpu_avx2_dense_int8) are expanded to dense int8 and run int8_linear's fp32 kernel. The M = 1 path
-for per-channel int8 values (cpu_avx512_vnni_fixed; cpu_avx2_fixed, which also takes groups of a multiple of
-64) rounds x to 32-bit fixed point (steps of
-about 2^-31 max|x|) and sums exactly in integers, for x whose largest magnitude is at most 1024x the mean of
-the others: its error, at most ~2^-32 max|x| sum|q| s, is far inside the same bound.
+values at M >= 8 (cpu_avx2_dense_int8) are expanded to dense int8 and run int8_linear's fp32 kernel, and
+float values at M >= 256 (cpu_avx2_dense_float) to dense fp32 for torch's matmul: fp32 products either way.
+The M = 1 path for per-channel int8 values (cpu_avx512_vnni_fixed; cpu_avx2_fixed,
+which also takes groups of a multiple of 64) rounds x to 32-bit fixed point (steps of about 2^-31 max|x|) and
+sums exactly in integers, for x whose largest magnitude is at most 1024x the mean of the others: its error, at
+most ~2^-32 max|x| sum|q| s, is far inside the same bound.
 """
 
 from __future__ import annotations
@@ -94,6 +95,8 @@ def expected_cpu_path(isa: str, m: int, k: int, values_dtype: torch.dtype, group
         return "cpu_avx512_expand"
     if isa == "avx2" and int8 and m >= 8:
         return "cpu_avx2_dense_int8"
+    if isa == "avx2" and not int8 and m >= 256:
+        return "cpu_avx2_dense_float"
     if isa == "avx2" and int8 and m == 1 and (group_size == -1 or group_size % 64 == 0):
         return "cpu_avx2_fixed"  # groups of whole 64-column steps
     return {"portable": "cpu_portable", "avx2": "cpu_avx2_permute", "avx512": "cpu_avx512_expand"}[isa]
@@ -635,6 +638,19 @@ def test_corrupt_offsets_are_rejected(message, make_args, kernel, m, cpu_isa):
             torch.ops.fastquant.sparse_linear.default.redispatch(
                 torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd), *args
             )
+
+
+@pytest.mark.parametrize("values_dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("m", [1, 3, 256])
+@pytest.mark.parametrize("cpu_isa", available_cpu_isas(with_vbmi=True), indirect=True)
+def test_corrupt_offsets_of_float_values_are_rejected(values_dtype, m, cpu_isa):
+    """Float values, row 4's offset difference one more than its masks keep (row 5's one less): refused on
+    every path, the dense-copy prefill path (M = 256 on AVX2) included."""
+    args, _ = make_case(m, 64, 32, values_dtype, torch.float32, -1, 0.5, "random", False, seed=5)
+    row_offsets = args[3].clone()
+    row_offsets[5] += 1
+    with pytest.raises(RuntimeError, match="row 4 keeps .* weights in masks but row_offsets gives it"):
+        run_op((*args[:3], row_offsets, *args[4:]), -1)
 
 
 def test_mixed_devices_rejected():

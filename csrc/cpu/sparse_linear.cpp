@@ -40,6 +40,7 @@ enum class Path {
   kAvx2,
   kAvx2Fixed,
   kAvx2DenseInt8,
+  kAvx2DenseFloat,
   kAvx512,
   kAvx512Vbmi,
   kAvx512VnniFixed,
@@ -50,6 +51,10 @@ enum class Path {
 // the bitmap16 kernel loses (dense int8 time / sparse time at 1536 x 576 and 4096 x 4096: M = 4 bitmap16
 // 0.73 / 0.67, expanded 0.52 / 0.59; M = 8 bitmap16 0.66 / 0.66, expanded 0.72 / 0.85).
 constexpr int64_t kAvx2DenseMinRows = 8;
+// The same for float values (a dense fp32 copy of the weight for torch's matmul). The copy (n x k x 4 bytes,
+// fresh pages) cost 30-40% of a call at M = 64-128 (4096 x 4096: 0.50 / 0.61x F.linear against 0.8x for
+// the bitmap16 tiles) and ~15% at M = 512 (0.86x against 0.56x).
+constexpr int64_t kAvx2DenseFloatMinRows = 256;
 
 // Largest K of the fixed-point path: its int32 sums of 255 * 128 * K must not overflow.
 constexpr int64_t kFixedPointMaxK = 65536;
@@ -67,6 +72,7 @@ Path choose_path(Isa isa, int64_t m, int64_t k, SparseValues values, int64_t gro
   if (isa >= Isa::kAvx512) return Path::kAvx512;
   if (isa == Isa::kAvx2) {
     if (values == SparseValues::kInt8 && m >= kAvx2DenseMinRows) return Path::kAvx2DenseInt8;
+    if (values != SparseValues::kInt8 && m >= kAvx2DenseFloatMinRows) return Path::kAvx2DenseFloat;
     // Groups of whole 64-column steps: the fixed-point kernel flushes its sums at each group's end.
     const bool fixed_groups = group_size == -1 || group_size % 64 == 0;
     return values == SparseValues::kInt8 && m == 1 && fixed_groups ? Path::kAvx2Fixed : Path::kAvx2;
@@ -89,6 +95,8 @@ const char* path_name(Path path) {
       return "cpu_avx2_fixed";
     case Path::kAvx2DenseInt8:
       return "cpu_avx2_dense_int8";
+    case Path::kAvx2DenseFloat:
+      return "cpu_avx2_dense_float";
     case Path::kAvx2:
       return "cpu_avx2_permute";
     case Path::kPortable:
@@ -230,6 +238,17 @@ at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& values, cons
       return int64_t{-1};
     });
   }
+  if (path == Path::kAvx2DenseFloat) {
+    at::Tensor dense = at::empty({n, k}, x.options().dtype(at::kFloat));
+    bad = parallel_rows_first_refused(n, 8, [&](int64_t begin, int64_t end) {
+      return sparse_expand_float_avx2(p, dense.data_ptr<float>(), begin, end);
+    });
+    if (bad == n) {
+      const at::Tensor x32 = x.reshape({m, k}).to(at::kFloat);
+      y.view({m, n}).copy_(b32.defined() ? at::addmm(b32, x32, dense.t()) : at::mm(x32, dense.t()));
+      return y;
+    }
+  }
   if (path == Path::kAvx512Bf16Tiles) {
     // Every row's popcount against its offsets first (the tiles expand rows in K chunks, so no row can be
     // checked just before it is read): ~0.1 ms for 4096 x 4096, ~1% of a prefill call.
@@ -256,7 +275,7 @@ at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& values, cons
     }
   }
 #endif
-  if (path != Path::kAvx512Bf16Tiles && path != Path::kAvx2DenseInt8) {
+  if (path != Path::kAvx512Bf16Tiles && path != Path::kAvx2DenseInt8 && path != Path::kAvx2DenseFloat) {
     // Activations in fp32 (exact for bf16/fp16), zero-padded to whole 16-column chunks so that the last
     // chunk's vector load reads zeros past K (its mask bits there are zero, checked above).
     const int64_t ldx = n_chunks * 16;

@@ -408,6 +408,53 @@ int64_t sparse_expand_int8_avx2(const SparseLinearProblem& p, int8_t* block, int
   return -1;
 }
 
+namespace {
+
+template <SparseValues V>
+void expand_float_rows(const SparseLinearProblem& p, float* dense, int64_t j0, int64_t j1) {
+  using T = typename Val<V>::T;
+  const int64_t nc = p.n_chunks;
+  for (int64_t j = j0; j < j1; ++j) {
+    const T* vp = static_cast<const T*>(p.values) + p.row_offsets[j];
+    const uint16_t* row = p.masks + j * nc;
+    float* out = dense + j * p.k;
+    for (int64_t c = 0; c < nc; ++c) {
+      const __m256 lower = expand8<V>(vp, row[c] & 0xffu);
+      const __m256 upper = expand8<V>(vp, row[c] >> 8);
+      if (16 * c + 16 <= p.k) {
+        _mm256_storeu_ps(out + 16 * c, lower);
+        _mm256_storeu_ps(out + 16 * c + 8, upper);
+      } else {  // the row's last columns: a full store would write into the next row (another thread's)
+        alignas(32) float tail[16];
+        _mm256_store_ps(tail, lower);
+        _mm256_store_ps(tail + 8, upper);
+        std::memcpy(out + 16 * c, tail, sizeof(float) * (p.k - 16 * c));
+      }
+    }
+  }
+}
+
+}  // namespace
+
+int64_t sparse_expand_float_avx2(const SparseLinearProblem& p, float* dense, int64_t j0, int64_t j1) {
+  const int64_t bad = first_bad_row(p, j0, j1);
+  if (bad >= 0) return bad;
+  switch (p.vtype) {
+    case SparseValues::kFloat32:
+      expand_float_rows<SparseValues::kFloat32>(p, dense, j0, j1);
+      break;
+    case SparseValues::kBFloat16:
+      expand_float_rows<SparseValues::kBFloat16>(p, dense, j0, j1);
+      break;
+    case SparseValues::kFloat16:
+      expand_float_rows<SparseValues::kFloat16>(p, dense, j0, j1);
+      break;
+    case SparseValues::kInt8:
+      break;
+  }
+  return -1;
+}
+
 SparseXRange sparse_x_range_avx2(const float* x, int64_t k) {
   const __m256 zero = _mm256_setzero_ps(), sign = _mm256_set1_ps(-0.0f);
   __m256 non_finite = zero, largest = zero, total = zero;
