@@ -243,10 +243,14 @@ at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& values, cons
     bad = parallel_rows_first_refused(n, 8, [&](int64_t begin, int64_t end) {
       return sparse_expand_float_avx2(p, dense.data_ptr<float>(), begin, end);
     });
-    if (bad == n) {
+    if (bad == n) {  // into y32, rounded to x's dtype at the end like every other path
       const at::Tensor x32 = x.reshape({m, k}).to(at::kFloat);
-      y.view({m, n}).copy_(b32.defined() ? at::addmm(b32, x32, dense.t()) : at::mm(x32, dense.t()));
-      return y;
+      at::Tensor out = y32.view({m, n});
+      if (b32.defined()) {
+        at::addmm_out(out, b32, x32, dense.t());
+      } else {
+        at::mm_out(out, x32, dense.t());
+      }
     }
   }
   if (path == Path::kAvx512Bf16Tiles) {

@@ -170,41 +170,30 @@ void tile(const SparseLinearProblem& p, int64_t m0, int64_t j0) {
 // them with the planes. Sums are exact: a vpmaddwd lane is at most 2 * 128 * 32768 = 2^23, so int32 lanes
 // hold 128 chunks (2^30) and are then widened into int64.
 //
-// kHalfPlacement[b]: vpshufb control for the 8 columns of mask byte b: the 16-bit lane of column j takes the
-// packed byte rank(j) (its index among the kept columns) into its high byte; 0x80 zeroes the low bytes and
-// the pruned columns.
-struct HalfPlacement {
-  alignas(16) uint8_t control[256][16];
-};
-
-constexpr HalfPlacement make_half_placement() {
-  HalfPlacement h{};
-  for (int b = 0; b < 256; ++b) {
-    int rank = 0;
-    for (int j = 0; j < 8; ++j) {
-      h.control[b][2 * j] = 0x80;
-      h.control[b][2 * j + 1] = (b >> j) & 1 ? static_cast<uint8_t>(rank++) : 0x80;
-    }
-  }
-  return h;
-}
-
-constexpr HalfPlacement kHalfPlacement = make_half_placement();
-
-// kByteRank[b]: vpshufb control for the 8 columns of mask byte b at byte level: column j takes packed byte
-// rank(j), 0x80 zeroes the pruned columns (cpu_avx2_dense_int8's expansion).
+// vpshufb controls from kPerm's ranks: a set bit 7 makes vpshufb write zero, so flipping bit 7 of every
+// kPerm byte gives, per column, its packed position when kept and 0x80 (zero) when pruned.
+// kByteRank[b]: that control for the 8 columns of mask byte b at byte level (cpu_avx2_dense_int8's
+// expansion). kHalfPlacement[b]: the same in the high byte of 16-bit lanes, the low bytes zeroed.
 struct ByteRank {
   alignas(64) uint64_t entry[256];
   constexpr ByteRank() : entry{} {
+    for (int b = 0; b < 256; ++b) entry[b] = kPerm.entry[b] ^ 0x8080808080808080ull;
+  }
+};
+constexpr ByteRank kByteRank{};
+
+struct HalfPlacement {
+  alignas(16) uint8_t control[256][16];
+  constexpr HalfPlacement() : control{} {
     for (int b = 0; b < 256; ++b) {
-      int rank = 0;
       for (int j = 0; j < 8; ++j) {
-        entry[b] |= static_cast<uint64_t>((b >> j) & 1 ? rank++ : 0x80) << (8 * j);
+        control[b][2 * j] = 0x80;
+        control[b][2 * j + 1] = static_cast<uint8_t>(kByteRank.entry[b] >> (8 * j));
       }
     }
   }
 };
-constexpr ByteRank kByteRank{};
+constexpr HalfPlacement kHalfPlacement{};
 
 constexpr int64_t kFlushChunks = 128;  // chunks summed in int32 lanes before widening (2^30 at most)
 
