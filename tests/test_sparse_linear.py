@@ -11,7 +11,8 @@ applies; losing or misplacing a single kept weight exceeds the bound. Two paths 
 prefill path for int8 values (cpu_avx512_bf16_tiles, M > 16) rounds x to bf16 once per call as
 int8_linear's prefill path does: there y64, y_ref and the bound are those of the rounded x. On AVX2, int8
 values at M >= 8 (cpu_avx2_dense_int8) are expanded to dense int8 and run int8_linear's fp32 kernel, and
-float values at M >= 256 (cpu_avx2_dense_float) to dense fp32 for torch's matmul: fp32 products either way.
+float values at M >= 32 (cpu_avx2_dense_float) to blocks of dense fp32 rows for torch's matmul: fp32 products
+either way.
 The M = 1 path for per-channel int8 values (cpu_avx512_vnni_fixed; cpu_avx2_fixed,
 which also takes groups of a multiple of 64) rounds x to 32-bit fixed point (steps of about 2^-31 max|x|) and
 sums exactly in integers, for x whose largest magnitude is at most 1024x the mean of the others: its error, at
@@ -95,7 +96,7 @@ def expected_cpu_path(isa: str, m: int, k: int, values_dtype: torch.dtype, group
         return "cpu_avx512_expand"
     if isa == "avx2" and int8 and m >= 8:
         return "cpu_avx2_dense_int8"
-    if isa == "avx2" and not int8 and m >= 256:
+    if isa == "avx2" and not int8 and m >= 32:
         return "cpu_avx2_dense_float"
     if isa == "avx2" and int8 and m == 1 and (group_size == -1 or group_size % 64 == 0):
         return "cpu_avx2_fixed"  # groups of whole 64-column steps
@@ -228,6 +229,21 @@ def test_every_row_count(cpu_isa, m):
 
 
 @pytest.mark.parametrize("cpu_isa", available_cpu_isas(), indirect=True)
+@pytest.mark.parametrize("values_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_float_values_in_many_row_blocks(cpu_isa, values_dtype):
+    """At K = 32768 the AVX2 prefill path for float values (M >= 32) expands 32 weight rows per 4 MiB block,
+    so 75 rows take three blocks, the last one partial: each block's outputs and bias must land in its own
+    columns of y, and a corrupt row in the second block is refused by name."""
+    k, n, m = 32768, 75, 33
+    args, g = make_case(m, k, n, values_dtype, torch.bfloat16, -1, 0.7, "random", True, seed=11)
+    assert_sparse_linear_close(run_op(args, g), args, g)
+    row_offsets = args[3].clone()
+    row_offsets[41] += 1
+    with pytest.raises(RuntimeError, match="row 40 keeps .* weights in masks but row_offsets gives it"):
+        run_op((*args[:3], row_offsets, *args[4:]), g)
+
+
+@pytest.mark.parametrize("cpu_isa", available_cpu_isas(), indirect=True)
 def test_all_zero_rows_and_dense_rows(cpu_isa):
     """Rows keeping nothing next to rows keeping everything: the value pointer of each row must restart
     at its own offset."""
@@ -253,7 +269,7 @@ def test_all_zero_rows_and_dense_rows(cpu_isa):
 
 
 @pytest.mark.parametrize("cpu_isa", available_cpu_isas(with_vbmi=True), indirect=True)
-@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("m", [1, 3, 32])
 @pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
 def test_non_finite_x_propagates(cpu_isa, m, bad):
     """A NaN or infinity in x reaches the outputs of the rows that keep its column as in the reference (the
@@ -641,11 +657,11 @@ def test_corrupt_offsets_are_rejected(message, make_args, kernel, m, cpu_isa):
 
 
 @pytest.mark.parametrize("values_dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("m", [1, 3, 256])
+@pytest.mark.parametrize("m", [1, 3, 32])
 @pytest.mark.parametrize("cpu_isa", available_cpu_isas(with_vbmi=True), indirect=True)
 def test_corrupt_offsets_of_float_values_are_rejected(values_dtype, m, cpu_isa):
     """Float values, row 4's offset difference one more than its masks keep (row 5's one less): refused on
-    every path, the dense-copy prefill path (M = 256 on AVX2) included."""
+    every path, the dense-block prefill path (M = 32 on AVX2) included."""
     args, _ = make_case(m, 64, 32, values_dtype, torch.float32, -1, 0.5, "random", False, seed=5)
     row_offsets = args[3].clone()
     row_offsets[5] += 1

@@ -51,10 +51,14 @@ enum class Path {
 // the bitmap16 kernel loses (dense int8 time / sparse time at 1536 x 576 and 4096 x 4096: M = 4 bitmap16
 // 0.73 / 0.67, expanded 0.52 / 0.59; M = 8 bitmap16 0.66 / 0.66, expanded 0.72 / 0.85).
 constexpr int64_t kAvx2DenseMinRows = 8;
-// The same for float values (a dense fp32 copy of the weight for torch's matmul). The copy (n x k x 4 bytes,
-// fresh pages) cost 30-40% of a call at M = 64-128 (4096 x 4096: 0.50 / 0.61x F.linear against 0.8x for
-// the bitmap16 tiles) and ~15% at M = 512 (0.86x against 0.56x).
-constexpr int64_t kAvx2DenseFloatMinRows = 256;
+// The same for float values (blocks of dense fp32 rows for torch's matmul). fp32 F.linear time / sparse time,
+// 4096 x 4096 / 1536 x 576 at 50%: M = 16 bitmap16 tiles 1.5 / 1.0, blocks 1.1 / 0.9; M = 32 tiles 1.1 / 0.8,
+// blocks 1.1 / 0.8; M = 64 tiles 0.7-0.9 / 0.7, blocks 1.0-1.2 / 0.8.
+constexpr int64_t kAvx2DenseFloatMinRows = 32;
+// Bytes of the expanded fp32 block: well inside the last-level cache of current x86 CPUs, so that the matmul
+// reads it from there, and large enough (256 rows at K = 4096) that each matmul call is a full-size GEMM.
+// 1, 2, 4 and 16 MiB were within noise of each other at 4096 x 4096, M = 32-512.
+constexpr int64_t kDenseFloatBlockBytes = 4 << 20;
 
 // Largest K of the fixed-point path: its int32 sums of 255 * 128 * K must not overflow.
 constexpr int64_t kFixedPointMaxK = 65536;
@@ -239,17 +243,32 @@ at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& values, cons
     });
   }
   if (path == Path::kAvx2DenseFloat) {
-    at::Tensor dense = at::empty({n, k}, x.options().dtype(at::kFloat));
-    bad = parallel_rows_first_refused(n, 8, [&](int64_t begin, int64_t end) {
-      return sparse_expand_float_avx2(p, dense.data_ptr<float>(), begin, end);
-    });
-    if (bad == n) {  // into y32, rounded to x's dtype at the end like every other path
-      const at::Tensor x32 = x.reshape({m, k}).to(at::kFloat);
-      at::Tensor out = y32.view({m, n});
+    // Blocks of weight rows are expanded into one buffer that stays in the last-level cache, and torch's
+    // matmul multiplies each into its columns of y: DRAM then sees only the sparse format (2.1 bytes per
+    // weight at 50%, against F.linear's 4). A dense copy of the whole weight instead (n x k x 4 bytes of
+    // fresh memory per call, 67 MB at 4096 x 4096) cost 30-40 ms, so it paid off only from M = 256.
+    const int64_t block_rows = std::min(n, std::max<int64_t>(8, kDenseFloatBlockBytes / (4 * k) / 8 * 8));
+    at::Tensor block = at::empty({block_rows, k}, x.options().dtype(at::kFloat));
+    const at::Tensor x32 = x.reshape({m, k}).to(at::kFloat);
+    at::Tensor out = y32.view({m, n});
+    for (int64_t b0 = 0; b0 < n; b0 += block_rows) {
+      const int64_t rows = std::min(block_rows, n - b0);
+      float* block_data = block.data_ptr<float>();
+      const int64_t refused = parallel_rows_first_refused(rows, 8, [&](int64_t begin, int64_t end) {
+        const int64_t row = sparse_expand_float_avx2(p, block_data + begin * k, b0 + begin, b0 + end);
+        return row < 0 ? row : row - b0;
+      });
+      if (refused < rows) {
+        bad = b0 + refused;
+        break;
+      }
+      // Written into y32 and rounded to x's dtype at the end, like every other path.
+      at::Tensor columns = out.narrow(1, b0, rows);
+      const at::Tensor weight = block.narrow(0, 0, rows).t();
       if (b32.defined()) {
-        at::addmm_out(out, b32, x32, dense.t());
+        at::addmm_out(columns, b32.narrow(0, b0, rows), x32, weight);
       } else {
-        at::mm_out(out, x32, dense.t());
+        at::mm_out(columns, x32, weight);
       }
     }
   }

@@ -26,9 +26,9 @@
 //                       dense int8 buffer that stays in L2, and int8_linear's AVX2 kernel multiplies each
 //                       block with all rows of x: the bitmap16 kernels expand each chunk once per 4 rows of
 //                       x and took 1.4-1.6x dense int8's time there.
-//   cpu_avx2_dense_float float values at M >= 256 on AVX2: the weight is expanded into a dense fp32 copy
-//                       for the call (n x k x 4 bytes) and multiplied by torch's dense fp32 matmul, where the
-//                       bitmap16 fp32 tiles took ~1.8x F.linear's time.
+//   cpu_avx2_dense_float float values at M >= 32 on AVX2: blocks of weight rows (4 MiB of fp32) are expanded
+//                       into a buffer that stays in the last-level cache and multiplied by torch's dense fp32
+//                       matmul, where the bitmap16 fp32 tiles took 1.1-2.5x F.linear's time.
 //   cpu_avx512_bf16_tiles  int8 values at M > 16 (prefill): int8_linear's bf16 path, its weight tiles
 //                       expanded from the masks (int8 -> bf16 is exact); x is rounded to bf16 once per call
 //                       as that path does, products and sums in fp32.
@@ -172,10 +172,9 @@ SparseXRange sparse_x_range_avx2(const float* x, int64_t k);
 // dense (j1 - j0) x k int8 weight (zeros where pruned); returns the first refused row, or -1.
 int64_t sparse_expand_int8_avx2(const SparseLinearProblem& p, int8_t* block, int64_t j0, int64_t j1);
 
-// cpu_avx2_dense_float: checks rows [j0, j1) and expands their float values into rows [j0, j1) of the
-// dense n x k fp32 weight `dense` (exact for bf16/fp16; zeros where pruned); returns the first refused row,
-// or -1.
-int64_t sparse_expand_float_avx2(const SparseLinearProblem& p, float* dense, int64_t j0, int64_t j1);
+// cpu_avx2_dense_float: checks rows [j0, j1) and expands their float values into rows_out, a dense
+// (j1 - j0) x k fp32 weight (exact for bf16/fp16; zeros where pruned); returns the first refused row, or -1.
+int64_t sparse_expand_float_avx2(const SparseLinearProblem& p, float* rows_out, int64_t j0, int64_t j1);
 
 // Software prefetch of the values and masks of rows [j0, j1), so that a block's format arrives while the
 // previous block is multiplied (the expansion itself would otherwise wait on DRAM). Offsets are read as

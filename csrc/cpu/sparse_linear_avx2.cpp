@@ -400,13 +400,13 @@ int64_t sparse_expand_int8_avx2(const SparseLinearProblem& p, int8_t* block, int
 namespace {
 
 template <SparseValues V>
-void expand_float_rows(const SparseLinearProblem& p, float* dense, int64_t j0, int64_t j1) {
+void expand_float_rows(const SparseLinearProblem& p, float* rows_out, int64_t j0, int64_t j1) {
   using T = typename Val<V>::T;
   const int64_t nc = p.n_chunks;
   for (int64_t j = j0; j < j1; ++j) {
     const T* vp = static_cast<const T*>(p.values) + p.row_offsets[j];
     const uint16_t* row = p.masks + j * nc;
-    float* out = dense + j * p.k;
+    float* out = rows_out + (j - j0) * p.k;
     for (int64_t c = 0; c < nc; ++c) {
       const __m256 lower = expand8<V>(vp, row[c] & 0xffu);
       const __m256 upper = expand8<V>(vp, row[c] >> 8);
@@ -425,18 +425,18 @@ void expand_float_rows(const SparseLinearProblem& p, float* dense, int64_t j0, i
 
 }  // namespace
 
-int64_t sparse_expand_float_avx2(const SparseLinearProblem& p, float* dense, int64_t j0, int64_t j1) {
+int64_t sparse_expand_float_avx2(const SparseLinearProblem& p, float* rows_out, int64_t j0, int64_t j1) {
   const int64_t bad = first_bad_row(p, j0, j1);
   if (bad >= 0) return bad;
   switch (p.vtype) {
     case SparseValues::kFloat32:
-      expand_float_rows<SparseValues::kFloat32>(p, dense, j0, j1);
+      expand_float_rows<SparseValues::kFloat32>(p, rows_out, j0, j1);
       break;
     case SparseValues::kBFloat16:
-      expand_float_rows<SparseValues::kBFloat16>(p, dense, j0, j1);
+      expand_float_rows<SparseValues::kBFloat16>(p, rows_out, j0, j1);
       break;
     case SparseValues::kFloat16:
-      expand_float_rows<SparseValues::kFloat16>(p, dense, j0, j1);
+      expand_float_rows<SparseValues::kFloat16>(p, rows_out, j0, j1);
       break;
     case SparseValues::kInt8:
       break;
