@@ -206,6 +206,16 @@ TABLE_COLS = [
 ]
 
 
+def kernel_paths(rows: list[dict]) -> str:
+    """The bitmap16 kernel that ran at each M, for fp32 and int8 values (the first shape's; K decides none)."""
+    first = {}
+    for row in rows:
+        first.setdefault(row["m"], row["path"])
+    return "bitmap16 kernels: " + "; ".join(
+        f"M = {m}: {path['float32']} for fp32 values, {path['int8']} for int8 values" for m, path in first.items()
+    )
+
+
 def best_peer(ms: dict, kind: str) -> str:
     """The faster layout of ``kind`` ("sparse": fp32 values, "int8+sparse": int8 values) in this row."""
     return min((peer for peer in BEST[kind] if peer in ms), key=ms.__getitem__)
@@ -349,8 +359,8 @@ def main() -> None:
     lines = [
         f"# CPU sparse_linear / sparse_csr_linear benchmark, {meta['date_utc']}",
         "",
-        f"{meta['cpu']}, torch {meta['torch']}, {meta['threads']} threads, best ISA {meta['isa']} (bitmap16 kernels "
-        f"at M = 1: {rows[0]['path']['float32']} for fp32 values, {rows[0]['path']['int8']} for int8 values), "
+        f"{meta['cpu']}, torch {meta['torch']}, {meta['threads']} threads, best ISA {meta['isa']} "
+        f"({kernel_paths(rows)}), "
         f"1-minute load average {meta['load_before']:.1f} before / {meta['load_after']:.1f} after. Median ms per "
         "call, weights rotated from DRAM, fp32 activations, the peers of each row timed in turns, call by call "
         "(so the VM's drifting speed hits them alike). `a / b` > 1 means b is faster. "
