@@ -364,36 +364,45 @@ int64_t run_values(const SparseLinearProblem& p, int64_t n_begin, int64_t n_end)
   return p.group_chunks > 0 ? run<V, true>(p, n_begin, n_end) : run<V, false>(p, n_begin, n_end);
 }
 
+// Rows [j0, j1) of the weight as dense rows of k elements in rows_out: chunk(vp, mask_word, dst) writes the
+// 16 columns of one chunk at dst and advances vp past its kept values. A row's last, partial chunk goes
+// through a buffer: a full store would write into the next row (another thread's).
+template <typename T, typename Out, typename Chunk>
+inline void expand_rows(const SparseLinearProblem& p, Out* rows_out, int64_t j0, int64_t j1, Chunk chunk) {
+  const int64_t nc = p.n_chunks;
+  for (int64_t j = j0; j < j1; ++j) {
+    const T* vp = static_cast<const T*>(p.values) + p.row_offsets[j];
+    const uint16_t* row = p.masks + j * nc;
+    Out* out = rows_out + (j - j0) * p.k;
+    for (int64_t c = 0; c < nc; ++c) {
+      if (16 * c + 16 <= p.k) {
+        chunk(vp, row[c], out + 16 * c);
+      } else {
+        alignas(32) Out tail[16];
+        chunk(vp, row[c], tail);
+        std::memcpy(out + 16 * c, tail, sizeof(Out) * (p.k - 16 * c));
+      }
+    }
+  }
+}
+
 }  // namespace
 
 int64_t sparse_expand_int8_avx2(const SparseLinearProblem& p, int8_t* block, int64_t j0, int64_t j1) {
   const int64_t bad = first_bad_row(p, j0, j1);
   if (bad >= 0) return bad;
-  const int64_t nc = p.n_chunks;
-  for (int64_t j = j0; j < j1; ++j) {
-    const int8_t* vp = static_cast<const int8_t*>(p.values) + p.row_offsets[j];
-    const uint16_t* row = p.masks + j * nc;
-    int8_t* out = block + (j - j0) * p.k;
-    for (int64_t c = 0; c < nc; ++c) {
-      const unsigned low = row[c] & 0xffu, high = row[c] >> 8;
-      const unsigned low_kept = _mm_popcnt_u32(low);
-      const __m128i lower =
-          _mm_shuffle_epi8(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(vp)),
-                           _mm_loadl_epi64(reinterpret_cast<const __m128i*>(kByteRank.entry + low)));
-      const __m128i upper =
-          _mm_shuffle_epi8(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(vp + low_kept)),
-                           _mm_loadl_epi64(reinterpret_cast<const __m128i*>(kByteRank.entry + high)));
-      const __m128i bytes = _mm_unpacklo_epi64(lower, upper);
-      vp += low_kept + _mm_popcnt_u32(high);
-      if (16 * c + 16 <= p.k) {
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 16 * c), bytes);
-      } else {  // the row's last columns: a full store would write into the next row (another thread's)
-        alignas(16) int8_t tail[16];
-        _mm_store_si128(reinterpret_cast<__m128i*>(tail), bytes);
-        std::memcpy(out + 16 * c, tail, p.k - 16 * c);
-      }
-    }
-  }
+  expand_rows<int8_t>(p, block, j0, j1, [](const int8_t*& vp, unsigned word, int8_t* dst) {
+    const unsigned low = word & 0xffu, high = word >> 8;
+    const unsigned low_kept = _mm_popcnt_u32(low);
+    const __m128i lower =
+        _mm_shuffle_epi8(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(vp)),
+                         _mm_loadl_epi64(reinterpret_cast<const __m128i*>(kByteRank.entry + low)));
+    const __m128i upper =
+        _mm_shuffle_epi8(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(vp + low_kept)),
+                         _mm_loadl_epi64(reinterpret_cast<const __m128i*>(kByteRank.entry + high)));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm_unpacklo_epi64(lower, upper));
+    vp += low_kept + _mm_popcnt_u32(high);
+  });
   return -1;
 }
 
@@ -402,25 +411,10 @@ namespace {
 template <SparseValues V>
 void expand_float_rows(const SparseLinearProblem& p, float* rows_out, int64_t j0, int64_t j1) {
   using T = typename Val<V>::T;
-  const int64_t nc = p.n_chunks;
-  for (int64_t j = j0; j < j1; ++j) {
-    const T* vp = static_cast<const T*>(p.values) + p.row_offsets[j];
-    const uint16_t* row = p.masks + j * nc;
-    float* out = rows_out + (j - j0) * p.k;
-    for (int64_t c = 0; c < nc; ++c) {
-      const __m256 lower = expand8<V>(vp, row[c] & 0xffu);
-      const __m256 upper = expand8<V>(vp, row[c] >> 8);
-      if (16 * c + 16 <= p.k) {
-        _mm256_storeu_ps(out + 16 * c, lower);
-        _mm256_storeu_ps(out + 16 * c + 8, upper);
-      } else {  // the row's last columns: a full store would write into the next row (another thread's)
-        alignas(32) float tail[16];
-        _mm256_store_ps(tail, lower);
-        _mm256_store_ps(tail + 8, upper);
-        std::memcpy(out + 16 * c, tail, sizeof(float) * (p.k - 16 * c));
-      }
-    }
-  }
+  expand_rows<T>(p, rows_out, j0, j1, [](const T*& vp, unsigned word, float* dst) {
+    _mm256_storeu_ps(dst, expand8<V>(vp, word & 0xffu));
+    _mm256_storeu_ps(dst + 8, expand8<V>(vp, word >> 8));
+  });
 }
 
 }  // namespace
