@@ -75,6 +75,71 @@ def test_fp16_partial_sums_do_not_overflow(cpu_isa):
     assert_int8_linear_close(y, x, qweight, scales, None, -1, cpu_path(2, 4, k, -1, torch.float16))
 
 
+def m1_path(cpu_isa: str, k: int, group_size: int) -> str:
+    """The kernel int8_linear runs at M = 1 on this ISA level (for x that fixed point takes)."""
+    group = k if group_size == -1 else min(group_size, k)
+    if cpu_isa == "avx512" and k <= 65536 and (group == k or group % 64 == 0):
+        return "cpu_avx512_vnni_fixed"
+    return f"cpu_{cpu_isa}_fp32" if cpu_isa != "portable" else "cpu_portable"
+
+
+@pytest.mark.parametrize("cpu_isa", available_cpu_isas(), indirect=True)
+@pytest.mark.parametrize("group_size", [-1, 32, 64, 4096])
+def test_fixed_point_sums_at_their_largest(cpu_isa, group_size):
+    """M = 1 with K = 65536 (the largest K of cpu_avx512_vnni_fixed) of codes +-127 times a constant x, the
+    largest fixed-point magnitude (X = 2^31 - 1: bytes 255, 255, 255, 127) in every column: each byte plane's
+    int32 sum reaches 255 * 127 * 65536 and must not wrap. Row 2 alternates signs and cancels to exactly 0;
+    row 3 has zeros. Groups of 4096 flush 16 times per row, groups of 32 take the fp32 kernel.
+    A wrapped sum would be off by 2^32 steps, far outside the bound."""
+    k = 65536
+    weight = torch.ones(5, k)
+    weight[1] = -1.0
+    weight[2, 1::2] = -1.0
+    weight[3, ::3] = 0.0
+    qweight, scales = reference.int8_quantize(weight, group_size)
+    x = torch.full((1, k), 3.0)
+    assert cpu_path(1, 5, k, group_size, torch.float32) == m1_path(cpu_isa, k, group_size)
+    y = fastquant.int8_linear(x, qweight, scales, None, group_size)
+    expected = torch.tensor([3.0 * k, -3.0 * k, 0.0])
+    if "fixed" in m1_path(cpu_isa, k, group_size):
+        torch.testing.assert_close(y[0, :3], expected, rtol=1e-6, atol=0)
+        assert_int8_linear_close(y, x, qweight, scales, None, group_size, "cpu_avx512_vnni_fixed")
+    else:  # fp32 sums of 65536 equal terms drift by up to ~1e-3 (biased rounding of each addition)
+        torch.testing.assert_close(y[0, :3], expected, rtol=2e-3, atol=1.0)
+
+
+@pytest.mark.parametrize("cpu_isa", available_cpu_isas(), indirect=True)
+@pytest.mark.parametrize("group_size", [-1, 128])
+@pytest.mark.parametrize("special", [30.0, 1000.0, 1e5, 1e30, float("inf"), float("nan"), 0.0])
+def test_m1_outliers_and_non_finite_x(cpu_isa, group_size, special):
+    """x at M = 1 with one element `special` times the others' mean magnitude: fixed point takes x up to 1024x,
+    the fp32 kernel the rest, and NaN/inf propagate as in the reference; x = 0 gives the bias exactly."""
+    k, n = 1000, 67
+    seed = zlib.crc32(repr(special).encode())
+    x, qweight, scales, bias = make_case(1, k, n, torch.float32, group_size, with_bias=True, seed=seed)
+    if special == 0.0:
+        y = fastquant.int8_linear(torch.zeros_like(x), qweight, scales, bias, group_size)
+        torch.testing.assert_close(y, bias.expand_as(y), rtol=0, atol=0)
+        return
+    x[0, 123] = special * x.abs().mean()
+    y = fastquant.int8_linear(x, qweight, scales, bias, group_size)
+    if torch.isfinite(x).all() and special < 1e30:
+        assert_int8_linear_close(y, x, qweight, scales, bias, group_size, m1_path(cpu_isa, k, group_size))
+    else:  # +-inf or NaN in every output, as the reference gives (an inf times codes of both signs)
+        y_ref = reference.int8_linear(x, qweight, scales, bias, group_size)
+        torch.testing.assert_close(y, y_ref, equal_nan=True, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("cpu_isa", available_cpu_isas(), indirect=True)
+def test_m1_more_in_features_than_fixed_point_takes(cpu_isa):
+    """K > 65536, where a plane's int32 sums could overflow: the fp32 kernel runs instead."""
+    k = 65536 + 64
+    x, qweight, scales, bias = make_case(1, k, 5, torch.bfloat16, -1, with_bias=True, seed=13)
+    path = cpu_path(1, 5, k, -1, torch.bfloat16)
+    assert path == m1_path(cpu_isa, k, -1) and "fixed" not in path
+    assert_int8_linear_close(fastquant.int8_linear(x, qweight, scales, bias, -1), x, qweight, scales, bias, -1, path)
+
+
 @pytest.mark.parametrize("cpu_isa", available_cpu_isas(), indirect=True)
 @pytest.mark.parametrize("group_size", [-1, 128])
 def test_opcheck(cpu_isa, group_size):

@@ -10,6 +10,7 @@
 #include <memory>
 
 #include "cpu/cpu_features.h"
+#include "cpu/fixed_point_x.h"
 #include "cpu/int8_linear_glue.h"
 #include "cpu/parallel.h"
 
@@ -30,12 +31,14 @@ ActDType act_dtype(const at::Tensor& x) {
   }
 }
 
-enum class Path { kPortable, kAvx2Fp32, kAvx512Fp32, kAvx512Bf16 };
+enum class Path { kPortable, kAvx2Fp32, kAvx512Fp32, kAvx512VnniFixed, kAvx512Bf16 };
 
 Path choose_path(Isa isa, int64_t m, int64_t k, int64_t group) {
 #if defined(__x86_64__) || defined(_M_X64)
   if (isa >= Isa::kAvx512) {
     if (m > kBf16MinRows && bf16_chunk(k, group) > 0) return Path::kAvx512Bf16;
+    // Fixed point sums whole 64-column steps per group (a group's end flushes its sums).
+    if (m == 1 && k <= kFixedPointMaxK && (group == k || group % 64 == 0)) return Path::kAvx512VnniFixed;
     return Path::kAvx512Fp32;
   }
   if (isa == Isa::kAvx2) return Path::kAvx2Fp32;
@@ -49,6 +52,8 @@ const char* path_name(Path path) {
       return "cpu_avx2_fp32";
     case Path::kAvx512Fp32:
       return "cpu_avx512_fp32";
+    case Path::kAvx512VnniFixed:
+      return "cpu_avx512_vnni_fixed";
     case Path::kAvx512Bf16:
       return "cpu_avx512_bf16";
     case Path::kPortable:
@@ -180,8 +185,24 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
   } else {
     const at::Tensor x32 = x2.to(at::kFloat).contiguous();
     p.x_f32 = x32.data_ptr<float>();
-    const Int8LinearKernel kernel =
-        path == Path::kAvx512Fp32 ? int8_linear_avx512_fp32 : int8_linear_avx2_fp32;
+    Int8LinearKernel kernel = path == Path::kAvx2Fp32 ? int8_linear_avx2_fp32 : int8_linear_avx512_fp32;
+    at::Tensor planes, top_sums;
+    const XRange range =
+        path == Path::kAvx512VnniFixed ? x_range_avx512(p.x_f32, k) : XRange{false, 0.f, 0.f};
+    if (fixed_point_takes(range)) {
+      // Other x (NaN/inf, an outlier) stays on the fp32 kernel, which rounds nothing and propagates
+      // non-finite values as the reference does.
+      const int64_t stride = (k + 63) / 64 * 64;
+      const int64_t group = p.group_size < k ? p.group_size : stride;
+      planes = at::empty({4 * stride}, x.options().dtype(at::kByte));
+      top_sums = at::empty({(stride + group - 1) / group}, x.options().dtype(at::kLong));
+      fixed_point_x_avx512(p.x_f32, k, range.max_abs, stride, group, planes.data_ptr<uint8_t>(),
+                           top_sums.data_ptr<int64_t>(), &p.x_fixed_step);
+      p.x_fixed = planes.data_ptr<uint8_t>();
+      p.x_fixed_stride = stride;
+      p.x_fixed_top_sums = top_sums.data_ptr<int64_t>();
+      kernel = int8_linear_avx512_vnni_fixed;
+    }
     // Work unit: blocks of 8 output columns, so each thread streams a disjoint slice of the weight
     // exactly once. Small N still splits across threads when it has at least two blocks.
     constexpr int64_t grain = 8;

@@ -7,6 +7,13 @@
 //   cpu_avx2_fp32    x converted to fp32 once by the glue (exact for bf16/fp16), int8 -> fp32 weights,
 //                    fp32 FMA with K in the vector lanes; fp32 output, the glue rounds it to x's dtype.
 //   cpu_avx512_fp32  same with 16 lanes: the decode path (small M). No rounding of activations.
+//   cpu_avx512_vnni_fixed  M = 1 with per-channel scales or groups of a multiple of 64 columns: x in 32-bit
+//                    fixed point (fixed_point_x.h), 4 byte planes; per 64 columns and row one load of 64
+//                    weight bytes, one XOR and 4 vpdpbusd, summed exactly in int32 lanes; each group's sum
+//                    combines in int64 and is scaled in double. Against cpu_avx512_fp32's 12 conversions and
+//                    FMAs per 64 columns, this keeps the decode kernel memory-bound when the weight comes
+//                    from the last-level cache. x that is not finite, or has an outlier (see
+//                    fixed_point_takes), takes cpu_avx512_fp32.
 //   cpu_avx512_bf16  prefill path (larger M): activations rounded to bf16 ONCE per call by the glue
 //                    (relative error 2^-9 per product; exact when x already is bf16), weights int8 -> bf16
 //                    (exact) into per-thread L1/L2 tiles, _mm512_dpbf16_ps with fp32 accumulation, fp32
@@ -51,6 +58,12 @@ struct Int8LinearProblem {
   // w holds the weight's rows from this one on: a block of rows expanded for the call
   // (sparse_linear's cpu_avx2_dense_int8); only rows [w_first_row, ...) may then be computed.
   int64_t w_first_row = 0;
+  // cpu_avx512_vnni_fixed: the 4 byte planes of x in fixed point (x_fixed_stride bytes each, a multiple of
+  // 64, zero past k), the sum of byte 3 per group (one sum for per-channel scales), and the step of X.
+  const uint8_t* x_fixed = nullptr;
+  int64_t x_fixed_stride = 0;
+  const int64_t* x_fixed_top_sums = nullptr;
+  double x_fixed_step = 0;
 };
 
 // Computes output columns [n_begin, n_end) for every row. Called concurrently on disjoint ranges.
@@ -61,6 +74,7 @@ void int8_linear_portable(const Int8LinearProblem& p, int64_t n_begin, int64_t n
 #if defined(__x86_64__) || defined(_M_X64)
 void int8_linear_avx2_fp32(const Int8LinearProblem& p, int64_t n_begin, int64_t n_end, void* scratch);
 void int8_linear_avx512_fp32(const Int8LinearProblem& p, int64_t n_begin, int64_t n_end, void* scratch);
+void int8_linear_avx512_vnni_fixed(const Int8LinearProblem& p, int64_t n_begin, int64_t n_end, void* scratch);
 void int8_linear_avx512_bf16(const Int8LinearProblem& p, int64_t n_begin, int64_t n_end, void* scratch);
 // Columns converted per weight tile by the bf16 kernel; thread ranges are multiples of 16 columns.
 constexpr int64_t kBf16TileCols = 64;

@@ -213,6 +213,76 @@ void fp32_run(const Int8LinearProblem& p, int64_t n_begin, int64_t n_end) {
   }
 }
 
+// ---------------------------------------------------------------- fixed-point path (M = 1, VNNI)
+
+// Rows [j, j + R) at M = 1 with x in fixed point. X = sum_b 2^(8b) x_b (bytes 0-2 unsigned, byte 3
+// signed), so q.X = sum_b 2^(8b) q.x_b: vpdpbusd multiplies 64 unsigned bytes by 64 signed ones and sums
+// each 4 into an int32 lane, so planes 0-2 take the weight bytes as they are; for the signed top byte the
+// weights go in as the unsigned side, q + 128 (an XOR of the sign bit), which adds 128 times the group's
+// sum of x_3 (x_fixed_top_sums), taken off at the group's end. Sums are exact: a plane's lanes hold at most
+// 255 * 128 * K < 2^31 (K <= kFixedPointMaxK, checked by the glue), and the planes combine in int64. The R
+// rows share each step's 4 plane loads.
+template <int R, bool GROUPED>
+void fixed_rows(const Int8LinearProblem& p, int64_t j) {
+  const int64_t K = p.k;
+  const int64_t G = GROUPED ? p.group_size : K;
+  const uint8_t* planes = p.x_fixed;
+  const int64_t stride = p.x_fixed_stride;
+  const __m512i sign_bits = _mm512_set1_epi8(static_cast<char>(0x80));
+  const int8_t* w[R];
+  double total[R];
+  for (int r = 0; r < R; ++r) {
+    w[r] = p.w + (j + r - p.w_first_row) * K;
+    total[r] = 0;
+  }
+  for (int64_t k0 = 0, g = 0; k0 < K; k0 += G, ++g) {
+    const int64_t k1 = k0 + G < K ? k0 + G : K;
+    __m512i acc[R][4];
+    for (int r = 0; r < R; ++r)
+      for (int b = 0; b < 4; ++b) acc[r][b] = _mm512_setzero_si512();
+    auto step = [&](int64_t k, __mmask64 in) {
+      __m512i x[4];
+      for (int b = 0; b < 4; ++b) x[b] = _mm512_loadu_si512(planes + b * stride + k);
+      for (int r = 0; r < R; ++r) {
+        // Non-temporal prefetch a few KiB ahead in the row's own stream: the weight is used once.
+        _mm_prefetch(reinterpret_cast<const char*>(w[r] + k + FQ_PF_DIST), _MM_HINT_NTA);
+        const __m512i q = _mm512_maskz_loadu_epi8(in, w[r] + k);
+        acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], x[0], q);
+        acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], x[1], q);
+        acc[r][2] = _mm512_dpbusd_epi32(acc[r][2], x[2], q);
+        // Past k the planes are zero, so the masked-off lanes (q + 128 = 128) add nothing.
+        acc[r][3] = _mm512_dpbusd_epi32(acc[r][3], _mm512_xor_si512(q, sign_bits), x[3]);
+      }
+    };
+    int64_t k = k0;
+    for (; k + 64 <= k1; k += 64) step(k, ~__mmask64{0});
+    if (k < k1) step(k, (__mmask64{1} << (k1 - k)) - 1);
+    const int64_t top_bias = 128 * p.x_fixed_top_sums[g];
+    for (int r = 0; r < R; ++r) {
+      const int64_t dot = (int64_t{_mm512_reduce_add_epi32(acc[r][3])} - top_bias) * (int64_t{1} << 24) +
+                          int64_t{_mm512_reduce_add_epi32(acc[r][2])} * (1 << 16) +
+                          int64_t{_mm512_reduce_add_epi32(acc[r][1])} * (1 << 8) +
+                          _mm512_reduce_add_epi32(acc[r][0]);
+      total[r] +=
+          GROUPED ? static_cast<double>(dot) * p.scales[(j + r) * p.n_groups + g] : static_cast<double>(dot);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    double v = total[r] * p.x_fixed_step;
+    if (!GROUPED) v *= p.scales[j + r];
+    float y = static_cast<float>(v);
+    if (p.bias_f32) y += p.bias_f32[j + r];
+    p.y_f32[j + r] = y;
+  }
+}
+
+template <bool GROUPED>
+void fixed_run(const Int8LinearProblem& p, int64_t n_begin, int64_t n_end) {
+  int64_t j = n_begin;
+  for (; j + 4 <= n_end; j += 4) fixed_rows<4, GROUPED>(p, j);
+  for (; j < n_end; ++j) fixed_rows<1, GROUPED>(p, j);
+}
+
 // ---------------------------------------------------------------- bf16 path (rows in lanes)
 
 constexpr int kNR = 8;  // columns per micro tile (broadcast operands)
@@ -272,6 +342,14 @@ inline void expand_row_bf16(const Bitmap16Int8& b, int64_t row, int64_t kc0, int
 }
 
 }  // namespace
+
+void int8_linear_avx512_vnni_fixed(const Int8LinearProblem& p, int64_t n_begin, int64_t n_end, void*) {
+  if (p.group_size < p.k) {
+    fixed_run<true>(p, n_begin, n_end);
+  } else {
+    fixed_run<false>(p, n_begin, n_end);
+  }
+}
 
 void int8_linear_avx512_fp32(const Int8LinearProblem& p, int64_t n_begin, int64_t n_end, void*) {
   if (p.group_size < p.k) {

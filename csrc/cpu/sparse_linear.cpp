@@ -60,9 +60,6 @@ constexpr int64_t kAvx2DenseFloatMinRows = 32;
 // 1, 2, 4 and 16 MiB were within noise of each other at 4096 x 4096, M = 32-512.
 constexpr int64_t kDenseFloatBlockBytes = 4 << 20;
 
-// Largest K of the fixed-point path: its int32 sums of 255 * 128 * K must not overflow.
-constexpr int64_t kFixedPointMaxK = 65536;
-
 // group_size: -1 for per-channel scales (or float values).
 Path choose_path(Isa isa, int64_t m, int64_t k, SparseValues values, int64_t group_size) {
   const int64_t group = group_size == -1 ? k : group_size;
@@ -314,23 +311,24 @@ at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& values, cons
 #if defined(__x86_64__) || defined(_M_X64)
     at::Tensor planes;
     if (path == Path::kAvx512Vbmi || path == Path::kAvx512VnniFixed) {
-      const SparseXRange range = sparse_x_range_avx512(p.x, k);
+      const XRange range = x_range_avx512(p.x, k);
       if (!range.finite || range.max_abs > kByteExpandMaxX) {
         p.byte_expand = false;  // the fp32 kernel, which propagates NaN and infinities as the reference does
       } else if (path == Path::kAvx512VnniFixed && fixed_point_takes(range)) {
         const int64_t stride = (ldx + 63) / 64 * 64;
         planes = at::empty({4 * stride}, x.options().dtype(at::kByte));
-        sparse_fixed_point_x_avx512(p.x, k, range.max_abs, stride, planes.data_ptr<uint8_t>(),
-                                    &p.x_fixed_top_sum, &p.x_fixed_step);
+        // One group spanning every column: the per-channel kernel takes one top-byte sum.
+        fixed_point_x_avx512(p.x, k, range.max_abs, stride, stride, planes.data_ptr<uint8_t>(),
+                             &p.x_fixed_top_sum, &p.x_fixed_step);
         p.x_fixed = planes.data_ptr<uint8_t>();
         p.x_fixed_stride = stride;
       }
     }
     if (path == Path::kAvx2Fixed) {  // other x: the fp32 kernel (cpu_avx2_permute)
-      const SparseXRange range = sparse_x_range_avx2(p.x, k);
+      const XRange range = x_range_avx2(p.x, k);
       if (fixed_point_takes(range)) {
         planes = at::empty({2 * ldx}, x.options().dtype(at::kShort));
-        sparse_fixed_point_x_avx2(p.x, ldx, range.max_abs, planes.data_ptr<int16_t>(), &p.x_fixed_step);
+        fixed_point_x_avx2(p.x, ldx, range.max_abs, planes.data_ptr<int16_t>(), &p.x_fixed_step);
         p.x_fixed = reinterpret_cast<const uint8_t*>(planes.data_ptr<int16_t>());
         p.x_fixed_stride = ldx;
       }

@@ -38,6 +38,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "cpu/fixed_point_x.h"
 #include "cpu/int8_linear.h"  // ActDType
 
 namespace fastquant::cpu {
@@ -145,29 +146,11 @@ static inline void prefetch_at(const void* base, uintptr_t ahead) {
   __builtin_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(base) + ahead), 0, 3);
 }
 
-// The magnitudes of x (k fp32) that decide its M = 1 kernel for per-channel int8 values: fixed point
-// (cpu_avx512_vnni_fixed, cpu_avx2_fixed) takes finite x with max_abs <= kFixedPointRange * others_mean, the
-// mean magnitude of the other elements (beyond that, rounding typical elements to 2^-32 max|x| could cost
-// more than fp32's rounding). rows_bytes sums q * 2^24 * x, which could overflow fp32 for max_abs >
-// kByteExpandMaxX (2^80: sums reach K * 2^31 max_abs) where the result would not; such x takes the plain
-// fp32 kernel.
-struct SparseXRange {
-  bool finite;
-  float max_abs;
-  float others_mean;
-};
-constexpr float kFixedPointRange = 1024.f;
+// rows_bytes sums q * 2^24 * x, which could overflow fp32 for max_abs > kByteExpandMaxX (2^80: sums reach
+// K * 2^31 max_abs) where the result would not; such x takes the plain fp32 kernel.
 constexpr float kByteExpandMaxX = 0x1p80f;
 
-static inline bool fixed_point_takes(const SparseXRange& range) {
-  return range.finite && (range.max_abs == 0 || range.max_abs <= kFixedPointRange * range.others_mean);
-}
-
 #if defined(__x86_64__) || defined(_M_X64)
-// x in 32-bit fixed point for cpu_avx2_fixed: X = round(x / step), step = max_abs / (2^31 - 2^16), written as
-// two int16 planes of ldx elements, hi then lo, with X = 65536 hi + lo (lo the signed low half; the margin
-// of 2^16 keeps hi within int16). x has ldx elements (a multiple of 16), zero past k.
-SparseXRange sparse_x_range_avx2(const float* x, int64_t k);
 // cpu_avx2_dense_int8: checks rows [j0, j1) (first_bad_row) and expands their int8 values into `block`, a
 // dense (j1 - j0) x k int8 weight (zeros where pruned); returns the first refused row, or -1.
 int64_t sparse_expand_int8_avx2(const SparseLinearProblem& p, int8_t* block, int64_t j0, int64_t j1);
@@ -189,17 +172,11 @@ static inline void prefetch_rows(const SparseLinearProblem& p, int64_t j0, int64
   const int64_t mask_bytes = (j1 - j0) * p.n_chunks * 2;
   for (int64_t b = 0; b < mask_bytes; b += 64) prefetch_at(masks, b);
 }
-void sparse_fixed_point_x_avx2(const float* x, int64_t ldx, float max_abs, int16_t* planes, double* step);
 
 // first_bad_row compiled with the AVX-512 file's flags (a popcnt instruction per 4 mask words), for the
 // glue's check of every row before sparse_linear's bf16 prefill path.
 int64_t sparse_first_bad_row_avx512(const SparseLinearProblem& p, int64_t j0, int64_t j1);
 
-SparseXRange sparse_x_range_avx512(const float* x, int64_t k);
-// Writes the 4 byte planes of X = round(x / step), step = max_abs / (2^31 - 1), into planes (4 x stride
-// bytes, zero past k), and the sum of X's top bytes.
-void sparse_fixed_point_x_avx512(const float* x, int64_t k, float max_abs, int64_t stride, uint8_t* planes,
-                                 int64_t* top_sum, double* step);
 #endif
 
 const char* sparse_linear_cpu_path(int64_t m, int64_t n, int64_t k, SparseValues values, ActDType x,
