@@ -13,6 +13,7 @@ from fastquant import (
     ops,  # defines the torch.ops.fastquant schemas before the native kernels register
     pruning,
 )
+from fastquant.decode import compile_for_decode
 from fastquant.modules import Int8Linear, SparseLinear
 from fastquant.ops import int8_linear, sparse_linear
 from fastquant.patching import Report, patch, prune, report
@@ -30,6 +31,7 @@ __all__ = [
     "Report",
     "SparseLinear",
     "__version__",
+    "compile_for_decode",
     "int8_dequantize",
     "int8_linear",
     "int8_quantize",
