@@ -226,14 +226,6 @@ struct PlaneSums {
   __m512i s0, s1, s2, s3;
 };
 
-// acc + (unsigned bytes of a) . (signed bytes of b), per 4 bytes: vpdpbusd with the accumulator tied to the
-// destination. GCC 12 gives the intrinsic an untied destination and, with 16 accumulators live, copied each
-// of them every step and kept two on the stack (a store and a reload in their dependency chains).
-__attribute__((always_inline)) inline __m512i dpbusd(__m512i acc, __m512i a, __m512i b) {
-  asm("vpdpbusd %[b], %[a], %[acc]" : [acc] "+v"(acc) : [a] "v"(a), [b] "v"(b));
-  return acc;
-}
-
 // One row's 64 columns: 4 vpdpbusd into its plane sums.
 __attribute__((always_inline)) inline void dot_step(PlaneSums& a, const int8_t* w, __mmask64 in, __m512i x0,
                                                     __m512i x1, __m512i x2, __m512i x3, __m512i sign_bits) {

@@ -295,10 +295,10 @@ __attribute__((target("avx512vbmi,avx512vbmi2"))) int64_t rows_fixed(const Spars
       if (c % 32 == 0) prefetch_at(mrow[r] + c, masks_ahead);
       const __m512i q = expand_bytes(bits, _mm512_loadu_si512(vp[r]));
       vp[r] += _mm_popcnt_u64(bits);
-      acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], x[0], q);
-      acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], x[1], q);
-      acc[r][2] = _mm512_dpbusd_epi32(acc[r][2], x[2], q);
-      acc[r][3] = _mm512_dpbusd_epi32(acc[r][3], _mm512_xor_si512(q, sign_bits), x[3]);
+      acc[r][0] = dpbusd(acc[r][0], x[0], q);
+      acc[r][1] = dpbusd(acc[r][1], x[1], q);
+      acc[r][2] = dpbusd(acc[r][2], x[2], q);
+      acc[r][3] = dpbusd(acc[r][3], _mm512_xor_si512(q, sign_bits), x[3]);
     }
   };
   int64_t c = 0;

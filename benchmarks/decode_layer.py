@@ -1,0 +1,181 @@
+"""int8 decode layers (M = 1 and small M) against torch's own int8 path (fbgemm), interleaved, DRAM and cache.
+
+Contenders, same shapes, same process, timed in interleaved rounds (each round times a burst of calls of every
+contender in turn, the order reversed every round; the result is the median over rounds of each burst's
+median):
+
+* ``fq``: ``fastquant.int8_linear``, per-channel scales, fp32 x (at M = 1: ``cpu_avx512_vnni_fixed`` on
+  AVX-512 CPUs);
+* ``fq fp32 kernel``: the same weight with one element of x at 4096x the others' mean magnitude, which the
+  fixed-point path refuses, so the fp32-FMA kernel (``cpu_avx512_fp32``) runs: the previous decode kernel;
+* ``fq g128``: group-wise scales (128 columns);
+* ``fbgemm``: ``torch.ao.quantization.quantize_dynamic`` of the ``nn.Linear`` (int8 weight, x quantized to
+  8 bits per call, VNNI);
+* ``bf16``: ``F.linear`` in bf16 (oneDNN), twice the weight bytes.
+
+``--where dram`` rotates each contender through copies of its weight (>= 160 MB, 5x the 32 MB L3), as a
+model's layers stream from memory; ``--where cache`` reuses one copy (resident in the last-level cache when
+it fits: 4096 x 4096 int8 is 16 MiB; 11008 x 4096 is 43 MiB and does not fit a 32 MiB L3). The read
+bandwidth of torch's ``sum`` over a same-sized float64 buffer is measured in the same run.
+
+Run: ``python benchmarks/decode_layer.py --where dram`` and ``--where cache`` (~2 minutes each).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastquant
+from fastquant import _native, reference
+
+SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (1536, 576), (576, 1536)]  # (N, K) = (out, in)
+ROTATION_BYTES = 160 * 2**20
+RESULTS = Path(__file__).parent / "results"
+
+
+def copies(nbytes: int, where: str) -> int:
+    return 1 if where == "cache" else max(2, min(64, math.ceil(ROTATION_BYTES / nbytes)))
+
+
+def contenders(n: int, k: int, m: int, where: str) -> dict[str, list]:
+    gen = torch.Generator().manual_seed(n * 7 + k)
+    x = torch.randn(m, k, generator=gen)
+    x_outlier = x.clone()
+    x_outlier[:, 0] = 4096 * x.abs().mean()
+    weight = torch.randn(n, k, generator=gen)
+    out: dict[str, list] = {"fq": [], "fq fp32 kernel": [], "fq g128": [], "fbgemm": [], "bf16": []}
+    for i in range(copies(n * k, where)):
+        w = weight.roll(i, dims=0)
+        q, s = reference.int8_quantize(w, -1)
+        q128, s128 = reference.int8_quantize(w, 128)
+        out["fq"].append(lambda q=q, s=s: fastquant.int8_linear(x, q, s, None, -1))
+        out["fq fp32 kernel"].append(lambda q=q, s=s: fastquant.int8_linear(x_outlier, q, s, None, -1))
+        out["fq g128"].append(lambda q=q128, s=s128: fastquant.int8_linear(x, q, s, None, 128))
+        lin = nn.Linear(k, n, bias=False)
+        lin.weight.data.copy_(w)
+        qlin = torch.ao.quantization.quantize_dynamic(nn.Sequential(lin), {nn.Linear}, dtype=torch.qint8)
+        out["fbgemm"].append(lambda qlin=qlin: qlin(x))
+        wb, xb = w.bfloat16(), x.bfloat16()
+        out["bf16"].append(lambda wb=wb, xb=xb: F.linear(xb, wb))
+    return out
+
+
+def time_interleaved(calls: dict[str, list], rounds: int, burst: int) -> dict[str, float]:
+    per_round: dict[str, list[float]] = {name: [] for name in calls}
+    position = dict.fromkeys(calls, 0)
+    with torch.inference_mode():
+        for fns in calls.values():  # warm-up
+            for fn in fns[:4]:
+                fn()
+        for r in range(rounds):
+            for name in calls if r % 2 == 0 else reversed(list(calls)):
+                fns, times = calls[name], []
+                for _ in range(burst):
+                    fn = fns[position[name] % len(fns)]
+                    position[name] += 1
+                    t = time.perf_counter()
+                    fn()
+                    times.append(time.perf_counter() - t)
+                per_round[name].append(statistics.median(times))
+    return {name: statistics.median(v) for name, v in per_round.items()}
+
+
+def read_bandwidth(nbytes: int, where: str) -> float:
+    bufs = [torch.rand(max(1, nbytes // 8), dtype=torch.float64) for _ in range(copies(nbytes, where))]
+    times = time_interleaved({"sum": [lambda b=b: b.sum() for b in bufs]}, rounds=5, burst=20)
+    return nbytes / times["sum"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--where", choices=("dram", "cache"), default="dram")
+    parser.add_argument("--rows", default="1,4,16", help="row counts M")
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--burst", type=int, default=15)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    from fastquant.evaluate import cpu_model
+
+    load_before = os.getloadavg()
+    rows = []
+    for n, k in SHAPES:
+        bw = read_bandwidth(n * k, args.where)
+        for m in (int(v) for v in args.rows.split(",")):
+            ms = {
+                name: t * 1e3
+                for name, t in time_interleaved(contenders(n, k, m, args.where), args.rounds, args.burst).items()
+            }
+            path = _native.int8_linear_kernel_path(torch.device("cpu"), m, n, k, -1, torch.float32)
+            row = {
+                "n": n,
+                "k": k,
+                "m": m,
+                "path": path,
+                "ms": ms,
+                "fq_vs_fbgemm": ms["fbgemm"] / ms["fq"],
+                "fq_vs_fp32_kernel": ms["fq fp32 kernel"] / ms["fq"],
+                "fq_gbs": (n * k + 4 * n) / ms["fq"] / 1e6,
+                "read_gbs": bw / 1e9,
+            }
+            rows.append(row)
+            print(
+                f"{n} x {k} M={m} {path}: "
+                + ", ".join(f"{name} {v:.3f} ms" for name, v in ms.items())
+                + f"; fbgemm/fq {row['fq_vs_fbgemm']:.2f}x, fp32 kernel/fq {row['fq_vs_fp32_kernel']:.2f}x, "
+                f"fq {row['fq_gbs']:.1f} GB/s of read {row['read_gbs']:.1f}",
+                flush=True,
+            )
+    env = {
+        "cpu": cpu_model(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "isa": _native.native.cpu_isa() if _native.native is not None else "reference",
+        "where": args.where,
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+    }
+    names = list(rows[0]["ms"])
+    lines = [
+        f"# int8 decode layers vs fbgemm, weights from {args.where} ({env['cpu']}, {env['threads']} threads, "
+        f"ISA {env['isa']})",
+        "",
+        f"torch {env['torch']}; median ms per call over {args.rounds} interleaved rounds of {args.burst} calls; "
+        f"load average (1/5/15 min) {' '.join(f'{v:.2f}' for v in load_before)} before, "
+        f"{' '.join(f'{v:.2f}' for v in env['load_average_after'])} after. `fbgemm / fq` > 1: fastquant is "
+        "faster. `fraction`: fq's weight bytes per second over torch's float64 `sum` read bandwidth of the same "
+        "bytes, same run.",
+        "",
+        "| N x K | M | fq path | " + " | ".join(f"{n} ms" for n in names) + " | fbgemm / fq | fp32 kernel / fq | "
+        "fq GB/s | read GB/s | fraction |",
+        "|---|---:|---|" + "---:|" * (len(names) + 5),
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['n']} x {r['k']} | {r['m']} | {r['path']} | "
+            + " | ".join(f"{r['ms'][n]:.3f}" for n in names)
+            + f" | {r['fq_vs_fbgemm']:.2f}x | {r['fq_vs_fp32_kernel']:.2f}x | {r['fq_gbs']:.1f} | "
+            f"{r['read_gbs']:.1f} | {r['fq_gbs'] / r['read_gbs']:.2f} |"
+        )
+    text = "\n".join(lines) + "\n"
+    print(text)
+    stem = (
+        Path(args.out) if args.out else RESULTS / f"decode-layer-{args.where}-{dt.datetime.now(dt.timezone.utc).date()}"
+    )
+    stem.with_suffix(".md").write_text(text)
+    stem.with_suffix(".json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
+    print(f"wrote {stem}.md / .json")
+
+
+if __name__ == "__main__":
+    main()
