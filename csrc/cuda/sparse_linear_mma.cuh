@@ -31,7 +31,7 @@
 //   dtype (the rounding of F.linear(x, W.to(x.dtype))); int8 codes with per-channel scales are exact in
 //   bf16/fp16 and the scale multiplies the fp32 sum. fp32 accumulation, output in x's dtype.
 // - Split-K (sparse_mma_splits): split z starts at k-tile z * per_split; its per-row start offsets come from
-//   sparse_mma_offsets_kernel (one pass over the masks), partial sums go to workspace[z][m][n] and a finalize
+//   launch_sparse_mma_offsets (one pass over the masks), partial sums go to workspace[z][m][n] and a finalize
 //   kernel sums them in a fixed order (deterministic, CUDA-graph safe) and applies scale and bias.
 //
 // Every value load is bounded by values_numel whatever row_offsets say (its contents are not checked on the
@@ -126,7 +126,7 @@ struct MmaParams {
   const uint16_t* masks;
   const int64_t* row_offsets;
   int64_t*
-      split_offsets;    // n x splits (written by sparse_mma_offsets_kernel), or nullptr when gridDim.z == 1
+      split_offsets;    // n x splits (written by launch_sparse_mma_offsets), or nullptr when gridDim.z == 1
   const float* scales;  // int8 values only
   const uint16_t* bias;
   uint16_t* y;
@@ -416,33 +416,10 @@ __global__ void __launch_bounds__(kMmaThreads, 2) sparse_mma_kernel(MmaParams p)
   }
 }
 
-// Start offset of every split of every row: split_offsets[n][z] = row_offsets[n] + popcount of the row's
-// masks before chunk 4 * z * per_split. One warp per row, 32 chunks per step with a warp scan; the masks are
-// read once (1/8 byte per weight) and are then in L2 for the GEMM.
-__global__ void sparse_mma_offsets_kernel(const uint16_t* masks, const int64_t* row_offsets, int64_t* out,
-                                          int n, int n_chunks, int splits, int split_chunks) {
-  const int lane = threadIdx.x & 31;
-  const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-  if (row >= n) return;  // warp-uniform; no block barrier
-  const uint16_t* mrow = masks + static_cast<int64_t>(row) * n_chunks;
-  int64_t* orow = out + static_cast<int64_t>(row) * splits;
-  const int64_t base = __ldg(row_offsets + row);
-  if (lane == 0) orow[0] = base;
-  const int last = (splits - 1) * split_chunks;  // no split starts past this chunk
-  int64_t run = base;
-  for (int c0 = 0; c0 < n_chunks && c0 <= last; c0 += 32) {
-    const int c = c0 + lane;
-    const int cnt = c < n_chunks ? __popc(static_cast<uint32_t>(__ldg(mrow + c))) : 0;
-    const int incl = warp_inclusive_scan(cnt, lane);
-    if (c > 0 && c % split_chunks == 0 && c / split_chunks < splits)
-      orow[c / split_chunks] = run + incl - cnt;
-    run += __shfl_sync(kFullMask, incl, 31);
-  }
-  // Splits that start at or past n_chunks have no k-tile; give them the row's end anyway.
-  for (int z = 1 + lane; z < splits; z += 32) {
-    if (z * split_chunks >= n_chunks) orow[z] = __ldg(row_offsets + row + 1);
-  }
-}
+// Start offset of every split of every row: out[n][z] = row_offsets[n] + popcount of the row's masks before
+// chunk z * split_chunks (sparse_linear_mma_offsets.cu).
+cudaError_t launch_sparse_mma_offsets(const uint16_t* masks, const int64_t* row_offsets, int64_t* out, int n,
+                                      int n_chunks, int splits, int split_chunks, cudaStream_t stream);
 
 // Split-K epilogue: y[m][n] = dtype(scale[n] * sum over splits + bias[n]), splits summed in order.
 template <typename T>
@@ -467,10 +444,8 @@ cudaError_t launch_mma_variant(const MmaParams& p, int splits, int max_smem_byte
   cudaError_t err = allow_smem(sparse_mma_kernel<T, V, BM, kScale>, bytes, done);
   if (err != cudaSuccess) return err;
   if (splits > 1) {
-    constexpr int kWarps = 8;
-    sparse_mma_offsets_kernel<<<(p.n + kWarps - 1) / kWarps, kWarps * 32, 0, stream>>>(
-        p.masks, p.row_offsets, p.split_offsets, p.n, p.n_chunks, splits, p.per_split * (kMmaBK / 16));
-    err = cudaGetLastError();
+    err = launch_sparse_mma_offsets(p.masks, p.row_offsets, p.split_offsets, p.n, p.n_chunks, splits,
+                                    p.per_split * (kMmaBK / 16), stream);
     if (err != cudaSuccess) return err;
   }
   const dim3 grid((p.n + kMmaBN - 1) / kMmaBN, (p.m + BM - 1) / BM, splits);
