@@ -76,11 +76,13 @@ void def_cuda_dispatch(py::module_& parent) {
       py::arg("m"), py::arg("n"), py::arg("k"), py::arg("group_size"), py::arg("dtype"),
       py::arg("x_aligned") = true, py::arg("w_aligned") = true, py::arg("gemv_max_m") = 64,
       py::arg("gemm_max_m") = fc::kDefaultGemmMaxM,
-      "Name of the CUDA kernel int8_linear runs; x_aligned / w_aligned: the data pointers are 16-byte aligned");
+      "Name of the CUDA kernel int8_linear runs; x_aligned / w_aligned: the data pointers are 16-byte "
+      "aligned");
   m.def(
       "int8_gemv_n_tiles",
       [](int64_t m_rows, int64_t gemv_max_m) {
-        return fc::int8_gemv_n_tiles(fc::choose_int8_path(m_rows, 1, 64, -1, fc::DType::kBFloat16, gemv_max_m));
+        return fc::int8_gemv_n_tiles(
+            fc::choose_int8_path(m_rows, 1, 64, -1, fc::DType::kBFloat16, gemv_max_m));
       },
       py::arg("m"), py::arg("gemv_max_m") = 64, "n=8 tiles of the int8 GEMV at this M (0: not the GEMV)");
   m.def("int8_gemv_chunks_per_step", &fc::int8_gemv_chunks_per_step, py::arg("n_tiles"),
@@ -93,15 +95,16 @@ void def_cuda_dispatch(py::module_& parent) {
       "sparse_path",
       [](int64_t m_rows, int64_t n, int64_t k, const std::string& values_dtype, const std::string& x_dtype,
          int64_t group_size, int64_t max_smem_bytes, int64_t gemv_max_m, int64_t mma_max_m) {
-        const auto path =
-            fc::choose_sparse_path(m_rows, n, k, parse_cuda_values_dtype(values_dtype), parse_cuda_dtype(x_dtype),
-                                   group_size, max_smem_bytes, gemv_max_m, mma_max_m);
+        const auto path = fc::choose_sparse_path(m_rows, n, k, parse_cuda_values_dtype(values_dtype),
+                                                 parse_cuda_dtype(x_dtype), group_size, max_smem_bytes,
+                                                 gemv_max_m, mma_max_m);
         return std::string(fc::sparse_path_name(path, m_rows));
       },
-      py::arg("m"), py::arg("n"), py::arg("k"), py::arg("values_dtype"), py::arg("x_dtype"), py::arg("group_size"),
-      py::arg("max_smem_bytes"), py::arg("gemv_max_m") = fc::kDefaultSparseGemvMaxM,
+      py::arg("m"), py::arg("n"), py::arg("k"), py::arg("values_dtype"), py::arg("x_dtype"),
+      py::arg("group_size"), py::arg("max_smem_bytes"), py::arg("gemv_max_m") = fc::kDefaultSparseGemvMaxM,
       py::arg("mma_max_m") = fc::kDefaultSparseMmaMaxM,
-      "Name of the CUDA kernel sparse_linear runs; max_smem_bytes: the device's opt-in shared memory per block");
+      "Name of the CUDA kernel sparse_linear runs; max_smem_bytes: the device's opt-in shared memory per "
+      "block");
   m.def(
       "sparse_mma_block_m",
       [](int64_t m_rows, const std::string& values_dtype, int64_t max_smem_bytes) {
@@ -193,8 +196,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "for benchmarks and tests");
   m.def("sparse_cuda_smem_limit", &fastquant::cuda::sparse_smem_limit,
         "Cap on the shared memory per block the CUDA sparse_linear kernels assume (0: the device's)");
-  m.def("set_sparse_cuda_smem_limit", &fastquant::cuda::set_sparse_smem_limit, py::arg("bytes"),
-        "Cap the shared memory per block the CUDA sparse_linear kernels assume (0: the device's opt-in limit), "
-        "to take a smaller GPU's block sizes and fallbacks; for tests");
+  m.def(
+      "set_sparse_cuda_smem_limit", &fastquant::cuda::set_sparse_smem_limit, py::arg("bytes"),
+      "Cap the shared memory per block the CUDA sparse_linear kernels assume (0: the device's opt-in limit), "
+      "to take a smaller GPU's block sizes and fallbacks; for tests");
 #endif
 }

@@ -93,8 +93,8 @@ cudaError_t launch(const int8_t* w, const float* scales, void* out, int n, int k
 }  // namespace
 
 LaunchStatus launch_int8_dequantize(const int8_t* w, const float* scales, void* out, int n, int k,
-                                   int group_size, int n_groups, DType dtype, bool aligned,
-                                   cudaStream_t stream) {
+                                    int group_size, int n_groups, DType dtype, bool aligned,
+                                    cudaStream_t stream) {
   if (n <= 0 || k <= 0) return cudaSuccess;
   const int g = group_size == -1 ? k : group_size;
   const int ng = group_size == -1 ? 1 : n_groups;

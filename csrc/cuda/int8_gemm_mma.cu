@@ -288,7 +288,8 @@ LaunchStatus launch(const Int8GemvArgs& a, cudaStream_t stream) {
 
 LaunchStatus launch_int8_gemm_mma(const Int8GemvArgs& args, cudaStream_t stream) {
   if (!args.w_vector || reinterpret_cast<std::uintptr_t>(args.x) % 16 != 0)
-    return LaunchStatus::precondition("the int8 GEMM stages x and the weight with 16-byte cp.async: both aligned");
+    return LaunchStatus::precondition(
+        "the int8 GEMM stages x and the weight with 16-byte cp.async: both aligned");
   if (args.m <= 0 || args.n <= 0 || args.k <= 0)
     return LaunchStatus::precondition("the int8 GEMM needs M, N and K >= 1");
   if (args.dtype == DType::kBFloat16) return launch<__nv_bfloat16>(args, stream);

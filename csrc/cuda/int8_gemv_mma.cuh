@@ -310,9 +310,8 @@ cudaError_t launch_splitk_finalize(const float* workspace, int slices, const flo
                                    void* y, int64_t total, int n, cudaStream_t stream) {
   const int64_t blocks64 = (total + 255) / 256;
   const int blocks = static_cast<int>(blocks64 < 4096 ? blocks64 : 4096);
-  splitk_finalize_kernel<T><<<blocks, 256, 0, stream>>>(workspace, slices, scales,
-                                                        static_cast<const uint16_t*>(bias),
-                                                        static_cast<uint16_t*>(y), total, n);
+  splitk_finalize_kernel<T><<<blocks, 256, 0, stream>>>(
+      workspace, slices, scales, static_cast<const uint16_t*>(bias), static_cast<uint16_t*>(y), total, n);
   return cudaGetLastError();
 }
 
@@ -342,7 +341,8 @@ void launch_gemv_grouped(const GemvParams& p, bool grouped, bool w_vector, bool 
 template <typename T>
 LaunchStatus launch_gemv(const Int8GemvArgs& a, cudaStream_t stream) {
   const int nt = int8_gemv_n_tiles(a.path);
-  if (nt == 0) return LaunchStatus::precondition("the int8 GEMV got a path of the dispatch table that is not a GEMV");
+  if (nt == 0)
+    return LaunchStatus::precondition("the int8 GEMV got a path of the dispatch table that is not a GEMV");
   if (a.m <= 0 || a.m > 8 * nt || a.n <= 0 || a.k <= 0)
     return LaunchStatus::precondition("the int8 GEMV needs 1 <= M <= 8 x (its n=8 tiles), N >= 1 and K >= 1");
   const int splits = int8_gemv_splits(a.n, a.k, a.num_sms, nt);

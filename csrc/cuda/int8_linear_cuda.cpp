@@ -102,18 +102,19 @@ at::Tensor int8_linear_cuda(const at::Tensor& x, const at::Tensor& qweight, cons
   const at::Tensor s = scales.contiguous();
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const Int8Plan plan = plan_int8(m, n, k, group_size, dtype, aligned16(x2.data_ptr()), aligned16(w.data_ptr()),
-                                  gemv_max_m(), gemm_max_m());
+  const Int8Plan plan = plan_int8(m, n, k, group_size, dtype, aligned16(x2.data_ptr()),
+                                  aligned16(w.data_ptr()), gemv_max_m(), gemm_max_m());
   constexpr const char* kOp = "fastquant.int8_linear";
 
   if (plan.path == Int8Path::kDequantCublas) {
     // cuBLAS on the weight dequantized to x's dtype (fp32 accumulation in cuBLAS; for fp32 x, TF32 only if
     // the user allowed it through torch.backends.cuda.matmul.allow_tf32).
     at::Tensor weight = at::empty({n, k}, x.options());
-    check_launch(launch_int8_dequantize(w.data_ptr<int8_t>(), s.data_ptr<float>(), weight.data_ptr(),
-                                        static_cast<int>(n), static_cast<int>(k), static_cast<int>(group_size),
-                                        static_cast<int>(n_groups), dtype, plan.w_vector, stream),
-                 kOp, m, n, k);
+    check_launch(
+        launch_int8_dequantize(w.data_ptr<int8_t>(), s.data_ptr<float>(), weight.data_ptr(),
+                               static_cast<int>(n), static_cast<int>(k), static_cast<int>(group_size),
+                               static_cast<int>(n_groups), dtype, plan.w_vector, stream),
+        kOp, m, n, k);
     at::Tensor y2 = y.view({m, n});
     if (b.defined()) {
       at::addmm_out(y2, b, x2, weight.t());
@@ -129,7 +130,7 @@ at::Tensor int8_linear_cuda(const at::Tensor& x, const at::Tensor& qweight, cons
   const bool gemm = plan.path == Int8Path::kGemmMma;
   const bool deterministic = at::globalContext().deterministicAlgorithms();
   // Split-K scratch, M x N fp32 slices: the GEMM's one per split; the GEMV's one for its atomics or, when
-  // deterministic, one per split. Fresh per call, so concurrent streams and CUDA-graph replays never share it.
+  // deterministic, one per split. Fresh per call: concurrent streams and CUDA-graph replays never share it.
   int slices = 0;
   if (gemm) {
     const int splits = int8_gemm_splits(m, n, k, num_sms);

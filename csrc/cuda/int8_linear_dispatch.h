@@ -109,8 +109,9 @@ struct Int8Plan {
 // choose_int8_path, then how each operand is loaded given the data pointers' 16-byte alignment. A weight
 // that starts mid-allocation with x aligned is rare (qweight is a parameter of its own): x then takes the
 // element loads too, which saves a third instantiation of every GEMV variant.
-inline Int8Plan plan_int8(int64_t m, int64_t n, int64_t k, int64_t group_size, DType dtype, bool x_ptr_aligned,
-                          bool w_ptr_aligned, int64_t gemv_max_m = 64, int64_t gemm_max_m = kDefaultGemmMaxM) {
+inline Int8Plan plan_int8(int64_t m, int64_t n, int64_t k, int64_t group_size, DType dtype,
+                          bool x_ptr_aligned, bool w_ptr_aligned, int64_t gemv_max_m = 64,
+                          int64_t gemm_max_m = kDefaultGemmMaxM) {
   Int8Plan plan;
   plan.path = choose_int8_path(m, n, k, group_size, dtype, gemv_max_m, gemm_max_m);
   plan.w_vector = int8_shape_aligned(k, group_size) && w_ptr_aligned;

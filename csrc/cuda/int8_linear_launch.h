@@ -20,14 +20,14 @@ struct Int8GemvArgs {
   void* y;              // m x n output, x's dtype
   float* workspace;     // fp32 split-K scratch: int8_gemv_workspace_slices (GEMV) or splits (GEMM) x m x n
   int m, n, k;
-  int group_size;  // -1: per-channel
-  int n_groups;    // ceil(k / group_size), 1 for per-channel
-  int num_sms;     // SMs of the device (split-K rule)
-  bool w_vector;    // Int8Plan: 16-byte loads of the weight
-  bool x_vector;    // Int8Plan: 16-byte loads of x
+  int group_size;      // -1: per-channel
+  int n_groups;        // ceil(k / group_size), 1 for per-channel
+  int num_sms;         // SMs of the device (split-K rule)
+  bool w_vector;       // Int8Plan: 16-byte loads of the weight
+  bool x_vector;       // Int8Plan: 16-byte loads of x
   bool deterministic;  // GEMV split-K: ordered sum of per-split slices instead of atomics
-  DType dtype;     // kBFloat16 or kFloat16
-  Int8Path path;   // one of the kGemvMma* rows of the dispatch table (sets the number of n=8 tiles)
+  DType dtype;         // kBFloat16 or kFloat16
+  Int8Path path;       // one of the kGemvMma* rows of the dispatch table (sets the number of n=8 tiles)
 };
 
 // Tensor-core GEMV for m <= 64 (see int8_gemv_mma.cuh). dtype must be bf16 or fp16.
@@ -48,7 +48,7 @@ LaunchStatus launch_int8_gemm_mma(const Int8GemvArgs& args, cudaStream_t stream)
 // (qweight.float() * scales).to(dtype). group_size == -1: per-channel. aligned: k % 16 == 0, group_size
 // -1 or a multiple of 16, and w 16-byte aligned (out is a fresh allocation).
 LaunchStatus launch_int8_dequantize(const int8_t* w, const float* scales, void* out, int n, int k,
-                                   int group_size, int n_groups, DType dtype, bool aligned,
-                                   cudaStream_t stream);
+                                    int group_size, int n_groups, DType dtype, bool aligned,
+                                    cudaStream_t stream);
 
 }  // namespace fastquant::cuda

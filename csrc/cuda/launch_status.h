@@ -13,7 +13,7 @@ struct LaunchStatus {
 
   LaunchStatus() = default;
   // Implicit, so that `return cudaGetLastError();` reads as it always did.
-  LaunchStatus(cudaError_t error) : cuda(error) {}  // NOLINT(google-explicit-constructor)
+  LaunchStatus(cudaError_t error) : cuda(error) {}
   static LaunchStatus precondition(const char* what) {
     LaunchStatus s;
     s.broken = what;

@@ -358,7 +358,8 @@ cudaError_t launch_tile(const CsrParams& p, int mp, bool staged, const Launch& l
 
 LaunchStatus launch_sparse_csr_linear(const SparseCsrLinearArgs& a, cudaStream_t stream) {
   if (a.m <= 0 || a.n <= 0 || a.k <= 0 || a.k > kSparseCsrMaxInFeatures || a.values_numel < 0)
-    return LaunchStatus::precondition("the csr16 kernel needs M, N >= 1, 1 <= K <= 65536 and values_numel >= 0");
+    return LaunchStatus::precondition(
+        "the csr16 kernel needs M, N >= 1, 1 <= K <= 65536 and values_numel >= 0");
   if (reinterpret_cast<std::uintptr_t>(a.values) % 16 != 0 ||
       reinterpret_cast<std::uintptr_t>(a.column_indices) % 16 != 0)
     return LaunchStatus::precondition("the csr16 kernel needs 16-byte aligned values and column indices");

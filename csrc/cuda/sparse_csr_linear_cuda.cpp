@@ -122,8 +122,8 @@ at::Tensor sparse_csr_linear_cuda(const at::Tensor& x, const at::Tensor& values,
   args.num_sms = props->multiProcessorCount;
   args.x_dtype = xd;
   args.values_dtype = vd;
-  check_launch(launch_sparse_csr_linear(args, at::cuda::getCurrentCUDAStream()), "fastquant.sparse_csr_linear", m,
-               n, k);
+  check_launch(launch_sparse_csr_linear(args, at::cuda::getCurrentCUDAStream()),
+               "fastquant.sparse_csr_linear", m, n, k);
   return y;
 }
 

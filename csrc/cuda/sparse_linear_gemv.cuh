@@ -245,7 +245,8 @@ LaunchStatus launch_gemv_variant(GemvParams p, int max_smem_bytes, cudaStream_t 
   p.slab_chunks = steps * kSparseStepChunks;
   const int bytes = slab_floats<MP>(steps * kSparseStepCols) * static_cast<int>(sizeof(float));
   if (bytes + static_bytes > max_smem_bytes)
-    return LaunchStatus::precondition("one step of the bitmap16 GEMV's x slab does not fit the device's shared memory");
+    return LaunchStatus::precondition(
+        "one step of the bitmap16 GEMV's x slab does not fit the device's shared memory");
   static std::atomic<bool> done[kMaxDevices];
   if (bytes > 48 * 1024) {
     const cudaError_t err = allow_smem(sparse_gemv_kernel<V, MP, kGrouped>, kSlabBudgetBytes, done);

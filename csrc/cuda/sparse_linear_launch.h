@@ -46,7 +46,7 @@ LaunchStatus launch_sparse_gemv(const SparseLinearArgs& args, cudaStream_t strea
 // times their scales rounded once to out_dtype (the rounding of PyTorch's (q.float() * s).to(dtype)).
 // Needs the same alignment of values as the GEMV.
 LaunchStatus launch_sparse_densify(const SparseLinearArgs& args, void* out, DType out_dtype,
-                                  cudaStream_t stream);
+                                   cudaStream_t stream);
 
 // Tensor-core GEMM on densified weight tiles (sparse_linear_mma.cuh) for x bf16/fp16, any m >= 1 (dispatched
 // for m > 16); one file per value dtype. Needs workspace and split_offsets when

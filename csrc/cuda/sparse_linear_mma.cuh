@@ -32,7 +32,8 @@
 //   bf16/fp16 and the scale multiplies the fp32 sum. fp32 accumulation, output in x's dtype.
 // - Split-K (sparse_mma_splits): split z starts at k-tile z * per_split; its per-row start offsets come from
 //   launch_sparse_mma_offsets (one pass over the masks), partial sums go to workspace[z][m][n] and a finalize
-//   kernel (detail::splitk_finalize_kernel) sums them in a fixed order (deterministic, CUDA-graph safe) and applies scale and bias.
+//   kernel (detail::splitk_finalize_kernel) sums them in a fixed order (deterministic, CUDA-graph safe) and
+//   applies scale and bias.
 //
 // Every value load is bounded by values_numel whatever row_offsets say (its contents are not checked on the
 // GPU), as in the GEMV.
@@ -493,7 +494,8 @@ LaunchStatus launch_mma(const SparseLinearArgs& a, cudaStream_t stream) {
   p.n_groups = grouped ? a.n_groups : 1;
   p.per_split = (k_tiles + splits - 1) / splits;
   p.x_aligned = a.k % 8 == 0 && reinterpret_cast<std::uintptr_t>(a.x) % 16 == 0;
-  if (a.x_dtype == DType::kBFloat16) return launch_mma_t<__nv_bfloat16, V>(p, grouped, block_m, splits, stream);
+  if (a.x_dtype == DType::kBFloat16)
+    return launch_mma_t<__nv_bfloat16, V>(p, grouped, block_m, splits, stream);
   return launch_mma_t<__half, V>(p, grouped, block_m, splits, stream);
 }
 

@@ -39,8 +39,8 @@ __global__ void sparse_mma_offsets_kernel(const uint16_t* masks, const int64_t* 
 cudaError_t launch_sparse_mma_offsets(const uint16_t* masks, const int64_t* row_offsets, int64_t* out, int n,
                                       int n_chunks, int splits, int split_chunks, cudaStream_t stream) {
   constexpr int kWarps = 8;
-  sparse_mma_offsets_kernel<<<(n + kWarps - 1) / kWarps, kWarps * 32, 0, stream>>>(masks, row_offsets, out, n,
-                                                                                  n_chunks, splits, split_chunks);
+  sparse_mma_offsets_kernel<<<(n + kWarps - 1) / kWarps, kWarps * 32, 0, stream>>>(
+      masks, row_offsets, out, n, n_chunks, splits, split_chunks);
   return cudaGetLastError();
 }
 
