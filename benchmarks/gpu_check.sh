@@ -105,9 +105,10 @@ if ! "$PYTHON" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() el
   finish
 fi
 
-# 3. The CUDA kernel tests, before any CPU test. -rs names every skip, so a silently skipped module shows.
+# 3. The CUDA kernel tests, before any CPU test. -rs names every skip, so a silently skipped module shows;
+# --durations sizes the next call. A timeout sends SIGINT: pytest still writes the junit file.
 cuda_tests=(tests/test_int8_linear_cuda.py tests/test_sparse_linear_cuda.py)
-step cuda-tests 150 "$PYTHON" -m pytest -q -rs -p no:cacheprovider "${cuda_tests[@]}" \
+step cuda-tests 150 "$PYTHON" -m pytest -q -rs --durations=15 -p no:cacheprovider "${cuda_tests[@]}" \
   -k "not opcheck and not torch_compile" --junitxml="$OUT/cuda-tests.xml" || status=1
 
 # 4. int8 decode speed vs bf16 F.linear on the three large layer shapes, copy bandwidth in the same run.
