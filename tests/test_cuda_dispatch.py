@@ -7,6 +7,8 @@ chosen kernels compute the right numbers is for tests/test_*_cuda.py on a GPU.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -149,3 +151,23 @@ def test_unknown_dtype_is_named():
         _native.cuda_int8_linear_path(1, 64, 64, -1, torch.float64)
     with pytest.raises(ValueError, match="unknown values dtype 'int16'"):
         _native.cuda_sparse_linear_path(1, 64, 64, torch.int16, torch.float32, -1, SMEM_SM90)
+
+
+def test_device_query_forwards_group_size_and_shared_memory(monkeypatch):
+    """The per-device query (what fastquant.report and fastquant.info print) hands the layer's group size and
+    the device's opt-in shared memory per block to the choice; dropping the group size named the GEMV for
+    group sizes it cannot take."""
+    calls = []
+
+    def record(*args):
+        calls.append(args)
+        return "recorded"
+
+    monkeypatch.setattr(_native, "has_cuda_kernels", lambda: True)
+    monkeypatch.setattr(_native, "cuda_sparse_linear_path", record)
+    monkeypatch.setattr(
+        torch.cuda, "get_device_properties", lambda device: SimpleNamespace(shared_memory_per_block_optin=SMEM_SM86)
+    )
+    path = _native.sparse_linear_kernel_path(torch.device("cuda"), 1, 1024, 4096, torch.int8, torch.bfloat16, 48)
+    assert path == "recorded"
+    assert calls == [(1, 1024, 4096, torch.int8, torch.bfloat16, 48, SMEM_SM86)]
