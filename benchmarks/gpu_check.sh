@@ -71,7 +71,11 @@ finish() {
 
 echo "# gpu_check $stamp: fastquant $(git rev-parse --short HEAD 2>/dev/null || echo '(no git)')" >"$summary"
 {
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 || echo "nvidia-smi: none"
+  if command -v nvidia-smi >/dev/null; then
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1
+  else
+    echo "nvidia-smi: not found"
+  fi
   nvcc --version 2>&1 | tail -n 1
   "$PYTHON" -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'GPU', torch.cuda.is_available())"
 } 2>&1 | tee -a "$log" | sed 's/^/- /' >>"$summary"
