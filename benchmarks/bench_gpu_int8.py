@@ -239,6 +239,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=25)
     parser.add_argument("--rows", default=",".join(map(str, ROW_COUNTS)), help="comma-separated M values")
     parser.add_argument("--group-sizes", default="-1,128", help="comma-separated group sizes (-1: per-channel)")
+    parser.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES), help="comma-separated NxK")
     parser.add_argument(
         "--compiled-peer",
         choices=["dynamic", "static", "off"],
@@ -278,12 +279,13 @@ def main() -> None:
         compiled_fn = torch.compile(_dequant_matmul, dynamic=args.compiled_peer == "dynamic")
     row_counts = [int(v) for v in args.rows.split(",")]
     group_sizes = [int(v) for v in args.group_sizes.split(",")]
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     rows = []
-    for n, k in SHAPES:
+    for n, k in shapes:
         rows += bench_shape(n, k, row_counts, group_sizes, args.repeats, compiled_fn, copy_bw)
-
-    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    stem.with_suffix(".md").write_text(to_markdown(meta, rows))
+        # Rewritten after every shape: a run stopped by its time limit keeps what it measured.
+        stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+        stem.with_suffix(".md").write_text(to_markdown(meta, rows))
     print(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.md')}")
 
 

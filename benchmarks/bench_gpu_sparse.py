@@ -261,9 +261,10 @@ def main() -> None:
     rows = []
     for n, k in shapes:
         rows += bench_shape(n, k, row_counts, cases, args.repeats, copy_bw, errors)
-    meta["peer_errors"] = errors
-    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    stem.with_suffix(".md").write_text(to_markdown(meta, rows, errors))
+        # Rewritten after every shape: a run stopped by its time limit keeps what it measured.
+        meta["peer_errors"] = errors
+        stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+        stem.with_suffix(".md").write_text(to_markdown(meta, rows, errors))
     print(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.md')}")
 
 

@@ -11,11 +11,13 @@
 #include "cpu/int8_linear.h"
 #include "cpu/sparse_csr_linear.h"
 #include "cpu/sparse_linear.h"
+// Plain C++ (no CUDA): the CUDA kernel choice is compiled into every build, so it is tested without a GPU.
+#include "cuda/int8_linear_dispatch.h"
+#include "cuda/sparse_linear_dispatch.h"
 
 #ifdef FASTQUANT_WITH_CUDA
 #include "cuda/cuda_info.h"
 #include "cuda/sparse_csr_linear_launch.h"
-#include "cuda/sparse_linear_dispatch.h"
 #endif
 
 namespace py = pybind11;
@@ -37,6 +39,85 @@ fastquant::cpu::SparseValues parse_values_dtype(const std::string& name) {
   if (name == "int8") return fastquant::cpu::SparseValues::kInt8;
   throw std::invalid_argument("unknown values dtype '" + name +
                               "': expected float32, bfloat16, float16 or int8");
+}
+
+fastquant::cuda::SparseValues parse_cuda_values_dtype(const std::string& name) {
+  return static_cast<fastquant::cuda::SparseValues>(static_cast<int>(parse_values_dtype(name)));
+}
+
+fastquant::cuda::DType parse_cuda_dtype(const std::string& name) {
+  return static_cast<fastquant::cuda::DType>(static_cast<int>(parse_dtype(name)));
+}
+
+static_assert(static_cast<int>(fastquant::cpu::SparseValues::kInt8) ==
+                      static_cast<int>(fastquant::cuda::SparseValues::kInt8) &&
+                  static_cast<int>(fastquant::cpu::ActDType::kFloat16) ==
+                      static_cast<int>(fastquant::cuda::DType::kFloat16),
+              "the CPU and CUDA dtype codes must agree");
+
+// fastquant._C.cuda_dispatch: the CUDA kernel choice as pure functions of the problem, the run-time caps and
+// the device's limits (csrc/cuda/*_dispatch.h), in every build.
+void def_cuda_dispatch(py::module_& parent) {
+  namespace fc = fastquant::cuda;
+  py::module_ m = parent.def_submodule(
+      "cuda_dispatch", "Which CUDA kernel a problem takes (pure selection logic, available without CUDA)");
+  m.attr("DEFAULT_GEMV_MAX_M") = 64;
+  m.attr("DEFAULT_GEMM_MAX_M") = fc::kDefaultGemmMaxM;
+  m.attr("DEFAULT_SPARSE_GEMV_MAX_M") = fc::kDefaultSparseGemvMaxM;
+  m.attr("DEFAULT_SPARSE_MMA_MAX_M") = fc::kDefaultSparseMmaMaxM;
+  m.def(
+      "int8_path",
+      [](int64_t m_rows, int64_t n, int64_t k, int64_t group_size, const std::string& dtype, bool x_aligned,
+         bool w_aligned, int64_t gemv_max_m, int64_t gemm_max_m) {
+        const fc::Int8Plan plan = fc::plan_int8(m_rows, n, k, group_size, parse_cuda_dtype(dtype), x_aligned,
+                                                w_aligned, gemv_max_m, gemm_max_m);
+        return std::string(fc::int8_path_name(plan));
+      },
+      py::arg("m"), py::arg("n"), py::arg("k"), py::arg("group_size"), py::arg("dtype"),
+      py::arg("x_aligned") = true, py::arg("w_aligned") = true, py::arg("gemv_max_m") = 64,
+      py::arg("gemm_max_m") = fc::kDefaultGemmMaxM,
+      "Name of the CUDA kernel int8_linear runs; x_aligned / w_aligned: the data pointers are 16-byte "
+      "aligned");
+  m.def(
+      "int8_gemv_n_tiles",
+      [](int64_t m_rows, int64_t gemv_max_m) {
+        return fc::int8_gemv_n_tiles(
+            fc::choose_int8_path(m_rows, 1, 64, -1, fc::DType::kBFloat16, gemv_max_m));
+      },
+      py::arg("m"), py::arg("gemv_max_m") = 64, "n=8 tiles of the int8 GEMV at this M (0: not the GEMV)");
+  m.def("int8_gemv_chunks_per_step", &fc::int8_gemv_chunks_per_step, py::arg("n_tiles"),
+        "64-wide k chunks a GEMV warp loads per step");
+  m.def("int8_gemv_splits", &fc::int8_gemv_splits, py::arg("n"), py::arg("k"), py::arg("num_sms"),
+        py::arg("n_tiles"), "K splits of the int8 GEMV");
+  m.def("int8_gemv_workspace_slices", &fc::int8_gemv_workspace_slices, py::arg("splits"),
+        py::arg("deterministic"), "M x N fp32 slices of the int8 GEMV's split-K workspace");
+  m.def(
+      "sparse_path",
+      [](int64_t m_rows, int64_t n, int64_t k, const std::string& values_dtype, const std::string& x_dtype,
+         int64_t group_size, int64_t max_smem_bytes, int64_t gemv_max_m, int64_t mma_max_m) {
+        const auto path = fc::choose_sparse_path(m_rows, n, k, parse_cuda_values_dtype(values_dtype),
+                                                 parse_cuda_dtype(x_dtype), group_size, max_smem_bytes,
+                                                 gemv_max_m, mma_max_m);
+        return std::string(fc::sparse_path_name(path, m_rows));
+      },
+      py::arg("m"), py::arg("n"), py::arg("k"), py::arg("values_dtype"), py::arg("x_dtype"),
+      py::arg("group_size"), py::arg("max_smem_bytes"), py::arg("gemv_max_m") = fc::kDefaultSparseGemvMaxM,
+      py::arg("mma_max_m") = fc::kDefaultSparseMmaMaxM,
+      "Name of the CUDA kernel sparse_linear runs; max_smem_bytes: the device's opt-in shared memory per "
+      "block");
+  m.def(
+      "sparse_mma_block_m",
+      [](int64_t m_rows, const std::string& values_dtype, int64_t max_smem_bytes) {
+        return fc::sparse_mma_block_m(m_rows, parse_cuda_values_dtype(values_dtype), max_smem_bytes);
+      },
+      py::arg("m"), py::arg("values_dtype"), py::arg("max_smem_bytes"),
+      "x rows per block of the bitmap16 mma kernel (0: none fits)");
+  m.def(
+      "sparse_mma_smem_bytes",
+      [](const std::string& values_dtype, int block_m) {
+        return fc::sparse_mma_smem_bytes(parse_cuda_values_dtype(values_dtype), block_m);
+      },
+      py::arg("values_dtype"), py::arg("block_m"), "Dynamic shared memory of one bitmap16 mma block");
 }
 
 py::dict build_info() {
@@ -61,6 +142,7 @@ py::dict build_info() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastquant native kernels (operators are registered under torch.ops.fastquant)";
   m.def("build_info", &build_info, "Versions and options this extension was built with");
+  def_cuda_dispatch(m);
   m.def("cpu_features", &fastquant::cpu::cpu_features_string, "CPU features detected at run time");
   m.def(
       "cpu_isa", [] { return std::string(fastquant::cpu::isa_name(fastquant::cpu::active_isa())); },
@@ -93,14 +175,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "sparse_csr_linear_cpu_path", [] { return std::string(fastquant::cpu::sparse_csr_linear_cpu_path()); },
       "Name of the CPU kernel sparse_csr_linear runs");
 #ifdef FASTQUANT_WITH_CUDA
-  m.def(
-      "int8_linear_cuda_path",
-      [](int64_t m_rows, int64_t n, int64_t k, int64_t group_size, const std::string& dtype) {
-        const int code = static_cast<int>(parse_dtype(dtype));
-        return std::string(fastquant::cuda::int8_linear_cuda_path(m_rows, n, k, group_size, code));
-      },
-      py::arg("m"), py::arg("n"), py::arg("k"), py::arg("group_size"), py::arg("dtype"),
-      "Name of the CUDA kernel int8_linear runs for this problem (see csrc/cuda/int8_linear_dispatch.h)");
   m.def("cuda_gemv_max_m", &fastquant::cuda::gemv_max_m, "Largest M the CUDA tensor-core GEMV takes");
   m.def("set_cuda_gemv_max_m", &fastquant::cuda::set_gemv_max_m, py::arg("m"),
         "Cap the M of the CUDA GEMV (0: never; 64: default); for benchmarks and tests");
@@ -108,26 +182,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "set_cuda_gemm_max_m", &fastquant::cuda::set_gemm_max_m, py::arg("m"),
       "Cap the M of the fused CUDA GEMM (0: never; above it dequantize + cuBLAS); for benchmarks and tests");
-  m.def(
-      "sparse_linear_cuda_path",
-      [](int64_t m_rows, int64_t n, int64_t k, const std::string& values_dtype, const std::string& x_dtype,
-         int64_t group_size) {
-        using fastquant::cuda::SparseValues;
-        SparseValues values;
-        if (values_dtype == "int8") {
-          values = SparseValues::kInt8;
-        } else {
-          values = static_cast<SparseValues>(static_cast<int>(parse_dtype(values_dtype)));
-        }
-        const auto x = static_cast<fastquant::cuda::DType>(static_cast<int>(parse_dtype(x_dtype)));
-        const auto path = fastquant::cuda::choose_sparse_path(m_rows, n, k, values, x, group_size,
-                                                              fastquant::cuda::sparse_gemv_max_m(),
-                                                              fastquant::cuda::sparse_mma_max_m());
-        return std::string(fastquant::cuda::sparse_path_name(path, m_rows));
-      },
-      py::arg("m"), py::arg("n"), py::arg("k"), py::arg("values_dtype"), py::arg("x_dtype"),
-      py::arg("group_size") = -1,
-      "Name of the CUDA kernel sparse_linear runs for this problem (see csrc/cuda/sparse_linear_dispatch.h)");
   m.def(
       "sparse_csr_linear_cuda_path", [] { return std::string(fastquant::cuda::kSparseCsrCudaPath); },
       "Name of the CUDA kernel sparse_csr_linear runs");
@@ -140,5 +194,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_sparse_cuda_mma_max_m", &fastquant::cuda::set_sparse_mma_max_m, py::arg("m"),
         "Cap the M of the CUDA sparse_linear tensor-core path (0: never; above it GEMV or densify + cuBLAS); "
         "for benchmarks and tests");
+  m.def("sparse_cuda_smem_limit", &fastquant::cuda::sparse_smem_limit,
+        "Cap on the shared memory per block the CUDA sparse_linear kernels assume (0: the device's)");
+  m.def(
+      "set_sparse_cuda_smem_limit", &fastquant::cuda::set_sparse_smem_limit, py::arg("bytes"),
+      "Cap the shared memory per block the CUDA sparse_linear kernels assume (0: the device's opt-in limit), "
+      "to take a smaller GPU's block sizes and fallbacks; for tests");
 #endif
 }

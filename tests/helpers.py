@@ -15,6 +15,8 @@ sqrt((x^2) @ (W^2)^T) is the natural scale of a sum of independent products, so 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from fastquant import _native, reference
@@ -59,3 +61,11 @@ def random_weight(n: int, k: int, generator: torch.Generator) -> torch.Tensor:
     """Rows with different magnitudes (as in trained layers) so per-row scales differ."""
     row_scale = torch.rand(n, 1, generator=generator) * 2 + 0.05
     return torch.randn(n, k, generator=generator) * row_scale
+
+
+def launched_kernels(fn: Callable[[], object]) -> list[str]:
+    """Names of the CUDA kernels ``fn`` launches (demangled, template arguments included), from the profiler."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [event.name for event in prof.events() if event.device_type == torch.autograd.DeviceType.CUDA]

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 import fastquant
 from fastquant import _native, reference
+from helpers import launched_kernels
 
 pytestmark = [
     pytest.mark.cuda,
@@ -185,9 +186,10 @@ def test_caps_switch_paths():
 
 @pytest.mark.parametrize("m", [4, 100], ids=["gemv", "gemm"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_misaligned_pointers_take_the_unaligned_kernel(dtype, m):
-    """K % 16 == 0 but x or qweight start 1 element into their storage: no 16-byte vector loads (the GEMV's
-    unaligned variant; the GEMM, which needs 16-byte cp.async, hands over to dequantize + cuBLAS)."""
+def test_misaligned_pointers(dtype, m):
+    """K % 16 == 0 but x or qweight start 1 element into their storage. A misaligned x keeps the weight's
+    16-byte loads (GEMV: element loads of x only; GEMM: x copied to an aligned buffer); a misaligned weight takes
+    the GEMV's element-load variant or, above M = 64, dequantize + cuBLAS. The launched kernel says which."""
     k, n = 512, 96
     x, qweight, scales, bias = make_case(m, k, n, dtype, 64, with_bias=True, seed=4)
     x_off = torch.empty(m * k + 1, dtype=dtype, device="cuda")[1:].view(m, k)
@@ -196,10 +198,45 @@ def test_misaligned_pointers_take_the_unaligned_kernel(dtype, m):
     w_off.copy_(qweight)
     assert x_off.data_ptr() % 16 != 0 and w_off.data_ptr() % 16 != 0
     expected = fastquant.int8_linear(x, qweight, scales, bias, 64)
-    for xx, ww in ((x_off, qweight), (x, w_off), (x_off, w_off)):
+    # (x, weight, what the launched kernels' names must show: the GEMV's <..., kWVector, kXVector> flags or the
+    # kernel; a kernel that must not run)
+    cases = [
+        (x_off, qweight, ", true, true, false>" if m <= 64 else "int8_gemm_mma_kernel", "dequant"),
+        (x, w_off, ", true, false, false>" if m <= 64 else "dequant", "int8_gemm_mma_kernel"),
+        (x_off, w_off, ", true, false, false>" if m <= 64 else "dequant", "int8_gemm_mma_kernel"),
+    ]
+    for xx, ww, must, must_not in cases:
         y = fastquant.int8_linear(xx, ww, scales, bias, 64)
-        assert_close_to_reference(y, x, qweight, scales, bias, 64, "unaligned pointers")
+        assert_close_to_reference(y, x, qweight, scales, bias, 64, "misaligned pointers")
         torch.testing.assert_close(y, expected, rtol=0, atol=0)
+        kernels = launched_kernels(lambda xx=xx, ww=ww: fastquant.int8_linear(xx, ww, scales, bias, 64))
+        assert any(must in name for name in kernels), kernels
+        assert not any(must_not in name for name in kernels), kernels
+
+
+@pytest.mark.parametrize(("m", "k", "n", "group_size"), [(1, 8192, 64, -1), (3, 14336, 48, 128), (40, 4096, 200, -1)])
+def test_split_k_is_deterministic_when_asked(m, k, n, group_size):
+    """Small N: the GEMV splits K. Under torch.use_deterministic_algorithms the splits are summed in a fixed
+    order (no atomics): every run gives the same bits, and the numbers are those of the default (atomic) sum up
+    to fp32 rounding."""
+    native = _native.native
+    n_tiles = native.cuda_dispatch.int8_gemv_n_tiles(m)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    assert native.cuda_dispatch.int8_gemv_splits(n, k, sms, n_tiles) > 1
+    x, qweight, scales, bias = make_case(m, k, n, torch.bfloat16, group_size, with_bias=True, seed=m + n)
+    y_atomic = fastquant.int8_linear(x, qweight, scales, bias, group_size)
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        runs = [fastquant.int8_linear(x, qweight, scales, bias, group_size) for _ in range(20)]
+        kernels = launched_kernels(lambda: fastquant.int8_linear(x, qweight, scales, bias, group_size))
+    finally:
+        torch.use_deterministic_algorithms(was)
+    for y in runs[1:]:
+        torch.testing.assert_close(y, runs[0], rtol=0, atol=0)
+    assert_close_to_reference(runs[0], x, qweight, scales, bias, group_size, "GEMV, ordered split-K sum")
+    assert_close_to_reference(y_atomic, x, qweight, scales, bias, group_size, "GEMV, atomic split-K sum")
+    assert any("splitk_finalize_kernel" in name for name in kernels), kernels
 
 
 @pytest.mark.parametrize("m", [1, 16, 100])

@@ -185,6 +185,24 @@ def test_info_command_reports_kernel_paths():
         assert "CPU features:" in out.stdout
 
 
+def test_info_require_cuda_names_what_is_missing():
+    """--require-cuda reads the dispatcher's table (no GPU needed): on a build without CUDA kernels it fails and
+    says why; every op always has its CPU kernel where the extension loaded."""
+    from fastquant import info
+
+    assert info.fastquant_ops() == sorted(
+        f"fastquant::{name}" for name in ("int8_linear", "sparse_csr_linear", "sparse_linear")
+    )
+    if fastquant._native.native is not None:
+        assert info.ops_without_kernel("CPU") == []
+    out = subprocess.run([sys.executable, "-m", "fastquant.info", "--require-cuda"], capture_output=True, text=True)
+    if fastquant._native.has_cuda_kernels():
+        assert out.returncode == 0 and "CUDA kernels registered for every op" in out.stdout
+    else:
+        assert out.returncode == 1
+        assert "CUDA build check: " in out.stderr and "CUDA kernels registered" not in out.stdout
+
+
 @pytest.mark.parametrize("method", ["int8", "int8+sparse", "sparse"])
 def test_layers_agree_with_and_without_autograd(method):
     """Without gradients the layers skip the op's Python autograd kernel (its per-call cost matters at

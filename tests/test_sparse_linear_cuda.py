@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 import fastquant  # noqa: F401 - registers the fastquant ops
 from fastquant import _native, reference
+from helpers import launched_kernels
 
 _REASON = "needs a CUDA GPU and fastquant built with CUDA kernels"
 pytestmark = [
@@ -67,9 +68,7 @@ SHAPES = [
 
 
 def cuda_path(m: int, n: int, k: int, values_dtype: torch.dtype, x_dtype: torch.dtype, group_size: int = -1) -> str:
-    v = str(values_dtype).removeprefix("torch.")
-    x = str(x_dtype).removeprefix("torch.")
-    return _native.native.sparse_linear_cuda_path(m, n, k, v, x, group_size)
+    return _native.sparse_linear_kernel_path(torch.device("cuda"), m, n, k, values_dtype, x_dtype, group_size)
 
 
 def make_mask(n: int, k: int, sparsity: float | str, gen: torch.Generator) -> torch.Tensor:
@@ -262,6 +261,41 @@ def test_path_caps_move_shapes():
         native.set_sparse_cuda_mma_max_m(mma_default)
         native.set_sparse_cuda_gemv_max_m(gemv_default)
     assert native.sparse_cuda_mma_max_m() == mma_default and native.sparse_cuda_gemv_max_m() == gemv_default
+
+
+@pytest.mark.parametrize(
+    ("values_dtype", "smem", "block_m", "fallback"),
+    [
+        (torch.bfloat16, 101_376, 64, None),  # sm_86 / sm_89: 128 rows need 102,400 B, 64 fit
+        (torch.int8, 60 * 1024, 32, None),
+        (torch.float16, 16 * 1024, 0, "cuda_sparse_densify_cublas"),  # no block fits: the next path
+    ],
+)
+def test_mma_block_sized_from_shared_memory(values_dtype, smem, block_m, fallback):
+    """set_sparse_cuda_smem_limit gives the path choice a smaller GPU's shared memory per block: the mma kernel
+    runs smaller blocks (named in the launched kernel) or hands the problem to the next path, and the numbers
+    stay right."""
+    native = _native.native
+    m, k, n = 200, 1000, 300
+    x_dtype = torch.float16 if values_dtype == torch.float16 else torch.bfloat16
+    group_size = 64 if values_dtype == torch.int8 else -1
+    args, dense = make_case(m, k, n, values_dtype, x_dtype, 0.5, group_size, seed=block_m + 11)
+    values_name = str(values_dtype).removeprefix("torch.")
+    assert native.cuda_dispatch.sparse_mma_block_m(m, values_name, smem) == block_m
+    try:
+        native.set_sparse_cuda_smem_limit(smem)
+        path = cuda_path(m, n, k, values_dtype, x_dtype, group_size)
+        assert path == (fallback or "cuda_sparse_mma")
+        kernels = launched_kernels(lambda: run(args))
+        y = run(args)
+    finally:
+        native.set_sparse_cuda_smem_limit(0)
+    assert_close_to_reference(y, args, dense, path)
+    mma = [name for name in kernels if "sparse_mma_kernel" in name]
+    if fallback is None:
+        assert mma and all(f", {block_m}, " in name for name in mma), kernels
+    else:
+        assert not mma, kernels
 
 
 def test_misaligned_values_view():

@@ -1,4 +1,4 @@
-// Build facts for fastquant._C.build_info() and the kernel-path query (see cuda_info.h).
+// Build facts for fastquant._C.build_info() and the run-time caps of the int8 paths (see cuda_info.h).
 #include <cuda_runtime_api.h>
 
 #include <atomic>
@@ -63,11 +63,5 @@ void set_gemm_max_m(int64_t m) { g_gemm_max_m.store(m < 0 ? 0 : m, std::memory_o
 int64_t gemv_max_m() { return g_gemv_max_m.load(std::memory_order_relaxed); }
 
 void set_gemv_max_m(int64_t m) { g_gemv_max_m.store(m < 0 ? 0 : m, std::memory_order_relaxed); }
-
-const char* int8_linear_cuda_path(int64_t m, int64_t n, int64_t k, int64_t group_size, int dtype_code) {
-  const Int8Path path =
-      choose_int8_path(m, n, k, group_size, static_cast<DType>(dtype_code), gemv_max_m(), gemm_max_m());
-  return int8_path_name(path, int8_shape_aligned(k, group_size));
-}
 
 }  // namespace fastquant::cuda

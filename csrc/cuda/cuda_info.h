@@ -1,5 +1,5 @@
 #pragma once
-// Build facts of the CUDA kernels for fastquant._C.build_info(), and the kernel-path query. Implemented in
+// Build facts of the CUDA kernels for fastquant._C.build_info(), and the run-time caps. Implemented in
 // cuda_info.cu; only plain C types cross this boundary (the .cu files are built by nvcc, the pybind module
 // by the host compiler).
 #include <cstdint>
@@ -11,10 +11,6 @@ const char* cuda_runtime_version_string();
 
 // GPU architectures the kernels were compiled for, e.g. "sm_80,sm_90" (from nvcc's __CUDA_ARCH_LIST__).
 const char* compiled_archs();
-
-// Name of the kernel fastquant::int8_linear runs on CUDA for an (m, k) x (n, k)^T problem. dtype_code is
-// the DType value (0 float32, 1 bfloat16, 2 float16); tensors are assumed 16-byte aligned.
-const char* int8_linear_cuda_path(int64_t m, int64_t n, int64_t k, int64_t group_size, int dtype_code);
 
 // Largest M the tensor-core GEMV takes (default 64, the whole dispatch table; 0: always dequantize +
 // cuBLAS). A process-wide tuning switch for benchmarks/bench_gpu_int8.py; calls running concurrently with

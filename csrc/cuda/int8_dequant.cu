@@ -92,9 +92,9 @@ cudaError_t launch(const int8_t* w, const float* scales, void* out, int n, int k
 
 }  // namespace
 
-cudaError_t launch_int8_dequantize(const int8_t* w, const float* scales, void* out, int n, int k,
-                                   int group_size, int n_groups, DType dtype, bool aligned,
-                                   cudaStream_t stream) {
+LaunchStatus launch_int8_dequantize(const int8_t* w, const float* scales, void* out, int n, int k,
+                                    int group_size, int n_groups, DType dtype, bool aligned,
+                                    cudaStream_t stream) {
   if (n <= 0 || k <= 0) return cudaSuccess;
   const int g = group_size == -1 ? k : group_size;
   const int ng = group_size == -1 ? 1 : n_groups;
@@ -106,7 +106,7 @@ cudaError_t launch_int8_dequantize(const int8_t* w, const float* scales, void* o
     case DType::kFloat16:
       return launch<__half>(w, scales, out, n, k, g, ng, aligned, stream);
   }
-  return cudaErrorInvalidValue;
+  return LaunchStatus::precondition("dequantize takes float32, bfloat16 or float16 outputs");
 }
 
 }  // namespace fastquant::cuda

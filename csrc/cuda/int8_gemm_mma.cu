@@ -242,22 +242,6 @@ cudaError_t allow_smem(Kernel kernel, int bytes, std::atomic<bool> (&done)[kMaxD
   return err;
 }
 
-// Split-K epilogue: y[m][n] = dtype(scale[n] * sum over splits of the partials + bias[n]), splits summed in
-// order (deterministic). scales == nullptr: group-wise, already applied to the weight.
-template <typename T>
-__global__ void gemm_finalize_kernel(const float* workspace, int splits, const float* scales,
-                                     const uint16_t* bias, uint16_t* y, int64_t total, int n) {
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    float v = 0.f;
-    for (int s = 0; s < splits; ++s) v += workspace[s * total + i];
-    const int col = static_cast<int>(i % n);
-    if (scales != nullptr) v *= __ldg(scales + col);
-    if (bias != nullptr) v += Act<T>::to_float(reinterpret_cast<const T*>(bias)[col]);
-    reinterpret_cast<T*>(y)[i] = Act<T>::from_float(v);
-  }
-}
-
 template <typename T, int MT, bool kGrouped>
 cudaError_t launch_variant(const GemmParams& p, int splits, cudaStream_t stream) {
   static std::atomic<bool> done[kMaxDevices];  // per instantiation: each kernel needs its own attribute
@@ -266,14 +250,10 @@ cudaError_t launch_variant(const GemmParams& p, int splits, cudaStream_t stream)
   if (err != cudaSuccess) return err;
   const dim3 grid((p.n + kBN - 1) / kBN, (p.m + 32 * MT - 1) / (32 * MT), splits);
   int8_gemm_mma_kernel<T, MT, kGrouped><<<grid, kThreads, bytes, stream>>>(p);
-  cudaError_t launch_err = cudaGetLastError();
+  const cudaError_t launch_err = cudaGetLastError();
   if (launch_err != cudaSuccess || splits == 1) return launch_err;
-  const int64_t total = static_cast<int64_t>(p.m) * p.n;
-  const int64_t blocks64 = (total + 255) / 256;
-  const int blocks = static_cast<int>(blocks64 < 4096 ? blocks64 : 4096);
-  gemm_finalize_kernel<T><<<blocks, 256, 0, stream>>>(p.workspace, splits, kGrouped ? nullptr : p.scales,
-                                                      p.bias, p.y, total, p.n);
-  return cudaGetLastError();
+  return detail::launch_splitk_finalize<T>(p.workspace, splits, kGrouped ? nullptr : p.scales, p.bias, p.y,
+                                           static_cast<int64_t>(p.m) * p.n, p.n, stream);
 }
 
 template <typename T, int MT>
@@ -283,7 +263,7 @@ cudaError_t launch_mt(const GemmParams& p, bool grouped, int splits, cudaStream_
 }
 
 template <typename T>
-cudaError_t launch(const Int8GemvArgs& a, cudaStream_t stream) {
+LaunchStatus launch(const Int8GemvArgs& a, cudaStream_t stream) {
   GemmParams p;
   p.x = static_cast<const uint16_t*>(a.x);
   p.w = a.w;
@@ -297,7 +277,8 @@ cudaError_t launch(const Int8GemvArgs& a, cudaStream_t stream) {
   p.n_groups = a.group_size == -1 ? 1 : a.n_groups;
   p.workspace = a.workspace;
   const int splits = int8_gemm_splits(a.m, a.n, a.k, a.num_sms);  // geometry rules: int8_linear_dispatch.h
-  if (splits > 1 && a.workspace == nullptr) return cudaErrorInvalidValue;
+  if (splits > 1 && a.workspace == nullptr)
+    return LaunchStatus::precondition("the int8 GEMM splits K but got no workspace");
   const bool grouped = a.group_size != -1;
   if (int8_gemm_block_m(a.m, a.n, a.num_sms) == 128) return launch_mt<T, 4>(p, grouped, splits, stream);
   return launch_mt<T, 2>(p, grouped, splits, stream);
@@ -305,11 +286,15 @@ cudaError_t launch(const Int8GemvArgs& a, cudaStream_t stream) {
 
 }  // namespace
 
-cudaError_t launch_int8_gemm_mma(const Int8GemvArgs& args, cudaStream_t stream) {
-  if (!args.aligned || args.m <= 0 || args.n <= 0 || args.k <= 0) return cudaErrorInvalidValue;
+LaunchStatus launch_int8_gemm_mma(const Int8GemvArgs& args, cudaStream_t stream) {
+  if (!args.w_vector || reinterpret_cast<std::uintptr_t>(args.x) % 16 != 0)
+    return LaunchStatus::precondition(
+        "the int8 GEMM stages x and the weight with 16-byte cp.async: both aligned");
+  if (args.m <= 0 || args.n <= 0 || args.k <= 0)
+    return LaunchStatus::precondition("the int8 GEMM needs M, N and K >= 1");
   if (args.dtype == DType::kBFloat16) return launch<__nv_bfloat16>(args, stream);
   if (args.dtype == DType::kFloat16) return launch<__half>(args, stream);
-  return cudaErrorInvalidValue;
+  return LaunchStatus::precondition("the int8 GEMM takes bfloat16 or float16 activations");
 }
 
 }  // namespace fastquant::cuda

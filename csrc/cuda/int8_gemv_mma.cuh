@@ -31,6 +31,7 @@
 
 #include "cuda/int8_linear_dispatch.h"
 #include "cuda/int8_linear_launch.h"
+#include "cuda/launch_status.h"
 
 namespace fastquant::cuda::detail {
 
@@ -175,17 +176,19 @@ struct GemvParams {
   const float* scales;
   const uint16_t* bias;  // may be null
   uint16_t* y;
-  float* workspace;  // used when gridDim.y > 1
+  float* workspace;  // used when gridDim.y > 1: one zeroed M x N slice (atomics) or one slice per split
   int m, n, k, group_size, n_groups;
+  bool ordered;  // split-K: store to slice blockIdx.y (summed in order by the finalize kernel), no atomics
 };
 
 // Block: 8 warps on the same 16 weight rows (blockIdx.x), each warp on every 8th group of U chunks of
 // 64 k within this block's K split (blockIdx.y). U chunks (U * 2 KiB per warp with both rows) are loaded
 // before any is used so that enough bytes are in flight: 2 blocks/SM x 8 warps x 4 KiB = 64 KiB per SM,
 // above the ~25 KiB that H100's bandwidth-latency product needs per SM.
-template <typename T, int NT, bool kGrouped, bool kAligned>
+// kWVector / kXVector: 16-byte loads of the weight / of x (Int8Plan); the other way, element loads.
+template <typename T, int NT, bool kGrouped, bool kWVector, bool kXVector>
 __global__ void __launch_bounds__(kGemvWarps * 32, 2) int8_gemv_mma_kernel(GemvParams p) {
-  constexpr int U = NT <= 2 ? 4 : 2;  // fewer chunks in flight when the accumulators take more registers
+  constexpr int U = int8_gemv_chunks_per_step(NT);
   __shared__ float partial[kGemvWarps][NT * 4 * 32];
 
   const int lane = threadIdx.x & 31;
@@ -216,8 +219,8 @@ __global__ void __launch_bounds__(kGemvWarps * 32, 2) int8_gemv_mma_kernel(GemvP
     for (int u = 0; u < U; ++u) {
       const int k0 = (base + u) * kGemvChunkK + 16 * t;
       const bool chunk_ok = base + u < c_end;
-      qa[u] = load_weight_segment<kAligned>(w0, k0, p.k, chunk_ok && row0_ok, policy);
-      qb[u] = load_weight_segment<kAligned>(w1, k0, p.k, chunk_ok && row1_ok, policy);
+      qa[u] = load_weight_segment<kWVector>(w0, k0, p.k, chunk_ok && row0_ok, policy);
+      qb[u] = load_weight_segment<kWVector>(w1, k0, p.k, chunk_ok && row1_ok, policy);
       sa[u] = sb[u] = 1.f;
       if constexpr (kGrouped) {
         // A 16-aligned segment never straddles a group (group_size % 16 == 0).
@@ -243,7 +246,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32, 2) int8_gemv_mma_kernel(GemvP
       for (int nt = 0; nt < NT; ++nt) {
         const int mrow = nt * 8 + g;  // B fragment column g = activation row nt * 8 + g
         uint32_t xw[8];
-        load_x_segment<kAligned>(p.x + static_cast<int64_t>(mrow < p.m ? mrow : 0) * p.k, k0, p.k, mrow < p.m,
+        load_x_segment<kXVector>(p.x + static_cast<int64_t>(mrow < p.m ? mrow : 0) * p.k, k0, p.k, mrow < p.m,
                                  xw);
 #pragma unroll
         for (int s = 0; s < 4; ++s) Act<T>::mma(acc[nt], a[s], xw[2 * s], xw[2 * s + 1]);
@@ -272,7 +275,11 @@ __global__ void __launch_bounds__(kGemvWarps * 32, 2) int8_gemv_mma_kernel(GemvP
     if constexpr (!kGrouped) sum *= __ldg(p.scales + n);
     const int64_t out = static_cast<int64_t>(m) * p.n + n;
     if (gridDim.y > 1) {
-      atomicAdd(p.workspace + out, sum);
+      if (p.ordered) {
+        p.workspace[static_cast<int64_t>(blockIdx.y) * p.m * p.n + out] = sum;
+      } else {
+        atomicAdd(p.workspace + out, sum);
+      }
     } else {
       if (p.bias != nullptr) sum += Act<T>::to_float(reinterpret_cast<const T*>(p.bias)[n]);
       reinterpret_cast<T*>(p.y)[out] = Act<T>::from_float(sum);
@@ -280,46 +287,70 @@ __global__ void __launch_bounds__(kGemvWarps * 32, 2) int8_gemv_mma_kernel(GemvP
   }
 }
 
-// Split-K epilogue: y = dtype(workspace + bias), one rounding, as in the unsplit kernel.
+// Split-K epilogue of the int8 GEMV, the int8 GEMM and the bitmap16 GEMM: y[m][n] = dtype(scale[n] * sum
+// over the slices + bias[n]), the slices added in order (deterministic), one rounding as in the unsplit
+// kernels. scales == nullptr: already applied (group-wise scales on the weight, or the GEMV's per-channel
+// scale before its atomics).
 template <typename T>
-__global__ void int8_gemv_finalize_kernel(const float* workspace, const uint16_t* bias, uint16_t* y,
-                                          int64_t total, int n) {
+__global__ void splitk_finalize_kernel(const float* workspace, int slices, const float* scales,
+                                       const uint16_t* bias, uint16_t* y, int64_t total, int n) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    float v = workspace[i];
-    if (bias != nullptr) v += Act<T>::to_float(reinterpret_cast<const T*>(bias)[i % n]);
+    float v = 0.f;
+    for (int s = 0; s < slices; ++s) v += workspace[s * total + i];
+    const int col = static_cast<int>(i % n);
+    if (scales != nullptr) v *= __ldg(scales + col);
+    if (bias != nullptr) v += Act<T>::to_float(reinterpret_cast<const T*>(bias)[col]);
     reinterpret_cast<T*>(y)[i] = Act<T>::from_float(v);
   }
 }
 
-template <typename T, int NT, bool kGrouped, bool kAligned>
-void launch_gemv_variant(const GemvParams& p, dim3 grid, cudaStream_t stream) {
-  int8_gemv_mma_kernel<T, NT, kGrouped, kAligned><<<grid, kGemvWarps * 32, 0, stream>>>(p);
+template <typename T>
+cudaError_t launch_splitk_finalize(const float* workspace, int slices, const float* scales, const void* bias,
+                                   void* y, int64_t total, int n, cudaStream_t stream) {
+  const int64_t blocks64 = (total + 255) / 256;
+  const int blocks = static_cast<int>(blocks64 < 4096 ? blocks64 : 4096);
+  splitk_finalize_kernel<T><<<blocks, 256, 0, stream>>>(
+      workspace, slices, scales, static_cast<const uint16_t*>(bias), static_cast<uint16_t*>(y), total, n);
+  return cudaGetLastError();
+}
+
+template <typename T, int NT, bool kGrouped>
+void launch_gemv_nt(const GemvParams& p, bool w_vector, bool x_vector, dim3 grid, cudaStream_t stream) {
+  constexpr int kThreads = kGemvWarps * 32;
+  // A vector x with element weight loads is not instantiated (Int8Plan never asks for it).
+  if (w_vector && x_vector) {
+    int8_gemv_mma_kernel<T, NT, kGrouped, true, true><<<grid, kThreads, 0, stream>>>(p);
+  } else if (w_vector) {
+    int8_gemv_mma_kernel<T, NT, kGrouped, true, false><<<grid, kThreads, 0, stream>>>(p);
+  } else {
+    int8_gemv_mma_kernel<T, NT, kGrouped, false, false><<<grid, kThreads, 0, stream>>>(p);
+  }
 }
 
 template <typename T, int NT>
-void launch_gemv_nt(const GemvParams& p, bool grouped, bool aligned, dim3 grid, cudaStream_t stream) {
+void launch_gemv_grouped(const GemvParams& p, bool grouped, bool w_vector, bool x_vector, dim3 grid,
+                         cudaStream_t stream) {
   if (grouped) {
-    if (aligned) {
-      launch_gemv_variant<T, NT, true, true>(p, grid, stream);
-    } else {
-      launch_gemv_variant<T, NT, true, false>(p, grid, stream);
-    }
+    launch_gemv_nt<T, NT, true>(p, w_vector, x_vector, grid, stream);
   } else {
-    if (aligned) {
-      launch_gemv_variant<T, NT, false, true>(p, grid, stream);
-    } else {
-      launch_gemv_variant<T, NT, false, false>(p, grid, stream);
-    }
+    launch_gemv_nt<T, NT, false>(p, w_vector, x_vector, grid, stream);
   }
 }
 
 template <typename T>
-cudaError_t launch_gemv(const Int8GemvArgs& a, cudaStream_t stream) {
+LaunchStatus launch_gemv(const Int8GemvArgs& a, cudaStream_t stream) {
   const int nt = int8_gemv_n_tiles(a.path);
-  if (nt == 0 || a.m > 8 * nt || a.m <= 0 || a.n <= 0 || a.k <= 0) return cudaErrorInvalidValue;
-  const int splits = int8_gemv_splits(a.n, a.k, a.num_sms);
-  if (splits > 1 && a.workspace == nullptr) return cudaErrorInvalidValue;
+  if (nt == 0)
+    return LaunchStatus::precondition("the int8 GEMV got a path of the dispatch table that is not a GEMV");
+  if (a.m <= 0 || a.m > 8 * nt || a.n <= 0 || a.k <= 0)
+    return LaunchStatus::precondition("the int8 GEMV needs 1 <= M <= 8 x (its n=8 tiles), N >= 1 and K >= 1");
+  const int splits = int8_gemv_splits(a.n, a.k, a.num_sms, nt);
+  const int slices = int8_gemv_workspace_slices(splits, a.deterministic);
+  if (slices > 0 && a.workspace == nullptr)
+    return LaunchStatus::precondition("the int8 GEMV splits K but got no workspace");
+  if (!a.w_vector && a.x_vector)
+    return LaunchStatus::precondition("the int8 GEMV has no variant with vector x and element weight loads");
 
   GemvParams p;
   p.x = static_cast<const uint16_t*>(a.x);
@@ -333,9 +364,10 @@ cudaError_t launch_gemv(const Int8GemvArgs& a, cudaStream_t stream) {
   p.k = a.k;
   p.group_size = a.group_size == -1 ? a.k : a.group_size;
   p.n_groups = a.group_size == -1 ? 1 : a.n_groups;
+  p.ordered = a.deterministic;
 
   const int64_t total = static_cast<int64_t>(a.m) * a.n;
-  if (splits > 1) {
+  if (slices == 1) {  // atomics accumulate into it
     const cudaError_t err =
         cudaMemsetAsync(a.workspace, 0, static_cast<size_t>(total) * sizeof(float), stream);
     if (err != cudaSuccess) return err;
@@ -344,25 +376,22 @@ cudaError_t launch_gemv(const Int8GemvArgs& a, cudaStream_t stream) {
   const bool grouped = a.group_size != -1;
   switch (nt) {
     case 1:
-      launch_gemv_nt<T, 1>(p, grouped, a.aligned, grid, stream);
+      launch_gemv_grouped<T, 1>(p, grouped, a.w_vector, a.x_vector, grid, stream);
       break;
     case 2:
-      launch_gemv_nt<T, 2>(p, grouped, a.aligned, grid, stream);
+      launch_gemv_grouped<T, 2>(p, grouped, a.w_vector, a.x_vector, grid, stream);
       break;
     case 4:
-      launch_gemv_nt<T, 4>(p, grouped, a.aligned, grid, stream);
+      launch_gemv_grouped<T, 4>(p, grouped, a.w_vector, a.x_vector, grid, stream);
       break;
     default:
-      launch_gemv_nt<T, 8>(p, grouped, a.aligned, grid, stream);
+      launch_gemv_grouped<T, 8>(p, grouped, a.w_vector, a.x_vector, grid, stream);
       break;
   }
-  cudaError_t err = cudaGetLastError();
+  const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess || splits == 1) return err;
-  const int threads = 256;
-  const int64_t blocks64 = (total + threads - 1) / threads;
-  const int blocks = static_cast<int>(blocks64 < 4096 ? blocks64 : 4096);
-  int8_gemv_finalize_kernel<T><<<blocks, threads, 0, stream>>>(a.workspace, p.bias, p.y, total, a.n);
-  return cudaGetLastError();
+  // The per-channel scale is already in the partial sums (applied before the atomics).
+  return launch_splitk_finalize<T>(a.workspace, slices, nullptr, a.bias, a.y, total, a.n, stream);
 }
 
 }  // namespace fastquant::cuda::detail

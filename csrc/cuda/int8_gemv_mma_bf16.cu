@@ -4,7 +4,7 @@
 
 namespace fastquant::cuda {
 
-cudaError_t launch_int8_gemv_mma_bf16(const Int8GemvArgs& args, cudaStream_t stream) {
+LaunchStatus launch_int8_gemv_mma_bf16(const Int8GemvArgs& args, cudaStream_t stream) {
   return detail::launch_gemv<__nv_bfloat16>(args, stream);
 }
 

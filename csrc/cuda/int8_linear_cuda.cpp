@@ -2,8 +2,8 @@
 // kernel and the fake kernel), picks a kernel from the table in int8_linear_dispatch.h and launches it on
 // the current stream of x's device. Compiled only when building against a CUDA torch.
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
 #include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -14,6 +14,7 @@
 #include "cuda/cuda_info.h"
 #include "cuda/int8_linear_dispatch.h"
 #include "cuda/int8_linear_launch.h"
+#include "cuda/launch_check.h"
 
 namespace fastquant::cuda {
 namespace {
@@ -96,24 +97,24 @@ at::Tensor int8_linear_cuda(const at::Tensor& x, const at::Tensor& qweight, cons
   if (y.numel() == 0) return y;
   if (k == 0) return bias.has_value() ? y.copy_(bias->expand_as(y)) : y.zero_();
 
-  const at::Tensor x2 = x.reshape({m, k}).contiguous();
+  at::Tensor x2 = x.reshape({m, k}).contiguous();
   const at::Tensor w = qweight.contiguous();
   const at::Tensor s = scales.contiguous();
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const bool aligned =
-      int8_shape_aligned(k, group_size) && aligned16(x2.data_ptr()) && aligned16(w.data_ptr());
-  Int8Path path = choose_int8_path(m, n, k, group_size, dtype, gemv_max_m(), gemm_max_m());
-  if (path == Int8Path::kGemmMma && !aligned) path = Int8Path::kDequantCublas;  // e.g. x sliced 1 element in
+  const Int8Plan plan = plan_int8(m, n, k, group_size, dtype, aligned16(x2.data_ptr()),
+                                  aligned16(w.data_ptr()), gemv_max_m(), gemm_max_m());
+  constexpr const char* kOp = "fastquant.int8_linear";
 
-  if (path == Int8Path::kDequantCublas) {
+  if (plan.path == Int8Path::kDequantCublas) {
     // cuBLAS on the weight dequantized to x's dtype (fp32 accumulation in cuBLAS; for fp32 x, TF32 only if
     // the user allowed it through torch.backends.cuda.matmul.allow_tf32).
     at::Tensor weight = at::empty({n, k}, x.options());
-    C10_CUDA_CHECK(launch_int8_dequantize(w.data_ptr<int8_t>(), s.data_ptr<float>(), weight.data_ptr(),
-                                          static_cast<int>(n), static_cast<int>(k),
-                                          static_cast<int>(group_size), static_cast<int>(n_groups), dtype,
-                                          aligned, stream));
+    check_launch(
+        launch_int8_dequantize(w.data_ptr<int8_t>(), s.data_ptr<float>(), weight.data_ptr(),
+                               static_cast<int>(n), static_cast<int>(k), static_cast<int>(group_size),
+                               static_cast<int>(n_groups), dtype, plan.w_vector, stream),
+        kOp, m, n, k);
     at::Tensor y2 = y.view({m, n});
     if (b.defined()) {
       at::addmm_out(y2, b, x2, weight.t());
@@ -123,28 +124,42 @@ at::Tensor int8_linear_cuda(const at::Tensor& x, const at::Tensor& qweight, cons
     return y;
   }
 
+  // A fresh allocation of the caching allocator is 16-byte aligned (e.g. x sliced 1 element in).
+  if (plan.copy_x) x2 = x2.clone();
   const int num_sms = props->multiProcessorCount;
-  const bool gemm = path == Int8Path::kGemmMma;
-  const int splits = gemm ? int8_gemm_splits(m, n, k, num_sms) : int8_gemv_splits(n, k, num_sms);
-  at::Tensor workspace;  // GEMV: atomics into m x n; GEMM: one m x n partial per split
-  if (splits > 1) workspace = at::empty({gemm ? splits : 1, m, n}, x.options().dtype(at::kFloat));
+  const bool gemm = plan.path == Int8Path::kGemmMma;
+  const bool deterministic = at::globalContext().deterministicAlgorithms();
+  // Split-K scratch, M x N fp32 slices: the GEMM's one per split; the GEMV's one for its atomics or, when
+  // deterministic, one per split. Fresh per call: concurrent streams and CUDA-graph replays never share it.
+  int slices = 0;
+  if (gemm) {
+    const int splits = int8_gemm_splits(m, n, k, num_sms);
+    slices = splits > 1 ? splits : 0;
+  } else {
+    slices = int8_gemv_workspace_slices(int8_gemv_splits(n, k, num_sms, int8_gemv_n_tiles(plan.path)),
+                                        deterministic);
+  }
+  at::Tensor workspace;
+  if (slices > 0) workspace = at::empty({slices, m, n}, x.options().dtype(at::kFloat));
   Int8GemvArgs args;
   args.x = x2.data_ptr();
   args.w = w.data_ptr<int8_t>();
   args.scales = s.data_ptr<float>();
   args.bias = b.defined() ? b.data_ptr() : nullptr;
   args.y = y.data_ptr();
-  args.workspace = splits > 1 ? workspace.data_ptr<float>() : nullptr;
+  args.workspace = workspace.defined() ? workspace.data_ptr<float>() : nullptr;
   args.m = static_cast<int>(m);
   args.n = static_cast<int>(n);
   args.k = static_cast<int>(k);
   args.group_size = static_cast<int>(group_size);
   args.n_groups = static_cast<int>(n_groups);
   args.num_sms = num_sms;
-  args.aligned = aligned;
+  args.w_vector = plan.w_vector;
+  args.x_vector = plan.x_vector;
+  args.deterministic = deterministic;
   args.dtype = dtype;
-  args.path = path;
-  C10_CUDA_CHECK(gemm ? launch_int8_gemm_mma(args, stream) : launch_int8_gemv_mma(args, stream));
+  args.path = plan.path;
+  check_launch(gemm ? launch_int8_gemm_mma(args, stream) : launch_int8_gemv_mma(args, stream), kOp, m, n, k);
   return y;
 }
 

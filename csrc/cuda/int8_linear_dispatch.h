@@ -1,9 +1,16 @@
 #pragma once
 // Which CUDA kernel fastquant::int8_linear runs for a problem, and the split-K rule of the GEMV kernel.
 // Plain C++ (no CUDA, no torch headers): the torch glue, the launchers and the pybind path query
-// (fastquant._C.int8_linear_cuda_path) all read this one table, so what `fastquant.report` prints is
+// (fastquant._C.cuda_dispatch.int8_path) all read this one table, so what `fastquant.report` prints is
 // what runs.
 #include <cstdint>
+
+// The geometry rules below are also compile-time constants of the kernels.
+#if defined(__CUDACC__)
+#define FASTQUANT_HOST_DEVICE __host__ __device__
+#else
+#define FASTQUANT_HOST_DEVICE
+#endif
 
 namespace fastquant::cuda {
 
@@ -89,22 +96,57 @@ inline int int8_gemv_n_tiles(Int8Path path) {
   }
 }
 
-inline const char* int8_path_name(Int8Path path, bool aligned) {
-  switch (path) {
-    case Int8Path::kGemvMma8:
-      return aligned ? "cuda_gemv_mma_m8" : "cuda_gemv_mma_m8_unaligned";
-    case Int8Path::kGemvMma16:
-      return aligned ? "cuda_gemv_mma_m16" : "cuda_gemv_mma_m16_unaligned";
-    case Int8Path::kGemvMma32:
-      return aligned ? "cuda_gemv_mma_m32" : "cuda_gemv_mma_m32_unaligned";
-    case Int8Path::kGemvMma64:
-      return aligned ? "cuda_gemv_mma_m64" : "cuda_gemv_mma_m64_unaligned";
+// The kernel a problem runs, with the alignment of each operand's loads. The weight is streamed once (its
+// 16-byte loads are what keeps HBM busy); x is small and re-read from L1/L2, so a misaligned x costs little
+// in element loads and must not turn the weight loads into byte loads.
+struct Int8Plan {
+  Int8Path path;
+  bool w_vector;  // GEMV/GEMM/dequantize: 16-byte loads of the weight (shape aligned, weight 16-byte aligned)
+  bool x_vector;  // GEMV: 16-byte loads of x (w_vector and x 16-byte aligned)
+  bool copy_x;    // GEMM: x is misaligned, so it is first copied to a fresh (aligned) buffer for cp.async
+};
+
+// choose_int8_path, then how each operand is loaded given the data pointers' 16-byte alignment. A weight
+// that starts mid-allocation with x aligned is rare (qweight is a parameter of its own): x then takes the
+// element loads too, which saves a third instantiation of every GEMV variant.
+inline Int8Plan plan_int8(int64_t m, int64_t n, int64_t k, int64_t group_size, DType dtype,
+                          bool x_ptr_aligned, bool w_ptr_aligned, int64_t gemv_max_m = 64,
+                          int64_t gemm_max_m = kDefaultGemmMaxM) {
+  Int8Plan plan;
+  plan.path = choose_int8_path(m, n, k, group_size, dtype, gemv_max_m, gemm_max_m);
+  plan.w_vector = int8_shape_aligned(k, group_size) && w_ptr_aligned;
+  plan.x_vector = plan.w_vector && x_ptr_aligned;
+  plan.copy_x = false;
+  if (plan.path == Int8Path::kGemmMma) {
+    // The GEMM stages both operands with 16-byte cp.async. x (M x K x 2 bytes) is cheap to copy next to the
+    // dequantize pass of the cuBLAS path (N x K x 3 bytes); a misaligned weight is not.
+    if (!plan.w_vector) {
+      plan.path = Int8Path::kDequantCublas;
+    } else {
+      plan.copy_x = !x_ptr_aligned;
+      plan.x_vector = true;
+    }
+  }
+  return plan;
+}
+
+inline const char* int8_path_name(const Int8Plan& plan) {
+  // Rows: the four GEMV paths (the enum's values 0..3); columns: both operands in 16-byte loads, x in element
+  // loads, both in element loads.
+  static const char* const kGemv[4][3] = {
+      {"cuda_gemv_mma_m8", "cuda_gemv_mma_m8_x_unaligned", "cuda_gemv_mma_m8_unaligned"},
+      {"cuda_gemv_mma_m16", "cuda_gemv_mma_m16_x_unaligned", "cuda_gemv_mma_m16_unaligned"},
+      {"cuda_gemv_mma_m32", "cuda_gemv_mma_m32_x_unaligned", "cuda_gemv_mma_m32_unaligned"},
+      {"cuda_gemv_mma_m64", "cuda_gemv_mma_m64_x_unaligned", "cuda_gemv_mma_m64_unaligned"},
+  };
+  switch (plan.path) {
     case Int8Path::kGemmMma:
-      return "cuda_gemm_mma";
+      return plan.copy_x ? "cuda_gemm_mma_x_copied" : "cuda_gemm_mma";
     case Int8Path::kDequantCublas:
       return "cuda_dequant_cublas";
+    default:
+      return kGemv[static_cast<int>(plan.path)][plan.x_vector ? 0 : (plan.w_vector ? 1 : 2)];
   }
-  return "unknown";
 }
 
 // GEMV geometry (shared by the kernel and the split rule).
@@ -112,19 +154,33 @@ inline constexpr int kGemvWarps = 8;    // warps per block, each on its own k ch
 inline constexpr int kGemvTileN = 16;   // weight rows per block: the M=16 side of mma.m16n8k16
 inline constexpr int kGemvChunkK = 64;  // k per warp step: 4 lanes x 16 bytes of one row
 
+// Chunks a warp loads before it uses any (U): 4 with 1-2 n=8 tiles, 2 with more (their accumulators take the
+// registers that more loads in flight would need).
+FASTQUANT_HOST_DEVICE constexpr int int8_gemv_chunks_per_step(int n_tiles) { return n_tiles <= 2 ? 4 : 2; }
+
 // Split-K: one block per 16 weight rows gives N/16 blocks. When that is fewer than the SMs (small N, e.g.
 // a 512x2048 k/v projection), the SMs without a block leave their share of HBM bandwidth unused, so K is
-// split across blocks (fp32 atomics into a zeroed workspace, then a small finalize kernel). GUESSED:
-// aim for 2 blocks per SM, never less than one 64-wide chunk per warp per split.
-inline int int8_gemv_splits(int64_t n, int64_t k, int num_sms) {
+// split across blocks, then a small finalize kernel sums the splits. GUESSED: aim for 2 blocks per SM. A
+// block's 8 warps each take U chunks per step, so a split of fewer than 8 * U chunks leaves warps idle
+// (N = 1024, K = 4096 at U = 4: 5 splits of 13 chunks keep 4 of 8 warps busy): at most chunks / (8 * U).
+inline int int8_gemv_splits(int64_t n, int64_t k, int num_sms, int n_tiles) {
   const int64_t tiles = (n + kGemvTileN - 1) / kGemvTileN;
   const int64_t chunks = (k + kGemvChunkK - 1) / kGemvChunkK;
   if (num_sms <= 0 || tiles >= num_sms) return 1;
   int64_t splits = (2 * static_cast<int64_t>(num_sms) + tiles - 1) / tiles;
-  const int64_t most = chunks / kGemvWarps;
+  const int64_t most = chunks / (kGemvWarps * int8_gemv_chunks_per_step(n_tiles));
   if (splits > most) splits = most;
   if (splits > 64) splits = 64;
   return splits < 1 ? 1 : static_cast<int>(splits);
+}
+
+// M x N fp32 slices of the GEMV's split-K workspace (0: no split). By default the splits are summed with fp32
+// atomicAdd into one zeroed slice: no per-split storage, but the blocks finish in any order, so the last bits
+// of y change from run to run. Under torch.use_deterministic_algorithms(True) each split stores its partial
+// sums to a slice of its own and the finalize kernel adds the slices in split order: bit-identical runs.
+inline int int8_gemv_workspace_slices(int splits, bool deterministic) {
+  if (splits <= 1) return 0;
+  return deterministic ? splits : 1;
 }
 
 // Fused GEMM geometry. Block tiles are (block_m) x 128 with k-tiles of 64. 128-row blocks reuse each

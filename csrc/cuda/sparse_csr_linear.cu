@@ -356,17 +356,18 @@ cudaError_t launch_tile(const CsrParams& p, int mp, bool staged, const Launch& l
 
 }  // namespace
 
-cudaError_t launch_sparse_csr_linear(const SparseCsrLinearArgs& a, cudaStream_t stream) {
+LaunchStatus launch_sparse_csr_linear(const SparseCsrLinearArgs& a, cudaStream_t stream) {
   if (a.m <= 0 || a.n <= 0 || a.k <= 0 || a.k > kSparseCsrMaxInFeatures || a.values_numel < 0)
-    return cudaErrorInvalidValue;
+    return LaunchStatus::precondition(
+        "the csr16 kernel needs M, N >= 1, 1 <= K <= 65536 and values_numel >= 0");
   if (reinterpret_cast<std::uintptr_t>(a.values) % 16 != 0 ||
       reinterpret_cast<std::uintptr_t>(a.column_indices) % 16 != 0)
-    return cudaErrorMisalignedAddress;
+    return LaunchStatus::precondition("the csr16 kernel needs 16-byte aligned values and column indices");
   const bool int8 = a.values_dtype == SparseValues::kInt8;
   const bool grouped = int8 && a.group_size != -1;
-  if (int8 && a.scales == nullptr) return cudaErrorInvalidValue;
+  if (int8 && a.scales == nullptr) return LaunchStatus::precondition("int8 values need scales");
   if (grouped && (a.group_size <= 0 || a.n_groups < (a.k + a.group_size - 1) / a.group_size))
-    return cudaErrorInvalidValue;
+    return LaunchStatus::precondition("the group size must be positive and the scales must cover K");
 
   CsrParams p;
   p.x = a.x;
@@ -413,7 +414,7 @@ cudaError_t launch_sparse_csr_linear(const SparseCsrLinearArgs& a, cudaStream_t 
       return grouped ? launch_tile<int8_t, true>(p, mp, staged, l, stream)
                      : launch_tile<int8_t, false>(p, mp, staged, l, stream);
   }
-  return cudaErrorInvalidValue;
+  return LaunchStatus::precondition("unknown values dtype code");
 }
 
 }  // namespace fastquant::cuda

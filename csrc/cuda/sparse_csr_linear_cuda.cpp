@@ -8,7 +8,6 @@
 // read. The Python reference path checks them (ops.check_sparse_csr_linear_contents).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -18,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "cuda/launch_check.h"
 #include "cuda/sparse_csr_linear_launch.h"
 #include "sparse_glue.h"
 
@@ -122,7 +122,8 @@ at::Tensor sparse_csr_linear_cuda(const at::Tensor& x, const at::Tensor& values,
   args.num_sms = props->multiProcessorCount;
   args.x_dtype = xd;
   args.values_dtype = vd;
-  C10_CUDA_CHECK(launch_sparse_csr_linear(args, at::cuda::getCurrentCUDAStream()));
+  check_launch(launch_sparse_csr_linear(args, at::cuda::getCurrentCUDAStream()),
+               "fastquant.sparse_csr_linear", m, n, k);
   return y;
 }
 

@@ -1,11 +1,12 @@
 #pragma once
 // Raw-pointer interface between the torch glue (sparse_csr_linear_cuda.cpp) and the CUDA kernel of
 // fastquant::sparse_csr_linear (sparse_csr_linear.cu): the .cu file includes no torch header. The launcher
-// returns the cudaError_t of its launch (cudaGetLastError after it); the glue checks it.
+// returns a LaunchStatus (the CUDA error of its launch, or a broken precondition); the glue checks it.
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
 
+#include "cuda/launch_status.h"
 #include "cuda/sparse_linear_dispatch.h"  // DType, SparseValues (csr16 has bitmap16's value dtypes)
 
 namespace fastquant::cuda {
@@ -37,6 +38,6 @@ struct SparseCsrLinearArgs {
 // y = x @ W^T (+ bias) for any m >= 1, n >= 1, 1 <= k <= kSparseCsrMaxInFeatures, on `stream`. Entries of a
 // row outside [0, values_numel) and column indices >= k are skipped, never read out of bounds: the kernel
 // trusts no content of row_offsets or column_indices (checking them would need a device-to-host sync).
-cudaError_t launch_sparse_csr_linear(const SparseCsrLinearArgs& args, cudaStream_t stream);
+LaunchStatus launch_sparse_csr_linear(const SparseCsrLinearArgs& args, cudaStream_t stream);
 
 }  // namespace fastquant::cuda

@@ -19,13 +19,15 @@ __device__ __forceinline__ uint32_t word_of(const uint4& v, int i) {
   return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
 
-// One value type of the format: kPerUnit elements per 16-byte unit, element q of a unit as fp32 (q is a
-// compile-time constant after unrolling, so the word selection costs nothing).
+// One value type of the format: its dtype code, kPerUnit elements per 16-byte unit
+// (sparse_values_per_unit), element q of a unit as fp32 (q is a compile-time constant after unrolling, so
+// the word selection costs nothing).
 template <typename V>
 struct Values;
 
 template <>
 struct Values<float> {
+  static constexpr SparseValues kCode = SparseValues::kFloat32;
   static constexpr int kPerUnit = 4;
   static __device__ __forceinline__ float get(const uint4& u, int q) {
     return __uint_as_float(word_of(u, q));
@@ -34,6 +36,7 @@ struct Values<float> {
 
 template <>
 struct Values<__nv_bfloat16> {
+  static constexpr SparseValues kCode = SparseValues::kBFloat16;
   static constexpr int kPerUnit = 8;
   // bf16 -> fp32 is the 16 bits under the fp32 sign/exponent: one shift or one AND, no conversion unit.
   static __device__ __forceinline__ float get(const uint4& u, int q) {
@@ -44,6 +47,7 @@ struct Values<__nv_bfloat16> {
 
 template <>
 struct Values<__half> {
+  static constexpr SparseValues kCode = SparseValues::kFloat16;
   static constexpr int kPerUnit = 8;
   static __device__ __forceinline__ float get(const uint4& u, int q) {
     const uint32_t w = word_of(u, q >> 1);
@@ -54,6 +58,7 @@ struct Values<__half> {
 
 template <>
 struct Values<int8_t> {
+  static constexpr SparseValues kCode = SparseValues::kInt8;
   static constexpr int kPerUnit = 16;
   // int8 -> exact fp32 without I2F (quarter rate on sm_80/sm_90): prmt puts the byte (XOR 0x80, so
   // unsigned) under the exponent of 2^23 and one FADD removes 2^23 + 128 (as in int8_gemv_mma.cuh).

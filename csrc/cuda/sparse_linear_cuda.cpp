@@ -8,7 +8,6 @@
 // numbers but never an out-of-bounds read. The Python reference path checks them.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -19,6 +18,7 @@
 #include <string>
 #include <vector>
 
+#include "cuda/launch_check.h"
 #include "cuda/sparse_linear_dispatch.h"
 #include "cuda/sparse_linear_launch.h"
 #include "sparse_glue.h"
@@ -28,6 +28,7 @@ namespace fastquant::cuda {
 namespace {
 std::atomic<int64_t> g_sparse_gemv_max_m{kDefaultSparseGemvMaxM};
 std::atomic<int64_t> g_sparse_mma_max_m{kDefaultSparseMmaMaxM};
+std::atomic<int64_t> g_sparse_smem_limit{0};
 }  // namespace
 
 int64_t sparse_gemv_max_m() { return g_sparse_gemv_max_m.load(std::memory_order_relaxed); }
@@ -37,6 +38,12 @@ void set_sparse_gemv_max_m(int64_t m) { g_sparse_gemv_max_m.store(m < 0 ? 0 : m,
 int64_t sparse_mma_max_m() { return g_sparse_mma_max_m.load(std::memory_order_relaxed); }
 
 void set_sparse_mma_max_m(int64_t m) { g_sparse_mma_max_m.store(m < 0 ? 0 : m, std::memory_order_relaxed); }
+
+int64_t sparse_smem_limit() { return g_sparse_smem_limit.load(std::memory_order_relaxed); }
+
+void set_sparse_smem_limit(int64_t bytes) {
+  g_sparse_smem_limit.store(bytes < 0 ? 0 : bytes, std::memory_order_relaxed);
+}
 
 namespace {
 
@@ -139,7 +146,11 @@ at::Tensor sparse_linear_cuda(const at::Tensor& x, const at::Tensor& values, con
   args.k = static_cast<int>(k);
   args.group_size = static_cast<int>(group_size);
   args.n_groups = static_cast<int>(n_groups);
-  args.max_smem_bytes = static_cast<int>(props->sharedMemPerBlockOptin);
+  // sharedMemPerBlockOptin is cudaDevAttrMaxSharedMemoryPerBlockOptin: what a block may have after
+  // cudaFuncSetAttribute (99 KiB on sm_86/sm_89, 163 KiB on sm_80, 227 KiB on sm_90).
+  int64_t max_smem = static_cast<int64_t>(props->sharedMemPerBlockOptin);
+  if (sparse_smem_limit() > 0 && sparse_smem_limit() < max_smem) max_smem = sparse_smem_limit();
+  args.max_smem_bytes = static_cast<int>(max_smem);
   args.num_sms = props->multiProcessorCount;
   args.workspace = nullptr;
   args.split_offsets = nullptr;
@@ -147,11 +158,12 @@ at::Tensor sparse_linear_cuda(const at::Tensor& x, const at::Tensor& values, con
   args.values_dtype = vd;
 
   const SparsePath path =
-      choose_sparse_path(m, n, k, vd, xd, group_size, sparse_gemv_max_m(), sparse_mma_max_m());
+      choose_sparse_path(m, n, k, vd, xd, group_size, max_smem, sparse_gemv_max_m(), sparse_mma_max_m());
+  constexpr const char* kOp = "fastquant.sparse_linear";
   if (path == SparsePath::kMma) {
     // Split-K scratch (fresh per call from the caching allocator, so concurrent calls on other streams and
     // CUDA-graph replays never share it): fp32 partial sums and each split's per-row start offsets.
-    const int splits = sparse_mma_splits(m, n, k, args.num_sms);
+    const int splits = sparse_mma_splits(m, n, k, sparse_mma_block_m(m, vd, max_smem), args.num_sms);
     at::Tensor workspace;
     at::Tensor split_offsets;
     if (splits > 1) {
@@ -160,11 +172,11 @@ at::Tensor sparse_linear_cuda(const at::Tensor& x, const at::Tensor& values, con
       args.workspace = workspace.data_ptr<float>();
       args.split_offsets = split_offsets.data_ptr<int64_t>();
     }
-    C10_CUDA_CHECK(launch_sparse_mma(args, stream));
+    check_launch(launch_sparse_mma(args, stream), kOp, m, n, k);
     return y;
   }
   if (path != SparsePath::kDensifyCublas) {
-    C10_CUDA_CHECK(launch_sparse_gemv(args, stream));
+    check_launch(launch_sparse_gemv(args, stream), kOp, m, n, k);
     return y;
   }
 
@@ -174,7 +186,7 @@ at::Tensor sparse_linear_cuda(const at::Tensor& x, const at::Tensor& values, con
   const bool in_x_dtype = vd == SparseValues::kInt8 || same_float_dtype(vd, xd);
   const DType wd = in_x_dtype ? xd : DType::kFloat32;
   at::Tensor weight = at::empty({n, k}, x.options().dtype(scalar_type_of(wd)));
-  C10_CUDA_CHECK(launch_sparse_densify(args, weight.data_ptr(), wd, stream));
+  check_launch(launch_sparse_densify(args, weight.data_ptr(), wd, stream), kOp, m, n, k);
   at::Tensor y2 = y.view({m, n});
   if (in_x_dtype) {
     if (b.defined()) {

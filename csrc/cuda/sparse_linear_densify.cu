@@ -88,8 +88,8 @@ cudaError_t launch_densify(const DensifyParams& p, cudaStream_t stream) {
 
 }  // namespace
 
-cudaError_t launch_sparse_densify(const SparseLinearArgs& a, void* out, DType out_dtype,
-                                  cudaStream_t stream) {
+LaunchStatus launch_sparse_densify(const SparseLinearArgs& a, void* out, DType out_dtype,
+                                   cudaStream_t stream) {
   if (a.n <= 0 || a.k <= 0) return cudaSuccess;
   DensifyParams p;
   p.values = a.values;
@@ -112,14 +112,16 @@ cudaError_t launch_sparse_densify(const SparseLinearArgs& a, void* out, DType ou
     case SparseValues::kFloat16:
       return launch_densify<__half>(p, stream);
     case SparseValues::kInt8:
-      if (a.scales == nullptr || (a.group_size != -1 && a.group_size <= 0)) return cudaErrorInvalidValue;
+      if (a.scales == nullptr) return LaunchStatus::precondition("int8 values need scales");
+      if (a.group_size != -1 && a.group_size <= 0)
+        return LaunchStatus::precondition("the group size must be -1 or positive");
       return launch_densify<int8_t>(p, stream);
   }
-  return cudaErrorInvalidValue;
+  return LaunchStatus::precondition("unknown values dtype code");
 }
 
-cudaError_t launch_sparse_gemv(const SparseLinearArgs& args, cudaStream_t stream) {
-  if (args.m <= 0) return cudaErrorInvalidValue;
+LaunchStatus launch_sparse_gemv(const SparseLinearArgs& args, cudaStream_t stream) {
+  if (args.m <= 0) return LaunchStatus::precondition("the bitmap16 GEMV needs M >= 1");
   const int64_t x_bytes = args.x_dtype == DType::kFloat32 ? 4 : 2;
   // One launch per 16 rows of x (the fp32 accumulators of a lane); every launch streams the whole format
   // again (from L2 when it fits), so this is for moderate M only (see sparse_linear_dispatch.h).
@@ -128,22 +130,22 @@ cudaError_t launch_sparse_gemv(const SparseLinearArgs& args, cudaStream_t stream
     tile.m = args.m - m0 < kSparseMaxTileM ? args.m - m0 : kSparseMaxTileM;
     tile.x = static_cast<const char*>(args.x) + static_cast<int64_t>(m0) * args.k * x_bytes;
     tile.y = static_cast<char*>(args.y) + static_cast<int64_t>(m0) * args.n * x_bytes;
-    cudaError_t err = cudaErrorInvalidValue;
+    LaunchStatus status = LaunchStatus::precondition("unknown values dtype code");
     switch (args.values_dtype) {
       case SparseValues::kFloat32:
-        err = launch_sparse_gemv_f32(tile, stream);
+        status = launch_sparse_gemv_f32(tile, stream);
         break;
       case SparseValues::kBFloat16:
-        err = launch_sparse_gemv_bf16(tile, stream);
+        status = launch_sparse_gemv_bf16(tile, stream);
         break;
       case SparseValues::kFloat16:
-        err = launch_sparse_gemv_f16(tile, stream);
+        status = launch_sparse_gemv_f16(tile, stream);
         break;
       case SparseValues::kInt8:
-        err = launch_sparse_gemv_i8(tile, stream);
+        status = launch_sparse_gemv_i8(tile, stream);
         break;
     }
-    if (err != cudaSuccess) return err;
+    if (!status.ok()) return status;
   }
   return cudaSuccess;
 }

@@ -1,7 +1,7 @@
 #pragma once
 // Which CUDA kernel fastquant::sparse_linear (bitmap16 weight, see python/fastquant/reference.py) runs for a
 // problem. Plain C++ (no CUDA, no torch headers): the torch glue (sparse_linear_cuda.cpp), the launchers and
-// the pybind path query (fastquant._C.sparse_linear_cuda_path) all read this one table.
+// the pybind path query (fastquant._C.cuda_dispatch.sparse_path) all read this one table.
 #include <cstdint>
 
 #include "cuda/int8_linear_dispatch.h"  // DType (activation dtype codes)
@@ -58,10 +58,51 @@ inline bool sparse_gemv_group_ok(int64_t group_size) {
 //   fp32 spec does not allow.
 inline constexpr int64_t kDefaultSparseMmaMaxM = 512;
 
+// mma geometry (shared by the kernel, the path choice, the glue's workspace sizing and the split rule):
+// blocks of 128 weight rows x block_m x rows, 256 threads, k-tiles of 64 columns (4 mask chunks), x staged
+// in a 3-deep cp.async ring.
+inline constexpr int kSparseMmaTileN = 128;
+inline constexpr int kSparseMmaTileK = 64;
+inline constexpr int kSparseMmaThreads = 256;
+inline constexpr int kSparseMmaXStages = 3;
+
+// Values per 16-byte unit of the packed values.
+FASTQUANT_HOST_DEVICE constexpr int sparse_values_per_unit(SparseValues v) {
+  return v == SparseValues::kFloat32 ? 4 : (v == SparseValues::kInt8 ? 16 : 8);
+}
+
+// 16-byte units a thread of the mma kernel may need for 32 consecutive values starting anywhere inside a
+// unit: fp32 9, 16-bit 5, int8 3.
+FASTQUANT_HOST_DEVICE constexpr int sparse_mma_raw_units(SparseValues v) {
+  return (32 + 2 * (sparse_values_per_unit(v) - 1)) / sparse_values_per_unit(v);
+}
+
+// Dynamic shared memory of one mma block: two densified 128 x 64 A tiles (16-bit), the x ring and the
+// thread-private value words. 16-bit values at block_m = 128: 32768 + 49152 + 20480 = 102400 bytes, more
+// than the 101376 that sm_86/sm_89 GPUs (RTX 30/40, A10, L4, L40) allow per block.
+FASTQUANT_HOST_DEVICE constexpr int sparse_mma_smem_bytes(SparseValues v, int block_m) {
+  return 2 * kSparseMmaTileN * kSparseMmaTileK * 2 + kSparseMmaXStages * block_m * kSparseMmaTileK * 2 +
+         sparse_mma_raw_units(v) * 4 * kSparseMmaThreads * 4;
+}
+
+// x rows per mma block: 32 / 64 / 128 (n=8 mma tiles per warp: 2, 4, 8). Small M takes small blocks so that
+// the zero rows of the last tile cost as few mma and shared-memory loads as possible. fp32 values stop at
+// 64: their 36 registers of in-flight values per thread and the 64 accumulators of block_m = 128 would spill
+// under the 128-register cap of 2 blocks per SM. A block that does not fit the device's opt-in shared memory
+// per block (cudaDevAttrMaxSharedMemoryPerBlockOptin) halves; 0 when not even 32 rows fit.
+inline int sparse_mma_block_m(int64_t m, SparseValues values, int64_t max_smem_bytes) {
+  int bm = m <= 32 ? 32 : (m <= 64 ? 64 : 128);
+  if (values == SparseValues::kFloat32 && bm > 64) bm = 64;
+  while (bm >= 32 && sparse_mma_smem_bytes(values, bm) > max_smem_bytes) bm /= 2;
+  return bm >= 32 ? bm : 0;
+}
+
 // gemv_max_m / mma_max_m: run-time caps (fastquant._C.set_sparse_cuda_gemv_max_m / set_sparse_cuda_mma_max_m)
-// so that the benchmark can time every path at the same M.
+// so that the benchmark can time every path at the same M. max_smem_bytes: the device's opt-in shared memory
+// per block; the mma path is taken only when one of its block sizes fits (else the next path in this order).
 inline SparsePath choose_sparse_path(int64_t m, int64_t n, int64_t k, SparseValues values, DType x_dtype,
-                                     int64_t group_size, int64_t gemv_max_m = kDefaultSparseGemvMaxM,
+                                     int64_t group_size, int64_t max_smem_bytes,
+                                     int64_t gemv_max_m = kDefaultSparseGemvMaxM,
                                      int64_t mma_max_m = kDefaultSparseMmaMaxM) {
   (void)n;
   (void)k;
@@ -69,19 +110,12 @@ inline SparsePath choose_sparse_path(int64_t m, int64_t n, int64_t k, SparseValu
   if (m <= kSparseMaxTileM && m <= gemv_max_m && gemv_group_ok) return SparsePath::kGemv;
   // The mma kernel looks a scale up per 16-column chunk by counting chunks: any group size that is a multiple
   // of 16 (the glue rejects others).
-  if (x_dtype != DType::kFloat32 && m > kSparseMaxTileM && m <= mma_max_m) return SparsePath::kMma;
+  if (x_dtype != DType::kFloat32 && m > kSparseMaxTileM && m <= mma_max_m &&
+      sparse_mma_block_m(m, values, max_smem_bytes) > 0)
+    return SparsePath::kMma;
   if (m <= gemv_max_m && gemv_group_ok) return SparsePath::kGemvTiled;
   return SparsePath::kDensifyCublas;
 }
-
-// mma geometry (shared by the kernel, the glue's workspace sizing and the split rule): blocks of 128 weight
-// rows x block_m x rows, k-tiles of 64 columns (4 mask chunks).
-inline constexpr int kSparseMmaTileN = 128;
-inline constexpr int kSparseMmaTileK = 64;
-
-// x rows per block: 32 / 64 / 128 (n=8 mma tiles per warp: 2, 4, 8). Small M takes small blocks so that
-// the zero rows of the last tile cost as few mma and shared-memory loads as possible.
-inline int sparse_mma_block_m(int64_t m) { return m <= 32 ? 32 : (m <= 64 ? 64 : 128); }
 
 // Split-K: N / 128 x ceil(M / block_m) blocks is 32 for a 4096-row layer at M <= 128, a quarter of an H100's
 // 132 SMs, and each SM's share of HBM bandwidth needs its own block to stream it. So K is split until about 2
@@ -89,9 +123,8 @@ inline int sparse_mma_block_m(int64_t m) { return m <= 32 ? 32 : (m <= 64 ? 64 :
 // in L2, costs more than the idle quarter). Each split's per-row start offsets come from a small kernel that
 // scans the mask popcounts once (the format has offsets only per row). GUESSED: >= 4 k-tiles per split,
 // at most 8 splits.
-inline int sparse_mma_splits(int64_t m, int64_t n, int64_t k, int num_sms) {
-  const int64_t blocks = ((n + kSparseMmaTileN - 1) / kSparseMmaTileN) *
-                         ((m + sparse_mma_block_m(m) - 1) / sparse_mma_block_m(m));
+inline int sparse_mma_splits(int64_t m, int64_t n, int64_t k, int block_m, int num_sms) {
+  const int64_t blocks = ((n + kSparseMmaTileN - 1) / kSparseMmaTileN) * ((m + block_m - 1) / block_m);
   const int64_t k_tiles = (k + kSparseMmaTileK - 1) / kSparseMmaTileK;
   if (num_sms <= 0 || 4 * blocks >= 3 * static_cast<int64_t>(num_sms)) return 1;
   int64_t splits = (2 * static_cast<int64_t>(num_sms) + blocks - 1) / blocks;
@@ -143,5 +176,11 @@ void set_sparse_gemv_max_m(int64_t m);
 // Run-time cap of the mma path (default kDefaultSparseMmaMaxM; 0: never). Defined in sparse_linear_cuda.cpp.
 int64_t sparse_mma_max_m();
 void set_sparse_mma_max_m(int64_t m);
+
+// Run-time cap of the shared memory per block that the path choice and the launchers may assume (0, the
+// default: the device's opt-in limit), so that a test on an H100 (227 KiB) can take the block sizes and
+// fallbacks of a smaller GPU (99 KiB on sm_86/sm_89). Defined in sparse_linear_cuda.cpp.
+int64_t sparse_smem_limit();
+void set_sparse_smem_limit(int64_t bytes);
 
 }  // namespace fastquant::cuda

@@ -233,7 +233,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32) sparse_gemv_kernel(GemvParams 
 }
 
 template <typename V, int MP, bool kGrouped>
-cudaError_t launch_gemv_variant(GemvParams p, int max_smem_bytes, cudaStream_t stream) {
+LaunchStatus launch_gemv_variant(GemvParams p, int max_smem_bytes, cudaStream_t stream) {
   // 8 warps per block up to 4 rows of x; 16 from 8 rows, so that each block's x slab (re-read from L2 by
   // every block: M * K * 4 bytes) serves 16 weight rows instead of 8.
   const int warps = MP >= 8 ? 16 : 8;
@@ -244,7 +244,9 @@ cudaError_t launch_gemv_variant(GemvParams p, int max_smem_bytes, cudaStream_t s
   const int steps = std::max(1, std::min(steps_needed, budget / per_step));
   p.slab_chunks = steps * kSparseStepChunks;
   const int bytes = slab_floats<MP>(steps * kSparseStepCols) * static_cast<int>(sizeof(float));
-  if (bytes + static_bytes > max_smem_bytes) return cudaErrorInvalidConfiguration;
+  if (bytes + static_bytes > max_smem_bytes)
+    return LaunchStatus::precondition(
+        "one step of the bitmap16 GEMV's x slab does not fit the device's shared memory");
   static std::atomic<bool> done[kMaxDevices];
   if (bytes > 48 * 1024) {
     const cudaError_t err = allow_smem(sparse_gemv_kernel<V, MP, kGrouped>, kSlabBudgetBytes, done);
@@ -256,7 +258,7 @@ cudaError_t launch_gemv_variant(GemvParams p, int max_smem_bytes, cudaStream_t s
 }
 
 template <typename V, bool kGrouped>
-cudaError_t launch_gemv_grouped(const GemvParams& p, int max_smem_bytes, cudaStream_t stream) {
+LaunchStatus launch_gemv_grouped(const GemvParams& p, int max_smem_bytes, cudaStream_t stream) {
   switch (sparse_gemv_tile_m(p.m)) {
     case 1:
       return launch_gemv_variant<V, 1, kGrouped>(p, max_smem_bytes, stream);
@@ -278,13 +280,16 @@ inline int log2_int(int v) {
 }
 
 template <typename V>
-cudaError_t launch_gemv(const SparseLinearArgs& a, cudaStream_t stream) {
-  if (a.m < 1 || a.m > kSparseMaxTileM || a.n <= 0 || a.k <= 0) return cudaErrorInvalidValue;
-  if (reinterpret_cast<std::uintptr_t>(a.values) % 16 != 0) return cudaErrorMisalignedAddress;
+LaunchStatus launch_gemv(const SparseLinearArgs& a, cudaStream_t stream) {
+  if (a.m < 1 || a.m > kSparseMaxTileM || a.n <= 0 || a.k <= 0)
+    return LaunchStatus::precondition("the bitmap16 GEMV needs 1 <= M <= 16, N >= 1 and K >= 1");
+  if (reinterpret_cast<std::uintptr_t>(a.values) % 16 != 0)
+    return LaunchStatus::precondition("the bitmap16 GEMV needs 16-byte aligned values");
   constexpr bool kInt8 = std::is_same_v<V, int8_t>;
   const bool grouped = kInt8 && a.group_size != -1;
-  if (grouped && !sparse_gemv_group_ok(a.group_size)) return cudaErrorInvalidValue;
-  if (kInt8 && a.scales == nullptr) return cudaErrorInvalidValue;
+  if (grouped && !sparse_gemv_group_ok(a.group_size))
+    return LaunchStatus::precondition("the bitmap16 GEMV needs a power-of-two group size of at least 16");
+  if (kInt8 && a.scales == nullptr) return LaunchStatus::precondition("int8 values need scales");
   GemvParams p;
   p.x = a.x;
   p.values = static_cast<const unsigned char*>(a.values);

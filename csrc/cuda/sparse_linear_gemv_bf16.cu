@@ -4,7 +4,7 @@
 
 namespace fastquant::cuda {
 
-cudaError_t launch_sparse_gemv_bf16(const SparseLinearArgs& args, cudaStream_t stream) {
+LaunchStatus launch_sparse_gemv_bf16(const SparseLinearArgs& args, cudaStream_t stream) {
   return sparse_detail::launch_gemv<__nv_bfloat16>(args, stream);
 }
 

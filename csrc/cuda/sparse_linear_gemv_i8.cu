@@ -4,7 +4,7 @@
 
 namespace fastquant::cuda {
 
-cudaError_t launch_sparse_gemv_i8(const SparseLinearArgs& args, cudaStream_t stream) {
+LaunchStatus launch_sparse_gemv_i8(const SparseLinearArgs& args, cudaStream_t stream) {
   return sparse_detail::launch_gemv<int8_t>(args, stream);
 }
 

@@ -31,8 +31,9 @@
 //   dtype (the rounding of F.linear(x, W.to(x.dtype))); int8 codes with per-channel scales are exact in
 //   bf16/fp16 and the scale multiplies the fp32 sum. fp32 accumulation, output in x's dtype.
 // - Split-K (sparse_mma_splits): split z starts at k-tile z * per_split; its per-row start offsets come from
-//   sparse_mma_offsets_kernel (one pass over the masks), partial sums go to workspace[z][m][n] and a finalize
-//   kernel sums them in a fixed order (deterministic, CUDA-graph safe) and applies scale and bias.
+//   launch_sparse_mma_offsets (one pass over the masks), partial sums go to workspace[z][m][n] and a finalize
+//   kernel (detail::splitk_finalize_kernel) sums them in a fixed order (deterministic, CUDA-graph safe) and
+//   applies scale and bias.
 //
 // Every value load is bounded by values_numel whatever row_offsets say (its contents are not checked on the
 // GPU), as in the GEMV.
@@ -53,22 +54,8 @@ using detail::Act;
 
 constexpr int kMmaBN = kSparseMmaTileN;
 constexpr int kMmaBK = kSparseMmaTileK;
-constexpr int kMmaThreads = 256;
-constexpr int kMmaXStages = 3;
-
-// 16-byte units a thread may need for 32 consecutive values starting anywhere inside a unit.
-template <typename V>
-__host__ __device__ constexpr int raw_units() {
-  constexpr int e = Values<V>::kPerUnit;
-  return (32 + 2 * (e - 1)) / e;  // fp32 9, 16-bit 5, int8 3
-}
-
-template <typename V, int BM>
-__host__ __device__ constexpr int mma_smem_bytes() {
-  return 2 * kMmaBN * kMmaBK * 2                  // two densified A tiles
-         + kMmaXStages * BM * kMmaBK * 2          // x ring
-         + raw_units<V>() * 4 * kMmaThreads * 4;  // thread-private value words
-}
+constexpr int kMmaThreads = kSparseMmaThreads;
+constexpr int kMmaXStages = kSparseMmaXStages;
 
 // Element offset of 16-byte chunk `chunk` (0..7) of row `row` in a 64-column tile of 16-bit elements.
 __device__ __forceinline__ int swz(int row, int chunk) { return row * kMmaBK + ((chunk ^ (row & 7)) << 3); }
@@ -126,7 +113,7 @@ struct MmaParams {
   const uint16_t* masks;
   const int64_t* row_offsets;
   int64_t*
-      split_offsets;    // n x splits (written by sparse_mma_offsets_kernel), or nullptr when gridDim.z == 1
+      split_offsets;    // n x splits (written by launch_sparse_mma_offsets), or nullptr when gridDim.z == 1
   const float* scales;  // int8 values only
   const uint16_t* bias;
   uint16_t* y;
@@ -142,7 +129,7 @@ struct MmaParams {
 template <typename T, typename V, int BM, int kScale>
 __global__ void __launch_bounds__(kMmaThreads, 2) sparse_mma_kernel(MmaParams p) {
   constexpr int E = Values<V>::kPerUnit;
-  constexpr int RU = raw_units<V>();
+  constexpr int RU = sparse_mma_raw_units(Values<V>::kCode);
   constexpr int EW = E / 4;    // elements per 32-bit word
   constexpr int NT = BM / 16;  // n=8 tiles per warp (warp tile BM / 2 x rows)
   constexpr bool kSameType = std::is_same_v<V, T>;
@@ -416,114 +403,77 @@ __global__ void __launch_bounds__(kMmaThreads, 2) sparse_mma_kernel(MmaParams p)
   }
 }
 
-// Start offset of every split of every row: split_offsets[n][z] = row_offsets[n] + popcount of the row's
-// masks before chunk 4 * z * per_split. One warp per row, 32 chunks per step with a warp scan; the masks are
-// read once (1/8 byte per weight) and are then in L2 for the GEMM.
-__global__ void sparse_mma_offsets_kernel(const uint16_t* masks, const int64_t* row_offsets, int64_t* out,
-                                          int n, int n_chunks, int splits, int split_chunks) {
-  const int lane = threadIdx.x & 31;
-  const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-  if (row >= n) return;  // warp-uniform; no block barrier
-  const uint16_t* mrow = masks + static_cast<int64_t>(row) * n_chunks;
-  int64_t* orow = out + static_cast<int64_t>(row) * splits;
-  const int64_t base = __ldg(row_offsets + row);
-  if (lane == 0) orow[0] = base;
-  const int last = (splits - 1) * split_chunks;  // no split starts past this chunk
-  int64_t run = base;
-  for (int c0 = 0; c0 < n_chunks && c0 <= last; c0 += 32) {
-    const int c = c0 + lane;
-    const int cnt = c < n_chunks ? __popc(static_cast<uint32_t>(__ldg(mrow + c))) : 0;
-    const int incl = warp_inclusive_scan(cnt, lane);
-    if (c > 0 && c % split_chunks == 0 && c / split_chunks < splits)
-      orow[c / split_chunks] = run + incl - cnt;
-    run += __shfl_sync(kFullMask, incl, 31);
-  }
-  // Splits that start at or past n_chunks have no k-tile; give them the row's end anyway.
-  for (int z = 1 + lane; z < splits; z += 32) {
-    if (z * split_chunks >= n_chunks) orow[z] = __ldg(row_offsets + row + 1);
-  }
-}
-
-// Split-K epilogue: y[m][n] = dtype(scale[n] * sum over splits + bias[n]), splits summed in order.
-template <typename T>
-__global__ void sparse_mma_finalize_kernel(const float* workspace, int splits, const float* scales,
-                                           const uint16_t* bias, uint16_t* y, int64_t total, int n) {
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    float v = 0.f;
-    for (int s = 0; s < splits; ++s) v += workspace[s * total + i];
-    const int col = static_cast<int>(i % n);
-    if (scales != nullptr) v *= __ldg(scales + col);
-    if (bias != nullptr) v += Act<T>::to_float(reinterpret_cast<const T*>(bias)[col]);
-    reinterpret_cast<T*>(y)[i] = Act<T>::from_float(v);
-  }
-}
+// Start offset of every split of every row: out[n][z] = row_offsets[n] + popcount of the row's masks before
+// chunk z * split_chunks (sparse_linear_mma_offsets.cu).
+cudaError_t launch_sparse_mma_offsets(const uint16_t* masks, const int64_t* row_offsets, int64_t* out, int n,
+                                      int n_chunks, int splits, int split_chunks, cudaStream_t stream);
 
 template <typename T, typename V, int BM, int kScale>
-cudaError_t launch_mma_variant(const MmaParams& p, int splits, int max_smem_bytes, cudaStream_t stream) {
-  constexpr int bytes = mma_smem_bytes<V, BM>();
-  if (bytes > max_smem_bytes) return cudaErrorInvalidConfiguration;
+LaunchStatus launch_mma_variant(const MmaParams& p, int splits, cudaStream_t stream) {
+  constexpr int bytes = sparse_mma_smem_bytes(Values<V>::kCode, BM);
   static std::atomic<bool> done[kMaxDevices];  // per instantiation: each kernel needs its own attribute
   cudaError_t err = allow_smem(sparse_mma_kernel<T, V, BM, kScale>, bytes, done);
   if (err != cudaSuccess) return err;
   if (splits > 1) {
-    constexpr int kWarps = 8;
-    sparse_mma_offsets_kernel<<<(p.n + kWarps - 1) / kWarps, kWarps * 32, 0, stream>>>(
-        p.masks, p.row_offsets, p.split_offsets, p.n, p.n_chunks, splits, p.per_split * (kMmaBK / 16));
-    err = cudaGetLastError();
+    err = launch_sparse_mma_offsets(p.masks, p.row_offsets, p.split_offsets, p.n, p.n_chunks, splits,
+                                    p.per_split * (kMmaBK / 16), stream);
     if (err != cudaSuccess) return err;
   }
   const dim3 grid((p.n + kMmaBN - 1) / kMmaBN, (p.m + BM - 1) / BM, splits);
   sparse_mma_kernel<T, V, BM, kScale><<<grid, kMmaThreads, bytes, stream>>>(p);
   err = cudaGetLastError();
   if (err != cudaSuccess || splits == 1) return err;
-  const int64_t total = static_cast<int64_t>(p.m) * p.n;
-  const int64_t blocks64 = (total + 255) / 256;
-  const int blocks = static_cast<int>(blocks64 < 4096 ? blocks64 : 4096);
-  sparse_mma_finalize_kernel<T><<<blocks, 256, 0, stream>>>(
-      p.workspace, splits, kScale == 1 ? p.scales : nullptr, p.bias, p.y, total, p.n);
-  return cudaGetLastError();
+  return detail::launch_splitk_finalize<T>(p.workspace, splits, kScale == 1 ? p.scales : nullptr, p.bias, p.y,
+                                           static_cast<int64_t>(p.m) * p.n, p.n, stream);
 }
 
 template <typename T, typename V, int kScale>
-cudaError_t launch_mma_bm(const MmaParams& p, int splits, int max_smem_bytes, cudaStream_t stream) {
-  const int bm = sparse_mma_block_m(p.m);
-  // fp32 values need 36 registers of in-flight values per thread: with 64 accumulators (BM = 128) they would
-  // spill under the 128-register cap of 2 blocks per SM, so they stop at BM = 64 (more x tiles per weight
-  // tile re-decode, a rare dtype mix).
-  if constexpr (std::is_same_v<V, float>) {
-    if (bm == 32) return launch_mma_variant<T, V, 32, kScale>(p, splits, max_smem_bytes, stream);
-    return launch_mma_variant<T, V, 64, kScale>(p, splits, max_smem_bytes, stream);
-  } else {
-    if (bm == 32) return launch_mma_variant<T, V, 32, kScale>(p, splits, max_smem_bytes, stream);
-    if (bm == 64) return launch_mma_variant<T, V, 64, kScale>(p, splits, max_smem_bytes, stream);
-    return launch_mma_variant<T, V, 128, kScale>(p, splits, max_smem_bytes, stream);
+LaunchStatus launch_mma_bm(const MmaParams& p, int block_m, int splits, cudaStream_t stream) {
+  switch (block_m) {
+    case 32:
+      return launch_mma_variant<T, V, 32, kScale>(p, splits, stream);
+    case 64:
+      return launch_mma_variant<T, V, 64, kScale>(p, splits, stream);
+    default:
+      // sparse_mma_block_m never gives fp32 values 128 rows (register spills): not instantiated.
+      if constexpr (std::is_same_v<V, float>) {
+        return LaunchStatus::precondition("the bitmap16 mma kernel has no 128-row block for float32 values");
+      } else {
+        return launch_mma_variant<T, V, 128, kScale>(p, splits, stream);
+      }
   }
 }
 
 template <typename T, typename V>
-cudaError_t launch_mma_t(const MmaParams& p, bool grouped, int splits, int max_smem_bytes,
-                         cudaStream_t stream) {
+LaunchStatus launch_mma_t(const MmaParams& p, bool grouped, int block_m, int splits, cudaStream_t stream) {
   if constexpr (std::is_same_v<V, int8_t>) {
-    if (grouped) return launch_mma_bm<T, V, 2>(p, splits, max_smem_bytes, stream);
-    return launch_mma_bm<T, V, 1>(p, splits, max_smem_bytes, stream);
+    if (grouped) return launch_mma_bm<T, V, 2>(p, block_m, splits, stream);
+    return launch_mma_bm<T, V, 1>(p, block_m, splits, stream);
   } else {
     (void)grouped;
-    return launch_mma_bm<T, V, 0>(p, splits, max_smem_bytes, stream);
+    return launch_mma_bm<T, V, 0>(p, block_m, splits, stream);
   }
 }
 
 template <typename V>
-cudaError_t launch_mma(const SparseLinearArgs& a, cudaStream_t stream) {
-  if (a.m <= 0 || a.n <= 0 || a.k <= 0) return cudaErrorInvalidValue;
-  if (a.x_dtype == DType::kFloat32) return cudaErrorInvalidValue;
-  if (reinterpret_cast<std::uintptr_t>(a.values) % 16 != 0) return cudaErrorMisalignedAddress;
+LaunchStatus launch_mma(const SparseLinearArgs& a, cudaStream_t stream) {
+  if (a.m <= 0 || a.n <= 0 || a.k <= 0)
+    return LaunchStatus::precondition("the bitmap16 mma kernel needs M, N and K >= 1");
+  if (a.x_dtype == DType::kFloat32)
+    return LaunchStatus::precondition("the bitmap16 mma kernel takes bfloat16 or float16 x, not float32");
+  if (reinterpret_cast<std::uintptr_t>(a.values) % 16 != 0)
+    return LaunchStatus::precondition("the bitmap16 mma kernel needs 16-byte aligned values");
   constexpr bool kInt8 = std::is_same_v<V, int8_t>;
   const bool grouped = kInt8 && a.group_size != -1;
-  if (kInt8 && a.scales == nullptr) return cudaErrorInvalidValue;
-  if (grouped && (a.group_size < 16 || a.group_size % 16 != 0)) return cudaErrorInvalidValue;
-  const int splits = sparse_mma_splits(a.m, a.n, a.k, a.num_sms);
-  if (splits > 1 && (a.workspace == nullptr || a.split_offsets == nullptr)) return cudaErrorInvalidValue;
+  if (kInt8 && a.scales == nullptr) return LaunchStatus::precondition("int8 values need scales");
+  if (grouped && (a.group_size < 16 || a.group_size % 16 != 0))
+    return LaunchStatus::precondition("the bitmap16 mma kernel needs a group size that is a multiple of 16");
+  const int block_m = sparse_mma_block_m(a.m, Values<V>::kCode, a.max_smem_bytes);
+  if (block_m == 0)
+    return LaunchStatus::precondition("no block of the bitmap16 mma kernel fits the device's shared memory");
+  const int splits = sparse_mma_splits(a.m, a.n, a.k, block_m, a.num_sms);
+  if (splits > 1 && (a.workspace == nullptr || a.split_offsets == nullptr))
+    return LaunchStatus::precondition("the bitmap16 mma kernel splits K but got no workspace");
   const int k_tiles = (a.k + kMmaBK - 1) / kMmaBK;
   MmaParams p;
   p.x = static_cast<const uint16_t*>(a.x);
@@ -545,8 +495,8 @@ cudaError_t launch_mma(const SparseLinearArgs& a, cudaStream_t stream) {
   p.per_split = (k_tiles + splits - 1) / splits;
   p.x_aligned = a.k % 8 == 0 && reinterpret_cast<std::uintptr_t>(a.x) % 16 == 0;
   if (a.x_dtype == DType::kBFloat16)
-    return launch_mma_t<__nv_bfloat16, V>(p, grouped, splits, a.max_smem_bytes, stream);
-  return launch_mma_t<__half, V>(p, grouped, splits, a.max_smem_bytes, stream);
+    return launch_mma_t<__nv_bfloat16, V>(p, grouped, block_m, splits, stream);
+  return launch_mma_t<__half, V>(p, grouped, block_m, splits, stream);
 }
 
 }  // namespace fastquant::cuda::sparse_detail

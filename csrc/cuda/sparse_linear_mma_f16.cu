@@ -4,7 +4,7 @@
 
 namespace fastquant::cuda {
 
-cudaError_t launch_sparse_mma_f16(const SparseLinearArgs& args, cudaStream_t stream) {
+LaunchStatus launch_sparse_mma_f16(const SparseLinearArgs& args, cudaStream_t stream) {
   return sparse_detail::launch_mma<__half>(args, stream);
 }
 

@@ -4,7 +4,7 @@
 
 namespace fastquant::cuda {
 
-cudaError_t launch_sparse_mma_i8(const SparseLinearArgs& args, cudaStream_t stream) {
+LaunchStatus launch_sparse_mma_i8(const SparseLinearArgs& args, cudaStream_t stream) {
   return sparse_detail::launch_mma<int8_t>(args, stream);
 }
 

@@ -37,13 +37,75 @@ def has_cuda_kernels() -> bool:
     return native is not None and bool(native.build_info()["cuda"])
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def cuda_int8_linear_path(
+    m: int,
+    n: int,
+    k: int,
+    group_size: int,
+    dtype: torch.dtype,
+    *,
+    x_aligned: bool = True,
+    w_aligned: bool = True,
+) -> str:
+    """Name of the CUDA kernel ``int8_linear`` takes for an (m, k) x (n, k)^T problem whose x and weight data
+    pointers are (or are not) 16-byte aligned, under this process's caps. The choice is plain C++ compiled
+    into every build of the extension, so this answers without a GPU (with the default caps when the CUDA
+    kernels were not built)."""
+    dispatch = native.cuda_dispatch
+    built = has_cuda_kernels()
+    return dispatch.int8_path(
+        m,
+        n,
+        k,
+        group_size,
+        _dtype_name(dtype),
+        x_aligned=x_aligned,
+        w_aligned=w_aligned,
+        gemv_max_m=native.cuda_gemv_max_m() if built else dispatch.DEFAULT_GEMV_MAX_M,
+        gemm_max_m=native.cuda_gemm_max_m() if built else dispatch.DEFAULT_GEMM_MAX_M,
+    )
+
+
+def cuda_sparse_linear_path(
+    m: int,
+    n: int,
+    k: int,
+    values_dtype: torch.dtype,
+    x_dtype: torch.dtype,
+    group_size: int,
+    max_smem_bytes: int,
+) -> str:
+    """Name of the CUDA kernel ``sparse_linear`` (bitmap16) takes on a device that allows ``max_smem_bytes`` of
+    shared memory per block, under this process's caps; answers without a GPU, like
+    :func:`cuda_int8_linear_path`."""
+    dispatch = native.cuda_dispatch
+    built = has_cuda_kernels()
+    if built and native.sparse_cuda_smem_limit() > 0:
+        max_smem_bytes = min(max_smem_bytes, native.sparse_cuda_smem_limit())
+    return dispatch.sparse_path(
+        m,
+        n,
+        k,
+        _dtype_name(values_dtype),
+        _dtype_name(x_dtype),
+        group_size,
+        max_smem_bytes,
+        gemv_max_m=native.sparse_cuda_gemv_max_m() if built else dispatch.DEFAULT_SPARSE_GEMV_MAX_M,
+        mma_max_m=native.sparse_cuda_mma_max_m() if built else dispatch.DEFAULT_SPARSE_MMA_MAX_M,
+    )
+
+
 def int8_linear_kernel_path(device: torch.device, m: int, n: int, k: int, group_size: int, dtype: torch.dtype) -> str:
-    """Name of the kernel ``int8_linear`` runs for an (m, k) x (n, k)^T problem on ``device``."""
-    dtype_name = str(dtype).removeprefix("torch.")
+    """Name of the kernel ``int8_linear`` runs for an (m, k) x (n, k)^T problem on ``device`` (16-byte aligned
+    data)."""
     if device.type == "cpu" and has_cpu_kernels():
-        return native.int8_linear_cpu_path(m, n, k, group_size, dtype_name)
+        return native.int8_linear_cpu_path(m, n, k, group_size, _dtype_name(dtype))
     if device.type == "cuda" and has_cuda_kernels():
-        return native.int8_linear_cuda_path(m, n, k, group_size, dtype_name)
+        return cuda_int8_linear_path(m, n, k, group_size, dtype)
     return "reference"
 
 
@@ -57,19 +119,18 @@ def sparse_linear_kernel_path(
     group_size: int = -1,
 ) -> str:
     """Name of the kernel ``sparse_linear`` runs for an (m, k) x (n, k)^T problem on ``device``."""
-    values_name = str(values_dtype).removeprefix("torch.")
-    x_name = str(x_dtype).removeprefix("torch.")
-    if device.type == "cpu" and has_cpu_kernels() and hasattr(native, "sparse_linear_cpu_path"):
-        return native.sparse_linear_cpu_path(m, n, k, values_name, x_name, group_size)
-    if device.type == "cuda" and has_cuda_kernels() and hasattr(native, "sparse_linear_cuda_path"):
-        return native.sparse_linear_cuda_path(m, n, k, values_name, x_name)
+    if device.type == "cpu" and has_cpu_kernels():
+        return native.sparse_linear_cpu_path(m, n, k, _dtype_name(values_dtype), _dtype_name(x_dtype), group_size)
+    if device.type == "cuda" and has_cuda_kernels():
+        max_smem = torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+        return cuda_sparse_linear_path(m, n, k, values_dtype, x_dtype, group_size, max_smem)
     return "reference"
 
 
 def sparse_csr_linear_kernel_path(device: torch.device) -> str:
     """Name of the kernel ``sparse_csr_linear`` runs on ``device``."""
-    if device.type == "cpu" and has_cpu_kernels() and hasattr(native, "sparse_csr_linear_cpu_path"):
+    if device.type == "cpu" and has_cpu_kernels():
         return native.sparse_csr_linear_cpu_path()
-    if device.type == "cuda" and has_cuda_kernels() and hasattr(native, "sparse_csr_linear_cuda_path"):
+    if device.type == "cuda" and has_cuda_kernels():
         return native.sparse_csr_linear_cuda_path()
     return "reference"

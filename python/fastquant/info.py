@@ -1,8 +1,14 @@
-"""``python -m fastquant.info``: what fastquant was built with and which kernels it will run here."""
+"""``python -m fastquant.info``: what fastquant was built with and which kernels it will run here.
+
+``python -m fastquant.info --require-cuda`` also checks a CUDA build without needing a GPU: it exits non-zero
+unless the CUDA kernels were built and every ``torch.ops.fastquant`` op has a CUDA kernel registered.
+"""
 
 from __future__ import annotations
 
+import argparse
 import platform
+import sys
 
 import torch
 
@@ -42,8 +48,45 @@ def info_lines() -> list[str]:
     return lines
 
 
-def main() -> None:
+def fastquant_ops() -> list[str]:
+    """Every registered ``fastquant::`` op, read from the dispatcher's own table."""
+    return sorted(name for name in torch._C._dispatch_get_all_op_names() if name.startswith("fastquant::"))
+
+
+def ops_without_kernel(dispatch_key: str) -> list[str]:
+    """The ``fastquant::`` ops with no kernel registered for ``dispatch_key`` (e.g. "CPU", "CUDA"); no device is
+    needed to read the dispatcher's table."""
+    return [op for op in fastquant_ops() if f"\n{dispatch_key}: registered" not in torch._C._dispatch_dump(op)]
+
+
+def cuda_build_problems() -> list[str]:
+    """Why this is not a working CUDA build of fastquant (empty when it is)."""
+    if _native.native is None:
+        return [f"the native extension did not load: {_native.load_error}"]
+    if not _native.has_cuda_kernels():
+        return ["the CUDA kernels were not built (CPU-only torch, no nvcc, or FASTQUANT_CUDA=OFF)"]
+    if not fastquant_ops():
+        return ["no fastquant op is registered"]
+    return [f"no CUDA kernel registered for {op}" for op in ops_without_kernel("CUDA")]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--require-cuda",
+        action="store_true",
+        help="exit with status 1 unless the CUDA kernels are built and registered for every op (no GPU needed)",
+    )
+    args = parser.parse_args(argv)
     print("\n".join(info_lines()))
+    if args.require_cuda:
+        problems = cuda_build_problems()
+        for problem in problems:
+            print(f"CUDA build check: {problem}", file=sys.stderr)
+        if problems:
+            sys.exit(1)
+        ops = ", ".join(op.removeprefix("fastquant::") for op in fastquant_ops())
+        print(f"CUDA build check: CUDA kernels registered for every op ({ops})")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,25 @@
+#pragma once
+// What every launcher returns: the CUDA runtime's error code, or fastquant's own text when the arguments
+// break one of the launcher's preconditions. A broken precondition is a bug in the glue that called the
+// launcher, not a fault of the device; reported as a CUDA code (cudaErrorInvalidValue, ...) it would read
+// like one. Plain C++: the .cu files and the torch glue both include it.
+#include <cuda_runtime_api.h>
+
+namespace fastquant::cuda {
+
+struct LaunchStatus {
+  cudaError_t cuda = cudaSuccess;
+  const char* broken = nullptr;  // static text naming the broken precondition, or nullptr
+
+  LaunchStatus() = default;
+  // Implicit, so that `return cudaGetLastError();` reads as it always did.
+  LaunchStatus(cudaError_t error) : cuda(error) {}
+  static LaunchStatus precondition(const char* what) {
+    LaunchStatus s;
+    s.broken = what;
+    return s;
+  }
+  bool ok() const { return cuda == cudaSuccess && broken == nullptr; }
+};
+
+}  // namespace fastquant::cuda
