@@ -189,7 +189,9 @@ def test_info_command_reports_kernel_paths():
 def test_layers_agree_with_and_without_autograd(method):
     """Without gradients the layers skip the op's Python autograd kernel (its per-call cost matters at
     decode): same outputs in every grad mode, and gradients still reach the activations when enabled."""
-    model = fastquant.patch(make_block(), method, sparsity=0.5, sparse_kernel="sparse", progress=False)
+    model = fastquant.patch(
+        make_block(), method, pruning="magnitude", sparsity=0.5, sparse_kernel="sparse", progress=False
+    )
     layer = model.up
     x = torch.randn(3, layer.in_features)
     with torch.no_grad():

@@ -44,9 +44,15 @@ PATCHES = {
     "int8-group64": ("int8", dict(group_size=64)),
     "int8+lm_head": ("int8", dict(skip=(), quantize_tied=True)),
     # sparse_kernel="sparse": the tiny layers would otherwise keep their faster dense kernels
-    "sparse": ("sparse", dict(sparsity=0.6, sparse_kernel="sparse", progress=False)),
-    "sparse-2:4+lm_head": ("sparse", dict(pattern="2:4", sparse_kernel="sparse", skip=(), quantize_tied=True)),
-    "int8+sparse-group32": ("int8+sparse", dict(group_size=32, sparse_kernel="sparse", progress=False)),
+    "sparse": ("sparse", dict(pruning="magnitude", sparsity=0.6, sparse_kernel="sparse", progress=False)),
+    "sparse-2:4+lm_head": (
+        "sparse",
+        dict(pruning="magnitude", pattern="2:4", sparse_kernel="sparse", skip=(), quantize_tied=True),
+    ),
+    "int8+sparse-group32": (
+        "int8+sparse",
+        dict(pruning="magnitude", group_size=32, sparse_kernel="sparse", progress=False),
+    ),
 }
 
 

@@ -27,17 +27,10 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from fastquant import reference
+from fastquant.choices import CALIBRATED_METHODS, DEFAULT_CALIBRATION_SEQUENCES, DEFAULT_PRUNING, PRUNING_METHODS
 from fastquant.modules import SUPPORTED_GROUP_SIZES, is_quantizable_linear, linear_weight
 from fastquant.progress import progress_bar
 
-PRUNING_METHODS = ("magnitude", "global-magnitude", "wanda", "sparsegpt")
-CALIBRATED_METHODS = ("wanda", "sparsegpt")
-# The one default of fastquant.patch, fastquant.prune and the CLI. Calibrated: magnitude pruning at 50% takes
-# SmolLM2-135M to 12.6x the float perplexity, SparseGPT to 1.26x (benchmarks/results/pruning-accuracy-*.md).
-DEFAULT_PRUNING = "sparsegpt"
-# 256-token windows of the embedded text when no calibration is given: SparseGPT on SmolLM2-135M in ~3 min
-# on 2 cores (128 windows: ~10 min, for perplexity 1.26x float instead of ~1.37x).
-DEFAULT_CALIBRATION_SEQUENCES = 32
 PATTERNS_HELP = "'unstructured' or 'N:M' (keep N of every M consecutive input columns, e.g. '2:4', '4:8')"
 CALIBRATION_FORM = (
     "an iterable of model inputs: LongTensors of token ids of shape (batch, seq), each called as model(ids), "
