@@ -236,3 +236,15 @@ def test_csr16_layer_prefills_with_bitmap16_where_that_has_a_prefill_kernel():
                 torch.testing.assert_close(y, y_bitmap, rtol=0, atol=0)
             else:
                 torch.testing.assert_close(y, y_bitmap, rtol=1e-5, atol=1e-5)
+
+
+def test_small_layers_keep_bitmap16_without_timing(monkeypatch):
+    def no_timing(*args):
+        raise AssertionError("a layer below MIN_TIMED_WEIGHTS was timed")
+
+    monkeypatch.setattr(fastquant.patching, "choose_kernel", no_timing)
+    model = nn.Sequential(nn.Linear(128, 256))  # 32K weights: compressed, but too small to time
+    assert 4096 <= 128 * 256 < kernel_choice.MIN_TIMED_WEIGHTS
+    fastquant.patch(model, "sparse", pruning="magnitude", skip=(), progress=False)
+    assert isinstance(model[0], SparseLinear) and model[0].layout == "bitmap16"
+    assert "kept untimed" in fastquant.report(model).layers[0].note

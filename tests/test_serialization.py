@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 import struct
 
 import pytest
@@ -237,3 +239,19 @@ def test_wrong_model_class(saved):
 
 def test_errors_are_value_errors():
     assert issubclass(FastquantFormatError, ValueError)
+
+
+def test_checkpoint_file_gets_the_umask_mode(tmp_path):
+    old = os.umask(0o027)
+    try:
+        fastquant.save(fastquant.patch(tiny_llama(), "int8"), tmp_path / "model.safetensors")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "model.safetensors").stat().st_mode) == 0o640
+
+
+def test_missing_checkpoint_errors_name_the_file_expected(tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"expected {tmp_path / 'model.fastquant.safetensors'}"):
+        fastquant.load(tiny_llama(), tmp_path)
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        read_manifest(tmp_path / "model.safetensors")

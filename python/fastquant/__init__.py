@@ -74,13 +74,14 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
+    # `from fastquant import cli` asks here first: names that are not ours must not load torch.
+    if name not in _EXPORTS and name not in _SUBMODULES:
+        raise AttributeError(f"module 'fastquant' has no attribute {name!r}")
     importlib.import_module("fastquant._native")  # the kernels and operator schemas come before any API
     if name in _EXPORTS:
         value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    elif name in _SUBMODULES:
-        value = importlib.import_module(f"fastquant.{name}")
     else:
-        raise AttributeError(f"module 'fastquant' has no attribute {name!r}")
+        value = importlib.import_module(f"fastquant.{name}")
     globals()[name] = value  # later lookups skip this function
     return value
 

