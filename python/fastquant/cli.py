@@ -51,6 +51,7 @@ def _environment(threads: int) -> dict[str, Any]:
 
     import fastquant
     from fastquant import _native
+    from fastquant.evaluate import cpu_model
 
     cpu_isa = _native.native.cpu_isa() if _native.native is not None else "reference (native extension not loaded)"
     return {
@@ -58,22 +59,12 @@ def _environment(threads: int) -> dict[str, Any]:
         "torch_version": torch.__version__,
         "python": platform.python_version(),
         "machine": platform.machine(),
-        "processor": _cpu_model(),
+        "processor": cpu_model(),
         "cores": os.cpu_count(),
         "threads": threads,
         "cpu_kernels": cpu_isa,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _set_threads(threads: int | None) -> int:

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import math
 import os
+import platform
 import re
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -243,6 +245,17 @@ class SpeedRounds:
 
     def median(self, key: str) -> float:
         return statistics.median(getattr(self, key))
+
+
+def cpu_model() -> str:
+    """The processor's name (Linux), for results that say which machine made them."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def load_average() -> float:
