@@ -276,3 +276,14 @@ def test_demo_writes_each_row_as_it_finishes(llama_dir, tmp_path, monkeypatch):
     assert int8["decode_speedup"] == pytest.approx(sum(ratios) / 2)
     assert float_row["decode_speedup"] == 1.0 and int8["busy"] and int8["load_average_before"] == 99.0
     assert int8["details"] == "int8 per-channel, round to nearest" and (out / "results.png").is_file()
+
+
+def test_command_output_has_no_progress_bars_off_a_terminal(llama_dir, tmp_path):
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "fastquant.cli", "compress", str(llama_dir), "-o", str(tmp_path / "out")]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    assert "it/s]" not in done.stderr and "it/s]" not in done.stdout  # neither ours nor transformers' bars
+    shown = subprocess.run([*command, "--progress"], capture_output=True, text=True, check=True)
+    assert "it/s]" in shown.stderr

@@ -77,17 +77,17 @@ def _set_threads(threads: int | None) -> int:
 
 def _quiet_libraries(progress: bool | None) -> None:
     """The libraries' own bars (272 updates for converting SmolLM2's GGUF, weight loading) follow --progress
-    too. TQDM_DISABLE changes tqdm's default only: fastquant's bars pass ``disable`` explicitly."""
+    too. TQDM_DISABLE changes tqdm's default only (fastquant's bars pass ``disable`` explicitly), and tqdm reads
+    it when it is first imported: this runs before the commands import anything."""
     if progress or (progress is None and sys.stderr.isatty()):
         return
     os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
-def _load(name: str, progress: bool | None) -> LoadedModel:
+def _load(name: str) -> LoadedModel:
     from fastquant.models import load_model
 
-    _quiet_libraries(progress)
     with console.status(f"loading {name}"):
         return load_model(name)
 
@@ -174,7 +174,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     left_out = [m for m in CALIBRATED_CLI_METHODS if m not in methods]
     if left_out:
         console.print(f"calibrated methods left out: {', '.join(left_out)} (--all adds them: {CALIBRATION_COST})")
-    loaded = _load(args.model, args.progress)
+    loaded = _load(args.model)
     if loaded.kind != "causal-lm" or loaded.tokenizer is None:
         raise ValueError(f"{args.model}: the demo needs a causal language model with its tokenizer")
     text = read_text(args.text)
@@ -358,7 +358,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     threads = _set_threads(args.threads)
     method = get_method(args.method)
-    loaded = _load(args.model, args.progress)
+    loaded = _load(args.model)
     if loaded.tokenizer is None:
         raise ModelNotFoundError(f"{args.model}: no tokenizer files in the folder; eval needs one")
     text = read_text(args.text)
@@ -428,7 +428,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
     _set_threads(args.threads)
     method = get_method(args.method)
-    loaded = _load(args.model, args.progress)
+    loaded = _load(args.model)
     float_bytes = model_bytes(loaded.model)
     model = method.apply(loaded.model, _method_options(args, loaded))
     out = Path(args.output)
@@ -536,6 +536,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     args.argv = argv  # recorded in the demo's results, so a run can be repeated
+    _quiet_libraries(args.progress)
     from fastquant.models import ModelNotFoundError
 
     try:
