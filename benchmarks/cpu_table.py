@@ -24,7 +24,6 @@ import argparse
 import datetime as dt
 import json
 import math
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ from torch import nn
 
 import fastquant
 from fastquant import _native, reference
+from fastquant.evaluate import cpu_model
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (1536, 576), (576, 1536)]  # (N, K) = (out, in)
 ROW_COUNTS = [1, 8, 128, 512]
@@ -105,16 +105,6 @@ def read_bandwidth(nbytes: int) -> float:
     bufs = [torch.rand(max(1, nbytes // 8), dtype=torch.float64) for _ in range(copies_for(nbytes))]
     t = median_seconds([lambda b=b: b.sum() for b in bufs], budget_s=0.3, min_runs=20, max_runs=200)
     return nbytes / t
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def run(shapes, row_counts, peers) -> list[dict]:

@@ -157,3 +157,133 @@ def test_sentences_are_dialogue():
     texts = sentences(read_text(), limit=50)
     assert len(texts) == 50
     assert all(len(t) >= 30 and not t.isupper() and not t.startswith("[") for t in texts)
+
+
+def _tiny_llama(llama_dir):
+    return transformers.AutoModelForCausalLM.from_pretrained(llama_dir).eval()
+
+
+def test_api_and_cli_prune_with_one_calibrated_default():
+    import inspect
+
+    from fastquant.choices import CALIBRATED_METHODS, CLI_METHODS, DEFAULT_PRUNING
+
+    demo = cli.build_parser().parse_args(["demo"])
+    defaults = {
+        inspect.signature(fastquant.patch).parameters["pruning"].default,
+        inspect.signature(fastquant.prune).parameters["pruning"].default,
+        MethodOptions().pruning,
+        demo.pruning,
+    }
+    assert defaults == {DEFAULT_PRUNING} and DEFAULT_PRUNING in CALIBRATED_METHODS
+    assert tuple(METHODS) == CLI_METHODS  # the names --help lists without importing the registry
+
+
+def test_calibrated_default_uses_the_embedded_text_and_says_so(llama_dir):
+    tokenizer = transformers.AutoTokenizer.from_pretrained(llama_dir)
+    model = _tiny_llama(llama_dir)
+    model.name_or_path = ""  # no folder to find a tokenizer in
+    with pytest.raises(ValueError, match="tokenizer="):
+        fastquant.patch(model, "sparse", progress=False)
+    with pytest.warns(UserWarning) as caught:
+        fastquant.patch(model, "sparse", pruning="wanda", tokenizer=tokenizer, progress=False)
+    said = [str(w.message) for w in caught if "embedded text" in str(w.message)]
+    assert len(said) == 1 and "32 windows of 256 tokens" in said[0]
+    assert all("50% pruned" in row.note for row in fastquant.report(model).layers if row.name != "lm_head")
+    # A model loaded from a folder finds the tokenizer saved there.
+    with pytest.warns(UserWarning, match="embedded text"):
+        fastquant.prune(_tiny_llama(llama_dir), pruning="wanda", progress=False)
+
+
+def test_magnitude_pruning_warns_on_a_language_model_above_30_percent(llama_dir, recwarn):
+    fastquant.patch(_tiny_llama(llama_dir), "sparse", pruning="magnitude", sparsity=0.3, progress=False)
+    assert not [w for w in recwarn if "magnitude" in str(w.message)]
+    with pytest.warns(UserWarning, match=r"'magnitude' at 50% on a language model"):
+        fastquant.patch(_tiny_llama(llama_dir), "sparse", pruning="magnitude", pattern="2:4", sparsity=None)
+    with pytest.warns(UserWarning, match=r"'global-magnitude' at 40%"):
+        fastquant.prune(_tiny_llama(llama_dir), pruning="global-magnitude", sparsity=0.4, progress=False)
+
+
+def test_compress_folder_loads_in_one_call(llama_dir, tmp_path):
+    out = tmp_path / "out"
+    assert cli.main(["compress", str(llama_dir), "--method", "int8", "-o", str(out)]) == 0
+    model, tokenizer = fastquant.from_pretrained(out)
+    into = fastquant.load(_tiny_llama(llama_dir), out)  # the folder, not the file inside it
+    assert isinstance(model.model.layers[0].mlp.up_proj, Int8Linear) and tokenizer is not None
+    ids = tokenizer("Full fathom five thy father lies", return_tensors="pt").input_ids
+    with torch.inference_mode():
+        assert torch.equal(model(ids).logits, into(ids).logits)
+    assert model.generate(ids, max_new_tokens=4, do_sample=False).shape[1] == ids.shape[1] + 4
+
+    (out / "tokenizer.json").unlink()
+    (out / "tokenizer_config.json").unlink()
+    assert fastquant.from_pretrained(out)[1] is None
+    (out / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        fastquant.from_pretrained(out)
+    with pytest.raises(FileNotFoundError, match=r"expected .*model\.fastquant\.safetensors"):
+        fastquant.load(_tiny_llama(llama_dir), tmp_path)
+
+
+def test_help_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\nfrom fastquant import cli\ntry:\n    cli.main(['demo', '--help'])\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "--all" in out and out.strip().endswith("[]")
+
+
+def test_progress_bars_only_on_a_terminal_or_when_asked(llama_dir, capsys):
+    from fastquant.progress import progress_bar
+
+    assert progress_bar(total=1).disable  # pytest's stderr is not a terminal
+    assert not progress_bar(total=1, progress=True).disable
+    calibration = calibration_from_text(transformers.AutoTokenizer.from_pretrained(llama_dir), n_sequences=2)
+    quiet, shown = _tiny_llama(llama_dir), _tiny_llama(llama_dir)
+    capsys.readouterr()
+    fastquant.patch(quiet, "int8", calibration=calibration)
+    assert capsys.readouterr().err == ""
+    fastquant.patch(shown, "int8", calibration=calibration, progress=True)
+    err = capsys.readouterr().err
+    assert "int8 GPTQ rounding" in err and "pruning" not in err
+
+
+def test_demo_writes_each_row_as_it_finishes(llama_dir, tmp_path, monkeypatch):
+    out = tmp_path / "demo"
+    seen: list[list[str]] = []
+    row_line = cli._row_line
+
+    def spy(row, threads):
+        seen.append([r["method"] for r in json.loads((out / "results.json").read_text())["rows"]])
+        return row_line(row, threads)
+
+    monkeypatch.setattr(cli, "_row_line", spy)
+    monkeypatch.setattr(fastquant.evaluate, "load_average", lambda: 99.0)  # a machine far busier than 1 thread
+    args = ["demo", "--model", str(llama_dir), "-o", str(out), "--methods", "int8", "--ppl-tokens", "300"]
+    args += ["--window", "128", "--prompt-tokens", "8", "--decode-tokens", "4", "--prefill-tokens", "32"]
+    assert cli.main([*args, "--rounds", "2", "--threads", "1"]) == 0
+    assert seen == [["float32"], ["float32", "int8"]]
+    results = json.loads((out / "results.json").read_text())
+    assert results["command"] == "fastquant " + " ".join([*args, "--rounds", "2", "--threads", "1"])
+    float_row, int8 = results["rows"]
+    assert len(int8["decode_rounds_tokens_per_s"]) == len(int8["float32_decode_rounds_tokens_per_s"]) == 2
+    rounds = zip(int8["decode_rounds_tokens_per_s"], int8["float32_decode_rounds_tokens_per_s"], strict=True)
+    ratios = [a / b for a, b in rounds]  # each round's ratio; the speedup is their median (of two: the mean)
+    assert int8["decode_speedup"] == pytest.approx(sum(ratios) / 2)
+    assert float_row["decode_speedup"] == 1.0 and int8["busy"] and int8["load_average_before"] == 99.0
+    assert int8["details"] == "int8 per-channel, round to nearest" and (out / "results.png").is_file()
+
+
+def test_command_output_has_no_progress_bars_off_a_terminal(llama_dir, tmp_path):
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "fastquant.cli", "compress", str(llama_dir), "-o", str(tmp_path / "out")]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    assert "it/s]" not in done.stderr and "it/s]" not in done.stdout  # neither ours nor transformers' bars
+    shown = subprocess.run([*command, "--progress"], capture_output=True, text=True, check=True)
+    assert "it/s]" in shown.stderr

@@ -207,7 +207,9 @@ def test_info_require_cuda_names_what_is_missing():
 def test_layers_agree_with_and_without_autograd(method):
     """Without gradients the layers skip the op's Python autograd kernel (its per-call cost matters at
     decode): same outputs in every grad mode, and gradients still reach the activations when enabled."""
-    model = fastquant.patch(make_block(), method, sparsity=0.5, sparse_kernel="sparse", progress=False)
+    model = fastquant.patch(
+        make_block(), method, pruning="magnitude", sparsity=0.5, sparse_kernel="sparse", progress=False
+    )
     layer = model.up
     x = torch.randn(3, layer.in_features)
     with torch.no_grad():
@@ -222,3 +224,27 @@ def test_layers_agree_with_and_without_autograd(method):
     y_grad.sum().backward()
     expected = layer.dequantize().sum(0).expand_as(x)  # d(sum(x @ W.T)) / dx = column sums of W
     torch.testing.assert_close(x_grad.grad, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_repatching_a_patched_layer_is_an_error():
+    model = fastquant.patch(make_block())
+    with pytest.raises(
+        fastquant.AlreadyPatchedError, match=r"2 layers are compressed already: up \(int8 per-channel\)"
+    ):
+        fastquant.patch(model, "int8")
+    with pytest.raises(fastquant.AlreadyPatchedError, match="down"):
+        fastquant.prune(model, pruning="magnitude", skip=("up",))
+    # Layers left out by name or filter are fine: the rest can still be patched.
+    fastquant.patch(model, skip=(), filter_fn=lambda module, name: name == "lm_head")
+    assert isinstance(model.lm_head, Int8Linear)
+
+
+def test_info_names_the_compiler():
+    from fastquant.info import compiler_name, info_lines
+
+    assert compiler_name("12.2.0") == "gcc 12.2.0"  # GCC's __VERSION__ is the bare number
+    assert compiler_name("Clang 17.0.6") == "Clang 17.0.6"
+    if fastquant._native.native is not None:
+        assert any(
+            line.startswith("native extension: built for torch ") and ", compiler " in line for line in info_lines()
+        )

@@ -31,7 +31,9 @@ def pruned_float_copy(model: nn.Module) -> nn.Module:
 @pytest.mark.parametrize("sparse_kernel", ["sparse", "csr16", "dense", "auto"])
 @pytest.mark.parametrize("method", ["sparse", "int8+sparse"])
 def test_patched_model_computes_with_its_pruned_weights(method, sparse_kernel):
-    model = fastquant.patch(make_block(), method, sparsity=0.6, sparse_kernel=sparse_kernel, progress=False)
+    model = fastquant.patch(
+        make_block(), method, pruning="magnitude", sparsity=0.6, sparse_kernel=sparse_kernel, progress=False
+    )
     for name in ("up", "down"):
         layer = model.get_submodule(name)
         expected_type = {
@@ -53,7 +55,7 @@ def test_patched_model_computes_with_its_pruned_weights(method, sparse_kernel):
 def test_sparse_layer_keeps_the_float_values_exactly():
     model = make_block()
     weight = model.up.weight.detach().clone()
-    fastquant.patch(model, "sparse", sparsity=0.5, sparse_kernel="sparse", progress=False)
+    fastquant.patch(model, "sparse", pruning="magnitude", sparsity=0.5, sparse_kernel="sparse", progress=False)
     dense = model.up.dequantize()
     kept = dense != 0
     assert torch.equal(dense[kept], weight[kept])  # pruning removes weights, never changes the kept ones
@@ -61,7 +63,9 @@ def test_sparse_layer_keeps_the_float_values_exactly():
 
 
 def test_report_shows_choice_format_and_bytes():
-    model = fastquant.patch(make_block(), "int8+sparse", sparsity=0.7, sparse_kernel="sparse", progress=False)
+    model = fastquant.patch(
+        make_block(), "int8+sparse", pruning="magnitude", sparsity=0.7, sparse_kernel="sparse", progress=False
+    )
     rows = {row.name: row for row in fastquant.report(model).layers}
     up = rows["up"]
     assert up.format == "sparse 70% unstructured bitmap16, int8 per-channel values"
@@ -69,7 +73,7 @@ def test_report_shows_choice_format_and_bytes():
     assert up.bytes_after == (512 * 256 - round(0.7 * 512 * 256)) + 64 + 512 * 16 * 2 + 513 * 8 + 512 * 4
     assert "70% pruned" in up.note and rows["lm_head"].note == "skipped by name"
 
-    auto = fastquant.patch(make_block(), "sparse", sparsity=0.5, progress=False)
+    auto = fastquant.patch(make_block(), "sparse", pruning="magnitude", sparsity=0.5, progress=False)
     note = {row.name: row.note for row in fastquant.report(auto).layers}["up"]
     assert "kernel kept: sparse bitmap16" in note and ", csr16 " in note and "at 1 token" in note
     for layer in auto.modules():
@@ -106,7 +110,9 @@ def test_kernel_choice_times_copies_that_do_not_fit_in_cache():
 
 
 def test_two_to_four_pattern():
-    model = fastquant.patch(make_block(), "sparse", pattern="2:4", sparsity=None, sparse_kernel="sparse")
+    model = fastquant.patch(
+        make_block(), "sparse", pruning="magnitude", pattern="2:4", sparsity=None, sparse_kernel="sparse"
+    )
     groups = model.up.dequantize().reshape(512, -1, 4)
     assert bool(((groups != 0).sum(-1) <= 2).all())
     assert "2:4" in model.up.format
@@ -116,14 +122,16 @@ def test_tied_weight_is_copied_before_pruning():
     model = make_block()
     model.lm_head.weight = model.embed.weight
     embed_before = model.embed.weight.detach().clone()
-    fastquant.patch(model, "sparse", skip=(), quantize_tied=True, sparse_kernel="sparse", progress=False)
+    fastquant.patch(
+        model, "sparse", pruning="magnitude", skip=(), quantize_tied=True, sparse_kernel="sparse", progress=False
+    )
     assert isinstance(model.lm_head, SparseLinear)
     assert torch.equal(model.embed.weight, embed_before)  # the embedding is not pruned with it
 
 
 def test_prune_keeps_dense_layers_and_returns_masks():
     model = make_block()
-    masks = fastquant.prune(model, sparsity=0.25, progress=False)
+    masks = fastquant.prune(model, pruning="magnitude", sparsity=0.25, progress=False)
     assert set(masks) == {"up", "down"}  # lm_head skipped by name, tiny too small
     assert type(model.up) is nn.Linear
     assert torch.equal(model.up.weight != 0, masks["up"])
@@ -157,7 +165,7 @@ def test_calibrated_pruning_runs_on_model_inputs():
 )
 def test_bad_sparse_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        fastquant.patch(make_block(), "sparse", progress=False, **kwargs)
+        fastquant.patch(make_block(), "sparse", progress=False, **{"pruning": "magnitude", **kwargs})
 
 
 def test_nan_weight_names_the_layer():
@@ -165,24 +173,26 @@ def test_nan_weight_names_the_layer():
     with torch.no_grad():
         model.up.weight[0, 0] = float("inf")
     with pytest.raises(ValueError, match=r"layer 'up'.*NaN/inf"):
-        fastquant.patch(model, "sparse")
+        fastquant.patch(model, "sparse", pruning="magnitude")
 
 
 def test_compiled_sparse_model_matches_eager():
-    model = fastquant.patch(make_block(), "int8+sparse", sparse_kernel="sparse", progress=False)
+    model = fastquant.patch(make_block(), "int8+sparse", pruning="magnitude", sparse_kernel="sparse", progress=False)
     compiled = torch.compile(model, fullgraph=True)
     with torch.no_grad():
         torch.testing.assert_close(compiled(TOKENS), model(TOKENS), rtol=1e-5, atol=1e-5)
 
 
 def test_dtype_moves_keep_fp32_scales_and_cast_float_values():
-    model = fastquant.patch(make_block(), "int8+sparse", sparse_kernel="sparse", progress=False)
+    model = fastquant.patch(make_block(), "int8+sparse", pruning="magnitude", sparse_kernel="sparse", progress=False)
     model.to(torch.bfloat16)
     assert model.up.scales.dtype == torch.float32 and model.up.values.dtype == torch.int8
     assert model.up.masks.dtype == torch.int16 and model.up.row_offsets.dtype == torch.int64
     with torch.no_grad():
         assert model(TOKENS).dtype == torch.bfloat16
-    floats = fastquant.patch(make_block(), "sparse", sparse_kernel="sparse", progress=False).to(torch.bfloat16)
+    floats = fastquant.patch(make_block(), "sparse", pruning="magnitude", sparse_kernel="sparse", progress=False).to(
+        torch.bfloat16
+    )
     assert floats.up.values.dtype == torch.bfloat16
     packed = reference.sparse_pack(floats.up.dequantize())
     assert torch.equal(packed[1], floats.up.masks)
@@ -209,7 +219,9 @@ def test_int8_with_calibration_uses_gptq_rounding():
 def test_csr16_layer_prefills_with_bitmap16_where_that_has_a_prefill_kernel():
     """A csr16 layer with int8 values hands calls of more than 16 rows to the bitmap16 op where that op has
     the bf16 prefill path (AVX-512): same weights, so the same result as the bitmap16 layout."""
-    model = fastquant.patch(make_block(), "int8+sparse", sparsity=0.9, sparse_kernel="csr16", progress=False)
+    model = fastquant.patch(
+        make_block(), "int8+sparse", pruning="magnitude", sparsity=0.9, sparse_kernel="csr16", progress=False
+    )
     layer = model.up
     bitmap = copy.deepcopy(layer).set_layout("bitmap16")
     path = fastquant._native.sparse_linear_kernel_path(
@@ -224,3 +236,15 @@ def test_csr16_layer_prefills_with_bitmap16_where_that_has_a_prefill_kernel():
                 torch.testing.assert_close(y, y_bitmap, rtol=0, atol=0)
             else:
                 torch.testing.assert_close(y, y_bitmap, rtol=1e-5, atol=1e-5)
+
+
+def test_small_layers_keep_bitmap16_without_timing(monkeypatch):
+    def no_timing(*args):
+        raise AssertionError("a layer below MIN_TIMED_WEIGHTS was timed")
+
+    monkeypatch.setattr(fastquant.patching, "choose_kernel", no_timing)
+    model = nn.Sequential(nn.Linear(128, 256))  # 32K weights: compressed, but too small to time
+    assert 4096 <= 128 * 256 < kernel_choice.MIN_TIMED_WEIGHTS
+    fastquant.patch(model, "sparse", pruning="magnitude", skip=(), progress=False)
+    assert isinstance(model[0], SparseLinear) and model[0].layout == "bitmap16"
+    assert "kept untimed" in fastquant.report(model).layers[0].note

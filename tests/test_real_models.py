@@ -69,6 +69,19 @@ def test_smollm2_save_load_round_trip(smollm2, tmp_path):
 
 @pytest.mark.slow
 @needs_smollm2
+def test_smollm2_compress_folder_rebuilds_in_one_call(smollm2, tmp_path):
+    assert cli.main(["compress", "smollm2", "--method", "int8", "-o", str(tmp_path)]) == 0
+    model, tokenizer = fastquant.from_pretrained(tmp_path)
+    expected = fastquant.patch(copy.deepcopy(smollm2.model), "int8")
+    ids = tokenizer("Full fathom five thy father lies", return_tensors="pt").input_ids
+    with torch.inference_mode():
+        assert torch.equal(model(ids).logits, expected(ids).logits)
+    greedy = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(ids, **greedy), expected.generate(ids, **greedy))
+
+
+@pytest.mark.slow
+@needs_smollm2
 def test_demo_writes_results_and_chart(tmp_path):
     args = ["demo", "-o", str(tmp_path), "--methods", "int8", "--ppl-tokens", "600", "--window", "256"]
     args += ["--decode-tokens", "8", "--prefill-tokens", "64", "--threads", "2"]
@@ -78,6 +91,7 @@ def test_demo_writes_results_and_chart(tmp_path):
     base, int8 = results["rows"]
     assert int8["model_bytes"] < 0.5 * base["model_bytes"]
     assert all(r["decode_tokens_per_s"] > 0 and r["prefill_tokens_per_s"] > 0 for r in results["rows"])
+    assert all(len(r["decode_rounds_tokens_per_s"]) == 3 and "load_average_before" in r for r in results["rows"])
     assert abs(int8["perplexity_delta_pct"]) < 2
     assert (tmp_path / "results.png").stat().st_size > 10_000
 

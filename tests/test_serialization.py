@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 import struct
 
 import pytest
@@ -44,9 +46,15 @@ PATCHES = {
     "int8-group64": ("int8", dict(group_size=64)),
     "int8+lm_head": ("int8", dict(skip=(), quantize_tied=True)),
     # sparse_kernel="sparse": the tiny layers would otherwise keep their faster dense kernels
-    "sparse": ("sparse", dict(sparsity=0.6, sparse_kernel="sparse", progress=False)),
-    "sparse-2:4+lm_head": ("sparse", dict(pattern="2:4", sparse_kernel="sparse", skip=(), quantize_tied=True)),
-    "int8+sparse-group32": ("int8+sparse", dict(group_size=32, sparse_kernel="sparse", progress=False)),
+    "sparse": ("sparse", dict(pruning="magnitude", sparsity=0.6, sparse_kernel="sparse", progress=False)),
+    "sparse-2:4+lm_head": (
+        "sparse",
+        dict(pruning="magnitude", pattern="2:4", sparse_kernel="sparse", skip=(), quantize_tied=True),
+    ),
+    "int8+sparse-group32": (
+        "int8+sparse",
+        dict(pruning="magnitude", group_size=32, sparse_kernel="sparse", progress=False),
+    ),
 }
 
 
@@ -231,3 +239,19 @@ def test_wrong_model_class(saved):
 
 def test_errors_are_value_errors():
     assert issubclass(FastquantFormatError, ValueError)
+
+
+def test_checkpoint_file_gets_the_umask_mode(tmp_path):
+    old = os.umask(0o027)
+    try:
+        fastquant.save(fastquant.patch(tiny_llama(), "int8"), tmp_path / "model.safetensors")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "model.safetensors").stat().st_mode) == 0o640
+
+
+def test_missing_checkpoint_errors_name_the_file_expected(tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"expected {tmp_path / 'model.fastquant.safetensors'}"):
+        fastquant.load(tiny_llama(), tmp_path)
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        read_manifest(tmp_path / "model.safetensors")

@@ -328,7 +328,9 @@ def test_layer_layouts_compute_the_same(int8):
 def test_saved_layout_is_restored(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 64))
-    fastquant.patch(model, "int8+sparse", sparsity=0.9, sparse_kernel="sparse", skip=(), progress=False)
+    fastquant.patch(
+        model, "int8+sparse", pruning="magnitude", sparsity=0.9, sparse_kernel="sparse", skip=(), progress=False
+    )
     model[0].set_layout("csr16")
     x = torch.randn(2, 64)
     with torch.no_grad():

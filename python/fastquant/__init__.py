@@ -2,36 +2,66 @@
 
 import fastquant
 fastquant.patch(model)            # int8 weight-only, per-channel scales
-fastquant.patch(model, "int8+sparse", sparsity=0.5, pruning="sparsegpt", calibration=batches)
+fastquant.patch(model, "int8+sparse", sparsity=0.5, tokenizer=tokenizer)  # SparseGPT on the embedded text
 print(fastquant.report(model))    # what changed, per layer
+model, tokenizer = fastquant.from_pretrained("smollm2-int8")  # a folder `fastquant compress` wrote
+
+The names below load on first use: importing torch takes seconds, and ``fastquant --help`` (whose module
+lives in this package) must not pay for it. Any of them, or importing a submodule that needs the kernels,
+loads the native extension and defines the ``torch.ops.fastquant`` operators.
 """
 
-from importlib.metadata import PackageNotFoundError, version
+from __future__ import annotations
 
-from fastquant import (
-    _native,  # noqa: F401  (loads fastquant._C, which registers the native kernels)
-    ops,  # defines the torch.ops.fastquant schemas before the native kernels register
-    pruning,
-)
-from fastquant.decode import compile_for_decode
-from fastquant.modules import Int8Linear, SparseLinear
-from fastquant.ops import int8_linear, sparse_linear
-from fastquant.patching import Report, patch, prune, report
-from fastquant.reference import int8_dequantize, int8_quantize
-from fastquant.serialization import FastquantFormatError, load, save
+import importlib
+from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fastquant import ops, pruning
+    from fastquant.decode import compile_for_decode
+    from fastquant.models import from_pretrained
+    from fastquant.modules import Int8Linear, SparseLinear
+    from fastquant.ops import int8_linear, sparse_linear
+    from fastquant.patching import AlreadyPatchedError, Report, patch, prune, report
+    from fastquant.reference import int8_dequantize, int8_quantize
+    from fastquant.serialization import FastquantFormatError, load, save
 
 try:
     __version__ = version("fastquant")
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0+unknown"
 
+# public name -> the module that defines it
+_EXPORTS = {
+    "AlreadyPatchedError": "fastquant.patching",
+    "FastquantFormatError": "fastquant.serialization",
+    "Int8Linear": "fastquant.modules",
+    "Report": "fastquant.patching",
+    "SparseLinear": "fastquant.modules",
+    "compile_for_decode": "fastquant.decode",
+    "from_pretrained": "fastquant.models",
+    "int8_dequantize": "fastquant.reference",
+    "int8_linear": "fastquant.ops",
+    "int8_quantize": "fastquant.reference",
+    "load": "fastquant.serialization",
+    "patch": "fastquant.patching",
+    "prune": "fastquant.patching",
+    "report": "fastquant.patching",
+    "save": "fastquant.serialization",
+    "sparse_linear": "fastquant.ops",
+}
+_SUBMODULES = ("ops", "pruning")
+
 __all__ = [
+    "AlreadyPatchedError",
     "FastquantFormatError",
     "Int8Linear",
     "Report",
     "SparseLinear",
     "__version__",
     "compile_for_decode",
+    "from_pretrained",
     "int8_dequantize",
     "int8_linear",
     "int8_quantize",
@@ -44,3 +74,20 @@ __all__ = [
     "save",
     "sparse_linear",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # `from fastquant import cli` asks here first: names that are not ours must not load torch.
+    if name not in _EXPORTS and name not in _SUBMODULES:
+        raise AttributeError(f"module 'fastquant' has no attribute {name!r}")
+    importlib.import_module("fastquant._native")  # the kernels and operator schemas come before any API
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    else:
+        value = importlib.import_module(f"fastquant.{name}")
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -12,6 +12,8 @@ from types import ModuleType
 
 import torch
 
+from fastquant import ops  # noqa: F401  (defines the operator schemas the native kernels register for)
+
 logger = logging.getLogger("fastquant")
 
 native: ModuleType | None = None

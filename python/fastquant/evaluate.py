@@ -1,22 +1,28 @@
 """Measure what compression costs and buys on a real model: quality, speed, size.
 
 Every compression method the CLI knows lives in :data:`METHODS`; ``fastquant demo``/``eval``/``compress``
-iterate over or look up that registry, so a new method (sparse, int8+sparse) is one entry here.
+iterate over or look up that registry, so a new method (sparse, int8+sparse) is one entry here, and one
+name in :data:`fastquant.choices.CLI_METHODS` (which the CLI lists without importing torch).
 """
 
 from __future__ import annotations
 
 import math
+import os
+import platform
 import re
+import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from fastquant.choices import CALIBRATED_METHODS, DEFAULT_PRUNING
 from fastquant.patching import patch
-from fastquant.pruning import CALIBRATED_METHODS
+from fastquant.progress import progress_bar
 
 
 @dataclass
@@ -26,10 +32,10 @@ class MethodOptions:
     group_size: int | None = None
     sparsity: float | None = 0.5
     pattern: str = "unstructured"
-    pruning: str = "sparsegpt"
+    pruning: str = DEFAULT_PRUNING
     # Model inputs for Wanda/SparseGPT, made on first use (tokenizing the calibration text costs a little).
     calibration: Callable[[], list] | None = None
-    progress: bool = True
+    progress: bool | None = None  # None: bars on a terminal only
 
 
 @dataclass(frozen=True)
@@ -227,3 +233,62 @@ def prefill_speed(model: nn.Module, input_ids: torch.Tensor, repeats: int = 2) -
         model(ids)
         best = min(best, time.perf_counter() - start)
     return {"prefill_tokens_per_s": ids.shape[1] / best, "prefill_tokens": ids.shape[1]}
+
+
+@dataclass
+class SpeedRounds:
+    """One model's decode and prefill speed, one measurement per round."""
+
+    decode_tokens_per_s: list[float] = field(default_factory=list)
+    prefill_tokens_per_s: list[float] = field(default_factory=list)
+    greedy_tokens: list[int] = field(default_factory=list)
+
+    def median(self, key: str) -> float:
+        return statistics.median(getattr(self, key))
+
+
+def cpu_model() -> str:
+    """The processor's name (Linux), for results that say which machine made them."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def load_average() -> float:
+    """The 1-minute load average (runnable threads, ours included), or NaN where the OS has none."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return math.nan
+
+
+def interleaved_speed(
+    models: dict[str, nn.Module],
+    prompt_ids: torch.Tensor,
+    prefill_ids: torch.Tensor,
+    decode_tokens: int,
+    rounds: int,
+    progress: bool | None = None,
+    label: str = "speed",
+) -> dict[str, SpeedRounds]:
+    """Decode and prefill speed of several models in alternating rounds: each round measures every model once,
+    in an order that reverses from one round to the next, so a clock change or a neighbour's burst of work
+    falls on all of them alike and the per-round ratios between models stay fair."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    out = {name: SpeedRounds() for name in models}
+    names = list(models)
+    with progress_bar(total=rounds * len(names), desc=label, progress=progress, leave=False) as bar:
+        for r in range(rounds):
+            for name in names if r % 2 == 0 else names[::-1]:
+                decode = decode_speed(models[name], prompt_ids, decode_tokens)
+                prefill = prefill_speed(models[name], prefill_ids, repeats=1)
+                out[name].decode_tokens_per_s.append(decode["decode_tokens_per_s"])
+                out[name].prefill_tokens_per_s.append(prefill["prefill_tokens_per_s"])
+                out[name].greedy_tokens = decode["tokens"]
+                bar.update()
+    return out

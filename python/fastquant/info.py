@@ -16,6 +16,11 @@ import fastquant
 from fastquant import _native
 
 
+def compiler_name(version: str) -> str:
+    """The compiler's ``__VERSION__`` with its name: GCC's is the bare number ("12.2.0"), Clang's names itself."""
+    return f"gcc {version}" if version[:1].isdigit() else version
+
+
 def info_lines() -> list[str]:
     lines = [
         f"fastquant {fastquant.__version__}",
@@ -25,7 +30,9 @@ def info_lines() -> list[str]:
         lines.append(f"native extension: NOT LOADED ({_native.load_error}); every op runs the reference kernels")
         return lines
     build = _native.native.build_info()
-    lines.append(f"native extension: built for torch {build['torch_version']} with {build['compiler']}")
+    lines.append(
+        f"native extension: built for torch {build['torch_version']}, compiler {compiler_name(build['compiler'])}"
+    )
     if build["cuda"]:
         lines.append(f"CUDA kernels: built (CUDA {build['cuda_version']}, archs {build['cuda_archs']})")
     else:

@@ -33,6 +33,9 @@ from fastquant.modules import Int8Linear, SparseLinear
 # that patching a model with dozens of distinct shapes takes well under a second per shape.
 WARMUP_CALLS = 3
 TIMED_CALLS = 25
+# fastquant.patch times no layer with fewer weights (64K: 256 KiB in float32): at one token either kernel
+# takes a few microseconds, mostly the call itself, and timing it would cost more than the choice can save.
+MIN_TIMED_WEIGHTS = 2**16
 
 
 @dataclass(frozen=True)

@@ -119,5 +119,31 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32) -> LoadedM
     return LoadedModel(folder.name, kind, model.eval(), tokenizer, str(folder))
 
 
+def from_pretrained(folder: str | os.PathLike) -> tuple[nn.Module, object | None]:
+    """Rebuild the model that ``fastquant compress -o FOLDER`` wrote, in one call: the architecture from its
+    config.json, the compressed layers and weights from its checkpoint (:func:`fastquant.load`), and its
+    tokenizer where the folder has one. Returns ``(model, tokenizer or None)``, the model in eval mode."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    from fastquant.serialization import _MANIFEST_DTYPES, checkpoint_path, load, read_manifest
+
+    folder = Path(folder)
+    checkpoint = checkpoint_path(folder)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{folder}: expected {folder / 'config.json'} (the model config `fastquant compress` writes next to "
+            f"{checkpoint.name}); without it, build the model yourself and call fastquant.load(model, {folder})"
+        )
+    config = AutoConfig.from_pretrained(folder)
+    loader = AutoModelForCausalLM if _kind_of(config) == "causal-lm" else AutoModel
+    # The float tensors (embeddings, norms) are stored in the activation dtype of the compressed layers.
+    layer_dtypes = {spec.get("dtype") for spec in read_manifest(checkpoint)["layers"].values()}
+    dtype = _MANIFEST_DTYPES.get(layer_dtypes.pop(), torch.float32) if len(layer_dtypes) == 1 else torch.float32
+    model = loader.from_config(config, dtype=dtype)
+    load(model, checkpoint)
+    tokenizer = AutoTokenizer.from_pretrained(folder) if _has_tokenizer(folder) else None
+    return model.eval(), tokenizer
+
+
 def _has_tokenizer(folder: Path) -> bool:
     return any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"))

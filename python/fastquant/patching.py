@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -10,7 +11,7 @@ from torch import Tensor, nn
 
 from fastquant import _native
 from fastquant import pruning as pruning_lib
-from fastquant.kernel_choice import choose_kernel
+from fastquant.kernel_choice import MIN_TIMED_WEIGHTS, choose_kernel
 from fastquant.modules import SUPPORTED_GROUP_SIZES, Int8Linear, SparseLinear, is_quantizable_linear, linear_weight
 
 METHODS = ("int8", "sparse", "int8+sparse")
@@ -20,7 +21,16 @@ SPARSE_KERNELS = ("auto", "sparse", "csr16", "dense")
 # L1/L2 either way, and the per-call overhead dominates.
 MIN_WEIGHT_ELEMENTS = 4096
 
+# Magnitude pruning above this fraction ruins language models (SmolLM2-135M at 50%: 12.6x the float
+# perplexity), so it warns there.
+MAGNITUDE_WARN_SPARSITY = 0.3
+MAGNITUDE_METHODS = ("magnitude", "global-magnitude")
+
 FilterFn = Callable[[nn.Module, str], bool]
+
+
+class AlreadyPatchedError(ValueError):
+    """patch/prune was asked to compress layers that are compressed already."""
 
 
 @dataclass
@@ -98,16 +108,21 @@ def _select_layers(
     skip = tuple(skip)
     owners = _tensor_owners(model)
     chosen = []
+    patched = []
     for name, module in model.named_modules(remove_duplicate=False):
-        if not is_quantizable_linear(module) or isinstance(module, (Int8Linear, SparseLinear)):
+        compressed = isinstance(module, (Int8Linear, SparseLinear))
+        if not is_quantizable_linear(module) and not compressed:
             continue
-        weight = linear_weight(module)
         if _matches(name, skip):
             notes[name] = "skipped by name"
             continue
         if filter_fn is not None and not filter_fn(module, name):
             notes[name] = "rejected by filter_fn"
             continue
+        if compressed:
+            patched.append(f"{name} ({module.format})")
+            continue
+        weight = linear_weight(module)
         if weight.numel() < MIN_WEIGHT_ELEMENTS:
             notes[name] = f"too small to gain ({weight.numel()} weights < {MIN_WEIGHT_ELEMENTS})"
             continue
@@ -116,7 +131,74 @@ def _select_layers(
             notes[name] = f"weight tied to {', '.join(other_owners)}; pass quantize_tied=True to compress a copy"
             continue
         chosen.append((name, module, other_owners))
+    if patched:
+        # Compressing a compressed layer again would quantize or prune its already rounded weights: refuse
+        # rather than skip, so a second patch never looks as if it had done something.
+        raise AlreadyPatchedError(
+            f"{len(patched)} layers are compressed already: {', '.join(patched[:3])}"
+            f"{', ...' if len(patched) > 3 else ''}; patch a fresh float model, or leave these layers out "
+            "with skip= or filter_fn="
+        )
     return chosen
+
+
+def is_language_model(model: nn.Module) -> bool:
+    """A transformers causal or masked language model (by its architecture name)."""
+    config = getattr(model, "config", None)
+    names = [type(model).__name__, *(getattr(config, "architectures", None) or [])]
+    return any(n.endswith(("ForCausalLM", "LMHeadModel", "ForMaskedLM", "ForConditionalGeneration")) for n in names)
+
+
+def _pruning_calibration(
+    model: nn.Module, pruning: str, sparsity: float | None, pattern: str, calibration: Iterable | None, tokenizer
+) -> Iterable | None:
+    """Checks ``pruning`` and returns the calibration to prune with: ``calibration``, or, for a calibrated
+    method given none, the embedded calibration text tokenized by ``tokenizer`` (or the tokenizer saved with
+    the model, found through its ``name_or_path``). Warns (at the caller of patch/prune) when it falls back
+    to the embedded text, and when magnitude pruning is asked to go too far on a language model."""
+    if pruning not in pruning_lib.PRUNING_METHODS:
+        raise ValueError(f"unknown pruning {pruning!r}: expected one of {pruning_lib.PRUNING_METHODS}")
+    if pruning in MAGNITUDE_METHODS and is_language_model(model):
+        nm = pruning_lib.parse_pattern(pattern, sparsity)
+        fraction = 1 - nm[0] / nm[1] if nm is not None else sparsity
+        if fraction > MAGNITUDE_WARN_SPARSITY:
+            warnings.warn(
+                f"pruning={pruning!r} at {fraction:.0%} on a language model: magnitude pruning above "
+                f"{MAGNITUDE_WARN_SPARSITY:.0%} usually ruins its output (SmolLM2-135M at 50%: 12.6x the float "
+                f"perplexity); pruning={pruning_lib.DEFAULT_PRUNING!r} (the default) calibrates on text",
+                UserWarning,
+                stacklevel=3,
+            )
+    if calibration is not None or pruning not in pruning_lib.CALIBRATED_METHODS:
+        return calibration
+    if tokenizer is None:
+        tokenizer = _saved_tokenizer(model)
+    if tokenizer is None:
+        raise ValueError(
+            f"pruning={pruning!r} calibrates on model inputs: pass calibration= ({pruning_lib.CALIBRATION_FORM}), "
+            "or tokenizer= to calibrate on the embedded text; pruning='magnitude' needs no data but is far "
+            "less accurate"
+        )
+    warnings.warn(
+        f"pruning={pruning!r} without calibration: calibrating on {pruning_lib.DEFAULT_CALIBRATION_SEQUENCES} "
+        "windows of 256 tokens of the embedded text (Hamlet); pass calibration= to use your own data",
+        UserWarning,
+        stacklevel=3,
+    )
+    return pruning_lib.calibration_from_text(tokenizer)
+
+
+def _saved_tokenizer(model: nn.Module):
+    """The tokenizer in the folder a transformers model was loaded from, or None."""
+    folder = getattr(model, "name_or_path", None)
+    if not folder:
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(folder)
+    except (ImportError, OSError, ValueError):  # no transformers, or no tokenizer files there
+        return None
 
 
 def _untie(module: nn.Module) -> None:
@@ -132,13 +214,14 @@ def patch(
     group_size: int | None = None,
     sparsity: float | None = 0.5,
     pattern: str = "unstructured",
-    pruning: str = "magnitude",
+    pruning: str = pruning_lib.DEFAULT_PRUNING,
     calibration: Iterable | None = None,
+    tokenizer=None,
     skip: Iterable[str] = ("lm_head",),
     filter_fn: FilterFn | None = None,
     quantize_tied: bool = False,
     sparse_kernel: str = "auto",
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> nn.Module:
     """Replace the model's linear layers with compressed ones, in place, and return the model.
 
@@ -152,11 +235,15 @@ def patch(
         sparsity: fraction of each layer's weights to remove, in [0, 1) (sparse methods; implied by an N:M
             ``pattern``, where it may be None).
         pattern: ``"unstructured"`` or ``"N:M"`` (e.g. ``"2:4"``: at most N kept of every M input columns).
-        pruning: ``"magnitude"`` (per layer), ``"global-magnitude"``, ``"wanda"`` or ``"sparsegpt"``; the last
-            two need ``calibration``.
+        pruning: ``"sparsegpt"`` (the default), ``"wanda"`` (both calibrated), ``"magnitude"`` (per layer) or
+            ``"global-magnitude"``; the magnitude methods warn above 30% on a language model.
         calibration: an iterable of model inputs (LongTensors of token ids, or dicts of keyword arguments)
             for ``"wanda"`` and ``"sparsegpt"``; layers are calibrated in order, each on the activations of
-            the already-pruned layers before it.
+            the already-pruned layers before it. None: the sparse methods calibrate on 32 windows of 256
+            tokens of the embedded text (Hamlet), tokenized with ``tokenizer``, and say so with a warning;
+            ``"int8"`` rounds to nearest.
+        tokenizer: tokenizes the embedded calibration text when ``calibration`` is None (default: the
+            tokenizer saved in the model's ``name_or_path`` folder, if any).
         skip: layer names (full qualified names or single name components) to leave in float.
         filter_fn: ``filter_fn(module, qualified_name) -> bool``; only layers it accepts are compressed.
         quantize_tied: a linear weight shared with an embedding is left in float unless this is True;
@@ -165,12 +252,14 @@ def patch(
             ``"sparse"``: always the bitmap16 sparse format (smallest memory); ``"csr16"``: always the csr16
             layout (16-bit column per kept weight; in_features <= 65536); ``"dense"``: prune but keep dense
             weights.
-        progress: show progress bars while calibrating.
+        progress: progress bars while calibrating: None on a terminal only, True always, False never.
 
-    Sparse layers keep the fastest of the sparse kernels (bitmap16, and csr16 for very sparse layers) and the
-    dense kernel of the same numbers (float for ``"sparse"``, int8 for ``"int8+sparse"``), timed on this
-    machine for the layer's shape at decode (one token); pruned weights stay pruned either way. Layers left
-    alone and kernel choices keep a reason, shown by :func:`fastquant.report`.
+    Patching a layer that is compressed already raises :class:`AlreadyPatchedError` (leave it out with
+    ``skip`` or ``filter_fn`` to patch the rest). Sparse layers keep the fastest of the sparse kernels
+    (bitmap16, and csr16 for very sparse layers) and the dense kernel of the same numbers (float for
+    ``"sparse"``, int8 for ``"int8+sparse"``), timed on this machine for the layer's shape at decode (one
+    token); layers of fewer than 64K weights keep bitmap16 untimed. Pruned weights stay pruned either way.
+    Layers left alone and kernel choices keep a reason, shown by :func:`fastquant.report`.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: expected one of {METHODS}")
@@ -182,6 +271,8 @@ def patch(
         raise ValueError("group_size applies to the int8 methods; method='sparse' keeps float values")
     notes: dict[str, str] = getattr(model, "_fastquant_notes", {})
     chosen = _select_layers(model, skip, filter_fn, quantize_tied, notes)
+    if method != "int8":
+        calibration = _pruning_calibration(model, pruning, sparsity, pattern, calibration, tokenizer)
     if method == "int8" and calibration is None:
         _patch_int8(model, chosen, group_size, notes)
     elif method == "int8":
@@ -225,7 +316,7 @@ def _patch_int8_calibrated(
     chosen: list[tuple[str, nn.Module, list[str]]],
     group_size: int | None,
     calibration: Iterable,
-    progress: bool,
+    progress: bool | None,
     notes: dict[str, str],
 ) -> None:
     # GPTQ: SparseGPT's column-by-column quantization with nothing pruned. Each rounding error is pushed onto
@@ -242,6 +333,7 @@ def _patch_int8_calibrated(
         int8=True,
         group_size=group_size,
         progress=progress,
+        label="int8 GPTQ rounding",
     )
     replaced: dict[int, Int8Linear] = {}
     for name, module, other_owners in chosen:
@@ -265,7 +357,7 @@ def _patch_sparse(
     pruning: str,
     calibration: Iterable | None,
     sparse_kernel: str,
-    progress: bool,
+    progress: bool | None,
     notes: dict[str, str],
 ) -> None:
     int8 = method == "int8+sparse"
@@ -288,7 +380,13 @@ def _patch_sparse(
             result = pruned[name]
             sparse = SparseLinear.from_pruned(module, result.mask, result.qweight, result.scales, group_size, pattern)
             dense = Int8Linear.from_codes(module, result.qweight, result.scales, group_size) if int8 else module
-            if sparse_kernel == "auto":
+            if sparse_kernel == "auto" and sparse.out_features * sparse.in_features < MIN_TIMED_WEIGHTS:
+                replaced[storage] = sparse
+                notes[name] = (
+                    f"{pruning} {sparse.sparsity:.0%} pruned; sparse bitmap16 kept untimed (fewer than "
+                    f"{MIN_TIMED_WEIGHTS} weights: either kernel takes microseconds)"
+                )
+            elif sparse_kernel == "auto":
                 choice = choose_kernel(sparse, dense)
                 replaced[storage] = sparse.set_layout(choice.layout) if choice.winner == "sparse" else dense
                 notes[name] = f"{pruning} {choice.describe()}"
@@ -307,11 +405,12 @@ def prune(
     *,
     sparsity: float | None = 0.5,
     pattern: str = "unstructured",
-    pruning: str = "magnitude",
+    pruning: str = pruning_lib.DEFAULT_PRUNING,
     calibration: Iterable | None = None,
+    tokenizer=None,
     skip: Iterable[str] = ("lm_head",),
     filter_fn: FilterFn | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> dict[str, Tensor]:
     """Prune the model's linear layers in place and keep them dense; returns each layer's keep-mask.
 
@@ -322,6 +421,7 @@ def prune(
     notes: dict[str, str] = getattr(model, "_fastquant_notes", {})
     layers = {name: module for name, module, _ in _select_layers(model, skip, filter_fn, False, notes)}
     model._fastquant_notes = notes
+    calibration = _pruning_calibration(model, pruning, sparsity, pattern, calibration, tokenizer)
     results = pruning_lib.prune_layers(
         model, layers, sparsity=sparsity, pattern=pattern, pruning=pruning, calibration=calibration, progress=progress
     )

@@ -27,10 +27,10 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from fastquant import reference
+from fastquant.choices import CALIBRATED_METHODS, DEFAULT_CALIBRATION_SEQUENCES, DEFAULT_PRUNING, PRUNING_METHODS
 from fastquant.modules import SUPPORTED_GROUP_SIZES, is_quantizable_linear, linear_weight
+from fastquant.progress import progress_bar
 
-PRUNING_METHODS = ("magnitude", "global-magnitude", "wanda", "sparsegpt")
-CALIBRATED_METHODS = ("wanda", "sparsegpt")
 PATTERNS_HELP = "'unstructured' or 'N:M' (keep N of every M consecutive input columns, e.g. '2:4', '4:8')"
 CALIBRATION_FORM = (
     "an iterable of model inputs: LongTensors of token ids of shape (batch, seq), each called as model(ids), "
@@ -695,7 +695,8 @@ def prune_layers(
     calibration: Iterable | None,
     int8: bool = False,
     group_size: int | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
+    label: str | None = None,
 ) -> dict[str, PrunedLayer]:
     """Prune ``layers`` (name -> nn.Linear or transformers Conv1D, all inside ``model``) in place.
 
@@ -708,6 +709,8 @@ def prune_layers(
         calibration: model inputs, see :data:`CALIBRATION_FORM`; ignored by the magnitude methods.
         int8: also quantize to int8 (SparseGPT jointly, compensating the rounding error; the others after
             pruning) with scales per output channel (``group_size`` None) or per group of 32..256.
+        progress: a progress bar per layer: None on a terminal only, True always, False never.
+        label: the bar's description (default ``"pruning (<method>)"``).
 
     Each layer's float weight is replaced: pruned (SparseGPT: and compensated; with int8: the dequantized
     int8 weight). Returns name -> :class:`PrunedLayer`.
@@ -724,6 +727,7 @@ def prune_layers(
         int8=int8,
         group_size=group_size,
         progress=progress,
+        label=label,
         fast_path=True,
     )
 
@@ -738,8 +742,9 @@ def _prune_layers(
     calibration: Iterable | None,
     int8: bool,
     group_size: int | None,
-    progress: bool,
+    progress: bool | None,
     fast_path: bool,
+    label: str | None = None,
 ) -> dict[str, PrunedLayer]:
     if pruning not in PRUNING_METHODS:
         raise ValueError(f"unknown pruning {pruning!r}: expected one of {PRUNING_METHODS}")
@@ -780,7 +785,10 @@ def _prune_layers(
         )
 
     results: dict[str, PrunedLayer] = {}
-    with torch.inference_mode(), tqdm(total=len(unique), desc=f"pruning ({pruning})", disable=not progress) as bar:
+    with (
+        torch.inference_mode(),
+        progress_bar(total=len(unique), desc=label or f"pruning ({pruning})", progress=progress) as bar,
+    ):
         if pruning == "global-magnitude":
             masks = global_magnitude_masks([_weight_view(layer) for layer in unique.values()], sparsity)
             for (name, layer), mask in zip(unique.items(), masks, strict=True):
@@ -837,7 +845,7 @@ def calibration_text() -> str:
 def calibration_from_text(
     tokenizer,
     text: str | None = None,
-    n_sequences: int = 32,
+    n_sequences: int = DEFAULT_CALIBRATION_SEQUENCES,
     seq_len: int = 256,
     batch_size: int = 8,
 ) -> list[Tensor]:
@@ -859,12 +867,12 @@ def prune_model(
     *,
     sparsity: float | None = 0.5,
     pattern: str = "unstructured",
-    pruning: str = "sparsegpt",
+    pruning: str = DEFAULT_PRUNING,
     calibration: Iterable | None = None,
     int8: bool = False,
     group_size: int | None = None,
     skip: Iterable[str] = ("lm_head",),
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> dict[str, PrunedLayer]:
     """Prune every linear layer of ``model`` chosen by :func:`prunable_layers` (embeddings and lm_head stay
     dense); see :func:`prune_layers` for the arguments."""

@@ -10,6 +10,9 @@ metadata under the key ``"fastquant"`` (so one file carries weights and manifest
      "tensors": {"<state-dict name>": {"sha256": "...", "dtype": "int8", "shape": [576, 576]}, ...},
      "aliases": {"lm_head.weight": "model.embed_tokens.weight"}}
 
+``fastquant compress`` writes it as :data:`CHECKPOINT_FILE` in its output folder, next to the model's
+config and tokenizer; :func:`load` accepts that folder or the file itself.
+
 Tensors that share storage (tied embeddings) are written once; ``aliases`` maps the other names to it.
 Loading reads the header with the safetensors parser (no code execution), checks the version, the
 architecture (every state-dict name and shape) and every tensor's sha256 before touching the model.
@@ -33,6 +36,7 @@ from fastquant.modules import Int8Linear, SparseLinear, is_quantizable_linear
 FORMAT_NAME = "fastquant"
 FORMAT_VERSION = 1
 METADATA_KEY = "fastquant"
+CHECKPOINT_FILE = "model.fastquant.safetensors"
 # dtype names a manifest may use, looked up in this table (never with getattr on torch).
 _MANIFEST_DTYPES = {name: getattr(torch, name) for name in ("float32", "bfloat16", "float16", "int8")}
 
@@ -121,7 +125,35 @@ def save(model: nn.Module, path: str | os.PathLike, *, method: str | None = None
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(manifest, sort_keys=True)})
+    # safetensors creates the file private (0600); a checkpoint is shared like any other output file.
+    path.chmod(0o666 & ~_umask())
     return manifest
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
+def checkpoint_path(path: str | os.PathLike) -> Path:
+    """The checkpoint file for ``path``: the file itself, or :data:`CHECKPOINT_FILE` in a folder (what
+    ``fastquant compress -o FOLDER`` writes). Raises FileNotFoundError naming the file expected."""
+    path = Path(path)
+    if path.is_dir():
+        file = path / CHECKPOINT_FILE
+        if not file.is_file():
+            raise FileNotFoundError(
+                f"no fastquant checkpoint in the folder {path}: expected {file} (written by "
+                "`fastquant compress -o FOLDER` or fastquant.save)"
+            )
+        return file
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no fastquant checkpoint at {path}: no such file (give the .safetensors file fastquant.save wrote, "
+            f"or the folder `fastquant compress` wrote, which holds {CHECKPOINT_FILE})"
+        )
+    return path
 
 
 def _fastquant_version() -> str:
@@ -131,10 +163,9 @@ def _fastquant_version() -> str:
 
 
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
-    """The manifest of a fastquant checkpoint, validated for format and version (tensors not read)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no fastquant checkpoint at {path}")
+    """The manifest of a fastquant checkpoint (a file, or a folder holding :data:`CHECKPOINT_FILE`), validated
+    for format and version (tensors not read)."""
+    path = checkpoint_path(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
@@ -208,11 +239,14 @@ def _patch_to_match(model: nn.Module, layers: dict[str, dict[str, Any]], path: P
 def load(model: nn.Module, path: str | os.PathLike, *, verify: bool = True) -> nn.Module:
     """Load a checkpoint written by :func:`save` into ``model`` (a float model of the same architecture).
 
+    ``path``: the checkpoint file, or the folder ``fastquant compress`` wrote (see :func:`checkpoint_path`);
+    :func:`fastquant.from_pretrained` also rebuilds the model from that folder.
+
     The model is patched to match the checkpoint's per-layer manifest, then every weight is copied in.
     Raises :class:`FastquantFormatError` (a ValueError) naming the problem when the file is truncated,
     corrupted, edited, newer than this fastquant, or for a different architecture. Returns the model.
     """
-    path = Path(path)
+    path = checkpoint_path(path)
     manifest = read_manifest(path)
     expected_class = manifest.get("model_class")
     if expected_class and expected_class != type(model).__name__:
