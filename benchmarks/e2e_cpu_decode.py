@@ -45,7 +45,7 @@ import torch
 import fastquant
 from fastquant import _native
 from fastquant.evaluate import cpu_model
-from fastquant.models import load_model, smollm2_gguf
+from fastquant.models import load_model, random_llama_1b, smollm2_gguf
 
 RESULTS = Path(__file__).parent / "results"
 PROMPT = "To be, or not to be, that is the question:"
@@ -140,38 +140,6 @@ def requantize(source: Path, ftype_name: str, folder: Path) -> Path:
     return out
 
 
-def build_llama1b(seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=32000,
-        max_position_embeddings=4096,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(seed)
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    # Random weights without the slow default initializers: N(0, 0.02) as Llama's own init, norms at 1.
-    model = model.to_empty(device="cpu")
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.02)
-            else:
-                p.fill_(1.0)
-        for module in model.modules():  # buffers (rotary inv_freq) are recomputed, not random
-            if hasattr(module, "rope_init_fn"):
-                inv_freq, _ = module.rope_init_fn(module.config, torch.device("cpu"))
-                module.inv_freq.copy_(inv_freq)
-                module.original_inv_freq = inv_freq
-    return model.eval()
-
-
 def fastquant_variants(base, args, max_cache_len: int) -> list[Contender]:
     contenders = []
     for label, kwargs in (
@@ -211,7 +179,7 @@ def run_model(name: str, args) -> dict:
         prompt = tokenizer(PROMPT, return_tensors="pt").input_ids
         vocab = tokenizer.vocab_size
     else:
-        base = build_llama1b()
+        base = random_llama_1b()
         vocab = base.config.vocab_size
         prompt = torch.randint(1, vocab, (1, 12), generator=torch.Generator().manual_seed(1))
     contenders = float_variants(base, max_cache_len) + fastquant_variants(base, args, max_cache_len)

@@ -1,12 +1,12 @@
 """End-to-end batch-1 greedy decode on the GPU: a Llama-shaped ~1B model, bf16 vs fastquant int8.
 
-The model is built from a transformers ``LlamaConfig`` with random weights (hidden 2048, intermediate 8192,
-16 layers, 32 heads, 8 kv heads, vocab 32000): nothing is downloaded. Tokens/s of ``model.generate``
+The model is ``fastquant.models.random_llama_1b`` (random weights; hidden 2048, intermediate 8192, 16 layers,
+32 heads, 8 kv heads, vocab 32000): nothing is downloaded. Tokens/s of ``model.generate``
 (greedy, fixed ``max_new_tokens`` = ``min_new_tokens``, after a warm-up generate) for:
 
 * ``eager``: the default dynamic KV cache, every op launched from Python (launch-bound on a fast GPU),
-* ``compiled``: a static KV cache with the forward compiled in "reduce-overhead" mode (CUDA graphs), by
-  transformers' own auto-compile where it has one, else by ``torch.compile`` here,
+* ``compiled``: ``fastquant.compile_for_decode``: a static KV cache and the decode step compiled in
+  "reduce-overhead" mode (CUDA graphs),
 
 first with the bf16 model, then with a copy after ``fastquant.patch(model)`` (int8 per-channel; lm_head stays
 bf16, as patch() skips it by default). Appends its rows to ``<stem>.json`` / ``<stem>.md`` (the files of
@@ -27,41 +27,17 @@ from pathlib import Path
 import torch
 
 import fastquant
+from fastquant.models import random_llama_1b
 
 
-def build_model(seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=32000,
-        max_position_embeddings=4096,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(seed)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(config)
-    return model.to(torch.bfloat16).eval()
-
-
-def prepare(model, mode: str):
-    """Set the model up for a mode; returns the extra kwargs for generate()."""
-    from transformers import GenerationConfig
-
-    if mode == "eager":
-        return {}
-    kwargs = {"cache_implementation": "static"}
-    if not hasattr(GenerationConfig(), "compile_config"):  # older transformers: no auto-compile
-        model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
-    return kwargs
+def prepare(model, mode: str, max_cache_len: int) -> None:
+    """compiled: fastquant.compile_for_decode (static KV cache, CUDA graphs of the decode step)."""
+    if mode == "compiled":
+        fastquant.compile_for_decode(model, max_cache_len=max_cache_len)
 
 
 def tokens_per_second(model, mode: str, new_tokens: int, prompt_len: int, repeats: int) -> float:
-    kwargs = prepare(model, mode)
+    prepare(model, mode, prompt_len + new_tokens)
     gen = torch.Generator(device="cuda").manual_seed(1)
     input_ids = torch.randint(0, model.config.vocab_size, (1, prompt_len), device="cuda", generator=gen)
     attention_mask = torch.ones_like(input_ids)
@@ -74,7 +50,6 @@ def tokens_per_second(model, mode: str, new_tokens: int, prompt_len: int, repeat
             min_new_tokens=n,
             do_sample=False,
             pad_token_id=0,
-            **kwargs,
         )
 
     with torch.inference_mode():
@@ -150,7 +125,7 @@ def main() -> None:
     for mode in args.modes.split(","):
         row = {"mode": mode, "bf16_tok_s": None, "int8_tok_s": None, "speedup": None}
         try:
-            bf16_model = build_model()
+            bf16_model = random_llama_1b(device="cuda", dtype=torch.bfloat16)
             int8_model = fastquant.patch(copy.deepcopy(bf16_model))
             row["bf16_tok_s"] = tokens_per_second(bf16_model, mode, args.new_tokens, args.prompt_len, args.repeats)
             del bf16_model

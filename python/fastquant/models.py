@@ -147,3 +147,38 @@ def from_pretrained(folder: str | os.PathLike) -> tuple[nn.Module, object | None
 
 def _has_tokenizer(folder: Path) -> bool:
     return any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"))
+
+
+def random_llama_1b(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
+    """A Llama-shaped ~1.1B causal LM with random weights, for speed measurements where SmolLM2's layers are too
+    small for the kernels' gains to show (nothing to download): hidden 2048, intermediate 8192, 16 layers, 32
+    heads, 8 kv heads, vocab 32000, untied lm_head. Weights N(0, 0.02) as Llama's own init, norms at 1."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=32000,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+    )
+    # Built on the meta device and filled in place: the default initializers take minutes for 1.1B weights.
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model = model.to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.02, generator=gen)
+            else:
+                p.fill_(1.0)
+        for module in model.modules():  # rotary frequencies are computed, not random
+            if hasattr(module, "rope_init_fn"):
+                inv_freq, _ = module.rope_init_fn(module.config, torch.device(device))
+                module.inv_freq.copy_(inv_freq)
+                module.original_inv_freq = inv_freq
+    return model.to(dtype).eval()
