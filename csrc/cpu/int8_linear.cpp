@@ -31,14 +31,20 @@ ActDType act_dtype(const at::Tensor& x) {
   }
 }
 
+constexpr int64_t kFixedMinK = 2048;
+
 enum class Path { kPortable, kAvx2Fp32, kAvx512Fp32, kAvx512VnniFixed, kAvx512Bf16 };
 
 Path choose_path(Isa isa, int64_t m, int64_t k, int64_t group) {
 #if defined(__x86_64__) || defined(_M_X64)
   if (isa >= Isa::kAvx512) {
     if (m > kBf16MinRows && bf16_chunk(k, group) > 0) return Path::kAvx512Bf16;
-    // Fixed point sums whole 64-column steps per group (a group's end flushes its sums).
-    if (m == 1 && k <= kFixedPointMaxK && (group == k || group % 64 == 0)) return Path::kAvx512VnniFixed;
+    // Fixed point sums whole 64-column steps per group (a group's end flushes its sums). From K > 2048 only:
+    // streaming from DRAM (M = 1, benchmarks/results/decode-layer-dram-2026-12-06.md) it ran at 0.96-1.24x
+    // the fp32 kernel at K = 4096-11008 (1.3-1.4x from cache), but 0.76-0.90x at SmolLM2's K = 576 and 1536.
+    if (m == 1 && k > kFixedMinK && k <= kFixedPointMaxK && (group == k || group % 64 == 0)) {
+      return Path::kAvx512VnniFixed;
+    }
     return Path::kAvx512Fp32;
   }
   if (isa == Isa::kAvx2) return Path::kAvx2Fp32;

@@ -227,15 +227,34 @@ struct PlaneSums {
 };
 
 // One row's 64 columns: 4 vpdpbusd into its plane sums.
+template <bool FULL>
 __attribute__((always_inline)) inline void dot_step(PlaneSums& a, const int8_t* w, __mmask64 in, __m512i x0,
                                                     __m512i x1, __m512i x2, __m512i x3, __m512i sign_bits) {
   // Non-temporal prefetch a few KiB ahead in the row's own stream: the weight is used once.
   _mm_prefetch(reinterpret_cast<const char*>(w + FQ_PF_DIST), _MM_HINT_NTA);
-  const __m512i q = _mm512_maskz_loadu_epi8(in, w);
+  // Whole steps load unmasked: a masked load streamed SmolLM2's small rows from DRAM at half the speed.
+  const __m512i q = FULL ? _mm512_loadu_si512(w) : _mm512_maskz_loadu_epi8(in, w);
   a.s0 = dpbusd(a.s0, x0, q);
   a.s1 = dpbusd(a.s1, x1, q);
   a.s2 = dpbusd(a.s2, x2, q);
   a.s3 = dpbusd(a.s3, _mm512_xor_si512(q, sign_bits), x3);
+}
+
+// The R rows' step at column k: the 4 plane loads shared by the rows.
+template <int R, bool FULL>
+__attribute__((always_inline)) inline void rows_step(const uint8_t* planes, int64_t stride, int64_t k,
+                                                     __mmask64 in, const int8_t* w0, const int8_t* w1,
+                                                     const int8_t* w2, const int8_t* w3, PlaneSums& a0,
+                                                     PlaneSums& a1, PlaneSums& a2, PlaneSums& a3,
+                                                     __m512i sign_bits) {
+  const __m512i x0 = _mm512_loadu_si512(planes + k);
+  const __m512i x1 = _mm512_loadu_si512(planes + stride + k);
+  const __m512i x2 = _mm512_loadu_si512(planes + 2 * stride + k);
+  const __m512i x3 = _mm512_loadu_si512(planes + 3 * stride + k);
+  dot_step<FULL>(a0, w0 + k, in, x0, x1, x2, x3, sign_bits);
+  if (R > 1) dot_step<FULL>(a1, w1 + k, in, x0, x1, x2, x3, sign_bits);
+  if (R > 2) dot_step<FULL>(a2, w2 + k, in, x0, x1, x2, x3, sign_bits);
+  if (R > 2) dot_step<FULL>(a3, w3 + k, in, x0, x1, x2, x3, sign_bits);
 }
 
 inline int64_t plane_dot(const PlaneSums& a, int64_t top_bias) {
@@ -261,18 +280,15 @@ void fixed_rows(const Int8LinearProblem& p, int64_t j) {
     const int64_t k1 = k0 + G < K ? k0 + G : K;
     const __m512i zero = _mm512_setzero_si512();
     PlaneSums a0{zero, zero, zero, zero}, a1 = a0, a2 = a0, a3 = a0;
-    for (int64_t k = k0; k < k1; k += 64) {
-      // Past k1 (only at K's end: groups are whole 64-column steps) the weight load is masked and the planes
-      // are zero, so the masked-off lanes (q + 128 = 128 times a zero plane byte) add nothing.
-      const __mmask64 in = k1 - k >= 64 ? ~__mmask64{0} : (__mmask64{1} << (k1 - k)) - 1;
-      const __m512i x0 = _mm512_loadu_si512(planes + k);
-      const __m512i x1 = _mm512_loadu_si512(planes + stride + k);
-      const __m512i x2 = _mm512_loadu_si512(planes + 2 * stride + k);
-      const __m512i x3 = _mm512_loadu_si512(planes + 3 * stride + k);
-      dot_step(a0, w0 + k, in, x0, x1, x2, x3, sign_bits);
-      if (R > 1) dot_step(a1, w1 + k, in, x0, x1, x2, x3, sign_bits);
-      if (R > 2) dot_step(a2, w2 + k, in, x0, x1, x2, x3, sign_bits);
-      if (R > 2) dot_step(a3, w3 + k, in, x0, x1, x2, x3, sign_bits);
+    int64_t k = k0;
+    for (; k + 64 <= k1; k += 64) {
+      rows_step<R, true>(planes, stride, k, 0, w0, w1, w2, w3, a0, a1, a2, a3, sign_bits);
+    }
+    // Past k1 (only at K's end: groups are whole 64-column steps) the weight load is masked and the planes
+    // are zero, so the masked-off lanes (q + 128 = 128 times a zero plane byte) add nothing.
+    if (k < k1) {
+      const __mmask64 in = (__mmask64{1} << (k1 - k)) - 1;
+      rows_step<R, false>(planes, stride, k, in, w0, w1, w2, w3, a0, a1, a2, a3, sign_bits);
     }
     const int64_t top_bias = 128 * p.x_fixed_top_sums[g];
     const PlaneSums* sums[4] = {&a0, &a1, &a2, &a3};
@@ -290,18 +306,13 @@ void fixed_rows(const Int8LinearProblem& p, int64_t j) {
   }
 }
 
-// Rows one at a time up to K = kFixedOneRowMaxK, where the 4 planes (4K bytes) stay in L1 and one sequential
-// weight stream ran fastest (2 or 4 interleaved rows took 1.3-2x longer from DRAM at K = 576); 4 rows per
-// pass beyond, where each row would re-read the planes from L2 (1 row took 2.5x longer at K = 11008).
-constexpr int64_t kFixedOneRowMaxK = 2048;
-
 template <bool GROUPED>
 void fixed_run(const Int8LinearProblem& p, int64_t n_begin, int64_t n_end) {
+  // 4 rows per pass share the plane loads: one row per pass re-read the planes (4K bytes, past L1 at large K)
+  // for every row, 2.5x slower at K = 11008.
   int64_t j = n_begin;
-  if (p.k > kFixedOneRowMaxK) {
-    for (; j + 4 <= n_end; j += 4) fixed_rows<4, GROUPED>(p, j);
-    for (; j + 2 <= n_end; j += 2) fixed_rows<2, GROUPED>(p, j);
-  }
+  for (; j + 4 <= n_end; j += 4) fixed_rows<4, GROUPED>(p, j);
+  for (; j + 2 <= n_end; j += 2) fixed_rows<2, GROUPED>(p, j);
   for (; j < n_end; ++j) fixed_rows<1, GROUPED>(p, j);
 }
 
