@@ -279,11 +279,14 @@ def test_demo_writes_each_row_as_it_finishes(llama_dir, tmp_path, monkeypatch):
 
 
 def test_command_output_has_no_progress_bars_off_a_terminal(llama_dir, tmp_path):
+    import os
     import subprocess
     import sys
 
+    # cli.main called in this process quietened tqdm through the environment; a user's shell has no such thing.
+    env = {k: v for k, v in os.environ.items() if k not in ("TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS")}
     command = [sys.executable, "-m", "fastquant.cli", "compress", str(llama_dir), "-o", str(tmp_path / "out")]
-    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    done = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
     assert "it/s]" not in done.stderr and "it/s]" not in done.stdout  # neither ours nor transformers' bars
-    shown = subprocess.run([*command, "--progress"], capture_output=True, text=True, check=True)
+    shown = subprocess.run([*command, "--progress"], capture_output=True, text=True, check=True, env=env)
     assert "it/s]" in shown.stderr
