@@ -218,7 +218,9 @@ def test_edited_alias_in_an_unsigned_file_is_refused(tmp_path):
         manifest["aliases"]["lm_head.weight"] = "model.embed_tokens.weight"
 
     _rewrite(path2, alias)
-    with pytest.raises(FastquantFormatError, match="alias 'lm_head.weight' -> 'model.embed_tokens.weight' is not a tie"):
+    with pytest.raises(
+        FastquantFormatError, match="alias 'lm_head.weight' -> 'model.embed_tokens.weight' is not a tie"
+    ):
         fastquant.load(fresh_like(model), path2)
 
 

@@ -164,7 +164,9 @@ def protect_file(
     sign_key: Ed25519PrivateKey | None = None,
     encryption_key: bytes | None = None,
 ) -> dict[str, Any]:
-    """Sign and/or encrypt a checkpoint written by :func:`fastquant.save`, in place (atomically). Returns the manifest."""
+    """Sign and/or encrypt a checkpoint written by :func:`fastquant.save`, in place (atomically).
+
+    Returns the new manifest."""
     from fastquant.serialization import METADATA_KEY, _sha256, read_manifest
 
     path = Path(path)
@@ -218,7 +220,11 @@ class Verified:
             raise ProtectionError(
                 f"{self.path}: tensor {name!r} fails AES-GCM authentication (tampered ciphertext or moved tensor)"
             ) from None
-        return torch.frombuffer(bytearray(plain), dtype=torch.uint8).view(TENSOR_DTYPES[entry["dtype"]][0]).reshape(entry["shape"])
+        return (
+            torch.frombuffer(bytearray(plain), dtype=torch.uint8)
+            .view(TENSOR_DTYPES[entry["dtype"]][0])
+            .reshape(entry["shape"])
+        )
 
 
 def _header_metadata(path: Path) -> dict[str, str]:
@@ -269,7 +275,11 @@ def check_before_loading(
             raise ProtectionError(f"{path}: the manifest and the stored tensors disagree (file edited?)")
         for name in names:
             entry = tensors[name]
-            if not isinstance(entry, dict) or entry.get("dtype") not in TENSOR_DTYPES or not _is_shape(entry.get("shape")):
+            if (
+                not isinstance(entry, dict)
+                or entry.get("dtype") not in TENSOR_DTYPES
+                or not _is_shape(entry.get("shape"))
+            ):
                 raise ProtectionError(f"{path}: invalid manifest entry for tensor {name!r}")
             stored = f.get_slice(name)
             got_dtype, got_shape = stored.get_dtype(), list(stored.get_shape())
