@@ -11,7 +11,7 @@ the wrong type or out of range (400, naming the field), unknown model (404), pro
 max_tokens over the cap (400). Any other failure is a 500 for that request alone: the replica keeps serving.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: FastAPI reads the route signatures (Request) at runtime.
 
 import asyncio
 import logging
@@ -108,7 +108,7 @@ class _Generation:
             def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> bool:
                 return generation.cancel.is_set()
 
-        self.model, self.tokenizer = model, tokenizer
+        self.model = model
         self.streamer = Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=None)
         self.stopping = Cancelled()
         self.cancel = threading.Event()
@@ -129,7 +129,6 @@ class _Generation:
                     attention_mask=torch.ones_like(input_ids),
                     streamer=self.streamer,
                     stopping_criteria=StoppingCriteriaList([self.stopping]),
-                    tokenizer=self.tokenizer,
                     **options,
                 )
         except BaseException as exc:  # reported to the request, never to the replica
@@ -138,7 +137,10 @@ class _Generation:
 
 
 class _StopText:
-    """Cuts generated text at the first stop sequence, holding back a tail that could be the start of one."""
+    """Cuts generated text at the first stop sequence, holding back a tail that could be the start of one.
+
+    Not generate's ``stop_strings``: those also match across the end of the prompt, and OpenAI's ``stop`` applies
+    to the generated text only. A match cancels the generation at its next token."""
 
     def __init__(self, stops: list[str]) -> None:
         self.stops = stops
@@ -297,8 +299,6 @@ class FastquantLM:
             options["do_sample"] = False
         else:
             options.update(do_sample=True, temperature=req.temperature, top_p=req.top_p, top_k=0)
-        if req.stops():
-            options["stop_strings"] = req.stops()
         return options
 
     # ------------------------------------------------------------------------------------------ serving

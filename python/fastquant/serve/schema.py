@@ -32,29 +32,31 @@ class _Sampling(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    stop: StopText | list[StopText] | None = None
+    stop: Annotated[list[StopText], Field(max_length=MAX_STOP_SEQUENCES)] | None = None
     stream: bool = False
     n: int = Field(default=1, ge=1, le=1)  # one choice per request: clients needing more send more requests
     seed: int | None = Field(default=None, ge=0, lt=2**63)
 
-    @field_validator("stop")
+    # OpenAI accepts a string or a list for these; one type (a list) keeps error locations simple ("stop.0").
+    @field_validator("stop", mode="before")
     @classmethod
-    def _few_stops(cls, stop: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(stop, list) and len(stop) > MAX_STOP_SEQUENCES:
-            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
-        return stop
+    def _stop_list(cls, stop: object) -> object:
+        return [stop] if isinstance(stop, str) else stop
 
     def stops(self) -> list[str]:
-        if self.stop is None:
-            return []
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+        return list(self.stop or [])
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
+    prompt: Annotated[list[str], Field(min_length=1, max_length=1)]  # one prompt per request
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt_list(cls, prompt: object) -> object:
+        return [prompt] if isinstance(prompt, str) else prompt
 
     def text(self) -> str:
-        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+        return self.prompt[0]
 
 
 class ChatMessage(BaseModel):
@@ -80,5 +82,7 @@ def parse(model: type[_Sampling], body: bytes) -> _Sampling:
         error = exc.errors(include_url=False)[0]
         if error["type"] in ("json_invalid", "json_type"):
             raise RequestError(400, f"the request body is not a JSON object: {error['msg']}") from None
-        param = ".".join(str(p) for p in error["loc"]) or None
+        if not error["loc"]:
+            raise RequestError(400, f"the request body is not a JSON object: {error['msg']}") from None
+        param = ".".join(str(p) for p in error["loc"])
         raise RequestError(400, f"invalid {param}: {error['msg']}", param=param) from None
