@@ -69,10 +69,13 @@ def test_signed_round_trip_names_the_signer(tmp_path, sign_key):
     assert loaded._fastquant_checkpoint["signer"] == protect.fingerprint(protect.read_public_key(public))
 
 
-@pytest.mark.parametrize("method,kwargs", [("int8", {}), ("sparse", dict(sparsity=0.6, sparse_kernel="sparse"))])
+SPARSE = dict(sparsity=0.6, sparse_kernel="sparse", pruning="magnitude", progress=False)
+
+
+@pytest.mark.parametrize("method,kwargs", [("int8", {}), ("sparse", SPARSE)])
 def test_encrypted_round_trip_is_bit_exact_and_hides_the_weights(tmp_path, sign_key, method, kwargs):
     private, public = sign_key
-    model, path = _saved(tmp_path, method, progress=False, **kwargs) if method == "sparse" else _saved(tmp_path)
+    model, path = _saved(tmp_path, method, **kwargs)
     key = protect.new_encryption_key()
     protect.protect_file(path, sign_key=private, encryption_key=key)
     raw = path.read_bytes()
@@ -242,7 +245,7 @@ def test_huge_layer_claim_is_refused_before_allocating(tmp_path, monkeypatch):
 
 
 def test_csr16_masks_that_disagree_with_row_offsets_are_refused(tmp_path):
-    model = fastquant.patch(tiny_llama(), "sparse", sparsity=0.6, sparse_kernel="sparse", progress=False)
+    model = fastquant.patch(tiny_llama(), "sparse", **SPARSE)
     name = "model.layers.0.mlp.up_proj"
     model.get_submodule(name).set_layout("csr16")
     path = tmp_path / "m.safetensors"

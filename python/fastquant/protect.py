@@ -32,12 +32,26 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from cryptography.exceptions import InvalidSignature, InvalidTag
-from cryptography.hazmat.primitives import serialization as crypto_serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+try:
+    from cryptography.exceptions import InvalidSignature, InvalidTag
+    from cryptography.hazmat.primitives import serialization as crypto_serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    _CRYPTO_ERROR: ImportError | None = None
+except ImportError as exc:  # plain checkpoints load without it; protected ones say what to install
+    _CRYPTO_ERROR = exc
+
+
+def _need_crypto(what: str) -> None:
+    if _CRYPTO_ERROR is not None:
+        raise ProtectionError(
+            f"{what} needs the cryptography package: pip install 'fastquant[protect]' ({_CRYPTO_ERROR})"
+        )
+
 
 SIGNATURE_KEY = "fastquant_signature"
 SIGNER_KEY = "fastquant_signer"
@@ -57,6 +71,7 @@ class ProtectionError(ValueError):
 
 # ---------------------------------------------------------------------------------------------- keys
 def new_encryption_key() -> bytes:
+    _need_crypto("an encryption key")
     return AESGCM.generate_key(bit_length=256)
 
 
@@ -101,6 +116,7 @@ def key_id(key: bytes) -> str:
 
 def new_signing_key(path: str | os.PathLike) -> tuple[Path, Path]:
     """Write a new Ed25519 private key (PEM, owner-only) to ``path`` and its public key to ``path`` + ``.pub``."""
+    _need_crypto("a signing key")
     path = Path(path)
     private = Ed25519PrivateKey.generate()
     pem = private.private_bytes(
@@ -121,6 +137,7 @@ def new_signing_key(path: str | os.PathLike) -> tuple[Path, Path]:
 
 
 def read_signing_key(path: str | os.PathLike) -> Ed25519PrivateKey:
+    _need_crypto("signing")
     key = crypto_serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
     if not isinstance(key, Ed25519PrivateKey):
         raise ProtectionError(f"{path}: not an Ed25519 private key")
@@ -129,6 +146,7 @@ def read_signing_key(path: str | os.PathLike) -> Ed25519PrivateKey:
 
 def read_public_key(source: str | os.PathLike | bytes | Ed25519PublicKey) -> Ed25519PublicKey:
     """A trusted signer: an Ed25519PublicKey, its 32 raw bytes, or a PEM file."""
+    _need_crypto("checking a signature")
     if isinstance(source, Ed25519PublicKey):
         return source
     if isinstance(source, bytes) and len(source) == 32:
@@ -169,6 +187,7 @@ def protect_file(
     Returns the new manifest."""
     from fastquant.serialization import METADATA_KEY, _sha256, read_manifest
 
+    _need_crypto("protecting a checkpoint")
     path = Path(path)
     manifest = read_manifest(path)
     if "encryption" in manifest:
@@ -209,7 +228,7 @@ class Verified:
     path: Path
     signer: str | None  # fingerprint of a trusted signer that signed the manifest, None when unsigned
     encrypted: bool
-    _aead: AESGCM | None = field(default=None, repr=False)
+    _aead: Any = field(default=None, repr=False)  # an AESGCM for encrypted checkpoints
 
     def decrypt(self, name: str, stored: torch.Tensor, entry: dict[str, Any]) -> torch.Tensor:
         if self._aead is None:
@@ -259,6 +278,7 @@ def check_before_loading(
     if encryption is not None:
         if not isinstance(encryption, dict) or encryption.get("algorithm") != ENCRYPTION_ALGORITHM:
             raise ProtectionError(f"{path}: unknown encryption {encryption!r}")
+        _need_crypto(f"{path}: decrypting")
         key = decryption_key if decryption_key is not None else encryption_key_from_env()
         if key is None:
             raise ProtectionError(
@@ -328,6 +348,7 @@ def _check_signature(
         if trusted is not None:
             raise ProtectionError(f"{path}: the checkpoint is not signed, and a signature by a trusted key is required")
         return None
+    _need_crypto(f"{path}: checking its signature")
     try:
         public = Ed25519PublicKey.from_public_bytes(base64.b64decode(signer or "", validate=True))
         raw_signature = base64.b64decode(signature, validate=True)
