@@ -184,6 +184,7 @@ def test_completion_matches_local_greedy_generation(server):
         json={"model": "tiny-int8", "prompt": prompt, "max_tokens": 8, "temperature": 0},
     )
     assert r.status_code == 200, r.text
+    assert r.headers["x-fastquant-replica"]
     body = r.json()
     assert body["object"] == "text_completion" and body["model"] == "tiny-int8"
     _, tokenizer = _local_greedy(server, [0], 1)

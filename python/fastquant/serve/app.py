@@ -197,6 +197,8 @@ class FastquantLM:
         if self.tokenizer is None:
             raise ValueError(f"{config.checkpoint}: no tokenizer files next to the checkpoint; serving needs one")
         self.replica = serve.get_replica_context().replica_id.unique_id
+        # Which replica answered: lets a load test measure how the requests were spread.
+        self._served_by = {"X-Fastquant-Replica": self.replica}
         loaded = self.model._fastquant_checkpoint
         self.audit.load(
             checkpoint_path(config.checkpoint),
@@ -321,7 +323,7 @@ class FastquantLM:
             return _error(RequestError(500, "internal error", code="server_error"))
         stream = self._generate(req, ids, options, path, start, key)
         if req.stream:
-            return StreamingResponse(stream, media_type="text/event-stream")
+            return StreamingResponse(stream, media_type="text/event-stream", headers=self._served_by)
         pieces, finish, usage, failed = [], "length", {}, False
         async for event in stream:
             kind, value = event
@@ -333,7 +335,7 @@ class FastquantLM:
                 failed = True
         if failed:
             return _error(RequestError(500, "generation failed", code="server_error"))
-        return JSONResponse(self._answer(req, path, "".join(pieces), finish, usage))
+        return JSONResponse(self._answer(req, path, "".join(pieces), finish, usage), headers=self._served_by)
 
     def _answer(self, req: Any, path: str, text: str, finish: str, usage: dict[str, int]) -> dict[str, Any]:
         if path == "/v1/chat/completions":
