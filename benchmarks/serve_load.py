@@ -5,7 +5,7 @@ Phases, each against a fresh local Ray Serve application on 127.0.0.1:
 1. ``replicas=2``: ``--concurrency`` streaming clients send ``--requests`` completions of mixed prompt lengths and
    ``max_tokens``; reports throughput (requests/s, generated tokens/s), p50/p99 latency and time to first token,
    errors (expected 0) and the share of requests each replica served (the ``X-Fastquant-Replica`` header).
-2. The same load, and once a third of it is done the process of one replica is killed (SIGKILL). The service
+2. The same load, and once a third of it is done one replica's process is killed (``ray.kill``). The service
    must keep answering and Ray Serve must restart the replica: every request either succeeds or gets an HTTP
    error or a dropped connection (counted apart: a client retries those); none may hang (each request has a
    timeout, the whole phase a deadline). Reports whether the replica count was back to 2 at the end.
@@ -27,7 +27,6 @@ import json
 import multiprocessing as mp
 import os
 import random
-import signal
 import statistics
 import sys
 import tempfile
@@ -128,11 +127,19 @@ def _summary(results: list[dict[str, Any]], wall: float) -> dict[str, Any]:
     }
 
 
-def _replica_pids() -> list[int]:
-    from ray.util.state import list_actors
+def _replicas() -> list[str]:
+    """The live FastquantLM replica actors, by name (Ray's named actors: no dashboard needed)."""
+    import ray
 
-    actors = list_actors(filters=[("class_name", "=", "ServeReplica:fastquant:FastquantLM"), ("state", "=", "ALIVE")])
-    return [a.pid for a in actors]
+    prefix = "SERVE_REPLICA::fastquant#FastquantLM#"
+    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)]
+
+
+def _running_replicas() -> int:
+    from ray import serve
+
+    deployment = serve.status().applications["fastquant"].deployments["FastquantLM"]
+    return deployment.replica_states.get("RUNNING", 0)
 
 
 def _serve_phase(args, folder: Path, keys_file: Path, key: str, replicas: int, requests, kill: bool) -> dict[str, Any]:
@@ -163,9 +170,10 @@ def _serve_phase(args, folder: Path, keys_file: Path, key: str, replicas: int, r
         if kill:
             # Kill once about a third of the expected time has passed (bounded wait), while clients are busy.
             time.sleep(min(args.deadline / 3, max(5.0, len(requests) / 3 / max(args.concurrency, 1))))
-            pid = _replica_pids()[0]
-            os.kill(pid, signal.SIGKILL)
-            killed = {"pid": pid, "at_s": time.monotonic() - t0}
+            name = _replicas()[0]
+            # ray.kill ends the replica's worker process at once (no graceful shutdown), like a crash would.
+            ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+            killed = {"replica": name, "at_s": time.monotonic() - t0}
         proc.join(args.deadline)
         if proc.is_alive():  # no hang: a phase past its deadline is stopped and reported
             proc.terminate()
@@ -175,9 +183,9 @@ def _serve_phase(args, folder: Path, keys_file: Path, key: str, replicas: int, r
         summary = _summary(json.loads(out.read_text()), wall)
         if kill:
             deadline = time.monotonic() + 120
-            while len(_replica_pids()) < replicas and time.monotonic() < deadline:
+            while _running_replicas() < replicas and time.monotonic() < deadline:
                 time.sleep(1)
-            summary.update(killed=killed, replicas_alive_after=len(_replica_pids()))
+            summary.update(killed=killed, replicas_alive_after=_running_replicas())
         return summary
     finally:
         serve.shutdown()
