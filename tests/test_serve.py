@@ -259,6 +259,27 @@ def test_sampling_parameters_are_used(server):
     assert again.json()["choices"][0]["text"] == first.json()["choices"][0]["text"]
 
 
+def test_concurrent_requests_share_generate_calls_and_get_their_own_answers(server):
+    from concurrent.futures import ThreadPoolExecutor
+
+    c = server["client"]
+    bodies = [
+        {"prompt": " ".join(["Ariel"] * n), "max_tokens": m, "temperature": 0} for n, m in ((1, 4), (7, 9), (3, 2))
+    ] * 4
+
+    def send(body):
+        r = c.post("/v1/completions", headers=_auth(server["alice"]), json=body)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["text"], r.json()["usage"]["completion_tokens"]
+
+    alone = [send(b) for b in bodies[:3]]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        together = list(pool.map(send, bodies))
+    assert together == alone * 4
+    batches = [json.loads(line).get("batch") for line in server["audit"].read_text().splitlines()]
+    assert max(b for b in batches if b is not None) > 1
+
+
 def test_auth_errors(server):
     c = server["client"]
     body = {"prompt": "hi", "max_tokens": 2}

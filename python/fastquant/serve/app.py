@@ -29,6 +29,7 @@ from ray.serve import metrics
 from ray.serve.handle import DeploymentHandle
 
 from fastquant.serve.audit import AuditLog
+from fastquant.serve.batching import Done, Job, generate_batch
 from fastquant.serve.config import ServeConfig
 from fastquant.serve.keys import ApiKey, KeyStore, TokenBucket
 from fastquant.serve.schema import ChatRequest, CompletionRequest, RequestError, parse
@@ -83,6 +84,11 @@ class _Metrics:
             boundaries=_RATE_BUCKETS,
         )
         self.queue = metrics.Gauge("fastquant_queue_depth", description="Requests waiting for this replica's model.")
+        self.batch = metrics.Histogram(
+            "fastquant_batch_size",
+            description="Requests sharing one generate call (non-streaming requests).",
+            boundaries=[1, 2, 4, 8, 16, 32],
+        )
 
 
 class _Generation:
@@ -165,6 +171,10 @@ class _StopText:
         return out
 
 
+def _prompt_text(req: Any) -> str | list[str]:
+    return req.text() if isinstance(req, CompletionRequest) else [m.content for m in req.messages]
+
+
 def _error(exc: RequestError) -> JSONResponse:
     headers = {}
     if exc.status == 401:
@@ -210,6 +220,13 @@ class FastquantLM:
         # Generation is CPU-bound and uses every thread of the replica: one at a time, the others wait here.
         self.slot = asyncio.Lock()
         self.waiting = 0
+        self._batched.set_max_batch_size(config.max_batch_size)
+        self._batched.set_batch_wait_timeout_s(config.batch_wait_s)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        eos = self.model.generation_config.eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        self.eos_ids = set(eos) if isinstance(eos, list) else {eos}
 
     # ------------------------------------------------------------------------------------------ routes
     @api.get("/health")
@@ -321,6 +338,8 @@ class FastquantLM:
             logger.exception("fastquant: request checks failed")
             self._record(path, 500, start, key)
             return _error(RequestError(500, "internal error", code="server_error"))
+        if not req.stream and req.seed is None:  # a seed needs the global RNG to itself: not in a shared call
+            return await self._complete_batched(req, ids, options, path, start, key)
         stream = self._generate(req, ids, options, path, start, key)
         if req.stream:
             return StreamingResponse(stream, media_type="text/event-stream", headers=self._served_by)
@@ -336,6 +355,63 @@ class FastquantLM:
         if failed:
             return _error(RequestError(500, "generation failed", code="server_error"))
         return JSONResponse(self._answer(req, path, "".join(pieces), finish, usage), headers=self._served_by)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)  # both set again from the config in __init__
+    async def _batched(self, jobs: list[Job]) -> list[Done]:
+        self.waiting += len(jobs)
+        self.metrics.queue.set(self.waiting)
+        async with self.slot:
+            self.waiting -= len(jobs)
+            self.metrics.queue.set(self.waiting)
+            self.metrics.batch.observe(len(jobs))
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(None, generate_batch, self.model, self.pad_id, self.eos_ids, jobs)
+
+    async def _complete_batched(
+        self, req: Any, ids: Any, options: dict[str, Any], path: str, start: float, key: ApiKey
+    ) -> JSONResponse:
+        sampling = tuple(sorted((k, v) for k, v in options.items() if k not in ("max_new_tokens", "pad_token_id")))
+        done: Done | None = None
+        status, text = 500, ""
+        try:
+            done = await self._batched(Job(ids[0], options["max_new_tokens"], sampling))
+            if done.error is not None:
+                logger.error("fastquant: generation failed: %r", done.error)
+                return _error(RequestError(500, "generation failed", code="server_error"))
+            stop = _StopText(req.stops())
+            text = stop.feed(self.tokenizer.decode(done.tokens, skip_special_tokens=True)) + stop.flush()
+            finish = "stop" if stop.stopped or done.eos else "length"
+            prompt_tokens = int(ids.shape[1])
+            usage = {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": len(done.tokens),
+                "total_tokens": prompt_tokens + len(done.tokens),
+            }
+            status = 200
+            return JSONResponse(self._answer(req, path, text, finish, usage), headers=self._served_by)
+        finally:
+            tokens = len(done.tokens) if done is not None else 0
+            self._observe(path, start, done.first_token_at if done is not None else None, tokens)
+            self._record(
+                path,
+                status,
+                start,
+                key,
+                prompt_tokens=int(ids.shape[1]),
+                completion_tokens=tokens,
+                batch=done.batch if done is not None else None,
+                prompt=_prompt_text(req),
+                output=text,
+            )
+
+    def _observe(self, path: str, start: float, first_token_at: float | None, tokens: int) -> None:
+        if first_token_at is not None:
+            self.metrics.ttft.observe(first_token_at - start, tags={"path": path})
+            elapsed = time.perf_counter() - first_token_at
+            if tokens > 1 and elapsed > 0:
+                self.metrics.tokens_per_s.observe((tokens - 1) / elapsed)
+        if tokens:
+            self.metrics.tokens.inc(tokens)
 
     def _answer(self, req: Any, path: str, text: str, finish: str, usage: dict[str, int]) -> dict[str, Any]:
         if path == "/v1/chat/completions":
@@ -422,13 +498,7 @@ class FastquantLM:
             if gen_start is None:  # cancelled while waiting for the model
                 self.waiting -= 1
                 self.metrics.queue.set(self.waiting)
-            if generation.first_token_at is not None:
-                self.metrics.ttft.observe(generation.first_token_at - start, tags={"path": path})
-                elapsed = time.perf_counter() - generation.first_token_at
-                if generation.tokens > 1 and elapsed > 0:
-                    self.metrics.tokens_per_s.observe((generation.tokens - 1) / elapsed)
-            if generation.tokens:
-                self.metrics.tokens.inc(generation.tokens)
+            self._observe(path, start, generation.first_token_at, generation.tokens)
             self._record(
                 path,
                 status,
@@ -436,7 +506,7 @@ class FastquantLM:
                 key,
                 prompt_tokens=int(ids.shape[1]),
                 completion_tokens=generation.tokens,
-                prompt=req.text() if isinstance(req, CompletionRequest) else [m.content for m in req.messages],
+                prompt=_prompt_text(req),
                 output="".join(pieces),
             )
 
