@@ -16,7 +16,8 @@ The load generator runs in a separate process (multiprocessing, spawn) with a bo
 deadline per phase, and talks to the server over loopback only. Writes ``results/serve-load-<UTC date>.{json,md}``.
 
 Run: ``python benchmarks/serve_load.py`` (defaults: 400 requests, 16 clients; tens of minutes on 2 cores) or
-``--requests 8 --concurrency 2 --phases two kill --output /tmp/smoke`` for a smoke run.
+``--requests 8 --concurrency 2 --phases two kill --output /tmp/smoke`` for a smoke run. Dynamic batching
+(non-streaming requests only): ``--no-stream --phases two`` against ``--no-stream --max-batch-size 1 --phases two``.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ RESULTS = Path(__file__).parent / "results"
 PHASES = ("two", "kill", "one", "hf")
 
 
-def _requests(n: int, seed: int) -> list[dict[str, Any]]:
+def _requests(n: int, seed: int, stream: bool) -> list[dict[str, Any]]:
     """Mixed lengths: prompts of 8 to 400 words from the embedded play, 8 to 64 new tokens, greedy."""
     from fastquant.models import read_text
 
@@ -58,6 +59,16 @@ def _requests(n: int, seed: int) -> list[dict[str, Any]]:
     return out
 
 
+async def _read_stream(resp: Any, rec: dict[str, Any], start: float) -> None:
+    async for line in resp.aiter_lines():
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            continue
+        if rec["ttft"] is None:
+            rec["ttft"] = time.perf_counter() - start
+        if json.loads(line[6:])["choices"][0]["text"]:
+            rec["tokens"] += 1  # one SSE chunk per decoded piece: close to the token count
+
+
 async def _client_run(url: str, key: str, requests: list[dict[str, Any]], concurrency: int, timeout: float):
     import httpx
 
@@ -74,13 +85,11 @@ async def _client_run(url: str, key: str, requests: list[dict[str, Any]], concur
             try:
                 async with client.stream("POST", "/v1/completions", json=body, timeout=timeout) as resp:
                     rec["status"], rec["replica"] = resp.status_code, resp.headers.get("x-fastquant-replica")
-                    async for line in resp.aiter_lines():
-                        if not line.startswith("data: ") or line == "data: [DONE]":
-                            continue
-                        if rec["ttft"] is None:
-                            rec["ttft"] = time.perf_counter() - start
-                        if json.loads(line[6:])["choices"][0]["text"]:
-                            rec["tokens"] += 1  # one SSE chunk per decoded piece: close to the token count
+                    if body["stream"]:
+                        await _read_stream(resp, rec, start)
+                    else:  # batched on the server; no time to first token seen from here
+                        answer = json.loads(await resp.aread())
+                        rec["tokens"] = answer.get("usage", {}).get("completion_tokens", 0)
             except httpx.HTTPError as exc:  # a dropped connection or a timeout: retryable, counted apart
                 rec["error"] = type(exc).__name__
             rec["latency"] = time.perf_counter() - start
@@ -159,6 +168,7 @@ def _serve_phase(args, folder: Path, keys_file: Path, key: str, replicas: int, r
             max_tokens_cap=64,
             requests_per_minute=1e9,
             max_ongoing_requests=args.concurrency,
+            max_batch_size=args.max_batch_size,
         )
         url = start(config)
         out = Path(tempfile.mkdtemp()) / "load.json"
@@ -254,6 +264,12 @@ def main() -> int:
     parser.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES))
     parser.add_argument("--checkpoint", help="a `fastquant compress` folder (default: SmolLM2 int8, made here)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--no-stream",
+        action="store_true",
+        help="non-streaming requests, which the server batches (compare --max-batch-size 1 with the default)",
+    )
+    parser.add_argument("--max-batch-size", type=int, default=8, help="server side, non-streaming requests")
     parser.add_argument("--output", default=str(RESULTS), help="folder for the results (%(default)s)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -267,10 +283,13 @@ def main() -> int:
         return 2
     keys_file = work / "keys.json"
     key, _ = keys.add_key(keys_file, "load")
-    requests = _requests(args.requests, args.seed)
+    requests = _requests(args.requests, args.seed, stream=not args.no_stream)
     results: dict[str, Any] = {
         "model": "SmolLM2-135M-Instruct int8",
-        "settings": f"{args.requests} requests, {args.concurrency} clients, {args.cpus} CPUs",
+        "settings": (
+            f"{args.requests} requests, {args.concurrency} clients, {args.cpus} CPUs, "
+            + ("non-streaming, batches up to " + str(args.max_batch_size) if args.no_stream else "streaming")
+        ),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "phases": {},
     }

@@ -64,6 +64,12 @@ def add_serve_parser(sub: Any) -> None:
         type=float,
         help=f"per key without its own rate (default {defaults['requests_per_minute']:g}); keys add: the key's own",
     )
+    p.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=defaults["max_batch_size"],
+        help="non-streaming requests sharing one generate call (%(default)s; 1: off)",
+    )
     p.add_argument("--trusted-key", action="append", default=[], help="Ed25519 public key (PEM): require a signature")
     p.add_argument("--key-file", help="AES key file of an encrypted checkpoint (else $FASTQUANT_KEY[_FILE])")
     p.add_argument("--audit-log", help="append JSON lines of loads and requests to this file")
@@ -120,6 +126,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_prompt_tokens=args.max_prompt_tokens,
         max_tokens_cap=args.max_tokens_cap,
         requests_per_minute=args.requests_per_minute or defaults["requests_per_minute"],
+        max_batch_size=args.max_batch_size,
         trusted_keys=tuple(args.trusted_key),
         key_file=args.key_file,
         audit_log=args.audit_log,
