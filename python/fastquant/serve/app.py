@@ -179,9 +179,9 @@ def _error(exc: RequestError) -> JSONResponse:
     headers = {}
     if exc.status == 401:
         headers["WWW-Authenticate"] = "Bearer"
-    if exc.status == 429 and exc.param is not None:
-        headers["Retry-After"] = exc.param
-    body = {"error": {"message": exc.message, "type": exc.code, "param": exc.param if exc.status != 429 else None}}
+    if exc.retry_after is not None:
+        headers["Retry-After"] = str(exc.retry_after)
+    body = {"error": {"message": exc.message, "type": exc.code, "param": exc.param}}
     return JSONResponse(body, status_code=exc.status, headers=headers)
 
 
@@ -269,8 +269,8 @@ class FastquantLM:
                 raise RequestError(
                     429,
                     f"rate limit of {key.requests_per_minute:g} requests/minute",
-                    str(math.ceil(wait)),
-                    "rate_limit",
+                    code="rate_limit",
+                    retry_after=math.ceil(wait),
                 )
         return key
 

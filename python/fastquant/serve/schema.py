@@ -20,9 +20,17 @@ StopText = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CH
 class RequestError(ValueError):
     """A request to refuse with ``status``; ``param`` names the offending field where there is one."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str = "invalid_request_error"):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str = "invalid_request_error",
+        retry_after: int | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.retry_after = retry_after
 
 
 class _Sampling(BaseModel):
