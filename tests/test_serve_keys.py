@@ -44,3 +44,13 @@ def test_unreadable_key_files_are_clear_errors(tmp_path):
     bad.write_text('{"keys": 3}')
     with pytest.raises(KeyFileError, match="expected"):
         KeyStore(bad)
+
+
+def test_serve_config_refuses_nonsense_before_starting_anything():
+    from fastquant.serve.config import ServeConfig
+
+    for bad in (dict(replicas=0), dict(max_batch_size=0), dict(cpus_per_replica=0), dict(requests_per_minute=-1)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            ServeConfig(checkpoint="x", api_keys="k", **bad)
+    with pytest.raises(ValueError, match="over max_tokens_cap"):
+        ServeConfig(checkpoint="x", api_keys="k", max_tokens_cap=8, default_max_tokens=16)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class ServeConfig:
-    """What ``fastquant serve`` runs; every field has a command-line option of the same name."""
+    """What ``fastquant serve`` runs (most fields have a command-line option of the same name)."""
 
     checkpoint: str
     api_keys: str
@@ -31,6 +31,21 @@ class ServeConfig:
     key_file: str | None = None  # AES key file of an encrypted checkpoint (else $FASTQUANT_KEY[_FILE])
     audit_log: str | None = None
     audit_prompts: bool = False
+
+    def __post_init__(self) -> None:
+        # Refused here, in the command's process, rather than by every replica as it starts.
+        counts = ("replicas", "max_body_bytes", "max_prompt_tokens", "max_tokens_cap", "default_max_tokens")
+        for name in (*counts, "max_ongoing_requests", "max_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not self.cpus_per_replica > 0:
+            raise ValueError(f"cpus_per_replica must be positive, got {self.cpus_per_replica}")
+        if self.requests_per_minute is not None and not self.requests_per_minute > 0:
+            raise ValueError(f"requests_per_minute must be positive, got {self.requests_per_minute}")
+        if self.default_max_tokens > self.max_tokens_cap:
+            raise ValueError(
+                f"default_max_tokens {self.default_max_tokens} is over max_tokens_cap {self.max_tokens_cap}"
+            )
 
     @property
     def served_name(self) -> str:
