@@ -1,4 +1,4 @@
-"""API key file and per-key token buckets of fastquant serve (no Ray needed)."""
+"""fastquant serve without Ray running: API key file, token buckets, config checks, audit log, stop sequences."""
 
 from __future__ import annotations
 
@@ -54,3 +54,36 @@ def test_serve_config_refuses_nonsense_before_starting_anything():
             ServeConfig(checkpoint="x", api_keys="k", **bad)
     with pytest.raises(ValueError, match="over max_tokens_cap"):
         ServeConfig(checkpoint="x", api_keys="k", max_tokens_cap=8, default_max_tokens=16)
+
+
+def test_audit_log_leaves_prompts_out_unless_asked(tmp_path):
+    import json
+
+    from fastquant.serve.audit import AuditLog
+
+    for prompts in (False, True):
+        path = tmp_path / f"audit-{prompts}.jsonl"
+        AuditLog(path, prompts=prompts).request(key_id="k1", status=200, prompt="secret plan", output="ok")
+        (record,) = [json.loads(line) for line in path.read_text().splitlines()]
+        assert record["event"] == "request" and record["key_id"] == "k1" and record["status"] == 200
+        assert ("secret plan" in path.read_text()) is prompts
+        assert path.stat().st_mode & 0o077 == 0
+
+
+@pytest.mark.parametrize(
+    "pieces,stops,expected,stopped",
+    [
+        (["Hel", "lo wor", "ld"], ["lo w"], "Hel", True),  # a stop split across pieces
+        (["ab", "c"], ["x"], "abc", False),
+        (["a\\nb"], ["\\n", "b"], "a", True),  # the earliest match wins
+        (["ST", "OP and more"], ["STOP"], "", True),
+        (["no stops"], [], "no stops", False),
+    ],
+)
+def test_stop_text_cuts_at_the_first_stop_even_across_pieces(pieces, stops, expected, stopped):
+    pytest.importorskip("ray.serve")
+    from fastquant.serve.app import _StopText
+
+    stop = _StopText(stops)
+    out = "".join(stop.feed(p) for p in pieces) + stop.flush()
+    assert out == expected and stop.stopped is stopped
