@@ -75,7 +75,7 @@ def test_audit_log_leaves_prompts_out_unless_asked(tmp_path):
     [
         (["Hel", "lo wor", "ld"], ["lo w"], "Hel", True),  # a stop split across pieces
         (["ab", "c"], ["x"], "abc", False),
-        (["a\\nb"], ["\\n", "b"], "a", True),  # the earliest match wins
+        (["a\nb"], ["\n", "b"], "a", True),  # the earliest match wins
         (["ST", "OP and more"], ["STOP"], "", True),
         (["no stops"], [], "no stops", False),
     ],
