@@ -441,9 +441,11 @@ class FastquantLM:
         pieces: list[str] = []
         status, gen_start = 500, None
 
-        def sse(delta: str | None, finish: str | None) -> str:
+        def sse(delta: str | None, finish: str | None, role: bool = False) -> str:
             if chat:
-                choice = {"index": 0, "delta": {} if delta is None else {"content": delta}, "finish_reason": finish}
+                content = {} if delta is None else {"content": delta}
+                choice = {"index": 0, "delta": {"role": "assistant", **content} if role else content}
+                choice["finish_reason"] = finish
                 kind = "chat.completion.chunk"
             else:
                 choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}
@@ -463,21 +465,31 @@ class FastquantLM:
                 self.metrics.queue.set(self.waiting)
                 gen_start = time.perf_counter()
                 if chat and req.stream:
-                    yield sse("", None).replace('"content": ""', '"role": "assistant", "content": ""')
+                    yield sse("", None, role=True)
                 worker = loop.run_in_executor(None, generation.run, ids, options, req.seed)
-                async for piece in generation.streamer:
-                    out = stop.feed(piece)
-                    if out:
-                        yield emit(out)
-                    if stop.stopped:
-                        generation.cancel.set()
-                await worker
+                try:
+                    async for piece in generation.streamer:
+                        out = stop.feed(piece)
+                        if out:
+                            yield emit(out)
+                        if stop.stopped:
+                            generation.cancel.set()
+                finally:
+                    # A client that went away stops its generation at the next token, and the model is only
+                    # handed to the next request once this one's thread is done with it.
+                    generation.cancel.set()
+                    await worker
                 tail = stop.flush()
                 if tail:
                     yield emit(tail)
             if generation.error is not None:
                 logger.error("fastquant: generation failed: %r", generation.error)
-                yield "data: [DONE]\n\n" if req.stream else ("error", None)
+                if req.stream:  # the 200 is sent already: say it in the stream, as OpenAI's API does
+                    error = {"error": {"message": "generation failed", "type": "server_error", "param": None}}
+                    yield f"data: {json.dumps(error)}\n\n"
+                    yield "data: [DONE]\n\n"
+                else:
+                    yield ("error", None)
                 return
             eos = generation.tokens < options["max_new_tokens"]
             finish = "stop" if stop.stopped or eos else "length"
@@ -494,7 +506,6 @@ class FastquantLM:
             else:
                 yield ("end", (finish, usage))
         finally:
-            generation.cancel.set()  # a client that went away stops its generation at the next token
             if gen_start is None:  # cancelled while waiting for the model
                 self.waiting -= 1
                 self.metrics.queue.set(self.waiting)
