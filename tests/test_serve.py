@@ -364,6 +364,18 @@ def test_bad_chat_requests_and_replicas_survive(server):
     assert ok.status_code == 200
 
 
+def test_a_client_that_goes_away_mid_stream_affects_no_one(server):
+    c = server["client"]
+    headers = _auth(server["alice"])
+    body = {"prompt": "Hell is empty and all the devils are here", "max_tokens": MAX_TOKENS_CAP, "stream": True}
+    for _ in range(2):
+        with c.stream("POST", "/v1/completions", json=body, headers=headers) as r:
+            assert r.status_code == 200
+            assert next(r.iter_lines()).startswith("data: ")
+    ok = c.post("/v1/completions", json={"prompt": "hello", "max_tokens": 3, "temperature": 0}, headers=headers)
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 1
+
+
 def _samples(url):
     text = httpx.get(url, timeout=10).text
     return [s for family in text_string_to_metric_families(text) for s in family.samples if "fastquant" in s.name]
