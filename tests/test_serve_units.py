@@ -87,3 +87,30 @@ def test_stop_text_cuts_at_the_first_stop_even_across_pieces(pieces, stops, expe
     stop = _StopText(stops)
     out = "".join(stop.feed(p) for p in pieces) + stop.flush()
     assert out == expected and stop.stopped is stopped
+
+
+def test_serve_refuses_a_bad_checkpoint_or_key_file_before_starting_ray(tmp_path, capsys):
+    pytest.importorskip("ray.serve")
+    pytest.importorskip("cryptography")
+    pytest.importorskip("transformers")
+    import ray
+    from test_serialization import tiny_llama
+
+    import fastquant
+    from fastquant import cli, protect
+
+    fastquant.save(fastquant.patch(tiny_llama(), "int8"), tmp_path / "m" / "model.fastquant.safetensors")
+    _, public = protect.new_signing_key(tmp_path / "signer.pem")
+    keys = tmp_path / "keys.json"
+    base = ["serve", str(tmp_path / "m"), "--api-keys", str(keys)]
+    assert cli.main(base) == 2
+    assert "no API key file" in " ".join(capsys.readouterr().out.split())  # rich wraps lines
+    add_key(keys, "ops")
+    assert cli.main([*base, "--trusted-key", str(public)]) == 2
+    assert "not signed" in " ".join(capsys.readouterr().out.split())  # rich wraps lines
+    key = protect.new_encryption_key()
+    protect.protect_file(tmp_path / "m" / "model.fastquant.safetensors", encryption_key=key)
+    protect.write_key_file(tmp_path / "wrong.key", protect.new_encryption_key())
+    assert cli.main([*base, "--key-file", str(tmp_path / "wrong.key")]) == 2
+    assert "wrong decryption key" in " ".join(capsys.readouterr().out.split())  # rich wraps lines
+    assert not ray.is_initialized()

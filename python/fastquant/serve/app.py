@@ -19,7 +19,6 @@ import math
 import threading
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -548,6 +547,23 @@ def build_app(config: ServeConfig) -> Any:
     return deployment.bind(config, RateLimiter.bind())
 
 
+def _check_before_deploying(config: ServeConfig) -> None:
+    """What would make every replica fail as it starts, said once, here, before Ray starts: Serve would otherwise
+    retry the replicas and report a failed deployment. Reads headers only (signature, key id, sizes)."""
+    from fastquant import protect
+    from fastquant.serialization import FastquantFormatError, checkpoint_path, read_manifest
+
+    KeyStore(config.api_keys)
+    checkpoint = checkpoint_path(config.checkpoint)
+    key = protect.read_key_file(config.key_file) if config.key_file else None
+    try:
+        protect.check_before_loading(
+            checkpoint, read_manifest(checkpoint), trusted_keys=list(config.trusted_keys) or None, decryption_key=key
+        )
+    except protect.ProtectionError as exc:
+        raise FastquantFormatError(str(exc)) from exc
+
+
 def start(config: ServeConfig, *, address: str | None = None) -> str:
     """Start serving (the Python entry point of ``fastquant serve``); returns the base URL.
 
@@ -556,9 +572,7 @@ def start(config: ServeConfig, *, address: str | None = None) -> str:
     """
     import ray
 
-    for name in (config.checkpoint, config.api_keys):
-        if not Path(name).exists():
-            raise FileNotFoundError(f"no such file or folder: {name}")
+    _check_before_deploying(config)
     if not ray.is_initialized():
         if address is not None:
             ray.init(address=address)
