@@ -239,11 +239,10 @@ class Verified:
             raise ProtectionError(
                 f"{self.path}: tensor {name!r} fails AES-GCM authentication (tampered ciphertext or moved tensor)"
             ) from None
-        return (
-            torch.frombuffer(bytearray(plain), dtype=torch.uint8)
-            .view(TENSOR_DTYPES[entry["dtype"]][0])
-            .reshape(entry["shape"])
-        )
+        dtype = TENSOR_DTYPES[entry["dtype"]][0]
+        if not plain:  # torch.frombuffer refuses an empty buffer
+            return torch.empty(entry["shape"], dtype=dtype)
+        return torch.frombuffer(bytearray(plain), dtype=torch.uint8).view(dtype).reshape(entry["shape"])
 
 
 def _header_metadata(path: Path) -> dict[str, str]:
