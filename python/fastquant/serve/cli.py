@@ -132,9 +132,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         audit_log=args.audit_log,
         audit_prompts=args.audit_prompts,
     )
-    url = start(config, address=args.address)
-    print(f"serving {config.served_name} at {url}/v1 ({config.replicas} replicas); Ctrl-C stops", flush=True)
     try:
+        url = start(config, address=args.address)
+        print(f"serving {config.served_name} at {url}/v1 ({config.replicas} replicas); Ctrl-C stops", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
