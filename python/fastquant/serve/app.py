@@ -389,19 +389,37 @@ class FastquantLM:
             status = 200
             return JSONResponse(self._answer(req, path, text, finish, usage), headers=self._served_by)
         finally:
+            first = done.first_token_at if done is not None else None
             tokens = len(done.tokens) if done is not None else 0
-            self._observe(path, start, done.first_token_at if done is not None else None, tokens)
-            self._record(
-                path,
-                status,
-                start,
-                key,
-                prompt_tokens=int(ids.shape[1]),
-                completion_tokens=tokens,
-                batch=done.batch if done is not None else None,
-                prompt=_prompt_text(req),
-                output=text,
-            )
+            batch = done.batch if done is not None else None
+            self._finish(path, status, start, key, req, ids, first, tokens, text, batch=batch)
+
+    def _finish(
+        self,
+        path: str,
+        status: int,
+        start: float,
+        key: ApiKey,
+        req: Any,
+        ids: Any,
+        first: float | None,
+        tokens: int,
+        output: str,
+        **fields: Any,
+    ) -> None:
+        """A generation's metrics and audit record, whichever way it ran and however it ended."""
+        self._observe(path, start, first, tokens)
+        self._record(
+            path,
+            status,
+            start,
+            key,
+            prompt_tokens=int(ids.shape[1]),
+            completion_tokens=tokens,
+            prompt=_prompt_text(req),
+            output=output,
+            **fields,
+        )
 
     def _observe(self, path: str, start: float, first_token_at: float | None, tokens: int) -> None:
         if first_token_at is not None:
@@ -508,17 +526,8 @@ class FastquantLM:
             if gen_start is None:  # cancelled while waiting for the model
                 self.waiting -= 1
                 self.metrics.queue.set(self.waiting)
-            self._observe(path, start, generation.first_token_at, generation.tokens)
-            self._record(
-                path,
-                status,
-                start,
-                key,
-                prompt_tokens=int(ids.shape[1]),
-                completion_tokens=generation.tokens,
-                prompt=_prompt_text(req),
-                output="".join(pieces),
-            )
+            output = "".join(pieces)
+            self._finish(path, status, start, key, req, ids, generation.first_token_at, generation.tokens, output)
 
     def _record(self, path: str, status: int, start: float, key: ApiKey | None, **fields: Any) -> None:
         latency = time.perf_counter() - start
