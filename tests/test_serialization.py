@@ -12,7 +12,7 @@ import torch
 
 import fastquant
 from fastquant import FastquantFormatError, Int8Linear, SparseLinear
-from fastquant.serialization import FORMAT_VERSION, METADATA_KEY, read_manifest
+from fastquant.serialization import FORMAT_VERSION, METADATA_KEY, READ_FORMAT_VERSION, read_manifest
 
 transformers = pytest.importorskip("transformers")
 
@@ -205,8 +205,8 @@ def test_manifest_not_json(saved):
 
 def test_newer_format_version(saved):
     model, path = saved
-    _edit_manifest(path, lambda m: m.update(format_version=FORMAT_VERSION + 1))
-    with pytest.raises(FastquantFormatError, match="format version 2.*upgrade fastquant"):
+    _edit_manifest(path, lambda m: m.update(format_version=READ_FORMAT_VERSION + 1))
+    with pytest.raises(FastquantFormatError, match="format version 3.*upgrade fastquant"):
         fastquant.load(fresh_like(model), path)
 
 

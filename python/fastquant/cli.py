@@ -456,6 +456,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     path = out / CHECKPOINT_FILE
     save(model, path, method=args.method)
+    if args.sign_key or args.encrypt:
+        _protect(path, args)
     # With the config (and tokenizer) beside it, `fastquant.from_pretrained(out)` rebuilds the model.
     if hasattr(model, "config"):
         model.config.save_pretrained(out)
@@ -468,6 +470,39 @@ def cmd_compress(args: argparse.Namespace) -> int:
         f"linear layers {rep.bytes_before / 2**20:,.1f} -> {rep.bytes_after / 2**20:,.1f} MiB"
     )
     console.print(f"load it with: model, tokenizer = fastquant.from_pretrained({str(out)!r})")
+    return 0
+
+
+def _protect(path: Path, args: argparse.Namespace) -> None:
+    """Sign and/or encrypt a checkpoint just written (``compress --sign-key/--encrypt``)."""
+    from fastquant import protect
+
+    sign_key = protect.read_signing_key(args.sign_key) if args.sign_key else None
+    key = None
+    if args.encrypt:
+        key = protect.encryption_key_from_env() if not args.key_file else None
+        if key is None and args.key_file and Path(args.key_file).exists():
+            key = protect.read_key_file(args.key_file)
+        elif key is None and args.key_file:
+            key = protect.new_encryption_key()
+            protect.write_key_file(args.key_file, key)
+            console.print(f"wrote a new encryption key to {args.key_file} (owner-only; keep it apart from the model)")
+        elif key is None:
+            raise ValueError(f"--encrypt needs a key: --key-file FILE, ${protect.KEY_ENV} or ${protect.KEY_FILE_ENV}")
+    protect.protect_file(path, sign_key=sign_key, encryption_key=key)
+    done = [w for w, on in (("signed", sign_key), ("encrypted (AES-256-GCM)", key)) if on is not None]
+    console.print(f"{path}: {' and '.join(done)}")
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from fastquant import protect
+
+    if args.kind == "signing":
+        private, public = protect.new_signing_key(args.path)
+        console.print(f"wrote the Ed25519 private key {private} (owner-only) and its public key {public}")
+    else:
+        protect.write_key_file(args.path, protect.new_encryption_key())
+        console.print(f"wrote a new AES-256 key to {args.path} (owner-only)")
     return 0
 
 
@@ -549,7 +584,21 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--method", default="int8", help=method_help)
     _add_method_options(comp)
     comp.add_argument("-o", "--output", required=True, help="output folder")
+    comp.add_argument("--sign-key", help="sign the manifest with this Ed25519 private key (PEM; `fastquant keygen`)")
+    comp.add_argument("--encrypt", action="store_true", help="encrypt the tensors at rest (AES-256-GCM)")
+    comp.add_argument(
+        "--key-file", help="--encrypt: key file (hex; created if missing), else $FASTQUANT_KEY / $FASTQUANT_KEY_FILE"
+    )
     comp.set_defaults(func=cmd_compress)
+
+    keygen = sub.add_parser("keygen", help="new key: Ed25519 signing key pair (PATH, PATH.pub) or AES-256 key file")
+    keygen.add_argument("kind", choices=("signing", "encryption"))
+    keygen.add_argument("path", help="file to create (refuses to overwrite)")
+    keygen.set_defaults(func=cmd_keygen)
+
+    from fastquant.serve.cli import add_serve_parser
+
+    add_serve_parser(sub)
     return parser
 
 
@@ -562,7 +611,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (ModelNotFoundError, ValueError, FileNotFoundError) as exc:
+    except (ModelNotFoundError, ValueError, FileNotFoundError, FileExistsError) as exc:
         console.print(f"[red]fastquant {args.command}: {exc}[/red]")
         return 2
 

@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -119,10 +120,11 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32) -> LoadedM
     return LoadedModel(folder.name, kind, model.eval(), tokenizer, str(folder))
 
 
-def from_pretrained(folder: str | os.PathLike) -> tuple[nn.Module, object | None]:
+def from_pretrained(folder: str | os.PathLike, **load_options: Any) -> tuple[nn.Module, object | None]:
     """Rebuild the model that ``fastquant compress -o FOLDER`` wrote, in one call: the architecture from its
     config.json, the compressed layers and weights from its checkpoint (:func:`fastquant.load`), and its
-    tokenizer where the folder has one. Returns ``(model, tokenizer or None)``, the model in eval mode."""
+    tokenizer where the folder has one. Returns ``(model, tokenizer or None)``, the model in eval mode.
+    ``load_options`` go to :func:`fastquant.load` (``trusted_keys``, ``decryption_key`` for protected ones)."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     from fastquant.serialization import _MANIFEST_DTYPES, checkpoint_path, load, read_manifest
@@ -140,7 +142,7 @@ def from_pretrained(folder: str | os.PathLike) -> tuple[nn.Module, object | None
     layer_dtypes = {spec.get("dtype") for spec in read_manifest(checkpoint)["layers"].values()}
     dtype = _MANIFEST_DTYPES.get(layer_dtypes.pop(), torch.float32) if len(layer_dtypes) == 1 else torch.float32
     model = loader.from_config(config, dtype=dtype)
-    load(model, checkpoint)
+    load(model, checkpoint, **load_options)
     tokenizer = AutoTokenizer.from_pretrained(folder) if _has_tokenizer(folder) else None
     return model.eval(), tokenizer
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,8 @@ from fastquant.modules import Int8Linear, SparseLinear, is_quantizable_linear
 
 FORMAT_NAME = "fastquant"
 FORMAT_VERSION = 1
+# Encrypted checkpoints (fastquant.protect) are version 2, so that readers without decryption refuse them.
+READ_FORMAT_VERSION = 2
 METADATA_KEY = "fastquant"
 CHECKPOINT_FILE = "model.fastquant.safetensors"
 # dtype names a manifest may use, looked up in this table (never with getattr on torch).
@@ -182,11 +185,11 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     version = manifest.get("format_version")
     if not isinstance(version, int):
         raise FastquantFormatError(f"{path}: manifest has no integer format_version")
-    if version > FORMAT_VERSION:
+    if version > READ_FORMAT_VERSION:
         raise FastquantFormatError(
             f"{path}: written with checkpoint format version {version} (fastquant "
             f"{manifest.get('fastquant_version', '?')}); this fastquant reads up to version "
-            f"{FORMAT_VERSION}: upgrade fastquant"
+            f"{READ_FORMAT_VERSION}: upgrade fastquant"
         )
     for key in ("layers", "tensors", "aliases"):
         if not isinstance(manifest.get(key), dict):
@@ -198,6 +201,50 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
+
+
+def _build_layer(name: str, spec: Any, path: Path, device: str) -> nn.Module:
+    if not isinstance(spec, dict) or spec.get("type") not in ("int8", "sparse"):
+        kind = spec.get("type") if isinstance(spec, dict) else spec
+        raise FastquantFormatError(f"{path}: layer {name!r} has unknown type {kind!r}")
+    try:
+        dtype = _MANIFEST_DTYPES[spec["dtype"]]
+        shape = (int(spec["in_features"]), int(spec["out_features"]))
+        if spec["type"] == "int8":
+            return Int8Linear(*shape, bool(spec["bias"]), spec["group_size"], device=device, dtype=dtype)
+        return SparseLinear(
+            *shape,
+            int(spec["n_values"]),
+            bool(spec["bias"]),
+            _MANIFEST_DTYPES[spec["values_dtype"]],
+            spec["group_size"],
+            str(spec["pattern"]),
+            device=device,
+            dtype=dtype,
+        )
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
+        raise FastquantFormatError(f"{path}: invalid manifest entry for layer {name!r}: {exc}") from exc
+
+
+def _check_layer_sizes(manifest: dict[str, Any], path: Path) -> None:
+    """Every layer's tensors, built on the meta device (no memory), must match the stored tensors' shapes.
+
+    The stored shapes were checked against the file's bytes, so a manifest claiming a huge layer is refused
+    here instead of allocating it."""
+    tensors, aliases = manifest["tensors"], manifest["aliases"]
+    for name, spec in manifest["layers"].items():
+        layer = _build_layer(name, spec, path, "meta")
+        for key, want in layer.state_dict().items():
+            full = f"{name}.{key}"
+            entry = tensors.get(aliases.get(full, full))
+            if entry is None:
+                raise FastquantFormatError(f"{path}: layer {name!r} needs tensor {full!r}, which is not stored")
+            if entry["shape"] != list(want.shape) or entry["dtype"] != _dtype_name(want.dtype):
+                raise FastquantFormatError(
+                    f"{path}: invalid manifest entry for layer {name!r}: it implies {full!r} of "
+                    f"{_dtype_name(want.dtype)}{list(want.shape)}, "
+                    f"the file stores {entry['dtype']}{entry['shape']} (file edited?)"
+                )
 
 
 def _patch_to_match(model: nn.Module, layers: dict[str, dict[str, Any]], path: Path) -> None:
@@ -213,30 +260,28 @@ def _patch_to_match(model: nn.Module, layers: dict[str, dict[str, Any]], path: P
                 f"{path}: architecture mismatch: {name!r} is a {type(module).__name__}, "
                 "the checkpoint has a linear layer"
             )
-        if spec.get("type") not in ("int8", "sparse"):
-            raise FastquantFormatError(f"{path}: layer {name!r} has unknown type {spec.get('type')!r}")
-        try:
-            dtype = _MANIFEST_DTYPES[spec["dtype"]]
-            shape = (int(spec["in_features"]), int(spec["out_features"]))
-            if spec["type"] == "int8":
-                new = Int8Linear(*shape, bool(spec["bias"]), spec["group_size"], device="cpu", dtype=dtype)
-            else:
-                new = SparseLinear(
-                    *shape,
-                    int(spec["n_values"]),
-                    bool(spec["bias"]),
-                    _MANIFEST_DTYPES[spec["values_dtype"]],
-                    spec["group_size"],
-                    str(spec["pattern"]),
-                    device="cpu",
-                    dtype=dtype,
-                )
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise FastquantFormatError(f"{path}: invalid manifest entry for layer {name!r}: {exc}") from exc
-        _set_submodule(model, name, new)
+        _set_submodule(model, name, _build_layer(name, spec, path, "cpu"))
 
 
-def load(model: nn.Module, path: str | os.PathLike, *, verify: bool = True) -> nn.Module:
+def _check_aliases(model: nn.Module, aliases: dict[str, str], path: Path) -> None:
+    """An alias is only a tie the model itself has: an edited alias would otherwise load one tensor in two places."""
+    state = model.state_dict(keep_vars=True)
+    for name, src in aliases.items():
+        a, b = state[name], state[src]
+        if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr() or a.storage_offset() != b.storage_offset():
+            raise FastquantFormatError(
+                f"{path}: manifest alias {name!r} -> {src!r} is not a tie in the model (file edited?)"
+            )
+
+
+def load(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    verify: bool = True,
+    trusted_keys: Iterable[Any] | None = None,
+    decryption_key: bytes | None = None,
+) -> nn.Module:
     """Load a checkpoint written by :func:`save` into ``model`` (a float model of the same architecture).
 
     ``path``: the checkpoint file, or the folder ``fastquant compress`` wrote (see :func:`checkpoint_path`);
@@ -245,19 +290,51 @@ def load(model: nn.Module, path: str | os.PathLike, *, verify: bool = True) -> n
     The model is patched to match the checkpoint's per-layer manifest, then every weight is copied in.
     Raises :class:`FastquantFormatError` (a ValueError) naming the problem when the file is truncated,
     corrupted, edited, newer than this fastquant, or for a different architecture. Returns the model.
+
+    Protected checkpoints (see :mod:`fastquant.protect`): with ``trusted_keys`` (Ed25519 public keys, raw bytes
+    or PEM files) the manifest must carry a valid signature by one of them, and hashes are always verified; an
+    encrypted checkpoint is decrypted with ``decryption_key`` or the key in ``$FASTQUANT_KEY`` /
+    ``$FASTQUANT_KEY_FILE``. Signature, key and sizes are checked before anything is allocated, and every tensor
+    is read and verified before the model is touched.
     """
+    from fastquant import ops, protect
+
     path = checkpoint_path(path)
     manifest = read_manifest(path)
+    try:
+        verified = protect.check_before_loading(
+            path, manifest, trusted_keys=trusted_keys, decryption_key=decryption_key
+        )
+    except protect.ProtectionError as exc:
+        raise FastquantFormatError(str(exc)) from exc
+    verify = verify or trusted_keys is not None
     expected_class = manifest.get("model_class")
     if expected_class and expected_class != type(model).__name__:
         raise FastquantFormatError(
             f"{path}: architecture mismatch: checkpoint is for {expected_class}, got {type(model).__name__}"
         )
-    _patch_to_match(model, manifest["layers"], path)
-
-    target = model.state_dict()
     stored = set(manifest["tensors"])
     aliases = manifest["aliases"]
+    if any(not isinstance(src, str) or src not in stored for src in aliases.values()):
+        raise FastquantFormatError(f"{path}: manifest aliases point to tensors that are not stored")
+    _check_layer_sizes(manifest, path)
+
+    loaded: dict[str, torch.Tensor] = {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for name in stored:
+                tensor = f.get_tensor(name)
+                entry = manifest["tensors"][name]
+                if verify and _sha256(tensor) != entry.get("sha256"):
+                    raise FastquantFormatError(f"{path}: tensor {name!r} fails its sha256 check (corrupted or edited)")
+                loaded[name] = verified.decrypt(name, tensor, entry)
+    except SafetensorError as exc:
+        raise FastquantFormatError(f"{path}: cannot read tensors (truncated or corrupted?): {exc}") from exc
+    except protect.ProtectionError as exc:
+        raise FastquantFormatError(str(exc)) from exc
+
+    _patch_to_match(model, manifest["layers"], path)
+    target = model.state_dict()
     file_names = stored | set(aliases)
     missing = sorted(set(target) - file_names)
     unexpected = sorted(file_names - set(target))
@@ -266,22 +343,7 @@ def load(model: nn.Module, path: str | os.PathLike, *, verify: bool = True) -> n
             f"{path}: architecture mismatch: {len(missing)} model tensors not in the checkpoint "
             f"{missing[:5]}, {len(unexpected)} checkpoint tensors not in the model {unexpected[:5]}"
         )
-    if any(src not in stored for src in aliases.values()):
-        raise FastquantFormatError(f"{path}: manifest aliases point to tensors that are not stored")
-
-    loaded: dict[str, torch.Tensor] = {}
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            if set(f.keys()) != stored:
-                raise FastquantFormatError(f"{path}: the manifest and the stored tensors disagree (file edited?)")
-            for name in stored:
-                tensor = f.get_tensor(name)
-                entry = manifest["tensors"][name]
-                if verify and _sha256(tensor) != entry.get("sha256"):
-                    raise FastquantFormatError(f"{path}: tensor {name!r} fails its sha256 check (corrupted or edited)")
-                loaded[name] = tensor
-    except SafetensorError as exc:
-        raise FastquantFormatError(f"{path}: cannot read tensors (truncated or corrupted?): {exc}") from exc
+    _check_aliases(model, aliases, path)
     for name, src in aliases.items():
         loaded[name] = loaded[src]
     for name, tensor in loaded.items():
@@ -291,6 +353,18 @@ def load(model: nn.Module, path: str | os.PathLike, *, verify: bool = True) -> n
                 f"{path}: architecture mismatch at {name!r}: checkpoint {_dtype_name(tensor.dtype)}"
                 f"{list(tensor.shape)}, model {_dtype_name(want.dtype)}{list(want.shape)}"
             )
+    for name in manifest["layers"]:
+        if isinstance(model.get_submodule(name), SparseLinear):
+            # Both layouts read values through row_offsets: masks and offsets must agree before any kernel runs.
+            try:
+                ops.check_sparse_linear_contents(
+                    loaded[f"{name}.values"],
+                    loaded[f"{name}.masks"],
+                    loaded[f"{name}.row_offsets"],
+                    int(manifest["layers"][name]["in_features"]),
+                )
+            except RuntimeError as exc:
+                raise FastquantFormatError(f"{path}: layer {name!r}: {exc}") from exc
     with torch.no_grad():
         model.load_state_dict(loaded, strict=True)
     for name, spec in manifest["layers"].items():
@@ -301,4 +375,5 @@ def load(model: nn.Module, path: str | os.PathLike, *, verify: bool = True) -> n
             except ValueError as exc:
                 raise FastquantFormatError(f"{path}: invalid manifest entry for layer {name!r}: {exc}") from exc
     model._fastquant_notes = {name: "loaded from checkpoint" for name in manifest["layers"]}
+    model._fastquant_checkpoint = {"path": str(path), "signer": verified.signer, "encrypted": verified.encrypted}
     return model
