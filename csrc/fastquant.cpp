@@ -24,36 +24,25 @@ namespace py = pybind11;
 
 namespace {
 
-fastquant::cpu::ActDType parse_dtype(const std::string& name) {
-  if (name == "float32") return fastquant::cpu::ActDType::kFloat32;
-  if (name == "bfloat16") return fastquant::cpu::ActDType::kBFloat16;
-  if (name == "float16") return fastquant::cpu::ActDType::kFloat16;
+using fastquant::DType;
+
+DType parse_dtype(const std::string& name) {
+  if (name == "float32") return DType::kFloat32;
+  if (name == "bfloat16") return DType::kBFloat16;
+  if (name == "float16") return DType::kFloat16;
   throw std::invalid_argument("unknown activation dtype '" + name +
                               "': expected float32, bfloat16 or float16");
 }
 
-fastquant::cpu::SparseValues parse_values_dtype(const std::string& name) {
-  if (name == "float32") return fastquant::cpu::SparseValues::kFloat32;
-  if (name == "bfloat16") return fastquant::cpu::SparseValues::kBFloat16;
-  if (name == "float16") return fastquant::cpu::SparseValues::kFloat16;
-  if (name == "int8") return fastquant::cpu::SparseValues::kInt8;
-  throw std::invalid_argument("unknown values dtype '" + name +
-                              "': expected float32, bfloat16, float16 or int8");
+DType parse_values_dtype(const std::string& name) {
+  if (name == "int8") return DType::kInt8;
+  try {
+    return parse_dtype(name);
+  } catch (const std::invalid_argument&) {
+    throw std::invalid_argument("unknown values dtype '" + name +
+                                "': expected float32, bfloat16, float16 or int8");
+  }
 }
-
-fastquant::cuda::SparseValues parse_cuda_values_dtype(const std::string& name) {
-  return static_cast<fastquant::cuda::SparseValues>(static_cast<int>(parse_values_dtype(name)));
-}
-
-fastquant::cuda::DType parse_cuda_dtype(const std::string& name) {
-  return static_cast<fastquant::cuda::DType>(static_cast<int>(parse_dtype(name)));
-}
-
-static_assert(static_cast<int>(fastquant::cpu::SparseValues::kInt8) ==
-                      static_cast<int>(fastquant::cuda::SparseValues::kInt8) &&
-                  static_cast<int>(fastquant::cpu::ActDType::kFloat16) ==
-                      static_cast<int>(fastquant::cuda::DType::kFloat16),
-              "the CPU and CUDA dtype codes must agree");
 
 // fastquant._C.cuda_dispatch: the CUDA kernel choice as pure functions of the problem, the run-time caps and
 // the device's limits (csrc/cuda/*_dispatch.h), in every build.
@@ -69,7 +58,7 @@ void def_cuda_dispatch(py::module_& parent) {
       "int8_path",
       [](int64_t m_rows, int64_t n, int64_t k, int64_t group_size, const std::string& dtype, bool x_aligned,
          bool w_aligned, int64_t gemv_max_m, int64_t gemm_max_m) {
-        const fc::Int8Plan plan = fc::plan_int8(m_rows, n, k, group_size, parse_cuda_dtype(dtype), x_aligned,
+        const fc::Int8Plan plan = fc::plan_int8(m_rows, n, k, group_size, parse_dtype(dtype), x_aligned,
                                                 w_aligned, gemv_max_m, gemm_max_m);
         return std::string(fc::int8_path_name(plan));
       },
@@ -81,8 +70,7 @@ void def_cuda_dispatch(py::module_& parent) {
   m.def(
       "int8_gemv_n_tiles",
       [](int64_t m_rows, int64_t gemv_max_m) {
-        return fc::int8_gemv_n_tiles(
-            fc::choose_int8_path(m_rows, 1, 64, -1, fc::DType::kBFloat16, gemv_max_m));
+        return fc::int8_gemv_n_tiles(fc::choose_int8_path(m_rows, 1, 64, -1, DType::kBFloat16, gemv_max_m));
       },
       py::arg("m"), py::arg("gemv_max_m") = 64, "n=8 tiles of the int8 GEMV at this M (0: not the GEMV)");
   m.def("int8_gemv_chunks_per_step", &fc::int8_gemv_chunks_per_step, py::arg("n_tiles"),
@@ -95,9 +83,9 @@ void def_cuda_dispatch(py::module_& parent) {
       "sparse_path",
       [](int64_t m_rows, int64_t n, int64_t k, const std::string& values_dtype, const std::string& x_dtype,
          int64_t group_size, int64_t max_smem_bytes, int64_t gemv_max_m, int64_t mma_max_m) {
-        const auto path = fc::choose_sparse_path(m_rows, n, k, parse_cuda_values_dtype(values_dtype),
-                                                 parse_cuda_dtype(x_dtype), group_size, max_smem_bytes,
-                                                 gemv_max_m, mma_max_m);
+        const auto path =
+            fc::choose_sparse_path(m_rows, n, k, parse_values_dtype(values_dtype), parse_dtype(x_dtype),
+                                   group_size, max_smem_bytes, gemv_max_m, mma_max_m);
         return std::string(fc::sparse_path_name(path, m_rows));
       },
       py::arg("m"), py::arg("n"), py::arg("k"), py::arg("values_dtype"), py::arg("x_dtype"),
@@ -108,14 +96,14 @@ void def_cuda_dispatch(py::module_& parent) {
   m.def(
       "sparse_mma_block_m",
       [](int64_t m_rows, const std::string& values_dtype, int64_t max_smem_bytes) {
-        return fc::sparse_mma_block_m(m_rows, parse_cuda_values_dtype(values_dtype), max_smem_bytes);
+        return fc::sparse_mma_block_m(m_rows, parse_values_dtype(values_dtype), max_smem_bytes);
       },
       py::arg("m"), py::arg("values_dtype"), py::arg("max_smem_bytes"),
       "x rows per block of the bitmap16 mma kernel (0: none fits)");
   m.def(
       "sparse_mma_smem_bytes",
       [](const std::string& values_dtype, int block_m) {
-        return fc::sparse_mma_smem_bytes(parse_cuda_values_dtype(values_dtype), block_m);
+        return fc::sparse_mma_smem_bytes(parse_values_dtype(values_dtype), block_m);
       },
       py::arg("values_dtype"), py::arg("block_m"), "Dynamic shared memory of one bitmap16 mma block");
 }
@@ -171,6 +159,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       py::arg("m"), py::arg("n"), py::arg("k"), py::arg("values_dtype"), py::arg("x_dtype"),
       py::arg("group_size") = -1, "Name of the CPU kernel sparse_linear runs for this problem");
+  m.def(
+      "sparse_linear_cpu_prefill_rows",
+      [](int64_t k, const std::string& values_dtype, const std::string& x_dtype, int64_t group_size) {
+        return fastquant::cpu::sparse_linear_cpu_prefill_rows(k, parse_values_dtype(values_dtype),
+                                                              parse_dtype(x_dtype), group_size);
+      },
+      py::arg("k"), py::arg("values_dtype"), py::arg("x_dtype"), py::arg("group_size") = -1,
+      "Rows of x from which the CPU sparse_linear takes a dedicated prefill kernel (0: none)");
   m.def(
       "sparse_csr_linear_cpu_path", [] { return std::string(fastquant::cpu::sparse_csr_linear_cpu_path()); },
       "Name of the CPU kernel sparse_csr_linear runs");

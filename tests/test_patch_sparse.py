@@ -227,12 +227,12 @@ def test_csr16_layer_prefills_with_bitmap16_where_that_has_a_prefill_kernel():
     path = fastquant._native.sparse_linear_kernel_path(
         torch.device("cpu"), 17, layer.out_features, layer.in_features, torch.int8, torch.float32
     )
-    assert layer._prefill_in_bitmap16 == (path == "cpu_avx512_bf16_tiles")
+    assert layer.bitmap16_prefill_rows == (17 if path == "cpu_avx512_bf16_tiles" else 0)
     with torch.no_grad():
         for rows in (1, 16, 17, 40):
             x = torch.randn(rows, layer.in_features)
             y, y_bitmap = layer(x), bitmap(x)
-            if rows > 16 and layer._prefill_in_bitmap16:
+            if layer.bitmap16_prefill_rows and rows >= layer.bitmap16_prefill_rows:
                 torch.testing.assert_close(y, y_bitmap, rtol=0, atol=0)
             else:
                 torch.testing.assert_close(y, y_bitmap, rtol=1e-5, atol=1e-5)

@@ -13,23 +13,10 @@
 #include "cpu/fixed_point_x.h"
 #include "cpu/int8_linear_glue.h"
 #include "cpu/parallel.h"
+#include "int8_linear_contract.h"
 
 namespace fastquant::cpu {
 namespace {
-
-ActDType act_dtype(const at::Tensor& x) {
-  switch (x.scalar_type()) {
-    case at::kFloat:
-      return ActDType::kFloat32;
-    case at::kBFloat16:
-      return ActDType::kBFloat16;
-    case at::kHalf:
-      return ActDType::kFloat16;
-    default:
-      TORCH_CHECK(false, "fastquant.int8_linear: x must be float32, bfloat16 or float16, got ",
-                  x.scalar_type());
-  }
-}
 
 constexpr int64_t kFixedMinK = 2048;
 
@@ -104,57 +91,20 @@ void int8_linear_run_bf16(Int8LinearProblem& p, const at::Tensor& x2) {
 }
 #endif
 
-const char* int8_linear_cpu_path(int64_t m, int64_t n, int64_t k, int64_t group_size, ActDType dtype) {
+const char* int8_linear_cpu_path(int64_t m, int64_t n, int64_t k, int64_t group_size, DType dtype) {
   const int64_t group = group_size == -1 || group_size > k ? k : group_size;
   return path_name(choose_path(active_isa(), m, k, group));
 }
 
 at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                            const std::optional<at::Tensor>& bias, int64_t group_size) {
-  const ActDType dtype = act_dtype(x);
-  TORCH_CHECK(x.device().is_cpu() && qweight.device().is_cpu() && scales.device().is_cpu(),
-              "fastquant.int8_linear (CPU kernel): all tensors must be on the CPU, got x on ", x.device(),
-              ", qweight on ", qweight.device(), ", scales on ", scales.device());
-  TORCH_CHECK(x.dim() >= 1, "fastquant.int8_linear: x must have at least 1 dimension, got a scalar");
-  TORCH_CHECK(qweight.scalar_type() == at::kChar && qweight.dim() == 2,
-              "fastquant.int8_linear: qweight must be a 2-D int8 tensor (N, K), got ", qweight.scalar_type(),
-              " of shape ", qweight.sizes());
-  const int64_t n = qweight.size(0);
-  const int64_t k = qweight.size(1);
-  TORCH_CHECK(x.size(-1) == k, "fastquant.int8_linear: x has ", x.size(-1), " input features (shape ",
-              x.sizes(), ") but qweight is (N, K) = (", n, ", ", k, ")");
-  TORCH_CHECK(scales.scalar_type() == at::kFloat, "fastquant.int8_linear: scales must be float32, got ",
-              scales.scalar_type());
-  int64_t n_groups = 1;
-  int64_t effective_group = k;
-  if (group_size == -1) {
-    TORCH_CHECK(scales.dim() == 1 && scales.size(0) == n,
-                "fastquant.int8_linear: per-channel scales must have shape (N,) = (", n, ",), got ",
-                scales.sizes());
-  } else {
-    TORCH_CHECK(group_size > 0,
-                "fastquant.int8_linear: group_size must be -1 (per-channel) or positive, got ", group_size);
-    n_groups = (k + group_size - 1) / group_size;
-    effective_group = group_size;
-    TORCH_CHECK(scales.dim() == 2 && scales.size(0) == n && scales.size(1) == n_groups,
-                "fastquant.int8_linear: group-wise scales for qweight (", n, ", ", k, ") and group_size ",
-                group_size, " must have shape (", n, ", ", n_groups, "), got ", scales.sizes());
-  }
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->device().is_cpu(), "fastquant.int8_linear: bias must be on the CPU, got ",
-                bias->device());
-    TORCH_CHECK(bias->scalar_type() == x.scalar_type(), "fastquant.int8_linear: bias dtype ",
-                bias->scalar_type(), " must match x dtype ", x.scalar_type());
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, "fastquant.int8_linear: bias must have shape (", n,
-                ",), got ", bias->sizes());
-  }
-
-  std::vector<int64_t> out_sizes(x.sizes().begin(), x.sizes().end());
-  out_sizes.back() = n;
-  at::Tensor y = at::empty(out_sizes, x.options());
-  const int64_t m = x.numel() / std::max<int64_t>(k, 1);
+  const Int8LinearShape shape = check_int8_linear(Backend::kCpu, x, qweight, scales, bias, group_size);
+  const int64_t m = shape.m, n = shape.n, k = shape.k, n_groups = shape.n_groups;
+  const DType dtype = shape.x_dtype;
+  const int64_t effective_group = group_size == -1 ? k : group_size;
+  at::Tensor y = empty_output(x, n);
   if (y.numel() == 0) return y;
-  if (k == 0) return bias.has_value() ? y.copy_(bias->expand_as(y)) : y.zero_();
+  if (k == 0) return fill_without_inputs(y, bias);
 
   const at::Tensor x2 = x.reshape({m, k}).contiguous();
   const at::Tensor w = qweight.contiguous();
@@ -183,7 +133,7 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
   if (p.group_size > k) p.group_size = k;  // one group covering K reads as per-channel
   // Vector paths compute in fp32 into an fp32 output (y itself for float32 x), then round once to x's dtype.
   const at::Tensor b32 = b.defined() ? b.to(at::kFloat).contiguous() : at::Tensor();
-  at::Tensor y32 = dtype == ActDType::kFloat32 ? y : at::empty({m, n}, x.options().dtype(at::kFloat));
+  at::Tensor y32 = dtype == DType::kFloat32 ? y : at::empty({m, n}, x.options().dtype(at::kFloat));
   p.bias_f32 = b32.defined() ? b32.data_ptr<float>() : nullptr;
   p.y_f32 = y32.data_ptr<float>();
   if (path == Path::kAvx512Bf16) {
@@ -216,7 +166,7 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
       kernel(p, begin * grain, std::min(end * grain, n), nullptr);
     });
   }
-  if (dtype != ActDType::kFloat32) y.view({m, n}).copy_(y32);
+  if (dtype != DType::kFloat32) y.view({m, n}).copy_(y32);
 #endif
   return y;
 }

@@ -20,9 +20,9 @@
 //                    scale applied per group (or per channel) in fp32, fp32 output.
 #include <cstdint>
 
-namespace fastquant::cpu {
+#include "dtypes.h"
 
-enum class ActDType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+namespace fastquant::cpu {
 
 // A bitmap16 sparse weight with int8 values (sparse_linear's format, sparse_linear.h) for the bf16 path:
 // its tiles are expanded from the masks instead of converted from a dense row, everything else is shared.
@@ -42,7 +42,7 @@ struct Int8LinearProblem {
   int64_t m, n, k;
   int64_t group_size;  // k for per-channel scales
   int64_t n_groups;    // ceil(k / group_size)
-  ActDType dtype;
+  DType dtype;
 
   // Vector paths: fp32 bias (or nullptr) and an fp32 m x n output, rounded to the dtype by the glue.
   const float* bias_f32 = nullptr;
@@ -81,6 +81,6 @@ constexpr int64_t kBf16TileCols = 64;
 #endif
 
 // Name of the kernel the CPU op will run for this problem (reported by fastquant.report / info).
-const char* int8_linear_cpu_path(int64_t m, int64_t n, int64_t k, int64_t group_size, ActDType dtype);
+const char* int8_linear_cpu_path(int64_t m, int64_t n, int64_t k, int64_t group_size, DType dtype);
 
 }  // namespace fastquant::cpu

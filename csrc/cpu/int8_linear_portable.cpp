@@ -36,11 +36,11 @@ void run(const Int8LinearProblem& p, int64_t n_begin, int64_t n_end) {
 
 void int8_linear_portable(const Int8LinearProblem& p, int64_t n_begin, int64_t n_end, void*) {
   switch (p.dtype) {
-    case ActDType::kFloat32:
+    case DType::kFloat32:
       return run<float>(p, n_begin, n_end);
-    case ActDType::kBFloat16:
+    case DType::kBFloat16:
       return run<c10::BFloat16>(p, n_begin, n_end);
-    case ActDType::kFloat16:
+    case DType::kFloat16:
       return run<c10::Half>(p, n_begin, n_end);
   }
 }

@@ -17,17 +17,12 @@
 
 #include "cpu/cpu_features.h"
 #include "cpu/parallel.h"
-#include "sparse_glue.h"
+#include "sparse_linear_contract.h"
 
 namespace fastquant::cpu {
 namespace {
 
-static_assert(static_cast<int>(ActDType::kBFloat16) == kCodeBFloat16 &&
-                  static_cast<int>(SparseValues::kInt8) == kCodeInt8,
-              "sparse_glue.h dtype codes");
-
 constexpr const char* kPrefix = "fastquant.sparse_csr_linear:";
-constexpr int64_t kMaxInFeatures = int64_t{1} << 16;
 constexpr int64_t kCsrTransposedMinRows = 8;
 
 bool use_avx2() {
@@ -65,28 +60,10 @@ at::Tensor sparse_csr_linear_cpu(const at::Tensor& x, const at::Tensor& values,
                                  const std::optional<at::Tensor>& scales,
                                  const std::optional<at::Tensor>& bias, int64_t in_features,
                                  int64_t group_size) {
-  const ActDType dtype = sparse_act_dtype<ActDType>(x, kPrefix);
-  TORCH_CHECK(x.device().is_cpu() && values.device().is_cpu() && column_indices.device().is_cpu() &&
-                  row_offsets.device().is_cpu() && (!scales.has_value() || scales->device().is_cpu()) &&
-                  (!bias.has_value() || bias->device().is_cpu()),
-              "fastquant.sparse_csr_linear (CPU kernel): all tensors must be on the CPU, got x on ",
-              x.device(), ", values on ", values.device(), ", column_indices on ", column_indices.device(),
-              ", row_offsets on ", row_offsets.device());
-  TORCH_CHECK(x.dim() >= 1, kPrefix, " x must have at least 1 dimension, got a scalar");
-  const SparseValues vtype = sparse_values_dtype<SparseValues>(values, kPrefix);
-  TORCH_CHECK(column_indices.scalar_type() == at::kShort && column_indices.sizes() == values.sizes(), kPrefix,
-              " column_indices must be an int16 tensor of the values' shape ", values.sizes(), ", got ",
-              column_indices.scalar_type(), " of shape ", column_indices.sizes());
-  TORCH_CHECK(row_offsets.scalar_type() == at::kLong && row_offsets.dim() == 1 && row_offsets.numel() >= 1,
-              kPrefix, " row_offsets must be a non-empty 1-D int64 tensor (N + 1,), got ",
-              row_offsets.scalar_type(), " of shape ", row_offsets.sizes());
-  TORCH_CHECK(in_features >= 0 && in_features <= kMaxInFeatures, kPrefix, " in_features must be in [0, ",
-              kMaxInFeatures, "] (16-bit column indices), got ", in_features);
-  const int64_t k = in_features;
-  const int64_t n = row_offsets.size(0) - 1;
-  TORCH_CHECK(x.size(-1) == k, kPrefix, " x has ", x.size(-1), " input features (shape ", x.sizes(),
-              ") but in_features is ", k);
-  const int64_t n_groups = check_sparse_scales_and_bias(kPrefix, x, values, scales, bias, n, k, group_size);
+  const SparseLinearShape shape = check_sparse_csr_linear(Backend::kCpu, x, values, column_indices,
+                                                          row_offsets, scales, bias, in_features, group_size);
+  const int64_t m = shape.m, n = shape.n, k = shape.k, n_groups = shape.n_groups;
+  const DType dtype = shape.x_dtype, vtype = shape.values_dtype;
 
   const at::Tensor vals = values.contiguous();
   const at::Tensor idx = column_indices.contiguous();
@@ -94,17 +71,14 @@ at::Tensor sparse_csr_linear_cpu(const at::Tensor& x, const at::Tensor& values,
   const int64_t* offsets = offs.data_ptr<int64_t>();
   check_offsets_ends(offsets, n, vals.numel());
 
-  std::vector<int64_t> out_sizes(x.sizes().begin(), x.sizes().end());
-  out_sizes.back() = n;
-  at::Tensor y = at::empty(out_sizes, x.options());
-  const int64_t m = x.numel() / std::max<int64_t>(k, 1);
+  at::Tensor y = empty_output(x, n);
   if (y.numel() == 0) return y;
-  if (k == 0) return bias.has_value() ? y.copy_(bias->expand_as(y)) : y.zero_();
+  if (k == 0) return fill_without_inputs(y, bias);
 
   const at::Tensor x32 = x.reshape({m, k}).to(at::kFloat).contiguous();
   const at::Tensor s = scales.has_value() ? scales->contiguous() : at::Tensor();
   const at::Tensor b32 = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
-  at::Tensor y32 = dtype == ActDType::kFloat32 ? y : at::empty({m, n}, x.options().dtype(at::kFloat));
+  at::Tensor y32 = dtype == DType::kFloat32 ? y : at::empty({m, n}, x.options().dtype(at::kFloat));
 
   // From 8 rows of x the AVX2 kernel takes x transposed and zero-padded to whole 16-row tiles (notes in
   // sparse_csr_linear_avx2.cpp); the copy is K x M floats, against M x (kept weights) FMAs. Below 8 rows the
@@ -128,7 +102,7 @@ at::Tensor sparse_csr_linear_cpu(const at::Tensor& x, const at::Tensor& values,
   p.m = m;
   p.n = n;
   p.k = k;
-  p.group_size = vtype == SparseValues::kInt8 && group_size != -1 ? group_size : 0;
+  p.group_size = vtype == DType::kInt8 && group_size != -1 ? group_size : 0;
   p.n_groups = n_groups;
   p.vtype = vtype;
 
@@ -142,7 +116,7 @@ at::Tensor sparse_csr_linear_cpu(const at::Tensor& x, const at::Tensor& values,
   const int64_t bad = parallel_rows_first_refused(
       n, grain, [&](int64_t begin, int64_t end) { return kernel(p, begin, end); });
   if (bad != n) raise_refused(p, bad);
-  if (dtype != ActDType::kFloat32) y.view({m, n}).copy_(y32);
+  if (dtype != DType::kFloat32) y.view({m, n}).copy_(y32);
   return y;
 }
 

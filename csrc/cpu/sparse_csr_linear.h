@@ -17,7 +17,7 @@
 // (q * s, as the reference dequantizes), per-channel scales the finished dot product.
 #include <cstdint>
 
-#include "cpu/sparse_linear.h"  // SparseValues
+#include "cpu/sparse_linear.h"  // DType
 
 namespace fastquant::cpu {
 
@@ -34,7 +34,7 @@ struct SparseCsrLinearProblem {
   int64_t m, n, k;
   int64_t group_size;  // int8 with group-wise scales: columns per group; else 0
   int64_t n_groups;    // columns of scales (1 for per-channel)
-  SparseValues vtype;
+  DType vtype;
 };
 
 // Computes output columns [n_begin, n_end) for every row of x. Called concurrently on disjoint ranges.

@@ -90,13 +90,13 @@ int64_t run_transposed_values(const SparseCsrLinearProblem& p, int64_t n_begin, 
 int64_t sparse_csr_linear_avx2(const SparseCsrLinearProblem& p, int64_t n_begin, int64_t n_end) {
   if (p.xt == nullptr) return csr_detail::run_any(p, n_begin, n_end);
   switch (p.vtype) {
-    case SparseValues::kFloat32:
+    case DType::kFloat32:
       return run_transposed_values<float>(p, n_begin, n_end);
-    case SparseValues::kBFloat16:
+    case DType::kBFloat16:
       return run_transposed_values<csr_detail::Bf16>(p, n_begin, n_end);
-    case SparseValues::kFloat16:
+    case DType::kFloat16:
       return run_transposed_values<csr_detail::F16>(p, n_begin, n_end);
-    case SparseValues::kInt8:
+    case DType::kInt8:
       return run_transposed_values<int8_t>(p, n_begin, n_end);
   }
   return -1;

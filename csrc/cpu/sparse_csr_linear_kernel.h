@@ -169,13 +169,13 @@ int64_t run_values(const SparseCsrLinearProblem& p, int64_t n_begin, int64_t n_e
 
 inline int64_t run_any(const SparseCsrLinearProblem& p, int64_t n_begin, int64_t n_end) {
   switch (p.vtype) {
-    case SparseValues::kFloat32:
+    case DType::kFloat32:
       return run_values<float>(p, n_begin, n_end);
-    case SparseValues::kBFloat16:
+    case DType::kBFloat16:
       return run_values<Bf16>(p, n_begin, n_end);
-    case SparseValues::kFloat16:
+    case DType::kFloat16:
       return run_values<F16>(p, n_begin, n_end);
-    case SparseValues::kInt8:
+    case DType::kInt8:
       return run_values<int8_t>(p, n_begin, n_end);
   }
   return -1;

@@ -24,14 +24,10 @@
 #include "cpu/cpu_features.h"
 #include "cpu/int8_linear_glue.h"
 #include "cpu/parallel.h"
-#include "sparse_glue.h"
+#include "sparse_linear_contract.h"
 
 namespace fastquant::cpu {
 namespace {
-
-static_assert(static_cast<int>(ActDType::kBFloat16) == kCodeBFloat16 &&
-                  static_cast<int>(SparseValues::kInt8) == kCodeInt8,
-              "sparse_glue.h dtype codes");
 
 constexpr const char* kPrefix = "fastquant.sparse_linear:";
 
@@ -61,22 +57,22 @@ constexpr int64_t kAvx2DenseFloatMinRows = 32;
 constexpr int64_t kDenseFloatBlockBytes = 4 << 20;
 
 // group_size: -1 for per-channel scales (or float values).
-Path choose_path(Isa isa, int64_t m, int64_t k, SparseValues values, int64_t group_size) {
+Path choose_path(Isa isa, int64_t m, int64_t k, DType values, int64_t group_size) {
   const int64_t group = group_size == -1 ? k : group_size;
 #if defined(__x86_64__) || defined(_M_X64)
-  if (isa >= Isa::kAvx512 && values == SparseValues::kInt8 && m > kBf16MinRows && bf16_chunk(k, group) > 0) {
+  if (isa >= Isa::kAvx512 && values == DType::kInt8 && m > kBf16MinRows && bf16_chunk(k, group) > 0) {
     return Path::kAvx512Bf16Tiles;
   }
-  if (isa == Isa::kAvx512Vbmi && values == SparseValues::kInt8 && m == 1) {
+  if (isa == Isa::kAvx512Vbmi && values == DType::kInt8 && m == 1) {
     return group_size == -1 && k <= kFixedPointMaxK ? Path::kAvx512VnniFixed : Path::kAvx512Vbmi;
   }
   if (isa >= Isa::kAvx512) return Path::kAvx512;
   if (isa == Isa::kAvx2) {
-    if (values == SparseValues::kInt8 && m >= kAvx2DenseMinRows) return Path::kAvx2DenseInt8;
-    if (values != SparseValues::kInt8 && m >= kAvx2DenseFloatMinRows) return Path::kAvx2DenseFloat;
+    if (values == DType::kInt8 && m >= kAvx2DenseMinRows) return Path::kAvx2DenseInt8;
+    if (values != DType::kInt8 && m >= kAvx2DenseFloatMinRows) return Path::kAvx2DenseFloat;
     // Groups of whole 64-column steps: the fixed-point kernel flushes its sums at each group's end.
     const bool fixed_groups = group_size == -1 || group_size % 64 == 0;
-    return values == SparseValues::kInt8 && m == 1 && fixed_groups ? Path::kAvx2Fixed : Path::kAvx2;
+    return values == DType::kInt8 && m == 1 && fixed_groups ? Path::kAvx2Fixed : Path::kAvx2;
   }
 #endif
   return Path::kPortable;
@@ -138,41 +134,24 @@ void check_offsets_ends(const at::Tensor& values, const uint16_t* masks, const i
 
 }  // namespace
 
-const char* sparse_linear_cpu_path(int64_t m, int64_t n, int64_t k, SparseValues values, ActDType x,
+const char* sparse_linear_cpu_path(int64_t m, int64_t n, int64_t k, DType values, DType x,
                                    int64_t group_size) {
   return path_name(choose_path(active_isa(), m, k, values, group_size));
+}
+
+int64_t sparse_linear_cpu_prefill_rows(int64_t k, DType values, DType x, int64_t group_size) {
+  const int64_t m = kBf16MinRows + 1;
+  return choose_path(active_isa(), m, k, values, group_size) == Path::kAvx512Bf16Tiles ? m : 0;
 }
 
 at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& masks,
                              const at::Tensor& row_offsets, const std::optional<at::Tensor>& scales,
                              const std::optional<at::Tensor>& bias, int64_t in_features, int64_t group_size) {
-  const ActDType dtype = sparse_act_dtype<ActDType>(x, kPrefix);
-  TORCH_CHECK(x.device().is_cpu() && values.device().is_cpu() && masks.device().is_cpu() &&
-                  row_offsets.device().is_cpu() && (!scales.has_value() || scales->device().is_cpu()) &&
-                  (!bias.has_value() || bias->device().is_cpu()),
-              "fastquant.sparse_linear (CPU kernel): all tensors must be on the CPU, got x on ", x.device(),
-              ", values on ", values.device(), ", masks on ", masks.device(), ", row_offsets on ",
-              row_offsets.device());
-  TORCH_CHECK(x.dim() >= 1, kPrefix, " x must have at least 1 dimension, got a scalar");
-  const SparseValues vtype = sparse_values_dtype<SparseValues>(values, kPrefix);
-  TORCH_CHECK(masks.scalar_type() == at::kShort && masks.dim() == 2, kPrefix,
-              " masks must be a 2-D int16 tensor (N, ceil(K / 16)), got ", masks.scalar_type(), " of shape ",
-              masks.sizes());
-  TORCH_CHECK(in_features >= 0, kPrefix, " in_features must be >= 0, got ", in_features);
-  const int64_t k = in_features;
-  const int64_t n = masks.size(0);
-  const int64_t n_chunks = (k + 15) / 16;
-  TORCH_CHECK(x.size(-1) == k, kPrefix, " x has ", x.size(-1), " input features (shape ", x.sizes(),
-              ") but in_features is ", k);
-  TORCH_CHECK(masks.size(1) == n_chunks, kPrefix, " masks has ", masks.size(1),
-              " chunks per row but in_features ", k, " needs ceil(", k, " / 16) = ", n_chunks);
-  TORCH_CHECK(
-      row_offsets.scalar_type() == at::kLong && row_offsets.dim() == 1 && row_offsets.size(0) == n + 1,
-      kPrefix, " row_offsets must be an int64 tensor of shape (N + 1,) = (", n + 1, ",), got ",
-      row_offsets.scalar_type(), " of shape ", row_offsets.sizes());
-  TORCH_CHECK(values.numel() >= 64, kPrefix, " values must end with 64 elements of padding, got ",
-              values.numel(), " elements");
-  const int64_t n_groups = check_sparse_scales_and_bias(kPrefix, x, values, scales, bias, n, k, group_size);
+  const SparseLinearShape shape = check_sparse_linear(Backend::kCpu, x, values, masks, row_offsets, scales,
+                                                      bias, in_features, group_size);
+  const int64_t m = shape.m, n = shape.n, k = shape.k, n_groups = shape.n_groups;
+  const DType dtype = shape.x_dtype, vtype = shape.values_dtype;
+  const int64_t n_chunks = group_count(k, 16);
 
   const at::Tensor vals = values.contiguous();
   const at::Tensor mk = masks.contiguous();
@@ -181,16 +160,13 @@ at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& values, cons
   const int64_t* offsets = offs.data_ptr<int64_t>();
   check_offsets_ends(vals, mask_words, offsets, n, k, n_chunks);
 
-  std::vector<int64_t> out_sizes(x.sizes().begin(), x.sizes().end());
-  out_sizes.back() = n;
-  at::Tensor y = at::empty(out_sizes, x.options());
-  const int64_t m = x.numel() / std::max<int64_t>(k, 1);
+  at::Tensor y = empty_output(x, n);
   if (y.numel() == 0) return y;
-  if (k == 0) return bias.has_value() ? y.copy_(bias->expand_as(y)) : y.zero_();
+  if (k == 0) return fill_without_inputs(y, bias);
 
   const at::Tensor s = scales.has_value() ? scales->contiguous() : at::Tensor();
   const at::Tensor b32 = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
-  at::Tensor y32 = dtype == ActDType::kFloat32 ? y : at::empty({m, n}, x.options().dtype(at::kFloat));
+  at::Tensor y32 = dtype == DType::kFloat32 ? y : at::empty({m, n}, x.options().dtype(at::kFloat));
 
   SparseLinearProblem p{};
   p.values = vals.data_ptr();
@@ -204,7 +180,7 @@ at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& values, cons
   p.n = n;
   p.k = k;
   p.n_chunks = n_chunks;
-  p.group_chunks = vtype == SparseValues::kInt8 && group_size != -1 ? group_size / 16 : 0;
+  p.group_chunks = vtype == DType::kInt8 && group_size != -1 ? group_size / 16 : 0;
   p.n_groups = n_groups;
   p.vtype = vtype;
   const Path path = choose_path(active_isa(), m, k, vtype, group_size);
@@ -300,7 +276,7 @@ at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& values, cons
     // chunk's vector load reads zeros past K (its mask bits there are zero, checked above).
     const int64_t ldx = n_chunks * 16;
     at::Tensor x32;
-    if (dtype == ActDType::kFloat32 && ldx == k) {
+    if (dtype == DType::kFloat32 && ldx == k) {
       x32 = x.reshape({m, k}).contiguous();
     } else {
       x32 = at::zeros({m, ldx}, x.options().dtype(at::kFloat));
@@ -349,7 +325,7 @@ at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& values, cons
                                       [&](int64_t begin, int64_t end) { return kernel(p, begin, end); });
   }
   if (bad != n) raise_refused(mask_words, offsets, n, n_chunks, bad);
-  if (dtype != ActDType::kFloat32) y.view({m, n}).copy_(y32);
+  if (dtype != DType::kFloat32) y.view({m, n}).copy_(y32);
   return y;
 }
 

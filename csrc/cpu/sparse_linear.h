@@ -39,11 +39,10 @@
 #include <cstring>
 
 #include "cpu/fixed_point_x.h"
-#include "cpu/int8_linear.h"  // ActDType
+#include "cpu/int8_linear.h"
+#include "dtypes.h"
 
 namespace fastquant::cpu {
-
-enum class SparseValues : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2, kInt8 = 3 };
 
 struct SparseLinearProblem {
   const float* x;              // m x ldx fp32 activations; columns k..ldx are zero (ldx = 16 * n_chunks)
@@ -57,7 +56,7 @@ struct SparseLinearProblem {
   int64_t m, n, k, n_chunks, ldx;
   int64_t group_chunks;  // int8 with group-wise scales: chunks per group (group_size / 16); else 0
   int64_t n_groups;      // columns of scales (1 for per-channel)
-  SparseValues vtype;
+  DType vtype;
   bool byte_expand;  // int8 values, M = 1: the VBMI/VBMI2 byte-expand kernel (CPU support checked by caller)
   // Per-channel int8 values at M = 1: x in 32-bit fixed point, X = round(x / x_fixed_step); nullptr when x
   // does not qualify (see SparseXRange) and an fp32 kernel runs instead. cpu_avx512_vnni_fixed (with
@@ -179,7 +178,11 @@ int64_t sparse_first_bad_row_avx512(const SparseLinearProblem& p, int64_t j0, in
 
 #endif
 
-const char* sparse_linear_cpu_path(int64_t m, int64_t n, int64_t k, SparseValues values, ActDType x,
+// Rows of x from which sparse_linear takes a dedicated prefill kernel for this weight (int8 values on
+// AVX-512: cpu_avx512_bf16_tiles), or 0 when no row count does. A csr16 layer hands such calls to
+// sparse_linear.
+int64_t sparse_linear_cpu_prefill_rows(int64_t k, DType values, DType x, int64_t group_size);
+const char* sparse_linear_cpu_path(int64_t m, int64_t n, int64_t k, DType values, DType x,
                                    int64_t group_size);
 
 }  // namespace fastquant::cpu

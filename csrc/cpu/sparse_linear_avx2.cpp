@@ -49,15 +49,15 @@ struct PermTable {
 };
 constexpr PermTable kPerm{};
 
-template <SparseValues V>
+template <DType V>
 struct Val;
 template <>
-struct Val<SparseValues::kFloat32> {
+struct Val<DType::kFloat32> {
   using T = float;
   static __m256 load8(const T* p) { return _mm256_loadu_ps(p); }
 };
 template <>
-struct Val<SparseValues::kBFloat16> {
+struct Val<DType::kBFloat16> {
   using T = uint16_t;
   static __m256 load8(const T* p) {
     const __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
@@ -65,14 +65,14 @@ struct Val<SparseValues::kBFloat16> {
   }
 };
 template <>
-struct Val<SparseValues::kFloat16> {
+struct Val<DType::kFloat16> {
   using T = uint16_t;
   static __m256 load8(const T* p) {
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   }
 };
 template <>
-struct Val<SparseValues::kInt8> {
+struct Val<DType::kInt8> {
   using T = int8_t;
   static __m256 load8(const T* p) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
@@ -80,7 +80,7 @@ struct Val<SparseValues::kInt8> {
 };
 
 // The 8 columns of one mask byte, from the packed stream at ptr (advanced past the kept ones).
-template <SparseValues V>
+template <DType V>
 inline __m256 expand8(const typename Val<V>::T*& ptr, unsigned byte) {
   const __m256i idx =
       _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(kPerm.entry + byte)));
@@ -104,7 +104,7 @@ inline float hsum8(__m256 v) {
 }
 
 // y[m0 .. m0 + MB, j0 .. j0 + NR] over all chunks.
-template <SparseValues V, int MB, int NR, bool GROUPED>
+template <DType V, int MB, int NR, bool GROUPED>
 void tile(const SparseLinearProblem& p, int64_t m0, int64_t j0) {
   using T = typename Val<V>::T;
   const T* vp[NR];
@@ -316,7 +316,7 @@ constexpr int kMB = 4;          // rows of x per tile at M > 1
 constexpr int kNR = 2;          // weight rows per tile at M > 1
 constexpr int64_t kBlock = 32;  // weight rows whose values stay in L2 while x streams past (M > 1)
 
-template <SparseValues V, int NR, bool GROUPED>
+template <DType V, int NR, bool GROUPED>
 void tile_m(const SparseLinearProblem& p, int64_t m0, int mb, int64_t j0) {
   switch (mb) {
     case 1:
@@ -330,7 +330,7 @@ void tile_m(const SparseLinearProblem& p, int64_t m0, int mb, int64_t j0) {
   }
 }
 
-template <SparseValues V, bool GROUPED>
+template <DType V, bool GROUPED>
 int64_t run(const SparseLinearProblem& p, int64_t n_begin, int64_t n_end) {
   if (p.m == 1) {
     int64_t j = n_begin;
@@ -359,7 +359,7 @@ int64_t run(const SparseLinearProblem& p, int64_t n_begin, int64_t n_end) {
   return -1;
 }
 
-template <SparseValues V>
+template <DType V>
 int64_t run_values(const SparseLinearProblem& p, int64_t n_begin, int64_t n_end) {
   return p.group_chunks > 0 ? run<V, true>(p, n_begin, n_end) : run<V, false>(p, n_begin, n_end);
 }
@@ -408,7 +408,7 @@ int64_t sparse_expand_int8_avx2(const SparseLinearProblem& p, int8_t* block, int
 
 namespace {
 
-template <SparseValues V>
+template <DType V>
 void expand_float_rows(const SparseLinearProblem& p, float* rows_out, int64_t j0, int64_t j1) {
   using T = typename Val<V>::T;
   expand_rows<T>(p, rows_out, j0, j1, [](const T*& vp, unsigned word, float* dst) {
@@ -423,16 +423,16 @@ int64_t sparse_expand_float_avx2(const SparseLinearProblem& p, float* rows_out, 
   const int64_t bad = first_bad_row(p, j0, j1);
   if (bad >= 0) return bad;
   switch (p.vtype) {
-    case SparseValues::kFloat32:
-      expand_float_rows<SparseValues::kFloat32>(p, rows_out, j0, j1);
+    case DType::kFloat32:
+      expand_float_rows<DType::kFloat32>(p, rows_out, j0, j1);
       break;
-    case SparseValues::kBFloat16:
-      expand_float_rows<SparseValues::kBFloat16>(p, rows_out, j0, j1);
+    case DType::kBFloat16:
+      expand_float_rows<DType::kBFloat16>(p, rows_out, j0, j1);
       break;
-    case SparseValues::kFloat16:
-      expand_float_rows<SparseValues::kFloat16>(p, rows_out, j0, j1);
+    case DType::kFloat16:
+      expand_float_rows<DType::kFloat16>(p, rows_out, j0, j1);
       break;
-    case SparseValues::kInt8:
+    case DType::kInt8:
       break;
   }
   return -1;
@@ -441,14 +441,14 @@ int64_t sparse_expand_float_avx2(const SparseLinearProblem& p, float* rows_out, 
 int64_t sparse_linear_avx2(const SparseLinearProblem& p, int64_t n_begin, int64_t n_end) {
   if (p.x_fixed) return run_fixed(p, n_begin, n_end);
   switch (p.vtype) {
-    case SparseValues::kFloat32:
-      return run_values<SparseValues::kFloat32>(p, n_begin, n_end);
-    case SparseValues::kBFloat16:
-      return run_values<SparseValues::kBFloat16>(p, n_begin, n_end);
-    case SparseValues::kFloat16:
-      return run_values<SparseValues::kFloat16>(p, n_begin, n_end);
-    case SparseValues::kInt8:
-      return run_values<SparseValues::kInt8>(p, n_begin, n_end);
+    case DType::kFloat32:
+      return run_values<DType::kFloat32>(p, n_begin, n_end);
+    case DType::kBFloat16:
+      return run_values<DType::kBFloat16>(p, n_begin, n_end);
+    case DType::kFloat16:
+      return run_values<DType::kFloat16>(p, n_begin, n_end);
+    case DType::kInt8:
+      return run_values<DType::kInt8>(p, n_begin, n_end);
   }
   return -1;
 }

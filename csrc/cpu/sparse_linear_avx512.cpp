@@ -24,15 +24,15 @@ namespace {
 #define FQ_SPARSE_PF 1024  // bytes of values prefetched ahead of each row pointer (0: none)
 #endif
 
-template <SparseValues V>
+template <DType V>
 struct Val;
 template <>
-struct Val<SparseValues::kFloat32> {
+struct Val<DType::kFloat32> {
   using T = float;
   static __m512 expand(const T* p, __mmask16 k) { return expand_ps(k, _mm512_loadu_ps(p)); }
 };
 template <>
-struct Val<SparseValues::kBFloat16> {
+struct Val<DType::kBFloat16> {
   using T = uint16_t;
   static __m512 expand(const T* p, __mmask16 k) {
     const __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
@@ -40,14 +40,14 @@ struct Val<SparseValues::kBFloat16> {
   }
 };
 template <>
-struct Val<SparseValues::kFloat16> {
+struct Val<DType::kFloat16> {
   using T = uint16_t;
   static __m512 expand(const T* p, __mmask16 k) {
     return expand_ps(k, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
   }
 };
 template <>
-struct Val<SparseValues::kInt8> {
+struct Val<DType::kInt8> {
   using T = int8_t;
   static __m512 expand(const T* p, __mmask16 k) {
     const __m512i q = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
@@ -55,7 +55,7 @@ struct Val<SparseValues::kInt8> {
   }
 };
 
-template <SparseValues V, int MB, int NR, bool GROUPED>
+template <DType V, int MB, int NR, bool GROUPED>
 void tile(const SparseLinearProblem& p, int64_t m0, int64_t j0) {
   using T = typename Val<V>::T;
   const T* vp[NR];
@@ -113,7 +113,7 @@ constexpr int kUnroll = 4;      // chunks per step at M = 1: one 64-bit load of 
 // M = 1: one weight row at a time, so each thread reads its slice of values as one sequential stream,
 // 4 chunks per step into 4 accumulators (independent FMA chains; the pointer chain is one add per chunk).
 // Interleaving 4 rows (4 streams, one accumulator each) was 1.3-1.8x slower on Zen 5 (4096 x 4096).
-template <SparseValues V, bool GROUPED>
+template <DType V, bool GROUPED>
 void row1(const SparseLinearProblem& p, int64_t j) {
   using T = typename Val<V>::T;
   const T* vp = static_cast<const T*>(p.values) + p.row_offsets[j];
@@ -320,7 +320,7 @@ __attribute__((target("avx512vbmi,avx512vbmi2"))) int64_t rows_fixed(const Spars
   return bad;
 }
 
-template <SparseValues V, int NR, bool GROUPED>
+template <DType V, int NR, bool GROUPED>
 void tile_m(const SparseLinearProblem& p, int64_t m0, int mb, int64_t j0) {
   switch (mb) {
     case 1:
@@ -342,10 +342,10 @@ void tile_m(const SparseLinearProblem& p, int64_t m0, int mb, int64_t j0) {
   }
 }
 
-template <SparseValues V, bool GROUPED>
+template <DType V, bool GROUPED>
 int64_t run(const SparseLinearProblem& p, int64_t n_begin, int64_t n_end) {
   if (p.m == 1) {
-    if constexpr (V == SparseValues::kInt8) {
+    if constexpr (V == DType::kInt8) {
       if (p.byte_expand) {
         const bool fixed = !GROUPED && p.x_fixed;
         for (int64_t j = n_begin; j < n_end;) {
@@ -387,7 +387,7 @@ int64_t run(const SparseLinearProblem& p, int64_t n_begin, int64_t n_end) {
   return -1;
 }
 
-template <SparseValues V>
+template <DType V>
 int64_t run_values(const SparseLinearProblem& p, int64_t n_begin, int64_t n_end) {
   return p.group_chunks > 0 ? run<V, true>(p, n_begin, n_end) : run<V, false>(p, n_begin, n_end);
 }
@@ -400,14 +400,14 @@ int64_t sparse_first_bad_row_avx512(const SparseLinearProblem& p, int64_t j0, in
 
 int64_t sparse_linear_avx512(const SparseLinearProblem& p, int64_t n_begin, int64_t n_end) {
   switch (p.vtype) {
-    case SparseValues::kFloat32:
-      return run_values<SparseValues::kFloat32>(p, n_begin, n_end);
-    case SparseValues::kBFloat16:
-      return run_values<SparseValues::kBFloat16>(p, n_begin, n_end);
-    case SparseValues::kFloat16:
-      return run_values<SparseValues::kFloat16>(p, n_begin, n_end);
-    case SparseValues::kInt8:
-      return run_values<SparseValues::kInt8>(p, n_begin, n_end);
+    case DType::kFloat32:
+      return run_values<DType::kFloat32>(p, n_begin, n_end);
+    case DType::kBFloat16:
+      return run_values<DType::kBFloat16>(p, n_begin, n_end);
+    case DType::kFloat16:
+      return run_values<DType::kFloat16>(p, n_begin, n_end);
+    case DType::kInt8:
+      return run_values<DType::kInt8>(p, n_begin, n_end);
   }
   return -1;
 }

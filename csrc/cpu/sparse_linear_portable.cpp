@@ -60,13 +60,13 @@ int64_t run(const SparseLinearProblem& p, int64_t n_begin, int64_t n_end) {
 
 int64_t sparse_linear_portable(const SparseLinearProblem& p, int64_t n_begin, int64_t n_end) {
   switch (p.vtype) {
-    case SparseValues::kFloat32:
+    case DType::kFloat32:
       return run<float>(p, n_begin, n_end);
-    case SparseValues::kBFloat16:
+    case DType::kBFloat16:
       return run<Bf16>(p, n_begin, n_end);
-    case SparseValues::kFloat16:
+    case DType::kFloat16:
       return run<F16>(p, n_begin, n_end);
-    case SparseValues::kInt8:
+    case DType::kInt8:
       return run<int8_t>(p, n_begin, n_end);
   }
   return -1;

@@ -7,6 +7,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <vector>
@@ -15,23 +16,10 @@
 #include "cuda/int8_linear_dispatch.h"
 #include "cuda/int8_linear_launch.h"
 #include "cuda/launch_check.h"
+#include "int8_linear_contract.h"
 
 namespace fastquant::cuda {
 namespace {
-
-DType act_dtype(const at::Tensor& x) {
-  switch (x.scalar_type()) {
-    case at::kFloat:
-      return DType::kFloat32;
-    case at::kBFloat16:
-      return DType::kBFloat16;
-    case at::kHalf:
-      return DType::kFloat16;
-    default:
-      TORCH_CHECK(false, "fastquant.int8_linear: x must be float32, bfloat16 or float16, got ",
-                  x.scalar_type());
-  }
-}
 
 bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
 
@@ -39,82 +27,35 @@ bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 
 
 at::Tensor int8_linear_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                             const std::optional<at::Tensor>& bias, int64_t group_size) {
-  const DType dtype = act_dtype(x);
-  const bool same_device = x.is_cuda() && qweight.device() == x.device() && scales.device() == x.device() &&
-                           (!bias.has_value() || bias->device() == x.device());
-  TORCH_CHECK(same_device,
-              "fastquant.int8_linear (CUDA kernel): all tensors must be on one CUDA device, got x on ",
-              x.device(), ", qweight on ", qweight.device(), ", scales on ", scales.device(),
-              bias.has_value() ? ", bias on " : "", bias.has_value() ? bias->device().str() : std::string());
-  TORCH_CHECK(x.dim() >= 1, "fastquant.int8_linear: x must have at least 1 dimension, got a scalar");
-  TORCH_CHECK(qweight.scalar_type() == at::kChar && qweight.dim() == 2,
-              "fastquant.int8_linear: qweight must be a 2-D int8 tensor (N, K), got ", qweight.scalar_type(),
-              " of shape ", qweight.sizes());
-  const int64_t n = qweight.size(0);
-  const int64_t k = qweight.size(1);
-  TORCH_CHECK(x.size(-1) == k, "fastquant.int8_linear: x has ", x.size(-1), " input features (shape ",
-              x.sizes(), ") but qweight is (N, K) = (", n, ", ", k, ")");
-  TORCH_CHECK(scales.scalar_type() == at::kFloat, "fastquant.int8_linear: scales must be float32, got ",
-              scales.scalar_type());
-  int64_t n_groups = 1;
-  if (group_size == -1) {
-    TORCH_CHECK(scales.dim() == 1 && scales.size(0) == n,
-                "fastquant.int8_linear: per-channel scales must have shape (N,) = (", n, ",), got ",
-                scales.sizes());
-  } else {
-    TORCH_CHECK(group_size > 0,
-                "fastquant.int8_linear: group_size must be -1 (per-channel) or positive, got ", group_size);
-    n_groups = (k + group_size - 1) / group_size;
-    TORCH_CHECK(scales.dim() == 2 && scales.size(0) == n && scales.size(1) == n_groups,
-                "fastquant.int8_linear: group-wise scales for qweight (", n, ", ", k, ") and group_size ",
-                group_size, " must have shape (", n, ", ", n_groups, "), got ", scales.sizes());
-  }
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->scalar_type() == x.scalar_type(), "fastquant.int8_linear: bias dtype ",
-                bias->scalar_type(), " must match x dtype ", x.scalar_type());
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, "fastquant.int8_linear: bias must have shape (", n,
-                ",), got ", bias->sizes());
-  }
-
-  int64_t m = 1;
-  for (int64_t d = 0; d + 1 < x.dim(); ++d) m *= x.size(d);
-  constexpr int64_t kIntMax = std::numeric_limits<int>::max();
-  TORCH_CHECK(
-      m <= kIntMax && n <= kIntMax && k <= kIntMax && group_size <= kIntMax,
-      "fastquant.int8_linear (CUDA kernel): M, N, K and group_size must fit in 32 bits, got (M, N, K) = (", m,
-      ", ", n, ", ", k, "), group_size ", group_size);
-
+  const Int8LinearShape shape = check_int8_linear(Backend::kCuda, x, qweight, scales, bias, group_size);
+  const int64_t m = shape.m, n = shape.n, k = shape.k, n_groups = shape.n_groups;
+  const DType dtype = shape.x_dtype;
+  // A group of K or more columns is one group per row: clamped, it fits the kernels' 32-bit arguments.
+  const int64_t group = group_size == -1 ? -1 : std::min(group_size, k);
+  constexpr const char* kOp = "fastquant.int8_linear";
+  check_int32_sizes(kOp, m, n, k);
   c10::cuda::CUDAGuard device_guard(x.device());
-  const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
-  // bf16 mma.sync and cp.async need sm_80; the kernels are compiled for sm_80 and sm_90 only.
-  TORCH_CHECK(props->major >= 8,
-              "fastquant.int8_linear (CUDA kernel): needs a GPU of compute capability 8.0 or "
-              "newer, got ",
-              props->name, " (", props->major, ".", props->minor, ")");
-  std::vector<int64_t> out_sizes(x.sizes().begin(), x.sizes().end());
-  out_sizes.back() = n;
-  at::Tensor y = at::empty(out_sizes, x.options());
+  const cudaDeviceProp* props = device_props_sm80(kOp);
+  at::Tensor y = empty_output(x, n);
   if (y.numel() == 0) return y;
-  if (k == 0) return bias.has_value() ? y.copy_(bias->expand_as(y)) : y.zero_();
+  if (k == 0) return fill_without_inputs(y, bias);
 
   at::Tensor x2 = x.reshape({m, k}).contiguous();
   const at::Tensor w = qweight.contiguous();
   const at::Tensor s = scales.contiguous();
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const Int8Plan plan = plan_int8(m, n, k, group_size, dtype, aligned16(x2.data_ptr()),
-                                  aligned16(w.data_ptr()), gemv_max_m(), gemm_max_m());
-  constexpr const char* kOp = "fastquant.int8_linear";
+  const Int8Plan plan = plan_int8(m, n, k, group, dtype, aligned16(x2.data_ptr()), aligned16(w.data_ptr()),
+                                  gemv_max_m(), gemm_max_m());
 
   if (plan.path == Int8Path::kDequantCublas) {
     // cuBLAS on the weight dequantized to x's dtype (fp32 accumulation in cuBLAS; for fp32 x, TF32 only if
     // the user allowed it through torch.backends.cuda.matmul.allow_tf32).
     at::Tensor weight = at::empty({n, k}, x.options());
-    check_launch(
-        launch_int8_dequantize(w.data_ptr<int8_t>(), s.data_ptr<float>(), weight.data_ptr(),
-                               static_cast<int>(n), static_cast<int>(k), static_cast<int>(group_size),
-                               static_cast<int>(n_groups), dtype, plan.w_vector, stream),
-        kOp, m, n, k);
+    check_launch(launch_int8_dequantize(w.data_ptr<int8_t>(), s.data_ptr<float>(), weight.data_ptr(),
+                                        static_cast<int>(n), static_cast<int>(k), static_cast<int>(group),
+                                        static_cast<int>(n_groups), dtype, plan.w_vector, stream),
+                 kOp, m, n, k);
     at::Tensor y2 = y.view({m, n});
     if (b.defined()) {
       at::addmm_out(y2, b, x2, weight.t());
@@ -151,7 +92,7 @@ at::Tensor int8_linear_cuda(const at::Tensor& x, const at::Tensor& qweight, cons
   args.m = static_cast<int>(m);
   args.n = static_cast<int>(n);
   args.k = static_cast<int>(k);
-  args.group_size = static_cast<int>(group_size);
+  args.group_size = static_cast<int>(group);
   args.n_groups = static_cast<int>(n_groups);
   args.num_sms = num_sms;
   args.w_vector = plan.w_vector;

@@ -5,6 +5,8 @@
 // what runs.
 #include <cstdint>
 
+#include "dtypes.h"
+
 // The geometry rules below are also compile-time constants of the kernels.
 #if defined(__CUDACC__)
 #define FASTQUANT_HOST_DEVICE __host__ __device__
@@ -13,9 +15,6 @@
 #endif
 
 namespace fastquant::cuda {
-
-// Activation dtype codes; the same values as fastquant::cpu::ActDType.
-enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
 enum class Int8Path : int {
   kGemvMma8,      // tensor-core GEMV, x^T is the n=8 operand: M <= 8

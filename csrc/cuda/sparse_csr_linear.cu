@@ -363,7 +363,7 @@ LaunchStatus launch_sparse_csr_linear(const SparseCsrLinearArgs& a, cudaStream_t
   if (reinterpret_cast<std::uintptr_t>(a.values) % 16 != 0 ||
       reinterpret_cast<std::uintptr_t>(a.column_indices) % 16 != 0)
     return LaunchStatus::precondition("the csr16 kernel needs 16-byte aligned values and column indices");
-  const bool int8 = a.values_dtype == SparseValues::kInt8;
+  const bool int8 = a.values_dtype == DType::kInt8;
   const bool grouped = int8 && a.group_size != -1;
   if (int8 && a.scales == nullptr) return LaunchStatus::precondition("int8 values need scales");
   if (grouped && (a.group_size <= 0 || a.n_groups < (a.k + a.group_size - 1) / a.group_size))
@@ -404,13 +404,13 @@ LaunchStatus launch_sparse_csr_linear(const SparseCsrLinearArgs& a, cudaStream_t
   }
 
   switch (a.values_dtype) {
-    case SparseValues::kFloat32:
+    case DType::kFloat32:
       return launch_tile<float, false>(p, mp, staged, l, stream);
-    case SparseValues::kBFloat16:
+    case DType::kBFloat16:
       return launch_tile<__nv_bfloat16, false>(p, mp, staged, l, stream);
-    case SparseValues::kFloat16:
+    case DType::kFloat16:
       return launch_tile<__half, false>(p, mp, staged, l, stream);
-    case SparseValues::kInt8:
+    case DType::kInt8:
       return grouped ? launch_tile<int8_t, true>(p, mp, staged, l, stream)
                      : launch_tile<int8_t, false>(p, mp, staged, l, stream);
   }

@@ -19,20 +19,12 @@
 
 #include "cuda/launch_check.h"
 #include "cuda/sparse_csr_linear_launch.h"
-#include "sparse_glue.h"
+#include "sparse_linear_contract.h"
 
 namespace fastquant::cuda {
 namespace {
 
-constexpr const char* kPrefix = "fastquant.sparse_csr_linear:";
-
-static_assert(static_cast<int>(DType::kBFloat16) == kCodeBFloat16 &&
-                  static_cast<int>(SparseValues::kInt8) == kCodeInt8,
-              "sparse_glue.h dtype codes");
-
-std::string optional_device_str(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? t->device().str() : "-";
-}
+constexpr const char* kOp = "fastquant.sparse_csr_linear";
 
 // The kernel reads values and column indices with 16-byte loads: a view that starts mid-allocation gets an
 // aligned copy.
@@ -49,51 +41,17 @@ at::Tensor sparse_csr_linear_cuda(const at::Tensor& x, const at::Tensor& values,
                                   const std::optional<at::Tensor>& scales,
                                   const std::optional<at::Tensor>& bias, int64_t in_features,
                                   int64_t group_size) {
-  const DType xd = sparse_act_dtype<DType>(x, kPrefix);
-  const auto on_x = [&](const std::optional<at::Tensor>& t) {
-    return !t.has_value() || t->device() == x.device();
-  };
-  const bool same_device = x.is_cuda() && values.device() == x.device() &&
-                           column_indices.device() == x.device() && row_offsets.device() == x.device() &&
-                           on_x(scales) && on_x(bias);
-  TORCH_CHECK(same_device, kPrefix, " (CUDA kernel) all tensors must be on one CUDA device, got x on ",
-              x.device(), ", values on ", values.device(), ", column_indices on ", column_indices.device(),
-              ", row_offsets on ", row_offsets.device(), ", scales on ", optional_device_str(scales),
-              ", bias on ", optional_device_str(bias));
-  TORCH_CHECK(x.dim() >= 1, kPrefix, " x must have at least 1 dimension, got a scalar");
-  const SparseValues vd = sparse_values_dtype<SparseValues>(values, kPrefix);
-  TORCH_CHECK(column_indices.scalar_type() == at::kShort && column_indices.sizes() == values.sizes(), kPrefix,
-              " column_indices must be an int16 tensor of the values' shape ", values.sizes(), ", got ",
-              column_indices.scalar_type(), " of shape ", column_indices.sizes());
-  TORCH_CHECK(row_offsets.scalar_type() == at::kLong && row_offsets.dim() == 1 && row_offsets.numel() >= 1,
-              kPrefix, " row_offsets must be a non-empty 1-D int64 tensor (N + 1,), got ",
-              row_offsets.scalar_type(), " of shape ", row_offsets.sizes());
-  TORCH_CHECK(in_features >= 0 && in_features <= kSparseCsrMaxInFeatures, kPrefix,
-              " in_features must be in [0, ", kSparseCsrMaxInFeatures, "] (16-bit column indices), got ",
-              in_features);
-  const int64_t k = in_features;
-  const int64_t n = row_offsets.numel() - 1;
-  TORCH_CHECK(x.size(-1) == k, kPrefix, " x has ", x.size(-1), " input features (shape ", x.sizes(),
-              ") but in_features is ", k);
-  const int64_t n_groups = check_sparse_scales_and_bias(kPrefix, x, values, scales, bias, n, k, group_size);
-
-  int64_t m = 1;
-  for (int64_t d = 0; d + 1 < x.dim(); ++d) m *= x.size(d);
-  constexpr int64_t kIntMax = std::numeric_limits<int>::max();
-  TORCH_CHECK(m <= kIntMax && n <= kIntMax, kPrefix,
-              " (CUDA kernel) M and N must fit in 32 bits, got (M, N) = (", m, ", ", n, ")");
+  const SparseLinearShape shape = check_sparse_csr_linear(Backend::kCuda, x, values, column_indices,
+                                                          row_offsets, scales, bias, in_features, group_size);
+  const int64_t m = shape.m, n = shape.n, k = shape.k, n_groups = shape.n_groups;
+  const DType xd = shape.x_dtype, vd = shape.values_dtype;
+  check_int32_sizes(kOp, m, n, k);
 
   c10::cuda::CUDAGuard device_guard(x.device());
-  const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
-  // The kernel is compiled for sm_80 and sm_90 only (cp.async-era streaming-load qualifiers).
-  TORCH_CHECK(props->major >= 8, kPrefix,
-              " (CUDA kernel) needs a GPU of compute capability 8.0 or newer, got ", props->name, " (",
-              props->major, ".", props->minor, ")");
-  std::vector<int64_t> out_sizes(x.sizes().begin(), x.sizes().end());
-  out_sizes.back() = n;
-  at::Tensor y = at::empty(out_sizes, x.options());
+  const cudaDeviceProp* props = device_props_sm80(kOp);
+  at::Tensor y = empty_output(x, n);
   if (y.numel() == 0) return y;
-  if (k == 0) return bias.has_value() ? y.copy_(bias->expand_as(y)) : y.zero_();
+  if (k == 0) return fill_without_inputs(y, bias);
 
   const at::Tensor x2 = x.reshape({m, k}).contiguous();
   const at::Tensor v = aligned16(values);

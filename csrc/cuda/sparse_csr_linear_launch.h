@@ -7,12 +7,10 @@
 #include <cstdint>
 
 #include "cuda/launch_status.h"
-#include "cuda/sparse_linear_dispatch.h"  // DType, SparseValues (csr16 has bitmap16's value dtypes)
+#include "cuda/sparse_linear_dispatch.h"  // DType, DType (csr16 has bitmap16's value dtypes)
+#include "formats.h"
 
 namespace fastquant::cuda {
-
-// csr16 keeps 16-bit column indices (read as uint16).
-inline constexpr int64_t kSparseCsrMaxInFeatures = 65536;
 
 // The one CUDA kernel of sparse_csr_linear (python -m fastquant.info, fastquant.report).
 inline constexpr const char* kSparseCsrCudaPath = "cuda_csr_warp_per_row";
@@ -32,7 +30,7 @@ struct SparseCsrLinearArgs {
   int max_smem_bytes;              // the device's opt-in shared memory per block
   int num_sms;                     // SMs of the device (grid sizing)
   DType x_dtype;
-  SparseValues values_dtype;
+  DType values_dtype;
 };
 
 // y = x @ W^T (+ bias) for any m >= 1, n >= 1, 1 <= k <= kSparseCsrMaxInFeatures, on `stream`. Entries of a

@@ -27,7 +27,7 @@ struct Values;
 
 template <>
 struct Values<float> {
-  static constexpr SparseValues kCode = SparseValues::kFloat32;
+  static constexpr DType kCode = DType::kFloat32;
   static constexpr int kPerUnit = 4;
   static __device__ __forceinline__ float get(const uint4& u, int q) {
     return __uint_as_float(word_of(u, q));
@@ -36,7 +36,7 @@ struct Values<float> {
 
 template <>
 struct Values<__nv_bfloat16> {
-  static constexpr SparseValues kCode = SparseValues::kBFloat16;
+  static constexpr DType kCode = DType::kBFloat16;
   static constexpr int kPerUnit = 8;
   // bf16 -> fp32 is the 16 bits under the fp32 sign/exponent: one shift or one AND, no conversion unit.
   static __device__ __forceinline__ float get(const uint4& u, int q) {
@@ -47,7 +47,7 @@ struct Values<__nv_bfloat16> {
 
 template <>
 struct Values<__half> {
-  static constexpr SparseValues kCode = SparseValues::kFloat16;
+  static constexpr DType kCode = DType::kFloat16;
   static constexpr int kPerUnit = 8;
   static __device__ __forceinline__ float get(const uint4& u, int q) {
     const uint32_t w = word_of(u, q >> 1);
@@ -58,7 +58,7 @@ struct Values<__half> {
 
 template <>
 struct Values<int8_t> {
-  static constexpr SparseValues kCode = SparseValues::kInt8;
+  static constexpr DType kCode = DType::kInt8;
   static constexpr int kPerUnit = 16;
   // int8 -> exact fp32 without I2F (quarter rate on sm_80/sm_90): prmt puts the byte (XOR 0x80, so
   // unsigned) under the exponent of 2^23 and one FADD removes 2^23 + 128 (as in int8_gemv_mma.cuh).

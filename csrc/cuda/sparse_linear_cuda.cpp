@@ -11,6 +11,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <limits>
@@ -21,7 +22,7 @@
 #include "cuda/launch_check.h"
 #include "cuda/sparse_linear_dispatch.h"
 #include "cuda/sparse_linear_launch.h"
-#include "sparse_glue.h"
+#include "sparse_linear_contract.h"
 
 namespace fastquant::cuda {
 
@@ -47,24 +48,15 @@ void set_sparse_smem_limit(int64_t bytes) {
 
 namespace {
 
-constexpr const char* kPrefix = "fastquant.sparse_linear:";
-
-static_assert(static_cast<int>(DType::kBFloat16) == kCodeBFloat16 &&
-                  static_cast<int>(SparseValues::kInt8) == kCodeInt8,
-              "sparse_glue.h dtype codes");
+constexpr const char* kOp = "fastquant.sparse_linear";
 
 at::ScalarType scalar_type_of(DType d) {
   return d == DType::kFloat32 ? at::kFloat : (d == DType::kBFloat16 ? at::kBFloat16 : at::kHalf);
 }
 
-bool same_float_dtype(SparseValues v, DType x) {
-  return (v == SparseValues::kFloat32 && x == DType::kFloat32) ||
-         (v == SparseValues::kBFloat16 && x == DType::kBFloat16) ||
-         (v == SparseValues::kFloat16 && x == DType::kFloat16);
-}
-
-std::string optional_device_str(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? t->device().str() : "-";
+bool same_float_dtype(DType v, DType x) {
+  return (v == DType::kFloat32 && x == DType::kFloat32) || (v == DType::kBFloat16 && x == DType::kBFloat16) ||
+         (v == DType::kFloat16 && x == DType::kFloat16);
 }
 
 }  // namespace
@@ -73,54 +65,20 @@ at::Tensor sparse_linear_cuda(const at::Tensor& x, const at::Tensor& values, con
                               const at::Tensor& row_offsets, const std::optional<at::Tensor>& scales,
                               const std::optional<at::Tensor>& bias, int64_t in_features,
                               int64_t group_size) {
-  const DType xd = sparse_act_dtype<DType>(x, kPrefix);
-  const auto on_x = [&](const std::optional<at::Tensor>& t) {
-    return !t.has_value() || t->device() == x.device();
-  };
-  const bool same_device = x.is_cuda() && values.device() == x.device() && masks.device() == x.device() &&
-                           row_offsets.device() == x.device() && on_x(scales) && on_x(bias);
-  TORCH_CHECK(same_device, kPrefix, " (CUDA kernel) all tensors must be on one CUDA device, got x on ",
-              x.device(), ", values on ", values.device(), ", masks on ", masks.device(), ", row_offsets on ",
-              row_offsets.device(), ", scales on ", optional_device_str(scales), ", bias on ",
-              optional_device_str(bias));
-  TORCH_CHECK(x.dim() >= 1, kPrefix, " x must have at least 1 dimension, got a scalar");
-  const SparseValues vd = sparse_values_dtype<SparseValues>(values, kPrefix);
-  TORCH_CHECK(masks.scalar_type() == at::kShort && masks.dim() == 2, kPrefix,
-              " masks must be a 2-D int16 tensor (N, ceil(K / 16)), got ", masks.scalar_type(), " of shape ",
-              masks.sizes());
-  TORCH_CHECK(in_features >= 0, kPrefix, " in_features must be >= 0, got ", in_features);
-  const int64_t k = in_features;
-  const int64_t n = masks.size(0);
-  const int64_t n_chunks = (k + 15) / 16;
-  TORCH_CHECK(x.size(-1) == k, kPrefix, " x has ", x.size(-1), " input features (shape ", x.sizes(),
-              ") but in_features is ", k);
-  TORCH_CHECK(masks.size(1) == n_chunks, kPrefix, " masks has ", masks.size(1),
-              " chunks per row but in_features ", k, " needs ceil(", k, " / 16) = ", n_chunks);
-  TORCH_CHECK(
-      row_offsets.scalar_type() == at::kLong && row_offsets.dim() == 1 && row_offsets.size(0) == n + 1,
-      kPrefix, " row_offsets must be an int64 tensor of shape (N + 1,) = (", n + 1, ",), got ",
-      row_offsets.scalar_type(), " of shape ", row_offsets.sizes());
-  TORCH_CHECK(values.numel() >= 64, kPrefix, " values must end with 64 elements of padding, got ",
-              values.numel(), " elements");
-  const int64_t n_groups = check_sparse_scales_and_bias(kPrefix, x, values, scales, bias, n, k, group_size);
-
-  int64_t m = 1;
-  for (int64_t d = 0; d + 1 < x.dim(); ++d) m *= x.size(d);
-  constexpr int64_t kIntMax = std::numeric_limits<int>::max();
-  TORCH_CHECK(m <= kIntMax && n <= kIntMax && k <= kIntMax, kPrefix,
-              " (CUDA kernel) M, N and K must fit in 32 bits, got (M, N, K) = (", m, ", ", n, ", ", k, ")");
+  const SparseLinearShape shape = check_sparse_linear(Backend::kCuda, x, values, masks, row_offsets, scales,
+                                                      bias, in_features, group_size);
+  const int64_t m = shape.m, n = shape.n, k = shape.k, n_groups = shape.n_groups;
+  const DType xd = shape.x_dtype, vd = shape.values_dtype;
+  check_int32_sizes(kOp, m, n, k);
+  // A group of K or more columns is one group per row: clamped to K rounded up to its 16-column mask words,
+  // it stays a multiple of 16 and fits the kernels' 32-bit arguments.
+  const int64_t group = group_size == -1 ? -1 : std::min(group_size, group_count(k, 16) * 16);
 
   c10::cuda::CUDAGuard device_guard(x.device());
-  const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
-  // The kernels are compiled for sm_80 and sm_90 only (cp.async-era streaming-load qualifiers).
-  TORCH_CHECK(props->major >= 8, kPrefix,
-              " (CUDA kernel) needs a GPU of compute capability 8.0 or newer, got ", props->name, " (",
-              props->major, ".", props->minor, ")");
-  std::vector<int64_t> out_sizes(x.sizes().begin(), x.sizes().end());
-  out_sizes.back() = n;
-  at::Tensor y = at::empty(out_sizes, x.options());
+  const cudaDeviceProp* props = device_props_sm80(kOp);
+  at::Tensor y = empty_output(x, n);
   if (y.numel() == 0) return y;
-  if (k == 0) return bias.has_value() ? y.copy_(bias->expand_as(y)) : y.zero_();
+  if (k == 0) return fill_without_inputs(y, bias);
 
   const at::Tensor x2 = x.reshape({m, k}).contiguous();
   at::Tensor v = values.contiguous();
@@ -144,7 +102,7 @@ at::Tensor sparse_linear_cuda(const at::Tensor& x, const at::Tensor& values, con
   args.m = static_cast<int>(m);
   args.n = static_cast<int>(n);
   args.k = static_cast<int>(k);
-  args.group_size = static_cast<int>(group_size);
+  args.group_size = static_cast<int>(group);
   args.n_groups = static_cast<int>(n_groups);
   // sharedMemPerBlockOptin is cudaDevAttrMaxSharedMemoryPerBlockOptin: what a block may have after
   // cudaFuncSetAttribute (99 KiB on sm_86/sm_89, 163 KiB on sm_80, 227 KiB on sm_90).
@@ -158,8 +116,7 @@ at::Tensor sparse_linear_cuda(const at::Tensor& x, const at::Tensor& values, con
   args.values_dtype = vd;
 
   const SparsePath path =
-      choose_sparse_path(m, n, k, vd, xd, group_size, max_smem, sparse_gemv_max_m(), sparse_mma_max_m());
-  constexpr const char* kOp = "fastquant.sparse_linear";
+      choose_sparse_path(m, n, k, vd, xd, group, max_smem, sparse_gemv_max_m(), sparse_mma_max_m());
   if (path == SparsePath::kMma) {
     // Split-K scratch (fresh per call from the caching allocator, so concurrent calls on other streams and
     // CUDA-graph replays never share it): fp32 partial sums and each split's per-row start offsets.
@@ -183,7 +140,7 @@ at::Tensor sparse_linear_cuda(const at::Tensor& x, const at::Tensor& values, con
   // Densify + cuBLAS. Same float dtype, or int8 codes (rounded once as dtype(q * s), like PyTorch's
   // dequantize-then-linear): the dense weight in x's dtype and one GEMM with fp32 accumulation. Mixed float
   // dtypes (e.g. fp32 values, bf16 x): both in fp32, as the op specifies, then one rounding to x's dtype.
-  const bool in_x_dtype = vd == SparseValues::kInt8 || same_float_dtype(vd, xd);
+  const bool in_x_dtype = vd == DType::kInt8 || same_float_dtype(vd, xd);
   const DType wd = in_x_dtype ? xd : DType::kFloat32;
   at::Tensor weight = at::empty({n, k}, x.options().dtype(scalar_type_of(wd)));
   check_launch(launch_sparse_densify(args, weight.data_ptr(), wd, stream), kOp, m, n, k);

@@ -105,13 +105,13 @@ LaunchStatus launch_sparse_densify(const SparseLinearArgs& a, void* out, DType o
   p.n_groups = a.group_size == -1 ? 1 : a.n_groups;
   p.out_dtype = out_dtype;
   switch (a.values_dtype) {
-    case SparseValues::kFloat32:
+    case DType::kFloat32:
       return launch_densify<float>(p, stream);
-    case SparseValues::kBFloat16:
+    case DType::kBFloat16:
       return launch_densify<__nv_bfloat16>(p, stream);
-    case SparseValues::kFloat16:
+    case DType::kFloat16:
       return launch_densify<__half>(p, stream);
-    case SparseValues::kInt8:
+    case DType::kInt8:
       if (a.scales == nullptr) return LaunchStatus::precondition("int8 values need scales");
       if (a.group_size != -1 && a.group_size <= 0)
         return LaunchStatus::precondition("the group size must be -1 or positive");
@@ -132,16 +132,16 @@ LaunchStatus launch_sparse_gemv(const SparseLinearArgs& args, cudaStream_t strea
     tile.y = static_cast<char*>(args.y) + static_cast<int64_t>(m0) * args.n * x_bytes;
     LaunchStatus status = LaunchStatus::precondition("unknown values dtype code");
     switch (args.values_dtype) {
-      case SparseValues::kFloat32:
+      case DType::kFloat32:
         status = launch_sparse_gemv_f32(tile, stream);
         break;
-      case SparseValues::kBFloat16:
+      case DType::kBFloat16:
         status = launch_sparse_gemv_bf16(tile, stream);
         break;
-      case SparseValues::kFloat16:
+      case DType::kFloat16:
         status = launch_sparse_gemv_f16(tile, stream);
         break;
-      case SparseValues::kInt8:
+      case DType::kInt8:
         status = launch_sparse_gemv_i8(tile, stream);
         break;
     }

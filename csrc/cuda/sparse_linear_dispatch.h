@@ -4,14 +4,12 @@
 // the pybind path query (fastquant._C.cuda_dispatch.sparse_path) all read this one table.
 #include <cstdint>
 
-#include "cuda/int8_linear_dispatch.h"  // DType (activation dtype codes)
+#include "cuda/int8_linear_dispatch.h"
+#include "dtypes.h"
 
 namespace fastquant::cuda {
 
 // Value dtype codes of the bitmap16 format (float values are the layer's weight; int8 values are codes
-// with fp32 scales, as in int8_linear).
-enum class SparseValues : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2, kInt8 = 3 };
-
 enum class SparsePath : int {
   kGemv,       // one warp per weight row, values streamed once, fp32 FMA (M <= 16, one launch)
   kGemvTiled,  // the same kernel once per 16 rows of x (16 < M <= sparse_gemv_max_m; fp32 x, or mma capped)
@@ -67,20 +65,20 @@ inline constexpr int kSparseMmaThreads = 256;
 inline constexpr int kSparseMmaXStages = 3;
 
 // Values per 16-byte unit of the packed values.
-FASTQUANT_HOST_DEVICE constexpr int sparse_values_per_unit(SparseValues v) {
-  return v == SparseValues::kFloat32 ? 4 : (v == SparseValues::kInt8 ? 16 : 8);
+FASTQUANT_HOST_DEVICE constexpr int sparse_values_per_unit(DType v) {
+  return v == DType::kFloat32 ? 4 : (v == DType::kInt8 ? 16 : 8);
 }
 
 // 16-byte units a thread of the mma kernel may need for 32 consecutive values starting anywhere inside a
 // unit: fp32 9, 16-bit 5, int8 3.
-FASTQUANT_HOST_DEVICE constexpr int sparse_mma_raw_units(SparseValues v) {
+FASTQUANT_HOST_DEVICE constexpr int sparse_mma_raw_units(DType v) {
   return (32 + 2 * (sparse_values_per_unit(v) - 1)) / sparse_values_per_unit(v);
 }
 
 // Dynamic shared memory of one mma block: two densified 128 x 64 A tiles (16-bit), the x ring and the
 // thread-private value words. 16-bit values at block_m = 128: 32768 + 49152 + 20480 = 102400 bytes, more
 // than the 101376 that sm_86/sm_89 GPUs (RTX 30/40, A10, L4, L40) allow per block.
-FASTQUANT_HOST_DEVICE constexpr int sparse_mma_smem_bytes(SparseValues v, int block_m) {
+FASTQUANT_HOST_DEVICE constexpr int sparse_mma_smem_bytes(DType v, int block_m) {
   return 2 * kSparseMmaTileN * kSparseMmaTileK * 2 + kSparseMmaXStages * block_m * kSparseMmaTileK * 2 +
          sparse_mma_raw_units(v) * 4 * kSparseMmaThreads * 4;
 }
@@ -90,9 +88,9 @@ FASTQUANT_HOST_DEVICE constexpr int sparse_mma_smem_bytes(SparseValues v, int bl
 // 64: their 36 registers of in-flight values per thread and the 64 accumulators of block_m = 128 would spill
 // under the 128-register cap of 2 blocks per SM. A block that does not fit the device's opt-in shared memory
 // per block (cudaDevAttrMaxSharedMemoryPerBlockOptin) halves; 0 when not even 32 rows fit.
-inline int sparse_mma_block_m(int64_t m, SparseValues values, int64_t max_smem_bytes) {
+inline int sparse_mma_block_m(int64_t m, DType values, int64_t max_smem_bytes) {
   int bm = m <= 32 ? 32 : (m <= 64 ? 64 : 128);
-  if (values == SparseValues::kFloat32 && bm > 64) bm = 64;
+  if (values == DType::kFloat32 && bm > 64) bm = 64;
   while (bm >= 32 && sparse_mma_smem_bytes(values, bm) > max_smem_bytes) bm /= 2;
   return bm >= 32 ? bm : 0;
 }
@@ -100,13 +98,13 @@ inline int sparse_mma_block_m(int64_t m, SparseValues values, int64_t max_smem_b
 // gemv_max_m / mma_max_m: run-time caps (fastquant._C.set_sparse_cuda_gemv_max_m / set_sparse_cuda_mma_max_m)
 // so that the benchmark can time every path at the same M. max_smem_bytes: the device's opt-in shared memory
 // per block; the mma path is taken only when one of its block sizes fits (else the next path in this order).
-inline SparsePath choose_sparse_path(int64_t m, int64_t n, int64_t k, SparseValues values, DType x_dtype,
+inline SparsePath choose_sparse_path(int64_t m, int64_t n, int64_t k, DType values, DType x_dtype,
                                      int64_t group_size, int64_t max_smem_bytes,
                                      int64_t gemv_max_m = kDefaultSparseGemvMaxM,
                                      int64_t mma_max_m = kDefaultSparseMmaMaxM) {
   (void)n;
   (void)k;
-  const bool gemv_group_ok = values != SparseValues::kInt8 || sparse_gemv_group_ok(group_size);
+  const bool gemv_group_ok = values != DType::kInt8 || sparse_gemv_group_ok(group_size);
   if (m <= kSparseMaxTileM && m <= gemv_max_m && gemv_group_ok) return SparsePath::kGemv;
   // The mma kernel looks a scale up per 16-column chunk by counting chunks: any group size that is a multiple
   // of 16 (the glue rejects others).

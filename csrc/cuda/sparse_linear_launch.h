@@ -30,7 +30,7 @@ struct SparseLinearArgs {
   float* workspace;        // splits x m x n fp32 partial sums
   int64_t* split_offsets;  // n x splits: each split's start offset into values, per row
   DType x_dtype;
-  SparseValues values_dtype;
+  DType values_dtype;
 };
 
 // Decode GEMV (sparse_linear_gemv.cuh) for 1 <= m <= 16; one file per value dtype.
@@ -58,13 +58,13 @@ LaunchStatus launch_sparse_mma_i8(const SparseLinearArgs& args, cudaStream_t str
 
 inline LaunchStatus launch_sparse_mma(const SparseLinearArgs& args, cudaStream_t stream) {
   switch (args.values_dtype) {
-    case SparseValues::kFloat32:
+    case DType::kFloat32:
       return launch_sparse_mma_f32(args, stream);
-    case SparseValues::kBFloat16:
+    case DType::kBFloat16:
       return launch_sparse_mma_bf16(args, stream);
-    case SparseValues::kFloat16:
+    case DType::kFloat16:
       return launch_sparse_mma_f16(args, stream);
-    case SparseValues::kInt8:
+    case DType::kInt8:
       return launch_sparse_mma_i8(args, stream);
   }
   return LaunchStatus::precondition("unknown values dtype code");

@@ -129,6 +129,16 @@ def sparse_linear_kernel_path(
     return "reference"
 
 
+def sparse_linear_prefill_rows(
+    device: torch.device, k: int, values_dtype: torch.dtype, x_dtype: torch.dtype, group_size: int = -1
+) -> int:
+    """Rows of x from which ``sparse_linear`` takes a dedicated prefill kernel for this weight on ``device``,
+    or 0 when none does (a csr16 layer hands such calls to the bitmap16 op)."""
+    if device.type == "cpu" and has_cpu_kernels():
+        return native.sparse_linear_cpu_prefill_rows(k, _dtype_name(values_dtype), _dtype_name(x_dtype), group_size)
+    return 0
+
+
 def sparse_csr_linear_kernel_path(device: torch.device) -> str:
     """Name of the kernel ``sparse_csr_linear`` runs on ``device``."""
     if device.type == "cpu" and has_cpu_kernels():

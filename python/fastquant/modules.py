@@ -10,7 +10,6 @@ from fastquant import _native, ops, reference
 SUPPORTED_GROUP_SIZES = (32, 64, 128, 256)
 SPARSE_VALUE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int8)
 SPARSE_CHUNK = 16  # input columns per bitmap16 mask
-PREFILL_ROWS = 16  # rows of x above which the CPU kernels switch to their prefill paths
 
 
 def linear_weight(layer: nn.Module) -> Tensor:
@@ -20,6 +19,13 @@ def linear_weight(layer: nn.Module) -> Tensor:
     if type(layer).__name__ == "Conv1D" and hasattr(layer, "nf"):
         return layer.weight.t()
     raise TypeError(f"expected nn.Linear or transformers Conv1D, got {type(layer).__name__}")
+
+
+def check_group_size(group_size: int | None) -> None:
+    """The group sizes the compressed layers take: None (one scale per output channel) or one of
+    SUPPORTED_GROUP_SIZES (whole 16-column mask words, and tiles the kernels are tuned for)."""
+    if group_size is not None and group_size not in SUPPORTED_GROUP_SIZES:
+        raise ValueError(f"group_size must be None (per-channel) or one of {SUPPORTED_GROUP_SIZES}, got {group_size}")
 
 
 def is_quantizable_linear(module: nn.Module) -> bool:
@@ -79,10 +85,7 @@ class Int8Linear(_CompressedLinear):
         dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
-        if group_size is not None and group_size not in SUPPORTED_GROUP_SIZES:
-            raise ValueError(
-                f"group_size must be None (per-channel) or one of {SUPPORTED_GROUP_SIZES}, got {group_size}"
-            )
+        check_group_size(group_size)
         if dtype not in ops.ACTIVATION_DTYPES:
             raise ValueError(f"dtype must be one of {ops.ACTIVATION_DTYPES}, got {dtype}")
         self.in_features = in_features
@@ -104,11 +107,11 @@ class Int8Linear(_CompressedLinear):
     @classmethod
     def from_linear(cls, linear: nn.Module, group_size: int | None = None) -> Int8Linear:
         """Quantize an nn.Linear (or transformers Conv1D). Raises ValueError on NaN/inf weights."""
+        check_group_size(group_size)
         weight = linear_weight(linear)
         if not torch.isfinite(weight).all():
             bad = (~torch.isfinite(weight)).sum().item()
             raise ValueError(f"cannot quantize a weight of shape {tuple(weight.shape)} with {bad} NaN/inf values")
-        # An unsupported group_size quantizes fine here and is refused by the constructor in from_codes.
         qweight, scales = reference.int8_quantize(weight, -1 if group_size is None else group_size)
         return cls.from_codes(linear, qweight, scales, group_size)
 
@@ -179,10 +182,7 @@ class SparseLinear(_CompressedLinear):
             raise ValueError(f"values_dtype must be one of {SPARSE_VALUE_DTYPES}, got {values_dtype}")
         if values_dtype != torch.int8 and group_size is not None:
             raise ValueError("group_size applies to int8 values only")
-        if group_size is not None and group_size not in SUPPORTED_GROUP_SIZES:
-            raise ValueError(
-                f"group_size must be None (per-channel) or one of {SUPPORTED_GROUP_SIZES}, got {group_size}"
-            )
+        check_group_size(group_size)
         if dtype not in ops.ACTIVATION_DTYPES:
             raise ValueError(f"dtype must be one of {ops.ACTIVATION_DTYPES}, got {dtype}")
         self.in_features = in_features
@@ -205,7 +205,8 @@ class SparseLinear(_CompressedLinear):
         self._dtype = dtype
         self.layout = "bitmap16"
         self.register_buffer("column_indices", None, persistent=False)
-        self._prefill_in_bitmap16 = False
+        # csr16 only: rows of x from which calls go to the bitmap16 op's prefill kernel (0: never).
+        self.bitmap16_prefill_rows = 0
 
     def layouts(self) -> tuple[str, ...]:
         """The layouts this layer can run: csr16's 16-bit column indices need in_features <= 65536."""
@@ -218,7 +219,8 @@ class SparseLinear(_CompressedLinear):
 
         A csr16 layer still hands calls of more than 16 rows (prefill) to the bitmap16 op where that op has a
         prefill kernel (int8 values on AVX-512 CPUs: ``cpu_avx512_bf16_tiles``, 1.4-5.7x faster than csr16 at
-        M = 128-512 for 90% sparse 4096 x 4096): the masks stay in the layer either way."""
+        M = 128-512 for 90% sparse 4096 x 4096), as the native module reports it: the masks stay in the layer
+        either way."""
         if layout not in self.LAYOUTS:
             raise ValueError(f"layout must be one of {self.LAYOUTS}, got {layout!r}")
         self.column_indices = (
@@ -227,25 +229,21 @@ class SparseLinear(_CompressedLinear):
             else None
         )
         self.layout = layout
-        self._prefill_in_bitmap16 = layout == "csr16" and self._bitmap16_has_prefill_kernel()
+        self._update_prefill_rows()
         return self
 
-    def _bitmap16_has_prefill_kernel(self) -> bool:
-        path = _native.sparse_linear_kernel_path(
-            self.masks.device,
-            PREFILL_ROWS + 1,
-            self.out_features,
-            self.in_features,
-            self.values.dtype,
-            self.dtype,
-            self.group_size_arg,
+    def _update_prefill_rows(self) -> None:
+        self.bitmap16_prefill_rows = (
+            _native.sparse_linear_prefill_rows(
+                self.masks.device, self.in_features, self.values.dtype, self.dtype, self.group_size_arg
+            )
+            if self.layout == "csr16"
+            else 0
         )
-        return path == "cpu_avx512_bf16_tiles"
 
     def _apply(self, fn, recurse: bool = True):
         super()._apply(fn, recurse)
-        if self.layout == "csr16":  # the device or dtype may have changed which kernels exist
-            self._prefill_in_bitmap16 = self._bitmap16_has_prefill_kernel()
+        self._update_prefill_rows()  # the device or dtype may have changed which kernels exist
         return self
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
@@ -329,8 +327,8 @@ class SparseLinear(_CompressedLinear):
             self._parameters["bias"],
         )
         column_indices = buffers["column_indices"]
-        prefill = x.numel() > PREFILL_ROWS * self.in_features
-        if column_indices is not None and not (prefill and self._prefill_in_bitmap16):
+        prefill_rows = self.bitmap16_prefill_rows
+        if column_indices is not None and not (prefill_rows and x.numel() >= prefill_rows * self.in_features):
             return ops.sparse_csr_linear(
                 x,
                 values,

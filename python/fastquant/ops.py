@@ -41,44 +41,84 @@ def _call(op: torch._ops.OpOverloadPacket, *args: object) -> Tensor:
         return op(*args)
 
 
-def check_int8_linear_args(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None, group_size: int) -> None:
-    """The argument rules every int8_linear kernel enforces, with the same wording as the C++ checks."""
-    prefix = "fastquant.int8_linear:"
+# ---------------------------------------------------------------- the checks every op shares
+# Worded and ordered as csrc/op_contract.h, so a fake, reference, CPU or CUDA kernel refuses the same
+# arguments with the same words.
+
+
+def _check_activations(prefix: str, x: Tensor) -> None:
     if x.dtype not in ACTIVATION_DTYPES:
         raise RuntimeError(f"{prefix} x must be float32, bfloat16 or float16, got {x.dtype}")
     if x.dim() < 1:
         raise RuntimeError(f"{prefix} x must have at least 1 dimension, got a scalar")
-    if qweight.dtype != torch.int8 or qweight.dim() != 2:
-        raise RuntimeError(
-            f"{prefix} qweight must be a 2-D int8 tensor (N, K), got {qweight.dtype} of shape {tuple(qweight.shape)}"
-        )
-    n, k = qweight.shape
-    if x.shape[-1] != k:
-        raise RuntimeError(
-            f"{prefix} x has {x.shape[-1]} input features (shape {tuple(x.shape)}) but qweight is (N, K) = ({n}, {k})"
-        )
+
+
+def group_count(k: int, group_size: int) -> int:
+    """Groups of ``group_size`` columns covering ``k`` columns (the last one may be partial)."""
+    return -(-k // group_size)
+
+
+def _check_group_size(prefix: str, group_size: int, multiple: int) -> None:
+    """-1 (per-channel) or a positive multiple of ``multiple`` (1: any positive value)."""
+    if group_size == -1 or (group_size > 0 and group_size % multiple == 0):
+        return
+    rule = "positive" if multiple == 1 else f"a positive multiple of {multiple}"
+    raise RuntimeError(f"{prefix} group_size must be -1 (per-channel) or {rule}, got {group_size}")
+
+
+def _check_scales(prefix: str, scales: Tensor, what: str, n: int, k: int, group_size: int) -> None:
+    """float32 scales of a weight ``what`` (n x k): (N,) per channel, (N, groups) per group."""
     if scales.dtype != torch.float32:
         raise RuntimeError(f"{prefix} scales must be float32, got {scales.dtype}")
     if group_size == -1:
         if tuple(scales.shape) != (n,):
             raise RuntimeError(f"{prefix} per-channel scales must have shape (N,) = ({n},), got {tuple(scales.shape)}")
-    else:
-        if group_size <= 0:
-            raise RuntimeError(f"{prefix} group_size must be -1 (per-channel) or positive, got {group_size}")
-        n_groups = -(-k // group_size)
-        if tuple(scales.shape) != (n, n_groups):
-            raise RuntimeError(
-                f"{prefix} group-wise scales for qweight ({n}, {k}) and group_size {group_size} must have shape "
-                f"({n}, {n_groups}), got {tuple(scales.shape)}"
-            )
-    if bias is not None:
-        if bias.dtype != x.dtype:
-            raise RuntimeError(f"{prefix} bias dtype {bias.dtype} must match x dtype {x.dtype}")
-        if tuple(bias.shape) != (n,):
-            raise RuntimeError(f"{prefix} bias must have shape ({n},), got {tuple(bias.shape)}")
-    devices = {t.device for t in (x, qweight, scales, bias) if t is not None}
+        return
+    n_groups = group_count(k, group_size)
+    if tuple(scales.shape) != (n, n_groups):
+        raise RuntimeError(
+            f"{prefix} group-wise scales for {what} ({n}, {k}) and group_size {group_size} must have shape "
+            f"({n}, {n_groups}), got {tuple(scales.shape)}"
+        )
+
+
+def _check_bias(prefix: str, x: Tensor, bias: Tensor | None, n: int) -> None:
+    if bias is None:
+        return
+    if bias.dtype != x.dtype:
+        raise RuntimeError(f"{prefix} bias dtype {bias.dtype} must match x dtype {x.dtype}")
+    if tuple(bias.shape) != (n,):
+        raise RuntimeError(f"{prefix} bias must have shape ({n},), got {tuple(bias.shape)}")
+
+
+def _check_in_features(prefix: str, x: Tensor, k: int, what: str) -> None:
+    if x.shape[-1] != k:
+        raise RuntimeError(f"{prefix} x has {x.shape[-1]} input features (shape {tuple(x.shape)}) but {what}")
+
+
+def _check_one_device(prefix: str, *tensors: Tensor | None) -> None:
+    devices = {t.device for t in tensors if t is not None}
     if len(devices) > 1:
         raise RuntimeError(f"{prefix} all tensors must be on one device, got {sorted(str(d) for d in devices)}")
+
+
+# ---------------------------------------------------------------- int8_linear
+
+
+def check_int8_linear_args(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None, group_size: int) -> None:
+    """The argument rules every int8_linear kernel enforces (csrc/int8_linear_contract.h)."""
+    prefix = "fastquant.int8_linear:"
+    _check_activations(prefix, x)
+    if qweight.dtype != torch.int8 or qweight.dim() != 2:
+        raise RuntimeError(
+            f"{prefix} qweight must be a 2-D int8 tensor (N, K), got {qweight.dtype} of shape {tuple(qweight.shape)}"
+        )
+    n, k = qweight.shape
+    _check_in_features(prefix, x, k, f"qweight is (N, K) = ({n}, {k})")
+    _check_group_size(prefix, group_size, 1)
+    _check_scales(prefix, scales, "qweight", n, k, group_size)
+    _check_bias(prefix, x, bias, n)
+    _check_one_device(prefix, x, qweight, scales, bias)
 
 
 @torch.library.register_fake("fastquant::int8_linear")
@@ -123,9 +163,19 @@ def int8_linear(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None 
 # ---------------------------------------------------------------- sparse_linear (bitmap16 weight)
 
 SPARSE_VALUE_DTYPES = reference.SPARSE_VALUE_DTYPES
+BITMAP16_PADDING = reference.SPARSE_PADDING  # csrc/formats.h kBitmap16Padding
+SPARSE_GROUP_MULTIPLE = 16  # csrc/formats.h kSparseGroupMultiple: whole 16-column mask words
 
 
-def _check_scales_and_bias(
+def _check_values(prefix: str, values: Tensor) -> None:
+    if values.dtype not in SPARSE_VALUE_DTYPES or values.dim() != 1:
+        raise RuntimeError(
+            f"{prefix} values must be a 1-D float32, bfloat16, float16 or int8 tensor, got {values.dtype} "
+            f"of shape {tuple(values.shape)}"
+        )
+
+
+def _check_sparse_scales_and_bias(
     prefix: str,
     x: Tensor,
     values: Tensor,
@@ -135,35 +185,16 @@ def _check_scales_and_bias(
     k: int,
     group_size: int,
 ) -> None:
-    """The rules sparse_linear and sparse_csr_linear share for group_size, scales and bias."""
-    if group_size != -1 and (group_size <= 0 or group_size % 16 != 0):
-        raise RuntimeError(
-            f"{prefix} group_size must be -1 (per-channel) or a positive multiple of 16, got {group_size}"
-        )
+    """sparse_linear and sparse_csr_linear: int8 values need scales (groups of whole 16-column mask words),
+    float values take none."""
+    _check_group_size(prefix, group_size, SPARSE_GROUP_MULTIPLE)
     if values.dtype == torch.int8:
         if scales is None:
             raise RuntimeError(f"{prefix} int8 values need float32 scales, got None")
-        if scales.dtype != torch.float32:
-            raise RuntimeError(f"{prefix} scales must be float32, got {scales.dtype}")
-        if group_size == -1:
-            if tuple(scales.shape) != (n,):
-                raise RuntimeError(
-                    f"{prefix} per-channel scales must have shape (N,) = ({n},), got {tuple(scales.shape)}"
-                )
-        else:
-            n_groups = -(-k // group_size)
-            if tuple(scales.shape) != (n, n_groups):
-                raise RuntimeError(
-                    f"{prefix} group-wise scales for weight ({n}, {k}) and group_size {group_size} must have "
-                    f"shape ({n}, {n_groups}), got {tuple(scales.shape)}"
-                )
+        _check_scales(prefix, scales, "weight", n, k, group_size)
     elif scales is not None:
         raise RuntimeError(f"{prefix} scales must be None for {values.dtype} values (only int8 values are scaled)")
-    if bias is not None:
-        if bias.dtype != x.dtype:
-            raise RuntimeError(f"{prefix} bias dtype {bias.dtype} must match x dtype {x.dtype}")
-        if tuple(bias.shape) != (n,):
-            raise RuntimeError(f"{prefix} bias must have shape ({n},), got {tuple(bias.shape)}")
+    _check_bias(prefix, x, bias, n)
 
 
 def check_sparse_linear_args(
@@ -182,15 +213,8 @@ def check_sparse_linear_args(
     kernel cannot read them).
     """
     prefix = "fastquant.sparse_linear:"
-    if x.dtype not in ACTIVATION_DTYPES:
-        raise RuntimeError(f"{prefix} x must be float32, bfloat16 or float16, got {x.dtype}")
-    if x.dim() < 1:
-        raise RuntimeError(f"{prefix} x must have at least 1 dimension, got a scalar")
-    if values.dtype not in SPARSE_VALUE_DTYPES or values.dim() != 1:
-        raise RuntimeError(
-            f"{prefix} values must be a 1-D float32, bfloat16, float16 or int8 tensor, got {values.dtype} "
-            f"of shape {tuple(values.shape)}"
-        )
+    _check_activations(prefix, x)
+    _check_values(prefix, values)
     if masks.dtype != torch.int16 or masks.dim() != 2:
         raise RuntimeError(
             f"{prefix} masks must be a 2-D int16 tensor (N, ceil(K / 16)), got {masks.dtype} of shape "
@@ -200,11 +224,8 @@ def check_sparse_linear_args(
         raise RuntimeError(f"{prefix} in_features must be >= 0, got {in_features}")
     k = in_features
     n = masks.shape[0]
-    n_chunks = -(-k // 16)
-    if x.shape[-1] != k:
-        raise RuntimeError(
-            f"{prefix} x has {x.shape[-1]} input features (shape {tuple(x.shape)}) but in_features is {k}"
-        )
+    n_chunks = group_count(k, 16)
+    _check_in_features(prefix, x, k, f"in_features is {k}")
     if masks.shape[1] != n_chunks:
         raise RuntimeError(
             f"{prefix} masks has {masks.shape[1]} chunks per row but in_features {k} needs ceil({k} / 16) = {n_chunks}"
@@ -214,12 +235,12 @@ def check_sparse_linear_args(
             f"{prefix} row_offsets must be an int64 tensor of shape (N + 1,) = ({n + 1},), got "
             f"{row_offsets.dtype} of shape {tuple(row_offsets.shape)}"
         )
-    if values.numel() < 64:
-        raise RuntimeError(f"{prefix} values must end with 64 elements of padding, got {values.numel()} elements")
-    _check_scales_and_bias(prefix, x, values, scales, bias, n, k, group_size)
-    devices = {t.device for t in (x, values, masks, row_offsets, scales, bias) if t is not None}
-    if len(devices) > 1:
-        raise RuntimeError(f"{prefix} all tensors must be on one device, got {sorted(str(d) for d in devices)}")
+    if values.numel() < BITMAP16_PADDING:
+        raise RuntimeError(
+            f"{prefix} values must end with {BITMAP16_PADDING} elements of padding, got {values.numel()} elements"
+        )
+    _check_sparse_scales_and_bias(prefix, x, values, scales, bias, n, k, group_size)
+    _check_one_device(prefix, x, values, masks, row_offsets, scales, bias)
 
 
 def check_sparse_linear_contents(values: Tensor, masks: Tensor, row_offsets: Tensor, in_features: int) -> None:
@@ -249,7 +270,7 @@ def check_sparse_linear_contents(values: Tensor, masks: Tensor, row_offsets: Ten
         if bad.numel():
             raise RuntimeError(f"{prefix} masks of row {int(bad[0])} keep columns past in_features ({in_features})")
     total = int(offsets[-1])
-    if total + 64 > values.numel():
+    if total + BITMAP16_PADDING > values.numel():
         raise RuntimeError(
             f"{prefix} row_offsets[N] = {total} kept weights need values of at least {total + 64} elements "
             f"(64 of padding), got {values.numel()}"
@@ -352,15 +373,8 @@ def check_sparse_csr_linear_args(
     The contents of row_offsets and column_indices are checked by :func:`check_sparse_csr_linear_contents`.
     """
     prefix = "fastquant.sparse_csr_linear:"
-    if x.dtype not in ACTIVATION_DTYPES:
-        raise RuntimeError(f"{prefix} x must be float32, bfloat16 or float16, got {x.dtype}")
-    if x.dim() < 1:
-        raise RuntimeError(f"{prefix} x must have at least 1 dimension, got a scalar")
-    if values.dtype not in SPARSE_VALUE_DTYPES or values.dim() != 1:
-        raise RuntimeError(
-            f"{prefix} values must be a 1-D float32, bfloat16, float16 or int8 tensor, got {values.dtype} "
-            f"of shape {tuple(values.shape)}"
-        )
+    _check_activations(prefix, x)
+    _check_values(prefix, values)
     if column_indices.dtype != torch.int16 or tuple(column_indices.shape) != tuple(values.shape):
         raise RuntimeError(
             f"{prefix} column_indices must be an int16 tensor of the values' shape {tuple(values.shape)}, got "
@@ -377,14 +391,9 @@ def check_sparse_csr_linear_args(
             f"got {in_features}"
         )
     k = in_features
-    if x.shape[-1] != k:
-        raise RuntimeError(
-            f"{prefix} x has {x.shape[-1]} input features (shape {tuple(x.shape)}) but in_features is {k}"
-        )
-    _check_scales_and_bias(prefix, x, values, scales, bias, row_offsets.numel() - 1, k, group_size)
-    devices = {t.device for t in (x, values, column_indices, row_offsets, scales, bias) if t is not None}
-    if len(devices) > 1:
-        raise RuntimeError(f"{prefix} all tensors must be on one device, got {sorted(str(d) for d in devices)}")
+    _check_in_features(prefix, x, k, f"in_features is {k}")
+    _check_sparse_scales_and_bias(prefix, x, values, scales, bias, row_offsets.numel() - 1, k, group_size)
+    _check_one_device(prefix, x, values, column_indices, row_offsets, scales, bias)
 
 
 def check_sparse_csr_linear_contents(column_indices: Tensor, row_offsets: Tensor, in_features: int) -> None:

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from fastquant import _native
 from fastquant import pruning as pruning_lib
 from fastquant.kernel_choice import MIN_TIMED_WEIGHTS, choose_kernel
-from fastquant.modules import SUPPORTED_GROUP_SIZES, Int8Linear, SparseLinear, is_quantizable_linear, linear_weight
+from fastquant.modules import Int8Linear, SparseLinear, check_group_size, is_quantizable_linear, linear_weight
 
 METHODS = ("int8", "sparse", "int8+sparse")
 SPARSE_KERNELS = ("auto", "sparse", "csr16", "dense")
@@ -263,8 +263,7 @@ def patch(
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: expected one of {METHODS}")
-    if group_size is not None and group_size not in SUPPORTED_GROUP_SIZES:
-        raise ValueError(f"group_size must be None (per-channel) or one of {SUPPORTED_GROUP_SIZES}, got {group_size}")
+    check_group_size(group_size)
     if sparse_kernel not in SPARSE_KERNELS:
         raise ValueError(f"sparse_kernel must be one of {SPARSE_KERNELS}, got {sparse_kernel!r}")
     if method == "sparse" and group_size is not None:
@@ -431,7 +430,18 @@ def prune(
 def _kernel_paths(layer: Int8Linear | SparseLinear) -> str:
     if isinstance(layer, SparseLinear) and layer.layout == "csr16":
         path = _native.sparse_csr_linear_kernel_path(layer.values.device)
-        return f"{path} / cpu_avx512_bf16_tiles (prefill)" if layer._prefill_in_bitmap16 else path
+        if layer.bitmap16_prefill_rows:
+            prefill = _native.sparse_linear_kernel_path(
+                layer.values.device,
+                layer.bitmap16_prefill_rows,
+                layer.out_features,
+                layer.in_features,
+                layer.values.dtype,
+                layer.dtype,
+                layer.group_size_arg,
+            )
+            return f"{path} / {prefill} (prefill)"
+        return path
     if isinstance(layer, SparseLinear):
         device, (n, k) = layer.masks.device, (layer.out_features, layer.in_features)
         paths = [

@@ -18,7 +18,9 @@ def expand_group_scales(scales: Tensor, k: int, group_size: int) -> Tensor:
     """(N,) or (N, ceil(K/G)) scales as an (N, K) tensor: one scale per weight element."""
     if group_size == -1:
         return scales[:, None].expand(-1, k)
-    return scales.repeat_interleave(group_size, dim=1)[:, :k]
+    # A group wider than K is one group: repeating its scale K times, not group_size times, keeps the
+    # intermediate at (N, K) whatever group_size is.
+    return scales.repeat_interleave(min(group_size, k), dim=1)[:, :k]
 
 
 def int8_dequantize(qweight: Tensor, scales: Tensor, group_size: int) -> Tensor:
@@ -32,14 +34,17 @@ def int8_quantize(weight: Tensor, group_size: int = -1) -> tuple[Tensor, Tensor]
     The grid is [-127, 127] (not -128) so that the grid is symmetric and negating a weight negates its
     code. A group that is all zeros gets scale 1 so that dequantization stays exactly zero.
     """
+    if group_size != -1 and group_size <= 0:
+        raise ValueError(f"group_size must be -1 (per-channel) or positive, got {group_size}")
     n, k = weight.shape
     w = weight.detach().float()
     if group_size == -1:
         amax = w.abs().amax(dim=1)
     else:
-        n_groups = -(-k // group_size)
-        padded = F.pad(w, (0, n_groups * group_size - k))
-        amax = padded.abs().view(n, n_groups, group_size).amax(dim=2)
+        group = min(group_size, k) if k else group_size
+        n_groups = -(-k // group)
+        padded = F.pad(w, (0, n_groups * group - k))
+        amax = padded.abs().view(n, n_groups, group).amax(dim=2)
     scales = torch.where(amax > 0, amax / INT8_MAX, torch.ones_like(amax))
     qweight = torch.round(w / expand_group_scales(scales, k, group_size))
     return qweight.clamp_(-INT8_MAX, INT8_MAX).to(torch.int8), scales
@@ -70,7 +75,7 @@ def sparse_mask_bits(masks: Tensor, in_features: int) -> Tensor:
     bits = torch.arange(SPARSE_CHUNK, device=masks.device, dtype=torch.int32)
     words = masks.to(torch.int32) & 0xFFFF
     keep = ((words[:, :, None] >> bits) & 1).bool()
-    return keep.reshape(masks.shape[0], -1)[:, :in_features]
+    return keep.reshape(masks.shape[0], masks.shape[1] * SPARSE_CHUNK)[:, :in_features]
 
 
 def sparse_pack(weight: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
@@ -105,11 +110,14 @@ def sparse_pack(weight: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Ten
 
 
 def sparse_unpack(values: Tensor, masks: Tensor, row_offsets: Tensor, in_features: int) -> Tensor:
-    """The dense (N, K) weight in values' dtype, zeros where nothing is kept."""
+    """The dense (N, K) weight in values' dtype, zeros where nothing is kept.
+
+    A gather of every (row, column)'s would-be position (row offset + kept columns before it), not a boolean
+    index: the shapes never depend on the data, so torch.compile traces it (and its backward) whole."""
     keep = sparse_mask_bits(masks, in_features)
-    dense = values.new_zeros(keep.shape)
-    dense[keep] = values[: int(row_offsets[-1])]
-    return dense
+    position = row_offsets[:-1, None] + keep.cumsum(dim=1) - 1
+    gathered = values[position.clamp(0, values.numel() - 1)]
+    return torch.where(keep, gathered, gathered.new_zeros(()))
 
 
 def sparse_dequantize(
@@ -150,9 +158,16 @@ def sparse_column_indices(masks: Tensor, in_features: int, length: int) -> Tenso
     if in_features > SPARSE_CSR_MAX_IN_FEATURES:
         raise ValueError(f"csr16 column indices hold at most {SPARSE_CSR_MAX_IN_FEATURES} columns, got {in_features}")
     keep = sparse_mask_bits(masks, in_features)
-    columns = keep.nonzero()[:, 1]  # row-major, columns increasing: the order of the packed values
-    indices = columns.new_zeros(length)
-    indices[: columns.numel()] = columns
+    # Each kept weight's position in the packed values (row offset + kept columns before it), scattered with
+    # its column; positions of pruned weights go to a spare slot past the end. No data-dependent shapes, so it
+    # runs on the meta device and under torch.compile.
+    counts = keep.sum(dim=1)
+    starts = counts.cumsum(0) - counts
+    position = torch.where(keep, starts[:, None] + keep.cumsum(dim=1) - 1, length)
+    columns = torch.arange(in_features, device=masks.device).expand_as(keep)
+    indices = torch.zeros(length + 1, dtype=torch.int64, device=masks.device)
+    indices.scatter_(0, position.reshape(-1).clamp(max=length), columns.reshape(-1))
+    indices = indices[:length]
     return torch.where(indices >= 2**15, indices - 2**16, indices).to(torch.int16)  # two's complement of uint16
 
 
@@ -165,14 +180,19 @@ def sparse_csr_dequantize(
     group_size: int,
 ) -> Tensor:
     """The float32 dense (N, K) weight a csr16 weight stands for; repeated columns of a row add up."""
+    # Every packed position is placed (no data-dependent shapes, so torch.compile traces it): those past
+    # row_offsets[N] add zero to column 0 of the last row.
     n = row_offsets.numel() - 1
-    total = int(row_offsets[-1])
-    rows = torch.repeat_interleave(torch.arange(n, device=values.device), row_offsets.diff())
-    columns = column_indices[:total].to(torch.int64) & 0xFFFF
-    kept = values[:total].float()
+    dense = torch.zeros(n, in_features, dtype=torch.float32, device=values.device)
+    if n == 0 or in_features == 0:
+        return dense
+    position = torch.arange(values.numel(), device=values.device)
+    rows = torch.searchsorted(row_offsets[1:], position, right=True).clamp(max=n - 1)
+    valid = position < row_offsets[-1]
+    columns = torch.where(valid, column_indices.to(torch.int64) & 0xFFFF, 0)
+    kept = torch.where(valid, values.float(), 0.0)
     if scales is not None:
         kept = kept * (scales[rows] if group_size == -1 else scales[rows, columns // group_size])
-    dense = torch.zeros(n, in_features, dtype=torch.float32, device=values.device)
     return dense.index_put_((rows, columns), kept, accumulate=True)
 
 
