@@ -201,8 +201,9 @@ def main() -> None:
             pruned = copy.deepcopy(model)
             load = load_average()
             start = time.perf_counter()
-            layers = pruning.prune_model(
+            layers = pruning.prune_layers(
                 pruned,
+                pruning.prunable_layers(pruned),
                 sparsity=sparsity,
                 pattern=pattern,
                 pruning=method,

@@ -3,6 +3,7 @@
 import fastquant
 fastquant.patch(model)            # int8 weight-only, per-channel scales
 fastquant.patch(model, "int8+sparse", sparsity=0.5, tokenizer=tokenizer)  # SparseGPT on the embedded text
+fastquant.patch(model, fastquant.Int8(group_size=128, rounding=fastquant.GPTQ(batches)))  # typed config
 print(fastquant.report(model))    # what changed, per layer
 model, tokenizer = fastquant.from_pretrained("smollm2-int8")  # a folder `fastquant compress` wrote
 
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from fastquant import ops, pruning
+    from fastquant.configs import GPTQ, RTN, Int8, Magnitude, Sparse, SparseGPT, Wanda
     from fastquant.decode import compile_for_decode
     from fastquant.models import from_pretrained
     from fastquant.modules import Int8Linear, SparseLinear
@@ -35,6 +37,13 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 # public name -> the module that defines it
 _EXPORTS = {
     "AlreadyPatchedError": "fastquant.patching",
+    "GPTQ": "fastquant.configs",
+    "Int8": "fastquant.configs",
+    "Magnitude": "fastquant.configs",
+    "RTN": "fastquant.configs",
+    "Sparse": "fastquant.configs",
+    "SparseGPT": "fastquant.configs",
+    "Wanda": "fastquant.configs",
     "FastquantFormatError": "fastquant.serialization",
     "Int8Linear": "fastquant.modules",
     "Report": "fastquant.patching",
@@ -54,7 +63,14 @@ _EXPORTS = {
 _SUBMODULES = ("ops", "pruning")
 
 __all__ = [
+    "GPTQ",
+    "RTN",
     "AlreadyPatchedError",
+    "Int8",
+    "Magnitude",
+    "Sparse",
+    "SparseGPT",
+    "Wanda",
     "FastquantFormatError",
     "Int8Linear",
     "Report",

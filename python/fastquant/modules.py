@@ -6,8 +6,8 @@ import torch
 from torch import Tensor, nn
 
 from fastquant import _native, ops, reference
+from fastquant.configs import check_group_size
 
-SUPPORTED_GROUP_SIZES = (32, 64, 128, 256)
 SPARSE_VALUE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int8)
 SPARSE_CHUNK = 16  # input columns per bitmap16 mask
 
@@ -19,13 +19,6 @@ def linear_weight(layer: nn.Module) -> Tensor:
     if type(layer).__name__ == "Conv1D" and hasattr(layer, "nf"):
         return layer.weight.t()
     raise TypeError(f"expected nn.Linear or transformers Conv1D, got {type(layer).__name__}")
-
-
-def check_group_size(group_size: int | None) -> None:
-    """The group sizes the compressed layers take: None (one scale per output channel) or one of
-    SUPPORTED_GROUP_SIZES (whole 16-column mask words, and tiles the kernels are tuned for)."""
-    if group_size is not None and group_size not in SUPPORTED_GROUP_SIZES:
-        raise ValueError(f"group_size must be None (per-channel) or one of {SUPPORTED_GROUP_SIZES}, got {group_size}")
 
 
 def is_quantizable_linear(module: nn.Module) -> bool:

@@ -11,11 +11,12 @@ from torch import Tensor, nn
 
 from fastquant import _native
 from fastquant import pruning as pruning_lib
+from fastquant.choices import DEFAULT_PRUNING
+from fastquant.configs import GPTQ, Int8, Method, Sparse
 from fastquant.kernel_choice import MIN_TIMED_WEIGHTS, choose_kernel
-from fastquant.modules import Int8Linear, SparseLinear, check_group_size, is_quantizable_linear, linear_weight
+from fastquant.modules import Int8Linear, SparseLinear, is_quantizable_linear, linear_weight
 
 METHODS = ("int8", "sparse", "int8+sparse")
-SPARSE_KERNELS = ("auto", "sparse", "csr16", "dense")
 
 # Below this many weights the int8 kernel cannot beat the float one: the layer is a few KiB, sits in
 # L1/L2 either way, and the per-call overhead dominates.
@@ -153,9 +154,8 @@ def _pruning_calibration(
     model: nn.Module, pruning: str, sparsity: float | None, pattern: str, calibration: Iterable | None, tokenizer
 ) -> Iterable | None:
     """Checks ``pruning`` and returns the calibration to prune with: ``calibration``, or, for a calibrated
-    method given none, the embedded calibration text tokenized by ``tokenizer`` (or the tokenizer saved with
-    the model, found through its ``name_or_path``). Warns (at the caller of patch/prune) when it falls back
-    to the embedded text, and when magnitude pruning is asked to go too far on a language model."""
+    method given none, the embedded calibration text (see :func:`_embedded_calibration`). Warns (at the caller
+    of patch/prune) when magnitude pruning is asked to go too far on a language model."""
     if pruning not in pruning_lib.PRUNING_METHODS:
         raise ValueError(f"unknown pruning {pruning!r}: expected one of {pruning_lib.PRUNING_METHODS}")
     if pruning in MAGNITUDE_METHODS and is_language_model(model):
@@ -165,27 +165,75 @@ def _pruning_calibration(
             warnings.warn(
                 f"pruning={pruning!r} at {fraction:.0%} on a language model: magnitude pruning above "
                 f"{MAGNITUDE_WARN_SPARSITY:.0%} usually ruins its output (SmolLM2-135M at 50%: 12.6x the float "
-                f"perplexity); pruning={pruning_lib.DEFAULT_PRUNING!r} (the default) calibrates on text",
+                f"perplexity); pruning={DEFAULT_PRUNING!r} (the default) calibrates on text",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
     if calibration is not None or pruning not in pruning_lib.CALIBRATED_METHODS:
         return calibration
+    return _embedded_calibration(
+        model,
+        tokenizer,
+        f"pruning={pruning!r}",
+        f"{pruning_lib.CALIBRATION_FORM}), or tokenizer= to calibrate on the embedded text; pruning='magnitude' "
+        "needs no data but is far less accurate",
+    )
+
+
+def _embedded_calibration(model: nn.Module, tokenizer, what: str, alternatives: str) -> Iterable:
+    """The embedded calibration text tokenized by ``tokenizer`` (or the tokenizer saved with the model, found
+    through its ``name_or_path``), with a warning at the caller of patch/prune."""
     if tokenizer is None:
         tokenizer = _saved_tokenizer(model)
     if tokenizer is None:
-        raise ValueError(
-            f"pruning={pruning!r} calibrates on model inputs: pass calibration= ({pruning_lib.CALIBRATION_FORM}), "
-            "or tokenizer= to calibrate on the embedded text; pruning='magnitude' needs no data but is far "
-            "less accurate"
-        )
+        raise ValueError(f"{what} calibrates on model inputs: pass calibration= ({alternatives}")
     warnings.warn(
-        f"pruning={pruning!r} without calibration: calibrating on {pruning_lib.DEFAULT_CALIBRATION_SEQUENCES} "
+        f"{what} without calibration: calibrating on {pruning_lib.DEFAULT_CALIBRATION_SEQUENCES} "
         "windows of 256 tokens of the embedded text (Hamlet); pass calibration= to use your own data",
         UserWarning,
-        stacklevel=3,
+        stacklevel=4,
     )
     return pruning_lib.calibration_from_text(tokenizer)
+
+
+def method_config(
+    method: str | Method,
+    *,
+    group_size: int | None = None,
+    sparsity: float | None = 0.5,
+    pattern: str = "unstructured",
+    pruning: str = DEFAULT_PRUNING,
+    calibration: Iterable | None = None,
+    sparse_kernel: str = "auto",
+) -> Method:
+    """The typed config a method string and its keyword options stand for (a config passes through, and then
+    the keyword options must keep their defaults)."""
+    options = {
+        "group_size": (group_size, None),
+        "sparsity": (sparsity, 0.5),
+        "pattern": (pattern, "unstructured"),
+        "pruning": (pruning, DEFAULT_PRUNING),
+        "calibration": (calibration, None),
+        "sparse_kernel": (sparse_kernel, "auto"),
+    }
+    if isinstance(method, (Int8, Sparse)):
+        given = [name for name, (value, default) in options.items() if value is not default and value != default]
+        if given:
+            raise TypeError(f"pass either a method config or keyword options, not both (got {', '.join(given)})")
+        return method
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}: expected one of {METHODS} or a fastquant.Int8/Sparse config")
+    if method == "int8":
+        return Int8.from_method(group_size, calibration)
+    return Sparse.from_method(
+        method,
+        sparsity=sparsity,
+        pattern=pattern,
+        pruning=pruning,
+        calibration=calibration,
+        group_size=group_size,
+        kernel=sparse_kernel,
+    )
 
 
 def _saved_tokenizer(model: nn.Module):
@@ -209,12 +257,12 @@ def _untie(module: nn.Module) -> None:
 
 def patch(
     model: nn.Module,
-    method: str = "int8",
+    method: str | Method = "int8",
     *,
     group_size: int | None = None,
     sparsity: float | None = 0.5,
     pattern: str = "unstructured",
-    pruning: str = pruning_lib.DEFAULT_PRUNING,
+    pruning: str = DEFAULT_PRUNING,
     calibration: Iterable | None = None,
     tokenizer=None,
     skip: Iterable[str] = ("lm_head",),
@@ -226,9 +274,11 @@ def patch(
     """Replace the model's linear layers with compressed ones, in place, and return the model.
 
     Args:
-        method: ``"int8"``: int8 weight-only, per-channel scales or per-group with ``group_size``; rounded to
-            nearest, or, when ``calibration`` is given, by GPTQ (rounding errors compensated on the calibration
-            inputs: slower to patch, closer to the float model).
+        method: a typed config (:class:`fastquant.Int8`, :class:`fastquant.Sparse`: the keyword options below
+            then keep their defaults), or a string shortcut with keyword options: ``"int8"``: int8 weight-only,
+            per-channel scales or per-group with ``group_size``; rounded to nearest, or, when ``calibration`` is
+            given, by GPTQ (rounding errors compensated on the calibration inputs: slower to patch, closer to the
+            float model).
             ``"sparse"``: prune, then store the kept weights in the bitmap16 sparse format (float values).
             ``"int8+sparse"``: prune, then int8-quantize the kept weights (SparseGPT compensates the rounding).
         group_size: None for one scale per output channel, else one of 32, 64, 128, 256 (int8 methods).
@@ -261,24 +311,41 @@ def patch(
     token); layers of fewer than 64K weights keep bitmap16 untimed. Pruned weights stay pruned either way.
     Layers left alone and kernel choices keep a reason, shown by :func:`fastquant.report`.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}: expected one of {METHODS}")
-    check_group_size(group_size)
-    if sparse_kernel not in SPARSE_KERNELS:
-        raise ValueError(f"sparse_kernel must be one of {SPARSE_KERNELS}, got {sparse_kernel!r}")
-    if method == "sparse" and group_size is not None:
-        raise ValueError("group_size applies to the int8 methods; method='sparse' keeps float values")
+    config = method_config(
+        method,
+        group_size=group_size,
+        sparsity=sparsity,
+        pattern=pattern,
+        pruning=pruning,
+        calibration=calibration,
+        sparse_kernel=sparse_kernel,
+    )
     notes: dict[str, str] = getattr(model, "_fastquant_notes", {})
     chosen = _select_layers(model, skip, filter_fn, quantize_tied, notes)
-    if method != "int8":
-        calibration = _pruning_calibration(model, pruning, sparsity, pattern, calibration, tokenizer)
-    if method == "int8" and calibration is None:
-        _patch_int8(model, chosen, group_size, notes)
-    elif method == "int8":
-        _patch_int8_calibrated(model, chosen, group_size, calibration, progress, notes)
+    if isinstance(config, Int8) and isinstance(config.rounding, GPTQ):
+        calibration = config.rounding.calibration
+        if calibration is None:
+            calibration = _embedded_calibration(model, tokenizer, "GPTQ rounding", f"{pruning_lib.CALIBRATION_FORM})")
+        _patch_int8_calibrated(model, chosen, config.group_size, calibration, progress, notes)
+    elif isinstance(config, Int8):
+        _patch_int8(model, chosen, config.group_size, notes)
     else:
+        name = config.pruning.name
+        calibration = _pruning_calibration(model, name, config.sparsity, config.pattern, config.calibration, tokenizer)
+        method = "sparse" if config.values is None else "int8+sparse"
+        group_size = None if config.values is None else config.values.group_size
         _patch_sparse(
-            model, chosen, method, group_size, sparsity, pattern, pruning, calibration, sparse_kernel, progress, notes
+            model,
+            chosen,
+            method,
+            group_size,
+            config.sparsity,
+            config.pattern,
+            name,
+            calibration,
+            config.kernel,
+            progress,
+            notes,
         )
     model._fastquant_notes = notes
     return model
@@ -401,10 +468,11 @@ def _patch_sparse(
 
 def prune(
     model: nn.Module,
+    config: Sparse | None = None,
     *,
     sparsity: float | None = 0.5,
     pattern: str = "unstructured",
-    pruning: str = pruning_lib.DEFAULT_PRUNING,
+    pruning: str = DEFAULT_PRUNING,
     calibration: Iterable | None = None,
     tokenizer=None,
     skip: Iterable[str] = ("lm_head",),
@@ -414,15 +482,29 @@ def prune(
     """Prune the model's linear layers in place and keep them dense; returns each layer's keep-mask.
 
     The weights are zeroed for good (unlike ``torch.nn.utils.prune``, no mask is kept around): use this to
-    study accuracy, then :func:`patch` with a sparse method for the speed. Arguments as in :func:`patch`;
+    study accuracy, then :func:`patch` with a sparse method for the speed. ``config`` (a
+    :class:`fastquant.Sparse`; its values and kernel do not apply) or the keyword options as in :func:`patch`;
     weights tied to an embedding are left alone.
     """
+    if config is None:
+        config = method_config("sparse", sparsity=sparsity, pattern=pattern, pruning=pruning, calibration=calibration)
+    elif not isinstance(config, Sparse):
+        raise TypeError(f"config must be a fastquant.Sparse, got {config!r}")
+    else:
+        method_config(config, sparsity=sparsity, pattern=pattern, pruning=pruning, calibration=calibration)
     notes: dict[str, str] = getattr(model, "_fastquant_notes", {})
     layers = {name: module for name, module, _ in _select_layers(model, skip, filter_fn, False, notes)}
     model._fastquant_notes = notes
-    calibration = _pruning_calibration(model, pruning, sparsity, pattern, calibration, tokenizer)
+    name = config.pruning.name
+    calibration = _pruning_calibration(model, name, config.sparsity, config.pattern, config.calibration, tokenizer)
     results = pruning_lib.prune_layers(
-        model, layers, sparsity=sparsity, pattern=pattern, pruning=pruning, calibration=calibration, progress=progress
+        model,
+        layers,
+        sparsity=config.sparsity,
+        pattern=config.pattern,
+        pruning=name,
+        calibration=calibration,
+        progress=progress,
     )
     return {name: result.mask for name, result in results.items()}
 

@@ -27,8 +27,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from fastquant import reference
-from fastquant.choices import CALIBRATED_METHODS, DEFAULT_CALIBRATION_SEQUENCES, DEFAULT_PRUNING, PRUNING_METHODS
-from fastquant.modules import SUPPORTED_GROUP_SIZES, is_quantizable_linear, linear_weight
+from fastquant.choices import CALIBRATED_METHODS, DEFAULT_CALIBRATION_SEQUENCES, PRUNING_METHODS
+from fastquant.configs import SUPPORTED_GROUP_SIZES
+from fastquant.modules import is_quantizable_linear, linear_weight
 from fastquant.progress import progress_bar
 
 PATTERNS_HELP = "'unstructured' or 'N:M' (keep N of every M consecutive input columns, e.g. '2:4', '4:8')"
@@ -860,30 +861,3 @@ def calibration_from_text(
     starts = [round(i * last / max(n_sequences - 1, 1)) for i in range(n_sequences)]
     windows = torch.stack([ids[s : s + seq_len] for s in starts])
     return list(windows.split(batch_size))
-
-
-def prune_model(
-    model: nn.Module,
-    *,
-    sparsity: float | None = 0.5,
-    pattern: str = "unstructured",
-    pruning: str = DEFAULT_PRUNING,
-    calibration: Iterable | None = None,
-    int8: bool = False,
-    group_size: int | None = None,
-    skip: Iterable[str] = ("lm_head",),
-    progress: bool | None = None,
-) -> dict[str, PrunedLayer]:
-    """Prune every linear layer of ``model`` chosen by :func:`prunable_layers` (embeddings and lm_head stay
-    dense); see :func:`prune_layers` for the arguments."""
-    return prune_layers(
-        model,
-        prunable_layers(model, skip),
-        sparsity=sparsity,
-        pattern=pattern,
-        pruning=pruning,
-        calibration=calibration,
-        int8=int8,
-        group_size=group_size,
-        progress=progress,
-    )
