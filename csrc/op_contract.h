@@ -157,9 +157,17 @@ inline at::Tensor empty_output(const at::Tensor& x, int64_t n) {
   return at::empty(sizes, x.options());
 }
 
-// The whole result when there is nothing to multiply (K = 0): the bias, or zeros.
-inline at::Tensor fill_without_inputs(at::Tensor& y, const std::optional<at::Tensor>& bias) {
-  return bias.has_value() ? y.copy_(bias->expand_as(y)) : y.zero_();
+// Outputs that need no kernel: empty ones, and those of K = 0 (the bias, or zeros), filled here. True when y
+// is complete.
+inline bool output_without_kernel(at::Tensor& y, int64_t k, const std::optional<at::Tensor>& bias) {
+  if (y.numel() == 0) return true;
+  if (k != 0) return false;
+  if (bias.has_value()) {
+    y.copy_(bias->expand_as(y));
+  } else {
+    y.zero_();
+  }
+  return true;
 }
 
 }  // namespace fastquant

@@ -103,8 +103,7 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
   const DType dtype = shape.x_dtype;
   const int64_t effective_group = group_size == -1 ? k : group_size;
   at::Tensor y = empty_output(x, n);
-  if (y.numel() == 0) return y;
-  if (k == 0) return fill_without_inputs(y, bias);
+  if (output_without_kernel(y, k, bias)) return y;
 
   const at::Tensor x2 = x.reshape({m, k}).contiguous();
   const at::Tensor w = qweight.contiguous();

@@ -72,8 +72,7 @@ at::Tensor sparse_csr_linear_cpu(const at::Tensor& x, const at::Tensor& values,
   check_offsets_ends(offsets, n, vals.numel());
 
   at::Tensor y = empty_output(x, n);
-  if (y.numel() == 0) return y;
-  if (k == 0) return fill_without_inputs(y, bias);
+  if (output_without_kernel(y, k, bias)) return y;
 
   const at::Tensor x32 = x.reshape({m, k}).to(at::kFloat).contiguous();
   const at::Tensor s = scales.has_value() ? scales->contiguous() : at::Tensor();

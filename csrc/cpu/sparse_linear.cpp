@@ -161,8 +161,7 @@ at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& values, cons
   check_offsets_ends(vals, mask_words, offsets, n, k, n_chunks);
 
   at::Tensor y = empty_output(x, n);
-  if (y.numel() == 0) return y;
-  if (k == 0) return fill_without_inputs(y, bias);
+  if (output_without_kernel(y, k, bias)) return y;
 
   const at::Tensor s = scales.has_value() ? scales->contiguous() : at::Tensor();
   const at::Tensor b32 = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();

@@ -33,6 +33,16 @@ class _CompressedLinear(nn.Module):
     ``self.name`` reaches them through ``nn.Module.__getattr__``, ~0.2 us per lookup, which at five or six
     tensors per call was ~1 us of a 7-10 us decode call of a small layer."""
 
+    def _init_bias(self, out_features: int, bias: bool, device: torch.device | str | None, dtype: torch.dtype) -> None:
+        """The bias (frozen, in the activation dtype) and the activation dtype itself."""
+        if dtype not in ops.ACTIVATION_DTYPES:
+            raise ValueError(f"dtype must be one of {ops.ACTIVATION_DTYPES}, got {dtype}")
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+        self._dtype = dtype
+
     @property
     def group_size_arg(self) -> int:
         return -1 if self.group_size is None else self.group_size
@@ -79,19 +89,13 @@ class Int8Linear(_CompressedLinear):
     ) -> None:
         super().__init__()
         check_group_size(group_size)
-        if dtype not in ops.ACTIVATION_DTYPES:
-            raise ValueError(f"dtype must be one of {ops.ACTIVATION_DTYPES}, got {dtype}")
         self.in_features = in_features
         self.out_features = out_features
         self.group_size = group_size
         scale_shape = (out_features,) if group_size is None else (out_features, -(-in_features // group_size))
         self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.ones(scale_shape, dtype=torch.float32, device=device))
-        if bias:
-            self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
-        else:
-            self.register_parameter("bias", None)
-        self._dtype = dtype
+        self._init_bias(out_features, bias, device, dtype)
 
     @property
     def format(self) -> str:
@@ -176,8 +180,6 @@ class SparseLinear(_CompressedLinear):
         if values_dtype != torch.int8 and group_size is not None:
             raise ValueError("group_size applies to int8 values only")
         check_group_size(group_size)
-        if dtype not in ops.ACTIVATION_DTYPES:
-            raise ValueError(f"dtype must be one of {ops.ACTIVATION_DTYPES}, got {dtype}")
         self.in_features = in_features
         self.out_features = out_features
         self.group_size = group_size
@@ -191,11 +193,7 @@ class SparseLinear(_CompressedLinear):
             self.register_buffer("scales", torch.ones(scale_shape, dtype=torch.float32, device=device))
         else:
             self.scales = None
-        if bias:
-            self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
-        else:
-            self.register_parameter("bias", None)
-        self._dtype = dtype
+        self._init_bias(out_features, bias, device, dtype)
         self.layout = "bitmap16"
         self.register_buffer("column_indices", None, persistent=False)
         # csr16 only: rows of x from which calls go to the bitmap16 op's prefill kernel (0: never).

@@ -8,6 +8,8 @@ give shapes and dtypes only, which lets ``torch.compile(fullgraph=True)`` trace 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -102,6 +104,32 @@ def _check_one_device(prefix: str, *tensors: Tensor | None) -> None:
         raise RuntimeError(f"{prefix} all tensors must be on one device, got {sorted(str(d) for d in devices)}")
 
 
+def _register_kernels(
+    name: str,
+    check: Callable[..., None],
+    reference_kernel: Callable[..., Tensor],
+    out_features: Callable[..., int],
+    check_contents: Callable[..., None] | None = None,
+) -> None:
+    """Registers op ``name``'s fake kernel (the argument check, then an empty output of x's leading shape and
+    ``out_features(*args)`` columns) and its pure-PyTorch reference for every device without a native kernel
+    (the check, the content check the fake cannot make, then the reference)."""
+
+    def fake(*args: object) -> Tensor:
+        check(*args)
+        x = args[0]
+        return x.new_empty((*x.shape[:-1], out_features(*args)))
+
+    def reference_fallback(*args: object) -> Tensor:
+        check(*args)
+        if check_contents is not None:
+            check_contents(*args)
+        return reference_kernel(*args)
+
+    torch.library.register_fake(f"fastquant::{name}")(fake)
+    _lib.impl(name, reference_fallback, "CompositeExplicitAutograd")
+
+
 # ---------------------------------------------------------------- int8_linear
 
 
@@ -121,16 +149,7 @@ def check_int8_linear_args(x: Tensor, qweight: Tensor, scales: Tensor, bias: Ten
     _check_one_device(prefix, x, qweight, scales, bias)
 
 
-@torch.library.register_fake("fastquant::int8_linear")
-def _int8_linear_fake(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None, group_size: int) -> Tensor:
-    check_int8_linear_args(x, qweight, scales, bias, group_size)
-    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
-
-
-@torch.library.impl(_lib, "int8_linear", "CompositeExplicitAutograd")
-def _int8_linear_reference(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None, group_size: int) -> Tensor:
-    check_int8_linear_args(x, qweight, scales, bias, group_size)
-    return reference.int8_linear(x, qweight, scales, bias, group_size)
+_register_kernels("int8_linear", check_int8_linear_args, reference.int8_linear, lambda x, qweight, *_: qweight.shape[0])
 
 
 def _int8_linear_setup_context(ctx, inputs, output) -> None:
@@ -284,35 +303,15 @@ def check_sparse_linear_contents(values: Tensor, masks: Tensor, row_offsets: Ten
         )
 
 
-@torch.library.register_fake("fastquant::sparse_linear")
-def _sparse_linear_fake(
-    x: Tensor,
-    values: Tensor,
-    masks: Tensor,
-    row_offsets: Tensor,
-    scales: Tensor | None,
-    bias: Tensor | None,
-    in_features: int,
-    group_size: int,
-) -> Tensor:
-    check_sparse_linear_args(x, values, masks, row_offsets, scales, bias, in_features, group_size)
-    return x.new_empty((*x.shape[:-1], masks.shape[0]))
-
-
-@torch.library.impl(_lib, "sparse_linear", "CompositeExplicitAutograd")
-def _sparse_linear_reference(
-    x: Tensor,
-    values: Tensor,
-    masks: Tensor,
-    row_offsets: Tensor,
-    scales: Tensor | None,
-    bias: Tensor | None,
-    in_features: int,
-    group_size: int,
-) -> Tensor:
-    check_sparse_linear_args(x, values, masks, row_offsets, scales, bias, in_features, group_size)
-    check_sparse_linear_contents(values, masks, row_offsets, in_features)
-    return reference.sparse_linear(x, values, masks, row_offsets, scales, bias, in_features, group_size)
+_register_kernels(
+    "sparse_linear",
+    check_sparse_linear_args,
+    reference.sparse_linear,
+    lambda x, values, masks, *_: masks.shape[0],
+    lambda x, values, masks, row_offsets, scales, bias, in_features, group_size: check_sparse_linear_contents(
+        values, masks, row_offsets, in_features
+    ),
+)
 
 
 def _register_frozen_weight_autograd(op: str, dequantize) -> None:
@@ -423,35 +422,15 @@ def check_sparse_csr_linear_contents(column_indices: Tensor, row_offsets: Tensor
         raise RuntimeError(f"{prefix} row {row} has column index {worst}, not below in_features ({in_features})")
 
 
-@torch.library.register_fake("fastquant::sparse_csr_linear")
-def _sparse_csr_linear_fake(
-    x: Tensor,
-    values: Tensor,
-    column_indices: Tensor,
-    row_offsets: Tensor,
-    scales: Tensor | None,
-    bias: Tensor | None,
-    in_features: int,
-    group_size: int,
-) -> Tensor:
-    check_sparse_csr_linear_args(x, values, column_indices, row_offsets, scales, bias, in_features, group_size)
-    return x.new_empty((*x.shape[:-1], row_offsets.shape[0] - 1))
-
-
-@torch.library.impl(_lib, "sparse_csr_linear", "CompositeExplicitAutograd")
-def _sparse_csr_linear_reference(
-    x: Tensor,
-    values: Tensor,
-    column_indices: Tensor,
-    row_offsets: Tensor,
-    scales: Tensor | None,
-    bias: Tensor | None,
-    in_features: int,
-    group_size: int,
-) -> Tensor:
-    check_sparse_csr_linear_args(x, values, column_indices, row_offsets, scales, bias, in_features, group_size)
-    check_sparse_csr_linear_contents(column_indices, row_offsets, in_features)
-    return reference.sparse_csr_linear(x, values, column_indices, row_offsets, scales, bias, in_features, group_size)
+_register_kernels(
+    "sparse_csr_linear",
+    check_sparse_csr_linear_args,
+    reference.sparse_csr_linear,
+    lambda x, values, column_indices, row_offsets, *_: row_offsets.shape[0] - 1,
+    lambda x, values, column_indices, row_offsets, scales, bias, in_features, group_size: (
+        check_sparse_csr_linear_contents(column_indices, row_offsets, in_features)
+    ),
+)
 
 
 _register_frozen_weight_autograd("fastquant::sparse_csr_linear", reference.sparse_csr_dequantize)
