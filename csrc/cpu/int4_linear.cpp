@@ -48,12 +48,9 @@ at::Tensor int4_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
                            const std::optional<at::Tensor>& offsets, const std::optional<at::Tensor>& bias,
                            int64_t in_features, int64_t group_size) {
   const Int4LinearShape s =
-      check_int4_linear_args(x, qweight, scales, offsets, bias, in_features, group_size);
-  std::vector<int64_t> out_sizes(x.sizes().begin(), x.sizes().end());
-  out_sizes.back() = s.n;
-  at::Tensor y = at::empty(out_sizes, x.options());
-  if (y.numel() == 0) return y;
-  if (s.k == 0) return s.has_bias ? y.copy_(bias->expand_as(y)) : y.zero_();
+      check_int4_linear(Backend::kCpu, x, qweight, scales, offsets, bias, in_features, group_size);
+  at::Tensor y = empty_output(x, s.n);
+  if (output_without_kernel(y, s.k, bias)) return y;
 
   const int64_t m = s.m, n = s.n, k = s.k;
   // Kernels compute in fp32 (x converted exactly from bf16/fp16) into an fp32 output, rounded once at the
@@ -64,7 +61,7 @@ at::Tensor int4_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
   const at::Tensor off = s.has_offsets ? offsets->contiguous() : at::Tensor();
   const at::Tensor b32 = s.has_bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
   at::Tensor y32 =
-      s.x_dtype == at::kFloat ? y.view({m, n}) : at::empty({m, n}, x.options().dtype(at::kFloat));
+      s.x_dtype == DType::kFloat32 ? y.view({m, n}) : at::empty({m, n}, x.options().dtype(at::kFloat));
   Int4LinearProblem p{w.data_ptr<uint8_t>(),
                       reinterpret_cast<const uint16_t*>(sc.data_ptr<at::Half>()),
                       off.defined() ? reinterpret_cast<const uint16_t*>(off.data_ptr<at::Half>()) : nullptr,
@@ -116,7 +113,7 @@ at::Tensor int4_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
       int4_linear_portable(p, begin * 16, std::min(end * 16, n));
     });
   }
-  if (s.x_dtype != at::kFloat) y.view({m, n}).copy_(y32);
+  if (s.x_dtype != DType::kFloat32) y.view({m, n}).copy_(y32);
   return y;
 }
 

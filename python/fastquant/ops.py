@@ -481,10 +481,7 @@ def check_int4_linear_args(
     (csrc/int4_linear_contract.h). Every byte of qweight is a valid pair of codes, so shapes and dtypes
     are all there is to check."""
     prefix = "fastquant.int4_linear:"
-    if x.dtype not in ACTIVATION_DTYPES:
-        raise RuntimeError(f"{prefix} x must be float32, bfloat16 or float16, got {x.dtype}")
-    if x.dim() < 1:
-        raise RuntimeError(f"{prefix} x must have at least 1 dimension, got a scalar")
+    _check_activations(prefix, x)
     if qweight.dtype != torch.uint8 or qweight.dim() != 2:
         raise RuntimeError(
             f"{prefix} qweight must be a 2-D uint8 tensor (N, ceil(K / 64) * 32), got {qweight.dtype} of shape "
@@ -495,17 +492,14 @@ def check_int4_linear_args(
     if group_size <= 0 or group_size % 32 != 0:
         raise RuntimeError(f"{prefix} group_size must be a positive multiple of 32, got {group_size}")
     n, k = qweight.shape[0], in_features
-    if x.shape[-1] != k:
-        raise RuntimeError(
-            f"{prefix} x has {x.shape[-1]} input features (shape {tuple(x.shape)}) but in_features is {k}"
-        )
-    width = -(-k // 64) * 32
+    _check_in_features(prefix, x, k, f"in_features is {k}")
+    width = group_count(k, 64) * 32
     if qweight.shape[1] != width:
         raise RuntimeError(
             f"{prefix} qweight has {qweight.shape[1]} bytes per row but in_features {k} needs "
             f"ceil({k} / 64) * 32 = {width}"
         )
-    n_groups = -(-k // group_size)
+    n_groups = group_count(k, group_size)
     for name, t in (("scales", scales), ("offsets", offsets)):
         if t is None:
             continue
@@ -516,42 +510,11 @@ def check_int4_linear_args(
                 f"{prefix} {name} for N = {n}, in_features {k} and group_size {group_size} must have shape "
                 f"({n}, {n_groups}), got {tuple(t.shape)}"
             )
-    if bias is not None:
-        if bias.dtype != x.dtype:
-            raise RuntimeError(f"{prefix} bias dtype {bias.dtype} must match x dtype {x.dtype}")
-        if tuple(bias.shape) != (n,):
-            raise RuntimeError(f"{prefix} bias must have shape ({n},), got {tuple(bias.shape)}")
-    devices = {t.device for t in (x, qweight, scales, offsets, bias) if t is not None}
-    if len(devices) > 1:
-        raise RuntimeError(f"{prefix} all tensors must be on one device, got {sorted(str(d) for d in devices)}")
+    _check_bias(prefix, x, bias, n)
+    _check_one_device(prefix, x, qweight, scales, offsets, bias)
 
 
-@torch.library.register_fake("fastquant::int4_linear")
-def _int4_linear_fake(
-    x: Tensor,
-    qweight: Tensor,
-    scales: Tensor,
-    offsets: Tensor | None,
-    bias: Tensor | None,
-    in_features: int,
-    group_size: int,
-) -> Tensor:
-    check_int4_linear_args(x, qweight, scales, offsets, bias, in_features, group_size)
-    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
-
-
-@torch.library.impl(_lib, "int4_linear", "CompositeExplicitAutograd")
-def _int4_linear_reference(
-    x: Tensor,
-    qweight: Tensor,
-    scales: Tensor,
-    offsets: Tensor | None,
-    bias: Tensor | None,
-    in_features: int,
-    group_size: int,
-) -> Tensor:
-    check_int4_linear_args(x, qweight, scales, offsets, bias, in_features, group_size)
-    return reference.int4_linear(x, qweight, scales, offsets, bias, in_features, group_size)
+_register_kernels("int4_linear", check_int4_linear_args, reference.int4_linear, lambda x, qweight, *_: qweight.shape[0])
 
 
 def _int4_linear_setup_context(ctx, inputs, output) -> None:
