@@ -45,6 +45,21 @@ def _int8(**change: Callable[[dict], object]) -> Callable[[], tuple]:
     return make
 
 
+def _int4_args() -> dict:
+    gen = torch.Generator().manual_seed(2)
+    qweight, scales, offsets = reference.int4_quantize(torch.randn(17, 40, generator=gen), 32, False)
+    return {"x": torch.randn(3, 40, generator=gen), "w": qweight, "s": scales, "o": offsets, "b": torch.randn(17)}
+
+
+def _int4(**change: Callable[[dict], object]) -> Callable[[], tuple]:
+    def make() -> tuple:
+        a = {"k": 40, "g": 32} | _int4_args()
+        a.update({key: fn(a) for key, fn in change.items()})
+        return torch.ops.fastquant.int4_linear, (a["x"], a["w"], a["s"], a["o"], a["b"], a["k"], a["g"])
+
+    return make
+
+
 def _sparse_args() -> dict:
     gen = torch.Generator().manual_seed(1)
     weight = torch.randn(17, 40, generator=gen)
@@ -87,6 +102,16 @@ BAD = {
     "int8 per-channel scales shape": _int8(g=lambda a: -1),
     "int8 bias dtype": _int8(b=lambda a: a["b"].half()),
     "int8 bias shape": _int8(b=lambda a: a["b"][:4]),
+}
+BAD |= {
+    "int4 x int32": _int4(x=lambda a: a["x"].int()),
+    "int4 qweight int8": _int4(w=lambda a: a["w"].view(torch.int8)),
+    "int4 qweight width": _int4(w=lambda a: a["w"][:, :16]),
+    "int4 K mismatch": _int4(x=lambda a: a["x"][:, :39]),
+    "int4 group 48": _int4(g=lambda a: 48),
+    "int4 scales fp32": _int4(s=lambda a: a["s"].float()),
+    "int4 offsets shape": _int4(o=lambda a: a["o"][:3]),
+    "int4 bias dtype": _int4(b=lambda a: a["b"].half()),
 }
 for _op in ("sparse_linear", "sparse_csr_linear"):
     BAD |= {
