@@ -171,3 +171,47 @@ def test_device_query_forwards_group_size_and_shared_memory(monkeypatch):
     path = _native.sparse_linear_kernel_path(torch.device("cuda"), 1, 1024, 4096, torch.int8, torch.bfloat16, 48)
     assert path == "recorded"
     assert calls == [(1, 1024, 4096, torch.int8, torch.bfloat16, 48, SMEM_SM86)]
+
+
+# ---------------------------------------------------------------- int4_linear (csrc/cuda/int4_linear_dispatch.h)
+
+
+def int4_path(m, n, k, group_size, dtype, x_aligned=True, gemv_max_m=64):
+    return dispatch().int4_path(m, n, k, group_size, dtype, x_aligned, gemv_max_m)
+
+
+@pytest.mark.parametrize(("m", "tile"), [(1, 8), (8, 8), (9, 16), (16, 16), (17, 32), (32, 32), (33, 64), (64, 64)])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_int4_gemv_table(m, tile, dtype):
+    assert int4_path(m, 4096, 4096, 32, dtype) == f"cuda_int4_gemv_mma_m{tile}"
+    assert int4_path(m, 4096, 4096, 96, dtype) == f"cuda_int4_gemv_mma_m{tile}"  # any multiple of 32
+    # x in element loads: a misaligned x pointer, or K % 8 != 0 (a 16-byte load would straddle K)
+    assert int4_path(m, 4096, 4096, 32, dtype, x_aligned=False) == f"cuda_int4_gemv_mma_m{tile}_x_unaligned"
+    assert int4_path(m, 4096, 4100, 32, dtype) == f"cuda_int4_gemv_mma_m{tile}_x_unaligned"
+    assert int4_path(m, 4096, 1000, 32, dtype) == f"cuda_int4_gemv_mma_m{tile}"  # K % 8 == 0, K % 64 != 0
+    assert dispatch().int4_gemv_n_tiles(m) == tile // 8
+
+
+@pytest.mark.parametrize("m", [65, 100, 4096])
+def test_int4_large_m_and_fp32_take_dequantize_cublas(m):
+    assert int4_path(m, 4096, 4096, 32, "bfloat16") == "cuda_int4_dequant_cublas"
+    assert dispatch().int4_gemv_n_tiles(m) == 0
+    assert int4_path(1, 4096, 4096, 32, "float32") == "cuda_int4_dequant_cublas"
+
+
+def test_int4_gemv_cap():
+    assert dispatch().DEFAULT_INT4_GEMV_MAX_M == 64
+    assert int4_path(16, 4096, 4096, 32, "bfloat16", gemv_max_m=8) == "cuda_int4_dequant_cublas"
+    assert int4_path(8, 4096, 4096, 32, "bfloat16", gemv_max_m=8) == "cuda_int4_gemv_mma_m8"
+    assert int4_path(1, 4096, 4096, 32, "bfloat16", gemv_max_m=0) == "cuda_int4_dequant_cublas"
+
+
+@pytest.mark.parametrize("m", [1, 16, 64])
+@pytest.mark.parametrize(("n", "k"), [(1024, 4096), (64, 8192), (48, 14336), (4096, 4096), (3, 100)])
+def test_int4_gemv_splits_follow_the_int8_rule(m, n, k):
+    """The int4 GEMV has the int8 GEMV's geometry (8 warps on 16 rows, 64-k units per warp step), so it splits K
+    by the same rule, which keeps every warp busy (test_int8_gemv_splits_keep_every_warp_busy)."""
+    d = dispatch()
+    n_tiles = d.int4_gemv_n_tiles(m)
+    assert d.int4_gemv_blocks_per_step(n_tiles) == d.int8_gemv_chunks_per_step(n_tiles)
+    assert d.int4_gemv_splits(n, k, H100_SMS, n_tiles) == d.int8_gemv_splits(n, k, H100_SMS, n_tiles)
