@@ -46,7 +46,8 @@ DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 GROUP_SIZES = [32, 64, 128, 96]  # 96: not a power of two (the GEMV divides instead of shifting)
 UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 # (M, K, N): decode and prefill row counts; K among 17, 100, 1000, 1025, 4096, 4100 (K % 64 != 0: a partial last
-# block; K % 32 <= 16: a last half block past K; K % 8 != 0: element loads of x), N among 1, 17, 1000, 1025, 4096.
+# block; K % 32 <= 16: a last half block past K; K % 8 != 0: element loads of x, or dequantize + cuBLAS instead
+# of the GEMM), N among 1, 17, 1000, 1025, 4096.
 SHAPES = [
     (1, 4096, 4096),
     (1, 17, 1000),
@@ -60,13 +61,21 @@ SHAPES = [
     (64, 4100, 1000),
     (65, 1000, 1025),
     (300, 4096, 1025),
+    (600, 1025, 300),
 ]
 
 
 def cuda_path(m: int, n: int, k: int, group_size: int, dtype: torch.dtype, x_aligned: bool = True) -> str:
     native = _native.native
     return native.cuda_dispatch.int4_path(
-        m, n, k, group_size, str(dtype).removeprefix("torch."), x_aligned, native.int4_cuda_gemv_max_m()
+        m,
+        n,
+        k,
+        group_size,
+        str(dtype).removeprefix("torch."),
+        x_aligned,
+        native.int4_cuda_gemv_max_m(),
+        native.int4_cuda_gemm_max_m(),
     )
 
 
@@ -136,8 +145,12 @@ PATH_CASES = [
     ("cuda_int4_gemv_mma_m16_x_unaligned", 12, 1025, 64, torch.float16, 32),  # K % 64 == 1, ragged group
     ("cuda_int4_gemv_mma_m32_x_unaligned", 30, 4100, 33, torch.bfloat16, 128),
     ("cuda_int4_gemv_mma_m64_x_unaligned", 50, 17, 70, torch.float16, 32),
-    ("cuda_int4_dequant_cublas", 65, 512, 256, torch.bfloat16, 32),  # M > 64
-    ("cuda_int4_dequant_cublas", 300, 1000, 200, torch.float16, 64),  # K % 8 == 0 but K % 64 != 0
+    ("cuda_int4_gemm_mma", 65, 512, 256, torch.bfloat16, 32),  # M > 64: fused GEMM, 64-row blocks, 2 K splits
+    ("cuda_int4_gemm_mma", 200, 1000, 300, torch.float16, 64),  # K % 64 != 0: zero-filled x past K, 4 splits
+    ("cuda_int4_gemm_mma", 128, 4096, 1024, torch.bfloat16, 128),  # 16 blocks: 8 K splits + finalize
+    ("cuda_int4_gemm_mma", 512, 256, 8192, torch.bfloat16, 32),  # >= SMs blocks of 128 rows: 128-row blocks
+    ("cuda_int4_gemm_mma", 300, 320, 4100, torch.float16, 96),  # N % 128 != 0, M % 64 != 0, no split
+    ("cuda_int4_dequant_cublas", 600, 512, 256, torch.bfloat16, 32),  # M > 512
     ("cuda_int4_dequant_cublas", 100, 1001, 200, torch.float16, 96),  # K % 8 != 0: element stores
     ("cuda_int4_dequant_cublas", 4, 300, 40, torch.float32, 32),  # fp32 activations always
 ]
@@ -159,18 +172,19 @@ def test_every_dispatch_path(path, m, k, n, dtype, group_size):
 
 
 def test_all_table_paths_are_covered():
-    names = {"cuda_int4_dequant_cublas"} | {
+    names = {"cuda_int4_dequant_cublas", "cuda_int4_gemm_mma"} | {
         f"cuda_int4_gemv_mma_m{m}{suffix}" for m in (8, 16, 32, 64) for suffix in ("", "_x_unaligned")
     }
     assert {case[0] for case in PATH_CASES} == names
 
 
 def test_launched_kernels_match_the_reported_path():
-    """The name the path query reports is the kernel that runs: the GEMV at M <= 64, the dequantize kernel (and
-    cuBLAS) above, or for fp32."""
+    """The name the path query reports is the kernel that runs: the GEMV at M <= 64, the fused GEMM up to 512,
+    the dequantize kernel (and cuBLAS) above and for fp32."""
     for m, dtype, must, must_not in (
         (4, torch.bfloat16, "int4_gemv_mma_kernel", "int4_dequant_kernel"),
-        (100, torch.bfloat16, "int4_dequant_kernel", "int4_gemv_mma_kernel"),
+        (100, torch.bfloat16, "int4_gemm_mma_kernel", "int4_dequant_kernel"),
+        (600, torch.bfloat16, "int4_dequant_kernel", "int4_gemm_mma_kernel"),
         (4, torch.float32, "int4_dequant_kernel", "int4_gemv_mma_kernel"),
     ):
         args = make_case(m, 512, 96, dtype, 32, False, True, seed=m)
@@ -179,47 +193,62 @@ def test_launched_kernels_match_the_reported_path():
         assert not any(must_not in name for name in kernels), kernels
 
 
-def test_cap_switches_paths():
-    """set_int4_cuda_gemv_max_m (the benchmark's switch) moves shapes between the GEMV and dequantize + cuBLAS."""
+def test_caps_switch_paths():
+    """set_int4_cuda_gemv_max_m / set_int4_cuda_gemm_max_m (the benchmark's switches) move shapes between paths."""
     native = _native.native
-    assert native.int4_cuda_gemv_max_m() == native.cuda_dispatch.DEFAULT_INT4_GEMV_MAX_M == 64
+    d = native.cuda_dispatch
+    assert native.int4_cuda_gemv_max_m() == d.DEFAULT_INT4_GEMV_MAX_M == 64
+    assert native.int4_cuda_gemm_max_m() == d.DEFAULT_INT4_GEMM_MAX_M
     try:
         native.set_int4_cuda_gemv_max_m(8)
+        native.set_int4_cuda_gemm_max_m(0)
         assert cuda_path(8, 256, 1024, 128, torch.bfloat16) == "cuda_int4_gemv_mma_m8"
         assert cuda_path(16, 256, 1024, 128, torch.bfloat16) == "cuda_int4_dequant_cublas"
         x, qweight, scales, offsets, bias = make_case(16, 1024, 256, torch.bfloat16, 128, False, True, seed=21)
         y = int4_linear(x, qweight, scales, offsets, bias, 1024, 128)
         assert_close_to_reference(y, x, qweight, scales, offsets, bias, 128, "cuda_int4_dequant_cublas (capped)")
         native.set_int4_cuda_gemv_max_m(0)
-        assert cuda_path(1, 256, 1024, 128, torch.bfloat16) == "cuda_int4_dequant_cublas"
+        native.set_int4_cuda_gemm_max_m(4096)  # the fused GEMM at M = 1 and M = 2048 (128-row blocks)
+        for m in (1, 2048):
+            assert cuda_path(m, 4096, 4096, 32, torch.float16) == "cuda_int4_gemm_mma"
+            x, qweight, scales, offsets, bias = make_case(m, 4096, 4096, torch.float16, 32, m == 1, True, seed=m)
+            y = int4_linear(x, qweight, scales, offsets, bias, 4096, 32)
+            assert_close_to_reference(y, x, qweight, scales, offsets, bias, 32, "cuda_int4_gemm_mma (forced)")
     finally:
-        native.set_int4_cuda_gemv_max_m(64)
+        native.set_int4_cuda_gemv_max_m(d.DEFAULT_INT4_GEMV_MAX_M)
+        native.set_int4_cuda_gemm_max_m(d.DEFAULT_INT4_GEMM_MAX_M)
     assert cuda_path(16, 256, 1024, 128, torch.bfloat16) == "cuda_int4_gemv_mma_m16"
 
 
+@pytest.mark.parametrize("m", [4, 100], ids=["gemv", "gemm"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_misaligned_pointers(dtype):
-    """x or qweight start 1 element into their storage: x takes the element-load variant, a misaligned qweight
-    is copied to an aligned buffer; the numbers are the same bits as with aligned inputs."""
-    m, k, n = 4, 512, 96
+def test_misaligned_pointers(dtype, m):
+    """x or qweight start 1 element into their storage. The GEMV loads a misaligned x element by element; the
+    GEMM copies it to an aligned buffer; a misaligned qweight is copied by the glue. The numbers are the same
+    bits as with aligned inputs, and the launched kernel says which variant ran."""
+    k, n = 512, 96
     x, qweight, scales, offsets, bias = make_case(m, k, n, dtype, 64, False, True, seed=4)
     x_off = torch.empty(m * k + 1, dtype=dtype, device="cuda")[1:].view(m, k)
     x_off.copy_(x)
     w_off = torch.empty(qweight.numel() + 1, dtype=torch.uint8, device="cuda")[1:].view_as(qweight)
     w_off.copy_(qweight)
     assert x_off.data_ptr() % 16 != 0 and w_off.data_ptr() % 16 != 0
+    assert cuda_path(m, n, k, 64, dtype, x_aligned=False) == (
+        "cuda_int4_gemv_mma_m8_x_unaligned" if m <= 64 else "cuda_int4_gemm_mma_x_copied"
+    )
     expected = int4_linear(x, qweight, scales, offsets, bias, k, 64)
     assert_close_to_reference(expected, x, qweight, scales, offsets, bias, 64, "aligned")
-    # int4_gemv_mma_kernel<T, NT = 1, kAsym = true, kXVector>
-    for xx, ww, variant in (
-        (x_off, qweight, ", 1, true, false>"),
-        (x, w_off, ", 1, true, true>"),
-        (x_off, w_off, ", 1, true, false>"),
-    ):
+    # The GEMV: int4_gemv_mma_kernel<T, NT = 1, kAsym = true, kXVector>
+    cases = [(x_off, qweight, ", 1, true, false>"), (x, w_off, ", 1, true, true>"), (x_off, w_off, ", 1, true, false>")]
+    for xx, ww, variant in cases:
         y = int4_linear(xx, ww, scales, offsets, bias, k, 64)
         torch.testing.assert_close(y, expected, rtol=0, atol=0)
         kernels = launched_kernels(lambda xx=xx, ww=ww: int4_linear(xx, ww, scales, offsets, bias, k, 64))
-        assert any("int4_gemv_mma_kernel" in name and variant in name for name in kernels), kernels
+        if m <= 64:
+            assert any("int4_gemv_mma_kernel" in name and variant in name for name in kernels), kernels
+        else:
+            assert any("int4_gemm_mma_kernel" in name for name in kernels), kernels
+            assert not any("int4_dequant_kernel" in name for name in kernels), kernels
 
 
 @pytest.mark.parametrize("k", [100, 72, 1000])
@@ -312,8 +341,14 @@ def test_torch_compile_fullgraph():
 
 @pytest.mark.parametrize(
     ("m", "k", "n", "symmetric"),
-    [(1, 4096, 1024, True), (2, 8192, 64, False), (100, 512, 256, True)],
-    ids=["gemv", "gemv-split-k", "dequant-cublas"],
+    [
+        (1, 4096, 1024, True),
+        (2, 8192, 64, False),
+        (100, 512, 256, True),
+        (128, 4096, 512, False),
+        (600, 512, 256, True),
+    ],
+    ids=["gemv", "gemv-split-k", "gemm", "gemm-split-k", "dequant-cublas"],
 )
 def test_cuda_graph_capture_and_replay(m, k, n, symmetric):
     x, qweight, scales, offsets, bias = make_case(m, k, n, torch.bfloat16, 32, symmetric, True, seed=13)

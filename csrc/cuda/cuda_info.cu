@@ -56,6 +56,7 @@ namespace {
 std::atomic<int64_t> g_gemv_max_m{64};
 std::atomic<int64_t> g_gemm_max_m{kDefaultGemmMaxM};
 std::atomic<int64_t> g_int4_gemv_max_m{kDefaultInt4GemvMaxM};
+std::atomic<int64_t> g_int4_gemm_max_m{kDefaultInt4GemmMaxM};
 }  // namespace
 
 int64_t gemm_max_m() { return g_gemm_max_m.load(std::memory_order_relaxed); }
@@ -69,5 +70,9 @@ void set_gemv_max_m(int64_t m) { g_gemv_max_m.store(m < 0 ? 0 : m, std::memory_o
 int64_t int4_gemv_max_m() { return g_int4_gemv_max_m.load(std::memory_order_relaxed); }
 
 void set_int4_gemv_max_m(int64_t m) { g_int4_gemv_max_m.store(m < 0 ? 0 : m, std::memory_order_relaxed); }
+
+int64_t int4_gemm_max_m() { return g_int4_gemm_max_m.load(std::memory_order_relaxed); }
+
+void set_int4_gemm_max_m(int64_t m) { g_int4_gemm_max_m.store(m < 0 ? 0 : m, std::memory_order_relaxed); }
 
 }  // namespace fastquant::cuda

@@ -24,5 +24,8 @@ void set_gemm_max_m(int64_t m);
 // cuBLAS). Same kind of switch, for benchmarks/bench_gpu_int4.py.
 int64_t int4_gemv_max_m();
 void set_int4_gemv_max_m(int64_t m);
+// Largest M the fused int4 GEMM takes (default kDefaultInt4GemmMaxM = 512; 0: never). Same kind of switch.
+int64_t int4_gemm_max_m();
+void set_int4_gemm_max_m(int64_t m);
 
 }  // namespace fastquant::cuda

@@ -97,7 +97,8 @@ at::Tensor int4_linear_cuda(const at::Tensor& x, const at::Tensor& qweight, cons
   const at::Tensor o = offsets.has_value() ? offsets->contiguous() : at::Tensor();
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const Int4Plan plan = plan_int4(m, n, k, group, dtype, aligned16(x2.data_ptr()), int4_gemv_max_m());
+  const Int4Plan plan =
+      plan_int4(m, n, k, group, dtype, aligned16(x2.data_ptr()), int4_gemv_max_m(), int4_gemm_max_m());
 
   if (plan.path == Int4Path::kDequantCublas) {
     // cuBLAS on the weight dequantized to x's dtype (fp32 accumulation in cuBLAS; for fp32 x, TF32 only if
@@ -117,12 +118,22 @@ at::Tensor int4_linear_cuda(const at::Tensor& x, const at::Tensor& qweight, cons
     return y;
   }
 
+  // A fresh allocation of the caching allocator is 16-byte aligned (e.g. x sliced 1 element in).
+  if (plan.copy_x) x2 = x2.clone();
   const int num_sms = props->multiProcessorCount;
+  const bool gemm = plan.path == Int4Path::kGemmMma;
   const bool deterministic = at::globalContext().deterministicAlgorithms();
-  const int splits = int4_gemv_splits(n, k, num_sms, int4_gemv_n_tiles(plan.path));
-  // Split-K scratch, M x N fp32 slices: one for the atomics or, when deterministic, one per split. Fresh per
-  // call: concurrent streams and CUDA-graph replays never share it.
-  const int slices = int4_gemv_workspace_slices(splits, deterministic);
+  // Split-K scratch, M x N fp32 slices: the GEMM's one per split (ordered, always deterministic); the GEMV's
+  // one for its atomics or, when deterministic, one per split. Fresh per call: concurrent streams and
+  // CUDA-graph replays never share it.
+  int slices = 0;
+  if (gemm) {
+    const int splits = int4_gemm_splits(m, n, k, num_sms);
+    slices = splits > 1 ? splits : 0;
+  } else {
+    slices = int4_gemv_workspace_slices(int4_gemv_splits(n, k, num_sms, int4_gemv_n_tiles(plan.path)),
+                                        deterministic);
+  }
   at::Tensor workspace;
   if (slices > 0) workspace = at::empty({slices, m, n}, x.options().dtype(at::kFloat));
   Int4GemvArgs args;
@@ -143,7 +154,7 @@ at::Tensor int4_linear_cuda(const at::Tensor& x, const at::Tensor& qweight, cons
   args.deterministic = deterministic;
   args.dtype = dtype;
   args.path = plan.path;
-  check_launch(launch_int4_gemv_mma(args, stream), kOp, m, n, k);
+  check_launch(gemm ? launch_int4_gemm_mma(args, stream) : launch_int4_gemv_mma(args, stream), kOp, m, n, k);
   return y;
 }
 

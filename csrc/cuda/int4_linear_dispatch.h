@@ -13,6 +13,7 @@ enum class Int4Path : int {
   kGemvMma16,     // two n=8 tiles: M <= 16
   kGemvMma32,     // four n=8 tiles: M <= 32
   kGemvMma64,     // eight n=8 tiles: M <= 64
+  kGemmMma,       // fused tensor-core GEMM, int4 tiles dequantized in registers (int4_linear_gemm.cu)
   kDequantCublas  // dequantize the weight to x's dtype, then cuBLAS (at::mm / at::addmm)
 };
 
@@ -20,10 +21,11 @@ enum class Int4Path : int {
 // benchmarks/bench_gpu_int4.py). Up to M = 64 the int4 weight (0.5 byte per weight + 2 or 4 bytes of scale
 // and offset per group) is streamed once and the layer is bound by HBM: ~9 MB for 4096 x 4096 at group 32,
 // ~2.7 us at 3.35 TB/s, against ~2 GFLOP at M = 64 that mma.sync does in a few us. Past M = 64 the GEMV's
-// mma count and x re-reads grow with M; dequantize + cuBLAS (wgmma on sm_90) writes a dense weight once
-// (2.5 bytes per weight in all) and is compute-bound from a few hundred rows on. There is no fused tiled int4
-// GEMM yet: between M = 65 and a few hundred the dequantize pass is the overhead a fused kernel would save.
+// mma count and x re-reads grow with M: the fused GEMM reads each packed weight tile once per 64 or 128 x
+// rows and skips the dense weight of the cuBLAS path (2.5 bytes per weight written and read back). Past
+// gemm_max_m (default: int8's guess, 512) cuBLAS's wgmma on a dequantized weight should beat mma.sync.
 inline constexpr int64_t kDefaultInt4GemvMaxM = 64;
+inline constexpr int64_t kDefaultInt4GemmMaxM = kDefaultGemmMaxM;
 
 struct Int4PathRow {
   int64_t max_m;  // largest number of activation rows this row of the table takes
@@ -42,12 +44,12 @@ inline constexpr Int4PathRow kInt4PathTable[] = {
 // block inside one group, since groups start at multiples of 32 too.
 inline bool int4_group_ok(int64_t group_size) { return group_size > 0 && group_size % 32 == 0; }
 
-// gemv_max_m: run-time cap (fastquant._C.set_int4_cuda_gemv_max_m) so the benchmark can time both paths at
-// the same M; default kDefaultInt4GemvMaxM.
+// gemv_max_m / gemm_max_m: run-time caps (fastquant._C.set_int4_cuda_gemv_max_m / _gemm_max_m) so the
+// benchmark can time every path at the same M; defaults kDefaultInt4GemvMaxM and kDefaultInt4GemmMaxM.
 inline Int4Path choose_int4_path(int64_t m, int64_t n, int64_t k, int64_t group_size, DType dtype,
-                                 int64_t gemv_max_m = kDefaultInt4GemvMaxM) {
+                                 int64_t gemv_max_m = kDefaultInt4GemvMaxM,
+                                 int64_t gemm_max_m = kDefaultInt4GemmMaxM) {
   (void)n;
-  (void)k;
   // fp32 activations: tensor cores would round x to tf32/bf16, which breaks the fp32 spec; fp32 is a
   // correctness path, dequantize + fp32 cuBLAS (TF32 off unless the user enabled it).
   if (dtype == DType::kFloat32 || !int4_group_ok(group_size)) return Int4Path::kDequantCublas;
@@ -56,6 +58,9 @@ inline Int4Path choose_int4_path(int64_t m, int64_t n, int64_t k, int64_t group_
       if (m <= row.max_m) return row.path;
     }
   }
+  // The GEMM stages x in 16-byte chunks of 8 activations with cp.async: K % 8 == 0 (the glue copies a
+  // misaligned x to an aligned buffer).
+  if (m <= gemm_max_m && k % 8 == 0) return Int4Path::kGemmMma;
   return Int4Path::kDequantCublas;
 }
 
@@ -84,13 +89,18 @@ inline bool int4_x_vector(int64_t k, bool x_ptr_aligned) { return k % 8 == 0 && 
 struct Int4Plan {
   Int4Path path;
   bool x_vector;  // GEMV: 16-byte loads of x
+  bool copy_x;    // GEMM: x is misaligned, so it is first copied to a fresh (aligned) buffer for cp.async
 };
 
 inline Int4Plan plan_int4(int64_t m, int64_t n, int64_t k, int64_t group_size, DType dtype,
-                          bool x_ptr_aligned, int64_t gemv_max_m = kDefaultInt4GemvMaxM) {
+                          bool x_ptr_aligned, int64_t gemv_max_m = kDefaultInt4GemvMaxM,
+                          int64_t gemm_max_m = kDefaultInt4GemmMaxM) {
   Int4Plan plan;
-  plan.path = choose_int4_path(m, n, k, group_size, dtype, gemv_max_m);
+  plan.path = choose_int4_path(m, n, k, group_size, dtype, gemv_max_m, gemm_max_m);
   plan.x_vector = int4_x_vector(k, x_ptr_aligned);
+  // x (M x K x 2 bytes) is cheap to copy next to the dense weight of the cuBLAS path (N x K x 2 bytes).
+  plan.copy_x = plan.path == Int4Path::kGemmMma && !x_ptr_aligned;
+  if (plan.path == Int4Path::kGemmMma) plan.x_vector = true;
   return plan;
 }
 
@@ -102,6 +112,8 @@ inline const char* int4_path_name(const Int4Plan& plan) {
       {"cuda_int4_gemv_mma_m64", "cuda_int4_gemv_mma_m64_x_unaligned"},
   };
   if (plan.path == Int4Path::kDequantCublas) return "cuda_int4_dequant_cublas";
+  if (plan.path == Int4Path::kGemmMma)
+    return plan.copy_x ? "cuda_int4_gemm_mma_x_copied" : "cuda_int4_gemm_mma";
   return kGemv[static_cast<int>(plan.path)][plan.x_vector ? 0 : 1];
 }
 
@@ -122,6 +134,14 @@ inline int int4_gemv_splits(int64_t n, int64_t k, int num_sms, int n_tiles) {
 
 inline int int4_gemv_workspace_slices(int splits, bool deterministic) {
   return int8_gemv_workspace_slices(splits, deterministic);
+}
+
+// Fused GEMM geometry: the int8 GEMM's block tiles ((64 or 128) x 128, k-tiles of 64 = one packed block), so
+// its block-size and deterministic split-K rules carry over unchanged.
+inline int int4_gemm_block_m(int64_t m, int64_t n, int num_sms) { return int8_gemm_block_m(m, n, num_sms); }
+
+inline int int4_gemm_splits(int64_t m, int64_t n, int64_t k, int num_sms) {
+  return int8_gemm_splits(m, n, k, num_sms);
 }
 
 }  // namespace fastquant::cuda

@@ -21,7 +21,7 @@ struct Int4GemvArgs {
   const void* offsets;  // n x n_groups fp16 (asymmetric), or nullptr (symmetric: w = s * (q - 8))
   const void* bias;     // n values of x's dtype, or nullptr
   void* y;              // m x n output, x's dtype
-  float* workspace;     // fp32 split-K scratch: int4_gemv_workspace_slices(...) x m x n, or nullptr
+  float* workspace;     // fp32 split-K scratch (GEMV: int4_gemv_workspace_slices; GEMM: splits) x m x n
   int m, n, k;
   int group_size;      // a positive multiple of 32
   int n_groups;        // ceil(k / group_size)
@@ -41,6 +41,11 @@ inline LaunchStatus launch_int4_gemv_mma(const Int4GemvArgs& args, cudaStream_t 
   if (args.dtype == DType::kFloat16) return launch_int4_gemv_mma_f16(args, stream);
   return LaunchStatus::precondition("the int4 GEMV takes bfloat16 or float16 activations");
 }
+
+// Fused tensor-core GEMM (int4_linear_gemm.cu) for the kGemmMma path: same arguments (path and x_vector
+// unused; workspace when int4_gemm_splits(m, n, k, num_sms) > 1); x and w 16-byte aligned, K % 8 == 0, dtype
+// bf16 or fp16.
+LaunchStatus launch_int4_gemm_mma(const Int4GemvArgs& args, cudaStream_t stream);
 
 // out[n][k] = dtype(w(n, k)) for k < K, with w = float(s) * (q - 8) or float(s) * q + float(o) in fp32 (the
 // reference's dequantization; multiply, then add, never fused), rounded once to dtype: what
