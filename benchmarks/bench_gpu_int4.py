@@ -4,8 +4,9 @@ For every weight shape (N x K), row count M and int4 flavour (symmetric group 32
 default) it times, interleaved in rounds on the same inputs:
 
 * ``int4``: ``torch.ops.fastquant.int4_linear`` as the dispatch table picks its kernel,
-* ``int4 dequant+cuBLAS``: the same op with the GEMV switched off (``set_int4_cuda_gemv_max_m(0)``), where the
-  table picks the GEMV: the data that places the table's boundary,
+* ``int4 dequant+cuBLAS``: the same op with the GEMV and the fused GEMM switched off
+  (``set_int4_cuda_gemv_max_m(0)``, ``set_int4_cuda_gemm_max_m(0)``) where the table picks one of them: the data
+  that places the table's boundaries,
 * ``int8``: ``torch.ops.fastquant.int8_linear`` per-channel (the format int4 must beat at decode),
 * ``bf16``: ``F.linear`` on the bf16 weight (cuBLAS), the layer before quantization.
 
@@ -55,11 +56,10 @@ def interleaved(contenders: dict, rounds: int, repeats: int) -> dict:
 
 
 def int4_path(m: int, n: int, k: int, group_size: int) -> str:
-    return _native.native.cuda_dispatch.int4_path(m, n, k, group_size, "bfloat16", True, _cap())
-
-
-def _cap() -> int:
-    return _native.native.int4_cuda_gemv_max_m()
+    native = _native.native
+    return native.cuda_dispatch.int4_path(
+        m, n, k, group_size, "bfloat16", True, native.int4_cuda_gemv_max_m(), native.int4_cuda_gemm_max_m()
+    )
 
 
 def bench_shape(n, k, row_counts, flavours, rounds, repeats, copy_bw):
@@ -86,12 +86,14 @@ def bench_shape(n, k, row_counts, flavours, rounds, repeats, copy_bw):
             t = interleaved(contenders, rounds, repeats)
             t_deq = None
             if path != "cuda_int4_dequant_cublas":
-                cap = native.int4_cuda_gemv_max_m()
+                caps = native.int4_cuda_gemv_max_m(), native.int4_cuda_gemm_max_m()
                 native.set_int4_cuda_gemv_max_m(0)
+                native.set_int4_cuda_gemm_max_m(0)
                 try:
                     t_deq = interleaved({"deq": calls}, rounds, repeats)["deq"]
                 finally:
-                    native.set_int4_cuda_gemv_max_m(cap)
+                    native.set_int4_cuda_gemv_max_m(caps[0])
+                    native.set_int4_cuda_gemm_max_m(caps[1])
             fmt_bytes = int4_format_bytes(n, k, g, sym)
             row = {
                 "n": n,
