@@ -123,7 +123,7 @@ step int8-bench 70 "$PYTHON" benchmarks/bench_gpu_int8.py --stem "$OUT/int8" --r
 # 4b. int4 decode against int8 and bf16 (its files stay in benchmarks/results/: 8 files come back from a device
 # call, and $OUT has 8; the table goes to check.log and the end of the output).
 step int4-bench 60 "$PYTHON" benchmarks/bench_gpu_int4.py --stem "benchmarks/results/gpu-$stamp-int4" \
-  --shapes 4096x4096,11008x4096 --rows 1,16,64 --flavours 32s,128a --rounds 3 --repeats 9 || status=1
+  --shapes 4096x4096,11008x4096 --rows 1,16,64,256 --flavours 32s,128a --rounds 3 --repeats 9 || status=1
 
 # 5. Sparse (bitmap16) against bf16 F.linear.
 step sparse-bench 70 "$PYTHON" benchmarks/bench_gpu_sparse.py --stem "$OUT/sparse" --rows 1,16,64,256 \
