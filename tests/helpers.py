@@ -69,3 +69,37 @@ def launched_kernels(fn: Callable[[], object]) -> list[str]:
         fn()
         torch.cuda.synchronize()
     return [event.name for event in prof.events() if event.device_type == torch.autograd.DeviceType.CUDA]
+
+
+def int4_kernel_path(device: torch.device, m: int, n: int, k: int, group_size: int, dtype: torch.dtype) -> str:
+    return _native.int4_linear_kernel_path(device, m, n, k, group_size, dtype)
+
+
+def int4_product_rounding(path: str) -> float:
+    """c_path of the int4 kernels (see the rule above): "fixed" kernels round x to 16-bit fixed point per call
+    (relative 2^-16 of max|x| per element, the same size as fp32's rounding of the products at the x fixed
+    point takes); "bf16" kernels round x to bf16; the rest multiply in fp32."""
+    if "bf16" in path:
+        return 2.0**-6
+    if "fixed" in path:
+        return 2.0**-10
+    return 2.0**-16
+
+
+def assert_int4_linear_close(y, x, qweight, scales, offsets, bias, in_features, group_size, path: str) -> None:
+    """The int8 tolerance rule with the dequantized int4 weight (module docstring)."""
+    weight = reference.int4_dequantize(qweight, scales, offsets, in_features, group_size).double()
+    x64 = x.double()
+    y64 = x64 @ weight.T
+    if bias is not None:
+        y64 = y64 + bias.double()
+    y_ref = reference.int4_linear(x, qweight, scales, offsets, bias, in_features, group_size)
+    scale = ((x64**2) @ (weight**2).T).sqrt()
+    bound = 2 * (y_ref.double() - y64).abs() + int4_product_rounding(path) * scale + ULP[x.dtype] * y64.abs()
+    err = (y.double() - y64).abs()
+    worst = (err - bound).argmax()
+    assert y.dtype == x.dtype and y.shape == y64.shape
+    assert bool((err <= bound).all()), (
+        f"kernel {path}: error {err.flatten()[worst].item():.3g} exceeds bound "
+        f"{bound.flatten()[worst].item():.3g} at flat index {worst.item()} (y64={y64.flatten()[worst].item():.4g})"
+    )
