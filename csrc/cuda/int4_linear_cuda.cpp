@@ -52,26 +52,20 @@ at::Tensor contiguous_aligned(const at::Tensor& t) {
 at::Tensor int4_linear_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                             const std::optional<at::Tensor>& offsets, const std::optional<at::Tensor>& bias,
                             int64_t in_features, int64_t group_size) {
-  const bool same_device = x.is_cuda() && qweight.device() == x.device() && scales.device() == x.device() &&
-                           (!offsets.has_value() || offsets->device() == x.device()) &&
-                           (!bias.has_value() || bias->device() == x.device());
-  TORCH_CHECK(same_device,
-              "fastquant.int4_linear (CUDA kernel): all tensors must be on one CUDA device, got x on ",
-              x.device(), ", qweight on ", qweight.device(), ", scales on ", scales.device(),
-              offsets.has_value() ? ", offsets on " : "",
-              offsets.has_value() ? offsets->device().str() : std::string(),
-              bias.has_value() ? ", bias on " : "", bias.has_value() ? bias->device().str() : std::string());
-  fastquant::check_int4_linear_args(x, qweight, scales, offsets, bias, in_features, group_size);
+  // Shapes, dtypes and one device: the rules (and words) every int4_linear kernel shares.
+  const Int4LinearShape shape =
+      check_int4_linear_args(x, qweight, scales, offsets, bias, in_features, group_size);
+  TORCH_CHECK(x.is_cuda(), "fastquant.int4_linear (CUDA kernel): x must be on a CUDA device, got ",
+              x.device());
   const DType dtype = act_dtype(x);
-  const int64_t n = qweight.size(0);
-  const int64_t k = in_features;
-  const int64_t n_groups = (k + group_size - 1) / group_size;
+  const int64_t m = shape.m;
+  const int64_t n = shape.n;
+  const int64_t k = shape.k;
+  const int64_t n_groups = shape.n_groups;
   // A group at least as wide as K (rounded up to 32) is one group: same result, and 32-bit in the kernels.
   const int64_t k_up32 = (k + 31) / 32 * 32;
   const int64_t group = group_size < k_up32 ? group_size : (k_up32 > 0 ? k_up32 : 32);
 
-  int64_t m = 1;
-  for (int64_t d = 0; d + 1 < x.dim(); ++d) m *= x.size(d);
   constexpr int64_t kIntMax = std::numeric_limits<int>::max();
   // The kernels index rows and k in 32 bits; n * k and m * k products are formed in 64 bits.
   TORCH_CHECK(m <= kIntMax && n <= kIntMax && k <= kIntMax - 64,
