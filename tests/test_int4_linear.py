@@ -1,5 +1,5 @@
-"""fastquant.int4_linear: the int4 format and reference (pack, quantize, dequantize), every kernel vs the
-reference, opcheck, torch.compile, bad input."""
+"""fastquant.int4_linear: the int4 format and reference (pack, quantize, dequantize), every CPU kernel at every
+ISA level vs the reference, opcheck, torch.compile, bad input."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 
 import fastquant
 from fastquant import reference
-from helpers import assert_int4_linear_close, int4_kernel_path, random_weight
+from helpers import assert_int4_linear_close, available_cpu_isas, int4_kernel_path, random_weight
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -142,25 +142,139 @@ def test_reference_linear(n, k, group_size, symmetric):
 # ---------------------------------------------------------------- the op (native kernels where built)
 
 
-SHAPES = [(1, 32, 1), (3, 96, 17), (17, 1025, 1025), (64, 1025, 17), (1, 4096, 1025)]
+# (M, K, N): decode (M <= 4 takes cpu_avx2_fixed16) and prefill rows around the 6-row micro-kernel, K of one
+# group, of a partial 64-column block and not a multiple of any group (ragged last group), N of 1, 17 (not a
+# multiple of the 16-row tile or 8-column grain) and 1025.
+SHAPES = [
+    (1, 32, 1),
+    (1, 1025, 1025),
+    (3, 96, 17),
+    (3, 32, 1025),
+    (17, 1025, 17),
+    (64, 96, 1),
+    (64, 1025, 1025),
+    (1, 4096, 17),
+]
+# The scalar kernel is the non-x86 fallback: it gets the small cases, the vector kernels all of them.
+PORTABLE_SHAPES = [(1, 32, 1), (3, 96, 17), (17, 1025, 17)]
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def cpu_path(m, n, k, group_size, dtype=torch.float32) -> str:
+    return int4_kernel_path(torch.device("cpu"), m, n, k, group_size, dtype)
+
+
+def expected_path(cpu_isa: str, m: int) -> str:
+    """The kernel choice, spelled out: AVX2 and AVX-512 levels run the AVX2 kernels (no AVX-512 int4 kernel)."""
+    if cpu_isa == "portable":
+        return "cpu_portable"
+    return "cpu_avx2_fixed16" if m <= 4 else "cpu_avx2_tiled_fp32"
+
+
+def kernel_cases() -> list:
+    return list(_kernel_cases())
+
+
+def _kernel_cases():
+    for isa in available_cpu_isas():
+        for shape in PORTABLE_SHAPES if isa == "portable" else SHAPES:
+            yield pytest.param(isa, shape, id=f"{isa}-{'x'.join(map(str, shape))}")
+
+
+@pytest.mark.parametrize(("cpu_isa", "shape"), kernel_cases(), indirect=["cpu_isa"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
-def test_op_matches_reference(shape, dtype, group_size, symmetric):
+def test_matches_reference(cpu_isa, shape, dtype, group_size, symmetric):
     m, k, n = shape
-    seed = zlib.crc32(repr((shape, group_size, dtype, symmetric)).encode())
+    seed = zlib.crc32(repr((shape, group_size, dtype, symmetric, cpu_isa)).encode())
     x, qweight, scales, offsets, bias = make_case(m, k, n, dtype, group_size, symmetric, seed % 2 == 0, seed)
+    path = cpu_path(m, n, k, group_size, dtype)
+    assert path == expected_path(cpu_isa, m)
     y = fastquant.int4_linear(x, qweight, scales, offsets, bias, in_features=k, group_size=group_size)
-    path = int4_kernel_path(torch.device("cpu"), m, n, k, group_size, dtype)
     assert_int4_linear_close(y, x, qweight, scales, offsets, bias, k, group_size, path)
 
 
+@pytest.mark.parametrize("cpu_isa", available_cpu_isas(), indirect=True)
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 6, 7, 12, 13, 16, 17])
+def test_every_row_count(cpu_isa, m):
+    """Row counts around the decode/prefill switch (4) and the micro-kernel's 6-row edges; groups of 96 (a
+    multiple of 32 but not of 64: groups start in the middle of a 64-column block)."""
+    k, n = (200, 20) if cpu_isa == "portable" else (576, 67)
+    for dtype in DTYPES:
+        for symmetric in (True, False):
+            x, qweight, scales, offsets, bias = make_case(m, k, n, dtype, 96, symmetric, True, seed=m)
+            y = fastquant.int4_linear(x, qweight, scales, offsets, bias, in_features=k, group_size=96)
+            assert_int4_linear_close(y, x, qweight, scales, offsets, bias, k, 96, cpu_path(m, n, k, 96, dtype))
+
+
+@pytest.mark.parametrize("cpu_isa", available_cpu_isas(), indirect=True)
+@pytest.mark.parametrize("group_size", [32, 256, 4096])
+def test_fixed_point_sums_at_their_largest(cpu_isa, group_size):
+    """Constant x (every element at the largest fixed-point magnitude, X = 32512) against weights on the grid's
+    extremes: each group starts with -1 (m = -1, d = 1/8: code 0) and continues with +7/8 (code 15), so every
+    vpmaddubsw pair and int32 lane is at its largest. Row 1 is negated, row 2 alternates +-7/8 and row 3 has
+    zeros (code 8). Every weight is exact, so the result is exact up to fp32 rounding."""
+    k = 4096
+    weight = torch.full((4, k), 0.875)
+    weight[2, 1::2] = -0.875
+    weight[3, ::3] = 0.0
+    weight[:, ::group_size] = -1.0
+    weight[1] = -weight[1]
+    qweight, scales, offsets = reference.int4_quantize(weight, group_size)
+    assert torch.equal(reference.int4_dequantize(qweight, scales, offsets, k, group_size), weight)
+    assert int(reference.int4_unpack(qweight, k)[0, 1:group_size].min()) == 15
+    x = torch.full((1, k), 3.0)
+    y = fastquant.int4_linear(x, qweight, scales, offsets, None, in_features=k, group_size=group_size)
+    torch.testing.assert_close(y.double(), x.double() @ weight.double().T, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("cpu_isa", available_cpu_isas(), indirect=True)
+@pytest.mark.parametrize("m", [1, 17])
+@pytest.mark.parametrize("special", [30.0, 1e5, 1e30, float("inf"), float("-inf"), float("nan"), 0.0])
+def test_outliers_and_non_finite_x(cpu_isa, m, special):
+    """One element of x `special` times the others' mean magnitude: the fixed-point kernel rounds each 32-column
+    block on its own scale (an outlier costs only its block), NaN and +-inf take the fp32 kernel and come out
+    where the reference puts them; x = 0 gives the bias exactly."""
+    k, n = 1000, 67
+    seed = zlib.crc32(repr((special, m)).encode())
+    x, qweight, scales, offsets, bias = make_case(m, k, n, torch.float32, 32, True, True, seed=seed)
+
+    def run(x):
+        return fastquant.int4_linear(x, qweight, scales, offsets, bias, in_features=k, group_size=32)
+
+    if special == 0.0:
+        torch.testing.assert_close(run(torch.zeros_like(x)), bias.expand(m, n), rtol=0, atol=0)
+        return
+    x[0, 123] = special * x.abs().mean()
+    y = run(x)
+    y_ref = reference.int4_linear(x, qweight, scales, offsets, bias, k, 32)
+    if torch.isfinite(y_ref).all():
+        assert_int4_linear_close(y, x, qweight, scales, offsets, bias, k, 32, cpu_path(m, n, k, 32))
+    else:  # non-finite where the reference is, the other rows as close as ever
+        assert torch.equal(y[0].isnan(), y_ref[0].isnan()) and torch.equal(y[0].isinf(), y_ref[0].isinf())
+        torch.testing.assert_close(y[0], y_ref[0], equal_nan=True, rtol=1e-5, atol=0)
+        if m > 1:
+            assert_int4_linear_close(y[1:], x[1:], qweight, scales, offsets, bias, k, 32, cpu_path(m, n, k, 32))
+
+
+@pytest.mark.parametrize("cpu_isa", available_cpu_isas(), indirect=True)
+def test_fp16_partial_sums_do_not_overflow(cpu_isa):
+    """Partial sums reach 3e5, past fp16's 65504, and cancel to a small result: fp32 accumulation."""
+    k = 512
+    x = torch.full((2, k), 100.0, dtype=torch.float16)
+    weight = torch.cat([torch.full((4, k // 2), 6.0), torch.full((4, k // 2), -6.0)], dim=1)
+    weight[:, 0] += 0.75
+    qweight, scales, offsets = reference.int4_quantize(weight, 32, symmetric=False)
+    y = fastquant.int4_linear(x, qweight, scales, offsets, None, in_features=k, group_size=32)
+    assert torch.isfinite(y).all()
+    assert_int4_linear_close(y, x, qweight, scales, offsets, None, k, 32, cpu_path(2, 4, k, 32, torch.float16))
+
+
+@pytest.mark.parametrize("cpu_isa", available_cpu_isas(), indirect=True)
+@pytest.mark.parametrize("m", [1, 5])
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
-def test_opcheck(symmetric):
-    x, qweight, scales, offsets, bias = make_case(5, 300, 40, torch.bfloat16, 64, symmetric, True, seed=7)
+def test_opcheck(cpu_isa, m, symmetric):
+    x, qweight, scales, offsets, bias = make_case(m, 300, 40, torch.bfloat16, 64, symmetric, True, seed=7)
     op = torch.ops.fastquant.int4_linear.default
     torch.library.opcheck(op, (x, qweight, scales, offsets, bias, 300, 64))
     torch.library.opcheck(op, (x.float(), qweight, scales, offsets, None, 300, 64))
@@ -207,18 +321,19 @@ def test_reference_compiles_fullgraph():
     )
 
 
-def test_non_contiguous_and_batched_input():
+@pytest.mark.parametrize("rows", [1, 6])
+def test_non_contiguous_and_batched_input(rows):
     x, qweight, scales, offsets, bias = make_case(6, 200, 50, torch.float32, 32, True, True, seed=5)
-    x3 = torch.randn(200, 3, 4).permute(1, 2, 0)  # (3, 4, 200) with K not the innermost stride
+    x3 = torch.randn(200, rows, 4).permute(1, 2, 0)  # (rows, 4, 200) with K not the innermost stride
     assert not x3.is_contiguous()
 
     def run(x):
         return fastquant.int4_linear(x, qweight, scales, offsets, bias, in_features=200, group_size=32)
 
     y = run(x3)
-    assert y.shape == (3, 4, 50)
+    assert y.shape == (rows, 4, 50)
     torch.testing.assert_close(y, run(x3.contiguous()), rtol=0, atol=0)
-    x_sliced = torch.randn(6, 400)[:, ::2]
+    x_sliced = torch.randn(rows, 400)[:, ::2]
     torch.testing.assert_close(run(x_sliced), run(x_sliced.contiguous()), rtol=0, atol=0)
 
 
@@ -308,3 +423,10 @@ def test_mixed_devices_rejected():
 def test_quantize_rejects_bad_group_size():
     with pytest.raises(ValueError, match="multiple of 32"):
         reference.int4_quantize(torch.randn(4, 64), 48)
+
+
+def test_info_reports_the_int4_kernels():
+    from fastquant.info import info_lines
+
+    lines = [line for line in info_lines() if line.startswith("int4_linear cpu")]
+    assert [line.split(": ")[1] for line in lines] == [cpu_path(m, 4096, 4096, 32) for m in (1, 16, 512)]
