@@ -163,6 +163,8 @@ PATH_CASES = [
 )
 def test_every_dispatch_path(path, m, k, n, dtype, group_size):
     assert cuda_path(m, n, k, group_size, dtype) == path
+    # What fastquant.info and the report print for a CUDA device is the same choice.
+    assert _native.int4_linear_kernel_path(torch.device("cuda"), m, n, k, group_size, dtype) == path
     for symmetric in (True, False):
         for with_bias in (False, True):
             seed = m * 7919 + k + n + 2 * symmetric + with_bias
