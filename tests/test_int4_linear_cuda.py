@@ -416,6 +416,24 @@ def test_group_wider_than_k(m):
     torch.testing.assert_close(y, expected, rtol=0, atol=0)
 
 
+def test_one_dimensional_x():
+    x, qweight, scales, offsets, bias = make_case(1, 200, 40, torch.bfloat16, 64, True, True, seed=6)
+    y = int4_linear(x[0], qweight, scales, offsets, bias, 200, 64)
+    assert y.shape == (40,)
+    torch.testing.assert_close(y, int4_linear(x, qweight, scales, offsets, bias, 200, 64)[0], rtol=0, atol=0)
+
+
+def test_autograd_to_activations():
+    x, qweight, scales, offsets, bias = make_case(4, 96, 24, torch.float32, 32, False, True, seed=9)
+    x.requires_grad_(True)
+    bias.requires_grad_(True)
+    y = int4_linear(x, qweight, scales, offsets, bias, 96, 32)
+    y.square().sum().backward()
+    grad_y = 2 * y.detach()
+    torch.testing.assert_close(x.grad, grad_y @ reference.int4_dequantize(qweight, scales, offsets, 96, 32))
+    torch.testing.assert_close(bias.grad, grad_y.sum(0))
+
+
 BAD_INPUTS = [
     ("x must be float32, bfloat16 or float16", lambda x, q, s, o, b: (x.double(), q, s, o, None, 64, 32)),
     ("qweight must be a 2-D uint8 tensor", lambda x, q, s, o, b: (x, q.view(torch.int8), s, o, None, 64, 32)),
