@@ -7,6 +7,7 @@
 #   2. every torch.ops.fastquant op has its CUDA kernel          -> check.log
 #   3. the CUDA kernel tests (reference, bad input, CUDA graphs) -> cuda-tests.xml (junit), check.log
 #   4. int8_linear decode vs bf16 F.linear, copy bandwidth       -> int8.json, int8.md
+#      int4_linear decode vs int8 and bf16 (two shapes)          -> check.log (files in benchmarks/results/)
 #   5. sparse_linear at 50%, 90%, int8+50%                       -> sparse.json, sparse.md
 #   6. while time remains: opcheck / torch.compile tests, csr16 vs bitmap16, end-to-end decode -> check.log
 #
@@ -61,7 +62,7 @@ step() {
 }
 finish() {
   note "done in $(elapsed) s, status $status (files in $OUT)"
-  for table in "$OUT/int8.md" "$OUT/sparse.md"; do
+  for table in "$OUT/int8.md" "benchmarks/results/gpu-$stamp-int4.md" "$OUT/sparse.md"; do
     [ -f "$table" ] && grep -E "^\| " "$table" | head -n 40
   done
   echo
@@ -111,13 +112,18 @@ fi
 
 # 3. The CUDA kernel tests, before any CPU test. -rs names every skip, so a silently skipped module shows;
 # --durations sizes the next call. A timeout sends SIGINT: pytest still writes the junit file.
-cuda_tests=(tests/test_int8_linear_cuda.py tests/test_sparse_linear_cuda.py)
+cuda_tests=(tests/test_int8_linear_cuda.py tests/test_int4_linear_cuda.py tests/test_sparse_linear_cuda.py)
 step cuda-tests 150 "$PYTHON" -m pytest -q -rs --durations=15 -p no:cacheprovider "${cuda_tests[@]}" \
   -k "not opcheck and not torch_compile" --junitxml="$OUT/cuda-tests.xml" || status=1
 
 # 4. int8 decode speed vs bf16 F.linear on the three large layer shapes, copy bandwidth in the same run.
 step int8-bench 70 "$PYTHON" benchmarks/bench_gpu_int8.py --stem "$OUT/int8" --rows 1,4,16,64 --group-sizes -1 \
   --shapes 4096x4096,4096x14336,14336x4096 --compiled-peer off --repeats 15 || status=1
+
+# 4b. int4 decode against int8 and bf16 (its files stay in benchmarks/results/: 8 files come back from a device
+# call, and $OUT has 8; the table goes to check.log and the end of the output).
+step int4-bench 60 "$PYTHON" benchmarks/bench_gpu_int4.py --stem "benchmarks/results/gpu-$stamp-int4" \
+  --shapes 4096x4096,11008x4096 --rows 1,16,64,256 --flavours 32s,128a --rounds 3 --repeats 9 || status=1
 
 # 5. Sparse (bitmap16) against bf16 F.linear.
 step sparse-bench 70 "$PYTHON" benchmarks/bench_gpu_sparse.py --stem "$OUT/sparse" --rows 1,16,64,256 \

@@ -13,6 +13,7 @@
 #include "cpu/sparse_csr_linear.h"
 #include "cpu/sparse_linear.h"
 // Plain C++ (no CUDA): the CUDA kernel choice is compiled into every build, so it is tested without a GPU.
+#include "cuda/int4_linear_dispatch.h"
 #include "cuda/int8_linear_dispatch.h"
 #include "cuda/sparse_linear_dispatch.h"
 
@@ -80,6 +81,35 @@ void def_cuda_dispatch(py::module_& parent) {
         py::arg("n_tiles"), "K splits of the int8 GEMV");
   m.def("int8_gemv_workspace_slices", &fc::int8_gemv_workspace_slices, py::arg("splits"),
         py::arg("deterministic"), "M x N fp32 slices of the int8 GEMV's split-K workspace");
+  m.attr("DEFAULT_INT4_GEMV_MAX_M") = fc::kDefaultInt4GemvMaxM;
+  m.attr("DEFAULT_INT4_GEMM_MAX_M") = fc::kDefaultInt4GemmMaxM;
+  m.def(
+      "int4_path",
+      [](int64_t m_rows, int64_t n, int64_t k, int64_t group_size, const std::string& dtype, bool x_aligned,
+         int64_t gemv_max_m, int64_t gemm_max_m) {
+        return std::string(fc::int4_path_name(fc::plan_int4(m_rows, n, k, group_size, parse_cuda_dtype(dtype),
+                                                            x_aligned, gemv_max_m, gemm_max_m)));
+      },
+      py::arg("m"), py::arg("n"), py::arg("k"), py::arg("group_size"), py::arg("dtype"),
+      py::arg("x_aligned") = true, py::arg("gemv_max_m") = fc::kDefaultInt4GemvMaxM,
+      py::arg("gemm_max_m") = fc::kDefaultInt4GemmMaxM,
+      "Name of the CUDA kernel int4_linear runs; x_aligned: x's data pointer is 16-byte aligned");
+  m.def(
+      "int4_gemv_n_tiles",
+      [](int64_t m_rows, int64_t gemv_max_m) {
+        return fc::int4_gemv_n_tiles(
+            fc::choose_int4_path(m_rows, 1, 64, 32, fc::DType::kBFloat16, gemv_max_m));
+      },
+      py::arg("m"), py::arg("gemv_max_m") = fc::kDefaultInt4GemvMaxM,
+      "n=8 tiles of the int4 GEMV at this M (0: not the GEMV)");
+  m.def("int4_gemv_blocks_per_step", &fc::int4_gemv_blocks_per_step, py::arg("n_tiles"),
+        "64-k packed blocks an int4 GEMV warp loads per step");
+  m.def("int4_gemv_splits", &fc::int4_gemv_splits, py::arg("n"), py::arg("k"), py::arg("num_sms"),
+        py::arg("n_tiles"), "K splits of the int4 GEMV");
+  m.def("int4_gemm_block_m", &fc::int4_gemm_block_m, py::arg("m"), py::arg("n"), py::arg("num_sms"),
+        "x rows per block of the fused int4 GEMM");
+  m.def("int4_gemm_splits", &fc::int4_gemm_splits, py::arg("m"), py::arg("n"), py::arg("k"),
+        py::arg("num_sms"), "K splits of the fused int4 GEMM");
   m.def(
       "sparse_path",
       [](int64_t m_rows, int64_t n, int64_t k, const std::string& values_dtype, const std::string& x_dtype,
@@ -188,6 +218,24 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "set_cuda_gemm_max_m", &fastquant::cuda::set_gemm_max_m, py::arg("m"),
       "Cap the M of the fused CUDA GEMM (0: never; above it dequantize + cuBLAS); for benchmarks and tests");
+  m.def("int4_cuda_gemv_max_m", &fastquant::cuda::int4_gemv_max_m, "Largest M the CUDA int4 GEMV takes");
+  m.def("set_int4_cuda_gemv_max_m", &fastquant::cuda::set_int4_gemv_max_m, py::arg("m"),
+        "Cap the M of the CUDA int4 GEMV (0: never; 64: default); for benchmarks and tests");
+  m.def("int4_cuda_gemm_max_m", &fastquant::cuda::int4_gemm_max_m,
+        "Largest M the fused CUDA int4 GEMM takes");
+  m.def("set_int4_cuda_gemm_max_m", &fastquant::cuda::set_int4_gemm_max_m, py::arg("m"),
+        "Cap the M of the fused CUDA int4 GEMM (0: never; above it dequantize + cuBLAS); for benchmarks and "
+        "tests");
+  m.def(
+      "int4_linear_cuda_path",
+      [](int64_t m_rows, int64_t n, int64_t k, int64_t group_size, const std::string& dtype) {
+        namespace fc = fastquant::cuda;
+        return std::string(fc::int4_path_name(fc::plan_int4(m_rows, n, k, group_size, parse_cuda_dtype(dtype),
+                                                            /*x_ptr_aligned=*/true, fc::int4_gemv_max_m(),
+                                                            fc::int4_gemm_max_m())));
+      },
+      py::arg("m"), py::arg("n"), py::arg("k"), py::arg("group_size"), py::arg("dtype"),
+      "Name of the CUDA kernel int4_linear runs for this problem (x 16-byte aligned), under the current cap");
   m.def(
       "sparse_csr_linear_cuda_path", [] { return std::string(fastquant::cuda::kSparseCsrCudaPath); },
       "Name of the CUDA kernel sparse_csr_linear runs");

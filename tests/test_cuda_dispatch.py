@@ -171,3 +171,77 @@ def test_device_query_forwards_group_size_and_shared_memory(monkeypatch):
     path = _native.sparse_linear_kernel_path(torch.device("cuda"), 1, 1024, 4096, torch.int8, torch.bfloat16, 48)
     assert path == "recorded"
     assert calls == [(1, 1024, 4096, torch.int8, torch.bfloat16, 48, SMEM_SM86)]
+
+
+# ---------------------------------------------------------------- int4_linear (csrc/cuda/int4_linear_dispatch.h)
+
+
+def int4_path(m, n, k, group_size, dtype, x_aligned=True, gemv_max_m=64, gemm_max_m=512):
+    return dispatch().int4_path(m, n, k, group_size, dtype, x_aligned, gemv_max_m, gemm_max_m)
+
+
+@pytest.mark.parametrize(("m", "tile"), [(1, 8), (8, 8), (9, 16), (16, 16), (17, 32), (32, 32), (33, 64), (64, 64)])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_int4_gemv_table(m, tile, dtype):
+    assert int4_path(m, 4096, 4096, 32, dtype) == f"cuda_int4_gemv_mma_m{tile}"
+    assert int4_path(m, 4096, 4096, 96, dtype) == f"cuda_int4_gemv_mma_m{tile}"  # any multiple of 32
+    # x in element loads: a misaligned x pointer, or K % 8 != 0 (a 16-byte load would straddle K)
+    assert int4_path(m, 4096, 4096, 32, dtype, x_aligned=False) == f"cuda_int4_gemv_mma_m{tile}_x_unaligned"
+    assert int4_path(m, 4096, 4100, 32, dtype) == f"cuda_int4_gemv_mma_m{tile}_x_unaligned"
+    assert int4_path(m, 4096, 1000, 32, dtype) == f"cuda_int4_gemv_mma_m{tile}"  # K % 8 == 0, K % 64 != 0
+    assert dispatch().int4_gemv_n_tiles(m) == tile // 8
+
+
+@pytest.mark.parametrize("m", [65, 100, 512])
+def test_int4_medium_m_takes_the_fused_gemm(m):
+    assert int4_path(m, 4096, 4096, 32, "bfloat16") == "cuda_int4_gemm_mma"
+    assert int4_path(m, 4096, 1000, 96, "float16") == "cuda_int4_gemm_mma"  # K % 8 == 0: whole x chunks
+    assert int4_path(m, 4096, 4096, 32, "bfloat16", x_aligned=False) == "cuda_int4_gemm_mma_x_copied"
+    assert int4_path(m, 4096, 4100, 32, "bfloat16") == "cuda_int4_dequant_cublas"  # K % 8 != 0
+    assert dispatch().int4_gemv_n_tiles(m) == 0
+
+
+@pytest.mark.parametrize("m", [513, 4096])
+def test_int4_large_m_and_fp32_take_dequantize_cublas(m):
+    assert int4_path(m, 4096, 4096, 32, "bfloat16") == "cuda_int4_dequant_cublas"
+    assert int4_path(1, 4096, 4096, 32, "float32") == "cuda_int4_dequant_cublas"
+    assert int4_path(100, 4096, 4096, 32, "float32") == "cuda_int4_dequant_cublas"
+
+
+def test_int4_caps():
+    d = dispatch()
+    assert d.DEFAULT_INT4_GEMV_MAX_M == 64 and d.DEFAULT_INT4_GEMM_MAX_M == d.DEFAULT_GEMM_MAX_M
+    assert int4_path(16, 4096, 4096, 32, "bfloat16", gemv_max_m=8) == "cuda_int4_gemm_mma"
+    assert int4_path(16, 4096, 4096, 32, "bfloat16", gemv_max_m=8, gemm_max_m=0) == "cuda_int4_dequant_cublas"
+    assert int4_path(8, 4096, 4096, 32, "bfloat16", gemv_max_m=8) == "cuda_int4_gemv_mma_m8"
+    assert int4_path(1, 4096, 4096, 32, "bfloat16", gemv_max_m=0) == "cuda_int4_gemm_mma"
+    assert int4_path(600, 4096, 4096, 32, "bfloat16", gemm_max_m=1024) == "cuda_int4_gemm_mma"
+
+
+@pytest.mark.parametrize(
+    ("m", "n", "k", "block_m", "splits"),
+    [
+        (65, 256, 512, 64, 2),  # 4 blocks: split, capped at k-tiles / 4
+        (200, 300, 1000, 64, 4),  # 12 blocks, 16 k-tiles
+        (128, 1024, 4096, 64, 8),  # 16 blocks: at most 8 splits
+        (512, 8192, 256, 128, 1),  # 256 blocks of 128 rows fill 132 SMs
+        (300, 4100, 320, 64, 1),  # 165 blocks of 64 rows: over 3/4 of the SMs busy
+    ],
+)
+def test_int4_gemm_geometry(m, n, k, block_m, splits):
+    """The int4 GEMM has the int8 GEMM's block tiles (k-tile 64 = one packed block) and its rules: 128-row blocks
+    when they fill the SMs, else 64; K split (ordered partial sums) when under 3/4 of the SMs get a block."""
+    d = dispatch()
+    assert d.int4_gemm_block_m(m, n, H100_SMS) == block_m
+    assert d.int4_gemm_splits(m, n, k, H100_SMS) == splits
+
+
+@pytest.mark.parametrize("m", [1, 16, 64])
+@pytest.mark.parametrize(("n", "k"), [(1024, 4096), (64, 8192), (48, 14336), (4096, 4096), (3, 100)])
+def test_int4_gemv_splits_follow_the_int8_rule(m, n, k):
+    """The int4 GEMV has the int8 GEMV's geometry (8 warps on 16 rows, 64-k units per warp step), so it splits K
+    by the same rule, which keeps every warp busy (test_int8_gemv_splits_keep_every_warp_busy)."""
+    d = dispatch()
+    n_tiles = d.int4_gemv_n_tiles(m)
+    assert d.int4_gemv_blocks_per_step(n_tiles) == d.int8_gemv_chunks_per_step(n_tiles)
+    assert d.int4_gemv_splits(n, k, H100_SMS, n_tiles) == d.int8_gemv_splits(n, k, H100_SMS, n_tiles)

@@ -6,6 +6,7 @@
 #include <string>
 
 #include "cuda/cuda_info.h"
+#include "cuda/int4_linear_dispatch.h"
 #include "cuda/int8_linear_dispatch.h"
 
 #define FASTQUANT_STR2(...) #__VA_ARGS__
@@ -54,6 +55,8 @@ const char* compiled_archs() {
 namespace {
 std::atomic<int64_t> g_gemv_max_m{64};
 std::atomic<int64_t> g_gemm_max_m{kDefaultGemmMaxM};
+std::atomic<int64_t> g_int4_gemv_max_m{kDefaultInt4GemvMaxM};
+std::atomic<int64_t> g_int4_gemm_max_m{kDefaultInt4GemmMaxM};
 }  // namespace
 
 int64_t gemm_max_m() { return g_gemm_max_m.load(std::memory_order_relaxed); }
@@ -63,5 +66,13 @@ void set_gemm_max_m(int64_t m) { g_gemm_max_m.store(m < 0 ? 0 : m, std::memory_o
 int64_t gemv_max_m() { return g_gemv_max_m.load(std::memory_order_relaxed); }
 
 void set_gemv_max_m(int64_t m) { g_gemv_max_m.store(m < 0 ? 0 : m, std::memory_order_relaxed); }
+
+int64_t int4_gemv_max_m() { return g_int4_gemv_max_m.load(std::memory_order_relaxed); }
+
+void set_int4_gemv_max_m(int64_t m) { g_int4_gemv_max_m.store(m < 0 ? 0 : m, std::memory_order_relaxed); }
+
+int64_t int4_gemm_max_m() { return g_int4_gemm_max_m.load(std::memory_order_relaxed); }
+
+void set_int4_gemm_max_m(int64_t m) { g_int4_gemm_max_m.store(m < 0 ? 0 : m, std::memory_order_relaxed); }
 
 }  // namespace fastquant::cuda

@@ -20,5 +20,12 @@ void set_gemv_max_m(int64_t m);
 // Largest M the fused GEMM takes (default kDefaultGemmMaxM = 512; 0: never). Same kind of switch.
 int64_t gemm_max_m();
 void set_gemm_max_m(int64_t m);
+// Largest M the int4 tensor-core GEMV takes (default kDefaultInt4GemvMaxM = 64; 0: always dequantize +
+// cuBLAS). Same kind of switch, for benchmarks/bench_gpu_int4.py.
+int64_t int4_gemv_max_m();
+void set_int4_gemv_max_m(int64_t m);
+// Largest M the fused int4 GEMM takes (default kDefaultInt4GemmMaxM = 512; 0: never). Same kind of switch.
+int64_t int4_gemm_max_m();
+void set_int4_gemm_max_m(int64_t m);
 
 }  // namespace fastquant::cuda

@@ -1,0 +1,157 @@
+// Torch glue for fastquant::int4_linear on CUDA: checks the arguments (the shared contract of every int4
+// kernel, csrc/int4_linear_contract.h, plus the CUDA-only rules), picks a kernel from the table in
+// int4_linear_dispatch.h and launches it on the current stream of x's device. Compiled only when building
+// against a CUDA torch.
+#include <ATen/ATen.h>
+#include <ATen/Context.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "cuda/cuda_info.h"
+#include "cuda/int4_linear_dispatch.h"
+#include "cuda/int4_linear_launch.h"
+#include "cuda/launch_check.h"
+#include "int4_linear_contract.h"
+
+namespace fastquant::cuda {
+namespace {
+
+constexpr const char* kOp = "fastquant.int4_linear";
+
+DType act_dtype(const at::Tensor& x) {
+  switch (x.scalar_type()) {
+    case at::kFloat:
+      return DType::kFloat32;
+    case at::kBFloat16:
+      return DType::kBFloat16;
+    case at::kHalf:
+      return DType::kFloat16;
+    default:
+      TORCH_CHECK(false, "fastquant.int4_linear: x must be float32, bfloat16 or float16, got ",
+                  x.scalar_type());
+  }
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
+
+// A fresh allocation of the caching allocator is 16-byte aligned; a view that starts mid-buffer is copied.
+at::Tensor contiguous_aligned(const at::Tensor& t) {
+  at::Tensor c = t.contiguous();
+  return aligned16(c.data_ptr()) ? c : c.clone();
+}
+
+}  // namespace
+
+at::Tensor int4_linear_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                            const std::optional<at::Tensor>& offsets, const std::optional<at::Tensor>& bias,
+                            int64_t in_features, int64_t group_size) {
+  // Shapes, dtypes and one device: the rules (and words) every int4_linear kernel shares.
+  const Int4LinearShape shape =
+      check_int4_linear_args(x, qweight, scales, offsets, bias, in_features, group_size);
+  TORCH_CHECK(x.is_cuda(), "fastquant.int4_linear (CUDA kernel): x must be on a CUDA device, got ",
+              x.device());
+  const DType dtype = act_dtype(x);
+  const int64_t m = shape.m;
+  const int64_t n = shape.n;
+  const int64_t k = shape.k;
+  const int64_t n_groups = shape.n_groups;
+  // A group at least as wide as K (rounded up to 32) is one group: same result, and 32-bit in the kernels.
+  const int64_t k_up32 = (k + 31) / 32 * 32;
+  const int64_t group = group_size < k_up32 ? group_size : (k_up32 > 0 ? k_up32 : 32);
+
+  constexpr int64_t kIntMax = std::numeric_limits<int>::max();
+  // The kernels index rows and k in 32 bits; n * k and m * k products are formed in 64 bits.
+  TORCH_CHECK(m <= kIntMax && n <= kIntMax && k <= kIntMax - 64,
+              "fastquant.int4_linear (CUDA kernel): M, N and K must fit in 32 bits, got (M, N, K) = (", m,
+              ", ", n, ", ", k, ")");
+
+  c10::cuda::CUDAGuard device_guard(x.device());
+  const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
+  // bf16 mma.sync and bf16x2 arithmetic need sm_80; the kernels are compiled for sm_80 and sm_90 only.
+  TORCH_CHECK(props->major >= 8,
+              "fastquant.int4_linear (CUDA kernel): needs a GPU of compute capability 8.0 or newer, got ",
+              props->name, " (", props->major, ".", props->minor, ")");
+  std::vector<int64_t> out_sizes(x.sizes().begin(), x.sizes().end());
+  out_sizes.back() = n;
+  at::Tensor y = at::empty(out_sizes, x.options());
+  if (y.numel() == 0) return y;
+  if (k == 0) return bias.has_value() ? y.copy_(bias->expand_as(y)) : y.zero_();
+
+  at::Tensor x2 = x.reshape({m, k}).contiguous();
+  // The kernels load the packed weight in 8-byte pieces of 32-byte rows (ceil(K/64) * 32 bytes).
+  const at::Tensor w = contiguous_aligned(qweight);
+  const at::Tensor s = scales.contiguous();
+  const at::Tensor o = offsets.has_value() ? offsets->contiguous() : at::Tensor();
+  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const Int4Plan plan =
+      plan_int4(m, n, k, group, dtype, aligned16(x2.data_ptr()), int4_gemv_max_m(), int4_gemm_max_m());
+
+  if (plan.path == Int4Path::kDequantCublas) {
+    // cuBLAS on the weight dequantized to x's dtype (fp32 accumulation in cuBLAS; for fp32 x, TF32 only if
+    // the user allowed it through torch.backends.cuda.matmul.allow_tf32).
+    at::Tensor weight = at::empty({n, k}, x.options());
+    check_launch(
+        launch_int4_dequantize(w.data_ptr<uint8_t>(), s.data_ptr(), o.defined() ? o.data_ptr() : nullptr,
+                               weight.data_ptr(), static_cast<int>(n), static_cast<int>(k),
+                               static_cast<int>(group), static_cast<int>(n_groups), dtype, stream),
+        kOp, m, n, k);
+    at::Tensor y2 = y.view({m, n});
+    if (b.defined()) {
+      at::addmm_out(y2, b, x2, weight.t());
+    } else {
+      at::mm_out(y2, x2, weight.t());
+    }
+    return y;
+  }
+
+  // A fresh allocation of the caching allocator is 16-byte aligned (e.g. x sliced 1 element in).
+  if (plan.copy_x) x2 = x2.clone();
+  const int num_sms = props->multiProcessorCount;
+  const bool gemm = plan.path == Int4Path::kGemmMma;
+  const bool deterministic = at::globalContext().deterministicAlgorithms();
+  // Split-K scratch, M x N fp32 slices: the GEMM's one per split (ordered, always deterministic); the GEMV's
+  // one for its atomics or, when deterministic, one per split. Fresh per call: concurrent streams and
+  // CUDA-graph replays never share it.
+  int slices = 0;
+  if (gemm) {
+    const int splits = int4_gemm_splits(m, n, k, num_sms);
+    slices = splits > 1 ? splits : 0;
+  } else {
+    slices = int4_gemv_workspace_slices(int4_gemv_splits(n, k, num_sms, int4_gemv_n_tiles(plan.path)),
+                                        deterministic);
+  }
+  at::Tensor workspace;
+  if (slices > 0) workspace = at::empty({slices, m, n}, x.options().dtype(at::kFloat));
+  Int4GemvArgs args;
+  args.x = x2.data_ptr();
+  args.w = w.data_ptr<uint8_t>();
+  args.scales = s.data_ptr();
+  args.offsets = o.defined() ? o.data_ptr() : nullptr;
+  args.bias = b.defined() ? b.data_ptr() : nullptr;
+  args.y = y.data_ptr();
+  args.workspace = workspace.defined() ? workspace.data_ptr<float>() : nullptr;
+  args.m = static_cast<int>(m);
+  args.n = static_cast<int>(n);
+  args.k = static_cast<int>(k);
+  args.group_size = static_cast<int>(group);
+  args.n_groups = static_cast<int>(n_groups);
+  args.num_sms = num_sms;
+  args.x_vector = plan.x_vector;
+  args.deterministic = deterministic;
+  args.dtype = dtype;
+  args.path = plan.path;
+  check_launch(gemm ? launch_int4_gemm_mma(args, stream) : launch_int4_gemv_mma(args, stream), kOp, m, n, k);
+  return y;
+}
+
+TORCH_LIBRARY_IMPL(fastquant, CUDA, m) { m.impl("int4_linear", &int4_linear_cuda); }
+
+}  // namespace fastquant::cuda

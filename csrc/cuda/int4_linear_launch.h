@@ -1,0 +1,58 @@
+#pragma once
+// Raw-pointer interface between the torch glue (int4_linear_cuda.cpp) and the int4 CUDA kernels
+// (int4_linear_*.cu). The .cu files include no torch header: they see these structs, device pointers and a
+// cudaStream_t. Every launcher returns a LaunchStatus (the CUDA error of its launches, or a broken
+// precondition); the glue checks it. The packed format (fastquant.reference.int4_pack): qweight uint8
+// [N, ceil(K/64) * 32]; byte j of 64-k block b holds code(64b + j) in its low nibble and code(64b + 32 + j)
+// in its high nibble; codes past K are 0.
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "cuda/int4_linear_dispatch.h"
+#include "cuda/launch_status.h"
+
+namespace fastquant::cuda {
+
+struct Int4GemvArgs {
+  const void* x;        // m x k activations (fp16 or bf16), row-major, contiguous
+  const uint8_t* w;     // n x row_bytes packed codes, contiguous, 16-byte aligned
+  const void* scales;   // n x n_groups fp16
+  const void* offsets;  // n x n_groups fp16 (asymmetric), or nullptr (symmetric: w = s * (q - 8))
+  const void* bias;     // n values of x's dtype, or nullptr
+  void* y;              // m x n output, x's dtype
+  float* workspace;     // fp32 split-K scratch (GEMV: int4_gemv_workspace_slices; GEMM: splits) x m x n
+  int m, n, k;
+  int group_size;      // a positive multiple of 32
+  int n_groups;        // ceil(k / group_size)
+  int num_sms;         // SMs of the device (split-K rule)
+  bool x_vector;       // Int4Plan: 16-byte loads of x
+  bool deterministic;  // split-K: ordered sum of per-split slices instead of atomics
+  DType dtype;         // kBFloat16 or kFloat16
+  Int4Path path;       // one of the kGemvMma* rows of the dispatch table (sets the number of n=8 tiles)
+};
+
+// Tensor-core GEMV for m <= 64 (int4_linear_gemv.cuh). dtype must be bf16 or fp16.
+LaunchStatus launch_int4_gemv_mma_bf16(const Int4GemvArgs& args, cudaStream_t stream);
+LaunchStatus launch_int4_gemv_mma_f16(const Int4GemvArgs& args, cudaStream_t stream);
+
+inline LaunchStatus launch_int4_gemv_mma(const Int4GemvArgs& args, cudaStream_t stream) {
+  if (args.dtype == DType::kBFloat16) return launch_int4_gemv_mma_bf16(args, stream);
+  if (args.dtype == DType::kFloat16) return launch_int4_gemv_mma_f16(args, stream);
+  return LaunchStatus::precondition("the int4 GEMV takes bfloat16 or float16 activations");
+}
+
+// Fused tensor-core GEMM (int4_linear_gemm.cu) for the kGemmMma path: same arguments (path and x_vector
+// unused; workspace when int4_gemm_splits(m, n, k, num_sms) > 1); x and w 16-byte aligned, K % 8 == 0, dtype
+// bf16 or fp16.
+LaunchStatus launch_int4_gemm_mma(const Int4GemvArgs& args, cudaStream_t stream);
+
+// out[n][k] = dtype(w(n, k)) for k < K, with w = float(s) * (q - 8) or float(s) * q + float(o) in fp32 (the
+// reference's dequantization; multiply, then add, never fused), rounded once to dtype: what
+// "int4_dequantize(...).to(dtype)" gives, for the cuBLAS path (M > the GEMV's, fp32 activations). out is a
+// fresh n x k allocation of dtype (16-byte aligned); w as in Int4GemvArgs.
+LaunchStatus launch_int4_dequantize(const uint8_t* w, const void* scales, const void* offsets, void* out,
+                                    int n, int k, int group_size, int n_groups, DType dtype,
+                                    cudaStream_t stream);
+
+}  // namespace fastquant::cuda
