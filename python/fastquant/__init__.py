@@ -1,7 +1,8 @@
-"""fastquant: make PyTorch models smaller and faster with int8 weight-only quantization and sparsity.
+"""fastquant: make PyTorch models smaller and faster with int8/int4 weight-only quantization and sparsity.
 
 import fastquant
 fastquant.patch(model)            # int8 weight-only, per-channel scales
+fastquant.patch(model, "int4", group_size=32, calibration=batches)  # int4, GPTQ-rounded on your inputs
 fastquant.patch(model, "int8+sparse", sparsity=0.5, tokenizer=tokenizer)  # SparseGPT on the embedded text
 print(fastquant.report(model))    # what changed, per layer
 model, tokenizer = fastquant.from_pretrained("smollm2-int8")  # a folder `fastquant compress` wrote
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
     from fastquant import ops, pruning
     from fastquant.decode import compile_for_decode
     from fastquant.models import from_pretrained
-    from fastquant.modules import Int8Linear, SparseLinear
+    from fastquant.modules import Int4Linear, Int8Linear, SparseLinear
     from fastquant.ops import int8_linear, sparse_linear
     from fastquant.patching import AlreadyPatchedError, Report, patch, prune, report
     from fastquant.reference import int8_dequantize, int8_quantize
@@ -36,6 +37,7 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 _EXPORTS = {
     "AlreadyPatchedError": "fastquant.patching",
     "FastquantFormatError": "fastquant.serialization",
+    "Int4Linear": "fastquant.modules",
     "Int8Linear": "fastquant.modules",
     "Report": "fastquant.patching",
     "SparseLinear": "fastquant.modules",
@@ -56,6 +58,7 @@ _SUBMODULES = ("ops", "pruning")
 __all__ = [
     "AlreadyPatchedError",
     "FastquantFormatError",
+    "Int4Linear",
     "Int8Linear",
     "Report",
     "SparseLinear",
