@@ -23,9 +23,9 @@ if TYPE_CHECKING:
     from fastquant.decode import compile_for_decode
     from fastquant.models import from_pretrained
     from fastquant.modules import Int4Linear, Int8Linear, SparseLinear
-    from fastquant.ops import int8_linear, sparse_linear
+    from fastquant.ops import int4_linear, int8_linear, sparse_linear
     from fastquant.patching import AlreadyPatchedError, Report, patch, prune, report
-    from fastquant.reference import int8_dequantize, int8_quantize
+    from fastquant.reference import int4_dequantize, int4_quantize, int8_dequantize, int8_quantize
     from fastquant.serialization import FastquantFormatError, load, save
 
 try:
@@ -43,6 +43,9 @@ _EXPORTS = {
     "SparseLinear": "fastquant.modules",
     "compile_for_decode": "fastquant.decode",
     "from_pretrained": "fastquant.models",
+    "int4_dequantize": "fastquant.reference",
+    "int4_linear": "fastquant.ops",
+    "int4_quantize": "fastquant.reference",
     "int8_dequantize": "fastquant.reference",
     "int8_linear": "fastquant.ops",
     "int8_quantize": "fastquant.reference",
@@ -65,6 +68,9 @@ __all__ = [
     "__version__",
     "compile_for_decode",
     "from_pretrained",
+    "int4_dequantize",
+    "int4_linear",
+    "int4_quantize",
     "int8_dequantize",
     "int8_linear",
     "int8_quantize",

@@ -536,11 +536,8 @@ def _kernel_paths(layer: Int8Linear | Int4Linear | SparseLinear) -> str:
 
 
 def _int4_kernel_paths(layer: Int4Linear) -> str:
-    path_of = getattr(_native, "int4_linear_kernel_path", None)
-    if path_of is None:
-        return "reference"
     device, (n, k) = layer.qweight.device, (layer.out_features, layer.in_features)
-    paths = [path_of(device, m, n, k, layer.group_size, layer.dtype, layer.symmetric) for m in (1, 512)]
+    paths = [_native.int4_linear_kernel_path(device, m, n, k, layer.group_size, layer.dtype) for m in (1, 512)]
     return paths[0] if paths[0] == paths[1] else " / ".join(paths)
 
 
