@@ -163,6 +163,17 @@ def markdown(result: dict) -> str:
         "",
         f"`python benchmarks/int4_accuracy.py` at commit {result['commit']}, torch {result['torch']}, "
         f"{s['threads']} threads, float32 activations on CPU ({result['machine']}).",
+    ]
+    if result.get("smollm2"):
+        lines += smollm2_markdown(result)
+    if result.get("minilm"):
+        lines += minilm_markdown(result)
+    return "\n".join(lines) + "\n"
+
+
+def smollm2_markdown(result: dict) -> list[str]:
+    s = result["settings"]
+    lines = [
         "",
         "## SmolLM2-135M",
         "",
@@ -196,26 +207,30 @@ def markdown(result: dict) -> str:
         lines += ["", *(f"- {v}" for v in verdicts.values())]
     if result.get("llama_cpp_note"):
         lines += ["", result["llama_cpp_note"]]
-    if result.get("minilm"):
-        lines += [
-            "",
-            "## all-MiniLM-L6-v2 (float weights)",
-            "",
-            f"Mean-pooled sentence embeddings of {s['sentences']} sentences of the embedded Tempest "
-            "(`fastquant eval --model minilm`), cosine vs float32; GPTQ calibrates on Hamlet windows of "
-            f"{s['minilm_seq_len']} tokens. Target: int4 g32 mean cosine >= {MINILM_TARGET}.",
-            "",
-            "| row | mean cosine | min cosine | met | mean weight error | load before -> after |",
-            "|---|---:|---:|---|---:|---|",
-        ]
-        for r in result["minilm"]:
-            met = ("yes" if r["cosine_mean"] >= MINILM_TARGET else "**no**") if "int4" in r["row"] else ""
-            err = "" if r.get("weight_error") is None else f"{100 * r['weight_error']:.2f}%"
-            lines.append(
-                f"| {r['row']} | {r['cosine_mean']:.6f} | {r['cosine_min']:.6f} | {met} | {err} | "
-                f"{r['load_before']} -> {r['load_after']} |"
-            )
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def minilm_markdown(result: dict) -> list[str]:
+    s = result["settings"]
+    lines = [
+        "",
+        "## all-MiniLM-L6-v2 (float weights)",
+        "",
+        f"Mean-pooled sentence embeddings of {s['sentences']} sentences of the embedded Tempest "
+        "(`fastquant eval --model minilm`), cosine vs float32; GPTQ calibrates on Hamlet windows of "
+        f"{s['minilm_seq_len']} tokens. Target: int4 g32 mean cosine >= {MINILM_TARGET}.",
+        "",
+        "| row | mean cosine | min cosine | met | mean weight error | load before -> after |",
+        "|---|---:|---:|---|---:|---|",
+    ]
+    for r in result["minilm"]:
+        met = ("yes" if r["cosine_mean"] >= MINILM_TARGET else "**no**") if "int4" in r["row"] else ""
+        err = "" if r.get("weight_error") is None else f"{100 * r['weight_error']:.2f}%"
+        lines.append(
+            f"| {r['row']} | {r['cosine_mean']:.6f} | {r['cosine_min']:.6f} | {met} | {err} | "
+            f"{r['load_before']} -> {r['load_after']} |"
+        )
+    return lines
 
 
 def mean_weight_error(model) -> float | None:
@@ -274,9 +289,25 @@ def main() -> None:
     parser.add_argument("--output", default=str(Path(__file__).parent / "results"))
     parser.add_argument("--tag", default="")
     parser.add_argument("--resume", action="store_true", help="keep the rows of an earlier run of the same file")
+    parser.add_argument("--merge", nargs="+", metavar="JSON", help="combine result files (SmolLM2, MiniLM runs)")
     args = parser.parse_args()
     if args.llama_worker:
         llama_worker(args.llama_worker)
+        return
+    if args.merge:
+        parts = [json.loads(Path(p).read_text()) for p in args.merge]
+        merged = dict(parts[0])
+        for part in parts[1:]:
+            for table in ("smollm2", "minilm"):
+                merged[table] = merged.get(table, []) + part.get(table, [])
+            merged["llama_cpp_note"] = merged.get("llama_cpp_note") or part.get("llama_cpp_note")
+            merged["settings"]["ppl_tokens"] = merged["settings"]["ppl_tokens"] or part["settings"]["ppl_tokens"]
+        merged["commit"] = ", ".join(dict.fromkeys(p["commit"] for p in parts))
+        merged["verdicts"] = verdicts(merged["smollm2"])
+        stem = Path(args.output) / f"int4-accuracy-{merged['date']}{args.tag}"
+        stem.with_suffix(".json").write_text(json.dumps(merged, indent=2) + "\n")
+        stem.with_suffix(".md").write_text(markdown(merged))
+        print(markdown(merged))
         return
 
     import torch

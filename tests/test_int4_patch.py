@@ -91,6 +91,17 @@ def test_round_to_nearest_error_is_within_a_step(symmetric):
     assert float((error <= step / 2 * (1 + 1e-3) + 1e-6).float().mean()) > 0.98
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_gptq_rounding_rule_is_round_to_nearest_s(symmetric):
+    """grids.int4_codes (what GPTQ rounds each column with) gives reference.int4_quantize's codes on its own
+    grid, including all-equal groups (step 0) and a partial last group."""
+    w = _random_weight(9, 200, seed=11)
+    w[3, 32:64] = 0.25  # one group of equal values: step 0
+    w[4, :32] = 0.0
+    qweight, scales, offsets = reference.int4_quantize(w, 64, symmetric)
+    assert torch.equal(int4_codes(w, scales, offsets, 64), reference.int4_unpack(qweight, 200))
+
+
 def test_from_codes_takes_codes_or_packed_and_refuses_bad_data():
     linear = _linear(5, 100, seed=1)
     rtn = Int4Linear.from_linear(linear, 32, symmetric=False)
