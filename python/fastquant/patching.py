@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from fastquant import _native
+from fastquant import _native, ops
 from fastquant import pruning as pruning_lib
 from fastquant.grids import INT4_GROUP_SIZES, Grid, Int4Grid, Int8Grid
 from fastquant.kernel_choice import MIN_TIMED_WEIGHTS, choose_kernel
@@ -352,7 +352,7 @@ def _grid_name(grid: Grid) -> str:
 def _layer_from_codes(module: nn.Module, grid: Grid, result: pruning_lib.PrunedLayer) -> Int8Linear | Int4Linear:
     if isinstance(grid, Int4Grid):
         weight = linear_weight(module)
-        dtype = weight.dtype if weight.dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
+        dtype = weight.dtype if weight.dtype in ops.ACTIVATION_DTYPES else torch.float32
         bias = module.bias.detach() if module.bias is not None else None
         return Int4Linear.from_codes(
             result.qweight, result.scales, result.offsets, bias, grid.group_size, dtype=dtype, device=weight.device
