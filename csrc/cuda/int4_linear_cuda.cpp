@@ -9,7 +9,6 @@
 #include <torch/library.h>
 
 #include <cstdint>
-#include <limits>
 #include <optional>
 #include <string>
 #include <vector>
@@ -25,20 +24,6 @@ namespace {
 
 constexpr const char* kOp = "fastquant.int4_linear";
 
-DType act_dtype(const at::Tensor& x) {
-  switch (x.scalar_type()) {
-    case at::kFloat:
-      return DType::kFloat32;
-    case at::kBFloat16:
-      return DType::kBFloat16;
-    case at::kHalf:
-      return DType::kFloat16;
-    default:
-      TORCH_CHECK(false, "fastquant.int4_linear: x must be float32, bfloat16 or float16, got ",
-                  x.scalar_type());
-  }
-}
-
 bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
 
 // A fresh allocation of the caching allocator is 16-byte aligned; a view that starts mid-buffer is copied.
@@ -52,12 +37,10 @@ at::Tensor contiguous_aligned(const at::Tensor& t) {
 at::Tensor int4_linear_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                             const std::optional<at::Tensor>& offsets, const std::optional<at::Tensor>& bias,
                             int64_t in_features, int64_t group_size) {
-  // Shapes, dtypes and one device: the rules (and words) every int4_linear kernel shares.
+  // Shapes, dtypes and devices: the rules (and words) every int4_linear kernel shares.
   const Int4LinearShape shape =
-      check_int4_linear_args(x, qweight, scales, offsets, bias, in_features, group_size);
-  TORCH_CHECK(x.is_cuda(), "fastquant.int4_linear (CUDA kernel): x must be on a CUDA device, got ",
-              x.device());
-  const DType dtype = act_dtype(x);
+      check_int4_linear(Backend::kCuda, x, qweight, scales, offsets, bias, in_features, group_size);
+  const DType dtype = shape.x_dtype;
   const int64_t m = shape.m;
   const int64_t n = shape.n;
   const int64_t k = shape.k;
@@ -66,23 +49,13 @@ at::Tensor int4_linear_cuda(const at::Tensor& x, const at::Tensor& qweight, cons
   const int64_t k_up32 = (k + 31) / 32 * 32;
   const int64_t group = group_size < k_up32 ? group_size : (k_up32 > 0 ? k_up32 : 32);
 
-  constexpr int64_t kIntMax = std::numeric_limits<int>::max();
-  // The kernels index rows and k in 32 bits; n * k and m * k products are formed in 64 bits.
-  TORCH_CHECK(m <= kIntMax && n <= kIntMax && k <= kIntMax - 64,
-              "fastquant.int4_linear (CUDA kernel): M, N and K must fit in 32 bits, got (M, N, K) = (", m,
-              ", ", n, ", ", k, ")");
-
+  // The kernels index rows and k in 32 bits (k plus a block of 64 of padding); n * k and m * k products are
+  // formed in 64 bits.
+  check_int32_sizes(kOp, m, n, k + 64);
   c10::cuda::CUDAGuard device_guard(x.device());
-  const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
-  // bf16 mma.sync and bf16x2 arithmetic need sm_80; the kernels are compiled for sm_80 and sm_90 only.
-  TORCH_CHECK(props->major >= 8,
-              "fastquant.int4_linear (CUDA kernel): needs a GPU of compute capability 8.0 or newer, got ",
-              props->name, " (", props->major, ".", props->minor, ")");
-  std::vector<int64_t> out_sizes(x.sizes().begin(), x.sizes().end());
-  out_sizes.back() = n;
-  at::Tensor y = at::empty(out_sizes, x.options());
-  if (y.numel() == 0) return y;
-  if (k == 0) return bias.has_value() ? y.copy_(bias->expand_as(y)) : y.zero_();
+  const cudaDeviceProp* props = device_props_sm80(kOp);
+  at::Tensor y = empty_output(x, n);
+  if (output_without_kernel(y, k, bias)) return y;
 
   at::Tensor x2 = x.reshape({m, k}).contiguous();
   // The kernels load the packed weight in 8-byte pieces of 32-byte rows (ceil(K/64) * 32 bytes).

@@ -1,7 +1,8 @@
-"""fastquant: make PyTorch models smaller and faster with int8 weight-only quantization and sparsity.
+"""fastquant: make PyTorch models smaller and faster with int8/int4 weight-only quantization and sparsity.
 
 import fastquant
 fastquant.patch(model)            # int8 weight-only, per-channel scales
+fastquant.patch(model, "int4", group_size=32, calibration=batches)  # int4, GPTQ-rounded on your inputs
 fastquant.patch(model, "int8+sparse", sparsity=0.5, tokenizer=tokenizer)  # SparseGPT on the embedded text
 fastquant.patch(model, fastquant.Int8(group_size=128, rounding=fastquant.GPTQ(batches)))  # typed config
 print(fastquant.report(model))    # what changed, per layer
@@ -20,10 +21,10 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from fastquant import ops, pruning
-    from fastquant.configs import GPTQ, RTN, Int8, Magnitude, Sparse, SparseGPT, Wanda
+    from fastquant.configs import GPTQ, RTN, Int4, Int8, Magnitude, Sparse, SparseGPT, Wanda
     from fastquant.decode import compile_for_decode
     from fastquant.models import from_pretrained
-    from fastquant.modules import Int8Linear, SparseLinear
+    from fastquant.modules import Int4Linear, Int8Linear, SparseLinear
     from fastquant.ops import int4_linear, int8_linear, sparse_linear
     from fastquant.patching import AlreadyPatchedError, Report, patch, prune, report
     from fastquant.reference import int4_dequantize, int4_quantize, int8_dequantize, int8_quantize
@@ -38,6 +39,7 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 _EXPORTS = {
     "AlreadyPatchedError": "fastquant.patching",
     "GPTQ": "fastquant.configs",
+    "Int4": "fastquant.configs",
     "Int8": "fastquant.configs",
     "Magnitude": "fastquant.configs",
     "RTN": "fastquant.configs",
@@ -45,6 +47,7 @@ _EXPORTS = {
     "SparseGPT": "fastquant.configs",
     "Wanda": "fastquant.configs",
     "FastquantFormatError": "fastquant.serialization",
+    "Int4Linear": "fastquant.modules",
     "Int8Linear": "fastquant.modules",
     "Report": "fastquant.patching",
     "SparseLinear": "fastquant.modules",
@@ -69,12 +72,14 @@ __all__ = [
     "GPTQ",
     "RTN",
     "AlreadyPatchedError",
+    "Int4",
     "Int8",
     "Magnitude",
     "Sparse",
     "SparseGPT",
     "Wanda",
     "FastquantFormatError",
+    "Int4Linear",
     "Int8Linear",
     "Report",
     "SparseLinear",

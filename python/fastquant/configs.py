@@ -117,6 +117,32 @@ class Int8:
 
 
 @dataclass(frozen=True)
+class Int4:
+    """4-bit weight-only quantization, two codes per byte, one fp16 scale per group of ``group_size`` input
+    columns (32, 64, 128 or 256) and, when not ``symmetric``, an fp16 offset; rounded to nearest or by GPTQ.
+    At group 32 the symmetric grid is llama.cpp's Q4_0, the asymmetric one Q4_1."""
+
+    group_size: int = 32
+    symmetric: bool = True
+    rounding: Rounding = field(default_factory=RTN)
+
+    def __post_init__(self) -> None:
+        from fastquant.grids import check_int4_group_size  # torch: loaded with the first config
+
+        check_int4_group_size(self.group_size)
+        if not isinstance(self.symmetric, bool):
+            raise ValueError(f"symmetric must be True or False, got {self.symmetric!r}")
+        if not isinstance(self.rounding, (RTN, GPTQ)):
+            raise TypeError(f"rounding must be fastquant.RTN() or fastquant.GPTQ(calibration), got {self.rounding!r}")
+
+    @classmethod
+    def from_method(cls, group_size: int | None, symmetric: bool, calibration: Iterable | None) -> Int4:
+        """``patch(model, "int4", group_size=..., symmetric=..., calibration=...)``: calibration selects GPTQ."""
+        rounding = RTN() if calibration is None else GPTQ(calibration)
+        return cls(32 if group_size is None else group_size, symmetric, rounding)
+
+
+@dataclass(frozen=True)
 class Sparse:
     """Pruning to ``sparsity`` (a fraction in [0, 1); None with an N:M ``pattern``, which implies it) with
     ``pattern`` ``"unstructured"`` or ``"N:M"`` (at most N kept of every M input columns), stored sparse.
@@ -172,4 +198,4 @@ class Sparse:
         return cls(sparsity, pattern, pruning_from_name(pruning, calibration), values, kernel)
 
 
-Method = Int8 | Sparse
+Method = Int8 | Int4 | Sparse
