@@ -5,6 +5,7 @@ fastquant.patch(model)            # int8 weight-only, per-channel scales
 fastquant.patch(model, "int8+sparse", sparsity=0.5, tokenizer=tokenizer)  # SparseGPT on the embedded text
 print(fastquant.report(model))    # what changed, per layer
 model, tokenizer = fastquant.from_pretrained("smollm2-int8")  # a folder `fastquant compress` wrote
+model = fastquant.from_gguf("model.Q8_0.gguf")  # a GGUF file's quantized tensors, run by fastquant's kernels
 
 The names below load on first use: importing torch takes seconds, and ``fastquant --help`` (whose module
 lives in this package) must not pay for it. Any of them, or importing a submodule that needs the kernels,
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from fastquant import ops, pruning
     from fastquant.decode import compile_for_decode
+    from fastquant.interop.gguf_in import from_gguf
     from fastquant.models import from_pretrained
     from fastquant.modules import Int8Linear, SparseLinear
     from fastquant.ops import int8_linear, sparse_linear
@@ -40,6 +42,7 @@ _EXPORTS = {
     "Report": "fastquant.patching",
     "SparseLinear": "fastquant.modules",
     "compile_for_decode": "fastquant.decode",
+    "from_gguf": "fastquant.interop.gguf_in",
     "from_pretrained": "fastquant.models",
     "int8_dequantize": "fastquant.reference",
     "int8_linear": "fastquant.ops",
@@ -61,6 +64,7 @@ __all__ = [
     "SparseLinear",
     "__version__",
     "compile_for_decode",
+    "from_gguf",
     "from_pretrained",
     "int8_dequantize",
     "int8_linear",
