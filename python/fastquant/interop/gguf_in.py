@@ -145,6 +145,23 @@ def _materialize(model: nn.Module) -> None:
             _set_submodule(model, name, type(module)(config=module.config))
 
 
+def _gguf_to_hf_names(model: nn.Module, arch: str) -> dict[str, str]:
+    """GGUF tensor name -> state-dict name, from gguf's tensor-name table, as transformers'
+    ``get_gguf_hf_weights_map`` derives it for top-level names (which is all a llama needs); built once here
+    rather than once per submodule (that recursion costs seconds on a 30-layer model)."""
+    import gguf
+
+    arch_id = next(key for key, value in gguf.MODEL_ARCH_NAMES.items() if value == arch)
+    table = gguf.get_tensor_name_map(arch_id, model.config.num_hidden_layers)
+    names: dict[str, str] = {}
+    for hf_name in model.state_dict():
+        module, _, suffix = hf_name.rpartition(".")
+        gguf_name = table.get_name(module)
+        if gguf_name is not None:
+            names.setdefault(f"{gguf_name}.{suffix}", hf_name)
+    return names
+
+
 def from_gguf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, quantized_lm_head: bool = True):
     """A transformers causal LM built from a llama-family GGUF file, its linear layers loaded straight from the
     file's quantized tensors (Q8_0 -> Int8Linear group 32; Q4_0 / Q4_1 -> Int4Linear group 32 symmetric /
@@ -161,7 +178,7 @@ def from_gguf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, qu
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize, quant_shape_from_byte_shape
     from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
 
     path = Path(path)
     reader = _reader(path)
@@ -184,7 +201,7 @@ def from_gguf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, qu
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config.to_dict())
-    gguf_to_hf = get_gguf_hf_weights_map(model, processor)
+    gguf_to_hf = _gguf_to_hf_names(model, arch)
     loaders = _native_loaders()
     notes: dict[str, str] = {}
     floats: list[tuple[Any, str]] = []
