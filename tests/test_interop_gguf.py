@@ -188,7 +188,7 @@ def test_nan_block_scale_is_refused(tmp_path):
     data = bytearray(path.read_bytes())
     data[tensor.data_offset : tensor.data_offset + 2] = np.array([np.nan], dtype=np.float16).tobytes()
     path.write_bytes(bytes(data))
-    with pytest.raises(GGUFFormatError, match="blk.0.ffn_up.weight has NaN/inf block scales"):
+    with pytest.raises(GGUFFormatError, match="blk.0.ffn_up.weight: NaN/inf block scales"):
         fastquant.from_gguf(path)
 
 

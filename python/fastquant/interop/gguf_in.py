@@ -93,6 +93,8 @@ def _row_permutation(processor: Any, name: str, n_rows: int) -> np.ndarray:
 
 def _int8_layer(module: nn.Linear, data: np.ndarray, shape: tuple[int, int], rows: np.ndarray, dtype) -> nn.Module:
     codes, scales = q8_0_codes(data, shape)
+    if not np.isfinite(scales).all():
+        raise ValueError("NaN/inf block scales")
     layer = Int8Linear(shape[1], shape[0], module.bias is not None, BLOCK, device="cpu", dtype=dtype)
     layer.qweight.copy_(torch.from_numpy(codes[rows]))
     # fp16 -> fp32 is exact, and the kernels multiply code by fp32 scale like gguf's dequantization does.
@@ -106,12 +108,15 @@ def _int4_layer(
     from fastquant.modules import Int4Linear
 
     codes, scales, offsets = q4_codes(data, shape, asymmetric)
+    if not np.isfinite(scales).all() or (offsets is not None and not np.isfinite(offsets).all()):
+        raise ValueError("NaN/inf block scales")
     return Int4Linear.from_codes(
         torch.from_numpy(np.ascontiguousarray(codes[rows])),
         torch.from_numpy(np.ascontiguousarray(scales[rows])),
         None if offsets is None else torch.from_numpy(np.ascontiguousarray(offsets[rows])),
-        bias=None if module.bias is None else torch.zeros(shape[0], dtype=dtype),
-        group_size=BLOCK,
+        None if module.bias is None else torch.zeros(shape[0], dtype=dtype),  # filled from its own tensor
+        BLOCK,
+        in_features=shape[1],
         dtype=dtype,
     )
 
@@ -220,13 +225,10 @@ def from_gguf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, qu
                 f"{path}: tensor {tensor.name} is {shape[0]}x{shape[1]}, the model config implies {want[0]}x{want[1]}"
             )
         rows = _row_permutation(processor, tensor.name, shape[0])
-        layer = loaders[qtype.name](module, tensor.data, shape, rows, dtype)
-        scales = layer.scales
-        if not torch.isfinite(scales).all() or (
-            getattr(layer, "offsets", None) is not None and not torch.isfinite(layer.offsets).all()
-        ):
-            raise GGUFFormatError(f"{path}: tensor {tensor.name} has NaN/inf block scales (corrupted file?)")
-        return layer
+        try:
+            return loaders[qtype.name](module, tensor.data, shape, rows, dtype)
+        except ValueError as exc:
+            raise GGUFFormatError(f"{path}: tensor {tensor.name}: {exc} (corrupted file?)") from exc
 
     for tensor in reader.tensors:
         qtype = GGMLQuantizationType(tensor.tensor_type)
