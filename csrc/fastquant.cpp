@@ -8,6 +8,7 @@
 #include <string>
 
 #include "cpu/cpu_features.h"
+#include "cpu/int4_linear.h"
 #include "cpu/int8_linear.h"
 #include "cpu/sparse_csr_linear.h"
 #include "cpu/sparse_linear.h"
@@ -162,6 +163,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       py::arg("m"), py::arg("n"), py::arg("k"), py::arg("group_size"), py::arg("dtype"),
       "Name of the CPU kernel int8_linear runs for this problem");
+  m.def(
+      "int4_linear_cpu_path",
+      [](int64_t m_rows, int64_t n, int64_t k, int64_t group_size, const std::string& dtype) {
+        parse_dtype(
+            dtype);  // the choice does not depend on the dtype (kernels compute in fp32), but it must be one
+        return std::string(fastquant::cpu::int4_linear_cpu_path(m_rows, n, k, group_size));
+      },
+      py::arg("m"), py::arg("n"), py::arg("k"), py::arg("group_size"), py::arg("dtype"),
+      "Name of the CPU kernel int4_linear runs for this problem (finite x)");
   m.def(
       "sparse_linear_cpu_path",
       [](int64_t m_rows, int64_t n, int64_t k, const std::string& values_dtype, const std::string& x_dtype,

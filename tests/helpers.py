@@ -69,3 +69,40 @@ def launched_kernels(fn: Callable[[], object]) -> list[str]:
         fn()
         torch.cuda.synchronize()
     return [event.name for event in prof.events() if event.device_type == torch.autograd.DeviceType.CUDA]
+
+
+def int4_kernel_path(device: torch.device, m: int, n: int, k: int, group_size: int, dtype: torch.dtype) -> str:
+    return _native.int4_linear_kernel_path(device, m, n, k, group_size, dtype)
+
+
+def fixed16_block_max(x: torch.Tensor) -> torch.Tensor:
+    """max|x| of each element's 32-column block (float64, x's shape): the scale of cpu_avx2_fixed16's rounding."""
+    k = x.shape[-1]
+    padded = torch.nn.functional.pad(x.double().abs(), (0, -k % 32))
+    block_max = padded.unflatten(-1, (-1, 32)).amax(dim=-1)
+    return block_max.repeat_interleave(32, dim=-1)[..., :k]
+
+
+def assert_int4_linear_close(y, x, qweight, scales, offsets, bias, in_features, group_size, path: str) -> None:
+    """The int8 rule (module docstring) with the dequantized int4 weight. Kernels that multiply in fp32 get
+    c_path = 2^-16 on sqrt((x^2) @ (W^2)^T). cpu_avx2_fixed16 computes exactly with x rounded to 16-bit fixed
+    point per 32-column block (error <= max|x of the block| / 65024, uniform): its term is 2^-13 (9 standard
+    deviations, and above the worst case sum for K <= 32) times sqrt((xmax^2) @ (W^2)^T), xmax the block max."""
+    weight = reference.int4_dequantize(qweight, scales, offsets, in_features, group_size).double()
+    x64 = x.double()
+    y64 = x64 @ weight.T
+    if bias is not None:
+        y64 = y64 + bias.double()
+    y_ref = reference.int4_linear(x, qweight, scales, offsets, bias, in_features, group_size)
+    if "fixed16" in path:
+        rounding = 2.0**-13 * ((fixed16_block_max(x) ** 2) @ (weight**2).T).sqrt()
+    else:
+        rounding = 2.0**-16 * ((x64**2) @ (weight**2).T).sqrt()
+    bound = 2 * (y_ref.double() - y64).abs() + rounding + ULP[x.dtype] * y64.abs()
+    err = (y.double() - y64).abs()
+    worst = (err - bound).argmax()
+    assert y.dtype == x.dtype and y.shape == y64.shape
+    assert bool((err <= bound).all()), (
+        f"kernel {path}: error {err.flatten()[worst].item():.3g} exceeds bound "
+        f"{bound.flatten()[worst].item():.3g} at flat index {worst.item()} (y64={y64.flatten()[worst].item():.4g})"
+    )

@@ -24,9 +24,9 @@ if TYPE_CHECKING:
     from fastquant.interop.gguf_in import from_gguf
     from fastquant.models import from_pretrained
     from fastquant.modules import Int8Linear, SparseLinear
-    from fastquant.ops import int8_linear, sparse_linear
+    from fastquant.ops import int4_linear, int8_linear, sparse_linear
     from fastquant.patching import AlreadyPatchedError, Report, patch, prune, report
-    from fastquant.reference import int8_dequantize, int8_quantize
+    from fastquant.reference import int4_dequantize, int4_quantize, int8_dequantize, int8_quantize
     from fastquant.serialization import FastquantFormatError, load, save
 
 try:
@@ -44,6 +44,9 @@ _EXPORTS = {
     "compile_for_decode": "fastquant.decode",
     "from_gguf": "fastquant.interop.gguf_in",
     "from_pretrained": "fastquant.models",
+    "int4_dequantize": "fastquant.reference",
+    "int4_linear": "fastquant.ops",
+    "int4_quantize": "fastquant.reference",
     "int8_dequantize": "fastquant.reference",
     "int8_linear": "fastquant.ops",
     "int8_quantize": "fastquant.reference",
@@ -66,6 +69,9 @@ __all__ = [
     "compile_for_decode",
     "from_gguf",
     "from_pretrained",
+    "int4_dequantize",
+    "int4_linear",
+    "int4_quantize",
     "int8_dequantize",
     "int8_linear",
     "int8_quantize",

@@ -46,6 +46,9 @@ def info_lines() -> list[str]:
             for m in (1, 16, 512):
                 path = _native.int8_linear_kernel_path(device, m, 4096, 4096, -1, dtype)
                 lines.append(f"int8_linear {device.type} {str(dtype).removeprefix('torch.')} M={m}: {path}")
+        for m in (1, 16, 512):
+            path = _native.int4_linear_kernel_path(device, m, 4096, 4096, 32, torch.float32)
+            lines.append(f"int4_linear {device.type} group 32 M={m}: {path}")
         for values in (torch.float32, torch.int8):
             for m in (1, 512):
                 path = _native.sparse_linear_kernel_path(device, m, 4096, 4096, values, torch.float32)

@@ -17,6 +17,10 @@ _lib = torch.library.Library("fastquant", "DEF")  # noqa: TOR901 - the namespace
 
 _lib.define("int8_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? bias, int group_size) -> Tensor")
 _lib.define(
+    "int4_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? offsets, Tensor? bias, int in_features, "
+    "int group_size) -> Tensor"
+)
+_lib.define(
     "sparse_csr_linear(Tensor x, Tensor values, Tensor column_indices, Tensor row_offsets, Tensor? scales, "
     "Tensor? bias, int in_features, int group_size) -> Tensor"
 )
@@ -471,3 +475,129 @@ def sparse_csr_linear(
         in_features,
         group_size,
     )
+
+
+# ---------------------------------------------------------------- int4_linear (two codes per byte, group scales)
+
+
+def check_int4_linear_args(
+    x: Tensor,
+    qweight: Tensor,
+    scales: Tensor,
+    offsets: Tensor | None,
+    bias: Tensor | None,
+    in_features: int,
+    group_size: int,
+) -> None:
+    """The argument rules every int4_linear kernel enforces, with the same wording as the C++ checks
+    (csrc/int4_linear_contract.h). Every byte of qweight is a valid pair of codes, so shapes and dtypes
+    are all there is to check."""
+    prefix = "fastquant.int4_linear:"
+    if x.dtype not in ACTIVATION_DTYPES:
+        raise RuntimeError(f"{prefix} x must be float32, bfloat16 or float16, got {x.dtype}")
+    if x.dim() < 1:
+        raise RuntimeError(f"{prefix} x must have at least 1 dimension, got a scalar")
+    if qweight.dtype != torch.uint8 or qweight.dim() != 2:
+        raise RuntimeError(
+            f"{prefix} qweight must be a 2-D uint8 tensor (N, ceil(K / 64) * 32), got {qweight.dtype} of shape "
+            f"{tuple(qweight.shape)}"
+        )
+    if in_features < 0:
+        raise RuntimeError(f"{prefix} in_features must be >= 0, got {in_features}")
+    if group_size <= 0 or group_size % 32 != 0:
+        raise RuntimeError(f"{prefix} group_size must be a positive multiple of 32, got {group_size}")
+    n, k = qweight.shape[0], in_features
+    if x.shape[-1] != k:
+        raise RuntimeError(
+            f"{prefix} x has {x.shape[-1]} input features (shape {tuple(x.shape)}) but in_features is {k}"
+        )
+    width = -(-k // 64) * 32
+    if qweight.shape[1] != width:
+        raise RuntimeError(
+            f"{prefix} qweight has {qweight.shape[1]} bytes per row but in_features {k} needs "
+            f"ceil({k} / 64) * 32 = {width}"
+        )
+    n_groups = -(-k // group_size)
+    for name, t in (("scales", scales), ("offsets", offsets)):
+        if t is None:
+            continue
+        if t.dtype != torch.float16:
+            raise RuntimeError(f"{prefix} {name} must be float16, got {t.dtype}")
+        if tuple(t.shape) != (n, n_groups):
+            raise RuntimeError(
+                f"{prefix} {name} for N = {n}, in_features {k} and group_size {group_size} must have shape "
+                f"({n}, {n_groups}), got {tuple(t.shape)}"
+            )
+    if bias is not None:
+        if bias.dtype != x.dtype:
+            raise RuntimeError(f"{prefix} bias dtype {bias.dtype} must match x dtype {x.dtype}")
+        if tuple(bias.shape) != (n,):
+            raise RuntimeError(f"{prefix} bias must have shape ({n},), got {tuple(bias.shape)}")
+    devices = {t.device for t in (x, qweight, scales, offsets, bias) if t is not None}
+    if len(devices) > 1:
+        raise RuntimeError(f"{prefix} all tensors must be on one device, got {sorted(str(d) for d in devices)}")
+
+
+@torch.library.register_fake("fastquant::int4_linear")
+def _int4_linear_fake(
+    x: Tensor,
+    qweight: Tensor,
+    scales: Tensor,
+    offsets: Tensor | None,
+    bias: Tensor | None,
+    in_features: int,
+    group_size: int,
+) -> Tensor:
+    check_int4_linear_args(x, qweight, scales, offsets, bias, in_features, group_size)
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+@torch.library.impl(_lib, "int4_linear", "CompositeExplicitAutograd")
+def _int4_linear_reference(
+    x: Tensor,
+    qweight: Tensor,
+    scales: Tensor,
+    offsets: Tensor | None,
+    bias: Tensor | None,
+    in_features: int,
+    group_size: int,
+) -> Tensor:
+    check_int4_linear_args(x, qweight, scales, offsets, bias, in_features, group_size)
+    return reference.int4_linear(x, qweight, scales, offsets, bias, in_features, group_size)
+
+
+def _int4_linear_setup_context(ctx, inputs, output) -> None:
+    x, qweight, scales, offsets, _, in_features, group_size = inputs
+    ctx.save_for_backward(qweight, scales, offsets)
+    ctx.in_features = in_features
+    ctx.group_size = group_size
+    ctx.x_dtype = x.dtype
+
+
+def _int4_linear_backward(ctx, grad_out: Tensor):
+    # As for int8_linear: the packed weight is frozen, gradients reach the activations and the bias.
+    qweight, scales, offsets = ctx.saved_tensors
+    weight = reference.int4_dequantize(qweight, scales, offsets, ctx.in_features, ctx.group_size)
+    grad_x = (grad_out.float() @ weight).to(ctx.x_dtype)
+    grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0) if ctx.needs_input_grad[4] else None
+    return grad_x, None, None, None, grad_bias, None, None
+
+
+torch.library.register_autograd(
+    "fastquant::int4_linear", _int4_linear_backward, setup_context=_int4_linear_setup_context
+)
+
+
+def int4_linear(
+    x: Tensor,
+    qweight: Tensor,
+    scales: Tensor,
+    offsets: Tensor | None = None,
+    bias: Tensor | None = None,
+    *,
+    in_features: int,
+    group_size: int = 32,
+) -> Tensor:
+    """``x @ W.T + bias`` for an int4 weight W (see reference.int4_quantize), fp32 accumulation, on the best
+    kernel for x's device. ``offsets`` None means symmetric codes (w = s * (q - 8))."""
+    return _call(torch.ops.fastquant.int4_linear, x, qweight, scales, offsets, bias, in_features, group_size)

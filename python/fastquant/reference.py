@@ -189,3 +189,96 @@ def sparse_csr_linear(
     """y = x @ W.T + bias with W the csr16 weight (int8 values times their scales); fp32 accumulation."""
     weight = sparse_csr_dequantize(values, column_indices, row_offsets, scales, in_features, group_size)
     return _linear_fp32(x, weight, bias)
+
+
+# ---------------------------------------------------------------- int4 (two codes per byte, group-wise scales)
+# Layout: qweight is uint8 (N, ceil(K/64) * 32). Block b of a row
+# holds k = 64b .. 64b+63 in 32 bytes: byte j has code(64b + j) in its low nibble and code(64b + 32 + j) in its
+# high nibble, so one 32-byte load gives 32 consecutive k by `& 0xF` and the next 32 by `>> 4`: a kernel streams
+# the row linearly without shuffles. Codes past K are 0. scales (and offsets) are float16 (N, ceil(K/G)).
+
+INT4_BLOCK = 64  # k per 32-byte block
+INT4_GROUP_MULTIPLE = 32
+INT4_SYMMETRIC_ZERO = 8  # symmetric codes stand for q - 8
+
+
+def int4_pack(codes: Tensor) -> Tensor:
+    """Packs uint8 codes 0..15 of shape (N, K) into the (N, ceil(K/64) * 32) int4 layout."""
+    if codes.dim() != 2:
+        raise ValueError(f"codes must be 2-D (N, K), got shape {tuple(codes.shape)}")
+    n, k = codes.shape
+    n_blocks = -(-k // INT4_BLOCK)
+    padded = F.pad(codes.to(torch.uint8), (0, n_blocks * INT4_BLOCK - k)).view(n, n_blocks, 2, INT4_BLOCK // 2)
+    return (padded[:, :, 0] | (padded[:, :, 1] << 4)).reshape(n, n_blocks * INT4_BLOCK // 2)
+
+
+def int4_unpack(qweight: Tensor, in_features: int) -> Tensor:
+    """The uint8 (N, K) codes of a packed int4 weight (inverse of :func:`int4_pack`)."""
+    n = qweight.shape[0]
+    blocks = qweight.view(n, -1, 1, INT4_BLOCK // 2)
+    codes = torch.cat([blocks & 0xF, blocks >> 4], dim=2)
+    return codes.reshape(n, -1)[:, :in_features]
+
+
+def int4_dequantize(
+    qweight: Tensor, scales: Tensor, offsets: Tensor | None, in_features: int, group_size: int
+) -> Tensor:
+    """The float32 (N, K) weight: s * (q - 8) (symmetric) or s * q + o (asymmetric), in fp32 (multiply, then add)."""
+    codes = int4_unpack(qweight, in_features).float()
+    s = expand_group_scales(scales.float(), in_features, group_size)
+    if offsets is None:
+        return s * (codes - INT4_SYMMETRIC_ZERO)
+    return s * codes + expand_group_scales(offsets.float(), in_features, group_size)
+
+
+def int4_quantize(weight: Tensor, group_size: int = 32, symmetric: bool = True) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Round-to-nearest int4 with one fp16 scale (and offset) per group of ``group_size`` columns.
+
+    Symmetric is llama.cpp's Q4_0: m = the signed value of largest magnitude, d = m / -8, q = round(w / d) + 8
+    clamped to [0, 15] (so m itself maps to code 0 and the grid reaches +7d on the other side). Asymmetric is
+    Q4_1: d = (max - min) / 15, offset = min, q = round((w - offset) / d) clamped to [0, 15]. The codes are
+    computed with the fp16-rounded scale and offset, so what dequantizes is the nearest point of the stored
+    grid. A group whose step rounds to 0 in fp16 (all equal, or below fp16's range) gets scale 0 and code 8
+    (symmetric) or 0 (asymmetric): it dequantizes to 0 or to its offset. Returns (qweight, scales, offsets|None).
+    """
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (N, K), got shape {tuple(weight.shape)}")
+    if group_size <= 0 or group_size % INT4_GROUP_MULTIPLE != 0:
+        raise ValueError(f"group_size must be a positive multiple of {INT4_GROUP_MULTIPLE}, got {group_size}")
+    n, k = weight.shape
+    n_groups = -(-k // group_size)
+    w = weight.detach().float()
+    pad = n_groups * group_size - k
+    if symmetric:
+        groups = F.pad(w, (0, pad)).view(n, n_groups, group_size)  # zeros do not change the largest magnitude
+        index = groups.abs().argmax(dim=2, keepdim=True)  # the first of equal magnitudes, as llama.cpp
+        scales = (groups.gather(2, index).squeeze(2) / -8).half()
+        offsets = None
+        d = scales.float()
+        zero = torch.full_like(w, INT4_SYMMETRIC_ZERO)
+        q = torch.round(w / expand_group_scales(d, k, group_size)) + INT4_SYMMETRIC_ZERO
+    else:
+        lo = F.pad(w, (0, pad), value=float("inf")).view(n, n_groups, group_size).amin(dim=2)
+        hi = F.pad(w, (0, pad), value=float("-inf")).view(n, n_groups, group_size).amax(dim=2)
+        scales = ((hi - lo) / 15).half()
+        offsets = lo.half()
+        d = scales.float()
+        zero = torch.zeros_like(w)
+        o = expand_group_scales(offsets.float(), k, group_size)
+        q = torch.round((w - o) / expand_group_scales(d, k, group_size))
+    step_is_zero = expand_group_scales(d == 0, k, group_size)
+    codes = torch.where(step_is_zero, zero, q).clamp_(0, 15).to(torch.uint8)
+    return int4_pack(codes), scales, offsets
+
+
+def int4_linear(
+    x: Tensor,
+    qweight: Tensor,
+    scales: Tensor,
+    offsets: Tensor | None,
+    bias: Tensor | None,
+    in_features: int,
+    group_size: int,
+) -> Tensor:
+    """y = x @ W.T + bias with W the dequantized int4 weight, accumulated in fp32, returned in x's dtype."""
+    return _linear_fp32(x, int4_dequantize(qweight, scales, offsets, in_features, group_size), bias)

@@ -1,0 +1,79 @@
+#pragma once
+// Raw-pointer interface between the torch glue (int4_linear.cpp) and the per-ISA int4 kernels. The ISA
+// files are compiled with their own -m flags and include no torch headers (see CMakeLists.txt).
+//
+// The weight (reference.py, int4 section): row n is ceil(K/64) blocks of 32 bytes; byte j of block b holds
+// code(64b + j) in its low nibble and code(64b + 32 + j) in its high nibble. fp16 scales (and offsets) per
+// group of group_size columns (a multiple of 32, so each 32-column half block lies in one group).
+// w = s * (q - 8) (symmetric) or s * q + o (asymmetric).
+//
+// Kernel paths (int4_linear_cpu_path; AVX-512 CPUs run the AVX2 kernels: no AVX-512 int4 kernel exists yet):
+//   cpu_portable        scalar, any CPU: dequantizes each weight exactly as the reference (fp32 multiply,
+//                       then add) and sums the products in fp32. The correctness baseline.
+//   cpu_avx2_fixed16    decode (M <= kFixedMaxRows, finite x). x is rounded once per call to 16-bit fixed
+//                       point per block of 32 columns: X = round(x / step), step = max|x of the block| /
+//                       32512, written as two signed byte planes (X = 256 hi + lo). Per 32 columns and row,
+//                       the 4-bit codes are the unsigned operand of 2 vpmaddubsw (one per plane) and 2
+//                       vpmaddwd sum them exactly in int32 lanes; one conversion and one FMA by s * step per
+//                       32 columns. The zero point (-8, or the offset) multiplies the block's sum of rounded
+//                       x once per group. Numerical rule: exactly y = x~ @ W^T up to fp32 rounding of the
+//                       per-block partial sums, x~ the rounded x (|x~ - x| <= step / 2 = 2^-16 max|x of its
+//                       block|). Against the 8 conversions and 8 FMAs per 64 weights of an fp32 kernel this
+//                       keeps M = 1 memory-bound at int4's half of int8's bytes.
+//   cpu_avx2_tiled_fp32 prefill (larger M) and x with NaN/inf: tiles of 16 weight rows x 256 columns are
+//                       dequantized once into fp32 (same formula as the reference), transposed in L1, and a
+//                       6 x 16 register-blocked FMA micro-kernel runs every row of x over each tile. No
+//                       rounding of activations: reference up to fp32 summation order.
+#include <cstdint>
+
+namespace fastquant::cpu {
+
+struct Int4LinearProblem {
+  const uint8_t* w;         // n x row_bytes packed codes
+  const uint16_t* scales;   // n x n_groups fp16 bit patterns
+  const uint16_t* offsets;  // n x n_groups fp16 bit patterns, or nullptr (symmetric)
+  const float* x;           // m x k fp32 activations, row-major, contiguous
+  const float* bias;        // n fp32 values, or nullptr
+  float* y;                 // m x n fp32 output
+  int64_t m, n, k;
+  int64_t row_bytes;   // ceil(k / 64) * 32
+  int64_t group_size;  // multiple of 32
+  int64_t n_groups;    // ceil(k / group_size)
+
+  // cpu_avx2_fixed16: per row of x, two int8 planes of kp = ceil(k / 64) * 64 bytes (lo then hi; zero past
+  // k), the step of each 32-column block (kp / 32 floats), and per group the sum of the rounded x (x~) over
+  // the group (n_groups floats), the zero point's multiplier.
+  const int8_t* x_planes = nullptr;
+  const float* x_steps = nullptr;
+  const float* x_group_sums = nullptr;
+  int64_t kp = 0;
+};
+
+// Computes output columns [n_begin, n_end) for every row of x. Called concurrently on disjoint ranges.
+void int4_linear_portable(const Int4LinearProblem& p, int64_t n_begin, int64_t n_end);
+#if defined(__x86_64__) || defined(_M_X64)
+void int4_linear_avx2_fixed16(const Int4LinearProblem& p, int64_t n_begin, int64_t n_end);
+// n_begin a multiple of kInt4TileRows. scratch: int4_tiled_scratch_floats() floats, 32-byte aligned.
+void int4_linear_avx2_tiled_fp32(const Int4LinearProblem& p, int64_t n_begin, int64_t n_end, float* scratch);
+// One row of x (k floats) in cpu_avx2_fixed16's form: planes (2 x kp bytes, lo then hi), steps (kp / 32) and
+// group_sums (ceil(k / group_size)). Returns false, writing nothing useful, when x has NaN, an infinity or a
+// nonzero block below 2^-100 in magnitude: the fp32 kernel runs instead (and propagates NaN/inf as the
+// reference does).
+bool int4_fixed16_x_avx2(const float* x, int64_t k, int64_t kp, int64_t group_size, int8_t* planes,
+                         float* steps, float* group_sums);
+#endif
+constexpr int64_t kInt4TileRows = 16;
+constexpr int64_t kInt4TileCols = 256;  // a multiple of 64
+constexpr int64_t int4_tiled_scratch_floats() { return 2 * kInt4TileRows * kInt4TileCols; }
+// Largest M cpu_avx2_fixed16 takes; above it the tiled kernel (whose dequantization is shared by all rows).
+constexpr int64_t kFixedMaxRows = 4;
+// 16-bit fixed point per 32-column block: |X| <= 32512 = 127 * 256 keeps hi = (X - lo) / 256 within int8.
+constexpr float kFixed16Max = 32512.f;
+
+// Scalar fp16 -> fp32 (bit pattern in, any CPU).
+float half_to_float(uint16_t h);
+
+// Name of the kernel the CPU op will run for this problem (finite x).
+const char* int4_linear_cpu_path(int64_t m, int64_t n, int64_t k, int64_t group_size);
+
+}  // namespace fastquant::cpu

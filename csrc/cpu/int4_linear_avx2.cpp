@@ -1,0 +1,286 @@
+// AVX2 int4 kernels (int4_linear.h has the paths and their numerical rules). Compiled with the AVX2 flags;
+// no torch headers. AVX-512 CPUs run these too: an AVX-512 int4 kernel is not written yet.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#include "cpu/int4_linear.h"
+
+namespace fastquant::cpu {
+namespace {
+
+inline float h2f(uint16_t h) { return _cvtsh_ss(h); }
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline int32_t hsum_epi32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+
+// The 32 codes of 32-column block b of a row (b even: low nibbles of its 64-column block, odd: high).
+inline __m256i block_codes(const uint8_t* row, int64_t b) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + (b >> 1) * 32));
+  const __m256i nibble = _mm256_set1_epi8(0x0F);
+  return _mm256_and_si256(b & 1 ? _mm256_srli_epi16(v, 4) : v, nibble);
+}
+
+// codes . X for one 32-column block, exactly, in 8 int32 lanes: vpmaddubsw takes the codes (0..15) as its
+// unsigned operand and a byte plane of X as the signed one; a pair sums to at most 2 * 15 * 128 = 3840, far
+// from int16 saturation. vpmaddwd by 1 (lo) and by 256 (hi) widens the pairs and applies X = 256 hi + lo;
+// a lane's total is at most 4 * 15 * 32640 < 2^21, so its conversion to fp32 is exact too.
+inline __m256i block_dot(__m256i codes, const int8_t* lo, const int8_t* hi) {
+  const __m256i pl = _mm256_maddubs_epi16(codes, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lo)));
+  const __m256i ph = _mm256_maddubs_epi16(codes, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(hi)));
+  return _mm256_add_epi32(_mm256_madd_epi16(pl, _mm256_set1_epi16(1)),
+                          _mm256_madd_epi16(ph, _mm256_set1_epi16(256)));
+}
+
+// Output column j for rows [i0, i0 + MR) of x. Per 32-column block and row: 2 vpmaddubsw, 2 vpmaddwd, one
+// add, one conversion and one FMA by s * step (two accumulators per row hide the FMA latency). The weight
+// row is read once from memory; for MR > 1 its codes are unpacked once and used by every row.
+template <int MR>
+void fixed16_column(const Int4LinearProblem& p, int64_t i0, int64_t j) {
+  const uint8_t* row = p.w + j * p.row_bytes;
+  const uint16_t* srow = p.scales + j * p.n_groups;
+  const uint16_t* orow = p.offsets ? p.offsets + j * p.n_groups : nullptr;
+  const int64_t n_blocks = (p.k + 31) / 32;  // blocks past k (the padding half of the last 64) hold zeros
+  const int64_t blocks_per_group = p.group_size / 32;
+  const int64_t steps_per_row = p.kp / 32;
+  __m256 acc[MR][2];
+  float zero_term[MR];
+  for (int r = 0; r < MR; ++r) {
+    acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    zero_term[r] = 0.f;
+  }
+  for (int64_t g = 0; g < p.n_groups; ++g) {
+    const float s = h2f(srow[g]);
+    // The zero point multiplies the group's sum of rounded x: -8 s (symmetric) or the offset.
+    const float zp = orow ? h2f(orow[g]) : -8.f * s;
+    const int64_t b1 = std::min(n_blocks, (g + 1) * blocks_per_group);
+    for (int64_t b = g * blocks_per_group; b < b1; ++b) {
+      const __m256i codes = block_codes(row, b);
+      for (int r = 0; r < MR; ++r) {
+        const int64_t i = i0 + r;
+        const int8_t* lo = p.x_planes + i * 2 * p.kp + b * 32;
+        const __m256 d = _mm256_cvtepi32_ps(block_dot(codes, lo, lo + p.kp));
+        const __m256 f = _mm256_set1_ps(s * p.x_steps[i * steps_per_row + b]);
+        acc[r][b & 1] = _mm256_fmadd_ps(d, f, acc[r][b & 1]);
+      }
+    }
+    for (int r = 0; r < MR; ++r) zero_term[r] += zp * p.x_group_sums[(i0 + r) * p.n_groups + g];
+  }
+  for (int r = 0; r < MR; ++r) {
+    const float v = hsum(_mm256_add_ps(acc[r][0], acc[r][1])) + zero_term[r];
+    p.y[(i0 + r) * p.n + j] = v + (p.bias ? p.bias[j] : 0.f);
+  }
+}
+
+// Dequantizes columns [k0, k0 + 64 * n64) of weight row j into out (fp32), as the reference: s * (q - 8)
+// or s * q + o, multiply then add.
+void dequantize_row(const Int4LinearProblem& p, int64_t j, int64_t k0, int64_t n64, float* out) {
+  const uint8_t* row = p.w + j * p.row_bytes + k0 / 2;
+  const uint16_t* srow = p.scales + j * p.n_groups;
+  const uint16_t* orow = p.offsets ? p.offsets + j * p.n_groups : nullptr;
+  const __m256i nibble = _mm256_set1_epi8(0x0F);
+  const __m256 eight = _mm256_set1_ps(8.f);
+  for (int64_t bb = 0; bb < n64; ++bb) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + bb * 32));
+    for (int h = 0; h < 2; ++h) {
+      const __m256i codes = _mm256_and_si256(h ? _mm256_srli_epi16(v, 4) : v, nibble);
+      const int64_t c0 = k0 + bb * 64 + h * 32;
+      // A padding half past k has no group of its own; its values are never used.
+      const int64_t g = std::min(c0 / p.group_size, p.n_groups - 1);
+      const __m256 s = _mm256_set1_ps(h2f(srow[g]));
+      const __m256 o = orow ? _mm256_set1_ps(h2f(orow[g])) : _mm256_setzero_ps();
+      const __m128i halves[2] = {_mm256_castsi256_si128(codes), _mm256_extracti128_si256(codes, 1)};
+      float* dst = out + bb * 64 + h * 32;
+      for (int t = 0; t < 4; ++t) {
+        const __m128i bytes = t & 1 ? _mm_srli_si128(halves[t >> 1], 8) : halves[t >> 1];
+        const __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
+        const __m256 w =
+            orow ? _mm256_add_ps(_mm256_mul_ps(s, q), o) : _mm256_mul_ps(s, _mm256_sub_ps(q, eight));
+        _mm256_store_ps(dst + 8 * t, w);
+      }
+    }
+  }
+}
+
+// 8 x 8 transpose: rows src[r * lds + c] -> dst[c * ldd + r].
+inline void transpose8(const float* src, int64_t lds, float* dst, int64_t ldd) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_load_ps(src + i * lds);
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 2; ++i) {
+    for (int h = 0; h < 2; ++h) {
+      const __m256 a = t[4 * i + h], b = t[4 * i + 2 + h];
+      r[4 * i + 2 * h] = _mm256_shuffle_ps(a, b, 0x44);
+      r[4 * i + 2 * h + 1] = _mm256_shuffle_ps(a, b, 0xEE);
+    }
+  }
+  // r[0..3]: columns 0, 1, 2, 3 of rows 0-3 (low lane) and columns 4-7 (high lane); r[4..7] rows 4-7.
+  for (int c = 0; c < 4; ++c) {
+    _mm256_store_ps(dst + c * ldd, _mm256_permute2f128_ps(r[c], r[4 + c], 0x20));
+    _mm256_store_ps(dst + (c + 4) * ldd, _mm256_permute2f128_ps(r[c], r[4 + c], 0x31));
+  }
+}
+
+// y[i0 .. i0 + MR, j0 .. j0 + nr) (+)= x[i0 .., k0 .. k0 + kc) . tile, tile[kk * 16 + c] the weight of column
+// j0 + c at k0 + kk. The first K chunk starts from the bias (or 0), later ones add to y.
+template <int MR>
+void micro_kernel(const Int4LinearProblem& p, const float* tile, int64_t i0, int64_t j0, int64_t k0,
+                  int64_t kc, int64_t nr) {
+  __m256 c[MR][2];
+  for (int r = 0; r < MR; ++r) c[r][0] = c[r][1] = _mm256_setzero_ps();
+  const float* x = p.x + i0 * p.k + k0;
+  for (int64_t kk = 0; kk < kc; ++kk) {
+    const __m256 b0 = _mm256_load_ps(tile + kk * kInt4TileRows);
+    const __m256 b1 = _mm256_load_ps(tile + kk * kInt4TileRows + 8);
+    for (int r = 0; r < MR; ++r) {
+      const __m256 a = _mm256_broadcast_ss(x + r * p.k + kk);
+      c[r][0] = _mm256_fmadd_ps(a, b0, c[r][0]);
+      c[r][1] = _mm256_fmadd_ps(a, b1, c[r][1]);
+    }
+  }
+  alignas(32) float out[16], bias[16] = {};
+  if (k0 == 0 && p.bias) std::memcpy(bias, p.bias + j0, nr * sizeof(float));
+  for (int r = 0; r < MR; ++r) {
+    float* y = p.y + (i0 + r) * p.n + j0;
+    _mm256_store_ps(out, c[r][0]);
+    _mm256_store_ps(out + 8, c[r][1]);
+    for (int64_t t = 0; t < nr; ++t) y[t] = out[t] + (k0 == 0 ? bias[t] : y[t]);
+  }
+}
+
+using MicroKernel = void (*)(const Int4LinearProblem&, const float*, int64_t, int64_t, int64_t, int64_t,
+                             int64_t);
+constexpr int kMicroRows = 6;
+constexpr MicroKernel kMicro[kMicroRows + 1] = {nullptr,         micro_kernel<1>, micro_kernel<2>,
+                                                micro_kernel<3>, micro_kernel<4>, micro_kernel<5>,
+                                                micro_kernel<6>};
+
+}  // namespace
+
+void int4_linear_avx2_fixed16(const Int4LinearProblem& p, int64_t n_begin, int64_t n_end) {
+  for (int64_t j = n_begin; j < n_end; ++j) {
+    int64_t i = 0;
+    for (; i + 4 <= p.m; i += 4) fixed16_column<4>(p, i, j);
+    switch (p.m - i) {
+      case 3:
+        fixed16_column<3>(p, i, j);
+        break;
+      case 2:
+        fixed16_column<2>(p, i, j);
+        break;
+      case 1:
+        fixed16_column<1>(p, i, j);
+        break;
+      default:
+        break;
+    }
+  }
+}
+
+void int4_linear_avx2_tiled_fp32(const Int4LinearProblem& p, int64_t n_begin, int64_t n_end, float* scratch) {
+  float* rows = scratch;                                  // kInt4TileRows x kInt4TileCols, dequantized rows
+  float* tile = scratch + kInt4TileRows * kInt4TileCols;  // kInt4TileCols x kInt4TileRows, transposed
+  for (int64_t j0 = n_begin; j0 < n_end; j0 += kInt4TileRows) {
+    const int64_t nr = std::min(kInt4TileRows, n_end - j0);
+    for (int64_t k0 = 0; k0 < p.k; k0 += kInt4TileCols) {
+      const int64_t kc = std::min(kInt4TileCols, p.k - k0);
+      const int64_t n64 = (kc + 63) / 64;
+      for (int64_t r = 0; r < kInt4TileRows; ++r) {
+        if (r < nr) {
+          dequantize_row(p, j0 + r, k0, n64, rows + r * kInt4TileCols);
+        } else {
+          std::memset(rows + r * kInt4TileCols, 0, n64 * 64 * sizeof(float));
+        }
+      }
+      for (int64_t c = 0; c < n64 * 64; c += 8) {
+        for (int64_t r = 0; r < kInt4TileRows; r += 8) {
+          transpose8(rows + r * kInt4TileCols + c, kInt4TileCols, tile + c * kInt4TileRows + r,
+                     kInt4TileRows);
+        }
+      }
+      // Every row of x runs over the tile while it is in L1: the weight is dequantized once per call.
+      for (int64_t i0 = 0; i0 < p.m; i0 += kMicroRows) {
+        kMicro[std::min<int64_t>(kMicroRows, p.m - i0)](p, tile, i0, j0, k0, kc, nr);
+      }
+    }
+  }
+}
+
+bool int4_fixed16_x_avx2(const float* x, int64_t k, int64_t kp, int64_t group_size, int8_t* planes,
+                         float* steps, float* group_sums) {
+  int8_t* lo_plane = planes;
+  int8_t* hi_plane = planes + kp;
+  const int64_t n_blocks = (k + 31) / 32;
+  const __m256 sign = _mm256_set1_ps(-0.0f), zero = _mm256_setzero_ps();
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  alignas(32) float buf[32];
+  double group_sum = 0.0;
+  for (int64_t b = 0; b < kp / 32; ++b) {
+    const float* xb = x + 32 * b;
+    const int64_t valid = std::max<int64_t>(0, std::min<int64_t>(32, k - 32 * b));
+    if (valid < 32) {  // the last partial block: x is never read past k
+      std::memset(buf, 0, sizeof(buf));
+      if (valid > 0) std::memcpy(buf, xb, valid * sizeof(float));
+      xb = buf;
+    }
+    __m256 v[4], largest = zero, non_finite = zero;
+    for (int t = 0; t < 4; ++t) {
+      v[t] = _mm256_loadu_ps(xb + 8 * t);
+      const __m256 times_zero = _mm256_mul_ps(v[t], zero);  // NaN exactly for NaN and infinities
+      non_finite = _mm256_or_ps(non_finite, _mm256_cmp_ps(times_zero, times_zero, _CMP_UNORD_Q));
+      largest = _mm256_max_ps(largest, _mm256_andnot_ps(sign, v[t]));
+    }
+    if (_mm256_movemask_ps(non_finite)) return false;
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(largest), _mm256_extractf128_ps(largest, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    const float max_abs = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+    // Blocks of tiny magnitude would need a step below fp32's normal range: the caller takes the fp32 kernel.
+    if (max_abs != 0.f && max_abs < 0x1p-100f) return false;
+    const float step = max_abs / kFixed16Max;
+    const __m256 inv = _mm256_set1_ps(max_abs > 0.f ? kFixed16Max / max_abs : 0.f);
+    __m256i lo[4], hi[4], total = _mm256_setzero_si256();
+    for (int t = 0; t < 4; ++t) {
+      // Rounded to nearest (the MXCSR default); |X| <= 32512 (+1 from the rounding of inv), so the signed
+      // low byte lo and hi = (X - lo) / 256 both fit int8.
+      const __m256i fixed = _mm256_cvtps_epi32(_mm256_mul_ps(v[t], inv));
+      lo[t] = _mm256_srai_epi32(_mm256_slli_epi32(fixed, 24), 24);
+      hi[t] = _mm256_srai_epi32(_mm256_sub_epi32(fixed, lo[t]), 8);
+      total = _mm256_add_epi32(total, fixed);
+    }
+    const auto pack = [&](const __m256i* q) {
+      const __m256i bytes =
+          _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+      return _mm256_permutevar8x32_epi32(bytes, order);  // packs works within 128-bit lanes
+    };
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(lo_plane + 32 * b), pack(lo));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(hi_plane + 32 * b), pack(hi));
+    steps[b] = step;
+    if (b < n_blocks) {
+      group_sum += static_cast<double>(step) * hsum_epi32(total);
+      const int64_t g = 32 * b / group_size;
+      if (b + 1 == n_blocks || 32 * (b + 1) / group_size != g) {
+        group_sums[g] = static_cast<float>(group_sum);
+        group_sum = 0.0;
+      }
+    }
+  }
+  return true;
+}
+
+}  // namespace fastquant::cpu
