@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fastquant
-from fastquant import Int8Linear, SparseLinear, cli
+from fastquant import Int4Linear, Int8Linear, SparseLinear, cli
 from fastquant.evaluate import METHODS, MethodOptions, model_bytes, perplexity, sentences
 from fastquant.models import read_text
 from fastquant.pruning import calibration_from_text
@@ -127,7 +127,7 @@ def test_every_method_in_the_registry_compresses(llama_dir):
                 if isinstance(module, (Int8Linear, SparseLinear)):
                     assert (module.dequantize() == 0).float().mean().item() == pytest.approx(0.5, abs=0.01), name
         else:
-            assert any(isinstance(m, Int8Linear) for m in model.modules()), name
+            assert any(isinstance(m, (Int8Linear, Int4Linear)) for m in model.modules()), name
             assert model_bytes(model) < before, name
 
 

@@ -134,7 +134,7 @@ def test_nan_weight_names_the_layer():
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match="unknown method"):
-        fastquant.patch(make_block(), method="int4")
+        fastquant.patch(make_block(), method="int3")
     with pytest.raises(ValueError, match="group_size"):
         fastquant.patch(make_block(), group_size=48)
 

@@ -1,7 +1,8 @@
-"""fastquant: make PyTorch models smaller and faster with int8 weight-only quantization and sparsity.
+"""fastquant: make PyTorch models smaller and faster with int8/int4 weight-only quantization and sparsity.
 
 import fastquant
 fastquant.patch(model)            # int8 weight-only, per-channel scales
+fastquant.patch(model, "int4", group_size=32, calibration=batches)  # int4, GPTQ-rounded on your inputs
 fastquant.patch(model, "int8+sparse", sparsity=0.5, tokenizer=tokenizer)  # SparseGPT on the embedded text
 print(fastquant.report(model))    # what changed, per layer
 model, tokenizer = fastquant.from_pretrained("smollm2-int8")  # a folder `fastquant compress` wrote
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
     from fastquant.decode import compile_for_decode
     from fastquant.interop.gguf_in import from_gguf
     from fastquant.models import from_pretrained
-    from fastquant.modules import Int8Linear, SparseLinear
+    from fastquant.modules import Int4Linear, Int8Linear, SparseLinear
     from fastquant.ops import int4_linear, int8_linear, sparse_linear
     from fastquant.patching import AlreadyPatchedError, Report, patch, prune, report
     from fastquant.reference import int4_dequantize, int4_quantize, int8_dequantize, int8_quantize
@@ -38,6 +39,7 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 _EXPORTS = {
     "AlreadyPatchedError": "fastquant.patching",
     "FastquantFormatError": "fastquant.serialization",
+    "Int4Linear": "fastquant.modules",
     "Int8Linear": "fastquant.modules",
     "Report": "fastquant.patching",
     "SparseLinear": "fastquant.modules",
@@ -62,6 +64,7 @@ _SUBMODULES = ("ops", "pruning")
 __all__ = [
     "AlreadyPatchedError",
     "FastquantFormatError",
+    "Int4Linear",
     "Int8Linear",
     "Report",
     "SparseLinear",

@@ -13,6 +13,6 @@ DEFAULT_CALIBRATION_SEQUENCES = 32
 
 # The compression methods of `fastquant demo/eval/compress` (fastquant.evaluate.METHODS implements them).
 # The demo runs the quick ones by default; the calibrated ones cost minutes each (measured in the README).
-QUICK_METHODS = ("int8", "int8+lm_head")
-CALIBRATED_CLI_METHODS = ("int8-gptq", "sparse", "int8+sparse")
+QUICK_METHODS = ("int8", "int8+lm_head", "int4")
+CALIBRATED_CLI_METHODS = ("int8-gptq", "int4-gptq", "sparse", "int8+sparse")
 CLI_METHODS = QUICK_METHODS + CALIBRATED_CLI_METHODS

@@ -1,6 +1,6 @@
 """The ``fastquant`` command: ``demo`` (the main job), ``eval``, ``compress`` and ``export``.
 
-fastquant demo                       # SmolLM2-135M: float vs int8 (~3 min), table + results.json + chart
+fastquant demo                       # SmolLM2-135M: float vs int8 and int4 (~4 min), table + results.json + chart
 fastquant demo --all                 # also GPTQ and SparseGPT, calibrated (minutes each)
 fastquant eval --model minilm --method int8
 fastquant compress smollm2 --method int8 -o smollm2-int8
@@ -129,6 +129,7 @@ def _method_options(args: argparse.Namespace, loaded: LoadedModel) -> MethodOpti
 
     return MethodOptions(
         group_size=args.group_size,
+        symmetric=args.symmetric,
         sparsity=None if args.pattern != "unstructured" else args.sparsity,
         pattern=args.pattern,
         pruning=args.pruning,
@@ -143,6 +144,13 @@ def _details(name: str, args: argparse.Namespace) -> str:
     calibration = f"{args.calibration_sequences} x 256 calibration tokens"
     if name == "float32":
         return "float32, uncompressed"
+    if name.startswith("int4"):
+        grid = "symmetric" if args.symmetric else "asymmetric"
+        rounding = f"GPTQ rounding ({calibration})" if name == "int4-gptq" else "round to nearest"
+        trap = ""
+        if not args.symmetric and (args.group_size or 32) == 32 and getattr(args, "model", "") == "smollm2":
+            trap = " (SmolLM2 ships as a Q4_1 GGUF: this is its own grid, so it looks lossless here)"
+        return f"int4 {grid}, groups of {args.group_size or 32}, {rounding}{trap}"
     if name == "int8-gptq":
         return f"int8 {group}, GPTQ rounding ({calibration})"
     if name in ("sparse", "int8+sparse"):
@@ -206,6 +214,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             "prefill_tokens": args.prefill_tokens,
             "speed_rounds": args.rounds,
             "group_size": args.group_size,
+            "symmetric": args.symmetric,
             "batch": 1,
             "decoding": "greedy, HF generate",
         },
@@ -391,6 +400,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "kind": loaded.kind,
         "method": args.method,
         "group_size": args.group_size,
+        "symmetric": args.symmetric,
         "text": args.text or "fastquant/data/tempest.txt (The Tempest)",
         "environment": _environment(threads),
         "float_bytes": model_bytes(float_model),
@@ -519,7 +529,19 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------- main
 def _add_method_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--group-size", type=int, default=None, help="int8 group size (default per-channel)")
+    parser.add_argument(
+        "--group-size",
+        type=int,
+        default=None,
+        help="group size: int8 32/64/128/256 (default per-channel); int4 32 (default)/64/128/256",
+    )
+    grid = parser.add_mutually_exclusive_group()
+    grid.add_argument(
+        "--symmetric", dest="symmetric", action="store_true", default=True, help="int4: symmetric grid (default)"
+    )
+    grid.add_argument(
+        "--asymmetric", dest="symmetric", action="store_false", help="int4: a per-group offset as well (Q4_1-like)"
+    )
     parser.add_argument("--sparsity", type=float, default=0.5, help="sparse methods: fraction of weights pruned")
     parser.add_argument("--pattern", default="unstructured", help="sparse methods: 'unstructured' or N:M like 2:4")
     parser.add_argument(
@@ -550,7 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo",
         parents=[common],
-        help="SmolLM2-135M: perplexity, decode/prefill speed and size, float vs int8 (--all: every method)",
+        help="SmolLM2-135M: perplexity, decode/prefill speed and size, float vs int8 and int4 (--all: every method)",
     )
     demo.add_argument("-o", "--output", default="fastquant-demo", help="output folder (results.json, results.png)")
     demo.add_argument("--model", default="smollm2", help="smollm2 (embedded) or a transformers causal-LM folder")

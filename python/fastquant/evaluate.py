@@ -29,7 +29,8 @@ from fastquant.progress import progress_bar
 class MethodOptions:
     """What the command line can say about a method; each method reads the fields it needs."""
 
-    group_size: int | None = None
+    group_size: int | None = None  # None: per-channel for int8, 32 for int4
+    symmetric: bool = True  # int4 only: False adds a per-group offset
     sparsity: float | None = 0.5
     pattern: str = "unstructured"
     pruning: str = DEFAULT_PRUNING
@@ -48,6 +49,7 @@ class Method:
 
 def _sparse(method: str) -> Callable[[nn.Module, MethodOptions], nn.Module]:
     def apply(model: nn.Module, options: MethodOptions) -> nn.Module:
+        _int8_only(options, method)
         needs_data = options.pruning in CALIBRATED_METHODS
         if needs_data and options.calibration is None:
             raise ValueError(f"pruning={options.pruning!r} needs calibration data (a tokenizer and a text)")
@@ -65,23 +67,56 @@ def _sparse(method: str) -> Callable[[nn.Module, MethodOptions], nn.Module]:
     return apply
 
 
+def _int8_only(options: MethodOptions, name: str) -> None:
+    if not options.symmetric:
+        raise ValueError(f"method {name!r}: --asymmetric applies to the int4 methods only")
+
+
+def _int8(name: str, **kwargs) -> Callable[[nn.Module, MethodOptions], nn.Module]:
+    def apply(model: nn.Module, options: MethodOptions) -> nn.Module:
+        _int8_only(options, name)
+        extra = dict(kwargs)
+        if name.endswith("-gptq"):
+            extra.update(calibration=options.calibration(), progress=options.progress)
+        return patch(model, "int8", group_size=options.group_size, **extra)
+
+    return apply
+
+
+def _int4(calibrated: bool) -> Callable[[nn.Module, MethodOptions], nn.Module]:
+    def apply(model: nn.Module, options: MethodOptions) -> nn.Module:
+        extra = dict(calibration=options.calibration(), progress=options.progress) if calibrated else {}
+        return patch(model, "int4", group_size=options.group_size, symmetric=options.symmetric, **extra)
+
+    return apply
+
+
 METHODS: dict[str, Method] = {
     "int8": Method(
         "int8",
         "int8 weight-only, per-channel (per-group with --group-size); tied lm_head left in float",
-        lambda model, options: patch(model, "int8", group_size=options.group_size),
+        _int8("int8"),
     ),
     "int8+lm_head": Method(
         "int8+lm_head",
         "int8 as above, plus a separate int8 copy of the tied lm_head (the embedding keeps its float weight)",
-        lambda model, options: patch(model, "int8", group_size=options.group_size, skip=(), quantize_tied=True),
+        _int8("int8+lm_head", skip=(), quantize_tied=True),
+    ),
+    "int4": Method(
+        "int4",
+        "int4 weight-only, fp16 scale per group of 32 (--group-size), symmetric (--asymmetric: plus an offset), "
+        "round to nearest; lm_head in float",
+        _int4(calibrated=False),
     ),
     "int8-gptq": Method(
         "int8-gptq",
         "int8 per-channel with GPTQ rounding (errors compensated on Hamlet calibration text); lm_head in float",
-        lambda model, options: patch(
-            model, "int8", group_size=options.group_size, calibration=options.calibration(), progress=options.progress
-        ),
+        _int8("int8-gptq"),
+    ),
+    "int4-gptq": Method(
+        "int4-gptq",
+        "int4 as above with GPTQ rounding (errors compensated on Hamlet calibration text); lm_head in float",
+        _int4(calibrated=True),
     ),
     "sparse": Method(
         "sparse",

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from fastquant import _native, ops, reference
+from fastquant.grids import check_int4_group_size
 
 SUPPORTED_GROUP_SIZES = (32, 64, 128, 256)
 SPARSE_VALUE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int8)
@@ -42,14 +43,18 @@ class _CompressedLinear(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.bias.dtype if self.bias is not None else self._dtype
 
+    # Buffers that are part of the stored format, whose dtype a model-wide .to(dtype) must not change.
+    _FORMAT_BUFFERS: tuple[str, ...] = ("scales",)
+
     def _apply(self, fn, recurse: bool = True):
-        # Module.to(dtype) and .half() cast every floating tensor. The scales must keep fp32 precision
-        # (they are applied in fp32 so fp16 activations never overflow): only the activation dtype moves.
-        # Float sparse values do follow the model's dtype, as a float weight would.
-        scales = self.scales
+        # Module.to(dtype) and .half() cast every floating tensor. The scales must keep their precision (int8's
+        # fp32 scales are applied in fp32 so fp16 activations never overflow; int4's fp16 scales are the format):
+        # only the activation dtype moves. Float sparse values do follow the model's dtype, as a float weight would.
+        kept = {name: t for name in self._FORMAT_BUFFERS if (t := self._buffers.get(name)) is not None}
         super()._apply(fn, recurse)
-        if scales is not None and self.scales.dtype != torch.float32:
-            self.scales = scales.to(self.scales.device)
+        for name, before in kept.items():
+            if self._buffers[name].dtype != before.dtype:
+                self._buffers[name] = before.to(self._buffers[name].device)
         probe = fn(torch.empty(0, dtype=self._dtype))
         if probe.dtype in ops.ACTIVATION_DTYPES:
             self._dtype = probe.dtype
@@ -358,3 +363,167 @@ class SparseLinear(_CompressedLinear):
         if self.scales is not None:
             dense = reference.int8_dequantize(dense, self.scales, self.group_size_arg)
         return dense.to(self._dtype)
+
+
+class Int4Linear(_CompressedLinear):
+    """A linear layer whose weight is stored as 4-bit codes, two per byte, with an fp16 scale per group of
+    ``group_size`` input columns (and, when asymmetric, an fp16 offset per group).
+
+    Layout (the contract of ``torch.ops.fastquant.int4_linear``): ``qweight`` is uint8 (N, ceil(K/64) * 32); the
+    32 bytes of block b of a row hold k = 64b + j in the low nibble of byte j and k = 64b + 32 + j in its high
+    nibble, so a kernel streams each row linearly. Symmetric: w = s * (q - 8) (llama.cpp Q4_0's grid);
+    asymmetric: w = s * q + o (Q4_1's). The forward pass never materializes the float weight.
+    """
+
+    _FORMAT_BUFFERS = ("scales", "offsets")
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        group_size: int = 32,
+        symmetric: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        check_int4_group_size(group_size)
+        if dtype not in ops.ACTIVATION_DTYPES:
+            raise ValueError(f"dtype must be one of {ops.ACTIVATION_DTYPES}, got {dtype}")
+        if in_features < 1 or out_features < 1:
+            raise ValueError(f"in_features and out_features must be positive, got {in_features}, {out_features}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.group_size = group_size
+        self.symmetric = bool(symmetric)
+        n_groups = -(-in_features // group_size)
+        packed = -(-in_features // reference.INT4_BLOCK) * (reference.INT4_BLOCK // 2)
+        self.register_buffer("qweight", torch.zeros(out_features, packed, dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.zeros(out_features, n_groups, dtype=torch.float16, device=device))
+        if symmetric:
+            self.offsets = None
+        else:
+            self.register_buffer("offsets", torch.zeros(out_features, n_groups, dtype=torch.float16, device=device))
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+        self._dtype = dtype
+
+    @property
+    def format(self) -> str:
+        return f"int4 {'sym' if self.symmetric else 'asym'} group={self.group_size}"
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, group_size: int = 32, symmetric: bool = True) -> Int4Linear:
+        """Quantize an nn.Linear (or transformers Conv1D) by round-to-nearest. Raises ValueError on NaN/inf
+        weights or an unsupported group size."""
+        check_int4_group_size(group_size)
+        weight = linear_weight(linear)
+        if not torch.isfinite(weight).all():
+            bad = (~torch.isfinite(weight)).sum().item()
+            raise ValueError(f"cannot quantize a weight of shape {tuple(weight.shape)} with {bad} NaN/inf values")
+        qweight, scales, offsets = reference.int4_quantize(weight, group_size, symmetric)
+        bias = linear.bias.detach() if linear.bias is not None else None
+        dtype = weight.dtype if weight.dtype in ops.ACTIVATION_DTYPES else torch.float32
+        return cls.from_codes(
+            qweight, scales, offsets, bias, group_size, in_features=weight.shape[1], dtype=dtype, device=weight.device
+        )
+
+    @classmethod
+    def from_codes(
+        cls,
+        codes: Tensor,
+        scales: Tensor,
+        offsets: Tensor | None = None,
+        bias: Tensor | None = None,
+        group_size: int = 32,
+        *,
+        in_features: int | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> Int4Linear:
+        """An Int4Linear holding given codes and grid (from GPTQ, or a GGUF Q4_0/Q4_1 file).
+
+        ``codes``: uint8 (N, K) codes 0..15, or the packed (N, ceil(K/64) * 32) ``qweight`` (then
+        ``in_features`` K is required). ``scales``/``offsets``: float16 (N, ceil(K/group_size)); offsets None
+        means symmetric. ``bias``: (N,) or None. ``dtype``: the activation dtype (default: the bias's, else
+        float32). Everything is checked (shapes, dtypes, codes <= 15, zero padding past K): ValueError."""
+        check_int4_group_size(group_size)
+        if codes.dim() != 2 or codes.dtype != torch.uint8:
+            raise ValueError(f"codes must be a 2-D uint8 tensor, got {codes.dtype} of shape {tuple(codes.shape)}")
+        n = codes.shape[0]
+        unpacked = in_features is None or codes.shape[1] == in_features
+        k = codes.shape[1] if in_features is None else int(in_features)
+        packed_width = -(-k // reference.INT4_BLOCK) * (reference.INT4_BLOCK // 2)
+        if unpacked:
+            if codes.numel() and int(codes.max()) > 15:
+                raise ValueError(f"int4 codes must be in 0..15, got a maximum of {int(codes.max())}")
+            qweight = reference.int4_pack(codes)
+        elif codes.shape[1] == packed_width:
+            qweight = codes
+            check_int4_padding(qweight, k)
+        else:
+            raise ValueError(
+                f"codes of shape {tuple(codes.shape)} are neither (N, K) = ({n}, {k}) codes nor the packed "
+                f"(N, ceil(K/64) * 32) = ({n}, {packed_width})"
+            )
+        n_groups = -(-k // group_size)
+        for what, t in (("scales", scales), ("offsets", offsets)):
+            if t is not None and (t.dtype != torch.float16 or tuple(t.shape) != (n, n_groups)):
+                raise ValueError(
+                    f"{what} must be float16 of shape (N, ceil(K/group_size)) = ({n}, {n_groups}), "
+                    f"got {t.dtype} {tuple(t.shape)}"
+                )
+            if t is not None and not torch.isfinite(t).all():
+                raise ValueError(f"{what} hold NaN/inf values")
+        if bias is not None and tuple(bias.shape) != (n,):
+            raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+        if dtype is None:
+            dtype = bias.dtype if bias is not None and bias.dtype in ops.ACTIVATION_DTYPES else torch.float32
+        device = qweight.device if device is None else device
+        layer = cls(k, n, bias is not None, group_size, offsets is None, device, dtype)
+        layer.qweight.copy_(qweight)
+        layer.scales.copy_(scales)
+        if offsets is not None:
+            layer.offsets.copy_(offsets)
+        if bias is not None:
+            layer.bias.data.copy_(bias.detach())
+        return layer
+
+    def packed_bytes(self) -> int:
+        """Bytes of the stored format: codes, scales and offsets (0.5 + 2/group_size (+ 2/group_size) per weight)."""
+        tensors = (self.qweight, self.scales, self.offsets)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def forward(self, x: Tensor) -> Tensor:
+        buffers = self._buffers  # see _CompressedLinear: the dicts, not nn.Module.__getattr__
+        return ops.int4_linear(
+            x,
+            buffers["qweight"],
+            buffers["scales"],
+            buffers.get("offsets"),
+            self._parameters["bias"],
+            in_features=self.in_features,
+            group_size=self.group_size,
+        )
+
+    def dequantize(self) -> Tensor:
+        """The float weight this layer computes with, (out_features, in_features), in the layer's dtype."""
+        return reference.int4_dequantize(self.qweight, self.scales, self.offsets, self.in_features, self.group_size).to(
+            self._dtype
+        )
+
+
+def check_int4_padding(qweight: Tensor, in_features: int) -> None:
+    """Packed int4 codes past K (the tail of the last 64-block) must be 0: ValueError otherwise (corrupt data)."""
+    if in_features % reference.INT4_BLOCK == 0 or qweight.numel() == 0:
+        return
+    codes = reference.int4_unpack(qweight[:, -(reference.INT4_BLOCK // 2) :], reference.INT4_BLOCK)
+    tail = codes[:, in_features % reference.INT4_BLOCK :]
+    if bool(tail.any()):
+        raise ValueError(
+            f"packed int4 codes past in_features={in_features} must be 0 (the padding of the last 64-block); "
+            f"{int((tail != 0).sum())} are not: corrupt or mis-sized qweight"
+        )

@@ -11,10 +11,20 @@ from torch import Tensor, nn
 
 from fastquant import _native
 from fastquant import pruning as pruning_lib
+from fastquant.grids import INT4_GROUP_SIZES, Grid, Int4Grid, Int8Grid
 from fastquant.kernel_choice import MIN_TIMED_WEIGHTS, choose_kernel
-from fastquant.modules import SUPPORTED_GROUP_SIZES, Int8Linear, SparseLinear, is_quantizable_linear, linear_weight
+from fastquant.modules import (
+    SUPPORTED_GROUP_SIZES,
+    Int4Linear,
+    Int8Linear,
+    SparseLinear,
+    is_quantizable_linear,
+    linear_weight,
+)
 
-METHODS = ("int8", "sparse", "int8+sparse")
+METHODS = ("int8", "int4", "sparse", "int8+sparse")
+COMPRESSED_LAYERS = (Int8Linear, Int4Linear, SparseLinear)
+INT4_DEFAULT_GROUP_SIZE = 32
 SPARSE_KERNELS = ("auto", "sparse", "csr16", "dense")
 
 # Below this many weights the int8 kernel cannot beat the float one: the layer is a few KiB, sits in
@@ -42,6 +52,10 @@ class LayerReport:
     bytes_after: int
     kernel: str
     note: str = ""
+    # ||W' - W||_F / ||W||_F against the float weight, and the same for the layer's output on its calibration
+    # inputs (calibrated methods); None where unknown (float layers, layers loaded from a checkpoint).
+    weight_error: float | None = None
+    output_error: float | None = None
 
 
 @dataclass
@@ -58,20 +72,29 @@ class Report:
 
     def to_markdown(self) -> str:
         lines = [
-            "| layer | shape (out, in) | format | bytes before | bytes after | kernel (M=1 / M=512) | note |",
-            "|---|---|---|---:|---:|---|---|",
+            "| layer | shape (out, in) | format | bytes before | bytes after | weight error | output error (calib.) "
+            "| kernel (M=1 / M=512) | note |",
+            "|---|---|---|---:|---:|---:|---:|---|---|",
         ]
         for r in self.layers:
             lines.append(
                 f"| {r.name} | {r.shape[0]}x{r.shape[1]} | {r.format} | {r.bytes_before:,} | {r.bytes_after:,} "
-                f"| {r.kernel} | {r.note} |"
+                f"| {_percent(r.weight_error)} | {_percent(r.output_error)} | {r.kernel} | {r.note} |"
             )
         ratio = self.bytes_before / max(self.bytes_after, 1)
-        lines.append(f"| **total** | | | {self.bytes_before:,} | {self.bytes_after:,} | | {ratio:.2f}x smaller |")
+        lines.append(f"| **total** | | | {self.bytes_before:,} | {self.bytes_after:,} | | | | {ratio:.2f}x smaller |")
+        lines.append(
+            "\nweight error: ||W' - W||_F / ||W||_F of the stored weight against the float one; output error: the "
+            "same for the layer's output on the calibration inputs (calibrated methods)."
+        )
         return "\n".join(lines)
 
     def __str__(self) -> str:
         return self.to_markdown()
+
+
+def _percent(value: float | None) -> str:
+    return "" if value is None else f"{100 * value:.2f}%"
 
 
 def _matches(name: str, patterns: Iterable[str]) -> bool:
@@ -110,7 +133,7 @@ def _select_layers(
     chosen = []
     patched = []
     for name, module in model.named_modules(remove_duplicate=False):
-        compressed = isinstance(module, (Int8Linear, SparseLinear))
+        compressed = isinstance(module, COMPRESSED_LAYERS)
         if not is_quantizable_linear(module) and not compressed:
             continue
         if _matches(name, skip):
@@ -212,6 +235,7 @@ def patch(
     method: str = "int8",
     *,
     group_size: int | None = None,
+    symmetric: bool = True,
     sparsity: float | None = 0.5,
     pattern: str = "unstructured",
     pruning: str = pruning_lib.DEFAULT_PRUNING,
@@ -229,9 +253,15 @@ def patch(
         method: ``"int8"``: int8 weight-only, per-channel scales or per-group with ``group_size``; rounded to
             nearest, or, when ``calibration`` is given, by GPTQ (rounding errors compensated on the calibration
             inputs: slower to patch, closer to the float model).
+            ``"int4"``: 4-bit weight-only, two codes per byte, an fp16 scale per group of ``group_size`` input
+            columns (and an fp16 offset when not ``symmetric``); rounded to nearest, or by GPTQ with ``calibration``
+            (each group's scale is fixed when GPTQ reaches the group). Half of int8's bytes; at group 32 the
+            symmetric grid is llama.cpp's Q4_0, the asymmetric one Q4_1.
             ``"sparse"``: prune, then store the kept weights in the bitmap16 sparse format (float values).
             ``"int8+sparse"``: prune, then int8-quantize the kept weights (SparseGPT compensates the rounding).
-        group_size: None for one scale per output channel, else one of 32, 64, 128, 256 (int8 methods).
+        group_size: int8 methods: None for one scale per output channel, else one of 32, 64, 128, 256.
+            ``"int4"``: one of 32 (the default), 64, 128, 256.
+        symmetric: ``"int4"`` only: False adds a per-group offset (w = s q + o instead of s (q - 8)).
         sparsity: fraction of each layer's weights to remove, in [0, 1) (sparse methods; implied by an N:M
             ``pattern``, where it may be None).
         pattern: ``"unstructured"`` or ``"N:M"`` (e.g. ``"2:4"``: at most N kept of every M input columns).
@@ -241,7 +271,7 @@ def patch(
             for ``"wanda"`` and ``"sparsegpt"``; layers are calibrated in order, each on the activations of
             the already-pruned layers before it. None: the sparse methods calibrate on 32 windows of 256
             tokens of the embedded text (Hamlet), tokenized with ``tokenizer``, and say so with a warning;
-            ``"int8"`` rounds to nearest.
+            ``"int8"`` and ``"int4"`` round to nearest.
         tokenizer: tokenizes the embedded calibration text when ``calibration`` is None (default: the
             tokenizer saved in the model's ``name_or_path`` folder, if any).
         skip: layer names (full qualified names or single name components) to leave in float.
@@ -259,45 +289,100 @@ def patch(
     (bitmap16, and csr16 for very sparse layers) and the dense kernel of the same numbers (float for
     ``"sparse"``, int8 for ``"int8+sparse"``), timed on this machine for the layer's shape at decode (one
     token); layers of fewer than 64K weights keep bitmap16 untimed. Pruned weights stay pruned either way.
-    Layers left alone and kernel choices keep a reason, shown by :func:`fastquant.report`.
+    Layers left alone and kernel choices keep a reason, shown by :func:`fastquant.report`, with each layer's
+    reconstruction error.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: expected one of {METHODS}")
-    if group_size is not None and group_size not in SUPPORTED_GROUP_SIZES:
+    if method == "int4":
+        group_size = INT4_DEFAULT_GROUP_SIZE if group_size is None else group_size
+        if isinstance(group_size, bool) or group_size not in INT4_GROUP_SIZES:
+            raise ValueError(f"int4 group_size must be one of {INT4_GROUP_SIZES}, got {group_size!r}")
+    elif group_size is not None and group_size not in SUPPORTED_GROUP_SIZES:
         raise ValueError(f"group_size must be None (per-channel) or one of {SUPPORTED_GROUP_SIZES}, got {group_size}")
+    if not isinstance(symmetric, bool):
+        raise ValueError(f"symmetric must be True or False, got {symmetric!r}")
+    if not symmetric and method != "int4":
+        raise ValueError(f"symmetric=False applies to method='int4' only (int8 grids are symmetric), got {method!r}")
     if sparse_kernel not in SPARSE_KERNELS:
         raise ValueError(f"sparse_kernel must be one of {SPARSE_KERNELS}, got {sparse_kernel!r}")
     if method == "sparse" and group_size is not None:
         raise ValueError("group_size applies to the int8 methods; method='sparse' keeps float values")
     notes: dict[str, str] = getattr(model, "_fastquant_notes", {})
+    errors: dict[str, tuple[float | None, float | None]] = getattr(model, "_fastquant_errors", {})
     chosen = _select_layers(model, skip, filter_fn, quantize_tied, notes)
-    if method != "int8":
+    quantized = method in ("int8", "int4")
+    if not quantized:
         calibration = _pruning_calibration(model, pruning, sparsity, pattern, calibration, tokenizer)
-    if method == "int8" and calibration is None:
-        _patch_int8(model, chosen, group_size, notes)
-    elif method == "int8":
-        _patch_int8_calibrated(model, chosen, group_size, calibration, progress, notes)
+    grid = Int4Grid(group_size, symmetric) if method == "int4" else Int8Grid(-1 if group_size is None else group_size)
+    if quantized and calibration is None:
+        _patch_quantized(model, chosen, grid, notes, errors)
+    elif quantized:
+        _patch_quantized_calibrated(model, chosen, grid, calibration, progress, notes, errors)
     else:
         _patch_sparse(
-            model, chosen, method, group_size, sparsity, pattern, pruning, calibration, sparse_kernel, progress, notes
+            model,
+            chosen,
+            method,
+            group_size,
+            sparsity,
+            pattern,
+            pruning,
+            calibration,
+            sparse_kernel,
+            progress,
+            notes,
+            errors,
         )
     model._fastquant_notes = notes
+    model._fastquant_errors = errors
     return model
 
 
-def _patch_int8(
-    model: nn.Module, chosen: list[tuple[str, nn.Module, list[str]]], group_size: int | None, notes: dict[str, str]
+def _quantized_layer(module: nn.Module, grid: Grid) -> Int8Linear | Int4Linear:
+    if isinstance(grid, Int4Grid):
+        return Int4Linear.from_linear(module, grid.group_size, grid.symmetric)
+    return Int8Linear.from_linear(module, None if grid.group_size == -1 else grid.group_size)
+
+
+def _grid_name(grid: Grid) -> str:
+    return "int4" if isinstance(grid, Int4Grid) else "int8"
+
+
+def _layer_from_codes(module: nn.Module, grid: Grid, result: pruning_lib.PrunedLayer) -> Int8Linear | Int4Linear:
+    if isinstance(grid, Int4Grid):
+        weight = linear_weight(module)
+        dtype = weight.dtype if weight.dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
+        bias = module.bias.detach() if module.bias is not None else None
+        return Int4Linear.from_codes(
+            result.qweight, result.scales, result.offsets, bias, grid.group_size, dtype=dtype, device=weight.device
+        )
+    return Int8Linear.from_codes(
+        module, result.qweight, result.scales, None if grid.group_size == -1 else grid.group_size
+    )
+
+
+def _patch_quantized(
+    model: nn.Module,
+    chosen: list[tuple[str, nn.Module, list[str]]],
+    grid: Grid,
+    notes: dict[str, str],
+    errors: dict[str, tuple[float | None, float | None]],
 ) -> None:
-    replaced: dict[int, Int8Linear] = {}  # weight storage -> its quantized layer, so shared linears stay shared
+    replaced: dict[int, nn.Module] = {}  # weight storage -> its quantized layer, so shared linears stay shared
+    weight_errors: dict[int, float] = {}
     for name, module, other_owners in chosen:
         storage = module.weight.data_ptr()
         if storage not in replaced:
             try:
-                replaced[storage] = Int8Linear.from_linear(module, group_size)
+                replaced[storage] = _quantized_layer(module, grid)
             except ValueError as exc:
                 raise ValueError(f"layer {name!r}: {exc}") from exc
+            weight_errors[storage] = pruning_lib.relative_error(replaced[storage].dequantize(), linear_weight(module))
         _set_submodule(model, name, replaced[storage])
-        notes[name] = f"int8 copy; float weight kept for {', '.join(other_owners)}" if other_owners else ""
+        errors[name] = (weight_errors[storage], None)
+        copy_note = f"{_grid_name(grid)} copy; float weight kept for {', '.join(other_owners)}"
+        notes[name] = copy_note if other_owners else ""
 
 
 def _layers_to_rewrite(chosen: list[tuple[str, nn.Module, list[str]]], action: str) -> dict[str, nn.Module]:
@@ -311,18 +396,20 @@ def _layers_to_rewrite(chosen: list[tuple[str, nn.Module, list[str]]], action: s
     return {name: module for name, module, _ in chosen}
 
 
-def _patch_int8_calibrated(
+def _patch_quantized_calibrated(
     model: nn.Module,
     chosen: list[tuple[str, nn.Module, list[str]]],
-    group_size: int | None,
+    grid: Grid,
     calibration: Iterable,
     progress: bool | None,
     notes: dict[str, str],
+    errors: dict[str, tuple[float | None, float | None]],
 ) -> None:
     # GPTQ: SparseGPT's column-by-column quantization with nothing pruned. Each rounding error is pushed onto
     # the columns not yet quantized, weighted by the inverse Hessian of the layer's calibration inputs, so the
-    # layer's output error (not its weight error) is what rounding minimizes.
+    # layer's output error (not its weight error) is what rounding minimizes. One loop for every grid.
     layers = _layers_to_rewrite(chosen, "quantize")
+    kind = _grid_name(grid)
     results = pruning_lib.prune_layers(
         model,
         layers,
@@ -330,19 +417,19 @@ def _patch_int8_calibrated(
         pattern="unstructured",
         pruning="sparsegpt",
         calibration=calibration,
-        int8=True,
-        group_size=group_size,
+        grid=grid,
         progress=progress,
-        label="int8 GPTQ rounding",
+        label=f"{kind} GPTQ rounding",
     )
-    replaced: dict[int, Int8Linear] = {}
+    replaced: dict[int, nn.Module] = {}
     for name, module, other_owners in chosen:
         storage = module.weight.data_ptr()
+        result = results[name]
         if storage not in replaced:
-            result = results[name]
-            replaced[storage] = Int8Linear.from_codes(module, result.qweight, result.scales, group_size)
+            replaced[storage] = _layer_from_codes(module, grid, result)
         _set_submodule(model, name, replaced[storage])
-        notes[name] = "int8, GPTQ rounding on the calibration data"
+        errors[name] = (result.weight_error, result.output_error)
+        notes[name] = f"{kind}, GPTQ rounding on the calibration data"
         if other_owners:
             notes[name] += f"; float weight kept for {', '.join(other_owners)}"
 
@@ -359,6 +446,7 @@ def _patch_sparse(
     sparse_kernel: str,
     progress: bool | None,
     notes: dict[str, str],
+    errors: dict[str, tuple[float | None, float | None]],
 ) -> None:
     int8 = method == "int8+sparse"
     layers = _layers_to_rewrite(chosen, "prune")
@@ -376,8 +464,9 @@ def _patch_sparse(
     replaced: dict[int, nn.Module] = {}
     for name, module, other_owners in chosen:
         storage = module.weight.data_ptr()
+        result = pruned[name]
+        errors[name] = (result.weight_error, result.output_error)
         if storage not in replaced:
-            result = pruned[name]
             sparse = SparseLinear.from_pruned(module, result.mask, result.qweight, result.scales, group_size, pattern)
             dense = Int8Linear.from_codes(module, result.qweight, result.scales, group_size) if int8 else module
             if sparse_kernel == "auto" and sparse.out_features * sparse.in_features < MIN_TIMED_WEIGHTS:
@@ -428,7 +517,9 @@ def prune(
     return {name: result.mask for name, result in results.items()}
 
 
-def _kernel_paths(layer: Int8Linear | SparseLinear) -> str:
+def _kernel_paths(layer: Int8Linear | Int4Linear | SparseLinear) -> str:
+    if isinstance(layer, Int4Linear):
+        return _int4_kernel_paths(layer)
     if isinstance(layer, SparseLinear) and layer.layout == "csr16":
         path = _native.sparse_csr_linear_kernel_path(layer.values.device)
         return f"{path} / cpu_avx512_bf16_tiles (prefill)" if layer._prefill_in_bitmap16 else path
@@ -444,21 +535,36 @@ def _kernel_paths(layer: Int8Linear | SparseLinear) -> str:
     return paths[0] if paths[0] == paths[1] else " / ".join(paths)
 
 
+def _int4_kernel_paths(layer: Int4Linear) -> str:
+    device, (n, k) = layer.qweight.device, (layer.out_features, layer.in_features)
+    paths = [_native.int4_linear_kernel_path(device, m, n, k, layer.group_size, layer.dtype) for m in (1, 512)]
+    return paths[0] if paths[0] == paths[1] else " / ".join(paths)
+
+
 def report(model: nn.Module) -> Report:
-    """A per-layer table of the model's linear layers: name, shape, format, bytes before/after, kernel."""
+    """A per-layer table of the model's linear layers: name, shape, format, bytes before/after, reconstruction
+    error (weight, and layer output on the calibration inputs where calibrated), kernel."""
     notes: dict[str, str] = getattr(model, "_fastquant_notes", {})
+    errors: dict[str, tuple[float | None, float | None]] = getattr(model, "_fastquant_errors", {})
     rows: list[LayerReport] = []
     for name, module in model.named_modules():
-        if isinstance(module, (Int8Linear, SparseLinear)):
+        if isinstance(module, COMPRESSED_LAYERS):
             n, k = module.out_features, module.in_features
             float_bytes = n * k * torch.finfo(module.dtype).bits // 8
-            if isinstance(module, SparseLinear):
+            if isinstance(module, (SparseLinear, Int4Linear)):
                 packed_bytes = module.packed_bytes()
             else:
                 packed_bytes = module.qweight.numel() + module.scales.numel() * module.scales.element_size()
             rows.append(
                 LayerReport(
-                    name, (n, k), module.format, float_bytes, packed_bytes, _kernel_paths(module), notes.get(name, "")
+                    name,
+                    (n, k),
+                    module.format,
+                    float_bytes,
+                    packed_bytes,
+                    _kernel_paths(module),
+                    notes.get(name, ""),
+                    *errors.get(name, (None, None)),
                 )
             )
         elif is_quantizable_linear(module):

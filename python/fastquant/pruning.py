@@ -26,8 +26,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from fastquant import reference
 from fastquant.choices import CALIBRATED_METHODS, DEFAULT_CALIBRATION_SEQUENCES, DEFAULT_PRUNING, PRUNING_METHODS
+from fastquant.grids import ColumnRounder, Grid, Int4Grid, Int8Grid
 from fastquant.modules import SUPPORTED_GROUP_SIZES, is_quantizable_linear, linear_weight
 from fastquant.progress import progress_bar
 
@@ -60,11 +60,19 @@ CALIBRATION_TEXT = "hamlet.txt"
 @dataclass
 class PrunedLayer:
     """What pruning did to one layer: ``mask`` (N, K) bool, True where a weight is kept; with int8, the int8
-    codes (zero wherever the mask is False) and fp32 scales, (N,) per-channel or (N, ceil(K/G)) per group."""
+    codes (zero wherever the mask is False) and fp32 scales, (N,) per-channel or (N, ceil(K/G)) per group; with
+    int4 (a :class:`~fastquant.grids.Int4Grid`), uint8 (N, K) codes 0..15, fp16 scales and offsets (or None).
+
+    ``weight_error``: ||W' - W||_F / ||W||_F of the new weight against the layer's float weight;
+    ``output_error``: the same for the layer's output on its calibration inputs, ||(W' - W) X^T|| / ||W X^T||
+    (calibrated methods only)."""
 
     mask: Tensor
     qweight: Tensor | None = None
     scales: Tensor | None = None
+    offsets: Tensor | None = None
+    weight_error: float | None = None
+    output_error: float | None = None
 
 
 # ------------------------------------------------------------------------------------------ arguments
@@ -203,6 +211,7 @@ def sparsegpt_prune(
     scales: Tensor | None = None,
     group_size: int = -1,
     keep: Tensor | None = None,
+    rounder: ColumnRounder | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """SparseGPT (Frantar & Alistarh 2023) on one layer: returns (new fp32 weight, keep mask, int8 codes or None).
 
@@ -213,7 +222,8 @@ def sparsegpt_prune(
     With ``scales`` (fp32 (N,) or (N, ceil(K/G)), the int8 grid), each column is also rounded to the grid
     inside the loop and its rounding error compensated the same way (joint sparsify + quantize). With
     ``keep`` ((N, K) bool), that mask is used instead of choosing one (quantization of an already pruned
-    and refitted weight).
+    and refitted weight). Any other grid (int4) comes as a ``rounder`` (see :mod:`fastquant.grids`); the third
+    value returned is then its codes, and ``rounder.result()`` holds its scales.
     """
     nm = parse_pattern(pattern, sparsity)
     n_rows, k = weight.shape
@@ -233,13 +243,18 @@ def sparsegpt_prune(
     hinv = _cholesky_inverse_upper(h, damp)
     del h
 
-    step = None
-    codes = None
     if scales is not None:
-        step = reference.expand_group_scales(scales.float().to(wt.device), k, group_size).t().contiguous()
-        codes = torch.zeros(k, n_rows, dtype=torch.int8, device=wt.device)
+        if rounder is not None:
+            raise ValueError("pass scales (the int8 grid) or a rounder, not both")
+        rounder = Int8Grid(group_size).rounder(weight, scales.float().to(wt.device))
     if nm is not None:
         block_size = max(nm[1], block_size // nm[1] * nm[1])  # an N:M group never straddles two blocks
+    group = rounder.group_size if rounder is not None else 0
+    if group > 0:
+        if nm is not None:
+            raise ValueError("a grid whose groups are fixed inside the loop cannot be combined with an N:M pattern")
+        # A group's grid is fixed from its columns' current values: those are up to date only inside the block.
+        block_size = max(group, block_size // group * group)
     pruned = torch.zeros(k, n_rows, dtype=torch.bool, device=wt.device)
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
@@ -262,12 +277,12 @@ def sparsegpt_prune(
                 m = nm[1]
                 score = (w1[i : i + m] / d1[i : i + m, None]) ** 2
                 mask1.scatter_(0, i + torch.topk(score, m - nm[0], dim=0, largest=False).indices, True)
+            if group > 0 and (i1 + i) % group == 0:
+                rounder.start_group(i1 + i, w1[i : i + group])
             w = w1[i]
             q = w.masked_fill(mask1[i], 0)
-            if step is not None:
-                c = torch.round(q / step[i1 + i]).clamp_(-reference.INT8_MAX, reference.INT8_MAX)
-                codes[i1 + i] = c.to(torch.int8)
-                q = c * step[i1 + i]
+            if rounder is not None:
+                q = rounder.round(i1 + i, q)
             q1[i] = q
             err = (w - q) / hinv1[i, i]
             w1[i:].addr_(hinv1[i, i:], err, alpha=-1)
@@ -275,7 +290,7 @@ def sparsegpt_prune(
         wt[i1:i2] = q1
         pruned[i1:i2] = mask1
         wt[i2:].addmm_(hinv[i1:i2, i2:].t(), err1, alpha=-1)
-    return wt.t().contiguous(), ~pruned.t(), None if codes is None else codes.t().contiguous()
+    return wt.t().contiguous(), ~pruned.t(), None if rounder is None else rounder.result().codes
 
 
 def dense_target_weight(weight: Tensor, hessian: Tensor, cross: Tensor, damp: float = SPARSEGPT_DAMP) -> Tensor:
@@ -521,16 +536,39 @@ def _write_weight(layer: nn.Module, new: Tensor) -> None:
         view.copy_(new.to(device=view.device, dtype=view.dtype))
 
 
-def _finish(layer: nn.Module, weight: Tensor, mask: Tensor, int8: bool, group_size: int) -> PrunedLayer:
-    """Zero the pruned weights, quantize if asked, and write the layer's float weight back in place (for
-    int8, the dequantized weight, so later calibration sees what the int8 layer computes)."""
+def relative_error(new: Tensor, old: Tensor) -> float:
+    """||new - old||_F / ||old||_F (0 when both are zero)."""
+    old = old.detach().float()
+    norm = float(torch.linalg.vector_norm(old))
+    diff = float(torch.linalg.vector_norm(new.detach().float().to(old.device) - old))
+    return diff / norm if norm > 0 else (0.0 if diff == 0 else math.inf)
+
+
+def relative_output_error(new: Tensor, old: Tensor, hessian: Tensor) -> float:
+    """||(new - old) X^T||_F / ||old X^T||_F for inputs X with X^T X proportional to ``hessian``: the layer's
+    relative output error on its calibration tokens, from the statistics GPTQ has anyway (one N x K x K product)."""
+    old = old.detach().float()
+    h = hessian.detach().float().to(old.device)
+    delta = new.detach().float().to(old.device) - old
+    num = float(((delta @ h) * delta).sum().clamp_min(0))
+    den = float(((old @ h) * old).sum().clamp_min(0))
+    return math.sqrt(num / den) if den > 0 else (0.0 if num == 0 else math.inf)
+
+
+def _finish(layer: nn.Module, weight: Tensor, mask: Tensor, grid: Grid | None) -> PrunedLayer:
+    """Zero the pruned weights, quantize if asked (round to nearest), and write the layer's float weight back in
+    place (when quantized, the dequantized weight, so later calibration sees what the quantized layer computes)."""
+    original = weight  # may be a view of the layer's weight: errors are measured before writing it
     weight = weight.masked_fill(~mask, 0)
-    if not int8:
+    if grid is None:
+        error = relative_error(weight, original)
         _write_weight(layer, weight)
-        return PrunedLayer(mask)
-    qweight, scales = reference.int8_quantize(weight, group_size)
-    _write_weight(layer, reference.int8_dequantize(qweight, scales, group_size))
-    return PrunedLayer(mask, qweight, scales)
+        return PrunedLayer(mask, weight_error=error)
+    q = grid.rtn(weight)
+    new = grid.dequantize(q)
+    error = relative_error(new, original)
+    _write_weight(layer, new)
+    return PrunedLayer(mask, q.codes, q.scales, q.offsets, weight_error=error)
 
 
 def _prune_one(
@@ -541,35 +579,42 @@ def _prune_one(
     sparsity: float | None,
     pattern: str,
     pruning: str,
-    int8: bool,
-    group_size: int,
+    grid: Grid | None,
 ) -> PrunedLayer:
     weight = _weight_view(layer)
     if pruning == "magnitude":
-        return _finish(layer, weight.float(), magnitude_mask(weight, sparsity, pattern), int8, group_size)
+        return _finish(layer, weight.float(), magnitude_mask(weight, sparsity, pattern), grid)
     if stats is None or stats.tokens == 0:
         raise ValueError(f"layer {name!r} saw no calibration tokens")
     if pruning == "wanda":
         norm = stats.sumsq.sqrt()
-        return _finish(layer, weight.float(), wanda_mask(weight, norm, sparsity, pattern), int8, group_size)
+        return _finish(layer, weight.float(), wanda_mask(weight, norm, sparsity, pattern), grid)
     # The module-level knobs are read at call time so that a caller (the accuracy benchmark) can tune them.
     hessian = stats.xtx * (2 / stats.tokens)
+    original = weight.float().clone()  # the layer's own weight is overwritten below
+
+    def errors(new: Tensor) -> dict[str, float]:
+        return {
+            "weight_error": relative_error(new, original),
+            "output_error": relative_output_error(new, original, hessian),
+        }
+
     if stats.cross is not None:
         weight = dense_target_weight(weight, hessian, stats.cross * (2 / stats.tokens), SPARSEGPT_DAMP)
     knobs = {"block_size": SPARSEGPT_BLOCK_SIZE, "damp": SPARSEGPT_DAMP}
     new, mask, _ = sparsegpt_prune(weight, hessian, sparsity, pattern, **knobs)
     new = refit_kept_weights(weight, new, mask, hessian, damp=SPARSEGPT_DAMP, iterations=REFIT_ITERATIONS)
-    if not int8:
+    if grid is None:
         _write_weight(layer, new)
-        return PrunedLayer(mask)
+        return PrunedLayer(mask, **errors(new))
     # The int8 grid comes from the pruned, refitted weights (they may outgrow the original range); SparseGPT's
-    # column loop then rounds them with the mask fixed, compensating each column's rounding error.
-    scales = reference.int8_quantize(new, group_size)[1]
-    new, _, codes = sparsegpt_prune(
-        new, hessian, sparsity, pattern, scales=scales, group_size=group_size, keep=mask, **knobs
-    )
+    # column loop then rounds them with the mask fixed, compensating each column's rounding error. The int4
+    # grid fixes each group's scale inside the loop (see fastquant.grids), the same loop otherwise.
+    rounder = grid.rounder(new)
+    new, _, _ = sparsegpt_prune(new, hessian, sparsity, pattern, keep=mask, rounder=rounder, **knobs)
+    q = rounder.result()
     _write_weight(layer, new)
-    return PrunedLayer(mask, codes, scales)
+    return PrunedLayer(mask, q.codes, q.scales, q.offsets, **errors(new))
 
 
 def _decoder_blocks(model: nn.Module, layers: dict[str, nn.Module]) -> nn.ModuleList | None:
@@ -697,6 +742,7 @@ def prune_layers(
     group_size: int | None = None,
     progress: bool | None = None,
     label: str | None = None,
+    grid: Grid | None = None,
 ) -> dict[str, PrunedLayer]:
     """Prune ``layers`` (name -> nn.Linear or transformers Conv1D, all inside ``model``) in place.
 
@@ -711,6 +757,9 @@ def prune_layers(
             pruning) with scales per output channel (``group_size`` None) or per group of 32..256.
         progress: a progress bar per layer: None on a terminal only, True always, False never.
         label: the bar's description (default ``"pruning (<method>)"``).
+        grid: quantize onto this grid instead (:class:`~fastquant.grids.Int8Grid` is what ``int8=True,
+            group_size=...`` means; :class:`~fastquant.grids.Int4Grid` for int4, with sparsity 0 only). With
+            ``pruning="sparsegpt"`` and sparsity 0 this is GPTQ.
 
     Each layer's float weight is replaced: pruned (SparseGPT: and compensated; with int8: the dequantized
     int8 weight). Returns name -> :class:`PrunedLayer`.
@@ -729,6 +778,7 @@ def prune_layers(
         progress=progress,
         label=label,
         fast_path=True,
+        grid=grid,
     )
 
 
@@ -745,6 +795,7 @@ def _prune_layers(
     progress: bool | None,
     fast_path: bool,
     label: str | None = None,
+    grid: Grid | None = None,
 ) -> dict[str, PrunedLayer]:
     if pruning not in PRUNING_METHODS:
         raise ValueError(f"unknown pruning {pruning!r}: expected one of {PRUNING_METHODS}")
@@ -756,7 +807,13 @@ def _prune_layers(
         )
     if int8 and group_size is not None and group_size not in SUPPORTED_GROUP_SIZES:
         raise ValueError(f"group_size must be None (per-channel) or one of {SUPPORTED_GROUP_SIZES}, got {group_size}")
-    gs = -1 if group_size is None else group_size
+    if int8 and grid is not None:
+        raise ValueError("pass int8=True (with group_size) or a grid, not both")
+    if int8:
+        grid = Int8Grid(-1 if group_size is None else group_size)
+    if isinstance(grid, Int4Grid) and (nm is not None or sparsity != 0):
+        # Pruned weights must dequantize to exactly 0, which an asymmetric group cannot promise.
+        raise ValueError("int4 quantization is not combined with pruning: use sparsity=0 (GPTQ or round to nearest)")
 
     unique: dict[str, nn.Module] = {}
     aliases: dict[str, str] = {}  # a module listed under several names is pruned once
@@ -780,9 +837,7 @@ def _prune_layers(
         items = _calibration_items(calibration, _model_device(model), pruning)
 
     def prune(name: str, layer: nn.Module, stats: _Stats | None) -> PrunedLayer:
-        return _prune_one(
-            name, layer, stats, sparsity=sparsity, pattern=pattern, pruning=pruning, int8=int8, group_size=gs
-        )
+        return _prune_one(name, layer, stats, sparsity=sparsity, pattern=pattern, pruning=pruning, grid=grid)
 
     results: dict[str, PrunedLayer] = {}
     with (
@@ -792,7 +847,7 @@ def _prune_layers(
         if pruning == "global-magnitude":
             masks = global_magnitude_masks([_weight_view(layer) for layer in unique.values()], sparsity)
             for (name, layer), mask in zip(unique.items(), masks, strict=True):
-                results[name] = _finish(layer, _weight_view(layer).float(), mask, int8, gs)
+                results[name] = _finish(layer, _weight_view(layer).float(), mask, grid)
                 bar.update()
         elif pruning == "magnitude":
             for name, layer in unique.items():

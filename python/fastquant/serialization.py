@@ -32,7 +32,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from fastquant.modules import Int8Linear, SparseLinear, is_quantizable_linear
+from fastquant.modules import Int4Linear, Int8Linear, SparseLinear, check_int4_padding, is_quantizable_linear
 
 FORMAT_NAME = "fastquant"
 FORMAT_VERSION = 1
@@ -69,6 +69,16 @@ def layer_params(model: nn.Module) -> dict[str, dict[str, Any]]:
                 "out_features": module.out_features,
                 "bias": module.bias is not None,
                 "group_size": module.group_size,
+                "dtype": _dtype_name(module.dtype),
+            }
+        elif isinstance(module, Int4Linear):
+            layers[name] = {
+                "type": "int4",
+                "in_features": module.in_features,
+                "out_features": module.out_features,
+                "bias": module.bias is not None,
+                "group_size": module.group_size,
+                "symmetric": module.symmetric,
                 "dtype": _dtype_name(module.dtype),
             }
         elif isinstance(module, SparseLinear):
@@ -204,7 +214,7 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def _build_layer(name: str, spec: Any, path: Path, device: str) -> nn.Module:
-    if not isinstance(spec, dict) or spec.get("type") not in ("int8", "sparse"):
+    if not isinstance(spec, dict) or spec.get("type") not in ("int8", "int4", "sparse"):
         kind = spec.get("type") if isinstance(spec, dict) else spec
         raise FastquantFormatError(f"{path}: layer {name!r} has unknown type {kind!r}")
     try:
@@ -212,6 +222,14 @@ def _build_layer(name: str, spec: Any, path: Path, device: str) -> nn.Module:
         shape = (int(spec["in_features"]), int(spec["out_features"]))
         if spec["type"] == "int8":
             return Int8Linear(*shape, bool(spec["bias"]), spec["group_size"], device=device, dtype=dtype)
+        if spec["type"] == "int4":
+            if not isinstance(spec["symmetric"], bool):
+                raise ValueError(f"symmetric must be true or false, got {spec['symmetric']!r}")
+            if not isinstance(spec["group_size"], int):
+                raise ValueError(f"group_size must be an integer, got {spec['group_size']!r}")
+            return Int4Linear(
+                *shape, bool(spec["bias"]), spec["group_size"], spec["symmetric"], device=device, dtype=dtype
+            )
         return SparseLinear(
             *shape,
             int(spec["n_values"]),
@@ -253,7 +271,7 @@ def _patch_to_match(model: nn.Module, layers: dict[str, dict[str, Any]], path: P
             module = model.get_submodule(name)
         except AttributeError as exc:
             raise FastquantFormatError(f"{path}: architecture mismatch: the model has no layer {name!r}") from exc
-        if isinstance(module, (Int8Linear, SparseLinear)):
+        if isinstance(module, (Int8Linear, Int4Linear, SparseLinear)):
             continue  # already patched (e.g. loading into a model patched the same way)
         if not is_quantizable_linear(module):
             raise FastquantFormatError(
@@ -353,7 +371,13 @@ def load(
                 f"{path}: architecture mismatch at {name!r}: checkpoint {_dtype_name(tensor.dtype)}"
                 f"{list(tensor.shape)}, model {_dtype_name(want.dtype)}{list(want.shape)}"
             )
-    for name in manifest["layers"]:
+    for name, spec in manifest["layers"].items():
+        if spec["type"] == "int4":
+            # Codes past K are padding that every kernel skips; nonzero ones mean the bytes are not what was saved.
+            try:
+                check_int4_padding(loaded[f"{name}.qweight"], int(spec["in_features"]))
+            except ValueError as exc:
+                raise FastquantFormatError(f"{path}: layer {name!r}: {exc}") from exc
         if isinstance(model.get_submodule(name), SparseLinear):
             # Both layouts read values through row_offsets: masks and offsets must agree before any kernel runs.
             try:
@@ -375,5 +399,6 @@ def load(
             except ValueError as exc:
                 raise FastquantFormatError(f"{path}: invalid manifest entry for layer {name!r}: {exc}") from exc
     model._fastquant_notes = {name: "loaded from checkpoint" for name in manifest["layers"]}
+    model._fastquant_errors = {}  # the float weights are not in the checkpoint
     model._fastquant_checkpoint = {"path": str(path), "signer": verified.signer, "encrypted": verified.encrypted}
     return model
