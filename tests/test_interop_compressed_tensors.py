@@ -22,8 +22,6 @@ pytest.importorskip("compressed_tensors", reason="compressed-tensors is in the t
 
 from interop_helpers import byte_level_tokenizer, tiny_llama  # noqa: E402
 
-HAS_INT4 = hasattr(fastquant.modules, "Int4Linear")
-
 
 def _load(folder):
     return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
@@ -74,7 +72,6 @@ def test_sparse_model_exports_dense_with_masks_applied(tmp_path, ids):
     assert (model.model.layers[0].mlp.up_proj.dequantize() == 0).float().mean().item() >= 0.5
 
 
-@pytest.mark.skipif(not HAS_INT4, reason="needs fastquant's Int4Linear")
 def test_int4_symmetric_exports_and_loads(tmp_path, ids):
     model = tiny_llama()
     fastquant.patch(model, "int4", group_size=32, symmetric=True)
@@ -83,7 +80,6 @@ def test_int4_symmetric_exports_and_loads(tmp_path, ids):
     _check(model, tmp_path / "ct", ids)
 
 
-@pytest.mark.skipif(not HAS_INT4, reason="needs fastquant's Int4Linear")
 def test_int4_asymmetric_is_refused(tmp_path):
     model = tiny_llama()
     fastquant.patch(model, "int4", group_size=32, symmetric=False)

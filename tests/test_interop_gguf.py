@@ -22,8 +22,6 @@ gguf = pytest.importorskip("gguf")
 
 from interop_helpers import byte_level_tokenizer, tiny_llama, write_llama_gguf  # noqa: E402
 
-HAS_INT4 = hasattr(fastquant.modules, "Int4Linear")
-
 
 def _gguf_tensors(path) -> dict:
     return {t.name: t for t in gguf.GGUFReader(path).tensors}
@@ -137,7 +135,6 @@ def test_tied_head_can_stay_tied(tmp_path):
     assert type(ours.lm_head) is torch.nn.Linear and ours.lm_head.weight is ours.model.embed_tokens.weight
 
 
-@pytest.mark.skipif(not HAS_INT4, reason="needs fastquant's Int4Linear")
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1"])
 def test_q4_layers_are_int4_group32_bit_exact(tmp_path, ids, qtype):
     model = tiny_llama(tie=False)
@@ -230,6 +227,28 @@ def test_export_int8_g32_as_q8_0_round_trips(tmp_path, tokenizer_dir, ids):
         if isinstance(module, Int8Linear):
             module.scales.copy_(module.scales.half().float())
     _assert_logits_close(_logits(back, ids), _logits(model, ids))
+
+
+def test_export_int4_g32_symmetric_as_q4_0_is_bit_exact(tmp_path, tokenizer_dir, ids):
+    model = tiny_llama(vocab_size=320, tie=False)
+    fastquant.patch(model, "int4", group_size=32, symmetric=True, skip=())
+    summary = export_gguf(model, tmp_path / "out.gguf", tokenizer_dir=tokenizer_dir)
+    assert summary["tensor_types"] == {"Q4_0": 15, "F32": 6} and summary["max_relative_scale_change"] == 0
+    assert summary["file_type"] == "MOSTLY_Q4_0"
+    back = fastquant.from_gguf(tmp_path / "out.gguf")
+    for name in [*_linear_names(back), "lm_head"]:
+        src, dst = model.get_submodule(name), back.get_submodule(name)
+        assert isinstance(dst, fastquant.modules.Int4Linear) and dst.offsets is None
+        assert torch.equal(dst.qweight, src.qweight) and torch.equal(dst.scales, src.scales), name
+    _assert_logits_close(_logits(back, ids), _logits(model, ids))
+
+
+@pytest.mark.parametrize(("group_size", "symmetric"), [(32, False), (64, True)])
+def test_export_refuses_int4_layouts_gguf_lacks(tmp_path, tokenizer_dir, group_size, symmetric):
+    model = tiny_llama()
+    fastquant.patch(model, "int4", group_size=group_size, symmetric=symmetric)
+    with pytest.raises(InteropError, match="int4 group 32 symmetric .as Q4_0."):
+        export_gguf(model, tmp_path / "x.gguf", tokenizer_dir=tokenizer_dir)
 
 
 def test_export_keeps_sparse_layers_dense(tmp_path, tokenizer_dir):
