@@ -343,6 +343,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--calibration-sequences", type=int, default=32)
     parser.add_argument("--parts", nargs="+", default=["in", "out", "ct"])
+    parser.add_argument("--merge", action="store_true", help="add these parts to an existing results file")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
@@ -369,12 +370,18 @@ def main() -> None:
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.merge and out.with_suffix(".json").is_file():  # parts run at different times go into one file
+        earlier = json.loads(out.with_suffix(".json").read_text())
+        results = {**earlier, **{k: v for k, v in results.items() if k not in ("settings", "environment")}}
+        results.setdefault("runs", []).append({"parts": args.parts, "settings": vars(args), **results["environment"]})
     with tempfile.TemporaryDirectory() as tmp:
         if "in" in args.parts:
             results["gguf_in"] = part_gguf_in(gguf_path, tokenizer, ids, args)
             print(json.dumps(results["gguf_in"], indent=1), flush=True)
         if "out" in args.parts:
+            before = load_average()
             results["gguf_out"] = part_gguf_out(gguf_path, ids, args, Path(tmp))
+            results["gguf_out"]["load_average_before_after"] = [before, load_average()]
         if "ct" in args.parts:
             results["compressed_tensors_out"] = part_compressed_tensors(args, Path(tmp))
     results["load_average_end"] = load_average()
