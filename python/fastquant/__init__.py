@@ -7,6 +7,7 @@ fastquant.patch(model, "int8+sparse", sparsity=0.5, tokenizer=tokenizer)  # Spar
 fastquant.patch(model, fastquant.Int8(group_size=128, rounding=fastquant.GPTQ(batches)))  # typed config
 print(fastquant.report(model))    # what changed, per layer
 model, tokenizer = fastquant.from_pretrained("smollm2-int8")  # a folder `fastquant compress` wrote
+model = fastquant.from_gguf("model.Q8_0.gguf")  # a GGUF file's quantized tensors, run by fastquant's kernels
 
 The names below load on first use: importing torch takes seconds, and ``fastquant --help`` (whose module
 lives in this package) must not pay for it. Any of them, or importing a submodule that needs the kernels,
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     from fastquant import ops, pruning
     from fastquant.configs import GPTQ, RTN, Int4, Int8, Magnitude, Sparse, SparseGPT, Wanda
     from fastquant.decode import compile_for_decode
+    from fastquant.interop.gguf_in import from_gguf
     from fastquant.models import from_pretrained
     from fastquant.modules import Int4Linear, Int8Linear, SparseLinear
     from fastquant.ops import int4_linear, int8_linear, sparse_linear
@@ -52,6 +54,7 @@ _EXPORTS = {
     "Report": "fastquant.patching",
     "SparseLinear": "fastquant.modules",
     "compile_for_decode": "fastquant.decode",
+    "from_gguf": "fastquant.interop.gguf_in",
     "from_pretrained": "fastquant.models",
     "int4_dequantize": "fastquant.reference",
     "int4_linear": "fastquant.ops",
@@ -85,6 +88,7 @@ __all__ = [
     "SparseLinear",
     "__version__",
     "compile_for_decode",
+    "from_gguf",
     "from_pretrained",
     "int4_dequantize",
     "int4_linear",

@@ -1,9 +1,10 @@
-"""The ``fastquant`` command: ``demo`` (the main job), ``eval`` and ``compress``.
+"""The ``fastquant`` command: ``demo`` (the main job), ``eval``, ``compress`` and ``export``.
 
 fastquant demo                       # SmolLM2-135M: float vs int8 and int4 (~4 min), table + results.json + chart
 fastquant demo --all                 # also GPTQ and SparseGPT, calibrated (minutes each)
 fastquant eval --model minilm --method int8
 fastquant compress smollm2 --method int8 -o smollm2-int8
+fastquant export smollm2-int8 --format gguf -o smollm2-q8_0.gguf   # needs --group-size 32 at compress
 
 torch and transformers are imported inside the commands, so that ``fastquant --help`` answers at once.
 """
@@ -516,6 +517,16 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- export
+def cmd_export(args: argparse.Namespace) -> int:
+    from fastquant.interop.export import export
+
+    _set_threads(args.threads)
+    summary = export(args.checkpoint, args.format, args.output, vocab_from=args.vocab_from)
+    console.print(f"{args.checkpoint} -> {args.output} ({args.format}): " + json.dumps(summary, default=str))
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- main
 def _add_method_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -612,6 +623,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--key-file", help="--encrypt: key file (hex; created if missing), else $FASTQUANT_KEY / $FASTQUANT_KEY_FILE"
     )
     comp.set_defaults(func=cmd_compress)
+
+    exp = sub.add_parser(
+        "export",
+        parents=[common],
+        help="convert a `fastquant compress` folder for other engines: GGUF (llama.cpp) or compressed-tensors (vLLM)",
+    )
+    exp.add_argument("checkpoint", help="the folder `fastquant compress -o` wrote")
+    exp.add_argument("--format", required=True, choices=("gguf", "compressed-tensors"), help="output format")
+    exp.add_argument("-o", "--output", required=True, help="gguf: the file to write; compressed-tensors: a folder")
+    exp.add_argument("--vocab-from", help="gguf: copy the tokenizer from this GGUF file (default: tokenizer.json)")
+    exp.set_defaults(func=cmd_export)
 
     keygen = sub.add_parser("keygen", help="new key: Ed25519 signing key pair (PATH, PATH.pub) or AES-256 key file")
     keygen.add_argument("kind", choices=("signing", "encryption"))
