@@ -18,6 +18,7 @@ import argparse
 import copy
 import json
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -66,7 +67,15 @@ def _run(args: argparse.Namespace) -> None:
         return tok(text, return_tensors="pt").input_ids[0][: args.eval_tokens]
 
     texts = {"held-out": ids(bundled_text(HELD_OUT_TEXT)), "train": ids(bundled_text(TRAIN_TEXTS[0]))}
-    before = perplexities({"float": teacher, "compressed": student}, texts, 512, False)
+    # The float model's perplexity is the same for every run: scored once, kept beside the runs.
+    float_file = RUNS / f"float-{args.eval_tokens}-{args.window}-{args.stride}.cache"
+    if float_file.is_file():
+        before = {"float": json.loads(float_file.read_text())}
+    else:
+        before = perplexities({"float": teacher}, texts, args.window, False, args.stride)
+        RUNS.mkdir(parents=True, exist_ok=True)
+        float_file.write_text(json.dumps(before["float"]))
+    before.update(perplexities({"compressed": student}, texts, args.window, False, args.stride))
     print(json.dumps(before), flush=True)
     config = DistillConfig(
         minutes=args.minutes,
@@ -84,7 +93,7 @@ def _run(args: argparse.Namespace) -> None:
     load_train_before = load_average()
     result = distill(student, teacher, None, config, tok)
     load_train_after = load_average()
-    after = perplexities({"distilled": student}, texts, 512, False)
+    after = perplexities({"distilled": student}, texts, args.window, False, args.stride)
     ppl = {**before, **after}
     row = {
         "name": args.name,
@@ -97,6 +106,8 @@ def _run(args: argparse.Namespace) -> None:
         "training_text": " + ".join(TRAIN_TEXTS),
         "training_windows": f"{args.seq_len}-token windows, batch {args.batch_size}",
         "eval_tokens": args.eval_tokens,
+        "eval_window": args.window,
+        "eval_stride": args.stride,
         "perplexity": ppl,
         "ratio_to_float": {m: {t: ppl[m][t] / ppl["float"][t] for t in texts} for m in ppl},
         "target_held_out_ratio": TARGETS.get(args.name),
@@ -134,9 +145,6 @@ def _speed(args: argparse.Namespace) -> None:
         seq_len=args.seq_len,
         progress=rank == 0,
     )
-    warm = distill(
-        copy.deepcopy(student), teacher, None, DistillConfig(**{**vars(config), "max_steps": 1}), loaded.tokenizer
-    )
     result = distill(student, teacher, None, config, loaded.tokenizer)
     if rank == 0:
         RUNS.mkdir(parents=True, exist_ok=True)
@@ -146,8 +154,10 @@ def _speed(args: argparse.Namespace) -> None:
             "steps": result.steps,
             "global_batch_tokens": args.batch_size * args.seq_len,
             "tokens_per_s": result.tokens_per_s,
+            # The first step pays for allocations: the median of the later steps is the steady speed.
+            "steady_tokens_per_s": args.batch_size * args.seq_len / statistics.median(result.step_seconds[1:]),
+            "step_seconds": result.step_seconds,
             "seconds": result.seconds,
-            "warmup_step_s": warm.seconds,
             "load_average": {"before": load_before, "after": load_average()},
         }
         (RUNS / f"speed-{world}proc.json").write_text(json.dumps(row, indent=2))
@@ -193,7 +203,7 @@ def _report(args: argparse.Namespace) -> None:
         lines += ["", "| processes x threads | tokens/s | steps | load avg before -> after |", "|---|---:|---:|---|"]
         for s in speed:
             lines.append(
-                f"| {s['processes']} x {s['threads_per_process']} | {s['tokens_per_s']:.0f} | {s['steps']} | "
+                f"| {s['processes']} x {s['threads_per_process']} | {s['steady_tokens_per_s']:.0f} | {s['steps']} | "
                 f"{s['load_average']['before']:.1f} -> {s['load_average']['after']:.1f} |"
             )
     (RESULTS / f"distill-{DATE}.md").write_text("\n".join(lines) + "\n")
@@ -247,7 +257,9 @@ def main() -> None:
     run.add_argument("--seq-len", type=int, default=256)
     run.add_argument("--hidden-weight", type=float, default=0.0)
     run.add_argument("--quantization", default="ste", choices=("ste", "requantize"))
-    run.add_argument("--eval-tokens", type=int, default=4096)
+    run.add_argument("--eval-tokens", type=int, default=2048)
+    run.add_argument("--window", type=int, default=512)
+    run.add_argument("--stride", type=int, default=512)
     run.add_argument("--threads", type=int, default=2)
     run.set_defaults(func=_run)
     speed = sub.add_parser("speed")

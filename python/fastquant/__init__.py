@@ -5,6 +5,7 @@ fastquant.patch(model)            # int8 weight-only, per-channel scales
 fastquant.patch(model, "int8+sparse", sparsity=0.5, tokenizer=tokenizer)  # SparseGPT on the embedded text
 print(fastquant.report(model))    # what changed, per layer
 model, tokenizer = fastquant.from_pretrained("smollm2-int8")  # a folder `fastquant compress` wrote
+fastquant.distill(student, teacher, "text.txt", fastquant.DistillConfig(minutes=30), tokenizer)  # recover accuracy
 
 The names below load on first use: importing torch takes seconds, and ``fastquant --help`` (whose module
 lives in this package) must not pay for it. Any of them, or importing a submodule that needs the kernels,
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from fastquant import ops, pruning
     from fastquant.decode import compile_for_decode
+    from fastquant.distillation import DistillConfig, distill
     from fastquant.models import from_pretrained
     from fastquant.modules import Int8Linear, SparseLinear
     from fastquant.ops import int8_linear, sparse_linear
@@ -39,7 +41,9 @@ _EXPORTS = {
     "Int8Linear": "fastquant.modules",
     "Report": "fastquant.patching",
     "SparseLinear": "fastquant.modules",
+    "DistillConfig": "fastquant.distillation",
     "compile_for_decode": "fastquant.decode",
+    "distill": "fastquant.distillation",
     "from_pretrained": "fastquant.models",
     "int8_dequantize": "fastquant.reference",
     "int8_linear": "fastquant.ops",
@@ -55,12 +59,14 @@ _SUBMODULES = ("ops", "pruning")
 
 __all__ = [
     "AlreadyPatchedError",
+    "DistillConfig",
     "FastquantFormatError",
     "Int8Linear",
     "Report",
     "SparseLinear",
     "__version__",
     "compile_for_decode",
+    "distill",
     "from_pretrained",
     "int8_dequantize",
     "int8_linear",

@@ -166,6 +166,7 @@ class DistillResult:
     losses: list[float] = field(default_factory=list)
     kl: list[float] = field(default_factory=list)
     hidden_mse: list[float] = field(default_factory=list)
+    step_seconds: list[float] = field(default_factory=list)
     resumed_from: int = 0
     loss_plot: str | None = None
 
@@ -546,6 +547,7 @@ def distill(
     started = time.perf_counter()
     last_checkpoint = started
     stopped_by = "max_steps"
+    step_seconds: list[float] = []
 
     def save(step: int) -> None:
         if rank != 0 or state_path is None:
@@ -583,6 +585,7 @@ def distill(
             lr = config.lr * min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else config.lr
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            step_start = time.perf_counter()
             indices = _global_batch(windows, step, config.batch_size, config.seed)
             mine = windows[indices[rank * per_rank : (rank + 1) * per_rank]].to(device)
             sums = torch.zeros(3, device=device, dtype=torch.float64)
@@ -619,6 +622,7 @@ def distill(
             history["kl"].append(kl_v)
             history["hidden_mse"].append(mse_v)
             step += 1
+            step_seconds.append(time.perf_counter() - step_start)
             run_s = time.perf_counter() - started
             bar.update()
             bar.set_postfix(loss=f"{loss_v:.4f}", tok_s=f"{(step - start_step) * tokens_per_step / run_s:.0f}")
@@ -653,6 +657,7 @@ def distill(
         losses=history["losses"],
         kl=history["kl"],
         hidden_mse=history["hidden_mse"],
+        step_seconds=step_seconds,
         resumed_from=start_step,
         loss_plot=str(plot) if plot else None,
     )
@@ -664,9 +669,11 @@ def perplexities(
     texts: dict[str, Tensor],
     window: int = 512,
     progress: bool | None = None,
+    stride: int | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Sliding-window perplexity (:func:`fastquant.evaluate.perplexity`) of each model on each token sequence:
-    ``{model: {text: ppl}}``, e.g. teacher / pruned / distilled on held-out and training text side by side."""
+    """Sliding-window perplexity (:func:`fastquant.evaluate.perplexity`, stride ``window // 2`` unless given) of each
+    model on each token sequence: ``{model: {text: ppl}}``, e.g. teacher / pruned / distilled on held-out and
+    training text side by side."""
     from fastquant.evaluate import perplexity, perplexity_steps
 
     out: dict[str, dict[str, float]] = {}
@@ -674,9 +681,10 @@ def perplexities(
         out[name] = {}
         for label, ids in texts.items():
             w = min(window, ids.numel())
-            steps = perplexity_steps(ids.numel(), w, w // 2)
+            s = min(stride or w // 2, w)
+            steps = perplexity_steps(ids.numel(), w, s)
             with progress_bar(total=steps, desc=f"perplexity {name} / {label}", leave=False, progress=progress) as b:
-                out[name][label] = perplexity(model, ids, window=w, stride=w // 2, progress=b.update)
+                out[name][label] = perplexity(model, ids, window=w, stride=s, progress=b.update)
     return out
 
 
