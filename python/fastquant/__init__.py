@@ -8,6 +8,7 @@ fastquant.patch(model, fastquant.Int8(group_size=128, rounding=fastquant.GPTQ(ba
 print(fastquant.report(model))    # what changed, per layer
 model, tokenizer = fastquant.from_pretrained("smollm2-int8")  # a folder `fastquant compress` wrote
 model = fastquant.from_gguf("model.Q8_0.gguf")  # a GGUF file's quantized tensors, run by fastquant's kernels
+fastquant.distill(student, teacher, "text.txt", fastquant.DistillConfig(minutes=30), tokenizer)  # recover accuracy
 
 The names below load on first use: importing torch takes seconds, and ``fastquant --help`` (whose module
 lives in this package) must not pay for it. Any of them, or importing a submodule that needs the kernels,
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     from fastquant import ops, pruning
     from fastquant.configs import GPTQ, RTN, Int4, Int8, Magnitude, Sparse, SparseGPT, Wanda
     from fastquant.decode import compile_for_decode
+    from fastquant.distillation import DistillConfig, distill
     from fastquant.interop.gguf_in import from_gguf
     from fastquant.models import from_pretrained
     from fastquant.modules import Int4Linear, Int8Linear, SparseLinear
@@ -53,8 +55,10 @@ _EXPORTS = {
     "Int8Linear": "fastquant.modules",
     "Report": "fastquant.patching",
     "SparseLinear": "fastquant.modules",
+    "DistillConfig": "fastquant.distillation",
     "compile_for_decode": "fastquant.decode",
     "from_gguf": "fastquant.interop.gguf_in",
+    "distill": "fastquant.distillation",
     "from_pretrained": "fastquant.models",
     "int4_dequantize": "fastquant.reference",
     "int4_linear": "fastquant.ops",
@@ -81,6 +85,7 @@ __all__ = [
     "Sparse",
     "SparseGPT",
     "Wanda",
+    "DistillConfig",
     "FastquantFormatError",
     "Int4Linear",
     "Int8Linear",
@@ -89,6 +94,7 @@ __all__ = [
     "__version__",
     "compile_for_decode",
     "from_gguf",
+    "distill",
     "from_pretrained",
     "int4_dequantize",
     "int4_linear",

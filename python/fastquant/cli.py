@@ -1,10 +1,11 @@
-"""The ``fastquant`` command: ``demo`` (the main job), ``eval``, ``compress`` and ``export``.
+"""The ``fastquant`` command: ``demo`` (the main job), ``eval``, ``compress``, ``export`` and ``distill``.
 
 fastquant demo                       # SmolLM2-135M: float vs int8 and int4 (~4 min), table + results.json + chart
 fastquant demo --all                 # also GPTQ and SparseGPT, calibrated (minutes each)
 fastquant eval --model minilm --method int8
 fastquant compress smollm2 --method int8 -o smollm2-int8
 fastquant export smollm2-int8 --format gguf -o smollm2-q8_0.gguf   # needs --group-size 32 at compress
+fastquant distill smollm2 --method sparse --minutes 30 -o smollm2-sparse-kd   # torchrun --nproc_per_node N too
 
 torch and transformers are imported inside the commands, so that ``fastquant --help`` answers at once.
 """
@@ -456,30 +457,134 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_compress(args: argparse.Namespace) -> int:
     from fastquant.evaluate import get_method, model_bytes
     from fastquant.patching import report
-    from fastquant.serialization import CHECKPOINT_FILE, save
 
     _set_threads(args.threads)
     method = get_method(args.method)
     loaded = _load(args.model)
     float_bytes = model_bytes(loaded.model)
     model = method.apply(loaded.model, _method_options(args, loaded))
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / CHECKPOINT_FILE
-    save(model, path, method=args.method)
+    path = _write_model_folder(model, loaded, Path(args.output), args.method)
     if args.sign_key or args.encrypt:
         _protect(path, args)
-    # With the config (and tokenizer) beside it, `fastquant.from_pretrained(out)` rebuilds the model.
-    if hasattr(model, "config"):
-        model.config.save_pretrained(out)
-    if loaded.tokenizer is not None:
-        loaded.tokenizer.save_pretrained(out)
     rep = report(model)
     console.print(
         f"{loaded.name} -> {path}: {path.stat().st_size / 2**20:,.1f} MiB on disk "
         f"(float model {float_bytes / 2**20:,.1f} MiB in memory); "
         f"linear layers {rep.bytes_before / 2**20:,.1f} -> {rep.bytes_after / 2**20:,.1f} MiB"
     )
+    console.print(f"load it with: model, tokenizer = fastquant.from_pretrained({str(args.output)!r})")
+    return 0
+
+
+def _write_model_folder(model, loaded: LoadedModel, out: Path, method: str) -> Path:
+    """The folder ``compress`` and ``distill`` write: the checkpoint, and beside it the config and tokenizer, so
+    that ``fastquant.from_pretrained(out)`` rebuilds the model. Returns the checkpoint's path."""
+    from fastquant.serialization import CHECKPOINT_FILE, save
+
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / CHECKPOINT_FILE
+    save(model, path, method=method)
+    if hasattr(model, "config"):
+        model.config.save_pretrained(out)
+    if loaded.tokenizer is not None:
+        loaded.tokenizer.save_pretrained(out)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- distill
+def cmd_distill(args: argparse.Namespace) -> int:
+    import copy
+
+    import torch
+
+    from fastquant.distillation import (
+        HELD_OUT_TEXT,
+        TRAIN_TEXTS,
+        DistillConfig,
+        bundled_text,
+        distill,
+        init_distributed,
+        perplexities,
+    )
+    from fastquant.evaluate import get_method
+
+    # Checked before the model loads: a bad option fails in a second, not after minutes of pruning.
+    out = Path(args.output)
+    config = DistillConfig(
+        temperature=args.temperature,
+        hidden_weight=args.hidden_weight,
+        ce_weight=args.ce_weight,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        micro_batch_size=args.micro_batch_size,
+        seq_len=args.seq_len,
+        max_steps=args.steps,
+        minutes=args.minutes,
+        checkpoint_dir=str(args.checkpoint_dir or out / "distill-checkpoint"),
+        checkpoint_every=args.checkpoint_every,
+        resume=args.resume,
+        seed=args.seed,
+        quantization=args.quantization,
+        loss_plot=str(out / "distill-loss.png"),
+        progress=args.progress,
+    )
+    method = get_method(args.method)
+    for name in (args.train_text, args.eval_text):
+        if name is not None and not Path(name).is_file():
+            raise FileNotFoundError(f"text file {name} does not exist")
+    rank, world = init_distributed()
+    _set_threads(args.threads)
+    torch.manual_seed(config.seed)
+    loaded = _load(args.model)
+    if loaded.kind != "causal-lm" or loaded.tokenizer is None:
+        raise ValueError(f"{args.model}: distillation needs a causal language model with its tokenizer")
+    teacher = loaded.model
+    student = method.apply(copy.deepcopy(teacher), _method_options(args, loaded))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        teacher, student = teacher.to(device), student.to(device)
+
+    def ids(text: str):
+        return loaded.tokenizer(text, return_tensors="pt").input_ids[0][: args.eval_tokens].to(teacher.device)
+
+    train_source = args.train_text or f"fastquant/data/{' + '.join(TRAIN_TEXTS)}"
+    texts = {}
+    if args.eval and rank == 0:
+        held_out = Path(args.eval_text).read_text(encoding="utf-8") if args.eval_text else bundled_text(HELD_OUT_TEXT)
+        train = Path(args.train_text).read_text(encoding="utf-8") if args.train_text else bundled_text(TRAIN_TEXTS[0])
+        texts = {"held-out": ids(held_out), "train": ids(train)}
+    before = perplexities({"float": teacher, args.method: student}, texts, args.window, args.progress) if texts else {}
+    result = distill(student, teacher, args.train_text, config, loaded.tokenizer)
+    if rank != 0:
+        return 0
+    after = perplexities({"distilled": student}, texts, args.window, args.progress) if texts else {}
+    path = _write_model_folder(student.cpu(), loaded, out, args.method)
+    summary = {
+        "model": loaded.name,
+        "method": args.method,
+        "command": " ".join(["fastquant", *args.argv]),
+        "train_text": train_source,
+        "held_out_text": args.eval_text or f"fastquant/data/{HELD_OUT_TEXT}",
+        "eval_tokens": {k: int(v.numel()) for k, v in texts.items()},
+        "config": {k: v for k, v in vars(config).items()},
+        "perplexity": {**before, **after},
+        "distill": {k: v for k, v in result.to_dict().items() if k not in ("losses", "kl", "hidden_mse")},
+        "losses": result.losses,
+    }
+    (out / "distill.json").write_text(json.dumps(summary, indent=2))
+    console.print(
+        f"distilled {result.steps} steps ({result.tokens:,} tokens, {result.world_size} process(es), "
+        f"{result.tokens_per_s:,.0f} tokens/s, stopped by {result.stopped_by}); final loss "
+        f"{result.losses[-1] if result.losses else float('nan'):.4f}"
+    )
+    if texts:
+        table = Table(title=f"{loaded.name}: perplexity, held-out vs training text")
+        for col in ("model", *texts):
+            table.add_column(col, justify="left" if col == "model" else "right")
+        for name, row in summary["perplexity"].items():
+            table.add_row(name, *(f"{row[t]:.3f} ({row[t] / before['float'][t]:.3f}x)" for t in texts))
+        console.print(table)
+    console.print(f"wrote {path}, {out / 'distill.json'} and {result.loss_plot}")
     console.print(f"load it with: model, tokenizer = fastquant.from_pretrained({str(out)!r})")
     return 0
 
@@ -634,6 +739,39 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("-o", "--output", required=True, help="gguf: the file to write; compressed-tensors: a folder")
     exp.add_argument("--vocab-from", help="gguf: copy the tokenizer from this GGUF file (default: tokenizer.json)")
     exp.set_defaults(func=cmd_export)
+
+    dist = sub.add_parser(
+        "distill",
+        parents=[common],
+        help="compress, then train the compressed model to match the float one (knowledge distillation); "
+        "under torchrun: data parallel",
+    )
+    dist.add_argument("model", help="smollm2 or a transformers causal-LM folder")
+    dist.add_argument("--method", default="sparse", help=method_help)
+    _add_method_options(dist)
+    dist.add_argument(
+        "-o", "--output", required=True, help="output folder (as compress, plus distill.json and a loss PNG)"
+    )
+    dist.add_argument("--minutes", type=float, default=None, help="training time limit (over resumed runs too)")
+    dist.add_argument("--steps", type=int, default=None, help="optimizer steps limit (with or without --minutes)")
+    dist.add_argument("--train-text", help="training text file (default: the bundled plays, Hamlet and The Tempest)")
+    dist.add_argument("--eval-text", help="held-out text for perplexity (default: the bundled Julius Caesar)")
+    dist.add_argument("--eval-tokens", type=int, default=4096, help="tokens of each text scored for perplexity")
+    dist.add_argument("--window", type=int, default=512, help="perplexity window (stride = window/2)")
+    dist.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True, help="perplexity before and after")
+    dist.add_argument("--batch-size", type=int, default=8, help="token windows per step, all processes together")
+    dist.add_argument("--micro-batch-size", type=int, default=2, help="windows per forward pass and process")
+    dist.add_argument("--seq-len", type=int, default=256, help="tokens per window")
+    dist.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
+    dist.add_argument("--temperature", type=float, default=1.0, help="KL temperature")
+    dist.add_argument("--hidden-weight", type=float, default=0.0, help="SquareHead hidden-state loss weight")
+    dist.add_argument("--ce-weight", type=float, default=0.0, help="cross-entropy on the text (default off)")
+    dist.add_argument("--quantization", default="ste", choices=("ste", "requantize"), help="int8 layers in training")
+    dist.add_argument("--checkpoint-dir", help="training state (default OUTPUT/distill-checkpoint)")
+    dist.add_argument("--checkpoint-every", type=int, default=50, help="steps between training-state checkpoints")
+    dist.add_argument("--resume", action="store_true", help="continue from the training state in --checkpoint-dir")
+    dist.add_argument("--seed", type=int, default=0, help="order of the training windows")
+    dist.set_defaults(func=cmd_distill)
 
     keygen = sub.add_parser("keygen", help="new key: Ed25519 signing key pair (PATH, PATH.pub) or AES-256 key file")
     keygen.add_argument("kind", choices=("signing", "encryption"))

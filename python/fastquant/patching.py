@@ -539,6 +539,9 @@ def _patch_sparse(
                     sparse.set_layout("csr16")
                 replaced[storage] = dense if sparse_kernel == "dense" else sparse
                 notes[name] = f"{pruning} {sparse.sparsity:.0%} pruned; {sparse_kernel} kernel as asked"
+            if replaced[storage] is dense:
+                # A dense layer's zeros are its pruned weights: fastquant.distill keeps them at zero.
+                dense._fastquant_pruned = True
         _set_submodule(model, name, replaced[storage])
         if other_owners:
             notes[name] += f"; float weight kept for {', '.join(other_owners)}"
