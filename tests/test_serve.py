@@ -376,6 +376,41 @@ def test_a_client_that_goes_away_mid_stream_affects_no_one(server):
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 1
 
 
+def test_clients_that_go_away_are_recorded_as_499_not_500(server):
+    from concurrent.futures import ThreadPoolExecutor
+
+    c = server["client"]
+    headers = _auth(server["alice"])
+    prompt = "Ariel " * 12
+    body = {"prompt": prompt, "max_tokens": MAX_TOKENS_CAP, "stream": True}
+    before = len(server["audit"].read_text().splitlines())
+
+    def leave() -> int:
+        # Away as soon as the answer starts: most of these wait for their replica's model, the others are generating.
+        with httpx.stream("POST", f"{server['url']}/v1/completions", json=body, headers=headers, timeout=60) as r:
+            return r.status_code
+
+    with ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(lambda _: leave(), range(8))) == [200] * 8
+    deadline, statuses = time.monotonic() + 60, []
+    while time.monotonic() < deadline:
+        lines = server["audit"].read_text().splitlines()[before:]
+        statuses = [r["status"] for r in map(json.loads, lines) if r["event"] == "request" and r.get("prompt_tokens")]
+        if len(statuses) >= 8:
+            break
+        time.sleep(0.5)
+    assert len(statuses) == 8 and 499 in statuses and 500 not in statuses, statuses
+    assert set(statuses) <= {200, 499}  # a generation that ended before the client left is a 200
+    deadline, exported = time.monotonic() + 60, set()
+    while time.monotonic() < deadline and "499" not in exported:
+        samples = _samples(server["metrics"])
+        exported = {s.labels.get("status") for s in samples if s.name.startswith("ray_fastquant_requests")}
+        time.sleep(0.5)
+    assert "499" in exported
+    ok = c.post("/v1/completions", json={"prompt": "hello", "max_tokens": 3, "temperature": 0}, headers=headers)
+    assert ok.status_code == 200
+
+
 def _samples(url):
     text = httpx.get(url, timeout=10).text
     return [s for family in text_string_to_metric_families(text) for s in family.samples if "fastquant" in s.name]
