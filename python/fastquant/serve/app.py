@@ -340,6 +340,7 @@ class FastquantLM:
         )
         self.metrics = _Metrics()
         self.slot = ModelSlot(on_waiting=self.metrics.queue.set)
+        self._gauge_task: asyncio.Task | None = None
         self._batched.set_max_batch_size(config.max_batch_size)
         self._batched.set_batch_wait_timeout_s(config.batch_wait_s)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -352,8 +353,17 @@ class FastquantLM:
     async def health(self) -> dict[str, str]:
         return {"status": "ok", "model": self.name, "replica": self.replica}
 
+    async def _report_queue(self) -> None:
+        # Ray's metrics agent drops a gauge that is not recorded again within a few report intervals: the queue
+        # depth is recorded every second, not only when it changes, so an idle replica keeps showing its 0.
+        while True:
+            self.metrics.queue.set(self.slot.waiting)
+            await asyncio.sleep(1.0)
+
     async def call(self, path: str, authorization: str, body: bytes | None) -> Any:
         """One request from the ingress: yields ``(status, headers, streaming)``, then the body in chunks."""
+        if self._gauge_task is None:  # started here: the replica's event loop runs requests, not __init__
+            self._gauge_task = asyncio.get_running_loop().create_task(self._report_queue())
         if path == "/v1/models":
             response: Response = await self._models(authorization)
         else:
