@@ -215,30 +215,41 @@ def _running_replicas() -> int:
 
 
 def _scrape(url: str) -> dict[str, Any]:
-    """The fastquant request counters, by deployment and status, and the batch-size and TTFT histograms' means."""
+    """The fastquant request counters by deployment and status, generated tokens, and the batch-size and time to
+    first token histograms as bucket counts (Ray's exported ``_sum`` is made of bucket midpoints: not a mean)."""
     import httpx
     from prometheus_client.parser import text_string_to_metric_families
 
     text = httpx.get(url, timeout=10).text
     counts: dict[str, float] = {}
-    sums: dict[str, float] = {}
+    buckets: dict[str, dict[str, float]] = {"batch_size": {}, "time_to_first_token_seconds": {}}
+    tokens = 0.0
     for family in text_string_to_metric_families(text):
         for s in family.samples:
             if s.name == "ray_fastquant_requests_total" and s.labels.get("path") == "/v1/completions":
                 k = f"{s.labels.get('deployment')} {s.labels.get('status')}"
                 counts[k] = counts.get(k, 0) + s.value
-            for h in ("batch_size", "time_to_first_token_seconds", "generated_tokens"):
-                if s.name.startswith(f"ray_fastquant_{h}") and s.name.endswith(("_sum", "_count", "_total")):
-                    sums[s.name] = sums.get(s.name, 0) + s.value
-    out: dict[str, Any] = {"requests_by_deployment_status": counts}
-    if sums.get("ray_fastquant_batch_size_count"):
-        out["mean_batch_size"] = sums["ray_fastquant_batch_size_sum"] / sums["ray_fastquant_batch_size_count"]
-    if sums.get("ray_fastquant_time_to_first_token_seconds_count"):
-        n = sums["ray_fastquant_time_to_first_token_seconds_count"]
-        out["server_ttft_mean_s"] = sums["ray_fastquant_time_to_first_token_seconds_sum"] / n
-    if "ray_fastquant_generated_tokens_total" in sums:
-        out["generated_tokens"] = sums["ray_fastquant_generated_tokens_total"]
-    return out
+            elif s.name == "ray_fastquant_generated_tokens_total":
+                tokens += s.value
+            for h, per_le in buckets.items():
+                if s.name == f"ray_fastquant_{h}_bucket":
+                    per_le[s.labels["le"]] = per_le.get(s.labels["le"], 0) + s.value  # cumulative, summed over replicas
+    return {
+        "requests_by_deployment_status": counts,
+        "generated_tokens": tokens,
+        "batch_size_le": buckets["batch_size"],
+        "ttft_s_le": buckets["time_to_first_token_seconds"],
+    }
+
+
+def _batches(le: dict[str, float]) -> str:
+    """Batches per size range, from cumulative bucket counts ("1": 5, "2": 7 ... -> "1: 5, 2: 2 ...")."""
+    out, below = [], 0.0
+    for bound, n in sorted(((float(k), v) for k, v in le.items()), key=lambda kv: kv[0]):
+        if n > below:
+            out.append(f"<={bound:g}: {n - below:.0f}")
+        below = n
+    return ", ".join(out)
 
 
 def _final_scrape(url: str, expected: int) -> dict[str, Any]:
@@ -432,11 +443,9 @@ def _markdown(results: dict[str, Any]) -> str:
     for name, s in results["phases"].items():
         if "cross_check" in s:
             c, p = s["cross_check"], s["prometheus"]
-            extra = ""
-            if "mean_batch_size" in p:
-                extra += f", mean batch {p['mean_batch_size']:.2f}"
-            if "server_ttft_mean_s" in p:
-                extra += f", server TTFT mean {p['server_ttft_mean_s']:.2f} s"
+            extra = f", generated tokens {p.get('generated_tokens', 0):.0f}"
+            if p.get("batch_size_le") and not s.get("stream", True):
+                extra += f", batches by size: {_batches(p['batch_size_le'])}"
             lines.append(
                 f"- {name}: client ok {c['client_ok']} vs Prometheus 200s {c['server_200']:.0f}; client 503s "
                 f"{c['client_503']} + stream errors {c['client_stream_errors']} vs ingress 503s {c['ingress_503']:.0f}"
@@ -489,6 +498,7 @@ def main() -> int:
             f"1 torch thread and 1 Ray CPU per replica, {os.cpu_count()} cores, max batch {args.max_batch_size}"
         ),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "command": " ".join(["python", *sys.argv]),
         "isa": isa.strip(),
         "fastquant_info": info.stdout,
         "loadavg_start": _loadavg(),
