@@ -376,6 +376,41 @@ def test_a_client_that_goes_away_mid_stream_affects_no_one(server):
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 1
 
 
+def test_clients_that_go_away_are_recorded_as_499_not_500(server):
+    from concurrent.futures import ThreadPoolExecutor
+
+    c = server["client"]
+    headers = _auth(server["alice"])
+    prompt = "Ariel " * 12
+    body = {"prompt": prompt, "max_tokens": MAX_TOKENS_CAP, "stream": True}
+    before = len(server["audit"].read_text().splitlines())
+
+    def leave() -> int:
+        # Away as soon as the answer starts: most of these wait for their replica's model, the others are generating.
+        with httpx.stream("POST", f"{server['url']}/v1/completions", json=body, headers=headers, timeout=60) as r:
+            return r.status_code
+
+    with ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(lambda _: leave(), range(8))) == [200] * 8
+    deadline, statuses = time.monotonic() + 60, []
+    while time.monotonic() < deadline:
+        lines = server["audit"].read_text().splitlines()[before:]
+        statuses = [r["status"] for r in map(json.loads, lines) if r["event"] == "request" and r.get("prompt_tokens")]
+        if len(statuses) >= 8:
+            break
+        time.sleep(0.5)
+    assert len(statuses) == 8 and 499 in statuses and 500 not in statuses, statuses
+    assert set(statuses) <= {200, 499}  # a generation that ended before the client left is a 200
+    deadline, exported = time.monotonic() + 60, set()
+    while time.monotonic() < deadline and "499" not in exported:
+        samples = _samples(server["metrics"])
+        exported = {s.labels.get("status") for s in samples if s.name.startswith("ray_fastquant_requests")}
+        time.sleep(0.5)
+    assert "499" in exported
+    ok = c.post("/v1/completions", json={"prompt": "hello", "max_tokens": 3, "temperature": 0}, headers=headers)
+    assert ok.status_code == 200
+
+
 def _samples(url):
     text = httpx.get(url, timeout=10).text
     return [s for family in text_string_to_metric_families(text) for s in family.samples if "fastquant" in s.name]
@@ -430,6 +465,76 @@ def test_audit_log_records_loads_and_requests_without_prompts(server):
     assert any(r["status"] == 401 and r["key_id"] is None for r in requests)
     assert not any("prompt" in r or "output" in r for r in requests)
     assert "Where should this music be?" not in server["audit"].read_text()
+
+
+def _replica_pids():
+    import ray
+
+    alive = [a for a in ray._private.state.actors().values() if a["State"] == "ALIVE"]  # Ray's actor table (GCS)
+    return {a["Name"].rsplit("#", 1)[1]: a["Pid"] for a in alive if "#FastquantLM#" in a["Name"]}
+
+
+def _outcome(server, body, seen):
+    """ok, retry (503 with Retry-After and a JSON error, or the error event of a started stream), or what else."""
+    url = f"{server['url']}/v1/completions"
+    try:
+        with httpx.stream("POST", url, json=body, headers=_auth(server["alice"]), timeout=60) as r:
+            seen(r.headers.get("x-fastquant-replica"))
+            text = r.read().decode()
+    except httpx.HTTPError as exc:
+        return f"dropped: {type(exc).__name__}"
+    if r.status_code == 503:
+        error = json.loads(text)["error"]
+        return "retry" if int(r.headers["retry-after"]) >= 1 and error["type"] == "service_unavailable" else text
+    if r.status_code != 200:
+        return f"{r.status_code}: {text[:200]}"
+    if not body["stream"]:
+        return "ok" if json.loads(text)["choices"] else text
+    events = [line[6:] for line in text.splitlines() if line.startswith("data: ")]
+    if events[-1] != "[DONE]":
+        return f"stream cut: {text[-200:]}"
+    errors = [json.loads(e)["error"]["type"] for e in events[:-1] if "error" in json.loads(e)]
+    return "ok" if not errors else ("retry" if errors == ["service_unavailable"] else f"stream error {errors}")
+
+
+def test_a_replica_killed_mid_request_gives_retryable_errors_and_is_restarted(server):
+    """SIGKILL of a replica's process while it has requests: each gets its answer or a retryable error, none
+    hangs, and Ray Serve starts a new replica. (Last of the tests on the server: it kills one of its replicas.)"""
+    import signal
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ray import serve
+
+    pids = _replica_pids()
+    assert len(pids) == 2
+    victim = sorted(pids)[0]
+    on_victim = threading.Semaphore(0)
+
+    def seen(replica):
+        if replica == victim:
+            on_victim.release()
+
+    body = {"prompt": "Ariel " * 12, "max_tokens": MAX_TOKENS_CAP}
+    with ThreadPoolExecutor(16) as pool:
+        futures = [pool.submit(_outcome, server, {**body, "stream": i % 4 != 0}, seen) for i in range(32)]
+        for _ in range(3):  # killed once it has taken three requests (their answers started: they are its own)
+            assert on_victim.acquire(timeout=60)
+        os.kill(pids[victim], signal.SIGKILL)
+        outcomes = [f.result(timeout=120) for f in futures]
+    assert set(outcomes) <= {"ok", "retry"}, outcomes
+    assert "retry" in outcomes and "ok" in outcomes
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        status = serve.status().applications["fastquant"].deployments["FastquantLM"]
+        now = _replica_pids()
+        if status.replica_states.get("RUNNING", 0) == 2 and len(now) == 2 and victim not in now:
+            break
+        time.sleep(1)
+    assert len(now) == 2 and victim not in now, now
+    c = server["client"]
+    ok = c.post("/v1/completions", json={"prompt": "hello", "max_tokens": 3}, headers=_auth(server["alice"]))
+    assert ok.status_code == 200
 
 
 def test_keys_cli_prints_the_key_alone_on_its_last_line(tmp_path, capsys):

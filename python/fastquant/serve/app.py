@@ -1,9 +1,15 @@
 """The Ray Serve application: an OpenAI-compatible API over a fastquant checkpoint, with replicas, keys and metrics.
 
-Ray Serve provides the replicas, the request routing between them (its proxy balances on each replica's
-queue length), replica restarts, autoscaling, and the Prometheus endpoint (Ray's metrics agent, at the
-metrics export port); the same application runs on a multi-machine Ray cluster. This module is the glue:
-request checks, key checks, generation with transformers, and the metrics and audit records of each request.
+Ray Serve provides the replicas, the request routing between them (each request goes to the less loaded of two
+replicas), replica restarts, autoscaling, and the Prometheus endpoint (Ray's metrics agent, at the metrics export
+port); the same application runs on a multi-machine Ray cluster. This module is the glue: request checks, key
+checks, generation with transformers, and the metrics and audit records of each request.
+
+Two deployments: ``Ingress`` (the HTTP routes, no model, no CPU reserved) hands each request to a ``FastquantLM``
+replica through a deployment handle. Ray Serve's own proxy answers a request whose replica died with a bare 500;
+the handle call instead raises ``RayActorError`` in the ingress, which answers 503 with ``Retry-After`` and a JSON
+error (or, once a stream has started, an error event in the stream): a client knows to retry, and Ray Serve
+restarts the replica meanwhile. A client that goes away is recorded as status 499 (nginx's "client closed request").
 
 Requests are refused in this order, each before any more work is done: no or unknown key (401), key not allowed
 this model (403), key over its rate (429 with Retry-After), body too large (413), not UTF-8, not JSON, a field of
@@ -22,13 +28,14 @@ import uuid
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve import metrics
 from ray.serve.handle import DeploymentHandle
 
 from fastquant.serve.audit import AuditLog
-from fastquant.serve.batching import Done, Job, generate_batch
+from fastquant.serve.batching import Done, Job, ModelSlot, generate_batch, wait_uncancellable
 from fastquant.serve.config import ServeConfig
 from fastquant.serve.keys import ApiKey, KeyStore, TokenBucket
 from fastquant.serve.schema import ChatRequest, CompletionRequest, RequestError, parse
@@ -184,8 +191,124 @@ def _error(exc: RequestError) -> JSONResponse:
     return JSONResponse(body, status_code=exc.status, headers=headers)
 
 
-@serve.deployment
+CLIENT_CLOSED = 499  # nginx's "client closed request": the client went away before its answer was complete
+RETRY_AFTER_S = 5  # about how long Ray Serve takes to route around a dead replica (or to restart it)
+_REPLICA_GONE = (RayActorError,)  # ActorDiedError, ActorUnavailableError: the replica's process died or is unreachable
+
+
+def _unavailable_body() -> dict[str, Any]:
+    message = "the replica serving this request stopped; retry the request"
+    return {"error": {"message": message, "type": "service_unavailable", "param": None, "code": 503}}
+
+
+def _unavailable() -> JSONResponse:
+    return JSONResponse(_unavailable_body(), status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+async def forward(answer: Any, on_unavailable: Any = lambda: None) -> Response:
+    """Relay a replica's answer to the client: ``answer`` is the async iterator of ``FastquantLM.call`` (a head
+    ``(status, headers, streaming)``, then body chunks). A replica that dies before the head, or before the last
+    chunk of a non-streamed answer, becomes a 503 with Retry-After; one that dies mid-stream ends the stream with
+    an error event (the 200 is sent already). ``on_unavailable`` is called once in either case."""
+    try:
+        status, headers, streaming = await answer.__anext__()
+        if not streaming:
+            body = b"".join([_bytes(chunk) async for chunk in answer])
+            return Response(body, status_code=status, headers=headers, media_type="application/json")
+    except _REPLICA_GONE as exc:
+        logger.warning("fastquant: replica gone before answering: %s", type(exc).__name__)
+        on_unavailable()
+        return _unavailable()
+
+    async def rest() -> Any:
+        import json
+
+        finished = False
+        try:
+            async for chunk in answer:
+                yield _bytes(chunk)
+            finished = True
+        except _REPLICA_GONE as exc:
+            finished = True
+            logger.warning("fastquant: replica gone mid-stream: %s", type(exc).__name__)
+            on_unavailable()
+            yield f"data: {json.dumps(_unavailable_body())}\n\ndata: [DONE]\n\n".encode()
+        finally:
+            cancel = getattr(answer, "cancel", None)
+            if not finished and cancel is not None:  # the client went away: stop the replica's generation too
+                cancel()
+
+    return StreamingResponse(rest(), status_code=status, headers=headers, media_type="text/event-stream")
+
+
+def _bytes(chunk: str | bytes) -> bytes:
+    return chunk.encode() if isinstance(chunk, str) else chunk
+
+
+def _parts(response: Response) -> tuple[int, dict[str, str], bytes]:
+    headers = {k: v for k, v in response.headers.items() if k not in ("content-length", "content-type")}
+    return response.status_code, headers, bytes(response.body)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
 @serve.ingress(api)
+class Ingress:
+    """The HTTP routes: reads the body (up to the size limit), hands the request to a model replica through a
+    handle, relays its answer. No model here: one replica of it keeps up with many model replicas."""
+
+    def __init__(self, config: ServeConfig, model: DeploymentHandle) -> None:
+        self.config = config
+        self.model = model
+        self.stream = model.options(stream=True)
+        self.requests = metrics.Counter(
+            "fastquant_requests", description="Requests by route and HTTP status.", tag_keys=("path", "status")
+        )
+
+    @api.get("/health")
+    async def health(self) -> Any:
+        try:
+            return await self.model.health.remote()
+        except _REPLICA_GONE:
+            self.requests.inc(tags={"path": "/health", "status": "503"})
+            return _unavailable()
+
+    @api.get("/v1/models")
+    async def models(self, request: Request) -> Response:
+        return await self._forward(request, "/v1/models", b"")
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request) -> Response:
+        return await self._forward(request, "/v1/completions", await self._body(request))
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._forward(request, "/v1/chat/completions", await self._body(request))
+
+    async def _body(self, request: Request) -> bytes | None:
+        """The body, or None when it is over the limit (refused with 413 by the model replica, after the key
+        checks, so that the order of refusals is the same whatever the body)."""
+        limit = self.config.max_body_bytes
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            return None
+        chunks, size = [], 0
+        async for chunk in request.stream():  # stop reading at the limit: a chunked body has no length up front
+            size += len(chunk)
+            if size > limit:
+                return None
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def _forward(self, request: Request, path: str, body: bytes | None) -> Response:
+        answer = self.stream.call.remote(path, request.headers.get("authorization", ""), body)
+
+        def unavailable() -> None:
+            self.requests.inc(tags={"path": path, "status": "503"})
+
+        return await forward(answer, unavailable)
+
+
+@serve.deployment
 class FastquantLM:
     def __init__(self, config: ServeConfig, limiter: DeploymentHandle) -> None:
         import torch
@@ -216,9 +339,8 @@ class FastquantLM:
             replica=self.replica,
         )
         self.metrics = _Metrics()
-        # Generation is CPU-bound and uses every thread of the replica: one at a time, the others wait here.
-        self.slot = asyncio.Lock()
-        self.waiting = 0
+        self.slot = ModelSlot(on_waiting=self.metrics.queue.set)
+        self._gauge_task: asyncio.Task | None = None
         self._batched.set_max_batch_size(config.max_batch_size)
         self._batched.set_batch_wait_timeout_s(config.batch_wait_s)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -227,15 +349,37 @@ class FastquantLM:
             eos = self.tokenizer.eos_token_id
         self.eos_ids = set(eos) if isinstance(eos, list) else {eos}
 
-    # ------------------------------------------------------------------------------------------ routes
-    @api.get("/health")
+    # ------------------------------------------------------------------------------------------ entry points
     async def health(self) -> dict[str, str]:
         return {"status": "ok", "model": self.name, "replica": self.replica}
 
-    @api.get("/v1/models")
-    async def models(self, request: Request) -> JSONResponse:
+    async def _report_queue(self) -> None:
+        # Ray's metrics agent drops a gauge that is not recorded again within a few report intervals: the queue
+        # depth is recorded every second, not only when it changes, so an idle replica keeps showing its 0.
+        while True:
+            self.metrics.queue.set(self.slot.waiting)
+            await asyncio.sleep(1.0)
+
+    async def call(self, path: str, authorization: str, body: bytes | None) -> Any:
+        """One request from the ingress: yields ``(status, headers, streaming)``, then the body in chunks."""
+        if self._gauge_task is None:  # started here: the replica's event loop runs requests, not __init__
+            self._gauge_task = asyncio.get_running_loop().create_task(self._report_queue())
+        if path == "/v1/models":
+            response: Response = await self._models(authorization)
+        else:
+            response = await self._serve(authorization, body, path)
+        if isinstance(response, StreamingResponse):
+            yield response.status_code, self._served_by, True
+            async for chunk in response.body_iterator:
+                yield chunk
+        else:
+            status, headers, content = _parts(response)
+            yield status, headers, False
+            yield content
+
+    async def _models(self, authorization: str) -> JSONResponse:
         try:
-            await self._authorize(request)
+            await self._authorize(authorization)
         except RequestError as exc:
             self.metrics.requests.inc(tags={"path": "/v1/models", "status": str(exc.status)})
             return _error(exc)
@@ -243,17 +387,8 @@ class FastquantLM:
         model = {"id": self.name, "object": "model", "created": 0, "owned_by": "fastquant"}
         return JSONResponse({"object": "list", "data": [model]})
 
-    @api.post("/v1/completions")
-    async def completions(self, request: Request) -> Any:
-        return await self._serve(request, "/v1/completions")
-
-    @api.post("/v1/chat/completions")
-    async def chat_completions(self, request: Request) -> Any:
-        return await self._serve(request, "/v1/chat/completions")
-
     # ------------------------------------------------------------------------------------------ checks
-    async def _authorize(self, request: Request) -> ApiKey:
-        header = request.headers.get("authorization", "")
+    async def _authorize(self, header: str) -> ApiKey:
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise RequestError(401, "missing API key: send Authorization: Bearer KEY", code="invalid_api_key")
@@ -272,20 +407,6 @@ class FastquantLM:
                     retry_after=math.ceil(wait),
                 )
         return key
-
-    async def _body(self, request: Request) -> bytes:
-        limit = self.config.max_body_bytes
-        length = request.headers.get("content-length")
-        too_large = RequestError(413, f"request body over {limit} bytes", code="request_too_large")
-        if length is not None and (not length.isdigit() or int(length) > limit):
-            raise too_large
-        chunks, size = [], 0
-        async for chunk in request.stream():  # stop reading at the limit: a chunked body has no length up front
-            size += len(chunk)
-            if size > limit:
-                raise too_large
-            chunks.append(chunk)
-        return b"".join(chunks)
 
     def _prompt_ids(self, req: CompletionRequest | ChatRequest) -> Any:
         if isinstance(req, ChatRequest):
@@ -320,13 +441,16 @@ class FastquantLM:
         return options
 
     # ------------------------------------------------------------------------------------------ serving
-    async def _serve(self, request: Request, path: str) -> Any:
+    async def _serve(self, authorization: str, body: bytes | None, path: str) -> Any:
         start = time.perf_counter()
         key: ApiKey | None = None
         try:
-            key = await self._authorize(request)
+            key = await self._authorize(authorization)
+            if body is None:
+                limit = self.config.max_body_bytes
+                raise RequestError(413, f"request body over {limit} bytes", code="request_too_large")
             schema = ChatRequest if path == "/v1/chat/completions" else CompletionRequest
-            req = parse(schema, await self._body(request))
+            req = parse(schema, body)
             if req.model is not None and req.model != self.name:
                 raise RequestError(404, f"the model {req.model!r} is not served here (this is {self.name!r})", "model")
             ids, options = self._prompt_ids(req), self._options(req)
@@ -357,14 +481,11 @@ class FastquantLM:
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)  # both set again from the config in __init__
     async def _batched(self, jobs: list[Job]) -> list[Done]:
-        self.waiting += len(jobs)
-        self.metrics.queue.set(self.waiting)
-        async with self.slot:
-            self.waiting -= len(jobs)
-            self.metrics.queue.set(self.waiting)
-            self.metrics.batch.observe(len(jobs))
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(None, generate_batch, self.model, self.pad_id, self.eos_ids, jobs)
+        self.metrics.batch.observe(len(jobs))
+        cancel = threading.Event()
+        return await self.slot.run(
+            cancel, generate_batch, self.model, self.pad_id, self.eos_ids, jobs, cancel, requests=len(jobs)
+        )
 
     async def _complete_batched(
         self, req: Any, ids: Any, options: dict[str, Any], path: str, start: float, key: ApiKey
@@ -372,8 +493,14 @@ class FastquantLM:
         sampling = tuple(sorted((k, v) for k, v in options.items() if k not in ("max_new_tokens", "pad_token_id")))
         done: Done | None = None
         status, text = 500, ""
+        job = Job(ids[0], options["max_new_tokens"], sampling)
         try:
-            done = await self._batched(Job(ids[0], options["max_new_tokens"], sampling))
+            try:
+                done = await self._batched(job)
+            except asyncio.CancelledError:  # the client went away: its row of the batch stops at the next token
+                job.cancel.set()
+                status = CLIENT_CLOSED
+                raise
             if done.error is not None:
                 logger.error("fastquant: generation failed: %r", done.error)
                 return _error(RequestError(500, "generation failed", code="server_error"))
@@ -456,7 +583,7 @@ class FastquantLM:
         chat = path == "/v1/chat/completions"
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         pieces: list[str] = []
-        status, gen_start = 500, None
+        status = 500
 
         def sse(delta: str | None, finish: str | None, role: bool = False) -> str:
             if chat:
@@ -475,12 +602,7 @@ class FastquantLM:
             return sse(text, None) if req.stream else ("text", text)
 
         try:
-            self.waiting += 1
-            self.metrics.queue.set(self.waiting)
-            async with self.slot:
-                self.waiting -= 1
-                self.metrics.queue.set(self.waiting)
-                gen_start = time.perf_counter()
+            async with self.slot.hold():
                 if chat and req.stream:
                     yield sse("", None, role=True)
                 worker = loop.run_in_executor(None, generation.run, ids, options, req.seed)
@@ -493,9 +615,10 @@ class FastquantLM:
                             generation.cancel.set()
                 finally:
                     # A client that went away stops its generation at the next token, and the model is only
-                    # handed to the next request once this one's thread is done with it.
+                    # handed to the next request once this one's thread is done with it (however often the
+                    # wait itself is cancelled).
                     generation.cancel.set()
-                    await worker
+                    await wait_uncancellable(worker)
                 tail = stop.flush()
                 if tail:
                     yield emit(tail)
@@ -522,10 +645,10 @@ class FastquantLM:
                 yield "data: [DONE]\n\n"
             else:
                 yield ("end", (finish, usage))
+        except (asyncio.CancelledError, GeneratorExit):  # the client went away (cancelled, or the stream closed)
+            status = CLIENT_CLOSED
+            raise
         finally:
-            if gen_start is None:  # cancelled while waiting for the model
-                self.waiting -= 1
-                self.metrics.queue.set(self.waiting)
             output = "".join(pieces)
             self._finish(path, status, start, key, req, ids, generation.first_token_at, generation.tokens, output)
 
@@ -553,7 +676,9 @@ def build_app(config: ServeConfig) -> Any:
         max_ongoing_requests=config.max_ongoing_requests,
         ray_actor_options={"num_cpus": config.cpus_per_replica},
     )
-    return deployment.bind(config, RateLimiter.bind())
+    # The ingress takes every request the model replicas could hold, and more: Serve queues them at the handle.
+    ingress = Ingress.options(max_ongoing_requests=max(1000, 2 * config.replicas * config.max_ongoing_requests))
+    return ingress.bind(config, deployment.bind(config, RateLimiter.bind()))
 
 
 def _check_before_deploying(config: ServeConfig) -> None:

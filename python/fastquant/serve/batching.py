@@ -8,13 +8,69 @@ batch's output. Requests with different sampling settings go in separate calls (
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+
+T = TypeVar("T")
+
+
+async def wait_uncancellable(future: asyncio.Future) -> None:
+    """Wait until ``future`` is done, whatever cancellations arrive meanwhile (the caller re-raises its own).
+
+    A thread running ``generate`` cannot be stopped from the event loop: until it returns it still uses the model,
+    so whoever holds the model must keep holding it that long."""
+    while not future.done():
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait([future])
+
+
+class ModelSlot:
+    """The model, one generation at a time (generation is CPU-bound and uses every thread of the replica), and the
+    number of requests waiting for it, reported to ``on_waiting`` (the queue-depth gauge) on every change.
+
+    Every path out -- success, error, cancellation while waiting or while generating -- leaves the count right, and
+    the model is handed on only once the thread that generates with it has returned."""
+
+    def __init__(self, on_waiting: Callable[[int], None] = lambda n: None) -> None:
+        self.lock = asyncio.Lock()
+        self.waiting = 0
+        self.on_waiting = on_waiting
+
+    def _wait(self, n: int) -> None:
+        self.waiting += n
+        self.on_waiting(self.waiting)
+
+    @contextlib.asynccontextmanager
+    async def hold(self, requests: int = 1) -> AsyncIterator[None]:
+        self._wait(requests)
+        try:
+            await self.lock.acquire()
+        finally:
+            self._wait(-requests)
+        try:
+            yield
+        finally:
+            self.lock.release()
+
+    async def run(self, cancel: threading.Event, fn: Callable[..., T], *args: Any, requests: int = 1) -> T:
+        """``fn(*args)`` in a worker thread with the model held. Cancelled, it sets ``cancel`` (``fn`` must stop
+        soon after: generate checks it at each token) and still holds the model until ``fn`` has returned."""
+        async with self.hold(requests):
+            future = asyncio.get_running_loop().run_in_executor(None, fn, *args)
+            try:
+                return await asyncio.shield(future)
+            except asyncio.CancelledError:
+                cancel.set()
+                await wait_uncancellable(future)
+                raise
 
 
 @dataclass
@@ -24,6 +80,8 @@ class Job:
     ids: torch.Tensor
     max_new_tokens: int
     sampling: tuple[tuple[str, Any], ...]  # hashable: requests with equal settings share a generate call
+    # Set when the request's client has gone: its row stops at the next token (the others go on).
+    cancel: threading.Event = field(default_factory=threading.Event, compare=False, repr=False)
 
 
 @dataclass
@@ -48,8 +106,24 @@ class _FirstStep(LogitsProcessor):
         return scores
 
 
-def generate_batch(model: Any, pad_id: int, eos_ids: set[int], jobs: Sequence[Job]) -> list[Done]:
-    """Run ``jobs`` in as few generate calls as their sampling settings allow; a failure fails only its call."""
+class _Cancelled(StoppingCriteria):
+    """Stops the rows whose request was cancelled (generate ends once every row is done)."""
+
+    def __init__(self, events: list[threading.Event], stop_all: threading.Event | None) -> None:
+        self.events, self.stop_all = events, stop_all
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        everyone = self.stop_all is not None and self.stop_all.is_set()
+        return torch.tensor([everyone or e.is_set() for e in self.events], dtype=torch.bool)
+
+
+def generate_batch(
+    model: Any, pad_id: int, eos_ids: set[int], jobs: Sequence[Job], cancel: threading.Event | None = None
+) -> list[Done]:
+    """Run ``jobs`` in as few generate calls as their sampling settings allow; a failure fails only its call.
+
+    ``cancel`` stops every call at its next token (the request holding the model was cancelled); a job's own
+    ``cancel`` stops its row only (its answer is no longer wanted)."""
     groups: dict[tuple, list[int]] = {}
     for i, job in enumerate(jobs):
         groups.setdefault(job.sampling, []).append(i)
@@ -71,6 +145,7 @@ def generate_batch(model: Any, pad_id: int, eos_ids: set[int], jobs: Sequence[Jo
                     max_new_tokens=max(jobs[i].max_new_tokens for i in members),
                     pad_token_id=pad_id,
                     logits_processor=LogitsProcessorList([first]),
+                    stopping_criteria=StoppingCriteriaList([_Cancelled([jobs[i].cancel for i in members], cancel)]),
                     **dict(sampling),
                 )
         except Exception as exc:  # reported to these requests only
