@@ -59,7 +59,7 @@ def main() -> None:
     }
 
     smollm2 = load_model("smollm2")
-    ids = smollm2.tokenizer(read_text("tempest.txt"), return_tensors="pt").input_ids
+    ids = smollm2.tokenizer(read_text(), return_tensors="pt").input_ids
     models = {"float32": smollm2.model}
     rows = []
     with torch.inference_mode():
@@ -73,7 +73,7 @@ def main() -> None:
             print(rows[-1], flush=True)
 
     minilm = load_model("minilm")
-    texts = sentences(read_text("tempest.txt"))
+    texts = sentences(read_text())
     reference = sentence_embeddings(minilm.model, minilm.tokenizer, texts)
     for group in GROUPS:
         model = fastquant.patch(copy.deepcopy(minilm.model), fastquant.Int8(group_size=group))
