@@ -87,8 +87,8 @@ void def_cuda_dispatch(py::module_& parent) {
       "int4_path",
       [](int64_t m_rows, int64_t n, int64_t k, int64_t group_size, const std::string& dtype, bool x_aligned,
          int64_t gemv_max_m, int64_t gemm_max_m) {
-        return std::string(fc::int4_path_name(fc::plan_int4(m_rows, n, k, group_size, parse_cuda_dtype(dtype),
-                                                            x_aligned, gemv_max_m, gemm_max_m)));
+        return std::string(fc::int4_path_name(
+            fc::plan_int4(m_rows, n, k, group_size, parse_dtype(dtype), x_aligned, gemv_max_m, gemm_max_m)));
       },
       py::arg("m"), py::arg("n"), py::arg("k"), py::arg("group_size"), py::arg("dtype"),
       py::arg("x_aligned") = true, py::arg("gemv_max_m") = fc::kDefaultInt4GemvMaxM,
@@ -97,8 +97,7 @@ void def_cuda_dispatch(py::module_& parent) {
   m.def(
       "int4_gemv_n_tiles",
       [](int64_t m_rows, int64_t gemv_max_m) {
-        return fc::int4_gemv_n_tiles(
-            fc::choose_int4_path(m_rows, 1, 64, 32, fc::DType::kBFloat16, gemv_max_m));
+        return fc::int4_gemv_n_tiles(fc::choose_int4_path(m_rows, 1, 64, 32, DType::kBFloat16, gemv_max_m));
       },
       py::arg("m"), py::arg("gemv_max_m") = fc::kDefaultInt4GemvMaxM,
       "n=8 tiles of the int4 GEMV at this M (0: not the GEMV)");
@@ -230,7 +229,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "int4_linear_cuda_path",
       [](int64_t m_rows, int64_t n, int64_t k, int64_t group_size, const std::string& dtype) {
         namespace fc = fastquant::cuda;
-        return std::string(fc::int4_path_name(fc::plan_int4(m_rows, n, k, group_size, parse_cuda_dtype(dtype),
+        return std::string(fc::int4_path_name(fc::plan_int4(m_rows, n, k, group_size, parse_dtype(dtype),
                                                             /*x_ptr_aligned=*/true, fc::int4_gemv_max_m(),
                                                             fc::int4_gemm_max_m())));
       },
