@@ -369,8 +369,14 @@ class FastquantLM:
         else:
             response = await self._serve(authorization, body, path)
         if isinstance(response, StreamingResponse):
+            # The head waits for the stream's first event (its turn at the model has come): a replica that dies
+            # while the request waits gives it a plain 503, not a 200 followed by an error event.
+            chunks = response.body_iterator
+            first = await anext(chunks, None)
             yield response.status_code, self._served_by, True
-            async for chunk in response.body_iterator:
+            if first is not None:
+                yield first
+            async for chunk in chunks:
                 yield chunk
         else:
             status, headers, content = _parts(response)
