@@ -254,7 +254,8 @@ def _parts(response: Response) -> tuple[int, dict[str, str], bytes]:
 @serve.ingress(api)
 class Ingress:
     """The HTTP routes: reads the body (up to the size limit), hands the request to a model replica through a
-    handle, relays its answer. No model here: one replica of it keeps up with many model replicas."""
+    handle, relays its answer. No model here, no CPU reserved: its work per request is small next to generation
+    (one replica; if it died, Ray's proxy would answer 500s until Serve restarted it)."""
 
     def __init__(self, config: ServeConfig, model: DeploymentHandle) -> None:
         self.config = config
