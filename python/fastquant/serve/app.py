@@ -464,6 +464,9 @@ class FastquantLM:
         except RequestError as exc:
             self._record(path, exc.status, start, key)
             return _error(exc)
+        except asyncio.CancelledError:  # the client went away during the checks (the rate limiter's call)
+            self._record(path, CLIENT_CLOSED, start, key)
+            raise
         except Exception:
             logger.exception("fastquant: request checks failed")
             self._record(path, 500, start, key)
