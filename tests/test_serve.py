@@ -385,22 +385,32 @@ def test_clients_that_go_away_are_recorded_as_499_not_500(server):
     body = {"prompt": prompt, "max_tokens": MAX_TOKENS_CAP, "stream": True}
     before = len(server["audit"].read_text().splitlines())
 
-    def leave() -> int:
-        # Away as soon as the answer starts: most of these wait for their replica's model, the others are generating.
-        with httpx.stream("POST", f"{server['url']}/v1/completions", json=body, headers=headers, timeout=60) as r:
-            return r.status_code
+    def leave() -> str:
+        # Away as soon as the answer starts, or after 0.3 s without one: some wait for their replica's model,
+        # others are generating (a request that had not reached a replica yet leaves no record).
+        url, timeout = f"{server['url']}/v1/completions", httpx.Timeout(60, read=0.3)
+        try:
+            with httpx.stream("POST", url, json=body, headers=headers, timeout=timeout) as r:
+                return str(r.status_code)
+        except httpx.ReadTimeout:
+            return "left"
 
-    with ThreadPoolExecutor(8) as pool:
-        assert list(pool.map(lambda _: leave(), range(8))) == [200] * 8
-    deadline, statuses = time.monotonic() + 60, []
-    while time.monotonic() < deadline:
+    def statuses() -> list[int]:
         lines = server["audit"].read_text().splitlines()[before:]
-        statuses = [r["status"] for r in map(json.loads, lines) if r["event"] == "request" and r.get("prompt_tokens")]
-        if len(statuses) >= 8:
+        records = [json.loads(line) for line in lines]
+        return [r["status"] for r in records if r["event"] == "request" and r.get("path") == "/v1/completions"]
+
+    for _ in range(3):  # where each client is caught leaving is a matter of timing: rounds until one is seen
+        with ThreadPoolExecutor(16) as pool:
+            assert set(pool.map(lambda _: leave(), range(16))) <= {"200", "left"}
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and 499 not in statuses():
+            time.sleep(0.5)
+        if 499 in statuses():
             break
-        time.sleep(0.5)
-    assert len(statuses) == 8 and 499 in statuses and 500 not in statuses, statuses
-    assert set(statuses) <= {200, 499}  # a generation that ended before the client left is a 200
+    time.sleep(2)  # the last records
+    assert 499 in statuses(), statuses()
+    assert set(statuses()) <= {200, 499}, statuses()  # a generation that ended before the client left is a 200
     deadline, exported = time.monotonic() + 60, set()
     while time.monotonic() < deadline and "499" not in exported:
         samples = _samples(server["metrics"])

@@ -254,7 +254,8 @@ def _parts(response: Response) -> tuple[int, dict[str, str], bytes]:
 @serve.ingress(api)
 class Ingress:
     """The HTTP routes: reads the body (up to the size limit), hands the request to a model replica through a
-    handle, relays its answer. No model here: one replica of it keeps up with many model replicas."""
+    handle, relays its answer. No model here, no CPU reserved: its work per request is small next to generation
+    (one replica; if it died, Ray's proxy would answer 500s until Serve restarted it)."""
 
     def __init__(self, config: ServeConfig, model: DeploymentHandle) -> None:
         self.config = config
@@ -369,8 +370,14 @@ class FastquantLM:
         else:
             response = await self._serve(authorization, body, path)
         if isinstance(response, StreamingResponse):
+            # The head waits for the stream's first event (its turn at the model has come): a replica that dies
+            # while the request waits gives it a plain 503, not a 200 followed by an error event.
+            chunks = response.body_iterator
+            first = await anext(chunks, None)
             yield response.status_code, self._served_by, True
-            async for chunk in response.body_iterator:
+            if first is not None:
+                yield first
+            async for chunk in chunks:
                 yield chunk
         else:
             status, headers, content = _parts(response)
@@ -457,6 +464,9 @@ class FastquantLM:
         except RequestError as exc:
             self._record(path, exc.status, start, key)
             return _error(exc)
+        except asyncio.CancelledError:  # the client went away during the checks (the rate limiter's call)
+            self._record(path, CLIENT_CLOSED, start, key)
+            raise
         except Exception:
             logger.exception("fastquant: request checks failed")
             self._record(path, 500, start, key)
