@@ -77,8 +77,11 @@ def main() -> None:
     parser.add_argument("--rows", default="1,16,512", help="row counts M")
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--burst", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from fastquant.evaluate import cpu_model
 
     load_before = os.getloadavg()
