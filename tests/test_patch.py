@@ -191,7 +191,7 @@ def test_info_require_cuda_names_what_is_missing():
     from fastquant import info
 
     assert info.fastquant_ops() == sorted(
-        f"fastquant::{name}" for name in ("int8_linear", "sparse_csr_linear", "sparse_linear")
+        f"fastquant::{name}" for name in ("int4_linear", "int8_linear", "sparse_csr_linear", "sparse_linear")
     )
     if fastquant._native.native is not None:
         assert info.ops_without_kernel("CPU") == []
