@@ -142,7 +142,7 @@ def test_reference_linear(n, k, group_size, symmetric):
 # ---------------------------------------------------------------- the op (native kernels where built)
 
 
-# (M, K, N): decode (M <= 4 takes cpu_avx2_fixed16) and prefill rows around the 6-row micro-kernel, K of one
+# (M, K, N): decode (M <= 8 takes cpu_avx2_fixed16) and prefill rows around the 6-row micro-kernel, K of one
 # group, of a partial 64-column block and not a multiple of any group (ragged last group), N of 1, 17 (not a
 # multiple of the 16-row tile or 8-column grain) and 1025.
 SHAPES = [
@@ -150,6 +150,8 @@ SHAPES = [
     (1, 1025, 1025),
     (3, 96, 17),
     (3, 32, 1025),
+    (8, 1025, 17),
+    (9, 96, 17),
     (17, 1025, 17),
     (64, 96, 1),
     (64, 1025, 1025),
@@ -167,7 +169,7 @@ def expected_path(cpu_isa: str, m: int) -> str:
     """The kernel choice, spelled out: AVX2 and AVX-512 levels run the AVX2 kernels (no AVX-512 int4 kernel)."""
     if cpu_isa == "portable":
         return "cpu_portable"
-    return "cpu_avx2_fixed16" if m <= 4 else "cpu_avx2_tiled_fp32"
+    return "cpu_avx2_fixed16" if m <= 8 else "cpu_avx2_tiled_fp32"
 
 
 def kernel_cases() -> list:
@@ -195,9 +197,9 @@ def test_matches_reference(cpu_isa, shape, dtype, group_size, symmetric):
 
 
 @pytest.mark.parametrize("cpu_isa", available_cpu_isas(), indirect=True)
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 6, 7, 12, 13, 16, 17])
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 6, 7, 8, 9, 12, 13, 16, 17])
 def test_every_row_count(cpu_isa, m):
-    """Row counts around the decode/prefill switch (4) and the micro-kernel's 6-row edges; groups of 96 (a
+    """Row counts around the decode/prefill switch (8) and the micro-kernel's 6-row edges; groups of 96 (a
     multiple of 32 but not of 64: groups start in the middle of a 64-column block)."""
     k, n = (200, 20) if cpu_isa == "portable" else (576, 67)
     for dtype in DTYPES:

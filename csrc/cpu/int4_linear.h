@@ -10,7 +10,7 @@
 // Kernel paths (int4_linear_cpu_path; AVX-512 CPUs run the AVX2 kernels: no AVX-512 int4 kernel exists yet):
 //   cpu_portable        scalar, any CPU: dequantizes each weight exactly as the reference (fp32 multiply,
 //                       then add) and sums the products in fp32. The correctness baseline.
-//   cpu_avx2_fixed16    decode (M <= kFixedMaxRows, finite x). x is rounded once per call to 16-bit fixed
+//   cpu_avx2_fixed16    decode (M <= kFixedMaxRows = 8, finite x). x is rounded once per call to 16-bit fixed
 //                       point per block of 32 columns: X = round(x / step), step = max|x of the block| /
 //                       32512, written as two signed byte planes (X = 256 hi + lo). Per 32 columns and row,
 //                       the 4-bit codes are the unsigned operand of 2 vpmaddubsw (one per plane) and 2
@@ -66,7 +66,7 @@ constexpr int64_t kInt4TileRows = 16;
 constexpr int64_t kInt4TileCols = 256;  // a multiple of 64
 constexpr int64_t int4_tiled_scratch_floats() { return 2 * kInt4TileRows * kInt4TileCols; }
 // Largest M cpu_avx2_fixed16 takes; above it the tiled kernel (whose dequantization is shared by all rows).
-constexpr int64_t kFixedMaxRows = 4;
+constexpr int64_t kFixedMaxRows = 8;
 // 16-bit fixed point per 32-column block: |X| <= 32512 = 127 * 256 keeps hi = (X - lo) / 256 within int8.
 constexpr float kFixed16Max = 32512.f;
 

@@ -45,44 +45,106 @@ inline __m256i block_dot(__m256i codes, const int8_t* lo, const int8_t* hi) {
                           _mm256_madd_epi16(ph, _mm256_set1_epi16(256)));
 }
 
-// Output column j for rows [i0, i0 + MR) of x. Per 32-column block and row: 2 vpmaddubsw, 2 vpmaddwd, one
-// add, one conversion and one FMA by s * step (two accumulators per row hide the FMA latency). The weight
-// row is read once from memory; for MR > 1 its codes are unpacked once and used by every row.
-template <int MR>
-void fixed16_column(const Int4LinearProblem& p, int64_t i0, int64_t j) {
+// Output column j for row i of x. Per 32-column block: 2 vpmaddubsw, 2 vpmaddwd, one add, one conversion
+// and one FMA by s * step, into two accumulators (even and odd blocks) to hide the FMA latency. Named
+// variables, not arrays indexed by the block's parity: GCC keeps those in memory. For M > 1 the weight row
+// comes from memory once and from L1 for the other rows.
+void fixed16_dot(const Int4LinearProblem& p, int64_t i, int64_t j) {
   const uint8_t* row = p.w + j * p.row_bytes;
   const uint16_t* srow = p.scales + j * p.n_groups;
   const uint16_t* orow = p.offsets ? p.offsets + j * p.n_groups : nullptr;
-  const int64_t n_blocks = (p.k + 31) / 32;  // blocks past k (the padding half of the last 64) hold zeros
+  const int64_t n_blocks = (p.k + 31) / 32;  // a block past k (the padding half of the last 64) holds zeros
   const int64_t blocks_per_group = p.group_size / 32;
-  const int64_t steps_per_row = p.kp / 32;
-  __m256 acc[MR][2];
-  float zero_term[MR];
-  for (int r = 0; r < MR; ++r) {
-    acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-    zero_term[r] = 0.f;
-  }
+  const int8_t* lo = p.x_planes + i * 2 * p.kp;
+  const int8_t* hi = lo + p.kp;
+  const float* steps = p.x_steps + i * (p.kp / 32);
+  const float* group_sums = p.x_group_sums + i * p.n_groups;
+  const __m256i nibble = _mm256_set1_epi8(0x0F);
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  float zero_term = 0.f;
   for (int64_t g = 0; g < p.n_groups; ++g) {
     const float s = h2f(srow[g]);
     // The zero point multiplies the group's sum of rounded x: -8 s (symmetric) or the offset.
-    const float zp = orow ? h2f(orow[g]) : -8.f * s;
-    const int64_t b1 = std::min(n_blocks, (g + 1) * blocks_per_group);
-    for (int64_t b = g * blocks_per_group; b < b1; ++b) {
-      const __m256i codes = block_codes(row, b);
-      for (int r = 0; r < MR; ++r) {
-        const int64_t i = i0 + r;
-        const int8_t* lo = p.x_planes + i * 2 * p.kp + b * 32;
-        const __m256 d = _mm256_cvtepi32_ps(block_dot(codes, lo, lo + p.kp));
-        const __m256 f = _mm256_set1_ps(s * p.x_steps[i * steps_per_row + b]);
-        acc[r][b & 1] = _mm256_fmadd_ps(d, f, acc[r][b & 1]);
-      }
+    zero_term += (orow ? h2f(orow[g]) : -8.f * s) * group_sums[g];
+    int64_t b = g * blocks_per_group;
+    const int64_t b1 = std::min(n_blocks, b + blocks_per_group);
+    if (b & 1) {  // a group that starts in the high half of a 64-column block
+      const __m256 d = _mm256_cvtepi32_ps(block_dot(block_codes(row, b), lo + 32 * b, hi + 32 * b));
+      acc1 = _mm256_fmadd_ps(d, _mm256_set1_ps(s * steps[b]), acc1);
+      ++b;
     }
-    for (int r = 0; r < MR; ++r) zero_term[r] += zp * p.x_group_sums[(i0 + r) * p.n_groups + g];
+    for (; b + 2 <= b1; b += 2) {  // both halves of one 64-column block: one load of 32 bytes
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + b * 16));
+      const __m256i c0 = _mm256_and_si256(v, nibble);
+      const __m256i c1 = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+      const __m256 d0 = _mm256_cvtepi32_ps(block_dot(c0, lo + 32 * b, hi + 32 * b));
+      const __m256 d1 = _mm256_cvtepi32_ps(block_dot(c1, lo + 32 * b + 32, hi + 32 * b + 32));
+      acc0 = _mm256_fmadd_ps(d0, _mm256_set1_ps(s * steps[b]), acc0);
+      acc1 = _mm256_fmadd_ps(d1, _mm256_set1_ps(s * steps[b + 1]), acc1);
+    }
+    if (b < b1) {  // a group that ends in the low half
+      const __m256 d = _mm256_cvtepi32_ps(block_dot(block_codes(row, b), lo + 32 * b, hi + 32 * b));
+      acc0 = _mm256_fmadd_ps(d, _mm256_set1_ps(s * steps[b]), acc0);
+    }
   }
-  for (int r = 0; r < MR; ++r) {
-    const float v = hsum(_mm256_add_ps(acc[r][0], acc[r][1])) + zero_term[r];
-    p.y[(i0 + r) * p.n + j] = v + (p.bias ? p.bias[j] : 0.f);
+  const float v = hsum(_mm256_add_ps(acc0, acc1)) + zero_term;
+  p.y[i * p.n + j] = v + (p.bias ? p.bias[j] : 0.f);
+}
+
+// fixed16_dot for groups of 32 (one group per block, the common case): per 8 blocks one conversion of 8 fp16
+// scales, one multiply by the 8 steps and one FMA of the zero points into a vector, instead of scalar work
+// per group; then per 64 columns one load of 32 bytes and the two blocks' integer dot products.
+void fixed16_dot_g32(const Int4LinearProblem& p, int64_t i, int64_t j) {
+  const uint8_t* row = p.w + j * p.row_bytes;
+  const uint16_t* srow = p.scales + j * p.n_groups;
+  const uint16_t* orow = p.offsets ? p.offsets + j * p.n_groups : nullptr;
+  const int64_t n_blocks = p.n_groups;  // ceil(k / 32)
+  const int8_t* lo = p.x_planes + i * 2 * p.kp;
+  const int8_t* hi = lo + p.kp;
+  const float* steps = p.x_steps + i * (p.kp / 32);
+  const float* group_sums = p.x_group_sums + i * p.n_groups;
+  const __m256i nibble = _mm256_set1_epi8(0x0F);
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(), zero_acc = _mm256_setzero_ps();
+  alignas(32) float f[8];
+  for (int64_t b0 = 0; b0 < n_blocks; b0 += 8) {
+    const int64_t nb = std::min<int64_t>(8, n_blocks - b0);
+    __m256 s8, zp8, st8, gs8;
+    if (nb == 8) {
+      s8 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(srow + b0)));
+      zp8 = orow ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(orow + b0)))
+                 : _mm256_mul_ps(s8, _mm256_set1_ps(-8.f));
+      st8 = _mm256_loadu_ps(steps + b0);
+      gs8 = _mm256_loadu_ps(group_sums + b0);
+    } else {  // the last blocks of the row: zero-padded copies (a padding block's dot product is 0)
+      alignas(16) uint16_t sh[8] = {}, oh[8] = {};
+      alignas(32) float st[8] = {}, gs[8] = {};
+      for (int64_t t = 0; t < nb; ++t) {
+        sh[t] = srow[b0 + t];
+        oh[t] = orow ? orow[b0 + t] : 0;
+        st[t] = steps[b0 + t];
+        gs[t] = group_sums[b0 + t];
+      }
+      s8 = _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(sh)));
+      zp8 = orow ? _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(oh)))
+                 : _mm256_mul_ps(s8, _mm256_set1_ps(-8.f));
+      st8 = _mm256_load_ps(st);
+      gs8 = _mm256_load_ps(gs);
+    }
+    zero_acc = _mm256_fmadd_ps(zp8, gs8, zero_acc);
+    _mm256_store_ps(f, _mm256_mul_ps(s8, st8));
+    for (int64_t t = 0; t < nb; t += 2) {
+      const int64_t b = b0 + t;
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + b * 16));
+      const __m256i c0 = _mm256_and_si256(v, nibble);
+      const __m256i c1 = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+      const __m256 d0 = _mm256_cvtepi32_ps(block_dot(c0, lo + 32 * b, hi + 32 * b));
+      const __m256 d1 = _mm256_cvtepi32_ps(block_dot(c1, lo + 32 * b + 32, hi + 32 * b + 32));
+      acc0 = _mm256_fmadd_ps(d0, _mm256_broadcast_ss(f + t), acc0);
+      acc1 = _mm256_fmadd_ps(d1, _mm256_broadcast_ss(f + t + 1), acc1);
+    }
   }
+  const float v = hsum(_mm256_add_ps(acc0, acc1)) + hsum(zero_acc);
+  p.y[i * p.n + j] = v + (p.bias ? p.bias[j] : 0.f);
 }
 
 // Dequantizes columns [k0, k0 + 64 * n64) of weight row j into out (fp32), as the reference: s * (q - 8)
@@ -115,6 +177,8 @@ void dequantize_row(const Int4LinearProblem& p, int64_t j, int64_t k0, int64_t n
   }
 }
 
+constexpr int64_t kMicroRows = 6;
+
 // 8 x 8 transpose: rows src[r * lds + c] -> dst[c * ldd + r].
 inline void transpose8(const float* src, int64_t lds, float* dst, int64_t ldd) {
   __m256 r[8], t[8];
@@ -137,58 +201,61 @@ inline void transpose8(const float* src, int64_t lds, float* dst, int64_t ldd) {
   }
 }
 
-// y[i0 .. i0 + MR, j0 .. j0 + nr) (+)= x[i0 .., k0 .. k0 + kc) . tile, tile[kk * 16 + c] the weight of column
-// j0 + c at k0 + kk. The first K chunk starts from the bias (or 0), later ones add to y.
-template <int MR>
-void micro_kernel(const Int4LinearProblem& p, const float* tile, int64_t i0, int64_t j0, int64_t k0,
-                  int64_t kc, int64_t nr) {
-  __m256 c[MR][2];
-  for (int r = 0; r < MR; ++r) c[r][0] = c[r][1] = _mm256_setzero_ps();
-  const float* x = p.x + i0 * p.k + k0;
+// y[i0 .. i0 + mr, j0 .. j0 + nr) (+)= x[i0 .. i0 + mr, k0 .. k0 + kc) . tile, tile[kk * 16 + c] the weight
+// of column j0 + c at k0 + kk; mr <= 6. 12 named accumulators (arrays of vectors end up in memory with GCC);
+// rows past mr repeat the last row and are not stored. The first K chunk starts from the bias (or 0), later
+// ones add to y.
+void micro_kernel(const Int4LinearProblem& p, const float* tile, int64_t i0, int64_t mr, int64_t j0,
+                  int64_t k0, int64_t kc, int64_t nr) {
+  const float* x[kMicroRows];
+  for (int r = 0; r < kMicroRows; ++r) x[r] = p.x + (i0 + std::min<int64_t>(r, mr - 1)) * p.k + k0;
+  const float *x0 = x[0], *x1 = x[1], *x2 = x[2], *x3 = x[3], *x4 = x[4], *x5 = x[5];
+  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00,
+         c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
   for (int64_t kk = 0; kk < kc; ++kk) {
     const __m256 b0 = _mm256_load_ps(tile + kk * kInt4TileRows);
     const __m256 b1 = _mm256_load_ps(tile + kk * kInt4TileRows + 8);
-    for (int r = 0; r < MR; ++r) {
-      const __m256 a = _mm256_broadcast_ss(x + r * p.k + kk);
-      c[r][0] = _mm256_fmadd_ps(a, b0, c[r][0]);
-      c[r][1] = _mm256_fmadd_ps(a, b1, c[r][1]);
-    }
+    __m256 a = _mm256_broadcast_ss(x0 + kk);
+    c00 = _mm256_fmadd_ps(a, b0, c00);
+    c01 = _mm256_fmadd_ps(a, b1, c01);
+    a = _mm256_broadcast_ss(x1 + kk);
+    c10 = _mm256_fmadd_ps(a, b0, c10);
+    c11 = _mm256_fmadd_ps(a, b1, c11);
+    a = _mm256_broadcast_ss(x2 + kk);
+    c20 = _mm256_fmadd_ps(a, b0, c20);
+    c21 = _mm256_fmadd_ps(a, b1, c21);
+    a = _mm256_broadcast_ss(x3 + kk);
+    c30 = _mm256_fmadd_ps(a, b0, c30);
+    c31 = _mm256_fmadd_ps(a, b1, c31);
+    a = _mm256_broadcast_ss(x4 + kk);
+    c40 = _mm256_fmadd_ps(a, b0, c40);
+    c41 = _mm256_fmadd_ps(a, b1, c41);
+    a = _mm256_broadcast_ss(x5 + kk);
+    c50 = _mm256_fmadd_ps(a, b0, c50);
+    c51 = _mm256_fmadd_ps(a, b1, c51);
   }
-  alignas(32) float out[16], bias[16] = {};
-  if (k0 == 0 && p.bias) std::memcpy(bias, p.bias + j0, nr * sizeof(float));
-  for (int r = 0; r < MR; ++r) {
+  alignas(32) float out[kMicroRows][16];
+  const __m256 c[kMicroRows][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
+  for (int r = 0; r < kMicroRows; ++r) {
+    _mm256_store_ps(out[r], c[r][0]);
+    _mm256_store_ps(out[r] + 8, c[r][1]);
+  }
+  for (int64_t r = 0; r < mr; ++r) {
     float* y = p.y + (i0 + r) * p.n + j0;
-    _mm256_store_ps(out, c[r][0]);
-    _mm256_store_ps(out + 8, c[r][1]);
-    for (int64_t t = 0; t < nr; ++t) y[t] = out[t] + (k0 == 0 ? bias[t] : y[t]);
+    for (int64_t t = 0; t < nr; ++t) y[t] = out[r][t] + (k0 > 0 ? y[t] : p.bias ? p.bias[j0 + t] : 0.f);
   }
 }
-
-using MicroKernel = void (*)(const Int4LinearProblem&, const float*, int64_t, int64_t, int64_t, int64_t,
-                             int64_t);
-constexpr int kMicroRows = 6;
-constexpr MicroKernel kMicro[kMicroRows + 1] = {nullptr,         micro_kernel<1>, micro_kernel<2>,
-                                                micro_kernel<3>, micro_kernel<4>, micro_kernel<5>,
-                                                micro_kernel<6>};
 
 }  // namespace
 
 void int4_linear_avx2_fixed16(const Int4LinearProblem& p, int64_t n_begin, int64_t n_end) {
   for (int64_t j = n_begin; j < n_end; ++j) {
-    int64_t i = 0;
-    for (; i + 4 <= p.m; i += 4) fixed16_column<4>(p, i, j);
-    switch (p.m - i) {
-      case 3:
-        fixed16_column<3>(p, i, j);
-        break;
-      case 2:
-        fixed16_column<2>(p, i, j);
-        break;
-      case 1:
-        fixed16_column<1>(p, i, j);
-        break;
-      default:
-        break;
+    for (int64_t i = 0; i < p.m; ++i) {
+      if (p.group_size == 32) {
+        fixed16_dot_g32(p, i, j);
+      } else {
+        fixed16_dot(p, i, j);
+      }
     }
   }
 }
@@ -216,7 +283,7 @@ void int4_linear_avx2_tiled_fp32(const Int4LinearProblem& p, int64_t n_begin, in
       }
       // Every row of x runs over the tile while it is in L1: the weight is dequantized once per call.
       for (int64_t i0 = 0; i0 < p.m; i0 += kMicroRows) {
-        kMicro[std::min<int64_t>(kMicroRows, p.m - i0)](p, tile, i0, j0, k0, kc, nr);
+        micro_kernel(p, tile, i0, std::min(kMicroRows, p.m - i0), j0, k0, kc, nr);
       }
     }
   }

@@ -1,0 +1,159 @@
+"""int4 layers on the CPU against fastquant's int8 and torch's fp32, weights from DRAM, interleaved.
+
+Contenders, same shapes, same process, timed in interleaved rounds (decode_layer.time_interleaved: each round
+times a burst of calls of every contender in turn, the order reversed every round; the result is the median
+over rounds of each burst's median):
+
+* ``int4 g32``: ``fastquant.int4_linear``, symmetric, groups of 32 (fp16 scales), fp32 x;
+* ``int4 g128``: the same with groups of 128;
+* ``int8``: ``fastquant.int8_linear``, per-channel fp32 scales (the dense int8 kernel);
+* ``fp32``: ``F.linear`` on the float weight.
+
+Every contender rotates through copies of its weight totalling >= 160 MB (5x the 32 MB L3), as a model's
+layers stream from memory. The read bandwidth of torch's ``sum`` over a float64 buffer of int4 g32's bytes,
+rotated the same way, is measured in the same run: ``fraction`` is int4 g32's format bytes (codes + scales)
+per second over it.
+
+Run: ``flock /work/bench.lock python benchmarks/bench_cpu_int4.py`` (~5 minutes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from decode_layer import time_interleaved
+
+import fastquant
+from fastquant import _native, reference
+
+SHAPES = [(4096, 4096), (11008, 4096), (1536, 576)]  # (N, K) = (out, in)
+ROTATION_BYTES = 160 * 2**20
+RESULTS = Path(__file__).parent / "results"
+
+
+def int4_bytes(n: int, k: int, group_size: int) -> int:
+    return n * (k + 63) // 64 * 32 + 2 * n * math.ceil(k / group_size)
+
+
+def copies(nbytes: int) -> int:
+    return max(2, min(64, math.ceil(ROTATION_BYTES / nbytes)))
+
+
+def contenders(n: int, k: int, x: list[torch.Tensor]) -> dict[str, list]:
+    """Calls on rotated weight copies; x[0] is the activation (set per row count by the caller)."""
+    gen = torch.Generator().manual_seed(n * 7 + k)
+    weight = torch.randn(n, k, generator=gen)
+    out: dict[str, list] = {"int4 g32": [], "int4 g128": [], "int8": [], "fp32": []}
+    for group in (32, 128):
+        for i in range(copies(int4_bytes(n, k, group))):
+            q, s, _ = reference.int4_quantize(weight.roll(i, dims=0), group)
+            out[f"int4 g{group}"].append(
+                lambda q=q, s=s, g=group: fastquant.int4_linear(x[0], q, s, in_features=k, group_size=g)
+            )
+    for i in range(copies(n * k)):
+        q, s = reference.int8_quantize(weight.roll(i, dims=0), -1)
+        out["int8"].append(lambda q=q, s=s: fastquant.int8_linear(x[0], q, s, None, -1))
+    for i in range(copies(4 * n * k)):
+        w = weight.roll(i, dims=0).contiguous()
+        out["fp32"].append(lambda w=w: F.linear(x[0], w))
+    return out
+
+
+def read_bandwidth(nbytes: int) -> float:
+    bufs = [torch.rand(max(1, nbytes // 8), dtype=torch.float64) for _ in range(copies(nbytes))]
+    times = time_interleaved({"sum": [lambda b=b: b.sum() for b in bufs]}, rounds=5, burst=20)
+    return nbytes / times["sum"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", default="1,16,512", help="row counts M")
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--burst", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from fastquant.evaluate import cpu_model
+
+    load_before = os.getloadavg()
+    rows = []
+    for n, k in SHAPES:
+        nbytes = int4_bytes(n, k, 32)
+        bw = read_bandwidth(nbytes)
+        x: list[torch.Tensor] = [torch.empty(0)]
+        calls = contenders(n, k, x)
+        for m in (int(v) for v in args.rows.split(",")):
+            x[0] = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+            # Prefill rows are compute-bound seconds of work per call: fewer, shorter rounds.
+            rounds, burst = (args.rounds, args.burst) if m <= 16 else (3, 2)
+            timed = time_interleaved(calls, rounds, burst)
+            ms = {name: t * 1e3 for name, t in timed.items()}
+            path = _native.int4_linear_kernel_path(torch.device("cpu"), m, n, k, 32, torch.float32)
+            row = {
+                "n": n,
+                "k": k,
+                "m": m,
+                "path": path,
+                "ms": ms,
+                "int4_vs_int8": ms["int8"] / ms["int4 g32"],
+                "int4_vs_fp32": ms["fp32"] / ms["int4 g32"],
+                "int4_gbs": nbytes / ms["int4 g32"] / 1e6,
+                "read_gbs": bw / 1e9,
+            }
+            rows.append(row)
+            print(
+                f"{n} x {k} M={m} {path}: "
+                + ", ".join(f"{name} {v:.3f} ms" for name, v in ms.items())
+                + f"; int8/int4 {row['int4_vs_int8']:.2f}x, fp32/int4 {row['int4_vs_fp32']:.2f}x, "
+                f"int4 {row['int4_gbs']:.1f} GB/s of read {row['read_gbs']:.1f}",
+                flush=True,
+            )
+    env = {
+        "cpu": cpu_model(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "isa": _native.native.cpu_isa() if _native.native is not None else "reference",
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+    }
+    names = list(rows[0]["ms"])
+    lines = [
+        f"# int4 layers vs int8 and fp32, weights from DRAM ({env['cpu']}, {env['threads']} threads, ISA {env['isa']})",
+        "",
+        f"torch {env['torch']}; median ms per call over interleaved rounds ({args.rounds} x {args.burst} calls at "
+        "M <= 16, 3 x 2 above); load average (1/5/15 min) "
+        f"{' '.join(f'{v:.2f}' for v in load_before)} before, "
+        f"{' '.join(f'{v:.2f}' for v in env['load_average_after'])} after. `int8 / int4` > 1: int4 g32 is faster. "
+        "`fraction`: int4 g32's format bytes per second over torch's float64 `sum` read bandwidth of the same "
+        "bytes, same run.",
+        "",
+        "| N x K | M | int4 path | " + " | ".join(f"{n} ms" for n in names) + " | int8 / int4 | fp32 / int4 | "
+        "int4 GB/s | read GB/s | fraction |",
+        "|---|---:|---|" + "---:|" * (len(names) + 5),
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['n']} x {r['k']} | {r['m']} | {r['path']} | "
+            + " | ".join(f"{r['ms'][n]:.3f}" for n in names)
+            + f" | {r['int4_vs_int8']:.2f}x | {r['int4_vs_fp32']:.2f}x | {r['int4_gbs']:.1f} | "
+            f"{r['read_gbs']:.1f} | {r['int4_gbs'] / r['read_gbs']:.2f} |"
+        )
+    text = "\n".join(lines) + "\n"
+    print(text)
+    stem = Path(args.out) if args.out else RESULTS / f"cpu-int4-{dt.datetime.now(dt.timezone.utc).date()}"
+    stem.with_suffix(".md").write_text(text)
+    stem.with_suffix(".json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
+    print(f"wrote {stem}.md / .json")
+
+
+if __name__ == "__main__":
+    main()
