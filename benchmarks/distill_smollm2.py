@@ -59,6 +59,7 @@ def _run(args: argparse.Namespace) -> None:
         pattern=args.pattern,
         pruning="sparsegpt",
         calibration=calibration,
+        sparse_kernel=args.sparse_kernel,
         progress=False,
     )
     prune_s = time.perf_counter() - t0
@@ -85,6 +86,7 @@ def _run(args: argparse.Namespace) -> None:
         micro_batch_size=args.micro_batch_size,
         seq_len=args.seq_len,
         hidden_weight=args.hidden_weight,
+        warmup_steps=args.warmup_steps,
         quantization=args.quantization,
         checkpoint_dir=str(RUNS / f"{args.name}-checkpoint"),
         loss_plot=str(RUNS / f"{args.name}-loss.png"),
@@ -249,6 +251,7 @@ def main() -> None:
     run.add_argument("--sparsity", type=float, default=0.5)
     run.add_argument("--pattern", default="unstructured")
     run.add_argument("--calibration-sequences", type=int, default=32)
+    run.add_argument("--sparse-kernel", default="sparse", help="fastquant.patch's sparse_kernel (perplexity: same)")
     run.add_argument("--minutes", type=float, default=25)
     run.add_argument("--steps", type=int, default=None)
     run.add_argument("--lr", type=float, default=1e-4)
@@ -256,6 +259,7 @@ def main() -> None:
     run.add_argument("--micro-batch-size", type=int, default=2)
     run.add_argument("--seq-len", type=int, default=256)
     run.add_argument("--hidden-weight", type=float, default=0.0)
+    run.add_argument("--warmup-steps", type=int, default=10)
     run.add_argument("--quantization", default="ste", choices=("ste", "requantize"))
     run.add_argument("--eval-tokens", type=int, default=2048)
     run.add_argument("--window", type=int, default=512)
