@@ -205,9 +205,13 @@ def _report(args: argparse.Namespace) -> None:
         lines += ["", "| processes x threads | tokens/s | steps | load avg before -> after |", "|---|---:|---:|---|"]
         for s in speed:
             lines.append(
-                f"| {s['processes']} x {s['threads_per_process']} | {s['steady_tokens_per_s']:.0f} | {s['steps']} | "
+                f"| {s['processes']} x {s['threads_per_process']} | {s['steady_tokens_per_s']:.1f} | {s['steps']} | "
                 f"{s['load_average']['before']:.1f} -> {s['load_average']['after']:.1f} |"
             )
+    if args.note:
+        lines += ["", args.note]
+        out["note"] = args.note
+        (RESULTS / f"distill-{DATE}.json").write_text(json.dumps(out, indent=2))
     (RESULTS / f"distill-{DATE}.md").write_text("\n".join(lines) + "\n")
     _plot(runs, RESULTS / f"distill-{DATE}.png")
     print("\n".join(lines))
@@ -223,7 +227,8 @@ def _plot(runs: list[dict], path: Path) -> None:
     for r in runs:
         axes[0].plot(range(1, len(r["losses"]) + 1), r["losses"], lw=1, label=r["name"])
     axes[0].set(xlabel="optimizer step", ylabel="KL(teacher || student)", title="distillation loss", yscale="log")
-    axes[0].legend()
+    if runs:
+        axes[0].legend()
     names = [r["name"] for r in runs]
     width = 0.2
     for i, (model, text) in enumerate(
@@ -235,7 +240,8 @@ def _plot(runs: list[dict], path: Path) -> None:
     axes[1].set_xticks(range(len(runs)), names)
     axes[1].axhline(1.0, color="k", lw=0.8)
     axes[1].set(ylabel="perplexity / float perplexity", title="lower is better; held-out = Julius Caesar")
-    axes[1].legend(fontsize=8)
+    if runs:
+        axes[1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -274,6 +280,7 @@ def main() -> None:
     speed.add_argument("--threads", type=int, default=1)
     speed.set_defaults(func=_speed)
     report = sub.add_parser("report")
+    report.add_argument("--note", help="a paragraph for the report (e.g. runs that could not be made)")
     report.set_defaults(func=_report)
     args = parser.parse_args()
     args.func(args)
