@@ -162,7 +162,7 @@ def _speed(args: argparse.Namespace) -> None:
             "seconds": result.seconds,
             "load_average": {"before": load_before, "after": load_average()},
         }
-        (RUNS / f"speed-{world}proc.json").write_text(json.dumps(row, indent=2))
+        (RUNS / f"speed-{world}proc-{args.threads}thread.json").write_text(json.dumps(row, indent=2))
         print(json.dumps(row, indent=2))
 
 
