@@ -59,6 +59,7 @@ def _run(args: argparse.Namespace) -> None:
         pattern=args.pattern,
         pruning="sparsegpt",
         calibration=calibration,
+        sparse_kernel=args.sparse_kernel,
         progress=False,
     )
     prune_s = time.perf_counter() - t0
@@ -85,6 +86,7 @@ def _run(args: argparse.Namespace) -> None:
         micro_batch_size=args.micro_batch_size,
         seq_len=args.seq_len,
         hidden_weight=args.hidden_weight,
+        warmup_steps=args.warmup_steps,
         quantization=args.quantization,
         checkpoint_dir=str(RUNS / f"{args.name}-checkpoint"),
         loss_plot=str(RUNS / f"{args.name}-loss.png"),
@@ -160,7 +162,7 @@ def _speed(args: argparse.Namespace) -> None:
             "seconds": result.seconds,
             "load_average": {"before": load_before, "after": load_average()},
         }
-        (RUNS / f"speed-{world}proc.json").write_text(json.dumps(row, indent=2))
+        (RUNS / f"speed-{world}proc-{args.threads}thread.json").write_text(json.dumps(row, indent=2))
         print(json.dumps(row, indent=2))
 
 
@@ -203,9 +205,13 @@ def _report(args: argparse.Namespace) -> None:
         lines += ["", "| processes x threads | tokens/s | steps | load avg before -> after |", "|---|---:|---:|---|"]
         for s in speed:
             lines.append(
-                f"| {s['processes']} x {s['threads_per_process']} | {s['steady_tokens_per_s']:.0f} | {s['steps']} | "
+                f"| {s['processes']} x {s['threads_per_process']} | {s['steady_tokens_per_s']:.1f} | {s['steps']} | "
                 f"{s['load_average']['before']:.1f} -> {s['load_average']['after']:.1f} |"
             )
+    if args.note:
+        lines += ["", args.note]
+        out["note"] = args.note
+        (RESULTS / f"distill-{DATE}.json").write_text(json.dumps(out, indent=2))
     (RESULTS / f"distill-{DATE}.md").write_text("\n".join(lines) + "\n")
     _plot(runs, RESULTS / f"distill-{DATE}.png")
     print("\n".join(lines))
@@ -221,7 +227,8 @@ def _plot(runs: list[dict], path: Path) -> None:
     for r in runs:
         axes[0].plot(range(1, len(r["losses"]) + 1), r["losses"], lw=1, label=r["name"])
     axes[0].set(xlabel="optimizer step", ylabel="KL(teacher || student)", title="distillation loss", yscale="log")
-    axes[0].legend()
+    if runs:
+        axes[0].legend()
     names = [r["name"] for r in runs]
     width = 0.2
     for i, (model, text) in enumerate(
@@ -233,7 +240,8 @@ def _plot(runs: list[dict], path: Path) -> None:
     axes[1].set_xticks(range(len(runs)), names)
     axes[1].axhline(1.0, color="k", lw=0.8)
     axes[1].set(ylabel="perplexity / float perplexity", title="lower is better; held-out = Julius Caesar")
-    axes[1].legend(fontsize=8)
+    if runs:
+        axes[1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -249,6 +257,7 @@ def main() -> None:
     run.add_argument("--sparsity", type=float, default=0.5)
     run.add_argument("--pattern", default="unstructured")
     run.add_argument("--calibration-sequences", type=int, default=32)
+    run.add_argument("--sparse-kernel", default="sparse", help="fastquant.patch's sparse_kernel (perplexity: same)")
     run.add_argument("--minutes", type=float, default=25)
     run.add_argument("--steps", type=int, default=None)
     run.add_argument("--lr", type=float, default=1e-4)
@@ -256,6 +265,7 @@ def main() -> None:
     run.add_argument("--micro-batch-size", type=int, default=2)
     run.add_argument("--seq-len", type=int, default=256)
     run.add_argument("--hidden-weight", type=float, default=0.0)
+    run.add_argument("--warmup-steps", type=int, default=10)
     run.add_argument("--quantization", default="ste", choices=("ste", "requantize"))
     run.add_argument("--eval-tokens", type=int, default=2048)
     run.add_argument("--window", type=int, default=512)
@@ -270,6 +280,7 @@ def main() -> None:
     speed.add_argument("--threads", type=int, default=1)
     speed.set_defaults(func=_speed)
     report = sub.add_parser("report")
+    report.add_argument("--note", help="a paragraph for the report (e.g. runs that could not be made)")
     report.set_defaults(func=_report)
     args = parser.parse_args()
     args.func(args)

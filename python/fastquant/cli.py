@@ -555,6 +555,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
         texts = {"held-out": ids(held_out), "train": ids(train)}
     before = perplexities({"float": teacher, args.method: student}, texts, args.window, args.progress) if texts else {}
     result = distill(student, teacher, args.train_text, config, loaded.tokenizer)
+    if world > 1:
+        torch.distributed.destroy_process_group()
     if rank != 0:
         return 0
     after = perplexities({"distilled": student}, texts, args.window, args.progress) if texts else {}

@@ -30,6 +30,7 @@ rounding). Only rank 0 writes checkpoints, the loss curve and the result.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import math
 import os
@@ -57,6 +58,7 @@ QUANTIZATION_MODES = ("ste", "requantize")
 # The attribute fastquant.patch sets on a pruned layer it kept in a dense format (nn.Linear or Int8Linear): its
 # zeros are pruned weights, to be kept at zero when it trains.
 PRUNED_MARKER = "_fastquant_pruned"
+DISTRIBUTED_TIMEOUT_HOURS = 2
 
 
 @dataclass
@@ -395,7 +397,9 @@ def init_distributed() -> tuple[int, int]:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend)
+    # Rank 0 may score perplexities or write files while the others wait in a collective: minutes on a busy CPU,
+    # more than the default 10-30 minute timeouts allow.
+    dist.init_process_group(backend, timeout=datetime.timedelta(hours=DISTRIBUTED_TIMEOUT_HOURS))
     return dist.get_rank(), dist.get_world_size()
 
 
