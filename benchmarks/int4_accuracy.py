@@ -302,7 +302,8 @@ def main() -> None:
                 merged[table] = merged.get(table, []) + part.get(table, [])
             merged["llama_cpp_note"] = merged.get("llama_cpp_note") or part.get("llama_cpp_note")
             merged["settings"]["ppl_tokens"] = merged["settings"]["ppl_tokens"] or part["settings"]["ppl_tokens"]
-        merged["commit"] = ", ".join(dict.fromkeys(p["commit"] for p in parts))
+        merged["commit"] = ", ".join(dict.fromkeys(c for p in parts for c in p["commit"].split(", ")))
+        merged["machine"] = " / ".join(dict.fromkeys(p["machine"] for p in parts))
         merged["verdicts"] = verdicts(merged["smollm2"])
         stem = Path(args.output) / f"int4-accuracy-{merged['date']}{args.tag}"
         stem.with_suffix(".json").write_text(json.dumps(merged, indent=2) + "\n")
