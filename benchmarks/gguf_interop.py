@@ -158,12 +158,11 @@ def part_gguf_out(gguf_path: Path, ids: torch.Tensor, args, tmp: Path) -> dict[s
     from fastquant.pruning import calibration_from_text
 
     loaded = load_model("smollm2")
-    variants: list[tuple[str, dict[str, Any]]] = [("int8 g32 RTN -> Q8_0", {"method": "int8", "group_size": 32})]
-    if hasattr(fastquant.modules, "Int4Linear"):
-        variants += [
-            ("int4 g32 sym RTN -> Q4_0", {"method": "int4", "group_size": 32, "symmetric": True}),
-            ("int4 g32 sym GPTQ -> Q4_0", {"method": "int4", "group_size": 32, "symmetric": True, "gptq": True}),
-        ]
+    variants: list[tuple[str, dict[str, Any]]] = [
+        ("int8 g32 RTN -> Q8_0", {"method": "int8", "group_size": 32}),
+        ("int4 g32 sym RTN -> Q4_0", {"method": "int4", "group_size": 32, "symmetric": True}),
+        ("int4 g32 sym GPTQ -> Q4_0", {"method": "int4", "group_size": 32, "symmetric": True, "gptq": True}),
+    ]
     out: dict[str, Any] = {"llama_cpp_version": llama_cpp.__version__, "rows": []}
     for label, spec in variants:
         model = copy.deepcopy(loaded.model)
@@ -190,18 +189,18 @@ def part_gguf_out(gguf_path: Path, ids: torch.Tensor, args, tmp: Path) -> dict[s
         )
         print(out["rows"][-1], flush=True)
         del model
-    if hasattr(fastquant.modules, "Int4Linear"):
-        own = tmp / "llama-cpp-own-q4_0.gguf"
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
-        params.allow_requantize = True
-        rc = llama_cpp.llama_model_quantize(str(gguf_path).encode(), str(own).encode(), params)
-        if rc == 0:
-            out["llama_cpp_own_q4_0"] = {
-                "how": "llama_model_quantize(shipped Q4_1 -> Q4_0, allow_requantize): the same float weights",
-                "perplexity_llama_cpp": llama_cpp_ppl(own, ids, args.window, args.threads),
-                "file_bytes": own.stat().st_size,
-            }
+    # llama.cpp's own Q4_0 of the same float weights: the peer for GPTQ's rounding
+    own = tmp / "llama-cpp-own-q4_0.gguf"
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
+    params.allow_requantize = True
+    rc = llama_cpp.llama_model_quantize(str(gguf_path).encode(), str(own).encode(), params)
+    if rc == 0:
+        out["llama_cpp_own_q4_0"] = {
+            "how": "llama_model_quantize(shipped Q4_1 -> Q4_0, allow_requantize): the same float weights",
+            "perplexity_llama_cpp": llama_cpp_ppl(own, ids, args.window, args.threads),
+            "file_bytes": own.stat().st_size,
+        }
     return out
 
 
@@ -216,9 +215,11 @@ def part_compressed_tensors(args, tmp: Path) -> dict[str, Any]:
 
     loaded = load_model("smollm2")
     ids = loaded.tokenizer(read_text()[:2000], return_tensors="pt").input_ids[:, :128]
-    variants = [("int8 g32", {"method": "int8", "group_size": 32}), ("int8 per-channel", {"method": "int8"})]
-    if hasattr(fastquant.modules, "Int4Linear"):
-        variants.append(("int4 g32 sym", {"method": "int4", "group_size": 32, "symmetric": True}))
+    variants = [
+        ("int8 g32", {"method": "int8", "group_size": 32}),
+        ("int8 per-channel", {"method": "int8"}),
+        ("int4 g32 sym", {"method": "int4", "group_size": 32, "symmetric": True}),
+    ]
     rows = []
     for label, spec in variants:
         model = copy.deepcopy(loaded.model)
