@@ -34,6 +34,7 @@ import torch
 import fastquant
 from fastquant.evaluate import interleaved_speed, load_average, model_bytes
 from fastquant.models import load_model, read_text, smollm2_gguf
+from fastquant.modules import _CompressedLinear
 
 LOCK = "/work/bench.lock"
 
@@ -100,7 +101,7 @@ def part_gguf_in(gguf_path: Path, tokenizer, ids: torch.Tensor, args) -> dict[st
         exact = all(
             torch.equal(m.dequantize(), float_model.get_submodule(n).weight)
             for n, m in fq.named_modules()
-            if hasattr(m, "dequantize") and n != "lm_head"
+            if isinstance(m, _CompressedLinear) and n != "lm_head"
         )
         exact_head = torch.equal(fq.lm_head.dequantize(), float_model.lm_head.weight)
     ppl_float = fastquant_ppl(float_model, ids, args.window)
@@ -161,8 +162,11 @@ def part_gguf_out(gguf_path: Path, ids: torch.Tensor, args, tmp: Path) -> dict[s
     variants: list[tuple[str, dict[str, Any]]] = [
         ("int8 g32 RTN -> Q8_0", {"method": "int8", "group_size": 32}),
         ("int4 g32 sym RTN -> Q4_0", {"method": "int4", "group_size": 32, "symmetric": True}),
-        ("int4 g32 sym GPTQ -> Q4_0", {"method": "int4", "group_size": 32, "symmetric": True, "gptq": True}),
     ]
+    if args.gptq:
+        variants.append(
+            ("int4 g32 sym GPTQ -> Q4_0", {"method": "int4", "group_size": 32, "symmetric": True, "gptq": True})
+        )
     out: dict[str, Any] = {"llama_cpp_version": llama_cpp.__version__, "rows": []}
     for label, spec in variants:
         model = copy.deepcopy(loaded.model)
@@ -344,6 +348,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--calibration-sequences", type=int, default=32)
     parser.add_argument("--parts", nargs="+", default=["in", "out", "ct"])
+    parser.add_argument("--gptq", action="store_true", help="also export a GPTQ-rounded int4 model (minutes)")
     parser.add_argument("--merge", action="store_true", help="add these parts to an existing results file")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
