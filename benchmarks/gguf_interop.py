@@ -34,6 +34,7 @@ import torch
 import fastquant
 from fastquant.evaluate import interleaved_speed, load_average, model_bytes
 from fastquant.models import load_model, read_text, smollm2_gguf
+from fastquant.modules import _CompressedLinear
 
 LOCK = "/work/bench.lock"
 
@@ -100,7 +101,7 @@ def part_gguf_in(gguf_path: Path, tokenizer, ids: torch.Tensor, args) -> dict[st
         exact = all(
             torch.equal(m.dequantize(), float_model.get_submodule(n).weight)
             for n, m in fq.named_modules()
-            if hasattr(m, "dequantize") and n != "lm_head"
+            if isinstance(m, _CompressedLinear) and n != "lm_head"
         )
         exact_head = torch.equal(fq.lm_head.dequantize(), float_model.lm_head.weight)
     ppl_float = fastquant_ppl(float_model, ids, args.window)
@@ -158,12 +159,14 @@ def part_gguf_out(gguf_path: Path, ids: torch.Tensor, args, tmp: Path) -> dict[s
     from fastquant.pruning import calibration_from_text
 
     loaded = load_model("smollm2")
-    variants: list[tuple[str, dict[str, Any]]] = [("int8 g32 RTN -> Q8_0", {"method": "int8", "group_size": 32})]
-    if hasattr(fastquant.modules, "Int4Linear"):
-        variants += [
-            ("int4 g32 sym RTN -> Q4_0", {"method": "int4", "group_size": 32, "symmetric": True}),
-            ("int4 g32 sym GPTQ -> Q4_0", {"method": "int4", "group_size": 32, "symmetric": True, "gptq": True}),
-        ]
+    variants: list[tuple[str, dict[str, Any]]] = [
+        ("int8 g32 RTN -> Q8_0", {"method": "int8", "group_size": 32}),
+        ("int4 g32 sym RTN -> Q4_0", {"method": "int4", "group_size": 32, "symmetric": True}),
+    ]
+    if args.gptq:
+        variants.append(
+            ("int4 g32 sym GPTQ -> Q4_0", {"method": "int4", "group_size": 32, "symmetric": True, "gptq": True})
+        )
     out: dict[str, Any] = {"llama_cpp_version": llama_cpp.__version__, "rows": []}
     for label, spec in variants:
         model = copy.deepcopy(loaded.model)
@@ -190,18 +193,18 @@ def part_gguf_out(gguf_path: Path, ids: torch.Tensor, args, tmp: Path) -> dict[s
         )
         print(out["rows"][-1], flush=True)
         del model
-    if hasattr(fastquant.modules, "Int4Linear"):
-        own = tmp / "llama-cpp-own-q4_0.gguf"
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
-        params.allow_requantize = True
-        rc = llama_cpp.llama_model_quantize(str(gguf_path).encode(), str(own).encode(), params)
-        if rc == 0:
-            out["llama_cpp_own_q4_0"] = {
-                "how": "llama_model_quantize(shipped Q4_1 -> Q4_0, allow_requantize): the same float weights",
-                "perplexity_llama_cpp": llama_cpp_ppl(own, ids, args.window, args.threads),
-                "file_bytes": own.stat().st_size,
-            }
+    # llama.cpp's own Q4_0 of the same float weights: the peer for GPTQ's rounding
+    own = tmp / "llama-cpp-own-q4_0.gguf"
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
+    params.allow_requantize = True
+    rc = llama_cpp.llama_model_quantize(str(gguf_path).encode(), str(own).encode(), params)
+    if rc == 0:
+        out["llama_cpp_own_q4_0"] = {
+            "how": "llama_model_quantize(shipped Q4_1 -> Q4_0, allow_requantize): the same float weights",
+            "perplexity_llama_cpp": llama_cpp_ppl(own, ids, args.window, args.threads),
+            "file_bytes": own.stat().st_size,
+        }
     return out
 
 
@@ -216,9 +219,11 @@ def part_compressed_tensors(args, tmp: Path) -> dict[str, Any]:
 
     loaded = load_model("smollm2")
     ids = loaded.tokenizer(read_text()[:2000], return_tensors="pt").input_ids[:, :128]
-    variants = [("int8 g32", {"method": "int8", "group_size": 32}), ("int8 per-channel", {"method": "int8"})]
-    if hasattr(fastquant.modules, "Int4Linear"):
-        variants.append(("int4 g32 sym", {"method": "int4", "group_size": 32, "symmetric": True}))
+    variants = [
+        ("int8 g32", {"method": "int8", "group_size": 32}),
+        ("int8 per-channel", {"method": "int8"}),
+        ("int4 g32 sym", {"method": "int4", "group_size": 32, "symmetric": True}),
+    ]
     rows = []
     for label, spec in variants:
         model = copy.deepcopy(loaded.model)
@@ -343,6 +348,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--calibration-sequences", type=int, default=32)
     parser.add_argument("--parts", nargs="+", default=["in", "out", "ct"])
+    parser.add_argument("--gptq", action="store_true", help="also export a GPTQ-rounded int4 model (minutes)")
     parser.add_argument("--merge", action="store_true", help="add these parts to an existing results file")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

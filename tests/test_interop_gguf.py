@@ -16,6 +16,7 @@ from fastquant import Int8Linear, cli, reference
 from fastquant.interop import InteropError
 from fastquant.interop.gguf_in import GGUFFormatError
 from fastquant.interop.gguf_out import export_gguf
+from fastquant.modules import Int4Linear
 
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
@@ -143,7 +144,7 @@ def test_q4_layers_are_int4_group32_bit_exact(tmp_path, ids, qtype):
     names = _linear_names(ref) + ["lm_head"]
     for name in names:
         layer = ours.get_submodule(name)
-        assert isinstance(layer, fastquant.modules.Int4Linear) and layer.group_size == 32
+        assert isinstance(layer, Int4Linear) and layer.group_size == 32
         assert (layer.offsets is None) == (qtype == "Q4_0")
     _assert_layers_bit_exact(ours, ref, names)
     _assert_logits_close(_logits(ours, ids), _logits(ref, ids))
@@ -238,7 +239,7 @@ def test_export_int4_g32_symmetric_as_q4_0_is_bit_exact(tmp_path, tokenizer_dir,
     back = fastquant.from_gguf(tmp_path / "out.gguf")
     for name in [*_linear_names(back), "lm_head"]:
         src, dst = model.get_submodule(name), back.get_submodule(name)
-        assert isinstance(dst, fastquant.modules.Int4Linear) and dst.offsets is None
+        assert isinstance(dst, Int4Linear) and dst.offsets is None
         assert torch.equal(dst.qweight, src.qweight) and torch.equal(dst.scales, src.scales), name
     _assert_logits_close(_logits(back, ids), _logits(model, ids))
 

@@ -117,7 +117,7 @@ def export_compressed_tensors(model: nn.Module, out_dir: str | os.PathLike, *, t
         parent_name, _, child = name.rpartition(".")
         parent = float_model.get_submodule(parent_name) if parent_name else float_model
         setattr(parent, child, _float_linear(model.get_submodule(name)))
-    float_model = float_model.float()
+    float_model = nn.Module.float(float_model)  # transformers refuses .float() on models it loaded from GGUF
 
     groups: dict[tuple[int, int | None], list[str]] = {}
     for name, layout in layouts.items():
