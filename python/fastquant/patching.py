@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from fastquant import _native, ops
 from fastquant import pruning as pruning_lib
 from fastquant.choices import DEFAULT_PRUNING
-from fastquant.configs import GPTQ, Int4, Int8, Method, Sparse
+from fastquant.configs import GPTQ, SPARSE_KERNELS, Int4, Int8, Method, Sparse
 from fastquant.grids import Grid, Int4Grid, Int8Grid
 from fastquant.kernel_choice import MIN_TIMED_WEIGHTS, choose_kernel
 from fastquant.modules import Int4Linear, Int8Linear, SparseLinear, is_quantizable_linear, linear_weight
@@ -240,6 +240,8 @@ def method_config(
         return method
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: expected one of {METHODS} or a fastquant.Int8/Int4/Sparse config")
+    if sparse_kernel not in SPARSE_KERNELS:
+        raise ValueError(f"sparse_kernel must be one of {SPARSE_KERNELS}, got {sparse_kernel!r}")
     if not isinstance(symmetric, bool):
         raise ValueError(f"symmetric must be True or False, got {symmetric!r}")
     if not symmetric and method != "int4":
