@@ -14,7 +14,7 @@ layers stream from memory. The read bandwidth of torch's ``sum`` over a float64 
 rotated the same way, is measured in the same run: ``fraction`` is int4 g32's format bytes (codes + scales)
 per second over it.
 
-Run: ``flock /work/bench.lock python benchmarks/bench_cpu_int4.py`` (~5 minutes).
+Run: ``python benchmarks/bench_cpu_int4.py`` (~5 minutes) on an otherwise idle machine.
 """
 
 from __future__ import annotations

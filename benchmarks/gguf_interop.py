@@ -2,7 +2,7 @@
 
 1. GGUF in: fastquant.from_gguf (Q4_1 -> int4 g32 asymmetric, Q8_0 token_embd -> int8 g32 lm_head) against the
    fp32 model transformers de-quantizes from the same file: bytes in memory, greedy output, decode tok/s
-   (interleaved rounds, median; the timing holds /work/bench.lock), perplexity.
+   (interleaved rounds, median; the timing holds a lock file, so benchmark processes never time at once), perplexity.
 2. GGUF out: fastquant int8 g32 (-> Q8_0) and int4 g32 symmetric (-> Q4_0; RTN and GPTQ) exported and run by
    llama.cpp (llama-cpp-python): perplexity on the same tokens and windows as fastquant's own; and llama.cpp's own
    Q4_0 of the same float weights (llama_model_quantize of the shipped file) for the GPTQ comparison.
@@ -36,7 +36,8 @@ from fastquant.evaluate import interleaved_speed, load_average, model_bytes
 from fastquant.models import load_model, read_text, smollm2_gguf
 from fastquant.modules import _CompressedLinear
 
-LOCK = "/work/bench.lock"
+# Timings of concurrent benchmark processes on one machine never overlap: they take this lock (as `flock` does).
+LOCK = os.path.join(tempfile.gettempdir(), "fastquant-bench.lock")
 
 
 @contextlib.contextmanager

@@ -57,7 +57,8 @@ MINILM_ROWS = {
 }
 MINILM_TARGET = 0.995
 GPTQ_SHARE_TARGET = 0.5  # GPTQ keeps at most half of RTN's perplexity increase (sym g32)
-LLAMA_PYTHON = "/work/venv-llama/bin/python"
+# A python whose environment has llama-cpp-python (a benchmark-only extra, built from source): this one by default.
+LLAMA_PYTHON = sys.executable
 
 
 def commit() -> str:
