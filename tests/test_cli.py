@@ -31,23 +31,27 @@ def _tokenizer(vocab_size: int):
     )
 
 
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-llama")
+def save_tiny_llama(folder, hidden: int, intermediate: int, kv_heads: int, vocab: int):
+    """A random 2-layer Llama (tied embeddings) and a word-level tokenizer of ``vocab`` tokens, saved in ``folder``."""
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
-        hidden_size=128,
-        intermediate_size=256,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
         num_hidden_layers=2,
         num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=512,
+        num_key_value_heads=kv_heads,
+        vocab_size=vocab,
         tie_word_embeddings=True,
         architectures=["LlamaForCausalLM"],
     )
     transformers.LlamaForCausalLM(config).save_pretrained(folder)
-    _tokenizer(512).save_pretrained(folder)
+    _tokenizer(vocab).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), 128, 256, 2, 512)
 
 
 @pytest.fixture(scope="module")

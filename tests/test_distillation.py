@@ -235,23 +235,9 @@ def test_two_processes_give_the_weights_of_one(tmp_path):
 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
-    from test_cli import _tokenizer
+    from test_cli import save_tiny_llama
 
-    folder = tmp_path_factory.mktemp("tiny-llama-distill")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        vocab_size=256,
-        tie_word_embeddings=True,
-        architectures=["LlamaForCausalLM"],
-    )
-    transformers.LlamaForCausalLM(config).save_pretrained(folder)
-    _tokenizer(256).save_pretrained(folder)
-    return folder
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama-distill"), 64, 128, 4, 256)
 
 
 def test_cli_distill_writes_a_loadable_folder(llama_dir, tmp_path):
