@@ -13,7 +13,8 @@ Models:
 Contenders (each a copy of the float model): ``fp32`` and ``bf16`` (transformers eager), ``bf16 compiled``,
 fastquant ``int8`` (per-channel, lm_head quantized too: its tied embedding keeps the float weight) eager and
 compiled with :func:`fastquant.compile_for_decode`, and ``int8+50%`` (magnitude-pruned, 50% unstructured,
-int8 values; speed only) eager and compiled; llama.cpp ``Q8_0`` / ``Q4_0`` (llama-cpp-python, a
+int8 values; speed only) eager and compiled, ``int4`` (symmetric group 32, llama.cpp Q4_0's grid, lm_head
+int8) eager and compiled; llama.cpp ``Q8_0`` / ``Q4_0`` (llama-cpp-python, a
 benchmark-only extra built from source, ``n_threads`` = the torch thread count).
 
 Decode: batch 1, greedy, ``--new-tokens`` new tokens after a short prompt, tokens/s over the decode steps only
@@ -140,14 +141,29 @@ def requantize(source: Path, ftype_name: str, folder: Path) -> Path:
     return out
 
 
+def int4_with_int8_head(model):
+    """int4 g32 symmetric layers (llama.cpp Q4_0's grid) and an int8 lm_head: llama.cpp's Q4_0 files also keep
+    the output matrix at higher precision than the blocks."""
+    fastquant.patch(model, "int4", group_size=32, progress=False)
+    return fastquant.patch(
+        model, "int8", skip=(), quantize_tied=True, filter_fn=lambda _, name: name == "lm_head", progress=False
+    )
+
+
 def fastquant_variants(base, args, max_cache_len: int) -> list[Contender]:
     contenders = []
-    for label, kwargs in (
-        ("int8", dict(method="int8", skip=(), quantize_tied=True)),
-        ("int8+50%", dict(method="int8+sparse", sparsity=0.5, pruning="magnitude", skip=(), quantize_tied=True)),
+    for label, make in (
+        ("int8", lambda m: fastquant.patch(m, "int8", skip=(), quantize_tied=True, progress=False)),
+        (
+            "int8+50%",
+            lambda m: fastquant.patch(
+                m, "int8+sparse", sparsity=0.5, pruning="magnitude", skip=(), quantize_tied=True, progress=False
+            ),
+        ),
+        ("int4", int4_with_int8_head),
     ):
         start = time.perf_counter()
-        eager = fastquant.patch(copy.deepcopy(base), progress=False, **kwargs)
+        eager = make(copy.deepcopy(base))
         setup = time.perf_counter() - start
         contenders.append(hf_contender(f"fastquant {label}", eager, setup))
         compiled = copy.deepcopy(eager)
@@ -229,6 +245,7 @@ def run_model(name: str, args) -> dict:
                 "prefill_tok_s_rounds": c.prefill_tok_s,
                 "decode_vs_bf16": paired(c, "bf16", "decode_tok_s"),
                 "decode_vs_llama_cpp_q8_0": paired(c, "llama.cpp Q8_0", "decode_tok_s"),
+                "decode_vs_llama_cpp_q4_0": paired(c, "llama.cpp Q4_0", "decode_tok_s"),
                 "prefill_vs_bf16": paired(c, "bf16", "prefill_tok_s"),
                 "prefill_vs_llama_cpp_q8_0": paired(c, "llama.cpp Q8_0", "prefill_tok_s"),
                 "same_tokens_as_eager": None
@@ -255,7 +272,8 @@ def write_results(results: list[dict], env: dict, stem: Path) -> None:
         "ratios. `compiled` = `fastquant.compile_for_decode` (static KV cache sized for the prompt plus the new "
         "tokens, decode step compiled with fullgraph=True); its prefill runs eagerly. `same tokens`: greedy "
         "output identical to the eager model's. int8 quantizes the lm_head too (a copy: the tied embedding "
-        "keeps its float weight). int8+50% is magnitude-pruned (speed only; its text differs from int8's).",
+        "keeps its float weight). int8+50% is magnitude-pruned (speed only; its text differs from int8's)."
+        " int4 is symmetric group 32 (llama.cpp Q4_0's grid) with the lm_head in int8.",
         "",
     ]
     for result in results:
@@ -265,15 +283,16 @@ def write_results(results: list[dict], env: dict, stem: Path) -> None:
             "",
             f"Load average (1 min) before -> after each round: {loads}.",
             "",
-            "| contender | decode tok/s | vs bf16 | vs llama.cpp Q8_0 | prefill tok/s | vs bf16 | vs llama.cpp "
-            "Q8_0 | same tokens | setup s |",
-            "|---|---:|---:|---:|---:|---:|---:|---|---:|",
+            "| contender | decode tok/s | vs bf16 | vs llama.cpp Q8_0 | vs Q4_0 | prefill tok/s | vs bf16 "
+            "| vs llama.cpp Q8_0 | same tokens | setup s |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|",
         ]
         for r in result["rows"]:
             same = {None: "", True: "yes", False: "no"}[r["same_tokens_as_eager"]]
             lines.append(
                 f"| {r['contender']} | {r['decode_tok_s']:.1f} | {fmt(r['decode_vs_bf16'])} | "
-                f"{fmt(r['decode_vs_llama_cpp_q8_0'])} | {r['prefill_tok_s']:.0f} | {fmt(r['prefill_vs_bf16'])} | "
+                f"{fmt(r['decode_vs_llama_cpp_q8_0'])} | {fmt(r.get('decode_vs_llama_cpp_q4_0'))} | "
+                f"{r['prefill_tok_s']:.0f} | {fmt(r['prefill_vs_bf16'])} | "
                 f"{fmt(r['prefill_vs_llama_cpp_q8_0'])} | {same} | {r['setup_s']:.0f} |"
             )
         lines.append("")

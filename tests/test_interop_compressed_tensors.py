@@ -20,7 +20,7 @@ from fastquant.interop.ct_out import export_compressed_tensors
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("compressed_tensors", reason="compressed-tensors is in the test extra (Python >= 3.11)")
 
-from interop_helpers import byte_level_tokenizer, tiny_llama  # noqa: E402
+from interop_helpers import byte_level_tokenizer, tiny_llama, write_llama_gguf  # noqa: E402
 
 
 def _load(folder):
@@ -77,6 +77,16 @@ def test_int4_symmetric_exports_and_loads(tmp_path, ids):
     fastquant.patch(model, "int4", group_size=32, symmetric=True)
     summary = export_compressed_tensors(model, tmp_path / "ct")
     assert summary["schemes"] == {"int4 group 32": 14}
+    _check(model, tmp_path / "ct", ids)
+
+
+def test_model_transformers_loaded_from_gguf_exports(tmp_path, ids):
+    # transformers marks a model it de-quantized from a GGUF file as quantized, and save_pretrained refuses it.
+    pytest.importorskip("gguf")
+    path = write_llama_gguf(tiny_llama(), tmp_path / "tiny.gguf", "Q8_0")
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32)
+    fastquant.patch(model.eval(), "int8", group_size=32)
+    export_compressed_tensors(model, tmp_path / "ct")
     _check(model, tmp_path / "ct", ids)
 
 

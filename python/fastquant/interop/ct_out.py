@@ -118,6 +118,10 @@ def export_compressed_tensors(model: nn.Module, out_dir: str | os.PathLike, *, t
         parent = float_model.get_submodule(parent_name) if parent_name else float_model
         setattr(parent, child, _float_linear(model.get_submodule(name)))
     float_model = nn.Module.float(float_model)  # transformers refuses .float() on models it loaded from GGUF
+    # A model transformers loaded from a GGUF file keeps its GGUF "quantizer", which only de-quantized the
+    # weights at load time and makes save_pretrained refuse the model: the copy holds plain float weights.
+    if getattr(float_model, "hf_quantizer", None) is not None:
+        float_model.hf_quantizer = None
 
     groups: dict[tuple[int, int | None], list[str]] = {}
     for name, layout in layouts.items():
