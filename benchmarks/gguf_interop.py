@@ -381,19 +381,25 @@ def main() -> None:
         earlier = json.loads(out.with_suffix(".json").read_text())
         results = {**earlier, **{k: v for k, v in results.items() if k not in ("settings", "environment")}}
         results.setdefault("runs", []).append({"parts": args.parts, "settings": vars(args), **results["environment"]})
+
+    def save() -> None:  # after every part: a later part's failure keeps what the earlier ones measured
+        results["load_average_end"] = load_average()
+        out.with_suffix(".json").write_text(json.dumps(results, indent=2))
+        out.with_suffix(".md").write_text(markdown(results))
+
     with tempfile.TemporaryDirectory() as tmp:
         if "in" in args.parts:
             results["gguf_in"] = part_gguf_in(gguf_path, tokenizer, ids, args)
             print(json.dumps(results["gguf_in"], indent=1), flush=True)
+            save()
         if "out" in args.parts:
             before = load_average()
             results["gguf_out"] = part_gguf_out(gguf_path, ids, args, Path(tmp))
             results["gguf_out"]["load_average_before_after"] = [before, load_average()]
+            save()
         if "ct" in args.parts:
             results["compressed_tensors_out"] = part_compressed_tensors(args, Path(tmp))
-    results["load_average_end"] = load_average()
-    out.with_suffix(".json").write_text(json.dumps(results, indent=2))
-    out.with_suffix(".md").write_text(markdown(results))
+            save()
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
 
 
