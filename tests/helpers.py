@@ -46,6 +46,12 @@ def assert_int8_linear_close(y, x, qweight, scales, bias, group_size, path: str)
     )
 
 
+def bf16_activations_allowed(dtype: torch.dtype) -> bool:
+    """Whether the AVX-512 prefill paths may round activations of ``dtype`` to bf16: fp32 only under torch's
+    "medium" float32 matmul precision (the numerical contract in the README)."""
+    return dtype != torch.float32 or torch.get_float32_matmul_precision() == "medium"
+
+
 def available_cpu_isas(with_vbmi: bool = False) -> list[str]:
     """The ISA levels this CPU can run, lowest first. "avx512_vbmi" only changes the kernels that expand int8
     values (sparse_linear at M = 1), so only their tests ask for it; elsewhere it runs the avx512 kernels."""

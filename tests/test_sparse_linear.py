@@ -8,8 +8,9 @@ Tolerance rule (the int8_linear rule of tests/helpers.py, with W the unpacked we
 y64 is the float64 evaluation, y_ref the fp32 reference kernel's output. Every sparse kernel multiplies in
 fp32 (values and activations are converted to fp32 exactly), so only the fp32 product rounding constant
 applies; losing or misplacing a single kept weight exceeds the bound. Two paths differ: the AVX-512
-prefill path for int8 values (cpu_avx512_bf16_tiles, M > 16) rounds x to bf16 once per call as
-int8_linear's prefill path does: there y64, y_ref and the bound are those of the rounded x. On AVX2, int8
+prefill path for int8 values (cpu_avx512_bf16_tiles, M > 16; for fp32 x only under torch's "medium" float32
+matmul precision) rounds x to bf16 once per call as int8_linear's prefill path does: there y64, y_ref and the
+bound are those of the rounded x. On AVX2, int8
 values at M >= 8 (cpu_avx2_dense_int8) are expanded to dense int8 and run int8_linear's fp32 kernel, and
 float values at M >= 32 (cpu_avx2_dense_float) to blocks of dense fp32 rows for torch's matmul: fp32 products
 either way.
@@ -31,7 +32,7 @@ import torch
 import fastquant
 from fastquant import _native, reference
 from fastquant.ops import sparse_linear
-from helpers import ULP, available_cpu_isas, random_weight
+from helpers import ULP, available_cpu_isas, bf16_activations_allowed, random_weight
 
 VALUE_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int8]
 X_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -85,9 +86,12 @@ def bf16_tiles_take(k: int, group_size: int) -> bool:
     return group == k or (group % 2 == 0 and (256 % group == 0 or group % 256 == 0))
 
 
-def expected_cpu_path(isa: str, m: int, k: int, values_dtype: torch.dtype, group_size: int = -1) -> str:
+def expected_cpu_path(
+    isa: str, m: int, k: int, values_dtype: torch.dtype, x_dtype: torch.dtype, group_size: int = -1
+) -> str:
     int8 = values_dtype == torch.int8
-    if isa in ("avx512", "avx512_vbmi") and int8 and m > 16 and bf16_tiles_take(k, group_size):
+    prefill = m > 16 and bf16_tiles_take(k, group_size) and bf16_activations_allowed(x_dtype)
+    if isa in ("avx512", "avx512_vbmi") and int8 and prefill:
         return BF16_PATH
     if isa == "avx512_vbmi":  # the byte expand is for int8 values at M = 1; the rest is the avx512 kernel
         if int8 and m == 1:
@@ -178,8 +182,8 @@ def kernel_cases():
                 for isa in isas:
                     if isa == "portable" and shape not in PORTABLE_SHAPES:
                         continue
-                    same_as_avx512 = expected_cpu_path(isa, m, k, vdtype, group) == expected_cpu_path(
-                        "avx512", m, k, vdtype, group
+                    same_as_avx512 = expected_cpu_path(isa, m, k, vdtype, xdtype, group) == expected_cpu_path(
+                        "avx512", m, k, vdtype, xdtype, group
                     )
                     if isa == "avx512_vbmi" and same_as_avx512:
                         continue
@@ -196,7 +200,7 @@ def test_matches_reference(cpu_isa, shape, values_dtype, x_dtype, sparsity, patt
     m, k, n = shape
     args, g, y64, bound = cached_case(shape, values_dtype, x_dtype, sparsity, pattern, group_size, with_bias)
     path = cpu_path(m, n, k, values_dtype, x_dtype, g)
-    assert path == expected_cpu_path(cpu_isa, m, k, values_dtype, g)
+    assert path == expected_cpu_path(cpu_isa, m, k, values_dtype, x_dtype, g)
     if path == BF16_PATH:  # x rounded to bf16 by the kernel: the reference and bound of the rounded x
         y64, bound = expected_and_bound(as_computed(args, g), g)
     assert_within(run_op(args, g), y64, bound, x_dtype)
@@ -332,7 +336,7 @@ def test_fixed_point_sums_at_their_largest(cpu_isa, group_size):
     x = torch.full((1, k), -3.0)
     args = (x, *reference.sparse_pack(q, mask), scales, None)
     assert cpu_path(1, 4, k, torch.int8, torch.float32, group_size) == expected_cpu_path(
-        cpu_isa, 1, k, torch.int8, group_size
+        cpu_isa, 1, k, torch.int8, torch.float32, group_size
     )
     y = run_op(args, group_size)
     torch.testing.assert_close(y[0, :3], torch.tensor([-3.0 * k, 3.0 * k, 0.0]), rtol=1e-6, atol=0)
@@ -527,7 +531,9 @@ def test_more_in_features_than_the_fixed_point_path_takes(cpu_isa):
     kernel runs instead (3 rows: a pair and a single row)."""
     k = 65536 + 40
     args, g = make_case(1, k, 3, torch.int8, torch.float32, -1, 0.5, "random", True, seed=11)
-    assert cpu_path(1, 3, k, torch.int8, torch.float32, g) == expected_cpu_path(cpu_isa, 1, k, torch.int8, g)
+    assert cpu_path(1, 3, k, torch.int8, torch.float32, g) == expected_cpu_path(
+        cpu_isa, 1, k, torch.int8, torch.float32, g
+    )
     assert_sparse_linear_close(run_op(args, g), args, g)
 
 

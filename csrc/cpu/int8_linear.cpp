@@ -22,10 +22,12 @@ constexpr int64_t kFixedMinK = 2048;
 
 enum class Path { kPortable, kAvx2Fp32, kAvx512Fp32, kAvx512VnniFixed, kAvx512Bf16 };
 
-Path choose_path(Isa isa, int64_t m, int64_t k, int64_t group) {
+Path choose_path(Isa isa, int64_t m, int64_t k, int64_t group, DType dtype) {
 #if defined(__x86_64__) || defined(_M_X64)
   if (isa >= Isa::kAvx512) {
-    if (m > kBf16MinRows && bf16_chunk(k, group) > 0) return Path::kAvx512Bf16;
+    if (m > kBf16MinRows && bf16_chunk(k, group) > 0 && bf16_activations_allowed(dtype)) {
+      return Path::kAvx512Bf16;
+    }
     // Fixed point sums whole 64-column steps per group (a group's end flushes its sums). From K > 2048 only:
     // streaming from DRAM (M = 1, benchmarks/results/decode-layer-dram-2026-12-06.md) it ran at 0.96-1.24x
     // the fp32 kernel at K = 4096-11008 (1.3-1.4x from cache), but 0.76-0.90x at SmolLM2's K = 576 and 1536.
@@ -93,7 +95,7 @@ void int8_linear_run_bf16(Int8LinearProblem& p, const at::Tensor& x2) {
 
 const char* int8_linear_cpu_path(int64_t m, int64_t n, int64_t k, int64_t group_size, DType dtype) {
   const int64_t group = group_size == -1 || group_size > k ? k : group_size;
-  return path_name(choose_path(active_isa(), m, k, group));
+  return path_name(choose_path(active_isa(), m, k, group, dtype));
 }
 
 at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
@@ -120,7 +122,7 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
                       effective_group,
                       n_groups,
                       dtype};
-  const Path path = choose_path(active_isa(), m, k, std::min(effective_group, k));
+  const Path path = choose_path(active_isa(), m, k, std::min(effective_group, k), dtype);
   if (path == Path::kPortable) {
     // Columns are the unit of work: each thread streams a disjoint slice of the weight exactly once.
     parallel_ranges((n + 15) / 16, [&](int64_t begin, int64_t end) {

@@ -57,10 +57,11 @@ constexpr int64_t kAvx2DenseFloatMinRows = 32;
 constexpr int64_t kDenseFloatBlockBytes = 4 << 20;
 
 // group_size: -1 for per-channel scales (or float values).
-Path choose_path(Isa isa, int64_t m, int64_t k, DType values, int64_t group_size) {
+Path choose_path(Isa isa, int64_t m, int64_t k, DType values, DType x, int64_t group_size) {
   const int64_t group = group_size == -1 ? k : group_size;
 #if defined(__x86_64__) || defined(_M_X64)
-  if (isa >= Isa::kAvx512 && values == DType::kInt8 && m > kBf16MinRows && bf16_chunk(k, group) > 0) {
+  if (isa >= Isa::kAvx512 && values == DType::kInt8 && m > kBf16MinRows && bf16_chunk(k, group) > 0 &&
+      bf16_activations_allowed(x)) {
     return Path::kAvx512Bf16Tiles;
   }
   if (isa == Isa::kAvx512Vbmi && values == DType::kInt8 && m == 1) {
@@ -136,12 +137,12 @@ void check_offsets_ends(const at::Tensor& values, const uint16_t* masks, const i
 
 const char* sparse_linear_cpu_path(int64_t m, int64_t n, int64_t k, DType values, DType x,
                                    int64_t group_size) {
-  return path_name(choose_path(active_isa(), m, k, values, group_size));
+  return path_name(choose_path(active_isa(), m, k, values, x, group_size));
 }
 
 int64_t sparse_linear_cpu_prefill_rows(int64_t k, DType values, DType x, int64_t group_size) {
   const int64_t m = kBf16MinRows + 1;
-  return choose_path(active_isa(), m, k, values, group_size) == Path::kAvx512Bf16Tiles ? m : 0;
+  return choose_path(active_isa(), m, k, values, x, group_size) == Path::kAvx512Bf16Tiles ? m : 0;
 }
 
 at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& masks,
@@ -182,7 +183,7 @@ at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& values, cons
   p.group_chunks = vtype == DType::kInt8 && group_size != -1 ? group_size / 16 : 0;
   p.n_groups = n_groups;
   p.vtype = vtype;
-  const Path path = choose_path(active_isa(), m, k, vtype, group_size);
+  const Path path = choose_path(active_isa(), m, k, vtype, dtype, group_size);
   p.byte_expand = path == Path::kAvx512Vbmi || path == Path::kAvx512VnniFixed;
 
   int64_t bad = n;
