@@ -6,6 +6,12 @@ cpu_avx512_bf16_tiles for bitmap16 int8 values; M > 16) round x to bf16 once per
 those paths whatever the setting (the rounding is exact). Tolerance rule: tests/helpers.py's int8 rule, whose
 product term is 2^-16 * sqrt((x^2) @ (W^2)^T) on fp32 paths (a bf16 rounding of x, ~2^-9 per product, exceeds
 it by far, so an fp32 path that rounded would fail) and 2^-6 times the same on bf16 paths.
+
+Non-finite values: every layout gives what the dense reference y = x @ W.T + b gives in IEEE fp32, W the
+dequantized weight (q * s, with q = 0 where pruned): an infinity in x times a pruned weight is NaN, as in the
+dense layer the kernel choice may put in the sparse layer's place; an infinite scale makes q * s infinite, or
+NaN where q = 0. Compared with torch.testing.assert_close(equal_nan=True), finite outputs within
+rtol = atol = 2e-3 (the fixed-point paths round x; this test is about where NaN and infinities land).
 """
 
 from __future__ import annotations
@@ -111,3 +117,61 @@ def test_fake_kernels_and_compile_agree_under_each_precision(fp32_precision, lay
         values, masks, row_offsets = reference.sparse_pack(qweight, mask)
         args = (x, values, masks, row_offsets, scales, None, k, group_size)
         torch.library.opcheck(torch.ops.fastquant.sparse_linear.default, args)
+
+
+# Layouts of one pruned weight: int8 codes dense, bitmap16 and csr16; float values bitmap16 and csr16; int4.
+LAYOUTS = ["int8", "bitmap16-int8", "csr16-int8", "bitmap16-fp32", "csr16-fp32", "int4"]
+SPECIALS = {"nan": float("nan"), "+inf": float("inf"), "-inf": float("-inf")}
+
+
+def non_finite_case(layout: str, m: int, grouped: bool, special: str) -> tuple:
+    """(op output, reference output) of ``layout`` with ``special`` in x[0, 7] or in one scale of row 2."""
+    n, k = 37, 320
+    gen = torch.Generator().manual_seed(7)
+    weight = random_weight(n, k, gen)
+    mask = torch.rand(n, k, generator=gen) >= 0.5
+    mask[::5, 7] = False  # column 7 pruned in some rows, kept in others
+    mask[1::5, 7] = True
+    x = torch.randn(m, k, generator=gen)
+    bias = torch.randn(n, generator=gen)
+    if special in SPECIALS:
+        x[0, 7] = SPECIALS[special]
+    if layout == "int4":
+        group_size = 64 if grouped else 32
+        qweight, scales, _ = reference.int4_quantize(weight * mask, group_size)
+        if special == "inf-scale":
+            scales[2, 1] = float("inf")
+        y = ops.int4_linear(x, qweight, scales, None, bias, in_features=k, group_size=group_size)
+        return y, reference.int4_linear(x, qweight, scales, None, bias, k, group_size)
+    if layout.endswith("fp32"):
+        dense = weight * mask
+        values, masks, row_offsets = reference.sparse_pack(dense, mask)
+        scales, group_size, expected = None, -1, reference.int8_linear(x, dense, torch.ones(n), bias, -1)
+    else:
+        group_size = 64 if grouped else -1
+        qweight, scales = reference.int8_quantize(weight * mask, group_size)
+        if special == "inf-scale":
+            scales[(2, 1) if grouped else 2] = float("inf")
+        values, masks, row_offsets = reference.sparse_pack(qweight, mask)
+        expected = reference.int8_linear(x, qweight, scales, bias, group_size)  # the dense layer of the same codes
+        if layout == "int8":
+            return ops.int8_linear(x, qweight, scales, bias, group_size), expected
+    if layout.startswith("bitmap16"):
+        y = ops.sparse_linear(x, values, masks, row_offsets, scales, bias, in_features=k, group_size=group_size)
+    else:
+        indices = reference.sparse_column_indices(masks, k, values.numel())
+        y = ops.sparse_csr_linear(x, values, indices, row_offsets, scales, bias, in_features=k, group_size=group_size)
+    return y, expected
+
+
+@pytest.mark.parametrize("cpu_isa", available_cpu_isas(with_vbmi=True), indirect=True)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("special", [*SPECIALS, "inf-scale"])
+@pytest.mark.parametrize("m", [1, 8, 33])
+@pytest.mark.parametrize("grouped", [False, True], ids=["channel", "group"])
+def test_non_finite_values_give_the_dense_result(cpu_isa, layout, special, m, grouped):
+    if special == "inf-scale" and layout.endswith("fp32"):
+        pytest.skip("float values have no scales")
+    y, expected = non_finite_case(layout, m, grouped, special)
+    assert not bool(expected.isfinite().all())
+    torch.testing.assert_close(y, expected, equal_nan=True, rtol=2e-3, atol=2e-3)

@@ -276,10 +276,10 @@ def test_all_zero_rows_and_dense_rows(cpu_isa):
 @pytest.mark.parametrize("m", [1, 3, 32])
 @pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
 def test_non_finite_x_propagates(cpu_isa, m, bad):
-    """A NaN or infinity in x reaches the outputs of the rows that keep its column as in the reference (the
-    M = 1 fixed-point path hands such x to the fp32 kernel instead of rounding it). Rows that pruned the
-    column give NaN (the dense layer's inf * 0: kernels that expand the masks) or the sum over their kept
-    weights (kernels that visit only kept weights, like the portable one); other rows of x are unaffected."""
+    """A NaN or infinity in x gives the dense layer's result (the M = 1 fixed-point path hands such x to the
+    fp32 kernel instead of rounding it): rows that keep its column get the reference's value, rows that pruned
+    it NaN (the dense layer's inf * 0, tests/test_numerics.py), whether or not the kernel visits pruned
+    weights; other rows of x are unaffected."""
     k, n = 300, 37
     for vdtype in (torch.int8, torch.float32):
         args, _ = make_case(m, k, n, vdtype, torch.float32, -1, 0.5, "random", True, seed=5)
@@ -288,13 +288,9 @@ def test_non_finite_x_propagates(cpu_isa, m, bad):
         case = (x, *args[1:])
         y = run_op(case, -1)
         y_dense = reference.sparse_linear(*case, k, -1)
-        x_zero = x.clone()
-        x_zero[0, 7] = 0.0
-        y_kept_only = reference.sparse_linear(x_zero, *args[1:], k, -1)
         kept = reference.sparse_dequantize(*args[1:5], k, -1)[:, 7] != 0
         torch.testing.assert_close(y[0, kept], y_dense[0, kept], equal_nan=True, rtol=0, atol=0)
-        pruned = y[0, ~kept]
-        assert bool((pruned.isnan() | torch.isclose(pruned, y_kept_only[0, ~kept], rtol=1e-5, atol=1e-5)).all())
+        assert bool(y[0, ~kept].isnan().all())
         if m > 1:
             assert_sparse_linear_close(y[1:], (x[1:], *args[1:]), -1)
 

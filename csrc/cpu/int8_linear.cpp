@@ -12,6 +12,7 @@
 #include "cpu/cpu_features.h"
 #include "cpu/fixed_point_x.h"
 #include "cpu/int8_linear_glue.h"
+#include "cpu/non_finite.h"
 #include "cpu/parallel.h"
 #include "int8_linear_contract.h"
 
@@ -98,8 +99,10 @@ const char* int8_linear_cpu_path(int64_t m, int64_t n, int64_t k, int64_t group_
   return path_name(choose_path(active_isa(), m, k, group, dtype));
 }
 
-at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                           const std::optional<at::Tensor>& bias, int64_t group_size) {
+namespace {
+
+at::Tensor run_kernels(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                       const std::optional<at::Tensor>& bias, int64_t group_size) {
   const Int8LinearShape shape = check_int8_linear(Backend::kCpu, x, qweight, scales, bias, group_size);
   const int64_t m = shape.m, n = shape.n, k = shape.k, n_groups = shape.n_groups;
   const DType dtype = shape.x_dtype;
@@ -169,6 +172,16 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
   }
   if (dtype != DType::kFloat32) y.view({m, n}).copy_(y32);
 #endif
+  return y;
+}
+
+}  // namespace
+
+at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                           const std::optional<at::Tensor>& bias, int64_t group_size) {
+  at::Tensor y = run_kernels(x, qweight, scales, bias, group_size);
+  // Per-channel scales multiply a finished dot product, so an infinite one would not meet a zero code.
+  if (!finite_call(x, y)) reference_linear_into(y, x, dequantize_int8(qweight, scales, group_size), bias);
   return y;
 }
 

@@ -23,6 +23,7 @@
 
 #include "cpu/cpu_features.h"
 #include "cpu/int8_linear_glue.h"
+#include "cpu/non_finite.h"
 #include "cpu/parallel.h"
 #include "sparse_linear_contract.h"
 
@@ -145,9 +146,26 @@ int64_t sparse_linear_cpu_prefill_rows(int64_t k, DType values, DType x, int64_t
   return choose_path(active_isa(), m, k, values, x, group_size) == Path::kAvx512Bf16Tiles ? m : 0;
 }
 
-at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& masks,
-                             const at::Tensor& row_offsets, const std::optional<at::Tensor>& scales,
-                             const std::optional<at::Tensor>& bias, int64_t in_features, int64_t group_size) {
+namespace {
+
+// The dense fp32 weight a bitmap16 weight stands for (reference.sparse_dequantize): codes, zero where pruned,
+// times their scales.
+at::Tensor dense_weight(const at::Tensor& values, const at::Tensor& masks, const at::Tensor& row_offsets,
+                        const std::optional<at::Tensor>& scales, int64_t k, int64_t group_size) {
+  const int64_t n = masks.size(0);
+  const at::Tensor bits = at::arange(16, masks.options().dtype(at::kInt));
+  const at::Tensor words = masks.to(at::kInt).bitwise_and(0xFFFF).unsqueeze(2);
+  const at::Tensor keep =
+      words.bitwise_right_shift(bits).bitwise_and(1).to(at::kBool).reshape({n, -1}).narrow(1, 0, k);
+  const at::Tensor position = row_offsets.narrow(0, 0, n).unsqueeze(1) + keep.cumsum(1) - 1;
+  const at::Tensor gathered = values.contiguous().take(position.clamp(0, values.numel() - 1)).to(at::kFloat);
+  const at::Tensor codes = at::where(keep, gathered, at::zeros({}, gathered.options()));
+  return scales.has_value() ? dequantize_int8(codes, *scales, group_size) : codes;
+}
+
+at::Tensor run_kernels(const at::Tensor& x, const at::Tensor& values, const at::Tensor& masks,
+                       const at::Tensor& row_offsets, const std::optional<at::Tensor>& scales,
+                       const std::optional<at::Tensor>& bias, int64_t in_features, int64_t group_size) {
   const SparseLinearShape shape = check_sparse_linear(Backend::kCpu, x, values, masks, row_offsets, scales,
                                                       bias, in_features, group_size);
   const int64_t m = shape.m, n = shape.n, k = shape.k, n_groups = shape.n_groups;
@@ -326,6 +344,19 @@ at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& values, cons
   }
   if (bad != n) raise_refused(mask_words, offsets, n, n_chunks, bad);
   if (dtype != DType::kFloat32) y.view({m, n}).copy_(y32);
+  return y;
+}
+
+}  // namespace
+
+at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& masks,
+                             const at::Tensor& row_offsets, const std::optional<at::Tensor>& scales,
+                             const std::optional<at::Tensor>& bias, int64_t in_features, int64_t group_size) {
+  at::Tensor y = run_kernels(x, values, masks, row_offsets, scales, bias, in_features, group_size);
+  if (!finite_call(x, y)) {
+    reference_linear_into(y, x, dense_weight(values, masks, row_offsets, scales, in_features, group_size),
+                          bias);
+  }
   return y;
 }
 
