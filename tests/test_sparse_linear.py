@@ -32,7 +32,15 @@ import torch
 import fastquant
 from fastquant import _native, reference
 from fastquant.ops import sparse_linear
-from helpers import ULP, available_cpu_isas, bf16_activations_allowed, random_weight
+from helpers import (
+    ULP,
+    assert_within,
+    available_cpu_isas,
+    bf16_activations_allowed,
+    fp16_cancelling_case,
+    random_weight,
+    replacing,
+)
 
 VALUE_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int8]
 X_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -130,18 +138,6 @@ def expected_and_bound(args, group_size: int) -> tuple[torch.Tensor, torch.Tenso
     y_ref = reference.sparse_linear(x, values, masks, row_offsets, scales, bias, k, group_size)
     scale = ((x64**2) @ (weight**2).T).sqrt()
     return y64, 2 * (y_ref.double() - y64).abs() + 2.0**-16 * scale + ULP[x.dtype] * y64.abs()
-
-
-def assert_within(y: torch.Tensor, y64: torch.Tensor, bound: torch.Tensor, x_dtype: torch.dtype) -> None:
-    assert y.dtype == x_dtype and y.shape == y64.shape
-    if y.numel() == 0:
-        return
-    err = (y.double() - y64).abs()
-    worst = (err - bound).argmax()
-    assert bool((err <= bound).all()), (
-        f"error {err.flatten()[worst].item():.3g} exceeds bound {bound.flatten()[worst].item():.3g} at flat "
-        f"index {worst.item()} (y64={y64.flatten()[worst].item():.4g})"
-    )
 
 
 def assert_sparse_linear_close(y, args, group_size: int) -> None:
@@ -342,10 +338,7 @@ def test_fixed_point_sums_at_their_largest(cpu_isa, group_size):
 @pytest.mark.parametrize("cpu_isa", available_cpu_isas(), indirect=True)
 def test_fp16_partial_sums_do_not_overflow(cpu_isa):
     """Partial sums reach 4e5, past fp16's 65504, and cancel to a small result: fp32 accumulation."""
-    k = 512
-    x = torch.full((2, k), 100.0, dtype=torch.float16)
-    weight = torch.cat([torch.full((4, k // 2), 8.0), torch.full((4, k // 2), -8.0)], dim=1)
-    weight[:, 0] += 0.5
+    x, weight = fp16_cancelling_case()
     weight[:, 1::2] = 0.0
     args = (x, *reference.sparse_pack(weight.half()), None, None)
     y = run_op(args, -1)
@@ -533,16 +526,8 @@ def test_more_in_features_than_the_fixed_point_path_takes(cpu_isa):
     assert_sparse_linear_close(run_op(args, g), args, g)
 
 
-def _bad(**changes):
-    """Builds the argument list of a 3 x 64 -> 32 int8 call with some arguments replaced."""
-
-    def make(a):
-        args = dict(a)
-        for key, fn in changes.items():
-            args[key] = fn(a)
-        return [args[key] for key in ("x", "values", "masks", "row_offsets", "scales", "bias", "k", "g")]
-
-    return make
+# The argument list of a 3 x 64 -> 32 int8 call with some arguments replaced.
+_bad = replacing(("x", "values", "masks", "row_offsets", "scales", "bias", "k", "g"))
 
 
 BAD_INPUTS = [
