@@ -43,19 +43,10 @@ Path choose_path(Isa isa, int64_t m, int64_t k, int64_t group, DType dtype) {
 }
 
 const char* path_name(Path path) {
-  switch (path) {
-    case Path::kAvx2Fp32:
-      return "cpu_avx2_fp32";
-    case Path::kAvx512Fp32:
-      return "cpu_avx512_fp32";
-    case Path::kAvx512VnniFixed:
-      return "cpu_avx512_vnni_fixed";
-    case Path::kAvx512Bf16:
-      return "cpu_avx512_bf16";
-    case Path::kPortable:
-      break;
-  }
-  return "cpu_portable";
+  // In the order of Path's values.
+  constexpr const char* kNames[] = {"cpu_portable", "cpu_avx2_fp32", "cpu_avx512_fp32",
+                                    "cpu_avx512_vnni_fixed", "cpu_avx512_bf16"};
+  return kNames[static_cast<int>(path)];
 }
 
 }  // namespace

@@ -81,27 +81,12 @@ Path choose_path(Isa isa, int64_t m, int64_t k, DType values, DType x, int64_t g
 }
 
 const char* path_name(Path path) {
-  switch (path) {
-    case Path::kAvx512Bf16Tiles:
-      return "cpu_avx512_bf16_tiles";
-    case Path::kAvx512VnniFixed:
-      return "cpu_avx512_vnni_fixed";
-    case Path::kAvx512Vbmi:
-      return "cpu_avx512_vbmi_expand";
-    case Path::kAvx512:
-      return "cpu_avx512_expand";
-    case Path::kAvx2Fixed:
-      return "cpu_avx2_fixed";
-    case Path::kAvx2DenseInt8:
-      return "cpu_avx2_dense_int8";
-    case Path::kAvx2DenseFloat:
-      return "cpu_avx2_dense_float";
-    case Path::kAvx2:
-      return "cpu_avx2_permute";
-    case Path::kPortable:
-      break;
-  }
-  return "cpu_portable";
+  // In the order of Path's values.
+  constexpr const char* kNames[] = {
+      "cpu_portable",           "cpu_avx2_permute",      "cpu_avx2_fixed",
+      "cpu_avx2_dense_int8",    "cpu_avx2_dense_float",  "cpu_avx512_expand",
+      "cpu_avx512_vbmi_expand", "cpu_avx512_vnni_fixed", "cpu_avx512_bf16_tiles"};
+  return kNames[static_cast<int>(path)];
 }
 
 // The checks of the header comment before the kernels run: O(1), and O(N) only for a K that ends inside a
