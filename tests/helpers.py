@@ -56,12 +56,27 @@ def assert_within(
     )
 
 
-def fp16_cancelling_case(k: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
-    """x and a 4-row weight whose fp16 partial sums reach 4e5, past fp16's 65504, and cancel to a small result."""
-    x = torch.full((2, k), 100.0, dtype=torch.float16)
-    weight = torch.cat([torch.full((4, k // 2), 8.0), torch.full((4, k // 2), -8.0)], dim=1)
+def fp16_cancelling_case(
+    m: int = 2, n: int = 4, k: int = 512, device: str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp16 x (m, k) and an fp32 (n, k) weight whose partial sums reach 4e5, past fp16's 65504, and cancel to a
+    small result."""
+    x = torch.full((m, k), 100.0, dtype=torch.float16, device=device)
+    weight = torch.cat([torch.full((n, k // 2), 8.0), torch.full((n, k // 2), -8.0)], dim=1).to(device)
     weight[:, 0] += 0.5
     return x, weight
+
+
+def assert_gradients_reach_activations(run, x: torch.Tensor, bias: torch.Tensor, weight: torch.Tensor) -> None:
+    """Autograd through a frozen compressed weight W, y = run(x, bias): d(sum y^2)/dx = 2y @ W and
+    d(sum y^2)/dbias = the column sums of 2y."""
+    x.requires_grad_(True)
+    bias.requires_grad_(True)
+    y = run(x, bias)
+    y.square().sum().backward()
+    grad_y = 2 * y.detach()
+    torch.testing.assert_close(x.grad, grad_y @ weight)
+    torch.testing.assert_close(bias.grad, grad_y.sum(0))
 
 
 def replacing(keys: tuple[str, ...]):

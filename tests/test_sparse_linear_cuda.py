@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 import fastquant  # noqa: F401 - registers the fastquant ops
 from fastquant import _native, reference
-from helpers import CUDA_KERNEL_MARKS, assert_cuda_rule, cuda_graph_of, launched_kernels
+from helpers import CUDA_KERNEL_MARKS, assert_cuda_rule, cuda_graph_of, fp16_cancelling_case, launched_kernels
 
 pytestmark = CUDA_KERNEL_MARKS
 
@@ -289,12 +289,11 @@ def test_misaligned_values_view():
 @pytest.mark.parametrize("m", [1, 16, 100])
 def test_fp16_partial_sums_do_not_overflow(m):
     """Partial sums reach 4e5, past fp16's 65504, and cancel to a small result: fp32 accumulation."""
-    k, n = 512, 32
-    weight = torch.cat([torch.full((n, k // 2), 8.0), torch.full((n, k // 2), -8.0)], dim=1).cuda().half()
-    weight[:, 0] += 0.5
+    x, weight = fp16_cancelling_case(m, 32, device="cuda")
+    k = x.shape[1]
+    weight = weight.half()
     weight[:, 1::2] = 0  # half of the weight pruned
     values, masks, row_offsets = reference.sparse_pack(weight)
-    x = torch.full((m, k), 100.0, dtype=torch.float16, device="cuda")
     args = (x, values, masks, row_offsets, None, None, k, -1)
     y = run(args)
     assert torch.isfinite(y).all()
