@@ -382,8 +382,6 @@ class Int4Linear(_CompressedLinear):
     ) -> None:
         super().__init__()
         check_int4_group_size(group_size)
-        if dtype not in ops.ACTIVATION_DTYPES:
-            raise ValueError(f"dtype must be one of {ops.ACTIVATION_DTYPES}, got {dtype}")
         if in_features < 1 or out_features < 1:
             raise ValueError(f"in_features and out_features must be positive, got {in_features}, {out_features}")
         self.in_features = in_features
@@ -398,11 +396,7 @@ class Int4Linear(_CompressedLinear):
             self.offsets = None
         else:
             self.register_buffer("offsets", torch.zeros(out_features, n_groups, dtype=torch.float16, device=device))
-        if bias:
-            self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
-        else:
-            self.register_parameter("bias", None)
-        self._dtype = dtype
+        self._init_bias(out_features, bias, device, dtype)
 
     @property
     def format(self) -> str:
