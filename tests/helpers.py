@@ -67,6 +67,16 @@ def fp16_cancelling_case(
     return x, weight
 
 
+def signed_ones_weight(rows: int, k: int) -> torch.Tensor:
+    """Codes at their largest for the fixed-point sums: rows of ones, row 1 of -1, row 2 alternating signs
+    (its sum cancels to exactly 0), row 3 with every third weight zero."""
+    weight = torch.ones(rows, k)
+    weight[1] = -1.0
+    weight[2, 1::2] = -1.0
+    weight[3, ::3] = 0.0
+    return weight
+
+
 def assert_gradients_reach_activations(run, x: torch.Tensor, bias: torch.Tensor, weight: torch.Tensor) -> None:
     """Autograd through a frozen compressed weight W, y = run(x, bias): d(sum y^2)/dx = 2y @ W and
     d(sum y^2)/dbias = the column sums of 2y."""

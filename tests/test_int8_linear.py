@@ -15,6 +15,7 @@ from helpers import (
     available_cpu_isas,
     fp16_cancelling_case,
     random_weight,
+    signed_ones_weight,
 )
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -96,10 +97,7 @@ def test_fixed_point_sums_at_their_largest(cpu_isa, group_size):
     row 3 has zeros. Groups of 4096 flush 16 times per row, groups of 32 take the fp32 kernel.
     A wrapped sum would be off by 2^32 steps, far outside the bound."""
     k = 65536
-    weight = torch.ones(5, k)
-    weight[1] = -1.0
-    weight[2, 1::2] = -1.0
-    weight[3, ::3] = 0.0
+    weight = signed_ones_weight(5, k)
     qweight, scales = reference.int8_quantize(weight, group_size)
     x = torch.full((1, k), 3.0)
     assert cpu_path(1, 5, k, group_size, torch.float32) == m1_path(cpu_isa, k, group_size)

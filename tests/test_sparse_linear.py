@@ -41,6 +41,7 @@ from helpers import (
     fp16_cancelling_case,
     random_weight,
     replacing,
+    signed_ones_weight,
 )
 
 VALUE_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int8]
@@ -320,10 +321,7 @@ def test_fixed_point_sums_at_their_largest(cpu_isa, group_size):
     lanes at a time) and must not wrap. Row 2 alternates signs and cancels to exactly 0. Groups of 4096
     columns span two of AVX2's 2048-column sums."""
     k = 8192
-    weight = torch.ones(4, k)
-    weight[1] = -1.0
-    weight[2, 1::2] = -1.0
-    weight[3, ::3] = 0.0
+    weight = signed_ones_weight(4, k)
     q, scales = reference.int8_quantize(weight, group_size)
     mask = q != 0
     x = torch.full((1, k), -3.0)
