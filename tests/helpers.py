@@ -135,6 +135,19 @@ def tiny_llama_config(**fields):
     return transformers.LlamaConfig(**{**TINY_LLAMA, **fields})
 
 
+def spy_init_devices(monkeypatch, cls: type) -> list[str]:
+    """The ``device`` argument of every ``cls(...)`` built from now on (the list fills as they are built)."""
+    devices: list[str] = []
+    original = cls.__init__
+
+    def spy(self, *args, device=None, **kwargs):
+        devices.append(str(device))
+        original(self, *args, device=device, **kwargs)
+
+    monkeypatch.setattr(cls, "__init__", spy)
+    return devices
+
+
 def random_weight(n: int, k: int, generator: torch.Generator) -> torch.Tensor:
     """Rows with different magnitudes (as in trained layers) so per-row scales differ."""
     row_scale = torch.rand(n, 1, generator=generator) * 2 + 0.05
