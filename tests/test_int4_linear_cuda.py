@@ -26,17 +26,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import helpers
 from fastquant import _native, reference
-from helpers import (
-    CUDA_KERNEL_MARKS,
-    assert_cuda_rule,
-    assert_gradients_reach_activations,
-    cuda_graph_of,
-    fp16_cancelling_case,
-    launched_kernels,
-)
+from helpers import assert_cuda_rule, cuda_graph_of, launched_kernels
 
-pytestmark = CUDA_KERNEL_MARKS
+pytestmark = helpers.CUDA_KERNEL_MARKS
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 GROUP_SIZES = [32, 128, 96]  # 96: not a power of two (the kernels divide instead of shifting); 64 in PATH_CASES
@@ -289,7 +283,7 @@ def test_split_k_is_deterministic_when_asked(m, k, n, group_size):
 @pytest.mark.parametrize("m", [1, 16, 100])
 def test_fp16_partial_sums_do_not_overflow(m):
     """Partial sums reach 4e5, past fp16's 65504, and cancel to a small result: fp32 accumulation."""
-    x, weight = fp16_cancelling_case(m, 32, device="cuda")
+    x, weight = helpers.fp16_cancelling_case(m, 32, device="cuda")
     k = x.shape[1]
     qweight, scales, offsets = reference.int4_quantize(weight, 32, True)
     y = int4_linear(x, qweight, scales, offsets, None, k, 32)
@@ -396,7 +390,7 @@ def test_one_dimensional_x():
 def test_autograd_to_activations():
     x, qweight, scales, offsets, bias = make_case(4, 96, 24, torch.float32, 32, False, True, seed=9)
     weight = reference.int4_dequantize(qweight, scales, offsets, 96, 32)
-    assert_gradients_reach_activations(
+    helpers.assert_gradients_reach_activations(
         lambda x, b: int4_linear(x, qweight, scales, offsets, b, 96, 32), x, bias, weight
     )
 
