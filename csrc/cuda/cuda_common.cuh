@@ -1,11 +1,30 @@
 #pragma once
-// Device and launch helpers shared by the CUDA kernels of every op: cp.async staging into shared memory and
-// the once-per-device opt-in to more dynamic shared memory than the 48 KiB default.
+// Device and launch helpers shared by the CUDA kernels of every op: rounding fp32 to an activation dtype,
+// cp.async staging into shared memory and the once-per-device opt-in to more dynamic shared memory than the
+// 48 KiB default.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <atomic>
 
 namespace fastquant::cuda {
+
+// fp32 to an activation dtype, rounded to nearest even.
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) {
+  return v;
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) {
+  return __float2half_rn(v);
+}
 
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool pred) {
   const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
