@@ -21,15 +21,13 @@ Writes ``<stem>.json`` and ``<stem>.md`` (default stem ``benchmarks/results/gpu-
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import math
 import statistics
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from bench_gpu_int8 import copy_bandwidth, driver_version, gpu_time_per_call
+from bench_gpu_int8 import copy_bandwidth, fmt, gpu_time_per_call, header_lines, run_meta
 
 import fastquant
 from fastquant import _native, reference
@@ -125,18 +123,8 @@ def bench_shape(n, k, row_counts, flavours, rounds, repeats, copy_bw):
     return rows
 
 
-def fmt(v, spec):
-    return "n/a" if v is None else format(v, spec)
-
-
 def to_markdown(meta: dict, rows: list[dict]) -> str:
-    lines = [
-        f"# GPU int4_linear benchmark, {meta['date']}",
-        "",
-        f"- GPU: {meta['gpu']} ({meta['sms']} SMs), driver {meta['driver']}",
-        f"- torch {meta['torch']} (CUDA {meta['torch_cuda']}), fastquant {meta['fastquant']}, "
-        f"kernels built for {meta['cuda_archs']}",
-        f"- device-to-device copy bandwidth (read + write): {meta['copy_bw_gb_s']:.0f} GB/s",
+    lines = header_lines("GPU int4_linear benchmark", meta) + [
         f"- timing: median over {meta['rounds']} interleaved rounds of CUDA-event-timed batches, bf16 activations, "
         f"weights rotated through >= {ROTATION_BYTES >> 20} MiB of sets per shape (L2 is ~50 MB)",
         "- format bytes: packed codes + fp16 scales (+ fp16 offsets when asymmetric)",
@@ -171,25 +159,8 @@ def main() -> None:
     if not _native.has_cuda_kernels():
         raise SystemExit("bench_gpu_int4.py needs fastquant built with its CUDA kernels")
 
-    now = dt.datetime.now(dt.timezone.utc)
-    stem = Path(args.stem) if args.stem else Path(__file__).parent / "results" / f"gpu-int4-{now:%Y%m%d-%H%M%S}"
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    props = torch.cuda.get_device_properties(0)
     copy_bw = copy_bandwidth(10)
-    meta = {
-        "date": now.isoformat(timespec="seconds"),
-        "gpu": props.name,
-        "sms": props.multi_processor_count,
-        "driver": driver_version(),
-        "torch": torch.__version__,
-        "torch_cuda": torch.version.cuda,
-        "fastquant": fastquant.__version__,
-        "cuda_archs": _native.native.build_info().get("cuda_archs"),
-        "copy_bw_gb_s": copy_bw / 1e9,
-        "rounds": args.rounds,
-        "repeats": args.repeats,
-    }
-    print(f"{meta['gpu']}: copy bandwidth {meta['copy_bw_gb_s']:.0f} GB/s (read + write)", flush=True)
+    stem, meta = run_meta(args.stem, "gpu-int4", copy_bw, rounds=args.rounds, repeats=args.repeats)
     row_counts = [int(v) for v in args.rows.split(",")]
     flavours = [(int(f[:-1]), f[-1] == "s") for f in args.flavours.split(",")]
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]

@@ -104,6 +104,42 @@ def driver_version() -> str:
         return "unknown"
 
 
+def run_meta(stem: str | None, prefix: str, copy_bw: float, **extra) -> tuple[Path, dict]:
+    """The output stem (``stem``, or benchmarks/results/<prefix>-<UTC time>) and the metadata of a GPU run: device,
+    driver, versions, the measured copy bandwidth and ``extra``. Prints the bandwidth."""
+    now = dt.datetime.now(dt.timezone.utc)
+    path = Path(stem) if stem else Path(__file__).parent / "results" / f"{prefix}-{now:%Y%m%d-%H%M%S}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    build = _native.native.build_info() if _native.native is not None else {}
+    props = torch.cuda.get_device_properties(0)
+    meta = {
+        "date": now.isoformat(timespec="seconds"),
+        "gpu": props.name,
+        "sms": props.multi_processor_count,
+        "driver": driver_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "fastquant": fastquant.__version__,
+        "cuda_archs": build.get("cuda_archs"),
+        "copy_bw_gb_s": copy_bw / 1e9,
+        **extra,
+    }
+    print(f"{meta['gpu']}: copy bandwidth {meta['copy_bw_gb_s']:.0f} GB/s (read + write)", flush=True)
+    return path, meta
+
+
+def header_lines(title: str, meta: dict) -> list[str]:
+    """The first lines of a GPU results file: title, device, versions, copy bandwidth."""
+    return [
+        f"# {title}, {meta['date']}",
+        "",
+        f"- GPU: {meta['gpu']} ({meta['sms']} SMs), driver {meta['driver']}",
+        f"- torch {meta['torch']} (CUDA {meta['torch_cuda']}), fastquant {meta['fastquant']}, "
+        f"kernels built for {meta['cuda_archs']}",
+        f"- device-to-device copy bandwidth (read + write): {meta['copy_bw_gb_s']:.0f} GB/s",
+    ]
+
+
 def _dequant_matmul(x, qweight, scales):
     # torchao int8 weight-only: cast the int8 weight to the activation dtype inside the matmul, then scale.
     return F.linear(x, qweight.to(x.dtype)) * scales.to(x.dtype)
@@ -195,13 +231,7 @@ def fmt(v, spec):
 
 
 def to_markdown(meta: dict, rows: list[dict]) -> str:
-    lines = [
-        f"# GPU int8_linear benchmark, {meta['date']}",
-        "",
-        f"- GPU: {meta['gpu']} ({meta['sms']} SMs), driver {meta['driver']}",
-        f"- torch {meta['torch']} (CUDA {meta['torch_cuda']}), fastquant {meta['fastquant']}, "
-        f"kernels built for {meta['cuda_archs']}",
-        f"- device-to-device copy bandwidth (read + write): {meta['copy_bw_gb_s']:.0f} GB/s",
+    lines = header_lines("GPU int8_linear benchmark", meta) + [
         f"- timing: median of {meta['repeats']} batches of CUDA-event-timed calls, GPU pre-filled with a sleep "
         f"kernel, weights rotated through >= {ROTATION_BYTES >> 20} MiB of int8 sets per shape (L2 is ~50 MB)",
         "- peers: bf16 = F.linear on the bf16 weight (cuBLAS); compiled = torch.compile(F.linear(x, q.to(bf16)) "
@@ -253,26 +283,8 @@ def main() -> None:
     if not _native.has_cuda_kernels():
         print("WARNING: fastquant has no CUDA kernels built: timing the pure-PyTorch reference kernel")
 
-    now = dt.datetime.now(dt.timezone.utc)
-    stem = Path(args.stem) if args.stem else Path(__file__).parent / "results" / f"gpu-{now:%Y%m%d-%H%M%S}"
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    build = _native.native.build_info() if _native.native is not None else {}
-    props = torch.cuda.get_device_properties(0)
     copy_bw = copy_bandwidth(max(5, args.repeats // 2))
-    meta = {
-        "date": now.isoformat(timespec="seconds"),
-        "gpu": props.name,
-        "sms": props.multi_processor_count,
-        "driver": driver_version(),
-        "torch": torch.__version__,
-        "torch_cuda": torch.version.cuda,
-        "fastquant": fastquant.__version__,
-        "cuda_archs": build.get("cuda_archs"),
-        "copy_bw_gb_s": copy_bw / 1e9,
-        "repeats": args.repeats,
-        "compiled_peer": args.compiled_peer,
-    }
-    print(f"{meta['gpu']}: copy bandwidth {meta['copy_bw_gb_s']:.0f} GB/s (read + write)", flush=True)
+    stem, meta = run_meta(args.stem, "gpu", copy_bw, repeats=args.repeats, compiled_peer=args.compiled_peer)
 
     compiled_fn = None
     if args.compiled_peer != "off":

@@ -23,16 +23,13 @@ Writes ``<stem>.json`` and ``<stem>.md`` (default stem ``benchmarks/results/gpu-
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import math
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from bench_gpu_int8 import copy_bandwidth, driver_version, gpu_time_per_call
+from bench_gpu_int8 import copy_bandwidth, gpu_time_per_call, header_lines, run_meta
 
-import fastquant
 from fastquant import _native, reference
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (N, K) = (out, in) features
@@ -184,13 +181,7 @@ def fmt(v, spec):
 
 
 def to_markdown(meta: dict, rows: list[dict], errors: dict) -> str:
-    lines = [
-        f"# GPU sparse_linear (bitmap16) benchmark, {meta['date']}",
-        "",
-        f"- GPU: {meta['gpu']} ({meta['sms']} SMs), driver {meta['driver']}",
-        f"- torch {meta['torch']} (CUDA {meta['torch_cuda']}), fastquant {meta['fastquant']}, "
-        f"kernels built for {meta['cuda_archs']}",
-        f"- device-to-device copy bandwidth (read + write): {meta['copy_bw_gb_s']:.0f} GB/s",
+    lines = header_lines("GPU sparse_linear (bitmap16) benchmark", meta) + [
         f"- timing: median of {meta['repeats']} batches of CUDA-event-timed calls, GPU pre-filled with a sleep "
         f"kernel, weight sets rotated through >= {ROTATION_BYTES >> 20} MiB per shape and case (L2 is ~50 MB)",
         "- fastquant: bf16 values (int8 codes + per-channel fp32 scales for int8+50%), bf16 x; format bytes = "
@@ -235,25 +226,8 @@ def main() -> None:
     if not _native.has_cuda_kernels():
         print("WARNING: fastquant has no CUDA kernels built: timing the pure-PyTorch reference kernel")
 
-    now = dt.datetime.now(dt.timezone.utc)
-    stem = Path(args.stem) if args.stem else Path(__file__).parent / "results" / f"gpu-sparse-{now:%Y%m%d-%H%M%S}"
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    build = _native.native.build_info() if _native.native is not None else {}
-    props = torch.cuda.get_device_properties(0)
     copy_bw = copy_bandwidth(max(5, args.repeats // 2))
-    meta = {
-        "date": now.isoformat(timespec="seconds"),
-        "gpu": props.name,
-        "sms": props.multi_processor_count,
-        "driver": driver_version(),
-        "torch": torch.__version__,
-        "torch_cuda": torch.version.cuda,
-        "fastquant": fastquant.__version__,
-        "cuda_archs": build.get("cuda_archs"),
-        "copy_bw_gb_s": copy_bw / 1e9,
-        "repeats": args.repeats,
-    }
-    print(f"{meta['gpu']}: copy bandwidth {meta['copy_bw_gb_s']:.0f} GB/s (read + write)", flush=True)
+    stem, meta = run_meta(args.stem, "gpu-sparse", copy_bw, repeats=args.repeats)
     row_counts = [int(v) for v in args.rows.split(",")]
     cases = args.cases.split(",")
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]

@@ -133,6 +133,18 @@ def run(shapes, row_counts, peers) -> list[dict]:
 HEADER_PEERS = {"fastquant": "fq", "fastquant_g128": "fq g128", "fp32": "fp32", "bf16": "bf16", "fbgemm": "fbgemm"}
 
 
+def run_meta(now: dt.datetime) -> dict:
+    """Date, CPU, versions, threads and best ISA of a CPU benchmark run."""
+    return {
+        "date_utc": now.isoformat(timespec="seconds"),
+        "cpu": cpu_model(),
+        "torch": torch.__version__,
+        "fastquant": fastquant.__version__,
+        "threads": torch.get_num_threads(),
+        "isa": _native.native.best_cpu_isa() if _native.native is not None else None,
+    }
+
+
 def table_header(peers) -> str:
     cols = ["N x K", "M", "fq path"] + [f"{HEADER_PEERS[p]} ms" for p in peers]
     cols += [f"{HEADER_PEERS[p]} / fq" for p in peers if p != "fastquant"]
@@ -158,14 +170,7 @@ def main() -> None:
     shapes, row_counts = (SHAPES[1:2] + SHAPES[3:4], [1, 512]) if args.quick else (SHAPES, ROW_COUNTS)
     now = dt.datetime.now(dt.timezone.utc)
     stem = Path(args.out or Path(__file__).parent / "results" / f"cpu-{now:%Y-%m-%d}")
-    meta = {
-        "date_utc": now.isoformat(timespec="seconds"),
-        "cpu": cpu_model(),
-        "torch": torch.__version__,
-        "fastquant": fastquant.__version__ if hasattr(fastquant, "__version__") else None,
-        "threads": torch.get_num_threads(),
-        "isa": _native.native.best_cpu_isa() if _native.native is not None else None,
-    }
+    meta = run_meta(now)
     print(f"{meta['cpu']}, torch {meta['torch']}, {meta['threads']} threads, ISA {meta['isa']}\n")
     print(table_header(PEERS))
     start = time.perf_counter()

@@ -34,6 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from run_info import commit, load_averages
+
 # (label, method, patch keyword arguments, calibrated)
 SMOLLM2_ROWS = {  # run in this order: the rows the targets need first, the optional GPTQ rows last
     "float32": (None, {}, False),
@@ -59,17 +61,6 @@ MINILM_TARGET = 0.995
 GPTQ_SHARE_TARGET = 0.5  # GPTQ keeps at most half of RTN's perplexity increase (sym g32)
 # A python whose environment has llama-cpp-python (a benchmark-only extra, built from source): this one by default.
 LLAMA_PYTHON = sys.executable
-
-
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return "unknown"
-
-
-def load_average() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def window_starts(n: int, window: int, stride: int) -> list[int]:
@@ -373,7 +364,7 @@ def main() -> None:
         for label, (method, kwargs, calibrated) in SMOLLM2_ROWS.items():
             if args.rows and not any(label.startswith(p) for p in args.rows):
                 continue
-            load_before = load_average()
+            load_before = load_averages()
             start = time.perf_counter()
             model = float_model
             if method is not None:
@@ -391,7 +382,7 @@ def main() -> None:
                     "compress_s": compress_s if method else None,
                     "eval_s": time.perf_counter() - start - compress_s,
                     "load_before": load_before,
-                    "load_after": load_average(),
+                    "load_after": load_averages(),
                 },
             )
             if model is not float_model:
@@ -403,7 +394,7 @@ def main() -> None:
             result["llama_cpp_note"] = f"llama.cpp rows missing: no llama-cpp-python venv at {python} yet."
             save()
         else:
-            load_before = load_average()
+            load_before = load_averages()
             rows = run_llama_cpp(python, str(smollm2_gguf()), ids.tolist(), args.window, args.threads)
             for label, r in rows.items():
                 replace_row(
@@ -417,7 +408,7 @@ def main() -> None:
                         "eval_s": r["eval_s"],
                         "file_bytes": r["file_bytes"],
                         "load_before": load_before,
-                        "load_after": load_average(),
+                        "load_after": load_averages(),
                     },
                 )
             result["llama_cpp_note"] = (
@@ -438,7 +429,7 @@ def main() -> None:
         reference = sentence_embeddings(float_model, tokenizer, texts)
         calibration = pruning.calibration_from_text(tokenizer, n_sequences=args.n_sequences, seq_len=128)
         for label, (method, kwargs, calibrated) in MINILM_ROWS.items():
-            load_before = load_average()
+            load_before = load_averages()
             extra = {"calibration": calibration, "progress": False} if calibrated else {}
             model = fastquant.patch(copy.deepcopy(float_model), method, **kwargs, **extra)
             cos = embedding_cosine(reference, sentence_embeddings(model, tokenizer, texts))
@@ -450,7 +441,7 @@ def main() -> None:
                     "cosine_min": cos["min"],
                     "weight_error": mean_weight_error(model),
                     "load_before": load_before,
-                    "load_after": load_average(),
+                    "load_after": load_averages(),
                 },
             )
     save()

@@ -18,11 +18,11 @@ import datetime
 import json
 import os
 import platform
-import subprocess
 import time
 from pathlib import Path
 
 import torch
+from run_info import commit, load_averages
 
 from fastquant import pruning
 from fastquant.evaluate import perplexity
@@ -35,17 +35,6 @@ CONFIGS = {  # label -> (sparsity, pattern, int8)
 }
 TARGETS = {"50% unstructured": 1.3, "2:4": 2.0, "int8 + 50% unstructured": 1.35}
 METHODS = ("sparsegpt", "wanda", "magnitude")  # run order: the slow, target-bearing rows first
-
-
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return "unknown"
-
-
-def load_average() -> str:
-    return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 def markdown(result: dict) -> str:
@@ -181,7 +170,7 @@ def main() -> None:
             flush=True,
         )
 
-    load = load_average()
+    load = load_averages(1)
     start = time.perf_counter()
     base = perplexity(model, ids, window=args.window, stride=args.window // 2)
     record(
@@ -199,7 +188,7 @@ def main() -> None:
         for label in args.configs or CONFIGS:
             sparsity, pattern, int8 = CONFIGS[label]
             pruned = copy.deepcopy(model)
-            load = load_average()
+            load = load_averages(1)
             start = time.perf_counter()
             layers = pruning.prune_layers(
                 pruned,

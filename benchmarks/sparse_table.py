@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from cpu_table import cpu_model, read_bandwidth
+from cpu_table import read_bandwidth, run_meta
 
 import fastquant
 from fastquant import _native, reference
@@ -336,15 +336,7 @@ def main() -> None:
         shapes, row_counts = SHAPES, ROW_COUNTS
     now = dt.datetime.now(dt.timezone.utc)
     stem = Path(args.out or Path(__file__).parent / "results" / f"cpu-sparse-{now:%Y-%m-%d}")
-    meta = {
-        "date_utc": now.isoformat(timespec="seconds"),
-        "cpu": cpu_model(),
-        "torch": torch.__version__,
-        "fastquant": fastquant.__version__,
-        "threads": torch.get_num_threads(),
-        "isa": _native.native.best_cpu_isa() if _native.native is not None else None,
-        "load_before": os.getloadavg()[0],
-    }
+    meta = {**run_meta(now), "load_before": os.getloadavg()[0]}
     print(
         f"{meta['cpu']}, torch {meta['torch']}, {meta['threads']} threads, ISA {meta['isa']}, "
         f"load {meta['load_before']:.1f}\n"

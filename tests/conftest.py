@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from fastquant import _native
 
@@ -15,3 +16,12 @@ def cpu_isa(request):
     _native.native.set_cpu_isa(request.param)
     yield request.param
     _native.native.set_cpu_isa(_native.native.best_cpu_isa())
+
+
+@pytest.fixture
+def fp32_precision(request):
+    """Sets torch's float32 matmul precision for one test, then restores the setting it found."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(request.param)
+    yield request.param
+    torch.set_float32_matmul_precision(before)

@@ -9,6 +9,7 @@ import torch
 
 from fastquant import SparseLinear
 from fastquant.distillation import DistillConfig, distill, init_distributed
+from helpers import tiny_llama_config
 
 
 def tiny_pair(seed: int = 0):
@@ -20,11 +21,7 @@ def tiny_pair(seed: int = 0):
     import fastquant
 
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
+    config = tiny_llama_config(
         num_key_value_heads=4,
         vocab_size=128,
         tie_word_embeddings=True,

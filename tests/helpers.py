@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import pytest
 import torch
 
 from fastquant import _native, reference
@@ -37,13 +38,77 @@ def assert_int8_linear_close(y, x, qweight, scales, bias, group_size, path: str)
     y_ref = reference.int8_linear(x, qweight, scales, bias, group_size)
     scale = ((x64**2) @ (weight**2).T).sqrt()
     bound = 2 * (y_ref.double() - y64).abs() + product_rounding(path) * scale + ULP[x.dtype] * y64.abs()
+    assert_within(y, y64, bound, x.dtype, f"kernel {path}: ")
+
+
+def assert_within(
+    y: torch.Tensor, y64: torch.Tensor, bound: torch.Tensor, x_dtype: torch.dtype, what: str = ""
+) -> None:
+    """|y - y64| <= bound everywhere, y in the activation dtype and of y64's shape; names the worst element."""
+    assert y.dtype == x_dtype and y.shape == y64.shape
+    if y.numel() == 0:
+        return
     err = (y.double() - y64).abs()
     worst = (err - bound).argmax()
-    assert y.dtype == x.dtype and y.shape == y64.shape
     assert bool((err <= bound).all()), (
-        f"kernel {path}: error {err.flatten()[worst].item():.3g} exceeds bound "
-        f"{bound.flatten()[worst].item():.3g} at flat index {worst.item()} (y64={y64.flatten()[worst].item():.4g})"
+        f"{what}error {err.flatten()[worst].item():.3g} exceeds bound {bound.flatten()[worst].item():.3g} at flat "
+        f"index {worst.item()} (y64={y64.flatten()[worst].item():.4g})"
     )
+
+
+def fp16_cancelling_case(
+    m: int = 2, n: int = 4, k: int = 512, device: str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp16 x (m, k) and an fp32 (n, k) weight whose partial sums reach 4e5, past fp16's 65504, and cancel to a
+    small result."""
+    x = torch.full((m, k), 100.0, dtype=torch.float16, device=device)
+    weight = torch.cat([torch.full((n, k // 2), 8.0), torch.full((n, k // 2), -8.0)], dim=1).to(device)
+    weight[:, 0] += 0.5
+    return x, weight
+
+
+def signed_ones_weight(rows: int, k: int) -> torch.Tensor:
+    """Codes at their largest for the fixed-point sums: rows of ones, row 1 of -1, row 2 alternating signs
+    (its sum cancels to exactly 0), row 3 with every third weight zero."""
+    weight = torch.ones(rows, k)
+    weight[1] = -1.0
+    weight[2, 1::2] = -1.0
+    weight[3, ::3] = 0.0
+    return weight
+
+
+def assert_gradients_reach_activations(run, x: torch.Tensor, bias: torch.Tensor, weight: torch.Tensor) -> None:
+    """Autograd through a frozen compressed weight W, y = run(x, bias): d(sum y^2)/dx = 2y @ W and
+    d(sum y^2)/dbias = the column sums of 2y."""
+    x.requires_grad_(True)
+    bias.requires_grad_(True)
+    y = run(x, bias)
+    y.square().sum().backward()
+    grad_y = 2 * y.detach()
+    torch.testing.assert_close(x.grad, grad_y @ weight)
+    torch.testing.assert_close(bias.grad, grad_y.sum(0))
+
+
+def replacing(keys: tuple[str, ...]):
+    """``bad(**changes)``: a function of a dict of good arguments that returns them in ``keys`` order, each
+    ``key=fn`` of ``changes`` replaced by ``fn(arguments)`` (the bad-input tables of the kernel tests)."""
+
+    def bad(**changes):
+        def make(a):
+            args = dict(a)
+            for key, fn in changes.items():
+                args[key] = fn(a)
+            return [args[key] for key in keys]
+
+        return make
+
+    return bad
+
+
+def bf16_activations_allowed(dtype: torch.dtype) -> bool:
+    """Whether the AVX-512 prefill paths may round activations of ``dtype`` to bf16: fp32 only under torch's
+    "medium" float32 matmul precision (the numerical contract in the README)."""
+    return dtype != torch.float32 or torch.get_float32_matmul_precision() == "medium"
 
 
 def available_cpu_isas(with_vbmi: bool = False) -> list[str]:
@@ -57,10 +122,83 @@ def available_cpu_isas(with_vbmi: bool = False) -> list[str]:
     return available if with_vbmi else [isa for isa in available if isa != "avx512_vbmi"]
 
 
+# The 2-layer, 4-head Llama most tests build; each passes the fields it needs otherwise.
+TINY_LLAMA = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+)
+
+
+def tiny_llama_config(**fields):
+    """A transformers.LlamaConfig of TINY_LLAMA with ``fields`` (any LlamaConfig argument) on top."""
+    import transformers
+
+    return transformers.LlamaConfig(**{**TINY_LLAMA, **fields})
+
+
+def spy_init_devices(monkeypatch, cls: type) -> list[str]:
+    """The ``device`` argument of every ``cls(...)`` built from now on (the list fills as they are built)."""
+    devices: list[str] = []
+    original = cls.__init__
+
+    def spy(self, *args, device=None, **kwargs):
+        devices.append(str(device))
+        original(self, *args, device=device, **kwargs)
+
+    monkeypatch.setattr(cls, "__init__", spy)
+    return devices
+
+
 def random_weight(n: int, k: int, generator: torch.Generator) -> torch.Tensor:
     """Rows with different magnitudes (as in trained layers) so per-row scales differ."""
     row_scale = torch.rand(n, 1, generator=generator) * 2 + 0.05
     return torch.randn(n, k, generator=generator) * row_scale
+
+
+# pytestmark of the CUDA kernel tests: they need a GPU of compute capability 8.0+ (bf16 mma.sync, cp.async) and
+# an extension built with its CUDA kernels.
+CUDA_KERNEL_MARKS = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the CUDA kernels cannot run here"),
+    pytest.mark.skipif(
+        not _native.has_cuda_kernels(),
+        reason="fastquant was built without CUDA kernels (CPU-only torch or no nvcc; rebuild with FASTQUANT_CUDA=ON)",
+    ),
+    pytest.mark.skipif(
+        torch.cuda.is_available() and torch.cuda.get_device_capability()[0] < 8,
+        reason="the CUDA kernels need compute capability 8.0+ (bf16 mma.sync, cp.async)",
+    ),
+]
+UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+
+
+def assert_cuda_rule(y, x, weight, bias, y_torch, what: str = "") -> None:
+    """The CUDA kernels' tolerance rule (tests/test_int8_linear_cuda.py): with W the dequantized ``weight``,
+    y64 = x @ W.T + bias in float64 and ``y_torch`` what PyTorch gives at x's dtype,
+    |y - y64| <= 2 |y_torch - y64| + 2^-12 sqrt((x^2) @ (W^2)^T) + 4 u |y64|, u the dtype's unit roundoff."""
+    w64, x64 = weight.double(), x.double()
+    y64 = x64 @ w64.T
+    if bias is not None:
+        y64 = y64 + bias.double()
+    scale = ((x64**2) @ (w64**2).T).sqrt()
+    bound = 2 * (y_torch.double() - y64).abs() + 2.0**-12 * scale + 4 * UNIT_ROUNDOFF[x.dtype] * y64.abs()
+    assert y.device == x.device
+    assert_within(y, y64, bound, x.dtype, what)
+
+
+def cuda_graph_of(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor):
+    """``fn(static_x)`` captured in a CUDA graph after two warm-up calls off the default stream (as capture
+    requires), static_x a copy of ``x``: (graph, static_x, static_y). Copy new input into static_x and replay."""
+    static_x = x.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn(static_x)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = fn(static_x)
+    return graph, static_x, static_y
 
 
 def launched_kernels(fn: Callable[[], object]) -> list[str]:
@@ -99,10 +237,4 @@ def assert_int4_linear_close(y, x, qweight, scales, offsets, bias, in_features, 
     else:
         rounding = 2.0**-16 * ((x64**2) @ (weight**2).T).sqrt()
     bound = 2 * (y_ref.double() - y64).abs() + rounding + ULP[x.dtype] * y64.abs()
-    err = (y.double() - y64).abs()
-    worst = (err - bound).argmax()
-    assert y.dtype == x.dtype and y.shape == y64.shape
-    assert bool((err <= bound).all()), (
-        f"kernel {path}: error {err.flatten()[worst].item():.3g} exceeds bound "
-        f"{bound.flatten()[worst].item():.3g} at flat index {worst.item()} (y64={y64.flatten()[worst].item():.4g})"
-    )
+    assert_within(y, y64, bound, x.dtype, f"kernel {path}: ")

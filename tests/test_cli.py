@@ -13,6 +13,7 @@ from fastquant import Int4Linear, Int8Linear, SparseLinear, cli
 from fastquant.evaluate import METHODS, MethodOptions, model_bytes, perplexity, sentences
 from fastquant.models import read_text
 from fastquant.pruning import calibration_from_text
+from helpers import tiny_llama_config
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -34,11 +35,9 @@ def _tokenizer(vocab_size: int):
 def save_tiny_llama(folder, hidden: int, intermediate: int, kv_heads: int, vocab: int):
     """A random 2-layer Llama (tied embeddings) and a word-level tokenizer of ``vocab`` tokens, saved in ``folder``."""
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(
+    config = tiny_llama_config(
         hidden_size=hidden,
         intermediate_size=intermediate,
-        num_hidden_layers=2,
-        num_attention_heads=4,
         num_key_value_heads=kv_heads,
         vocab_size=vocab,
         tie_word_embeddings=True,

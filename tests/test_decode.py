@@ -6,21 +6,14 @@ import pytest
 import torch
 
 import fastquant
+from helpers import tiny_llama_config
 
 transformers = pytest.importorskip("transformers")
 
 
 def tiny_llama() -> torch.nn.Module:
     """A 2-layer Llama with int8+50% sparse MLPs and int8 attention projections: both fastquant ops in the graph."""
-    config = transformers.LlamaConfig(
-        vocab_size=300,
-        hidden_size=64,
-        intermediate_size=160,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
+    config = tiny_llama_config(vocab_size=300, intermediate_size=160, max_position_embeddings=128)
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).eval()
     fastquant.patch(

@@ -26,25 +26,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import helpers
 from fastquant import _native, reference
-from helpers import launched_kernels
+from helpers import assert_cuda_rule, cuda_graph_of, launched_kernels
 
-pytestmark = [
-    pytest.mark.cuda,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the CUDA kernels cannot run here"),
-    pytest.mark.skipif(
-        not _native.has_cuda_kernels(),
-        reason="fastquant was built without CUDA kernels (CPU-only torch or no nvcc; rebuild with FASTQUANT_CUDA=ON)",
-    ),
-    pytest.mark.skipif(
-        torch.cuda.is_available() and torch.cuda.get_device_capability()[0] < 8,
-        reason="the CUDA kernels need compute capability 8.0+ (bf16 mma.sync)",
-    ),
-]
+pytestmark = helpers.CUDA_KERNEL_MARKS
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 GROUP_SIZES = [32, 128, 96]  # 96: not a power of two (the kernels divide instead of shifting); 64 in PATH_CASES
-UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 # (M, K, N): decode and prefill row counts; K among 17, 100, 1000, 1025, 4096, 4100 (K % 64 != 0: a partial last
 # block; K % 32 <= 16: a last half block past K; K % 8 != 0: element loads of x, or dequantize + cuBLAS instead
 # of the GEMM), N among 1, 17, 1000, 1025, 4096.
@@ -98,21 +87,7 @@ def int4_linear(x, qweight, scales, offsets, bias, in_features, group_size):
 def assert_close_to_reference(y, x, qweight, scales, offsets, bias, group_size, path=""):
     k = x.shape[-1]
     weight = reference.int4_dequantize(qweight, scales, offsets, k, group_size)
-    w64, x64 = weight.double(), x.double()
-    y64 = x64 @ w64.T
-    if bias is not None:
-        y64 = y64 + bias.double()
-    y_torch = F.linear(x, weight.to(x.dtype), bias)
-    scale = ((x64**2) @ (w64**2).T).sqrt()
-    bound = 2 * (y_torch.double() - y64).abs() + 2.0**-12 * scale + 4 * UNIT_ROUNDOFF[x.dtype] * y64.abs()
-    assert y.dtype == x.dtype and y.shape == y64.shape and y.device == x.device
-    err = (y.double() - y64).abs()
-    excess = err - bound
-    worst = int(excess.argmax())
-    assert bool((excess <= 0).all()), (
-        f"kernel {path}: error {err.flatten()[worst].item():.3g} exceeds bound {bound.flatten()[worst].item():.3g} "
-        f"at flat index {worst} (y64={y64.flatten()[worst].item():.4g}, y={y.flatten()[worst].item():.4g})"
-    )
+    assert_cuda_rule(y, x, weight, bias, F.linear(x, weight.to(x.dtype), bias), f"kernel {path}: ")
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
@@ -308,10 +283,8 @@ def test_split_k_is_deterministic_when_asked(m, k, n, group_size):
 @pytest.mark.parametrize("m", [1, 16, 100])
 def test_fp16_partial_sums_do_not_overflow(m):
     """Partial sums reach 4e5, past fp16's 65504, and cancel to a small result: fp32 accumulation."""
-    k = 512
-    x = torch.full((m, k), 100.0, dtype=torch.float16, device="cuda")
-    weight = torch.cat([torch.full((32, k // 2), 8.0), torch.full((32, k // 2), -8.0)], dim=1).cuda()
-    weight[:, 0] += 0.5
+    x, weight = helpers.fp16_cancelling_case(m, 32, device="cuda")
+    k = x.shape[1]
     qweight, scales, offsets = reference.int4_quantize(weight, 32, True)
     y = int4_linear(x, qweight, scales, offsets, None, k, 32)
     assert torch.isfinite(y).all()
@@ -354,16 +327,7 @@ def test_torch_compile_fullgraph():
 )
 def test_cuda_graph_capture_and_replay(m, k, n, symmetric):
     x, qweight, scales, offsets, bias = make_case(m, k, n, torch.bfloat16, 32, symmetric, True, seed=13)
-    static_x = x.clone()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm up off the default stream, as capture requires
-        for _ in range(2):
-            int4_linear(static_x, qweight, scales, offsets, bias, k, 32)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_y = int4_linear(static_x, qweight, scales, offsets, bias, k, 32)
+    graph, static_x, static_y = cuda_graph_of(lambda xs: int4_linear(xs, qweight, scales, offsets, bias, k, 32), x)
     for seed in (1, 2):
         new_x = torch.randn(m, k, generator=torch.Generator(device="cuda").manual_seed(seed), device="cuda")
         static_x.copy_(new_x)
@@ -425,13 +389,10 @@ def test_one_dimensional_x():
 
 def test_autograd_to_activations():
     x, qweight, scales, offsets, bias = make_case(4, 96, 24, torch.float32, 32, False, True, seed=9)
-    x.requires_grad_(True)
-    bias.requires_grad_(True)
-    y = int4_linear(x, qweight, scales, offsets, bias, 96, 32)
-    y.square().sum().backward()
-    grad_y = 2 * y.detach()
-    torch.testing.assert_close(x.grad, grad_y @ reference.int4_dequantize(qweight, scales, offsets, 96, 32))
-    torch.testing.assert_close(bias.grad, grad_y.sum(0))
+    weight = reference.int4_dequantize(qweight, scales, offsets, 96, 32)
+    helpers.assert_gradients_reach_activations(
+        lambda x, b: int4_linear(x, qweight, scales, offsets, b, 96, 32), x, bias, weight
+    )
 
 
 BAD_INPUTS = [

@@ -19,6 +19,7 @@ import fastquant
 from fastquant import FastquantFormatError, Int4Linear, Int8Linear, cli, protect, pruning, reference
 from fastquant.grids import INT4_GROUP_SIZES, Int4Grid, Int8Grid, int4_codes
 from fastquant.serialization import read_manifest
+from helpers import spy_init_devices
 
 transformers = pytest.importorskip("transformers")
 from test_cli import llama_dir  # noqa: E402, F401 (a fixture)
@@ -334,14 +335,7 @@ def test_huge_int4_layer_claim_is_refused_before_allocating(tmp_path, monkeypatc
     fastquant.save(model, path)
     name = "model.layers.0.mlp.up_proj"
     _edit_manifest(path, lambda m: m["layers"][name].update(in_features=5_000_000, out_features=3_000_000))
-    devices = []
-    original = Int4Linear.__init__
-
-    def spy(self, *args, device=None, **kwargs):
-        devices.append(str(device))
-        original(self, *args, device=device, **kwargs)
-
-    monkeypatch.setattr(Int4Linear, "__init__", spy)
+    devices = spy_init_devices(monkeypatch, Int4Linear)
     with pytest.raises(FastquantFormatError, match=f"invalid manifest entry for layer '{name}'"):
         fastquant.load(fresh_like(model), path)
     assert devices and set(devices) == {"meta"}

@@ -9,7 +9,14 @@ import torch
 
 import fastquant
 from fastquant import _native, reference
-from helpers import assert_int8_linear_close, available_cpu_isas, random_weight
+from helpers import (
+    assert_gradients_reach_activations,
+    assert_int8_linear_close,
+    available_cpu_isas,
+    fp16_cancelling_case,
+    random_weight,
+    signed_ones_weight,
+)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 GROUP_SIZES = [-1, 32, 64, 128, 256]
@@ -65,10 +72,8 @@ def test_every_row_count(cpu_isa, m):
 @pytest.mark.parametrize("cpu_isa", available_cpu_isas(), indirect=True)
 def test_fp16_partial_sums_do_not_overflow(cpu_isa):
     """Partial sums reach 4e5, past fp16's 65504, and cancel to a small result: fp32 accumulation."""
-    k = 512
-    x = torch.full((2, k), 100.0, dtype=torch.float16)
-    weight = torch.cat([torch.full((4, k // 2), 8.0), torch.full((4, k // 2), -8.0)], dim=1)
-    weight[:, 0] += 0.5
+    x, weight = fp16_cancelling_case()
+    k = x.shape[1]
     qweight, scales = reference.int8_quantize(weight, -1)
     y = fastquant.int8_linear(x, qweight, scales, None, -1)
     assert torch.isfinite(y).all()
@@ -92,10 +97,7 @@ def test_fixed_point_sums_at_their_largest(cpu_isa, group_size):
     row 3 has zeros. Groups of 4096 flush 16 times per row, groups of 32 take the fp32 kernel.
     A wrapped sum would be off by 2^32 steps, far outside the bound."""
     k = 65536
-    weight = torch.ones(5, k)
-    weight[1] = -1.0
-    weight[2, 1::2] = -1.0
-    weight[3, ::3] = 0.0
+    weight = signed_ones_weight(5, k)
     qweight, scales = reference.int8_quantize(weight, group_size)
     x = torch.full((1, k), 3.0)
     assert cpu_path(1, 5, k, group_size, torch.float32) == m1_path(cpu_isa, k, group_size)
@@ -198,38 +200,38 @@ def test_empty_batch():
 def test_autograd_to_activations():
     """Gradients reach x and bias (the int8 weight is frozen): d(sum y^2)/dx = 2y @ W, d/dbias = sum of 2y."""
     x, qweight, scales, bias = make_case(4, 96, 24, torch.float32, 32, with_bias=True, seed=9)
-    x.requires_grad_(True)
-    bias.requires_grad_(True)
-    y = fastquant.int8_linear(x, qweight, scales, bias, 32)
-    y.square().sum().backward()
-    grad_y = 2 * y.detach()
     weight = reference.int8_dequantize(qweight, scales, 32)
-    torch.testing.assert_close(x.grad, grad_y @ weight)
-    torch.testing.assert_close(bias.grad, grad_y.sum(0))
+    assert_gradients_reach_activations(lambda x, b: fastquant.int8_linear(x, qweight, scales, b, 32), x, bias, weight)
 
 
-BAD_INPUTS = [
-    ("x must be float32, bfloat16 or float16", lambda x, q, s, b: (x.to(torch.int32), q, s, None, -1)),
-    ("x must be float32, bfloat16 or float16", lambda x, q, s, b: (x.double(), q, s, None, -1)),
-    ("qweight must be a 2-D int8 tensor", lambda x, q, s, b: (x, q.float(), s, None, -1)),
-    ("qweight must be a 2-D int8 tensor", lambda x, q, s, b: (x, q[0], s, None, -1)),
-    (
-        r"x has 63 input features \(shape [(\[]3, 63[)\]]\) but qweight is \(N, K\) = \(32, 64\)",
-        lambda x, q, s, b: (x[:, :63], q, s, None, -1),
-    ),
-    ("scales must be float32", lambda x, q, s, b: (x, q, s.half(), None, -1)),
-    (
-        r"per-channel scales must have shape \(N,\) = \(32,\), got [(\[]31,?[)\]]",
-        lambda x, q, s, b: (x, q, s[:31], None, -1),
-    ),
-    (r"group-wise scales .* must have shape \(32, 2\)", lambda x, q, s, b: (x, q, s, None, 32)),
-    ("group_size must be -1", lambda x, q, s, b: (x, q, s, None, 0)),
-    (
-        r"bias dtype (torch.float16|Half) must match x dtype (torch.float32|Float)",
-        lambda x, q, s, b: (x, q, s, b.half(), -1),
-    ),
-    (r"bias must have shape \(32,\)", lambda x, q, s, b: (x, q, s, b[:5], -1)),
-]
+def bad_inputs(x_dtype: str) -> list:
+    """(message, make_args(x, qweight, scales, bias)) of every refused 3 x 64 -> 32 call; ``x_dtype`` is how the
+    messages name the dtype of the test's x (a pattern)."""
+    return [
+        ("x must be float32, bfloat16 or float16", lambda x, q, s, b: (x.to(torch.int32), q, s, None, -1)),
+        ("x must be float32, bfloat16 or float16", lambda x, q, s, b: (x.double(), q, s, None, -1)),
+        ("qweight must be a 2-D int8 tensor", lambda x, q, s, b: (x, q.float(), s, None, -1)),
+        ("qweight must be a 2-D int8 tensor", lambda x, q, s, b: (x, q[0], s, None, -1)),
+        (
+            r"x has 63 input features \(shape [(\[]3, 63[)\]]\) but qweight is \(N, K\) = \(32, 64\)",
+            lambda x, q, s, b: (x[:, :63], q, s, None, -1),
+        ),
+        ("scales must be float32", lambda x, q, s, b: (x, q, s.half(), None, -1)),
+        (
+            r"per-channel scales must have shape \(N,\) = \(32,\), got [(\[]31,?[)\]]",
+            lambda x, q, s, b: (x, q, s[:31], None, -1),
+        ),
+        (r"group-wise scales .* must have shape \(32, 2\)", lambda x, q, s, b: (x, q, s, None, 32)),
+        ("group_size must be -1", lambda x, q, s, b: (x, q, s, None, 0)),
+        (
+            rf"bias dtype (torch.float16|Half) must match x dtype {x_dtype}",
+            lambda x, q, s, b: (x, q, s, b.half(), -1),
+        ),
+        (r"bias must have shape \(32,\)", lambda x, q, s, b: (x, q, s, b[:5], -1)),
+    ]
+
+
+BAD_INPUTS = bad_inputs("(torch.float32|Float)")
 
 
 @pytest.mark.parametrize(("message", "make_args"), BAD_INPUTS, ids=[m for m, _ in BAD_INPUTS])

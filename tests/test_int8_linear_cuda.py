@@ -22,27 +22,23 @@ import zlib
 import pytest
 import torch
 import torch.nn.functional as F
+from test_int8_linear import bad_inputs
 
 import fastquant
 from fastquant import _native, reference
-from helpers import launched_kernels
+from helpers import (
+    CUDA_KERNEL_MARKS,
+    assert_cuda_rule,
+    assert_gradients_reach_activations,
+    cuda_graph_of,
+    fp16_cancelling_case,
+    launched_kernels,
+)
 
-pytestmark = [
-    pytest.mark.cuda,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the CUDA kernels cannot run here"),
-    pytest.mark.skipif(
-        not _native.has_cuda_kernels(),
-        reason="fastquant was built without CUDA kernels (CPU-only torch or no nvcc; rebuild with FASTQUANT_CUDA=ON)",
-    ),
-    pytest.mark.skipif(
-        torch.cuda.is_available() and torch.cuda.get_device_capability()[0] < 8,
-        reason="the CUDA kernels need compute capability 8.0+ (bf16 mma.sync, cp.async)",
-    ),
-]
+pytestmark = CUDA_KERNEL_MARKS
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 GROUP_SIZES = [-1, 32, 64, 128, 256]
-UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 # (M, K, N): every decode/prefill row count of the issue, K and N among 17, 1000, 1025, 4096, 4100 (K % 16
 # != 0 takes the unaligned GEMV variants or, above M = 64, dequantize + cuBLAS; K = 1025 gives a ragged last
 # group for every group size). M = 128 and 255 with K = 4096 take the fused GEMM.
@@ -80,21 +76,7 @@ def make_case(m, k, n, dtype, group_size, with_bias, seed, device="cuda"):
 
 def assert_close_to_reference(y, x, qweight, scales, bias, group_size, path=""):
     weight = reference.int8_dequantize(qweight, scales, group_size)
-    w64, x64 = weight.double(), x.double()
-    y64 = x64 @ w64.T
-    if bias is not None:
-        y64 = y64 + bias.double()
-    y_torch = F.linear(x, weight.to(x.dtype), bias)
-    scale = ((x64**2) @ (w64**2).T).sqrt()
-    bound = 2 * (y_torch.double() - y64).abs() + 2.0**-12 * scale + 4 * UNIT_ROUNDOFF[x.dtype] * y64.abs()
-    assert y.dtype == x.dtype and y.shape == y64.shape and y.device == x.device
-    err = (y.double() - y64).abs()
-    excess = err - bound
-    worst = int(excess.argmax())
-    assert bool((excess <= 0).all()), (
-        f"kernel {path}: error {err.flatten()[worst].item():.3g} exceeds bound {bound.flatten()[worst].item():.3g} "
-        f"at flat index {worst} (y64={y64.flatten()[worst].item():.4g}, y={y.flatten()[worst].item():.4g})"
-    )
+    assert_cuda_rule(y, x, weight, bias, F.linear(x, weight.to(x.dtype), bias), f"kernel {path}: ")
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
@@ -242,10 +224,8 @@ def test_split_k_is_deterministic_when_asked(m, k, n, group_size):
 @pytest.mark.parametrize("m", [1, 16, 100])
 def test_fp16_partial_sums_do_not_overflow(m):
     """Partial sums reach 4e5, past fp16's 65504, and cancel to a small result: fp32 accumulation."""
-    k = 512
-    x = torch.full((m, k), 100.0, dtype=torch.float16, device="cuda")
-    weight = torch.cat([torch.full((32, k // 2), 8.0), torch.full((32, k // 2), -8.0)], dim=1).cuda()
-    weight[:, 0] += 0.5
+    x, weight = fp16_cancelling_case(m, 32, device="cuda")
+    k = x.shape[1]
     qweight, scales = reference.int8_quantize(weight, -1)
     y = fastquant.int8_linear(x, qweight, scales, None, -1)
     assert torch.isfinite(y).all()
@@ -284,16 +264,9 @@ def test_torch_compile_fullgraph_module():
 )
 def test_cuda_graph_capture_and_replay(m, k, n, group_size):
     x, qweight, scales, bias = make_case(m, k, n, torch.bfloat16, group_size, with_bias=True, seed=13)
-    static_x = x.clone()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm up off the default stream, as capture requires
-        for _ in range(2):
-            fastquant.int8_linear(static_x, qweight, scales, bias, group_size)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_y = fastquant.int8_linear(static_x, qweight, scales, bias, group_size)
+    graph, static_x, static_y = cuda_graph_of(
+        lambda xs: fastquant.int8_linear(xs, qweight, scales, bias, group_size), x
+    )
     for seed in (1, 2):
         new_x = torch.randn(m, k, generator=torch.Generator(device="cuda").manual_seed(seed), device="cuda")
         static_x.copy_(new_x)
@@ -340,37 +313,11 @@ def test_empty_batch_and_empty_k():
 
 def test_autograd_to_activations():
     x, qweight, scales, bias = make_case(4, 96, 24, torch.float32, 32, with_bias=True, seed=9)
-    x.requires_grad_(True)
-    bias.requires_grad_(True)
-    y = fastquant.int8_linear(x, qweight, scales, bias, 32)
-    y.square().sum().backward()
-    grad_y = 2 * y.detach()
-    torch.testing.assert_close(x.grad, grad_y @ reference.int8_dequantize(qweight, scales, 32))
-    torch.testing.assert_close(bias.grad, grad_y.sum(0))
+    weight = reference.int8_dequantize(qweight, scales, 32)
+    assert_gradients_reach_activations(lambda x, b: fastquant.int8_linear(x, qweight, scales, b, 32), x, bias, weight)
 
 
-BAD_INPUTS = [
-    ("x must be float32, bfloat16 or float16", lambda x, q, s, b: (x.to(torch.int32), q, s, None, -1)),
-    ("x must be float32, bfloat16 or float16", lambda x, q, s, b: (x.double(), q, s, None, -1)),
-    ("qweight must be a 2-D int8 tensor", lambda x, q, s, b: (x, q.float(), s, None, -1)),
-    ("qweight must be a 2-D int8 tensor", lambda x, q, s, b: (x, q[0], s, None, -1)),
-    (
-        r"x has 63 input features \(shape [(\[]3, 63[)\]]\) but qweight is \(N, K\) = \(32, 64\)",
-        lambda x, q, s, b: (x[:, :63], q, s, None, -1),
-    ),
-    ("scales must be float32", lambda x, q, s, b: (x, q, s.half(), None, -1)),
-    (
-        r"per-channel scales must have shape \(N,\) = \(32,\), got [(\[]31,?[)\]]",
-        lambda x, q, s, b: (x, q, s[:31], None, -1),
-    ),
-    (r"group-wise scales .* must have shape \(32, 2\)", lambda x, q, s, b: (x, q, s, None, 32)),
-    ("group_size must be -1", lambda x, q, s, b: (x, q, s, None, 0)),
-    (
-        r"bias dtype (torch.float16|Half) must match x dtype (torch.bfloat16|BFloat16)",
-        lambda x, q, s, b: (x, q, s, b.half(), -1),
-    ),
-    (r"bias must have shape \(32,\)", lambda x, q, s, b: (x, q, s, b[:5], -1)),
-]
+BAD_INPUTS = bad_inputs("(torch.bfloat16|BFloat16)")
 
 
 @pytest.mark.parametrize(("message", "make_args"), BAD_INPUTS, ids=[m for m, _ in BAD_INPUTS])

@@ -13,8 +13,9 @@ import fastquant
 from fastquant import Int8Linear, SparseLinear, kernel_choice, reference
 from fastquant.kernel_choice import KernelChoice
 
-# 16 rows of activations: the dense int8 kernel's exact fp32 path everywhere (above 16 rows the AVX-512
-# kernel rounds activations to bf16, which the comparison below does not allow for).
+# 16 rows of activations: the dense int8 kernel's exact fp32 path everywhere, whatever torch's float32 matmul
+# precision (above 16 rows, under "medium", the AVX-512 kernel rounds activations to bf16, which the comparison
+# below does not allow for).
 TOKENS = torch.randint(0, 300, (2, 8), generator=torch.Generator().manual_seed(0))
 
 
@@ -216,9 +217,11 @@ def test_int8_with_calibration_uses_gptq_rounding():
     assert gptq_error < 0.8 * rtn_error
 
 
-def test_csr16_layer_prefills_with_bitmap16_where_that_has_a_prefill_kernel():
+@pytest.mark.parametrize("fp32_precision", ["highest", "medium"], indirect=True)
+def test_csr16_layer_prefills_with_bitmap16_where_that_has_a_prefill_kernel(fp32_precision):
     """A csr16 layer with int8 values hands calls of more than 16 rows to the bitmap16 op where that op has
-    the bf16 prefill path (AVX-512): same weights, so the same result as the bitmap16 layout."""
+    the bf16 prefill path (AVX-512, fp32 activations under "medium" only): same weights, so the same result
+    as the bitmap16 layout."""
     model = fastquant.patch(
         make_block(), "int8+sparse", pruning="magnitude", sparsity=0.9, sparse_kernel="csr16", progress=False
     )

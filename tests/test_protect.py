@@ -17,6 +17,8 @@ from safetensors import safe_open  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from test_serialization import _edit_manifest, fresh_like, tiny_llama  # noqa: E402
 
+from helpers import spy_init_devices  # noqa: E402
+
 
 @pytest.fixture
 def sign_key(tmp_path):
@@ -231,14 +233,7 @@ def test_huge_layer_claim_is_refused_before_allocating(tmp_path, monkeypatch):
     model, path = _saved(tmp_path)
     name = "model.layers.0.mlp.up_proj"
     _edit_manifest(path, lambda m: m["layers"][name].update(in_features=5_000_000))
-    devices = []
-    original = Int8Linear.__init__
-
-    def spy(self, *args, device=None, **kwargs):
-        devices.append(str(device))
-        original(self, *args, device=device, **kwargs)
-
-    monkeypatch.setattr(Int8Linear, "__init__", spy)
+    devices = spy_init_devices(monkeypatch, Int8Linear)
     with pytest.raises(FastquantFormatError, match=f"invalid manifest entry for layer '{name}'.*5000000"):
         fastquant.load(fresh_like(model), path)
     assert devices and set(devices) == {"meta"}

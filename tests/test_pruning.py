@@ -18,6 +18,7 @@ from fastquant.pruning import (
     sparsegpt_prune,
     wanda_mask,
 )
+from helpers import tiny_llama_config
 
 
 def correlated_inputs(tokens: int, k: int, seed: int = 0) -> torch.Tensor:
@@ -42,15 +43,7 @@ def pruned_per_group(mask: torch.Tensor, m: int) -> torch.Tensor:
 def tiny_llama(seed: int = 0, layers: int = 2):
     import transformers
 
-    config = transformers.LlamaConfig(
-        vocab_size=96,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
+    config = tiny_llama_config(vocab_size=96, num_hidden_layers=layers, max_position_embeddings=64)
     torch.manual_seed(seed)
     return transformers.LlamaForCausalLM(config).eval()
 

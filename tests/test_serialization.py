@@ -13,22 +13,15 @@ import torch
 import fastquant
 from fastquant import FastquantFormatError, Int8Linear, SparseLinear
 from fastquant.serialization import FORMAT_VERSION, METADATA_KEY, READ_FORMAT_VERSION, read_manifest
+from helpers import tiny_llama_config
 
 transformers = pytest.importorskip("transformers")
 
 
 def tiny_config(**overrides):
-    kwargs = dict(
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=512,
-        tie_word_embeddings=True,
+    return tiny_llama_config(
+        **{"hidden_size": 128, "intermediate_size": 256, "vocab_size": 512, "tie_word_embeddings": True, **overrides}
     )
-    kwargs.update(overrides)
-    return transformers.LlamaConfig(**kwargs)
 
 
 def tiny_llama(seed: int = 0, **overrides):

@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 
 from fastquant import cli, protect  # noqa: E402
 from fastquant.serve import keys  # noqa: E402
+from helpers import tiny_llama_config  # noqa: E402
 
 MAX_PROMPT_TOKENS = 64
 MAX_TOKENS_CAP = 32
@@ -53,16 +54,7 @@ def _tiny_model_folder(folder):
         "{% if add_generation_prompt %}<assistant>{% endif %}"
     )
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=len(tokenizer),
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=True,
-    )
+    config = tiny_llama_config(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
     transformers.LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
 

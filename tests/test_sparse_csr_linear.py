@@ -17,8 +17,8 @@ import fastquant
 from fastquant import _native, reference
 from fastquant.modules import SparseLinear
 from fastquant.ops import sparse_csr_linear
-from helpers import available_cpu_isas, random_weight
-from test_sparse_linear import SPARSITIES, VALUE_DTYPES, X_DTYPES, assert_within, expected_and_bound, make_case
+from helpers import assert_within, available_cpu_isas, random_weight, replacing
+from test_sparse_linear import SPARSITIES, VALUE_DTYPES, X_DTYPES, expected_and_bound, make_case
 
 GROUP_SIZES = [-1, 16, 32, 128]
 # (M, K, N): decode and prefill row counts around the 8-row tile, K not a multiple of 16 or of a group.
@@ -206,14 +206,7 @@ def bad_base(device: str) -> dict:
     return base
 
 
-def _bad(**changes):
-    def make(a):
-        args = dict(a)
-        for key, fn in changes.items():
-            args[key] = fn(a)
-        return [args[key] for key in ("x", "values", "indices", "row_offsets", "scales", "bias", "k", "g")]
-
-    return make
+_bad = replacing(("x", "values", "indices", "row_offsets", "scales", "bias", "k", "g"))
 
 
 BAD_INPUTS = [

@@ -28,21 +28,12 @@ import torch.nn.functional as F
 
 import fastquant  # noqa: F401 - registers the fastquant ops
 from fastquant import _native, reference
-from helpers import launched_kernels
+from helpers import CUDA_KERNEL_MARKS, assert_cuda_rule, cuda_graph_of, fp16_cancelling_case, launched_kernels
 
-_REASON = "needs a CUDA GPU and fastquant built with CUDA kernels"
-pytestmark = [
-    pytest.mark.cuda,
-    pytest.mark.skipif(not torch.cuda.is_available() or not _native.has_cuda_kernels(), reason=_REASON),
-    pytest.mark.skipif(
-        torch.cuda.is_available() and torch.cuda.get_device_capability()[0] < 8,
-        reason="the CUDA kernels need compute capability 8.0+",
-    ),
-]
+pytestmark = CUDA_KERNEL_MARKS
 
 VALUE_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int8]
 X_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 # (M, K, N): M over the GEMV tiles (1, 3, 16); above 16 the tensor-core path for bf16/fp16 x (17, 33, 64, 65,
 # 256, 300: x tiles of 32, 64 and 128 rows, partly filled) and the tiled GEMV (M <= 64) or densify + cuBLAS for
 # fp32 x; K not a multiple of 16 (17, 1000 = 62.5 chunks, 1025), nor of the 64-column mma k-tile (1000, 1040),
@@ -107,21 +98,7 @@ def run(args):
 
 def assert_close_to_reference(y, args, dense, path=""):
     x, bias = args[0], args[5]
-    w64, x64 = dense.double(), x.double()
-    y64 = x64 @ w64.T
-    if bias is not None:
-        y64 = y64 + bias.double()
-    y_torch = F.linear(x, dense.to(x.dtype), bias)
-    scale = ((x64**2) @ (w64**2).T).sqrt()
-    bound = 2 * (y_torch.double() - y64).abs() + 2.0**-12 * scale + 4 * UNIT_ROUNDOFF[x.dtype] * y64.abs()
-    assert y.dtype == x.dtype and y.shape == y64.shape and y.device == x.device
-    err = (y.double() - y64).abs()
-    excess = err - bound
-    worst = int(excess.argmax()) if excess.numel() else 0
-    assert bool((excess <= 0).all()), (
-        f"kernel {path}: error {err.flatten()[worst].item():.3g} exceeds bound {bound.flatten()[worst].item():.3g} "
-        f"at flat index {worst} (y64={y64.flatten()[worst].item():.4g}, y={y.flatten()[worst].item():.4g})"
-    )
+    assert_cuda_rule(y, x, dense, bias, F.linear(x, dense.to(x.dtype), bias), f"kernel {path}: ")
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
@@ -312,12 +289,11 @@ def test_misaligned_values_view():
 @pytest.mark.parametrize("m", [1, 16, 100])
 def test_fp16_partial_sums_do_not_overflow(m):
     """Partial sums reach 4e5, past fp16's 65504, and cancel to a small result: fp32 accumulation."""
-    k, n = 512, 32
-    weight = torch.cat([torch.full((n, k // 2), 8.0), torch.full((n, k // 2), -8.0)], dim=1).cuda().half()
-    weight[:, 0] += 0.5
+    x, weight = fp16_cancelling_case(m, 32, device="cuda")
+    k = x.shape[1]
+    weight = weight.half()
     weight[:, 1::2] = 0  # half of the weight pruned
     values, masks, row_offsets = reference.sparse_pack(weight)
-    x = torch.full((m, k), 100.0, dtype=torch.float16, device="cuda")
     args = (x, values, masks, row_offsets, None, None, k, -1)
     y = run(args)
     assert torch.isfinite(y).all()
@@ -352,17 +328,8 @@ def test_torch_compile_fullgraph():
 @pytest.mark.parametrize("m", [1, 40, 300, 600], ids=["gemv", "mma-split-k", "mma", "densify-cublas"])
 def test_cuda_graph_capture_and_replay(m):
     args, dense = make_case(m, 2048, 256, torch.bfloat16, torch.bfloat16, 0.5, seed=13)
-    static_x = args[0].clone()
+    graph, static_x, static_y = cuda_graph_of(lambda xs: run((xs, *args[1:])), args[0])
     graph_args = (static_x, *args[1:])
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm up off the default stream, as capture requires
-        for _ in range(2):
-            run(graph_args)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_y = run(graph_args)
     for seed in (1, 2):
         gen = torch.Generator(device="cuda").manual_seed(seed)
         static_x.copy_(torch.randn(m, 2048, generator=gen, device="cuda"))
@@ -501,22 +468,8 @@ def run_csr(args):
 
 def assert_csr_close(y, args, what=""):
     x, values, column_indices, row_offsets, scales, bias, k, group_size = args
-    w64 = reference.sparse_csr_dequantize(values, column_indices, row_offsets, scales, k, group_size).double()
-    x64 = x.double()
-    y64 = x64 @ w64.T
-    if bias is not None:
-        y64 = y64 + bias.double()
-    y_ref = reference.sparse_csr_linear(*args)
-    scale = ((x64**2) @ (w64**2).T).sqrt()
-    bound = 2 * (y_ref.double() - y64).abs() + 2.0**-12 * scale + 4 * UNIT_ROUNDOFF[x.dtype] * y64.abs()
-    assert y.dtype == x.dtype and y.shape == y64.shape and y.device == x.device
-    err = (y.double() - y64).abs()
-    excess = err - bound
-    worst = int(excess.argmax()) if excess.numel() else 0
-    assert bool((excess <= 0).all()), (
-        f"{what}: error {err.flatten()[worst].item():.3g} exceeds bound {bound.flatten()[worst].item():.3g} "
-        f"at flat index {worst} (y64={y64.flatten()[worst].item():.4g}, y={y.flatten()[worst].item():.4g})"
-    )
+    weight = reference.sparse_csr_dequantize(values, column_indices, row_offsets, scales, k, group_size)
+    assert_cuda_rule(y, x, weight, bias, reference.sparse_csr_linear(*args), f"{what}: ")
 
 
 def test_csr_cuda_kernel_is_registered():
@@ -696,17 +649,8 @@ def test_csr_torch_compile_fullgraph():
 def test_csr_cuda_graph_capture_and_replay():
     """No device-to-host sync in the glue: the op captures into a CUDA graph."""
     args = make_csr_case(4, 2048, 256, torch.bfloat16, torch.bfloat16, 0.9, seed=13)
-    static_x = args[0].clone()
+    graph, static_x, static_y = cuda_graph_of(lambda xs: run_csr((xs, *args[1:])), args[0])
     graph_args = (static_x, *args[1:])
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm up off the default stream, as capture requires
-        for _ in range(2):
-            run_csr(graph_args)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_y = run_csr(graph_args)
     for seed in (1, 2):
         gen = torch.Generator(device="cuda").manual_seed(seed)
         static_x.copy_(torch.randn(4, 2048, generator=gen, device="cuda"))

@@ -54,17 +54,9 @@ Isa active_isa() {
 }
 
 const char* isa_name(Isa isa) {
-  switch (isa) {
-    case Isa::kAvx512Vbmi:
-      return "avx512_vbmi";
-    case Isa::kAvx512:
-      return "avx512";
-    case Isa::kAvx2:
-      return "avx2";
-    case Isa::kPortable:
-      return "portable";
-  }
-  return "unknown";
+  // In the order of Isa's values.
+  constexpr const char* kNames[] = {"portable", "avx2", "avx512", "avx512_vbmi"};
+  return kNames[static_cast<int>(isa)];
 }
 
 void set_isa_limit(const std::string& name) {

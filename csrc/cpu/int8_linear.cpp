@@ -12,6 +12,7 @@
 #include "cpu/cpu_features.h"
 #include "cpu/fixed_point_x.h"
 #include "cpu/int8_linear_glue.h"
+#include "cpu/non_finite.h"
 #include "cpu/parallel.h"
 #include "int8_linear_contract.h"
 
@@ -22,10 +23,12 @@ constexpr int64_t kFixedMinK = 2048;
 
 enum class Path { kPortable, kAvx2Fp32, kAvx512Fp32, kAvx512VnniFixed, kAvx512Bf16 };
 
-Path choose_path(Isa isa, int64_t m, int64_t k, int64_t group) {
+Path choose_path(Isa isa, int64_t m, int64_t k, int64_t group, DType dtype) {
 #if defined(__x86_64__) || defined(_M_X64)
   if (isa >= Isa::kAvx512) {
-    if (m > kBf16MinRows && bf16_chunk(k, group) > 0) return Path::kAvx512Bf16;
+    if (m > kBf16MinRows && bf16_chunk(k, group) > 0 && bf16_activations_allowed(dtype)) {
+      return Path::kAvx512Bf16;
+    }
     // Fixed point sums whole 64-column steps per group (a group's end flushes its sums). From K > 2048 only:
     // streaming from DRAM (M = 1, benchmarks/results/decode-layer-dram-2026-12-06.md) it ran at 0.96-1.24x
     // the fp32 kernel at K = 4096-11008 (1.3-1.4x from cache), but 0.76-0.90x at SmolLM2's K = 576 and 1536.
@@ -40,19 +43,10 @@ Path choose_path(Isa isa, int64_t m, int64_t k, int64_t group) {
 }
 
 const char* path_name(Path path) {
-  switch (path) {
-    case Path::kAvx2Fp32:
-      return "cpu_avx2_fp32";
-    case Path::kAvx512Fp32:
-      return "cpu_avx512_fp32";
-    case Path::kAvx512VnniFixed:
-      return "cpu_avx512_vnni_fixed";
-    case Path::kAvx512Bf16:
-      return "cpu_avx512_bf16";
-    case Path::kPortable:
-      break;
-  }
-  return "cpu_portable";
+  // In the order of Path's values.
+  constexpr const char* kNames[] = {"cpu_portable", "cpu_avx2_fp32", "cpu_avx512_fp32",
+                                    "cpu_avx512_vnni_fixed", "cpu_avx512_bf16"};
+  return kNames[static_cast<int>(path)];
 }
 
 }  // namespace
@@ -93,11 +87,13 @@ void int8_linear_run_bf16(Int8LinearProblem& p, const at::Tensor& x2) {
 
 const char* int8_linear_cpu_path(int64_t m, int64_t n, int64_t k, int64_t group_size, DType dtype) {
   const int64_t group = group_size == -1 || group_size > k ? k : group_size;
-  return path_name(choose_path(active_isa(), m, k, group));
+  return path_name(choose_path(active_isa(), m, k, group, dtype));
 }
 
-at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                           const std::optional<at::Tensor>& bias, int64_t group_size) {
+namespace {
+
+at::Tensor run_kernels(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                       const std::optional<at::Tensor>& bias, int64_t group_size) {
   const Int8LinearShape shape = check_int8_linear(Backend::kCpu, x, qweight, scales, bias, group_size);
   const int64_t m = shape.m, n = shape.n, k = shape.k, n_groups = shape.n_groups;
   const DType dtype = shape.x_dtype;
@@ -120,7 +116,7 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
                       effective_group,
                       n_groups,
                       dtype};
-  const Path path = choose_path(active_isa(), m, k, std::min(effective_group, k));
+  const Path path = choose_path(active_isa(), m, k, std::min(effective_group, k), dtype);
   if (path == Path::kPortable) {
     // Columns are the unit of work: each thread streams a disjoint slice of the weight exactly once.
     parallel_ranges((n + 15) / 16, [&](int64_t begin, int64_t end) {
@@ -167,6 +163,16 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
   }
   if (dtype != DType::kFloat32) y.view({m, n}).copy_(y32);
 #endif
+  return y;
+}
+
+}  // namespace
+
+at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                           const std::optional<at::Tensor>& bias, int64_t group_size) {
+  at::Tensor y = run_kernels(x, qweight, scales, bias, group_size);
+  // Per-channel scales multiply a finished dot product, so an infinite one would not meet a zero code.
+  if (!finite_call(x, y)) reference_linear_into(y, x, dequantize_int8(qweight, scales, group_size), bias);
   return y;
 }
 

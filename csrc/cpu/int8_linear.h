@@ -14,7 +14,9 @@
 //                    FMAs per 64 columns, this keeps the decode kernel memory-bound when the weight comes
 //                    from the last-level cache. x that is not finite, or has an outlier (see
 //                    fixed_point_takes), takes cpu_avx512_fp32.
-//   cpu_avx512_bf16  prefill path (larger M): activations rounded to bf16 ONCE per call by the glue
+//   cpu_avx512_bf16  prefill path (larger M) where x may be rounded to bf16 (bf16/fp16 x; fp32 x only under
+//                    torch's "medium" float32 matmul precision, int8_linear_glue.h; else cpu_avx512_fp32):
+//                    activations rounded to bf16 ONCE per call by the glue
 //                    (relative error 2^-9 per product; exact when x already is bf16), weights int8 -> bf16
 //                    (exact) into per-thread L1/L2 tiles, _mm512_dpbf16_ps with fp32 accumulation, fp32
 //                    scale applied per group (or per channel) in fp32, fp32 output.

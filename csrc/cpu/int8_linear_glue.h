@@ -12,6 +12,16 @@ namespace fastquant::cpu {
 constexpr int64_t kBf16MinRows = 16;
 int64_t bf16_chunk(int64_t k, int64_t group);
 
+// Whether activations of dtype x may be rounded to bf16 (8 significant bits) by the bf16 path, read at
+// dispatch time so that every call and every "which path" query agree with torch's own switch. fp32 follows
+// torch.get_float32_matmul_precision(): only "medium" allows bf16; "high" promises TF32 or better and
+// "highest" fp32, so both keep fp32. bf16 x is rounded exactly. fp16 x has no torch switch and is rounded
+// (2^-9 against its 2^-11) for the prefill speed.
+inline bool bf16_activations_allowed(DType x) {
+  return x != DType::kFloat32 ||
+         at::globalContext().float32MatmulPrecision() == at::Float32MatmulPrecision::MEDIUM;
+}
+
 #if defined(__x86_64__) || defined(_M_X64)
 // Rounds x2 (m x k, contiguous, activation dtype) to bf16 pairs transposed so 16 rows fill a vector, then
 // runs int8_linear_avx512_bf16 over blocks of output columns on torch's threads. p carries the weight

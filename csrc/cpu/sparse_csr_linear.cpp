@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "cpu/cpu_features.h"
+#include "cpu/non_finite.h"
 #include "cpu/parallel.h"
 #include "sparse_linear_contract.h"
 
@@ -55,11 +56,25 @@ void check_offsets_ends(const int64_t* offsets, int64_t n, int64_t numel) {
 
 const char* sparse_csr_linear_cpu_path() { return use_avx2() ? "cpu_csr_avx2" : "cpu_csr_portable"; }
 
-at::Tensor sparse_csr_linear_cpu(const at::Tensor& x, const at::Tensor& values,
-                                 const at::Tensor& column_indices, const at::Tensor& row_offsets,
-                                 const std::optional<at::Tensor>& scales,
-                                 const std::optional<at::Tensor>& bias, int64_t in_features,
-                                 int64_t group_size) {
+namespace {
+
+// The dense fp32 weight a csr16 weight stands for (reference.sparse_csr_dequantize): codes, zero where pruned
+// (repeated columns of a row add up), times their scales.
+at::Tensor dense_weight(const at::Tensor& values, const at::Tensor& column_indices,
+                        const at::Tensor& row_offsets, const std::optional<at::Tensor>& scales, int64_t k,
+                        int64_t group_size) {
+  const int64_t n = row_offsets.numel() - 1;
+  const int64_t kept = row_offsets[n].item<int64_t>();
+  const at::Tensor rows = at::repeat_interleave(at::diff(row_offsets));
+  const at::Tensor columns = column_indices.narrow(0, 0, kept).to(at::kLong).bitwise_and(0xFFFF);
+  at::Tensor codes = at::zeros({n, k}, values.options().dtype(at::kFloat));
+  codes.index_put_({rows, columns}, values.narrow(0, 0, kept).to(at::kFloat), /*accumulate=*/true);
+  return scales.has_value() ? dequantize_int8(codes, *scales, group_size) : codes;
+}
+
+at::Tensor run_kernels(const at::Tensor& x, const at::Tensor& values, const at::Tensor& column_indices,
+                       const at::Tensor& row_offsets, const std::optional<at::Tensor>& scales,
+                       const std::optional<at::Tensor>& bias, int64_t in_features, int64_t group_size) {
   const SparseLinearShape shape = check_sparse_csr_linear(Backend::kCpu, x, values, column_indices,
                                                           row_offsets, scales, bias, in_features, group_size);
   const int64_t m = shape.m, n = shape.n, k = shape.k, n_groups = shape.n_groups;
@@ -116,6 +131,22 @@ at::Tensor sparse_csr_linear_cpu(const at::Tensor& x, const at::Tensor& values,
       n, grain, [&](int64_t begin, int64_t end) { return kernel(p, begin, end); });
   if (bad != n) raise_refused(p, bad);
   if (dtype != DType::kFloat32) y.view({m, n}).copy_(y32);
+  return y;
+}
+
+}  // namespace
+
+at::Tensor sparse_csr_linear_cpu(const at::Tensor& x, const at::Tensor& values,
+                                 const at::Tensor& column_indices, const at::Tensor& row_offsets,
+                                 const std::optional<at::Tensor>& scales,
+                                 const std::optional<at::Tensor>& bias, int64_t in_features,
+                                 int64_t group_size) {
+  at::Tensor y = run_kernels(x, values, column_indices, row_offsets, scales, bias, in_features, group_size);
+  if (!finite_call(x, y)) {
+    const at::Tensor weight =
+        dense_weight(values, column_indices, row_offsets, scales, in_features, group_size);
+    reference_linear_into(y, x, weight, bias);
+  }
   return y;
 }
 

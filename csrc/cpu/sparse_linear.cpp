@@ -23,6 +23,7 @@
 
 #include "cpu/cpu_features.h"
 #include "cpu/int8_linear_glue.h"
+#include "cpu/non_finite.h"
 #include "cpu/parallel.h"
 #include "sparse_linear_contract.h"
 
@@ -57,10 +58,11 @@ constexpr int64_t kAvx2DenseFloatMinRows = 32;
 constexpr int64_t kDenseFloatBlockBytes = 4 << 20;
 
 // group_size: -1 for per-channel scales (or float values).
-Path choose_path(Isa isa, int64_t m, int64_t k, DType values, int64_t group_size) {
+Path choose_path(Isa isa, int64_t m, int64_t k, DType values, DType x, int64_t group_size) {
   const int64_t group = group_size == -1 ? k : group_size;
 #if defined(__x86_64__) || defined(_M_X64)
-  if (isa >= Isa::kAvx512 && values == DType::kInt8 && m > kBf16MinRows && bf16_chunk(k, group) > 0) {
+  if (isa >= Isa::kAvx512 && values == DType::kInt8 && m > kBf16MinRows && bf16_chunk(k, group) > 0 &&
+      bf16_activations_allowed(x)) {
     return Path::kAvx512Bf16Tiles;
   }
   if (isa == Isa::kAvx512Vbmi && values == DType::kInt8 && m == 1) {
@@ -79,27 +81,12 @@ Path choose_path(Isa isa, int64_t m, int64_t k, DType values, int64_t group_size
 }
 
 const char* path_name(Path path) {
-  switch (path) {
-    case Path::kAvx512Bf16Tiles:
-      return "cpu_avx512_bf16_tiles";
-    case Path::kAvx512VnniFixed:
-      return "cpu_avx512_vnni_fixed";
-    case Path::kAvx512Vbmi:
-      return "cpu_avx512_vbmi_expand";
-    case Path::kAvx512:
-      return "cpu_avx512_expand";
-    case Path::kAvx2Fixed:
-      return "cpu_avx2_fixed";
-    case Path::kAvx2DenseInt8:
-      return "cpu_avx2_dense_int8";
-    case Path::kAvx2DenseFloat:
-      return "cpu_avx2_dense_float";
-    case Path::kAvx2:
-      return "cpu_avx2_permute";
-    case Path::kPortable:
-      break;
-  }
-  return "cpu_portable";
+  // In the order of Path's values.
+  constexpr const char* kNames[] = {
+      "cpu_portable",           "cpu_avx2_permute",      "cpu_avx2_fixed",
+      "cpu_avx2_dense_int8",    "cpu_avx2_dense_float",  "cpu_avx512_expand",
+      "cpu_avx512_vbmi_expand", "cpu_avx512_vnni_fixed", "cpu_avx512_bf16_tiles"};
+  return kNames[static_cast<int>(path)];
 }
 
 // The checks of the header comment before the kernels run: O(1), and O(N) only for a K that ends inside a
@@ -136,17 +123,34 @@ void check_offsets_ends(const at::Tensor& values, const uint16_t* masks, const i
 
 const char* sparse_linear_cpu_path(int64_t m, int64_t n, int64_t k, DType values, DType x,
                                    int64_t group_size) {
-  return path_name(choose_path(active_isa(), m, k, values, group_size));
+  return path_name(choose_path(active_isa(), m, k, values, x, group_size));
 }
 
 int64_t sparse_linear_cpu_prefill_rows(int64_t k, DType values, DType x, int64_t group_size) {
   const int64_t m = kBf16MinRows + 1;
-  return choose_path(active_isa(), m, k, values, group_size) == Path::kAvx512Bf16Tiles ? m : 0;
+  return choose_path(active_isa(), m, k, values, x, group_size) == Path::kAvx512Bf16Tiles ? m : 0;
 }
 
-at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& masks,
-                             const at::Tensor& row_offsets, const std::optional<at::Tensor>& scales,
-                             const std::optional<at::Tensor>& bias, int64_t in_features, int64_t group_size) {
+namespace {
+
+// The dense fp32 weight a bitmap16 weight stands for (reference.sparse_dequantize): codes, zero where pruned,
+// times their scales.
+at::Tensor dense_weight(const at::Tensor& values, const at::Tensor& masks, const at::Tensor& row_offsets,
+                        const std::optional<at::Tensor>& scales, int64_t k, int64_t group_size) {
+  const int64_t n = masks.size(0);
+  const at::Tensor bits = at::arange(16, masks.options().dtype(at::kInt));
+  const at::Tensor words = masks.to(at::kInt).bitwise_and(0xFFFF).unsqueeze(2);
+  const at::Tensor keep =
+      words.bitwise_right_shift(bits).bitwise_and(1).to(at::kBool).reshape({n, -1}).narrow(1, 0, k);
+  const at::Tensor position = row_offsets.narrow(0, 0, n).unsqueeze(1) + keep.cumsum(1) - 1;
+  const at::Tensor gathered = values.contiguous().take(position.clamp(0, values.numel() - 1)).to(at::kFloat);
+  const at::Tensor codes = at::where(keep, gathered, at::zeros({}, gathered.options()));
+  return scales.has_value() ? dequantize_int8(codes, *scales, group_size) : codes;
+}
+
+at::Tensor run_kernels(const at::Tensor& x, const at::Tensor& values, const at::Tensor& masks,
+                       const at::Tensor& row_offsets, const std::optional<at::Tensor>& scales,
+                       const std::optional<at::Tensor>& bias, int64_t in_features, int64_t group_size) {
   const SparseLinearShape shape = check_sparse_linear(Backend::kCpu, x, values, masks, row_offsets, scales,
                                                       bias, in_features, group_size);
   const int64_t m = shape.m, n = shape.n, k = shape.k, n_groups = shape.n_groups;
@@ -182,7 +186,7 @@ at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& values, cons
   p.group_chunks = vtype == DType::kInt8 && group_size != -1 ? group_size / 16 : 0;
   p.n_groups = n_groups;
   p.vtype = vtype;
-  const Path path = choose_path(active_isa(), m, k, vtype, group_size);
+  const Path path = choose_path(active_isa(), m, k, vtype, dtype, group_size);
   p.byte_expand = path == Path::kAvx512Vbmi || path == Path::kAvx512VnniFixed;
 
   int64_t bad = n;
@@ -325,6 +329,19 @@ at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& values, cons
   }
   if (bad != n) raise_refused(mask_words, offsets, n, n_chunks, bad);
   if (dtype != DType::kFloat32) y.view({m, n}).copy_(y32);
+  return y;
+}
+
+}  // namespace
+
+at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& masks,
+                             const at::Tensor& row_offsets, const std::optional<at::Tensor>& scales,
+                             const std::optional<at::Tensor>& bias, int64_t in_features, int64_t group_size) {
+  at::Tensor y = run_kernels(x, values, masks, row_offsets, scales, bias, in_features, group_size);
+  if (!finite_call(x, y)) {
+    reference_linear_into(y, x, dense_weight(values, masks, row_offsets, scales, in_features, group_size),
+                          bias);
+  }
   return y;
 }
 

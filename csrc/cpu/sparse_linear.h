@@ -29,9 +29,10 @@
 //   cpu_avx2_dense_float float values at M >= 32 on AVX2: blocks of weight rows (4 MiB of fp32) are expanded
 //                       into a buffer that stays in the last-level cache and multiplied by torch's dense fp32
 //                       matmul, where the bitmap16 fp32 tiles took 1.1-2.5x F.linear's time.
-//   cpu_avx512_bf16_tiles  int8 values at M > 16 (prefill): int8_linear's bf16 path, its weight tiles
-//                       expanded from the masks (int8 -> bf16 is exact); x is rounded to bf16 once per call
-//                       as that path does, products and sums in fp32.
+//   cpu_avx512_bf16_tiles  int8 values at M > 16 (prefill) where x may be rounded to bf16 (fp32 x only
+//                       under torch's "medium" float32 matmul precision, int8_linear_glue.h): int8_linear's
+//                       bf16 path, its weight tiles expanded from the masks (int8 -> bf16 is exact); x is
+//                       rounded to bf16 once per call as that path does, products and sums in fp32.
 // All other paths multiply and accumulate in fp32: values (bf16, fp16, int8 codes) and activations convert to
 // fp32 exactly, grouped int8 scales multiply the expanded weight (q * s in fp32, as the reference
 // dequantizes), per-channel scales multiply the finished dot product.
@@ -179,7 +180,8 @@ int64_t sparse_first_bad_row_avx512(const SparseLinearProblem& p, int64_t j0, in
 #endif
 
 // Rows of x from which sparse_linear takes a dedicated prefill kernel for this weight (int8 values on
-// AVX-512: cpu_avx512_bf16_tiles), or 0 when no row count does. A csr16 layer hands such calls to
+// AVX-512: cpu_avx512_bf16_tiles), or 0 when no row count does (at the current float32 matmul precision
+// for fp32 x). A csr16 layer hands such calls to
 // sparse_linear.
 int64_t sparse_linear_cpu_prefill_rows(int64_t k, DType values, DType x, int64_t group_size);
 const char* sparse_linear_cpu_path(int64_t m, int64_t n, int64_t k, DType values, DType x,

@@ -9,25 +9,11 @@
 
 #include <cstdint>
 
+#include "cuda/cuda_common.cuh"
 #include "cuda/int4_linear_launch.h"
 
 namespace fastquant::cuda {
 namespace {
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) {
-  return v;
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) {
-  return __float2half_rn(v);
-}
 
 // One thread per 8 packed bytes of a row (bytes 8j .. 8j + 7 of block b): 8 consecutive k in the block's
 // first half (low nibbles) and the 8 at k + 32 (high nibbles); each run of 8 lies in one half block, so in

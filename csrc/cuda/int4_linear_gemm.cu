@@ -26,6 +26,7 @@
 #include <atomic>
 #include <cstdint>
 
+#include "cuda/cuda_common.cuh"
 #include "cuda/int4_linear_dispatch.h"
 #include "cuda/int4_linear_launch.h"
 #include "cuda/int8_gemv_mma.cuh"
@@ -44,19 +45,6 @@ constexpr int kStages = 3;
 template <int MT>
 constexpr int smem_bytes() {
   return kStages * (32 * MT * kBK * 2 + kBN * kInt4BlockBytes);
-}
-
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool pred) {
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  const int src_size = pred ? 16 : 0;  // 0: nothing is read, the 16 bytes are zero-filled
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(src_size));
-}
-
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
 struct Int4GemmParams {
@@ -251,21 +239,6 @@ __global__ void __launch_bounds__(kThreads) int4_gemm_mma_kernel(Int4GemmParams 
       }
     }
   }
-}
-
-// cudaFuncSetAttribute once per kernel and device (it is not a stream operation; the first call on a device
-// normally happens outside CUDA-graph capture, in the warm-up that capture requires anyway).
-constexpr int kMaxDevices = 64;
-
-template <typename Kernel>
-cudaError_t allow_smem(Kernel kernel, int bytes, std::atomic<bool> (&done)[kMaxDevices]) {
-  int device = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err != cudaSuccess) return err;
-  if (device < kMaxDevices && done[device].load(std::memory_order_acquire)) return cudaSuccess;
-  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-  if (err == cudaSuccess && device < kMaxDevices) done[device].store(true, std::memory_order_release);
-  return err;
 }
 
 template <typename T, int MT, bool kAsym>

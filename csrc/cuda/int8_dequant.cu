@@ -8,25 +8,11 @@
 
 #include <cstdint>
 
+#include "cuda/cuda_common.cuh"
 #include "cuda/int8_linear_launch.h"
 
 namespace fastquant::cuda {
 namespace {
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) {
-  return v;
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) {
-  return __float2half_rn(v);
-}
 
 // Vector variant: one thread turns 16 weight bytes (one 16-byte load, never straddling a scale group since
 // group_size % 16 == 0 and k % 16 == 0) into 16 outputs written as 2 (16-bit) or 4 (fp32) 16-byte stores.

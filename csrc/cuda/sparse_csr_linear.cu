@@ -319,11 +319,10 @@ struct Launch {
 template <typename V, int MP, bool kStaged, bool kGrouped>
 cudaError_t launch_variant(CsrParams p, const Launch& l, cudaStream_t stream) {
   p.m_tiles = static_cast<int>((static_cast<int64_t>(p.m) + MP - 1) / MP);
-  static std::atomic<bool> done[sparse_detail::kMaxDevices];
+  static std::atomic<bool> done[kMaxDevices];
   if (l.smem_bytes > 48 * 1024) {
     // The device's whole opt-in (a per-device constant, so one attribute call per device covers every K).
-    const cudaError_t err =
-        sparse_detail::allow_smem(sparse_csr_kernel<V, MP, kStaged, kGrouped>, l.max_smem_bytes, done);
+    const cudaError_t err = allow_smem(sparse_csr_kernel<V, MP, kStaged, kGrouped>, l.max_smem_bytes, done);
     if (err != cudaSuccess) return err;
   }
   const int blocks_x = (p.n + l.warps - 1) / l.warps;

@@ -5,10 +5,10 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include <atomic>
 #include <cstdint>
 #include <type_traits>
 
+#include "cuda/cuda_common.cuh"
 #include "cuda/sparse_linear_launch.h"
 
 namespace fastquant::cuda::sparse_detail {
@@ -142,21 +142,6 @@ __device__ __forceinline__ uint32_t drop_low_set_bits(uint32_t m, int r) {
   if (r >= c) r -= c, pos += 2, t >>= 2;
   if (r >= static_cast<int>(t & 1u)) pos += 1;
   return m & (0xFFFFFFFFu << pos);
-}
-
-// cudaFuncSetAttribute once per kernel and device (not a stream operation: the first call on a device
-// normally happens outside CUDA-graph capture, in the warm-up that capture requires anyway).
-constexpr int kMaxDevices = 64;
-
-template <typename Kernel>
-cudaError_t allow_smem(Kernel kernel, int bytes, std::atomic<bool> (&done)[kMaxDevices]) {
-  int device = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err != cudaSuccess) return err;
-  if (device < kMaxDevices && done[device].load(std::memory_order_acquire)) return cudaSuccess;
-  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-  if (err == cudaSuccess && device < kMaxDevices) done[device].store(true, std::memory_order_release);
-  return err;
 }
 
 }  // namespace fastquant::cuda::sparse_detail

@@ -40,6 +40,9 @@ def info_lines() -> list[str]:
     lines.append(f"CUDA device: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
     lines.append(f"CPU features: {_native.native.cpu_features()}")
     lines.append(f"CPU kernels use: {_native.native.cpu_isa()}")
+    precision = torch.get_float32_matmul_precision()
+    rounding = "may be rounded to bf16 at prefill" if precision == "medium" else "stay fp32 on every path"
+    lines.append(f"float32 matmul precision: {precision} (fp32 activations {rounding}; paths below follow it)")
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     for device in devices:
         for dtype in (torch.float32, torch.bfloat16, torch.float16):

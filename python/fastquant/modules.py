@@ -216,7 +216,11 @@ class SparseLinear(_CompressedLinear):
         A csr16 layer still hands calls of more than 16 rows (prefill) to the bitmap16 op where that op has a
         prefill kernel (int8 values on AVX-512 CPUs: ``cpu_avx512_bf16_tiles``, 1.4-5.7x faster than csr16 at
         M = 128-512 for 90% sparse 4096 x 4096), as the native module reports it: the masks stay in the layer
-        either way."""
+        either way. That kernel rounds fp32 activations to bf16 only under
+        ``torch.set_float32_matmul_precision("medium")``, so the hand-over is decided under the precision set
+        when the layout is (this call, and moves with ``.to()``): forward cannot ask torch's setting without
+        breaking ``torch.compile(fullgraph=True)``. Either op follows the precision of the call itself, so a
+        later change of the setting changes which layout serves prefill, never the contract."""
         if layout not in self.LAYOUTS:
             raise ValueError(f"layout must be one of {self.LAYOUTS}, got {layout!r}")
         self.column_indices = (
@@ -378,8 +382,6 @@ class Int4Linear(_CompressedLinear):
     ) -> None:
         super().__init__()
         check_int4_group_size(group_size)
-        if dtype not in ops.ACTIVATION_DTYPES:
-            raise ValueError(f"dtype must be one of {ops.ACTIVATION_DTYPES}, got {dtype}")
         if in_features < 1 or out_features < 1:
             raise ValueError(f"in_features and out_features must be positive, got {in_features}, {out_features}")
         self.in_features = in_features
@@ -394,11 +396,7 @@ class Int4Linear(_CompressedLinear):
             self.offsets = None
         else:
             self.register_buffer("offsets", torch.zeros(out_features, n_groups, dtype=torch.float16, device=device))
-        if bias:
-            self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
-        else:
-            self.register_parameter("bias", None)
-        self._dtype = dtype
+        self._init_bias(out_features, bias, device, dtype)
 
     @property
     def format(self) -> str:

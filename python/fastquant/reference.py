@@ -179,7 +179,8 @@ def sparse_csr_dequantize(
     in_features: int,
     group_size: int,
 ) -> Tensor:
-    """The float32 dense (N, K) weight a csr16 weight stands for; repeated columns of a row add up."""
+    """The float32 dense (N, K) weight a csr16 weight stands for (codes times scales for int8 values); repeated
+    columns of a row add up."""
     # Every packed position is placed (no data-dependent shapes, so torch.compile traces it): those past
     # row_offsets[N] add zero to column 0 of the last row.
     n = row_offsets.numel() - 1
@@ -191,9 +192,10 @@ def sparse_csr_dequantize(
     valid = position < row_offsets[-1]
     columns = torch.where(valid, column_indices.to(torch.int64) & 0xFFFF, 0)
     kept = torch.where(valid, values.float(), 0.0)
-    if scales is not None:
-        kept = kept * (scales[rows] if group_size == -1 else scales[rows, columns // group_size])
-    return dense.index_put_((rows, columns), kept, accumulate=True)
+    dense = dense.index_put_((rows, columns), kept, accumulate=True)
+    # Codes first, then scales, as the dense int8 layer of the same codes: a pruned weight is a zero code, so an
+    # infinite scale makes it NaN on every layout (the numerical contract).
+    return dense if scales is None else int8_dequantize(dense, scales, group_size)
 
 
 def sparse_csr_linear(

@@ -63,38 +63,30 @@ def layer_params(model: nn.Module) -> dict[str, dict[str, Any]]:
     layers: dict[str, dict[str, Any]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
         if isinstance(module, Int8Linear):
-            layers[name] = {
-                "type": "int8",
-                "in_features": module.in_features,
-                "out_features": module.out_features,
-                "bias": module.bias is not None,
-                "group_size": module.group_size,
-                "dtype": _dtype_name(module.dtype),
-            }
+            layers[name] = {"type": "int8", **_common_params(module)}
         elif isinstance(module, Int4Linear):
-            layers[name] = {
-                "type": "int4",
-                "in_features": module.in_features,
-                "out_features": module.out_features,
-                "bias": module.bias is not None,
-                "group_size": module.group_size,
-                "symmetric": module.symmetric,
-                "dtype": _dtype_name(module.dtype),
-            }
+            layers[name] = {"type": "int4", **_common_params(module), "symmetric": module.symmetric}
         elif isinstance(module, SparseLinear):
             layers[name] = {
                 "type": "sparse",
-                "in_features": module.in_features,
-                "out_features": module.out_features,
-                "bias": module.bias is not None,
-                "group_size": module.group_size,
-                "dtype": _dtype_name(module.dtype),
+                **_common_params(module),
                 "values_dtype": _dtype_name(module.values.dtype),
                 "n_values": module.values.numel(),
                 "pattern": module.pattern,
                 "layout": module.layout,
             }
     return layers
+
+
+def _common_params(module: nn.Module) -> dict[str, Any]:
+    """The entries every compressed layer has."""
+    return {
+        "in_features": module.in_features,
+        "out_features": module.out_features,
+        "bias": module.bias is not None,
+        "group_size": module.group_size,
+        "dtype": _dtype_name(module.dtype),
+    }
 
 
 def save(model: nn.Module, path: str | os.PathLike, *, method: str | None = None) -> dict[str, Any]:
