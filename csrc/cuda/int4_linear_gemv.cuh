@@ -295,17 +295,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32, 2) int4_gemv_mma_kernel(Int4G
     const int n = blockIdx.x * kGemvTileN + (vl >> 2) + 8 * (i >> 1);
     const int m = nt * 8 + 2 * (vl & 3) + (i & 1);
     if (n >= p.n || m >= p.m) continue;
-    const int64_t out = static_cast<int64_t>(m) * p.n + n;
-    if (gridDim.y > 1) {
-      if (p.ordered) {
-        p.workspace[static_cast<int64_t>(blockIdx.y) * p.m * p.n + out] = sum;
-      } else {
-        atomicAdd(p.workspace + out, sum);
-      }
-    } else {
-      if (p.bias != nullptr) sum += Act<T>::to_float(reinterpret_cast<const T*>(p.bias)[n]);
-      reinterpret_cast<T*>(p.y)[out] = Act<T>::from_float(sum);
-    }
+    detail::gemv_store<T>(p, m, n, sum);
   }
 }
 
