@@ -335,31 +335,12 @@ LaunchStatus launch_gemv(const Int4GemvArgs& a, cudaStream_t stream) {
     return LaunchStatus::precondition("the int4 GEMV splits K but got no workspace");
 
   Int4GemvParams p;
-  p.x = static_cast<const uint16_t*>(a.x);
-  p.w = a.w;
-  p.scales = static_cast<const __half*>(a.scales);
-  p.offsets = static_cast<const __half*>(a.offsets);
-  p.bias = static_cast<const uint16_t*>(a.bias);
-  p.y = static_cast<uint16_t*>(a.y);
-  p.workspace = a.workspace;
-  p.m = a.m;
-  p.n = a.n;
-  p.k = a.k;
-  p.row_bytes = (a.k + kInt4BlockK - 1) / kInt4BlockK * kInt4BlockBytes;
-  p.n_groups = a.n_groups;
-  p.halves_per_group = a.group_size / 32;
-  p.group_shift = -1;
-  for (int s = 0; s < 31; ++s) {
-    if ((1 << s) == p.halves_per_group) p.group_shift = s;
-  }
+  set_int4_params(p, a);
   p.ordered = a.deterministic;
 
   const int64_t total = static_cast<int64_t>(a.m) * a.n;
-  if (slices == 1) {  // atomics accumulate into it
-    const cudaError_t err =
-        cudaMemsetAsync(a.workspace, 0, static_cast<size_t>(total) * sizeof(float), stream);
-    if (err != cudaSuccess) return err;
-  }
+  const cudaError_t zeroed = detail::zero_atomic_slice(a.workspace, slices, total, stream);
+  if (zeroed != cudaSuccess) return zeroed;
   const dim3 grid((a.n + kGemvTileN - 1) / kGemvTileN, splits);
   const bool asym = a.offsets != nullptr;
   switch (nt) {

@@ -187,6 +187,12 @@ __device__ __forceinline__ void gemv_store(const Params& p, int m, int n, float 
   }
 }
 
+// Zeroes the one M x N fp32 workspace slice that a split-K GEMV's atomics accumulate into (slices == 1).
+inline cudaError_t zero_atomic_slice(float* workspace, int slices, int64_t total, cudaStream_t stream) {
+  if (slices != 1) return cudaSuccess;
+  return cudaMemsetAsync(workspace, 0, static_cast<size_t>(total) * sizeof(float), stream);
+}
+
 struct GemvParams {
   const uint16_t* x;  // bf16/fp16 bits
   const int8_t* w;
@@ -374,11 +380,8 @@ LaunchStatus launch_gemv(const Int8GemvArgs& a, cudaStream_t stream) {
   p.ordered = a.deterministic;
 
   const int64_t total = static_cast<int64_t>(a.m) * a.n;
-  if (slices == 1) {  // atomics accumulate into it
-    const cudaError_t err =
-        cudaMemsetAsync(a.workspace, 0, static_cast<size_t>(total) * sizeof(float), stream);
-    if (err != cudaSuccess) return err;
-  }
+  const cudaError_t zeroed = zero_atomic_slice(a.workspace, slices, total, stream);
+  if (zeroed != cudaSuccess) return zeroed;
   const dim3 grid((a.n + kGemvTileN - 1) / kGemvTileN, splits);
   const bool grouped = a.group_size != -1;
   switch (nt) {
