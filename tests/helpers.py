@@ -185,6 +185,16 @@ def assert_cuda_rule(y, x, weight, bias, y_torch, what: str = "") -> None:
     assert_within(y, y64, bound, x.dtype, what)
 
 
+def assert_compiled_matches_eager(f, k: int, rows=(1, 4, 100)) -> None:
+    """torch.compile(f, fullgraph=True) gives f's result for bf16 x of shape (2, m, k) on the GPU, for each m of
+    ``rows`` (a new batch size retraces or runs dynamic). Inductor fuses what follows the op in fp32 without
+    rounding in between: bf16 tolerance, not equality."""
+    compiled = torch.compile(f, fullgraph=True)
+    for m in rows:
+        x = torch.randn(2, m, k, device="cuda", dtype=torch.bfloat16)
+        torch.testing.assert_close(compiled(x), f(x))
+
+
 def cuda_graph_of(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor):
     """``fn(static_x)`` captured in a CUDA graph after two warm-up calls off the default stream (as capture
     requires), static_x a copy of ``x``: (graph, static_x, static_y). Copy new input into static_x and replay."""

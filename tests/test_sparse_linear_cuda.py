@@ -28,7 +28,14 @@ import torch.nn.functional as F
 
 import fastquant  # noqa: F401 - registers the fastquant ops
 from fastquant import _native, reference
-from helpers import CUDA_KERNEL_MARKS, assert_cuda_rule, cuda_graph_of, fp16_cancelling_case, launched_kernels
+from helpers import (
+    CUDA_KERNEL_MARKS,
+    assert_compiled_matches_eager,
+    assert_cuda_rule,
+    cuda_graph_of,
+    fp16_cancelling_case,
+    launched_kernels,
+)
 
 pytestmark = CUDA_KERNEL_MARKS
 
@@ -318,11 +325,7 @@ def test_torch_compile_fullgraph():
         y = torch.ops.fastquant.sparse_linear(x, values, masks, row_offsets, scales, bias, k, g)
         return F.gelu(y) * 2
 
-    compiled = torch.compile(f, fullgraph=True)
-    for m in (1, 4, 100, 600):  # GEMV, tensor-core path, densify + cuBLAS; a new batch size retraces or runs dynamic
-        x = torch.randn(2, m, k, device="cuda", dtype=torch.bfloat16)
-        # Inductor fuses gelu and the product in fp32 without rounding in between: bf16 tolerance.
-        torch.testing.assert_close(compiled(x), f(x))
+    assert_compiled_matches_eager(f, k, rows=(1, 4, 100, 600))  # GEMV, tensor-core path, densify + cuBLAS
 
 
 @pytest.mark.parametrize("m", [1, 40, 300, 600], ids=["gemv", "mma-split-k", "mma", "densify-cublas"])
@@ -639,11 +642,7 @@ def test_csr_torch_compile_fullgraph():
         y = torch.ops.fastquant.sparse_csr_linear(x, values, indices, row_offsets, scales, bias, k, g)
         return F.gelu(y) * 2
 
-    compiled = torch.compile(f, fullgraph=True)
-    for m in (1, 4, 100):  # one tile, one padded tile, several; a new batch size retraces or runs dynamic
-        x = torch.randn(2, m, k, device="cuda", dtype=torch.bfloat16)
-        # Inductor fuses gelu and the product in fp32 without rounding in between: bf16 tolerance.
-        torch.testing.assert_close(compiled(x), f(x))
+    assert_compiled_matches_eager(f, k)  # one tile, one padded tile, several
 
 
 def test_csr_cuda_graph_capture_and_replay():

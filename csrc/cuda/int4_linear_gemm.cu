@@ -264,23 +264,7 @@ cudaError_t launch_mt(const Int4GemmParams& p, bool asym, int splits, cudaStream
 template <typename T>
 LaunchStatus launch(const Int4GemvArgs& a, cudaStream_t stream) {
   Int4GemmParams p;
-  p.x = static_cast<const uint16_t*>(a.x);
-  p.w = a.w;
-  p.scales = static_cast<const __half*>(a.scales);
-  p.offsets = static_cast<const __half*>(a.offsets);
-  p.bias = static_cast<const uint16_t*>(a.bias);
-  p.y = static_cast<uint16_t*>(a.y);
-  p.workspace = a.workspace;
-  p.m = a.m;
-  p.n = a.n;
-  p.k = a.k;
-  p.row_bytes = (a.k + kInt4BlockK - 1) / kInt4BlockK * kInt4BlockBytes;
-  p.n_groups = a.n_groups;
-  p.halves_per_group = a.group_size / 32;
-  p.group_shift = -1;
-  for (int s = 0; s < 31; ++s) {
-    if ((1 << s) == p.halves_per_group) p.group_shift = s;
-  }
+  set_int4_params(p, a);
   const int splits = int4_gemm_splits(a.m, a.n, a.k, a.num_sms);  // geometry rules: int4_linear_dispatch.h
   if (splits > 1 && a.workspace == nullptr)
     return LaunchStatus::precondition("the int4 GEMM splits K but got no workspace");

@@ -295,17 +295,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32, 2) int4_gemv_mma_kernel(Int4G
     const int n = blockIdx.x * kGemvTileN + (vl >> 2) + 8 * (i >> 1);
     const int m = nt * 8 + 2 * (vl & 3) + (i & 1);
     if (n >= p.n || m >= p.m) continue;
-    const int64_t out = static_cast<int64_t>(m) * p.n + n;
-    if (gridDim.y > 1) {
-      if (p.ordered) {
-        p.workspace[static_cast<int64_t>(blockIdx.y) * p.m * p.n + out] = sum;
-      } else {
-        atomicAdd(p.workspace + out, sum);
-      }
-    } else {
-      if (p.bias != nullptr) sum += Act<T>::to_float(reinterpret_cast<const T*>(p.bias)[n]);
-      reinterpret_cast<T*>(p.y)[out] = Act<T>::from_float(sum);
-    }
+    detail::gemv_store<T>(p, m, n, sum);
   }
 }
 
@@ -345,31 +335,12 @@ LaunchStatus launch_gemv(const Int4GemvArgs& a, cudaStream_t stream) {
     return LaunchStatus::precondition("the int4 GEMV splits K but got no workspace");
 
   Int4GemvParams p;
-  p.x = static_cast<const uint16_t*>(a.x);
-  p.w = a.w;
-  p.scales = static_cast<const __half*>(a.scales);
-  p.offsets = static_cast<const __half*>(a.offsets);
-  p.bias = static_cast<const uint16_t*>(a.bias);
-  p.y = static_cast<uint16_t*>(a.y);
-  p.workspace = a.workspace;
-  p.m = a.m;
-  p.n = a.n;
-  p.k = a.k;
-  p.row_bytes = (a.k + kInt4BlockK - 1) / kInt4BlockK * kInt4BlockBytes;
-  p.n_groups = a.n_groups;
-  p.halves_per_group = a.group_size / 32;
-  p.group_shift = -1;
-  for (int s = 0; s < 31; ++s) {
-    if ((1 << s) == p.halves_per_group) p.group_shift = s;
-  }
+  set_int4_params(p, a);
   p.ordered = a.deterministic;
 
   const int64_t total = static_cast<int64_t>(a.m) * a.n;
-  if (slices == 1) {  // atomics accumulate into it
-    const cudaError_t err =
-        cudaMemsetAsync(a.workspace, 0, static_cast<size_t>(total) * sizeof(float), stream);
-    if (err != cudaSuccess) return err;
-  }
+  const cudaError_t zeroed = detail::zero_atomic_slice(a.workspace, slices, total, stream);
+  if (zeroed != cudaSuccess) return zeroed;
   const dim3 grid((a.n + kGemvTileN - 1) / kGemvTileN, splits);
   const bool asym = a.offsets != nullptr;
   switch (nt) {

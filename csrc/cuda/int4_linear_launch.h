@@ -32,6 +32,30 @@ struct Int4GemvArgs {
   Int4Path path;       // one of the kGemvMma* rows of the dispatch table (sets the number of n=8 tiles)
 };
 
+// The fields the int4 GEMV and GEMM kernel parameters (Int4GemvParams, Int4GemmParams) share, from the
+// launch arguments: pointers in the kernels' types, sizes, and the group as 32-column halves (a shift when a
+// power of two).
+template <typename Params>
+void set_int4_params(Params& p, const Int4GemvArgs& a) {
+  p.x = static_cast<decltype(p.x)>(a.x);
+  p.w = a.w;
+  p.scales = static_cast<decltype(p.scales)>(a.scales);
+  p.offsets = static_cast<decltype(p.offsets)>(a.offsets);
+  p.bias = static_cast<decltype(p.bias)>(a.bias);
+  p.y = static_cast<decltype(p.y)>(a.y);
+  p.workspace = a.workspace;
+  p.m = a.m;
+  p.n = a.n;
+  p.k = a.k;
+  p.row_bytes = (a.k + kInt4BlockK - 1) / kInt4BlockK * kInt4BlockBytes;
+  p.n_groups = a.n_groups;
+  p.halves_per_group = a.group_size / 32;
+  p.group_shift = -1;
+  for (int s = 0; s < 31; ++s) {
+    if ((1 << s) == p.halves_per_group) p.group_shift = s;
+  }
+}
+
 // Tensor-core GEMV for m <= 64 (int4_linear_gemv.cuh). dtype must be bf16 or fp16.
 LaunchStatus launch_int4_gemv_mma_bf16(const Int4GemvArgs& args, cudaStream_t stream);
 LaunchStatus launch_int4_gemv_mma_f16(const Int4GemvArgs& args, cudaStream_t stream);

@@ -170,6 +170,29 @@ __device__ __forceinline__ void load_x_segment(const uint16_t* xrow, int k0, int
   }
 }
 
+// Stores the finished sum of output (m, n) of a GEMV block (the int8 and the int4 GEMV): into this split's
+// workspace slice (ordered split-K) or atomically into the workspace (split-K), or with the bias into y.
+template <typename T, typename Params>
+__device__ __forceinline__ void gemv_store(const Params& p, int m, int n, float sum) {
+  const int64_t out = static_cast<int64_t>(m) * p.n + n;
+  if (gridDim.y > 1) {
+    if (p.ordered) {
+      p.workspace[static_cast<int64_t>(blockIdx.y) * p.m * p.n + out] = sum;
+    } else {
+      atomicAdd(p.workspace + out, sum);
+    }
+  } else {
+    if (p.bias != nullptr) sum += Act<T>::to_float(reinterpret_cast<const T*>(p.bias)[n]);
+    reinterpret_cast<T*>(p.y)[out] = Act<T>::from_float(sum);
+  }
+}
+
+// Zeroes the one M x N fp32 workspace slice that a split-K GEMV's atomics accumulate into (slices == 1).
+inline cudaError_t zero_atomic_slice(float* workspace, int slices, int64_t total, cudaStream_t stream) {
+  if (slices != 1) return cudaSuccess;
+  return cudaMemsetAsync(workspace, 0, static_cast<size_t>(total) * sizeof(float), stream);
+}
+
 struct GemvParams {
   const uint16_t* x;  // bf16/fp16 bits
   const int8_t* w;
@@ -273,17 +296,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32, 2) int8_gemv_mma_kernel(GemvP
     const int m = nt * 8 + 2 * (vl & 3) + (i & 1);
     if (n >= p.n || m >= p.m) continue;
     if constexpr (!kGrouped) sum *= __ldg(p.scales + n);
-    const int64_t out = static_cast<int64_t>(m) * p.n + n;
-    if (gridDim.y > 1) {
-      if (p.ordered) {
-        p.workspace[static_cast<int64_t>(blockIdx.y) * p.m * p.n + out] = sum;
-      } else {
-        atomicAdd(p.workspace + out, sum);
-      }
-    } else {
-      if (p.bias != nullptr) sum += Act<T>::to_float(reinterpret_cast<const T*>(p.bias)[n]);
-      reinterpret_cast<T*>(p.y)[out] = Act<T>::from_float(sum);
-    }
+    gemv_store<T>(p, m, n, sum);
   }
 }
 
@@ -367,11 +380,8 @@ LaunchStatus launch_gemv(const Int8GemvArgs& a, cudaStream_t stream) {
   p.ordered = a.deterministic;
 
   const int64_t total = static_cast<int64_t>(a.m) * a.n;
-  if (slices == 1) {  // atomics accumulate into it
-    const cudaError_t err =
-        cudaMemsetAsync(a.workspace, 0, static_cast<size_t>(total) * sizeof(float), stream);
-    if (err != cudaSuccess) return err;
-  }
+  const cudaError_t zeroed = zero_atomic_slice(a.workspace, slices, total, stream);
+  if (zeroed != cudaSuccess) return zeroed;
   const dim3 grid((a.n + kGemvTileN - 1) / kGemvTileN, splits);
   const bool grouped = a.group_size != -1;
   switch (nt) {
