@@ -76,7 +76,7 @@ def int4_kernel_path(device: torch.device, m: int, n: int, k: int, group_size: i
 
 
 def fixed16_block_max(x: torch.Tensor) -> torch.Tensor:
-    """max|x| of each element's 32-column block (float64, x's shape): the scale of cpu_avx2_fixed16's rounding."""
+    """max|x| of each element's 32-column block (float64, x's shape): the scale of the fixed16 kernels' rounding."""
     k = x.shape[-1]
     padded = torch.nn.functional.pad(x.double().abs(), (0, -k % 32))
     block_max = padded.unflatten(-1, (-1, 32)).amax(dim=-1)
@@ -85,8 +85,8 @@ def fixed16_block_max(x: torch.Tensor) -> torch.Tensor:
 
 def assert_int4_linear_close(y, x, qweight, scales, offsets, bias, in_features, group_size, path: str) -> None:
     """The int8 rule (module docstring) with the dequantized int4 weight. Kernels that multiply in fp32 get
-    c_path = 2^-16 on sqrt((x^2) @ (W^2)^T). cpu_avx2_fixed16 computes exactly with x rounded to 16-bit fixed
-    point per 32-column block (error <= max|x of the block| / 65024, uniform): its term is 2^-13 (9 standard
+    c_path = 2^-16 on sqrt((x^2) @ (W^2)^T). cpu_avx2_fixed16 and cpu_avx512_vnni_fixed16 compute exactly with x
+    rounded to 16-bit fixed point per 32-column block (error <= max|x of the block| / 65024, uniform): its term is 2^-13 (9 standard
     deviations, and above the worst case sum for K <= 32) times sqrt((xmax^2) @ (W^2)^T), xmax the block max."""
     weight = reference.int4_dequantize(qweight, scales, offsets, in_features, group_size).double()
     x64 = x.double()

@@ -166,9 +166,12 @@ def cpu_path(m, n, k, group_size, dtype=torch.float32) -> str:
 
 
 def expected_path(cpu_isa: str, m: int) -> str:
-    """The kernel choice, spelled out: AVX2 and AVX-512 levels run the AVX2 kernels (no AVX-512 int4 kernel)."""
+    """The kernel choice, spelled out: AVX-512 (VNNI) levels decode up to M = 16 with cpu_avx512_vnni_fixed16,
+    AVX2 up to M = 8 with cpu_avx2_fixed16; larger M on both runs the AVX2 tiled kernel."""
     if cpu_isa == "portable":
         return "cpu_portable"
+    if cpu_isa.startswith("avx512"):
+        return "cpu_avx512_vnni_fixed16" if m <= 16 else "cpu_avx2_tiled_fp32"
     return "cpu_avx2_fixed16" if m <= 8 else "cpu_avx2_tiled_fp32"
 
 

@@ -15,12 +15,12 @@
 namespace fastquant::cpu {
 namespace {
 
-enum class Path { kPortable, kAvx2Fixed16, kAvx2TiledFp32 };
+enum class Path { kPortable, kAvx2Fixed16, kAvx512VnniFixed16, kAvx2TiledFp32 };
 
-// The kernel for a problem with finite x (x with NaN or inf takes cpu_avx2_tiled_fp32 on AVX2). AVX-512
-// levels run the AVX2 kernels.
+// The kernel for a problem with finite x (x with NaN or inf takes cpu_avx2_tiled_fp32 on AVX2 and AVX-512).
 Path choose_path(Isa isa, int64_t m) {
 #if defined(__x86_64__) || defined(_M_X64)
+  if (isa >= Isa::kAvx512) return m <= kAvx512FixedMaxRows ? Path::kAvx512VnniFixed16 : Path::kAvx2TiledFp32;
   if (isa >= Isa::kAvx2) return m <= kFixedMaxRows ? Path::kAvx2Fixed16 : Path::kAvx2TiledFp32;
 #endif
   return Path::kPortable;
@@ -30,6 +30,8 @@ const char* path_name(Path path) {
   switch (path) {
     case Path::kAvx2Fixed16:
       return "cpu_avx2_fixed16";
+    case Path::kAvx512VnniFixed16:
+      return "cpu_avx512_vnni_fixed16";
     case Path::kAvx2TiledFp32:
       return "cpu_avx2_tiled_fp32";
     case Path::kPortable:
@@ -77,23 +79,33 @@ at::Tensor int4_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
   Path path = choose_path(active_isa(), m);
 #if defined(__x86_64__) || defined(_M_X64)
   at::Tensor planes, steps, group_sums;
-  if (path == Path::kAvx2Fixed16) {
+  if (path == Path::kAvx2Fixed16 || path == Path::kAvx512VnniFixed16) {
     p.kp = s.row_bytes * 2;
     planes = at::empty({m, 2 * p.kp}, x.options().dtype(at::kChar));
     steps = at::empty({m, p.kp / 32}, x.options().dtype(at::kFloat));
     group_sums = at::empty({m, s.n_groups}, x.options().dtype(at::kFloat));
-    for (int64_t i = 0; i < m && path == Path::kAvx2Fixed16; ++i) {
+    for (int64_t i = 0; i < m && path != Path::kAvx2TiledFp32; ++i) {
       if (!int4_fixed16_x_avx2(p.x + i * k, k, p.kp, s.group_size, planes.data_ptr<int8_t>() + i * 2 * p.kp,
                                steps.data_ptr<float>() + i * (p.kp / 32),
                                group_sums.data_ptr<float>() + i * s.n_groups)) {
         path = Path::kAvx2TiledFp32;  // NaN/inf (or a vanishing block) in x: no rounding, IEEE propagation
       }
     }
+    if (path == Path::kAvx512VnniFixed16)
+      int4_fixed16_interleave_avx512(planes.data_ptr<int8_t>(), m * 2 * p.kp);
     p.x_planes = planes.data_ptr<int8_t>();
     p.x_steps = steps.data_ptr<float>();
     p.x_group_sums = group_sums.data_ptr<float>();
   }
-  if (path == Path::kAvx2Fixed16) {
+  if (path == Path::kAvx512VnniFixed16) {
+    // Blocks of 8 output columns (two passes of kInt4Avx512Rows): small N still splits across threads.
+    constexpr int64_t grain = 8;
+    const int64_t scratch_floats = int4_avx512_scratch_floats(p.kp);
+    parallel_ranges((n + grain - 1) / grain, [&](int64_t begin, int64_t end) {
+      std::unique_ptr<float[]> scratch(new float[scratch_floats]);
+      int4_linear_avx512_fixed16(p, begin * grain, std::min(end * grain, n), scratch.get());
+    });
+  } else if (path == Path::kAvx2Fixed16) {
     // Blocks of 8 output columns: small N still splits across threads.
     constexpr int64_t grain = 8;
     parallel_ranges((n + grain - 1) / grain, [&](int64_t begin, int64_t end) {

@@ -1,0 +1,172 @@
+// AVX-512 VNNI int4 decode kernel, cpu_avx512_vnni_fixed16 (int4_linear.h has the paths and their numerical
+// rules). Compiled with the AVX-512 flags; no torch headers.
+//
+// x is cpu_avx2_fixed16's: 16-bit fixed point per 32-column block (X = 256 hi + lo, two signed byte planes,
+// step = block max / 32512), rounded by int4_fixed16_x_avx2 and then put in this kernel's lane order by
+// int4_fixed16_interleave_avx512. Per 64 columns and output column the kernel loads the weight's 32 bytes
+// once, widened to 64 codes in one zmm, and per row of x runs 2 vpdpbusd (codes unsigned, a plane of X
+// signed), one shift, one conversion and one FMA by scale x step.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "cpu/avx512_expand.h"
+#include "cpu/int4_linear.h"
+
+namespace fastquant::cpu {
+namespace {
+
+// The 64 codes of one 64-column block (32 bytes at w) with the low nibbles of bytes 4i..4i+3 (columns
+// 4i..4i+3) in int32 lane 2i and their high nibbles (columns 32 + 4i..) in lane 2i + 1: each dword of w is
+// zero-extended to a qword, the qword ORed with itself shifted left by 28 (its high dword is then the dword
+// shifted right by 4, bits past 31 being zero) and masked to nibbles. Even lanes thus hold the block's first
+// 32 columns and odd lanes its last 32, so one scale x step pair (vbroadcastsd) covers a whole zmm for any
+// group of 32 or more.
+inline __m512i block_codes(const uint8_t* w) {
+  const __m512i q = _mm512_cvtepu32_epi64(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)));
+  // (q | q << 28) & 0x0F..: ternary logic 0xA8 is (A | B) & C.
+  return _mm512_ternarylogic_epi64(q, _mm512_slli_epi64(q, 28), _mm512_set1_epi8(0x0F), 0xA8);
+}
+
+// codes . X over one 64-column block, exactly, in 16 int32 lanes (4 columns each): vpdpbusd sums 4 products
+// of a code (0..15, the unsigned operand) and a plane byte (signed); the high plane's sum is shifted by 8
+// before the low plane's is added, so a lane holds at most 4 * 15 * 32640 < 2^21 and converts to fp32
+// exactly.
+inline __m512i block_dot(__m512i codes, __m512i lo, __m512i hi) {
+  return dpbusd(_mm512_slli_epi32(dpbusd(_mm512_setzero_si512(), codes, hi), 8), codes, lo);
+}
+
+inline __m512 pair(const float* f) {
+  return _mm512_castpd_ps(_mm512_set1_pd(*reinterpret_cast<const double*>(f)));
+}
+
+// Scale x step per 32-column block (f, n_blocks32 floats, zero past the row's blocks) and the zero-point term
+// (the zero point, -8 s or the offset, times the group's sum of rounded x) for weight row j and row i of x.
+float block_factors(const Int4LinearProblem& p, const int32_t* group_of, int64_t i, int64_t j, float* f) {
+  const uint16_t* srow = p.scales + j * p.n_groups;
+  const uint16_t* orow = p.offsets ? p.offsets + j * p.n_groups : nullptr;
+  const float* steps = p.x_steps + i * (p.kp / 32);
+  const float* group_sums = p.x_group_sums + i * p.n_groups;
+  const int64_t n_blocks = p.kp / 32, used_blocks = (p.k + 31) / 32;
+  for (int64_t b0 = 0; b0 < n_blocks; b0 += 16) {
+    const __mmask16 in = static_cast<__mmask16>(b0 + 16 <= used_blocks ? 0xFFFF
+                                                : b0 < used_blocks     ? (1u << (used_blocks - b0)) - 1
+                                                                       : 0);
+    // 16 consecutive blocks span at most 16 groups, from the first block's group on.
+    const int32_t g0 = group_of[b0];
+    const __m512i idx = _mm512_sub_epi32(_mm512_loadu_si512(group_of + b0), _mm512_set1_epi32(g0));
+    const int64_t left = p.n_groups - g0;
+    const __mmask16 groups_in = static_cast<__mmask16>(left >= 16 ? 0xFFFF : (1u << left) - 1);
+    const __m512 s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(groups_in, srow + g0));
+    const __m512 st = _mm512_maskz_loadu_ps(in, steps + b0);
+    const __mmask16 stored =
+        static_cast<__mmask16>(b0 + 16 <= n_blocks ? 0xFFFF : (1u << (n_blocks - b0)) - 1);
+    _mm512_mask_storeu_ps(f + b0, stored, _mm512_maskz_mul_ps(in, _mm512_permutexvar_ps(idx, s), st));
+  }
+  __m512 zero_acc = _mm512_setzero_ps();
+  for (int64_t g = 0; g < p.n_groups; g += 16) {
+    const int64_t left = p.n_groups - g;
+    const __mmask16 in = static_cast<__mmask16>(left >= 16 ? 0xFFFF : (1u << left) - 1);
+    const __m512 s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(in, srow + g));
+    const __m512 zp = orow ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(in, orow + g))
+                           : _mm512_mul_ps(s, _mm512_set1_ps(-8.f));
+    zero_acc = _mm512_fmadd_ps(zp, _mm512_maskz_loadu_ps(in, group_sums + g), zero_acc);
+  }
+  return _mm512_reduce_add_ps(zero_acc);
+}
+
+// Rows [i0, i0 + RT) of x against weight rows [j0, j0 + NR): the NR weight rows' 32 bytes per 64 columns are
+// loaded once and serve the RT rows of x, whose planes serve the NR weight rows. f: RT * NR * kp / 32 floats.
+template <int RT, int NR>
+void fixed16_pass(const Int4LinearProblem& p, const int32_t* group_of, int64_t i0, int64_t j0, int64_t pf,
+                  float* f) {
+  const int64_t n_blocks = p.kp / 32;
+  float zero_terms[RT][NR];
+  for (int r = 0; r < RT; ++r) {
+    for (int c = 0; c < NR; ++c) {
+      zero_terms[r][c] = block_factors(p, group_of, i0 + r, j0 + c, f + (r * NR + c) * n_blocks);
+    }
+  }
+  __m512 acc[RT][NR];
+  for (int r = 0; r < RT; ++r) {
+    for (int c = 0; c < NR; ++c) acc[r][c] = _mm512_setzero_ps();
+  }
+  const uint8_t* w = p.w + j0 * p.row_bytes;
+  for (int64_t b = 0; b < p.kp / 64; ++b) {
+    __m512i codes[NR];
+    for (int c = 0; c < NR; ++c) {
+      const uint8_t* wb = w + c * p.row_bytes + 32 * b;
+      // Non-temporal prefetch of the line read pf bytes later in the weight slice (the same offset, later
+      // rows): the weight is used once, and the hardware prefetcher alone keeps too few misses in flight.
+      if ((b & 1) == 0) _mm_prefetch(reinterpret_cast<const char*>(wb + pf), _MM_HINT_NTA);
+      codes[c] = block_codes(wb);
+    }
+    for (int r = 0; r < RT; ++r) {
+      const int8_t* lo = p.x_planes + (i0 + r) * 2 * p.kp + 64 * b;
+      const __m512i xl = _mm512_loadu_si512(lo), xh = _mm512_loadu_si512(lo + p.kp);
+      for (int c = 0; c < NR; ++c) {
+        const __m512 d = _mm512_cvtepi32_ps(block_dot(codes[c], xl, xh));
+        acc[r][c] = _mm512_fmadd_ps(d, pair(f + (r * NR + c) * n_blocks + 2 * b), acc[r][c]);
+      }
+    }
+  }
+  for (int r = 0; r < RT; ++r) {
+    for (int c = 0; c < NR; ++c) {
+      const int64_t j = j0 + c;
+      p.y[(i0 + r) * p.n + j] =
+          _mm512_reduce_add_ps(acc[r][c]) + zero_terms[r][c] + (p.bias ? p.bias[j] : 0.f);
+    }
+  }
+}
+
+template <int NR>
+void fixed16_rows(const Int4LinearProblem& p, const int32_t* group_of, int64_t j0, int64_t pf, float* f) {
+  // Tiles of 4 rows of x: 16 accumulators with 4 weight rows. The first tile streams the weight rows from
+  // memory, the others find them in L1/L2.
+  int64_t i0 = 0;
+  for (; i0 + 4 <= p.m; i0 += 4) fixed16_pass<4, NR>(p, group_of, i0, j0, pf, f);
+  switch (p.m - i0) {
+    case 3:
+      return fixed16_pass<3, NR>(p, group_of, i0, j0, pf, f);
+    case 2:
+      return fixed16_pass<2, NR>(p, group_of, i0, j0, pf, f);
+    case 1:
+      return fixed16_pass<1, NR>(p, group_of, i0, j0, pf, f);
+    default:
+      return;
+  }
+}
+
+}  // namespace
+
+void int4_linear_avx512_fixed16(const Int4LinearProblem& p, int64_t n_begin, int64_t n_end, float* scratch) {
+  const int64_t n_blocks = p.kp / 32;
+  // The group of each 32-column block, for every pass of this thread (clamped: the padding half of a last
+  // 64-column block has no group of its own; its factor is 0).
+  int32_t* group_of = reinterpret_cast<int32_t*>(scratch);
+  for (int64_t b = 0; b < n_blocks; ++b) {
+    group_of[b] = static_cast<int32_t>(std::min<int64_t>(32 * b / p.group_size, p.n_groups - 1));
+  }
+  for (int64_t b = n_blocks; b < n_blocks + 16; ++b) group_of[b] = group_of[n_blocks - 1];
+  float* f = scratch + n_blocks + 16;
+  // Prefetch distance: whole passes of kInt4Avx512Rows rows ahead (the same offset in a later row), at least
+  // 4 KiB.
+  const int64_t pass_bytes = kInt4Avx512Rows * p.row_bytes;
+  const int64_t pf = (4096 + pass_bytes - 1) / pass_bytes * pass_bytes;
+  int64_t j = n_begin;
+  for (; j + kInt4Avx512Rows <= n_end; j += kInt4Avx512Rows)
+    fixed16_rows<kInt4Avx512Rows>(p, group_of, j, pf, f);
+  for (; j < n_end; ++j) fixed16_rows<1>(p, group_of, j, pf, f);
+}
+
+void int4_fixed16_interleave_avx512(int8_t* planes, int64_t bytes) {
+  // Per 64 bytes: dword i of the first 32 bytes to dword 2i, dword i of the last 32 to dword 2i + 1.
+  const __m512i order = _mm512_setr_epi32(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
+  for (int64_t o = 0; o < bytes; o += 64) {
+    const __m512i v = _mm512_loadu_si512(planes + o);
+    _mm512_storeu_si512(planes + o, _mm512_permutexvar_epi32(order, v));
+  }
+}
+
+}  // namespace fastquant::cpu
