@@ -17,6 +17,8 @@
 namespace fastquant::cpu {
 namespace {
 
+constexpr int64_t kInt4PrefetchBytes = 4096;
+
 // The 64 codes of one 64-column block (32 bytes at w) with the low nibbles of bytes 4i..4i+3 (columns
 // 4i..4i+3) in int32 lane 2i and their high nibbles (columns 32 + 4i..) in lane 2i + 1: each dword of w is
 // zero-extended to a qword, the qword ORed with itself shifted left by 28 (its high dword is then the dword
@@ -41,39 +43,52 @@ inline __m512 pair(const float* f) {
   return _mm512_castpd_ps(_mm512_set1_pd(*reinterpret_cast<const double*>(f)));
 }
 
-// Scale x step per 32-column block (f, n_blocks32 floats, zero past the row's blocks) and the zero-point term
-// (the zero point, -8 s or the offset, times the group's sum of rounded x) for weight row j and row i of x.
-float block_factors(const Int4LinearProblem& p, const int32_t* group_of, int64_t i, int64_t j, float* f) {
+inline __mmask16 first_lanes(int64_t count) {
+  return static_cast<__mmask16>(count >= 16 ? 0xFFFF : count <= 0 ? 0 : (1u << count) - 1);
+}
+
+// Scale x step of the 16 32-column blocks from b0 (weight row srow, row of x with steps), zero from block
+// used_blocks on (the padding half of a last 64-column block: its dot product is 0, and a zero factor keeps
+// an infinite scale from making it NaN). 16 consecutive blocks span at most 16 groups, from the first block's
+// on.
+inline __m512 factors16(const Int4LinearProblem& p, const int32_t* group_of, const uint16_t* srow,
+                        const float* steps, int64_t b0, int64_t used_blocks) {
+  const __mmask16 in = first_lanes(used_blocks - b0);
+  const int32_t g0 = group_of[b0];
+  __m512 s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(first_lanes(p.n_groups - g0), srow + g0));
+  if (p.group_size != 32) {  // groups of 32: block b is group b
+    s = _mm512_permutexvar_ps(_mm512_sub_epi32(_mm512_loadu_si512(group_of + b0), _mm512_set1_epi32(g0)), s);
+  }
+  return _mm512_maskz_mul_ps(in, s, _mm512_maskz_loadu_ps(in, steps + b0));
+}
+
+// The zero-point term of weight row j and a row of x: the zero point (-8 s, or the offset) of each group
+// times the group's sum of rounded x.
+inline float zero_term(const Int4LinearProblem& p, int64_t j, const float* group_sums) {
   const uint16_t* srow = p.scales + j * p.n_groups;
   const uint16_t* orow = p.offsets ? p.offsets + j * p.n_groups : nullptr;
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t g = 0; g < p.n_groups; g += 16) {
+    const __mmask16 in = first_lanes(p.n_groups - g);
+    const __m512 zp =
+        orow ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(in, orow + g))
+             : _mm512_mul_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(in, srow + g)), _mm512_set1_ps(-8.f));
+    acc = _mm512_fmadd_ps(zp, _mm512_maskz_loadu_ps(in, group_sums + g), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
+// Scale x step per 32-column block (f, kp / 32 floats) and the zero-point term for weight row j and row i of
+// x.
+float block_factors(const Int4LinearProblem& p, const int32_t* group_of, int64_t i, int64_t j, float* f) {
+  const uint16_t* srow = p.scales + j * p.n_groups;
   const float* steps = p.x_steps + i * (p.kp / 32);
-  const float* group_sums = p.x_group_sums + i * p.n_groups;
   const int64_t n_blocks = p.kp / 32, used_blocks = (p.k + 31) / 32;
   for (int64_t b0 = 0; b0 < n_blocks; b0 += 16) {
-    const __mmask16 in = static_cast<__mmask16>(b0 + 16 <= used_blocks ? 0xFFFF
-                                                : b0 < used_blocks     ? (1u << (used_blocks - b0)) - 1
-                                                                       : 0);
-    // 16 consecutive blocks span at most 16 groups, from the first block's group on.
-    const int32_t g0 = group_of[b0];
-    const __m512i idx = _mm512_sub_epi32(_mm512_loadu_si512(group_of + b0), _mm512_set1_epi32(g0));
-    const int64_t left = p.n_groups - g0;
-    const __mmask16 groups_in = static_cast<__mmask16>(left >= 16 ? 0xFFFF : (1u << left) - 1);
-    const __m512 s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(groups_in, srow + g0));
-    const __m512 st = _mm512_maskz_loadu_ps(in, steps + b0);
-    const __mmask16 stored =
-        static_cast<__mmask16>(b0 + 16 <= n_blocks ? 0xFFFF : (1u << (n_blocks - b0)) - 1);
-    _mm512_mask_storeu_ps(f + b0, stored, _mm512_maskz_mul_ps(in, _mm512_permutexvar_ps(idx, s), st));
+    _mm512_mask_storeu_ps(f + b0, first_lanes(n_blocks - b0),
+                          factors16(p, group_of, srow, steps, b0, used_blocks));
   }
-  __m512 zero_acc = _mm512_setzero_ps();
-  for (int64_t g = 0; g < p.n_groups; g += 16) {
-    const int64_t left = p.n_groups - g;
-    const __mmask16 in = static_cast<__mmask16>(left >= 16 ? 0xFFFF : (1u << left) - 1);
-    const __m512 s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(in, srow + g));
-    const __m512 zp = orow ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(in, orow + g))
-                           : _mm512_mul_ps(s, _mm512_set1_ps(-8.f));
-    zero_acc = _mm512_fmadd_ps(zp, _mm512_maskz_loadu_ps(in, group_sums + g), zero_acc);
-  }
-  return _mm512_reduce_add_ps(zero_acc);
+  return zero_term(p, j, p.x_group_sums + i * p.n_groups);
 }
 
 // Rows [i0, i0 + RT) of x against weight rows [j0, j0 + NR): the NR weight rows' 32 bytes per 64 columns are
@@ -151,13 +166,34 @@ void int4_linear_avx512_fixed16(const Int4LinearProblem& p, int64_t n_begin, int
   for (int64_t b = n_blocks; b < n_blocks + 16; ++b) group_of[b] = group_of[n_blocks - 1];
   float* f = scratch + n_blocks + 16;
   // Prefetch distance: whole passes of kInt4Avx512Rows rows ahead (the same offset in a later row), at least
-  // 4 KiB.
+  // kInt4PrefetchBytes.
   const int64_t pass_bytes = kInt4Avx512Rows * p.row_bytes;
-  const int64_t pf = (4096 + pass_bytes - 1) / pass_bytes * pass_bytes;
+  const int64_t pf = (kInt4PrefetchBytes + pass_bytes - 1) / pass_bytes * pass_bytes;
   int64_t j = n_begin;
   for (; j + kInt4Avx512Rows <= n_end; j += kInt4Avx512Rows)
     fixed16_rows<kInt4Avx512Rows>(p, group_of, j, pf, f);
   for (; j < n_end; ++j) fixed16_rows<1>(p, group_of, j, pf, f);
+}
+
+void int4_codes_to_int8_avx512(const Int4LinearProblem& p, int64_t n_begin, int64_t n_end, int8_t* out) {
+  const __m256i nibble = _mm256_set1_epi8(0x0F), eight = _mm256_set1_epi8(8);
+  for (int64_t j = n_begin; j < n_end; ++j) {
+    const uint8_t* row = p.w + j * p.row_bytes;
+    int8_t* dst = out + j * p.k;
+    for (int64_t b = 0; b < p.row_bytes / 32; ++b) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 32 * b));
+      const __m256i lo = _mm256_sub_epi8(_mm256_and_si256(v, nibble), eight);
+      const __m256i hi = _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(v, 4), nibble), eight);
+      // Columns past k are not stored: the rows of out are k bytes long.
+      const int64_t c = 64 * b;
+      const auto mask = [&](int64_t first) {
+        const int64_t left = p.k - first;
+        return static_cast<__mmask32>(left >= 32 ? 0xFFFFFFFFu : left <= 0 ? 0u : (1u << left) - 1);
+      };
+      _mm256_mask_storeu_epi8(dst + c, mask(c), lo);
+      _mm256_mask_storeu_epi8(dst + c + 32, mask(c + 32), hi);
+    }
+  }
 }
 
 void int4_fixed16_interleave_avx512(int8_t* planes, int64_t bytes) {
