@@ -290,7 +290,7 @@ def test_fp16_partial_sums_do_not_overflow(cpu_isa):
 
 
 @pytest.mark.parametrize("cpu_isa", available_cpu_isas(), indirect=True)
-@pytest.mark.parametrize("m", [1, 5])
+@pytest.mark.parametrize("m", [1, 5, 17])
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
 def test_opcheck(cpu_isa, m, symmetric):
     x, qweight, scales, offsets, bias = make_case(m, 300, 40, torch.bfloat16, 64, symmetric, True, seed=7)
@@ -326,8 +326,10 @@ def test_torch_compile_fullgraph(symmetric):
     compiled = torch.compile(f, fullgraph=True)
     # Inductor fuses gelu and the product in fp32 without rounding in between: bf16 tolerance, not equality.
     torch.testing.assert_close(compiled(x), f(x))
-    x2 = torch.randn(9, 1025).bfloat16()  # a new batch size retraces or runs dynamic: both must agree
-    torch.testing.assert_close(compiled(x2), f(x2))
+    # New batch sizes (decode and prefill kernels) retrace or run dynamic: both must agree.
+    for rows in (9, 20):
+        x2 = torch.randn(rows, 1025).bfloat16()
+        torch.testing.assert_close(compiled(x2), f(x2))
 
 
 def test_reference_compiles_fullgraph():
