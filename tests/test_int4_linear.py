@@ -154,6 +154,7 @@ SHAPES = [
     (8, 1025, 17),
     (9, 96, 17),
     (9, 1025, 1025),
+    (9, 1536, 17),
     (16, 1025, 17),
     (16, 4000, 1),
     (17, 1025, 17),
@@ -171,16 +172,16 @@ def cpu_path(m, n, k, group_size, dtype=torch.float32) -> str:
 
 
 def expected_path(cpu_isa: str, m: int, k: int, group_size: int) -> str:
-    """The kernel choice, spelled out: AVX-512 (VNNI) levels decode M = 2..16 with cpu_avx512_vnni_fixed16 and
-    M = 1 with cpu_avx2_fixed16, and prefill with cpu_avx512_bf16 where int8_linear's bf16 kernel takes the group
-    size (32, 64, 128, a multiple of 256, or one group over K); AVX2 decodes M <= 8 with cpu_avx2_fixed16; other
-    M on both runs the AVX2 tiled kernel."""
+    """The kernel choice, spelled out: AVX-512 (VNNI) levels decode M = 2..8 (up to 16 from K = 1536) with
+    cpu_avx512_vnni_fixed16 and M = 1 with cpu_avx2_fixed16, and prefill with cpu_avx512_bf16 where int8_linear's
+    bf16 kernel takes the group size (32, 64, 128, a multiple of 256, or one group over K); AVX2 decodes M <= 8
+    with cpu_avx2_fixed16; other M on both runs the AVX2 tiled kernel."""
     if cpu_isa == "portable":
         return "cpu_portable"
     if cpu_isa.startswith("avx512") and m > 16:
         bf16_groups = group_size >= k or 256 % group_size == 0 or group_size % 256 == 0
         return "cpu_avx512_bf16" if bf16_groups else "cpu_avx2_tiled_fp32"
-    if cpu_isa.startswith("avx512") and m >= 2:
+    if cpu_isa.startswith("avx512") and (2 <= m <= 8 or (9 <= m <= 16 and k >= 1536)):
         return "cpu_avx512_vnni_fixed16"
     return "cpu_avx2_fixed16" if m <= 8 else "cpu_avx2_tiled_fp32"
 
@@ -215,7 +216,7 @@ def test_every_row_count(cpu_isa, m):
     """Row counts around the decode/prefill switches (8 on AVX2, 16 on AVX-512), the 4-row tiles of
     cpu_avx512_vnni_fixed16 and the micro-kernel's 6-row edges; groups of 96 (a multiple of 32 but not of 64:
     groups start in the middle of a 64-column block); N = 67, passes of 4 columns and 3 left over."""
-    k, n = (200, 20) if cpu_isa == "portable" else (576, 67)
+    k, n = (200, 20) if cpu_isa == "portable" else (1650, 67)
     for dtype in DTYPES:
         for symmetric in (True, False):
             x, qweight, scales, offsets, bias = make_case(m, k, n, dtype, 96, symmetric, True, seed=m)

@@ -20,7 +20,8 @@
 //                       per-block partial sums, x~ the rounded x (|x~ - x| <= step / 2 = 2^-16 max|x of its
 //                       block|). Against the 8 conversions and 8 FMAs per 64 weights of an fp32 kernel this
 //                       keeps M = 1 memory-bound at int4's half of int8's bytes.
-//   cpu_avx512_vnni_fixed16  decode on AVX-512 VNNI (2 <= M <= 16, finite x; M = 1 runs cpu_avx2_fixed16). x
+//   cpu_avx512_vnni_fixed16  decode on AVX-512 VNNI (2 <= M <= 8, and up to 16 from K = 1536; finite x; M = 1
+//                       runs cpu_avx2_fixed16). x
 //   exactly as
 //                       cpu_avx2_fixed16 (same rounding, same numerical rule), its planes' dwords reordered
 //                       so that one 64-column block's 32 weight bytes widen to 64 codes in one zmm (first 32
@@ -103,6 +104,10 @@ constexpr int64_t int4_avx512_scratch_floats(int64_t kp) {
 // wins.
 constexpr int64_t kAvx512FixedMinRows = 2;
 constexpr int64_t kAvx512FixedMaxRows = 16;
+// 9 to 16 rows only from this K: below it the per-pass scale x step factors (16 per block) cost more than the
+// tiled kernel's dequantization (measured in cache: K = 576 tiled 1.6x faster at M = 16, even at K = 1536,
+// cpu_avx512_vnni_fixed16 1.1-1.35x faster from K = 2048).
+constexpr int64_t kAvx512FixedWideMinK = 1536;
 constexpr int64_t kInt4TileRows = 16;
 constexpr int64_t kInt4TileCols = 256;  // a multiple of 64
 constexpr int64_t int4_tiled_scratch_floats() { return 2 * kInt4TileRows * kInt4TileCols; }
