@@ -172,8 +172,8 @@ def cpu_path(m, n, k, group_size, dtype=torch.float32) -> str:
 
 
 def expected_path(cpu_isa: str, m: int, k: int, group_size: int) -> str:
-    """The kernel choice, spelled out: AVX-512 (VNNI) levels decode M = 2..8 (up to 16 from K = 1536) with
-    cpu_avx512_vnni_fixed16 and M = 1 with cpu_avx2_fixed16, and prefill with cpu_avx512_bf16 where int8_linear's
+    """The kernel choice, spelled out: AVX-512 (VNNI) levels decode M = 2..16 with cpu_avx512_vnni_fixed16 and
+    M = 1 with cpu_avx2_fixed16, and prefill with cpu_avx512_bf16 where int8_linear's
     bf16 kernel takes the group size (32, 64, 128, a multiple of 256, or one group over K); AVX2 decodes M <= 8
     with cpu_avx2_fixed16; other M on both runs the AVX2 tiled kernel."""
     if cpu_isa == "portable":
@@ -181,7 +181,7 @@ def expected_path(cpu_isa: str, m: int, k: int, group_size: int) -> str:
     if cpu_isa.startswith("avx512") and m > 16:
         bf16_groups = group_size >= k or 256 % group_size == 0 or group_size % 256 == 0
         return "cpu_avx512_bf16" if bf16_groups else "cpu_avx2_tiled_fp32"
-    if cpu_isa.startswith("avx512") and (2 <= m <= 8 or (9 <= m <= 16 and k >= 1536)):
+    if cpu_isa.startswith("avx512") and m >= 2:
         return "cpu_avx512_vnni_fixed16"
     return "cpu_avx2_fixed16" if m <= 8 else "cpu_avx2_tiled_fp32"
 

@@ -33,9 +33,7 @@ Path choose_path(Isa isa, int64_t m, int64_t k, int64_t group_size, DType dtype)
     const bool bf16 = prefill_rounds_to_bf16(dtype) && bf16_chunk(k, std::min(group_size, k)) > 0;
     return bf16 ? Path::kAvx512Bf16 : Path::kAvx2TiledFp32;
   }
-  if (isa >= Isa::kAvx512 && m >= kAvx512FixedMinRows && (m <= kFixedMaxRows || k >= kAvx512FixedWideMinK)) {
-    return Path::kAvx512VnniFixed16;
-  }
+  if (isa >= Isa::kAvx512 && m >= kAvx512FixedMinRows) return Path::kAvx512VnniFixed16;
   if (isa >= Isa::kAvx2) return m <= kFixedMaxRows ? Path::kAvx2Fixed16 : Path::kAvx2TiledFp32;
 #endif
   return Path::kPortable;

@@ -20,16 +20,14 @@
 //                       per-block partial sums, x~ the rounded x (|x~ - x| <= step / 2 = 2^-16 max|x of its
 //                       block|). Against the 8 conversions and 8 FMAs per 64 weights of an fp32 kernel this
 //                       keeps M = 1 memory-bound at int4's half of int8's bytes.
-//   cpu_avx512_vnni_fixed16  decode on AVX-512 VNNI (2 <= M <= 8, and up to 16 from K = 1536; finite x; M = 1
-//                       runs cpu_avx2_fixed16). x
-//   exactly as
-//                       cpu_avx2_fixed16 (same rounding, same numerical rule), its planes' dwords reordered
-//                       so that one 64-column block's 32 weight bytes widen to 64 codes in one zmm (first 32
-//                       columns in the even int32 lanes, last 32 in the odd ones). Per 64 columns, row of x
-//                       and output column: 2 vpdpbusd (codes unsigned, a plane signed), one shift, one
-//                       conversion, one FMA by a (scale x step) pair. 4 output columns share each load of x's
-//                       planes and 4 rows of x each load of the weight, so M up to 16 reads the weight from
-//                       memory once.
+//   cpu_avx512_vnni_fixed16  decode on AVX-512 VNNI (2 <= M <= 16, finite x; M = 1 runs cpu_avx2_fixed16).
+//                       x exactly as cpu_avx2_fixed16 (same rounding, same numerical rule), its planes'
+//                       dwords reordered so that one 64-column block's 32 weight bytes widen to 64 codes in
+//                       one zmm (first 32 columns in the even int32 lanes, last 32 in the odd ones). Per 64
+//                       columns, row of x and output column: 2 vpdpbusd (codes unsigned, a plane signed), one
+//                       shift, one conversion, one FMA by a (scale x step) pair. 4 output columns share each
+//                       load of x's planes and 4 rows of x each load of the weight, so M up to 16 reads the
+//                       weight from memory once.
 //   cpu_avx512_bf16     prefill on AVX-512 (M > 16, finite x, groups of 32, 64, 128 or a multiple of 256) for
 //                       activations int8_linear also rounds to bf16 there (prefill_rounds_to_bf16): the codes
 //                       minus 8 go to int8_linear's bf16 kernel as an int8 weight (exact in bf16; n x k bytes
@@ -100,14 +98,10 @@ constexpr int64_t int4_avx512_scratch_floats(int64_t kp) {
 // Rows of x cpu_avx512_vnni_fixed16 takes (measured, benchmarks/NOTES.md): from 2, where sharing each weight
 // load across rows of x pays; at M = 1 the widening of the codes to 64 int32 lanes is not shared, and on a
 // CPU that runs a 512-bit operation at half the rate of a 256-bit one (this project's Zen 5 VM)
-// cpu_avx2_fixed16 was 1.15x faster. Above 16 rows the tiled kernel's dequantization, shared by every row,
-// wins.
+// cpu_avx2_fixed16 was 1.15x faster. Up to 16 rows it beat the tiled kernel down to K = 576 (there within 6%
+// at M = 16, in cache); above 16, the prefill kernels.
 constexpr int64_t kAvx512FixedMinRows = 2;
 constexpr int64_t kAvx512FixedMaxRows = 16;
-// 9 to 16 rows only from this K: below it the per-pass scale x step factors (16 per block) cost more than the
-// tiled kernel's dequantization (measured in cache: K = 576 tiled 1.6x faster at M = 16, even at K = 1536,
-// cpu_avx512_vnni_fixed16 1.1-1.35x faster from K = 2048).
-constexpr int64_t kAvx512FixedWideMinK = 1536;
 constexpr int64_t kInt4TileRows = 16;
 constexpr int64_t kInt4TileCols = 256;  // a multiple of 64
 constexpr int64_t int4_tiled_scratch_floats() { return 2 * kInt4TileRows * kInt4TileCols; }

@@ -47,48 +47,59 @@ inline __mmask16 first_lanes(int64_t count) {
   return static_cast<__mmask16>(count >= 16 ? 0xFFFF : count <= 0 ? 0 : (1u << count) - 1);
 }
 
-// Scale x step of the 16 32-column blocks from b0 (weight row srow, row of x with steps), zero from block
-// used_blocks on (the padding half of a last 64-column block: its dot product is 0, and a zero factor keeps
-// an infinite scale from making it NaN). 16 consecutive blocks span at most 16 groups, from the first block's
-// on.
-inline __m512 factors16(const Int4LinearProblem& p, const int32_t* group_of, const uint16_t* srow,
-                        const float* steps, int64_t b0, int64_t used_blocks) {
-  const __mmask16 in = first_lanes(used_blocks - b0);
+// The scales of the 16 32-column blocks from b0 of weight row srow, zero from block used_blocks on (the
+// padding half of a last 64-column block: its dot product is 0, and a zero factor keeps an infinite scale
+// from making it NaN). 16 consecutive blocks span at most 16 groups, from the first block's on.
+inline __m512 block_scales16(const Int4LinearProblem& p, const int32_t* group_of, const uint16_t* srow,
+                             int64_t b0, int64_t used_blocks) {
   const int32_t g0 = group_of[b0];
   __m512 s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(first_lanes(p.n_groups - g0), srow + g0));
   if (p.group_size != 32) {  // groups of 32: block b is group b
     s = _mm512_permutexvar_ps(_mm512_sub_epi32(_mm512_loadu_si512(group_of + b0), _mm512_set1_epi32(g0)), s);
   }
-  return _mm512_maskz_mul_ps(in, s, _mm512_maskz_loadu_ps(in, steps + b0));
+  return _mm512_maskz_mov_ps(first_lanes(used_blocks - b0), s);
 }
 
-// The zero-point term of weight row j and a row of x: the zero point (-8 s, or the offset) of each group
-// times the group's sum of rounded x.
-inline float zero_term(const Int4LinearProblem& p, int64_t j, const float* group_sums) {
-  const uint16_t* srow = p.scales + j * p.n_groups;
-  const uint16_t* orow = p.offsets ? p.offsets + j * p.n_groups : nullptr;
-  __m512 acc = _mm512_setzero_ps();
-  for (int64_t g = 0; g < p.n_groups; g += 16) {
-    const __mmask16 in = first_lanes(p.n_groups - g);
-    const __m512 zp =
-        orow ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(in, orow + g))
-             : _mm512_mul_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(in, srow + g)), _mm512_set1_ps(-8.f));
-    acc = _mm512_fmadd_ps(zp, _mm512_maskz_loadu_ps(in, group_sums + g), acc);
-  }
-  return _mm512_reduce_add_ps(acc);
-}
-
-// Scale x step per 32-column block (f, kp / 32 floats) and the zero-point term for weight row j and row i of
-// x.
-float block_factors(const Int4LinearProblem& p, const int32_t* group_of, int64_t i, int64_t j, float* f) {
-  const uint16_t* srow = p.scales + j * p.n_groups;
-  const float* steps = p.x_steps + i * (p.kp / 32);
+// Per pass, for each row r of x and weight row c: the scale x step factor of every 32-column block (f, RT x
+// NR runs of kp / 32 floats) and the zero-point term, the zero point (-8 s, or the offset) of each group
+// times the group's sum of rounded x (zero_terms). Each weight row's scales are converted once for the RT
+// rows of x.
+template <int RT, int NR>
+void pass_factors(const Int4LinearProblem& p, const int32_t* group_of, int64_t i0, int64_t j0, float* f,
+                  float (&zero_terms)[RT][NR]) {
   const int64_t n_blocks = p.kp / 32, used_blocks = (p.k + 31) / 32;
   for (int64_t b0 = 0; b0 < n_blocks; b0 += 16) {
-    _mm512_mask_storeu_ps(f + b0, first_lanes(n_blocks - b0),
-                          factors16(p, group_of, srow, steps, b0, used_blocks));
+    const __mmask16 in = first_lanes(n_blocks - b0);
+    __m512 steps[RT];
+    for (int r = 0; r < RT; ++r)
+      steps[r] = _mm512_maskz_loadu_ps(in, p.x_steps + (i0 + r) * (p.kp / 32) + b0);
+    for (int c = 0; c < NR; ++c) {
+      const __m512 s = block_scales16(p, group_of, p.scales + (j0 + c) * p.n_groups, b0, used_blocks);
+      for (int r = 0; r < RT; ++r)
+        _mm512_mask_storeu_ps(f + (r * NR + c) * n_blocks + b0, in, _mm512_mul_ps(s, steps[r]));
+    }
   }
-  return zero_term(p, j, p.x_group_sums + i * p.n_groups);
+  __m512 zero_acc[RT][NR];
+  for (int r = 0; r < RT; ++r) {
+    for (int c = 0; c < NR; ++c) zero_acc[r][c] = _mm512_setzero_ps();
+  }
+  for (int64_t g = 0; g < p.n_groups; g += 16) {
+    const __mmask16 in = first_lanes(p.n_groups - g);
+    __m512 sums[RT];
+    for (int r = 0; r < RT; ++r)
+      sums[r] = _mm512_maskz_loadu_ps(in, p.x_group_sums + (i0 + r) * p.n_groups + g);
+    for (int c = 0; c < NR; ++c) {
+      const int64_t row = (j0 + c) * p.n_groups + g;
+      const __m512 zp = p.offsets
+                            ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(in, p.offsets + row))
+                            : _mm512_mul_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(in, p.scales + row)),
+                                            _mm512_set1_ps(-8.f));
+      for (int r = 0; r < RT; ++r) zero_acc[r][c] = _mm512_fmadd_ps(zp, sums[r], zero_acc[r][c]);
+    }
+  }
+  for (int r = 0; r < RT; ++r) {
+    for (int c = 0; c < NR; ++c) zero_terms[r][c] = _mm512_reduce_add_ps(zero_acc[r][c]);
+  }
 }
 
 // Rows [i0, i0 + RT) of x against weight rows [j0, j0 + NR): the NR weight rows' 32 bytes per 64 columns are
@@ -98,11 +109,7 @@ void fixed16_pass(const Int4LinearProblem& p, const int32_t* group_of, int64_t i
                   float* f) {
   const int64_t n_blocks = p.kp / 32;
   float zero_terms[RT][NR];
-  for (int r = 0; r < RT; ++r) {
-    for (int c = 0; c < NR; ++c) {
-      zero_terms[r][c] = block_factors(p, group_of, i0 + r, j0 + c, f + (r * NR + c) * n_blocks);
-    }
-  }
+  pass_factors<RT, NR>(p, group_of, i0, j0, f, zero_terms);
   __m512 acc[RT][NR];
   for (int r = 0; r < RT; ++r) {
     for (int c = 0; c < NR; ++c) acc[r][c] = _mm512_setzero_ps();
