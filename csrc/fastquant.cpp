@@ -183,9 +183,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "int4_linear_cpu_path",
       [](int64_t m_rows, int64_t n, int64_t k, int64_t group_size, const std::string& dtype) {
-        parse_dtype(
-            dtype);  // the choice does not depend on the dtype (kernels compute in fp32), but it must be one
-        return std::string(fastquant::cpu::int4_linear_cpu_path(m_rows, n, k, group_size));
+        return std::string(
+            fastquant::cpu::int4_linear_cpu_path(m_rows, n, k, group_size, parse_dtype(dtype)));
       },
       py::arg("m"), py::arg("n"), py::arg("k"), py::arg("group_size"), py::arg("dtype"),
       "Name of the CPU kernel int4_linear runs for this problem (finite x)");

@@ -224,7 +224,7 @@ def int4_kernel_path(device: torch.device, m: int, n: int, k: int, group_size: i
 
 
 def fixed16_block_max(x: torch.Tensor) -> torch.Tensor:
-    """max|x| of each element's 32-column block (float64, x's shape): the scale of cpu_avx2_fixed16's rounding."""
+    """max|x| of each element's 32-column block (float64, x's shape): the scale of the fixed16 kernels' rounding."""
     k = x.shape[-1]
     padded = torch.nn.functional.pad(x.double().abs(), (0, -k % 32))
     block_max = padded.unflatten(-1, (-1, 32)).amax(dim=-1)
@@ -233,9 +233,13 @@ def fixed16_block_max(x: torch.Tensor) -> torch.Tensor:
 
 def assert_int4_linear_close(y, x, qweight, scales, offsets, bias, in_features, group_size, path: str) -> None:
     """The int8 rule (module docstring) with the dequantized int4 weight. Kernels that multiply in fp32 get
-    c_path = 2^-16 on sqrt((x^2) @ (W^2)^T). cpu_avx2_fixed16 computes exactly with x rounded to 16-bit fixed
-    point per 32-column block (error <= max|x of the block| / 65024, uniform): its term is 2^-13 (9 standard
-    deviations, and above the worst case sum for K <= 32) times sqrt((xmax^2) @ (W^2)^T), xmax the block max."""
+    c_path = 2^-16 on sqrt((x^2) @ (W^2)^T). cpu_avx2_fixed16 and cpu_avx512_vnni_fixed16 compute exactly with x
+    rounded to 16-bit fixed point per 32-column block (error <= max|x of the block| / 65024, uniform): their term
+    is 2^-13 (9 standard deviations, and above the worst case sum for K <= 32) times sqrt((xmax^2) @ (W^2)^T), xmax
+    the block max.
+    cpu_avx512_bf16 rounds x to bf16 and multiplies it by the codes minus 8 (the offsets multiply fp32 sums of x):
+    the int8 rule's bf16 term, 2^-6, times sqrt((x^2) @ (Wc^2)^T) with Wc = s (q - 8), the part of W that meets
+    the rounded x (W itself when symmetric)."""
     weight = reference.int4_dequantize(qweight, scales, offsets, in_features, group_size).double()
     x64 = x.double()
     y64 = x64 @ weight.T
@@ -244,6 +248,9 @@ def assert_int4_linear_close(y, x, qweight, scales, offsets, bias, in_features, 
     y_ref = reference.int4_linear(x, qweight, scales, offsets, bias, in_features, group_size)
     if "fixed16" in path:
         rounding = 2.0**-13 * ((fixed16_block_max(x) ** 2) @ (weight**2).T).sqrt()
+    elif "bf16" in path:
+        codes_part = reference.int4_dequantize(qweight, scales, None, in_features, group_size).double()
+        rounding = 2.0**-6 * ((x64**2) @ (codes_part**2).T).sqrt()
     else:
         rounding = 2.0**-16 * ((x64**2) @ (weight**2).T).sqrt()
     bound = 2 * (y_ref.double() - y64).abs() + rounding + ULP[x.dtype] * y64.abs()

@@ -142,9 +142,10 @@ def test_reference_linear(n, k, group_size, symmetric):
 # ---------------------------------------------------------------- the op (native kernels where built)
 
 
-# (M, K, N): decode (M <= 8 takes cpu_avx2_fixed16) and prefill rows around the 6-row micro-kernel, K of one
-# group, of a partial 64-column block and not a multiple of any group (ragged last group), N of 1, 17 (not a
-# multiple of the 16-row tile or 8-column grain) and 1025.
+# (M, K, N): decode (M <= 8 takes cpu_avx2_fixed16; 2 <= M <= 16 cpu_avx512_vnni_fixed16 on AVX-512, in tiles of
+# 4 rows of x and passes of 4 output columns) and prefill rows around the 6-row micro-kernel, K of one group, of
+# a partial 64-column block and not a multiple of any group (ragged last group), N of 1, 17 (not a multiple of
+# the 16-row tile, the 8-column grain or the 4-column pass) and 1025.
 SHAPES = [
     (1, 32, 1),
     (1, 1025, 1025),
@@ -152,9 +153,14 @@ SHAPES = [
     (3, 32, 1025),
     (8, 1025, 17),
     (9, 96, 17),
+    (9, 1025, 1025),
+    (9, 1536, 17),
+    (16, 1025, 17),
+    (16, 4000, 1),
     (17, 1025, 17),
     (64, 96, 1),
     (64, 1025, 1025),
+    (512, 1025, 17),
     (1, 4096, 17),
 ]
 # The scalar kernel is the non-x86 fallback: it gets the small cases, the vector kernels all of them.
@@ -165,10 +171,18 @@ def cpu_path(m, n, k, group_size, dtype=torch.float32) -> str:
     return int4_kernel_path(torch.device("cpu"), m, n, k, group_size, dtype)
 
 
-def expected_path(cpu_isa: str, m: int) -> str:
-    """The kernel choice, spelled out: AVX2 and AVX-512 levels run the AVX2 kernels (no AVX-512 int4 kernel)."""
+def expected_path(cpu_isa: str, m: int, k: int, group_size: int) -> str:
+    """The kernel choice, spelled out: AVX-512 (VNNI) levels decode M = 2..16 with cpu_avx512_vnni_fixed16 and
+    M = 1 with cpu_avx2_fixed16, and prefill with cpu_avx512_bf16 where int8_linear's
+    bf16 kernel takes the group size (32, 64, 128, a multiple of 256, or one group over K); AVX2 decodes M <= 8
+    with cpu_avx2_fixed16; other M on both runs the AVX2 tiled kernel."""
     if cpu_isa == "portable":
         return "cpu_portable"
+    if cpu_isa.startswith("avx512") and m > 16:
+        bf16_groups = group_size >= k or 256 % group_size == 0 or group_size % 256 == 0
+        return "cpu_avx512_bf16" if bf16_groups else "cpu_avx2_tiled_fp32"
+    if cpu_isa.startswith("avx512") and m >= 2:
+        return "cpu_avx512_vnni_fixed16"
     return "cpu_avx2_fixed16" if m <= 8 else "cpu_avx2_tiled_fp32"
 
 
@@ -191,17 +205,18 @@ def test_matches_reference(cpu_isa, shape, dtype, group_size, symmetric):
     seed = zlib.crc32(repr((shape, group_size, dtype, symmetric, cpu_isa)).encode())
     x, qweight, scales, offsets, bias = make_case(m, k, n, dtype, group_size, symmetric, seed % 2 == 0, seed)
     path = cpu_path(m, n, k, group_size, dtype)
-    assert path == expected_path(cpu_isa, m)
+    assert path == expected_path(cpu_isa, m, k, group_size)
     y = fastquant.int4_linear(x, qweight, scales, offsets, bias, in_features=k, group_size=group_size)
     assert_int4_linear_close(y, x, qweight, scales, offsets, bias, k, group_size, path)
 
 
 @pytest.mark.parametrize("cpu_isa", available_cpu_isas(), indirect=True)
-@pytest.mark.parametrize("m", [1, 2, 3, 5, 6, 7, 8, 9, 12, 13, 16, 17])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12, 13, 15, 16, 17])
 def test_every_row_count(cpu_isa, m):
-    """Row counts around the decode/prefill switch (8) and the micro-kernel's 6-row edges; groups of 96 (a
-    multiple of 32 but not of 64: groups start in the middle of a 64-column block)."""
-    k, n = (200, 20) if cpu_isa == "portable" else (576, 67)
+    """Row counts around the decode/prefill switches (8 on AVX2, 16 on AVX-512), the 4-row tiles of
+    cpu_avx512_vnni_fixed16 and the micro-kernel's 6-row edges; groups of 96 (a multiple of 32 but not of 64:
+    groups start in the middle of a 64-column block); N = 67, passes of 4 columns and 3 left over."""
+    k, n = (200, 20) if cpu_isa == "portable" else (1650, 67)
     for dtype in DTYPES:
         for symmetric in (True, False):
             x, qweight, scales, offsets, bias = make_case(m, k, n, dtype, 96, symmetric, True, seed=m)
@@ -211,11 +226,13 @@ def test_every_row_count(cpu_isa, m):
 
 @pytest.mark.parametrize("cpu_isa", available_cpu_isas(), indirect=True)
 @pytest.mark.parametrize("group_size", [32, 256, 4096])
-def test_fixed_point_sums_at_their_largest(cpu_isa, group_size):
+@pytest.mark.parametrize("m", [1, 4])
+def test_fixed_point_sums_at_their_largest(cpu_isa, group_size, m):
     """Constant x (every element at the largest fixed-point magnitude, X = 32512) against weights on the grid's
     extremes: each group starts with -1 (m = -1, d = 1/8: code 0) and continues with +7/8 (code 15), so every
     vpmaddubsw pair and int32 lane is at its largest. Row 1 is negated, row 2 alternates +-7/8 and row 3 has
-    zeros (code 8). Every weight is exact, so the result is exact up to fp32 rounding."""
+    zeros (code 8); rows of x alternate +3 and -3 (X = -32512). Every weight is exact, so the result is exact
+    up to fp32 rounding."""
     k = 4096
     weight = torch.full((4, k), 0.875)
     weight[2, 1::2] = -0.875
@@ -225,13 +242,14 @@ def test_fixed_point_sums_at_their_largest(cpu_isa, group_size):
     qweight, scales, offsets = reference.int4_quantize(weight, group_size)
     assert torch.equal(reference.int4_dequantize(qweight, scales, offsets, k, group_size), weight)
     assert int(reference.int4_unpack(qweight, k)[0, 1:group_size].min()) == 15
-    x = torch.full((1, k), 3.0)
+    x = torch.full((m, k), 3.0)
+    x[1::2] = -3.0
     y = fastquant.int4_linear(x, qweight, scales, offsets, None, in_features=k, group_size=group_size)
     torch.testing.assert_close(y.double(), x.double() @ weight.double().T, rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("cpu_isa", available_cpu_isas(), indirect=True)
-@pytest.mark.parametrize("m", [1, 17])
+@pytest.mark.parametrize("m", [1, 3, 16, 17])
 @pytest.mark.parametrize("special", [30.0, 1e5, 1e30, float("inf"), float("-inf"), float("nan"), 0.0])
 def test_outliers_and_non_finite_x(cpu_isa, m, special):
     """One element of x `special` times the others' mean magnitude: the fixed-point kernel rounds each 32-column
@@ -273,7 +291,7 @@ def test_fp16_partial_sums_do_not_overflow(cpu_isa):
 
 
 @pytest.mark.parametrize("cpu_isa", available_cpu_isas(), indirect=True)
-@pytest.mark.parametrize("m", [1, 5])
+@pytest.mark.parametrize("m", [1, 5, 17])
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
 def test_opcheck(cpu_isa, m, symmetric):
     x, qweight, scales, offsets, bias = make_case(m, 300, 40, torch.bfloat16, 64, symmetric, True, seed=7)
@@ -309,8 +327,10 @@ def test_torch_compile_fullgraph(symmetric):
     compiled = torch.compile(f, fullgraph=True)
     # Inductor fuses gelu and the product in fp32 without rounding in between: bf16 tolerance, not equality.
     torch.testing.assert_close(compiled(x), f(x))
-    x2 = torch.randn(9, 1025).bfloat16()  # a new batch size retraces or runs dynamic: both must agree
-    torch.testing.assert_close(compiled(x2), f(x2))
+    # New batch sizes (decode and prefill kernels) retrace or run dynamic: both must agree.
+    for rows in (9, 20):
+        x2 = torch.randn(rows, 1025).bfloat16()
+        torch.testing.assert_close(compiled(x2), f(x2))
 
 
 def test_reference_compiles_fullgraph():

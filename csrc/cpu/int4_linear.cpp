@@ -9,18 +9,31 @@
 #include <memory>
 
 #include "cpu/cpu_features.h"
+#include "cpu/int8_linear_glue.h"
 #include "cpu/parallel.h"
 #include "int4_linear_contract.h"
 
 namespace fastquant::cpu {
 namespace {
 
-enum class Path { kPortable, kAvx2Fixed16, kAvx2TiledFp32 };
+enum class Path { kPortable, kAvx2Fixed16, kAvx512VnniFixed16, kAvx512Bf16, kAvx2TiledFp32 };
 
-// The kernel for a problem with finite x (x with NaN or inf takes cpu_avx2_tiled_fp32 on AVX2). AVX-512
-// levels run the AVX2 kernels.
-Path choose_path(Isa isa, int64_t m) {
+// Whether prefill may round x of this dtype to bf16: where int8_linear does (its cpu_avx512_bf16 rounds every
+// activation dtype above kBf16MinRows rows). The one place that decides it for int4_linear; false keeps such
+// x on the fp32 tiled kernel.
+bool prefill_rounds_to_bf16(DType dtype) { return true; }
+static_assert(kAvx512FixedMaxRows >= kBf16MinRows,
+              "int4 prefill rounds x to bf16 only where int8_linear does");
+
+// The kernel for a problem with finite x (x with NaN or inf takes cpu_avx2_tiled_fp32 on AVX2 and AVX-512).
+// M = 1 runs cpu_avx2_fixed16 on AVX-512 CPUs too: measured faster there (int4_linear.h).
+Path choose_path(Isa isa, int64_t m, int64_t k, int64_t group_size, DType dtype) {
 #if defined(__x86_64__) || defined(_M_X64)
+  if (isa >= Isa::kAvx512 && m > kAvx512FixedMaxRows) {
+    const bool bf16 = prefill_rounds_to_bf16(dtype) && bf16_chunk(k, std::min(group_size, k)) > 0;
+    return bf16 ? Path::kAvx512Bf16 : Path::kAvx2TiledFp32;
+  }
+  if (isa >= Isa::kAvx512 && m >= kAvx512FixedMinRows) return Path::kAvx512VnniFixed16;
   if (isa >= Isa::kAvx2) return m <= kFixedMaxRows ? Path::kAvx2Fixed16 : Path::kAvx2TiledFp32;
 #endif
   return Path::kPortable;
@@ -30,6 +43,10 @@ const char* path_name(Path path) {
   switch (path) {
     case Path::kAvx2Fixed16:
       return "cpu_avx2_fixed16";
+    case Path::kAvx512VnniFixed16:
+      return "cpu_avx512_vnni_fixed16";
+    case Path::kAvx512Bf16:
+      return "cpu_avx512_bf16";
     case Path::kAvx2TiledFp32:
       return "cpu_avx2_tiled_fp32";
     case Path::kPortable:
@@ -40,8 +57,8 @@ const char* path_name(Path path) {
 
 }  // namespace
 
-const char* int4_linear_cpu_path(int64_t m, int64_t n, int64_t k, int64_t group_size) {
-  return path_name(choose_path(active_isa(), m));
+const char* int4_linear_cpu_path(int64_t m, int64_t n, int64_t k, int64_t group_size, DType dtype) {
+  return path_name(choose_path(active_isa(), m, k, group_size, dtype));
 }
 
 at::Tensor int4_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
@@ -74,26 +91,67 @@ at::Tensor int4_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
                       s.row_bytes,
                       s.group_size,
                       s.n_groups};
-  Path path = choose_path(active_isa(), m);
+  Path path = choose_path(active_isa(), m, k, s.group_size, s.x_dtype);
 #if defined(__x86_64__) || defined(_M_X64)
   at::Tensor planes, steps, group_sums;
-  if (path == Path::kAvx2Fixed16) {
+  if (path == Path::kAvx2Fixed16 || path == Path::kAvx512VnniFixed16) {
     p.kp = s.row_bytes * 2;
     planes = at::empty({m, 2 * p.kp}, x.options().dtype(at::kChar));
     steps = at::empty({m, p.kp / 32}, x.options().dtype(at::kFloat));
     group_sums = at::empty({m, s.n_groups}, x.options().dtype(at::kFloat));
-    for (int64_t i = 0; i < m && path == Path::kAvx2Fixed16; ++i) {
+    for (int64_t i = 0; i < m && path != Path::kAvx2TiledFp32; ++i) {
       if (!int4_fixed16_x_avx2(p.x + i * k, k, p.kp, s.group_size, planes.data_ptr<int8_t>() + i * 2 * p.kp,
                                steps.data_ptr<float>() + i * (p.kp / 32),
                                group_sums.data_ptr<float>() + i * s.n_groups)) {
         path = Path::kAvx2TiledFp32;  // NaN/inf (or a vanishing block) in x: no rounding, IEEE propagation
       }
     }
+    if (path == Path::kAvx512VnniFixed16)
+      int4_fixed16_interleave_avx512(planes.data_ptr<int8_t>(), m * 2 * p.kp);
     p.x_planes = planes.data_ptr<int8_t>();
     p.x_steps = steps.data_ptr<float>();
     p.x_group_sums = group_sums.data_ptr<float>();
   }
-  if (path == Path::kAvx2Fixed16) {
+  if (path == Path::kAvx512Bf16 && !at::isfinite(x32).all().item<bool>()) {
+    path = Path::kAvx2TiledFp32;  // NaN/inf in x: the fp32 kernel propagates them as the reference does
+  }
+  if (path == Path::kAvx512Bf16) {
+    at::Tensor codes = at::empty({n, k}, x.options().dtype(at::kChar));
+    parallel_ranges((n + 63) / 64, [&](int64_t begin, int64_t end) {
+      int4_codes_to_int8_avx512(p, begin * 64, std::min(end * 64, n), codes.data_ptr<int8_t>());
+    });
+    const at::Tensor sc32 = sc.to(at::kFloat).contiguous();
+    Int8LinearProblem ip{x32.data_ptr(),
+                         codes.data_ptr<int8_t>(),
+                         sc32.data_ptr<float>(),
+                         nullptr,
+                         y32.data_ptr(),
+                         m,
+                         n,
+                         k,
+                         std::min(s.group_size, k),
+                         s.n_groups,
+                         DType::kFloat32};
+    ip.bias_f32 = p.bias;
+    ip.y_f32 = p.y;
+    int8_linear_run_bf16(ip, x32);
+    if (s.has_offsets) {
+      // w = s q + o = s (q - 8) + (o + 8 s): the kernel summed the first part, the second multiplies each
+      // group's fp32 sum of x.
+      const at::Tensor x_groups = at::constant_pad_nd(x32, {0, s.n_groups * s.group_size - k})
+                                      .view({m, s.n_groups, s.group_size})
+                                      .sum(-1);
+      y32.addmm_(x_groups, (off.to(at::kFloat) + sc32 * 8).t());
+    }
+  } else if (path == Path::kAvx512VnniFixed16) {
+    // Blocks of 8 output columns (two passes of kInt4Avx512Rows): small N still splits across threads.
+    constexpr int64_t grain = 8;
+    const int64_t scratch_floats = int4_avx512_scratch_floats(p.kp);
+    parallel_ranges((n + grain - 1) / grain, [&](int64_t begin, int64_t end) {
+      std::unique_ptr<float[]> scratch(new float[scratch_floats]);
+      int4_linear_avx512_fixed16(p, begin * grain, std::min(end * grain, n), scratch.get());
+    });
+  } else if (path == Path::kAvx2Fixed16) {
     // Blocks of 8 output columns: small N still splits across threads.
     constexpr int64_t grain = 8;
     parallel_ranges((n + grain - 1) / grain, [&](int64_t begin, int64_t end) {

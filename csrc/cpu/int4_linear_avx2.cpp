@@ -1,5 +1,5 @@
 // AVX2 int4 kernels (int4_linear.h has the paths and their numerical rules). Compiled with the AVX2 flags;
-// no torch headers. AVX-512 CPUs run these too: an AVX-512 int4 kernel is not written yet.
+// no torch headers. AVX-512 CPUs run the tiled kernel too (prefill, and x with NaN/inf).
 #include <immintrin.h>
 
 #include <algorithm>
