@@ -171,16 +171,18 @@ def cpu_path(m, n, k, group_size, dtype=torch.float32) -> str:
     return int4_kernel_path(torch.device("cpu"), m, n, k, group_size, dtype)
 
 
-def expected_path(cpu_isa: str, m: int, k: int, group_size: int) -> str:
+def expected_path(cpu_isa: str, m: int, k: int, group_size: int, dtype: torch.dtype = torch.float32) -> str:
     """The kernel choice, spelled out: AVX-512 (VNNI) levels decode M = 2..16 with cpu_avx512_vnni_fixed16 and
     M = 1 with cpu_avx2_fixed16, and prefill with cpu_avx512_bf16 where int8_linear's
-    bf16 kernel takes the group size (32, 64, 128, a multiple of 256, or one group over K); AVX2 decodes M <= 8
-    with cpu_avx2_fixed16; other M on both runs the AVX2 tiled kernel."""
+    bf16 kernel takes the group size (32, 64, 128, a multiple of 256, or one group over K) and x may be rounded
+    to bf16 (fp32 x only under torch's "medium" float32 matmul precision); AVX2 decodes M <= 8 with
+    cpu_avx2_fixed16; other M on both runs the AVX2 tiled kernel."""
     if cpu_isa == "portable":
         return "cpu_portable"
     if cpu_isa.startswith("avx512") and m > 16:
         bf16_groups = group_size >= k or 256 % group_size == 0 or group_size % 256 == 0
-        return "cpu_avx512_bf16" if bf16_groups else "cpu_avx2_tiled_fp32"
+        bf16_x = dtype != torch.float32 or torch.get_float32_matmul_precision() == "medium"
+        return "cpu_avx512_bf16" if bf16_groups and bf16_x else "cpu_avx2_tiled_fp32"
     if cpu_isa.startswith("avx512") and m >= 2:
         return "cpu_avx512_vnni_fixed16"
     return "cpu_avx2_fixed16" if m <= 8 else "cpu_avx2_tiled_fp32"
@@ -205,9 +207,26 @@ def test_matches_reference(cpu_isa, shape, dtype, group_size, symmetric):
     seed = zlib.crc32(repr((shape, group_size, dtype, symmetric, cpu_isa)).encode())
     x, qweight, scales, offsets, bias = make_case(m, k, n, dtype, group_size, symmetric, seed % 2 == 0, seed)
     path = cpu_path(m, n, k, group_size, dtype)
-    assert path == expected_path(cpu_isa, m, k, group_size)
+    assert path == expected_path(cpu_isa, m, k, group_size, dtype)
     y = fastquant.int4_linear(x, qweight, scales, offsets, bias, in_features=k, group_size=group_size)
     assert_int4_linear_close(y, x, qweight, scales, offsets, bias, k, group_size, path)
+
+
+@pytest.mark.parametrize("cpu_isa", available_cpu_isas(), indirect=True)
+@pytest.mark.parametrize("precision", ["highest", "high", "medium"])
+def test_fp32_prefill_follows_torch_precision(cpu_isa, precision):
+    """fp32 x is rounded to bf16 at prefill only where torch's float32 matmul precision allows it ("medium")."""
+    m, k, n = 40, 256, 24
+    x, qweight, scales, offsets, bias = make_case(m, k, n, torch.float32, 32, True, True, 11)
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision(precision)
+        path = cpu_path(m, n, k, 32)
+        assert path == expected_path(cpu_isa, m, k, 32)
+        y = fastquant.int4_linear(x, qweight, scales, offsets, bias, in_features=k, group_size=32)
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert_int4_linear_close(y, x, qweight, scales, offsets, bias, k, 32, path)
 
 
 @pytest.mark.parametrize("cpu_isa", available_cpu_isas(), indirect=True)

@@ -18,10 +18,8 @@ namespace {
 
 enum class Path { kPortable, kAvx2Fixed16, kAvx512VnniFixed16, kAvx512Bf16, kAvx2TiledFp32 };
 
-// Whether prefill may round x of this dtype to bf16: where int8_linear does (its cpu_avx512_bf16 rounds every
-// activation dtype above kBf16MinRows rows). The one place that decides it for int4_linear; false keeps such
-// x on the fp32 tiled kernel.
-bool prefill_rounds_to_bf16(DType dtype) { return true; }
+// Prefill rounds x to bf16 where int8_linear does: above kBf16MinRows rows, and for fp32 x only when torch's
+// float32 matmul precision allows it (bf16_activations_allowed, the one rule both ops follow).
 static_assert(kAvx512FixedMaxRows >= kBf16MinRows,
               "int4 prefill rounds x to bf16 only where int8_linear does");
 
@@ -30,7 +28,7 @@ static_assert(kAvx512FixedMaxRows >= kBf16MinRows,
 Path choose_path(Isa isa, int64_t m, int64_t k, int64_t group_size, DType dtype) {
 #if defined(__x86_64__) || defined(_M_X64)
   if (isa >= Isa::kAvx512 && m > kAvx512FixedMaxRows) {
-    const bool bf16 = prefill_rounds_to_bf16(dtype) && bf16_chunk(k, std::min(group_size, k)) > 0;
+    const bool bf16 = bf16_activations_allowed(dtype) && bf16_chunk(k, std::min(group_size, k)) > 0;
     return bf16 ? Path::kAvx512Bf16 : Path::kAvx2TiledFp32;
   }
   if (isa >= Isa::kAvx512 && m >= kAvx512FixedMinRows) return Path::kAvx512VnniFixed16;

@@ -29,12 +29,13 @@
 //                       load of x's planes and 4 rows of x each load of the weight, so M up to 16 reads the
 //                       weight from memory once.
 //   cpu_avx512_bf16     prefill on AVX-512 (M > 16, finite x, groups of 32, 64, 128 or a multiple of 256) for
-//                       activations int8_linear also rounds to bf16 there (prefill_rounds_to_bf16): the codes
-//                       minus 8 go to int8_linear's bf16 kernel as an int8 weight (exact in bf16; n x k bytes
-//                       written per call, a few percent of a prefill call) with the fp32 scales, so x is
-//                       rounded to bf16 once per call (relative error 2^-9 per product, as int8_linear's
-//                       cpu_avx512_bf16) and each group's sum is scaled in fp32; the offsets (asymmetric, as
-//                       o + 8 s) multiply each group's fp32 sum of x in one fp32 matmul.
+//                       activations int8_linear also rounds to bf16 (bf16_activations_allowed: fp32 x only
+//                       under torch's "medium" float32 matmul precision): the codes minus 8 go to
+//                       int8_linear's bf16 kernel as an int8 weight (exact in bf16; n x k bytes written per
+//                       call, a few percent of a prefill call) with the fp32 scales, so x is rounded to bf16
+//                       once per call (relative error 2^-9 per product, as int8_linear's cpu_avx512_bf16) and
+//                       each group's sum is scaled in fp32; the offsets (asymmetric, as o + 8 s) multiply
+//                       each group's fp32 sum of x in one fp32 matmul.
 //   cpu_avx2_tiled_fp32 prefill (larger M) and x with NaN/inf: tiles of 16 weight rows x 256 columns are
 //                       dequantized once into fp32 (same formula as the reference), transposed in L1, and a
 //                       6 x 16 register-blocked FMA micro-kernel runs every row of x over each tile. No
