@@ -16,8 +16,11 @@ import torch
 from torch import nn
 
 import fastquant
-from fastquant import FastquantFormatError, Int4Linear, Int8Linear, cli, protect, pruning, reference
-from fastquant.grids import INT4_GROUP_SIZES, Int4Grid, Int8Grid, int4_codes
+from fastquant import FastquantFormatError, Int4Linear, Int8Linear, protect
+from fastquant.algorithms import pruning
+from fastquant.algorithms.grids import INT4_GROUP_SIZES, Int4Grid, Int8Grid, int4_codes
+from fastquant.app import cli
+from fastquant.kernels import reference
 from fastquant.serialization import read_manifest
 from helpers import spy_init_devices
 

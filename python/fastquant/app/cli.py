@@ -36,8 +36,8 @@ from fastquant.choices import (
 if TYPE_CHECKING:
     import torch
 
-    from fastquant.evaluate import MethodOptions
-    from fastquant.models import LoadedModel
+    from fastquant.app.evaluate import MethodOptions
+    from fastquant.app.models import LoadedModel
 
 # A speed row is marked busy when the 1-minute load average exceeds the threads in use by this much: our own
 # threads count in the load, so above them something else shared the cores (the margin absorbs the average's
@@ -59,10 +59,10 @@ def _environment(threads: int) -> dict[str, Any]:
     import torch
 
     import fastquant
-    from fastquant import _native
-    from fastquant.evaluate import cpu_model
+    from fastquant.app.evaluate import cpu_model
+    from fastquant.kernels import extension
 
-    cpu_isa = _native.native.cpu_isa() if _native.native is not None else "reference (native extension not loaded)"
+    cpu_isa = extension.native.cpu_isa() if extension.native is not None else "reference (native extension not loaded)"
     return {
         "fastquant_version": fastquant.__version__,
         "torch_version": torch.__version__,
@@ -95,7 +95,7 @@ def _quiet_libraries(progress: bool | None) -> None:
 
 
 def _load(name: str) -> LoadedModel:
-    from fastquant.models import load_model
+    from fastquant.app.models import load_model
 
     with console.status(f"loading {name}"):
         return load_model(name)
@@ -109,7 +109,7 @@ def _tokens(loaded: LoadedModel, text: str, n: int) -> torch.Tensor:
 
 
 def _ppl(model, ids: torch.Tensor, label: str, window: int, progress: bool | None) -> float:
-    from fastquant.evaluate import perplexity, perplexity_steps
+    from fastquant.app.evaluate import perplexity, perplexity_steps
     from fastquant.progress import progress_bar
 
     stride = window // 2
@@ -119,8 +119,8 @@ def _ppl(model, ids: torch.Tensor, label: str, window: int, progress: bool | Non
 
 
 def _method_options(args: argparse.Namespace, loaded: LoadedModel) -> MethodOptions:
-    from fastquant.evaluate import MethodOptions
-    from fastquant.pruning import calibration_from_text
+    from fastquant.algorithms.pruning import calibration_from_text
+    from fastquant.app.evaluate import MethodOptions
 
     def calibration() -> list[torch.Tensor]:
         if loaded.tokenizer is None:
@@ -177,8 +177,8 @@ def _demo_methods(args: argparse.Namespace) -> list[str]:
 def cmd_demo(args: argparse.Namespace) -> int:
     import copy
 
-    from fastquant.evaluate import get_method, interleaved_speed, load_average, model_bytes
-    from fastquant.models import read_text
+    from fastquant.app.evaluate import get_method, interleaved_speed, load_average, model_bytes
+    from fastquant.app.models import read_text
 
     threads = _set_threads(args.threads)
     methods = _demo_methods(args)
@@ -385,8 +385,8 @@ def _demo_chart(results: dict[str, Any], path: Path) -> Path | None:
 def cmd_eval(args: argparse.Namespace) -> int:
     import copy
 
-    from fastquant.evaluate import embedding_cosine, get_method, model_bytes, sentence_embeddings, sentences
-    from fastquant.models import ModelNotFoundError, read_text
+    from fastquant.app.evaluate import embedding_cosine, get_method, model_bytes, sentence_embeddings, sentences
+    from fastquant.app.models import ModelNotFoundError, read_text
 
     threads = _set_threads(args.threads)
     method = get_method(args.method)
@@ -455,7 +455,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------- compress
 def cmd_compress(args: argparse.Namespace) -> int:
-    from fastquant.evaluate import get_method, model_bytes
+    from fastquant.app.evaluate import get_method, model_bytes
     from fastquant.patching import report
 
     _set_threads(args.threads)
@@ -497,7 +497,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
     import torch
 
-    from fastquant.distillation import (
+    from fastquant.algorithms.distillation import (
         HELD_OUT_TEXT,
         TRAIN_TEXTS,
         DistillConfig,
@@ -506,7 +506,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
         init_distributed,
         perplexities,
     )
-    from fastquant.evaluate import get_method
+    from fastquant.app.evaluate import get_method
 
     # Checked before the model loads: a bad option fails in a second, not after minutes of pruning.
     out = Path(args.output)
@@ -780,7 +780,7 @@ def build_parser() -> argparse.ArgumentParser:
     keygen.add_argument("path", help="file to create (refuses to overwrite)")
     keygen.set_defaults(func=cmd_keygen)
 
-    from fastquant.serve.cli import add_serve_parser
+    from fastquant.app.serve.cli import add_serve_parser
 
     add_serve_parser(sub)
     return parser
@@ -791,14 +791,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = argv  # recorded in the demo's results, so a run can be repeated
     _quiet_libraries(args.progress)
-    from fastquant.models import ModelNotFoundError
+    from fastquant.app.models import ModelNotFoundError
 
     try:
         return args.func(args)
     except (ModelNotFoundError, ValueError, FileNotFoundError, FileExistsError) as exc:
         console.print(f"[red]fastquant {args.command}: {exc}[/red]")
         return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -13,7 +13,7 @@ import sys
 import torch
 
 import fastquant
-from fastquant import _native
+from fastquant.kernels import extension
 
 
 def compiler_name(version: str) -> str:
@@ -26,10 +26,10 @@ def info_lines() -> list[str]:
         f"fastquant {fastquant.__version__}",
         f"python {platform.python_version()}, torch {torch.__version__} running",
     ]
-    if _native.native is None:
-        lines.append(f"native extension: NOT LOADED ({_native.load_error}); every op runs the reference kernels")
+    if extension.native is None:
+        lines.append(f"native extension: NOT LOADED ({extension.load_error}); every op runs the reference kernels")
         return lines
-    build = _native.native.build_info()
+    build = extension.native.build_info()
     lines.append(
         f"native extension: built for torch {build['torch_version']}, compiler {compiler_name(build['compiler'])}"
     )
@@ -38,8 +38,8 @@ def info_lines() -> list[str]:
     else:
         lines.append("CUDA kernels: not built (CPU-only build)")
     lines.append(f"CUDA device: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
-    lines.append(f"CPU features: {_native.native.cpu_features()}")
-    lines.append(f"CPU kernels use: {_native.native.cpu_isa()}")
+    lines.append(f"CPU features: {extension.native.cpu_features()}")
+    lines.append(f"CPU kernels use: {extension.native.cpu_isa()}")
     precision = torch.get_float32_matmul_precision()
     rounding = "may be rounded to bf16 at prefill" if precision == "medium" else "stay fp32 on every path"
     lines.append(f"float32 matmul precision: {precision} (fp32 activations {rounding}; paths below follow it)")
@@ -47,17 +47,17 @@ def info_lines() -> list[str]:
     for device in devices:
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             for m in (1, 16, 512):
-                path = _native.int8_linear_kernel_path(device, m, 4096, 4096, -1, dtype)
+                path = extension.int8_linear_kernel_path(device, m, 4096, 4096, -1, dtype)
                 lines.append(f"int8_linear {device.type} {str(dtype).removeprefix('torch.')} M={m}: {path}")
         for m in (1, 16, 512):
-            path = _native.int4_linear_kernel_path(device, m, 4096, 4096, 32, torch.float32)
+            path = extension.int4_linear_kernel_path(device, m, 4096, 4096, 32, torch.float32)
             lines.append(f"int4_linear {device.type} group 32 M={m}: {path}")
         for values in (torch.float32, torch.int8):
             for m in (1, 512):
-                path = _native.sparse_linear_kernel_path(device, m, 4096, 4096, values, torch.float32)
+                path = extension.sparse_linear_kernel_path(device, m, 4096, 4096, values, torch.float32)
                 name = str(values).removeprefix("torch.")
                 lines.append(f"sparse_linear (bitmap16) {device.type} {name} values M={m}: {path}")
-        lines.append(f"sparse_csr_linear (csr16) {device.type}: {_native.sparse_csr_linear_kernel_path(device)}")
+        lines.append(f"sparse_csr_linear (csr16) {device.type}: {extension.sparse_csr_linear_kernel_path(device)}")
     return lines
 
 
@@ -74,9 +74,9 @@ def ops_without_kernel(dispatch_key: str) -> list[str]:
 
 def cuda_build_problems() -> list[str]:
     """Why this is not a working CUDA build of fastquant (empty when it is)."""
-    if _native.native is None:
-        return [f"the native extension did not load: {_native.load_error}"]
-    if not _native.has_cuda_kernels():
+    if extension.native is None:
+        return [f"the native extension did not load: {extension.load_error}"]
+    if not extension.has_cuda_kernels():
         return ["the CUDA kernels were not built (CPU-only torch, no nvcc, or FASTQUANT_CUDA=OFF)"]
     if not fastquant_ops():
         return ["no fastquant op is registered"]
@@ -100,7 +100,3 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(1)
         ops = ", ".join(op.removeprefix("fastquant::") for op in fastquant_ops())
         print(f"CUDA build check: CUDA kernels registered for every op ({ops})")
-
-
-if __name__ == "__main__":
-    main()
