@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from decode_layer import time_interleaved
 
 import fastquant
-from fastquant import _native, reference
+from fastquant.kernels import extension, reference
 
 SHAPES = [(4096, 4096), (11008, 4096), (1536, 576)]  # (N, K) = (out, in)
 ROTATION_BYTES = 160 * 2**20
@@ -82,7 +82,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    from fastquant.evaluate import cpu_model
+    from fastquant.app.evaluate import cpu_model
 
     load_before = os.getloadavg()
     rows = []
@@ -97,7 +97,7 @@ def main() -> None:
             rounds, burst = (args.rounds, args.burst) if m <= 16 else (3, 2)
             timed = time_interleaved(calls, rounds, burst)
             ms = {name: t * 1e3 for name, t in timed.items()}
-            path = _native.int4_linear_kernel_path(torch.device("cpu"), m, n, k, 32, torch.float32)
+            path = extension.int4_linear_kernel_path(torch.device("cpu"), m, n, k, 32, torch.float32)
             row = {
                 "n": n,
                 "k": k,
@@ -121,7 +121,7 @@ def main() -> None:
         "cpu": cpu_model(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "isa": _native.native.cpu_isa() if _native.native is not None else "reference",
+        "isa": extension.native.cpu_isa() if extension.native is not None else "reference",
         "load_average_before": load_before,
         "load_average_after": os.getloadavg(),
     }

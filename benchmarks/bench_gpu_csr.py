@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from bench_gpu_int8 import gpu_time_per_call
 
-from fastquant import reference
+from fastquant.kernels import reference
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (N, K)
 CASES = ["70%", "90%", "99%", "int8+90%"]

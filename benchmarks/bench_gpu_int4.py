@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from bench_gpu_int8 import copy_bandwidth, fmt, gpu_time_per_call, header_lines, run_meta
 
 import fastquant
-from fastquant import _native, reference
+from fastquant.kernels import extension, reference
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 14336), (14336, 4096), (1536, 576)]  # (N, K) = (out, in)
 ROW_COUNTS = [1, 4, 16, 64, 256]
@@ -54,7 +54,7 @@ def interleaved(contenders: dict, rounds: int, repeats: int) -> dict:
 
 
 def int4_path(m: int, n: int, k: int, group_size: int) -> str:
-    native = _native.native
+    native = extension.native
     return native.cuda_dispatch.int4_path(
         m, n, k, group_size, "bfloat16", True, native.int4_cuda_gemv_max_m(), native.int4_cuda_gemm_max_m()
     )
@@ -66,7 +66,7 @@ def bench_shape(n, k, row_counts, flavours, rounds, repeats, copy_bw):
     weights = [torch.randn(n, k, generator=gen, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(sets)]
     int8 = [fastquant.int8_quantize(w, -1) for w in weights]
     int4 = {f: [reference.int4_quantize(w, f[0], f[1]) for w in weights] for f in flavours}
-    native = _native.native
+    native = extension.native
     rows = []
     for m in row_counts:
         x = torch.randn(m, k, generator=gen, device="cuda", dtype=torch.bfloat16)
@@ -156,7 +156,7 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_gpu_int4.py needs a CUDA device")
-    if not _native.has_cuda_kernels():
+    if not extension.has_cuda_kernels():
         raise SystemExit("bench_gpu_int4.py needs fastquant built with its CUDA kernels")
 
     copy_bw = copy_bandwidth(10)

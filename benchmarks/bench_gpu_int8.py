@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 import fastquant
-from fastquant import _native
+from fastquant.kernels import extension
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (1536, 576)]  # (N, K) = (out, in) features
 LARGE_SHAPES = SHAPES[:3]
@@ -110,7 +110,7 @@ def run_meta(stem: str | None, prefix: str, copy_bw: float, **extra) -> tuple[Pa
     now = dt.datetime.now(dt.timezone.utc)
     path = Path(stem) if stem else Path(__file__).parent / "results" / f"{prefix}-{now:%Y%m%d-%H%M%S}"
     path.parent.mkdir(parents=True, exist_ok=True)
-    build = _native.native.build_info() if _native.native is not None else {}
+    build = extension.native.build_info() if extension.native is not None else {}
     props = torch.cuda.get_device_properties(0)
     meta = {
         "date": now.isoformat(timespec="seconds"),
@@ -167,12 +167,12 @@ def bench_shape(n, k, row_counts, group_sizes, repeats, compiled_fn, copy_bw):
             qs = quantized[g]
             calls = [lambda q=q, s=s, x=x, g=g: torch.ops.fastquant.int8_linear(x, q, s, None, g) for q, s in qs]
             t = gpu_time_per_call(calls, repeats)
-            path = _native.int8_linear_kernel_path(torch.device("cuda"), m, n, k, g, torch.bfloat16)
+            path = extension.int8_linear_kernel_path(torch.device("cuda"), m, n, k, g, torch.bfloat16)
             # Where the GEMV or the fused GEMM runs, also time dequantize + cuBLAS at the same M: the data that
             # places the boundaries of the dispatch table (csrc/cuda/int8_linear_dispatch.h).
             t_deq = None
-            if _native.has_cuda_kernels() and path != "cuda_dequant_cublas":
-                native = _native.native
+            if extension.has_cuda_kernels() and path != "cuda_dequant_cublas":
+                native = extension.native
                 gemv_max, gemm_max = native.cuda_gemv_max_m(), native.cuda_gemm_max_m()
                 native.set_cuda_gemv_max_m(0)
                 native.set_cuda_gemm_max_m(0)
@@ -280,7 +280,7 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_gpu_int8.py needs a CUDA device")
-    if not _native.has_cuda_kernels():
+    if not extension.has_cuda_kernels():
         print("WARNING: fastquant has no CUDA kernels built: timing the pure-PyTorch reference kernel")
 
     copy_bw = copy_bandwidth(max(5, args.repeats // 2))

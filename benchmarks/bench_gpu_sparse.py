@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from bench_gpu_int8 import copy_bandwidth, gpu_time_per_call, header_lines, run_meta
 
-from fastquant import _native, reference
+from fastquant.kernels import extension, reference
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (N, K) = (out, in) features
 ROW_COUNTS = [1, 4, 16, 17, 64, 128, 256, 512]  # 17..512: the tensor-core path and its M cap
@@ -117,9 +117,9 @@ def bench_shape(n: int, k: int, row_counts: list[int], cases: list[str], repeats
             ]
             t = gpu_time_per_call(calls, repeats)
             values_dtype = packed[0]["values"].dtype
-            path = _native.sparse_linear_kernel_path(torch.device("cuda"), m, n, k, values_dtype, torch.bfloat16)
+            path = extension.sparse_linear_kernel_path(torch.device("cuda"), m, n, k, values_dtype, torch.bfloat16)
             t_densify = None
-            native = _native.native
+            native = extension.native
             if path == "cuda_sparse_mma" and hasattr(native, "set_sparse_cuda_mma_max_m"):
                 mma_max, gemv_max = native.sparse_cuda_mma_max_m(), native.sparse_cuda_gemv_max_m()
                 try:
@@ -223,7 +223,7 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_gpu_sparse.py needs a CUDA device")
-    if not _native.has_cuda_kernels():
+    if not extension.has_cuda_kernels():
         print("WARNING: fastquant has no CUDA kernels built: timing the pure-PyTorch reference kernel")
 
     copy_bw = copy_bandwidth(max(5, args.repeats // 2))

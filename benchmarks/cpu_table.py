@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastquant
-from fastquant import _native, reference
-from fastquant.evaluate import cpu_model
+from fastquant.app.evaluate import cpu_model
+from fastquant.kernels import extension, reference
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (1536, 576), (576, 1536)]  # (N, K) = (out, in)
 ROW_COUNTS = [1, 8, 128, 512]
@@ -121,7 +121,7 @@ def run(shapes, row_counts, peers) -> list[dict]:
                     if bw is None:
                         bw = read_bandwidth(nbytes)
                 del calls
-            row["path"] = _native.int8_linear_kernel_path(torch.device("cpu"), m, n, k, -1, torch.float32)
+            row["path"] = extension.int8_linear_kernel_path(torch.device("cpu"), m, n, k, -1, torch.float32)
             row["read_gbs"] = bw / 1e9 if bw else None
             if "fastquant" in row["ms"]:
                 row["fq_gbs"] = row["weight_bytes"] / row["ms"]["fastquant"] / 1e6
@@ -141,7 +141,7 @@ def run_meta(now: dt.datetime) -> dict:
         "torch": torch.__version__,
         "fastquant": fastquant.__version__,
         "threads": torch.get_num_threads(),
-        "isa": _native.native.best_cpu_isa() if _native.native is not None else None,
+        "isa": extension.native.best_cpu_isa() if extension.native is not None else None,
     }
 
 

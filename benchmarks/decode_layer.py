@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastquant
-from fastquant import _native, reference
+from fastquant.kernels import extension, reference
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (1536, 576), (576, 1536)]  # (N, K) = (out, in)
 ROTATION_BYTES = 160 * 2**20
@@ -105,7 +105,7 @@ def main() -> None:
     parser.add_argument("--burst", type=int, default=15)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    from fastquant.evaluate import cpu_model
+    from fastquant.app.evaluate import cpu_model
 
     load_before = os.getloadavg()
     rows = []
@@ -116,7 +116,7 @@ def main() -> None:
                 name: t * 1e3
                 for name, t in time_interleaved(contenders(n, k, m, args.where), args.rounds, args.burst).items()
             }
-            path = _native.int8_linear_kernel_path(torch.device("cpu"), m, n, k, -1, torch.float32)
+            path = extension.int8_linear_kernel_path(torch.device("cpu"), m, n, k, -1, torch.float32)
             row = {
                 "n": n,
                 "k": k,
@@ -140,7 +140,7 @@ def main() -> None:
         "cpu": cpu_model(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "isa": _native.native.cpu_isa() if _native.native is not None else "reference",
+        "isa": extension.native.cpu_isa() if extension.native is not None else "reference",
         "where": args.where,
         "load_average_before": load_before,
         "load_average_after": os.getloadavg(),

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 import fastquant
-from fastquant.distillation import (
+from fastquant.algorithms.distillation import (
     HELD_OUT_TEXT,
     TRAIN_TEXTS,
     DistillConfig,
@@ -34,9 +34,9 @@ from fastquant.distillation import (
     init_distributed,
     perplexities,
 )
-from fastquant.evaluate import load_average
-from fastquant.models import load_model
-from fastquant.pruning import calibration_from_text
+from fastquant.algorithms.pruning import calibration_from_text
+from fastquant.app.evaluate import load_average
+from fastquant.app.models import load_model
 
 RESULTS = Path(__file__).parent / "results"
 RUNS = RESULTS / "distill-runs"

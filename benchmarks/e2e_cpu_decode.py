@@ -44,9 +44,9 @@ from pathlib import Path
 import torch
 
 import fastquant
-from fastquant import _native
-from fastquant.evaluate import cpu_model
-from fastquant.models import load_model, random_llama_1b, smollm2_gguf
+from fastquant.app.evaluate import cpu_model
+from fastquant.app.models import load_model, random_llama_1b, smollm2_gguf
+from fastquant.kernels import extension
 
 RESULTS = Path(__file__).parent / "results"
 PROMPT = "To be, or not to be, that is the question:"
@@ -347,7 +347,7 @@ def main() -> None:
         "torch": torch.__version__,
         "fastquant": fastquant.__version__,
         "threads": args.threads,
-        "isa": _native.native.cpu_isa() if _native.native is not None else "reference",
+        "isa": extension.native.cpu_isa() if extension.native is not None else "reference",
         "rounds": args.rounds,
         "new_tokens": args.new_tokens,
         "prefill_tokens": args.prefill_tokens,

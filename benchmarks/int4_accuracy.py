@@ -1,6 +1,6 @@
 """int4 accuracy: SmolLM2-135M perplexity and MiniLM embedding cosine, float vs int8 vs int4 (RTN, GPTQ).
 
-SmolLM2: perplexity on the embedded Tempest (held out), window 512, stride 256 (`fastquant.evaluate.perplexity`,
+SmolLM2: perplexity on the embedded Tempest (held out), window 512, stride 256 (`fastquant.app.evaluate.perplexity`,
 as `fastquant demo/eval`); GPTQ calibrates on the embedded Hamlet (32 windows x 256 tokens, the CLI default).
 All linear layers of the 30 blocks are compressed; the tied lm_head and the embeddings stay float.
 
@@ -64,7 +64,7 @@ LLAMA_PYTHON = sys.executable
 
 
 def window_starts(n: int, window: int, stride: int) -> list[int]:
-    """The windows of fastquant.evaluate.perplexity (the llama.cpp worker repeats them without importing it)."""
+    """The windows of fastquant.app.evaluate.perplexity (the llama.cpp worker repeats them without importing it)."""
     starts = list(range(0, max(n - window, 0) + 1, stride))
     if starts[-1] + window < n:
         starts.append(n - window)
@@ -74,7 +74,7 @@ def window_starts(n: int, window: int, stride: int) -> list[int]:
 # ------------------------------------------------------------------------------------------ llama.cpp worker
 def llama_worker(job_path: str) -> None:
     """Runs in the llama-cpp-python venv: quantize the GGUF, then score the job's token windows like
-    fastquant.evaluate.perplexity (each token once; NLL from the window's logits)."""
+    fastquant.app.evaluate.perplexity (each token once; NLL from the window's logits)."""
     import llama_cpp
     import numpy as np
 
@@ -306,9 +306,10 @@ def main() -> None:
     import torch
 
     import fastquant
-    from fastquant import pruning
-    from fastquant.evaluate import embedding_cosine, perplexity, sentence_embeddings, sentences
-    from fastquant.models import load_model, read_text, smollm2_gguf
+    from fastquant.algorithms import pruning
+    from fastquant.app.evaluate import embedding_cosine, perplexity, sentence_embeddings, sentences
+    from fastquant.app.models import load_model, read_text, smollm2_gguf
+    from fastquant.kernels import extension
 
     torch.set_num_threads(args.threads)
     date = datetime.date.today().isoformat()
@@ -320,8 +321,8 @@ def main() -> None:
         "date": date,
         "commit": commit(),
         "torch": torch.__version__,
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {fastquant._native.native.cpu_isa()} kernels"
-        if fastquant._native.native is not None
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {extension.native.cpu_isa()} kernels"
+        if extension.native is not None
         else f"{platform.machine()}, reference kernels",
         "settings": {
             "ppl_tokens": None,

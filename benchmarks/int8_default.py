@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 import fastquant
-from fastquant.evaluate import (
+from fastquant.app.evaluate import (
     cpu_model,
     embedding_cosine,
     interleaved_speed,
@@ -33,7 +33,8 @@ from fastquant.evaluate import (
     sentence_embeddings,
     sentences,
 )
-from fastquant.models import load_model, read_text
+from fastquant.app.models import load_model, read_text
+from fastquant.kernels import extension
 
 GROUPS = (None, 256, 128, 64, 32)
 
@@ -55,7 +56,7 @@ def main() -> None:
         "cpu": cpu_model(),
         "threads": args.threads,
         "load_before": os.getloadavg(),
-        "kernels": fastquant._native.int8_linear_kernel_path(torch.device("cpu"), 1, 1536, 576, -1, torch.float32),
+        "kernels": extension.int8_linear_kernel_path(torch.device("cpu"), 1, 1536, 576, -1, torch.float32),
     }
 
     smollm2 = load_model("smollm2")

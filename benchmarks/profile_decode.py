@@ -24,8 +24,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import fastquant
-from fastquant.evaluate import cpu_model
-from fastquant.models import load_model
+from fastquant.app.evaluate import cpu_model
+from fastquant.app.models import load_model
 
 RESULTS = Path(__file__).parent / "results"
 BUCKETS = ("fastquant ops", "compiled kernels (cpp_fused)", "attention", "matmul (aten)", "other aten ops")

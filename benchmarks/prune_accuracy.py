@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 from run_info import commit, load_averages
 
-from fastquant import pruning
-from fastquant.evaluate import perplexity
-from fastquant.models import load_model, read_text
+from fastquant.algorithms import pruning
+from fastquant.app.evaluate import perplexity
+from fastquant.app.models import load_model, read_text
 
 CONFIGS = {  # label -> (sparsity, pattern, int8)
     "50% unstructured": (0.5, "unstructured", False),
@@ -44,7 +44,7 @@ def markdown(result: dict) -> str:
         "",
         f"`python benchmarks/prune_accuracy.py` at commit {result['commit']}, torch {result['torch']}, "
         f"{s['threads']} threads, float32 on CPU ({result['machine']}).",
-        f"Perplexity: `fastquant.evaluate.perplexity`, first {s['ppl_tokens']} tokens of the embedded Tempest, "
+        f"Perplexity: `fastquant.app.evaluate.perplexity`, first {s['ppl_tokens']} tokens of the embedded Tempest, "
         f"window {s['window']}, stride {s['window'] // 2} (as `fastquant demo`). Calibration (Wanda, SparseGPT): "
         f"{s['n_sequences']} windows x {s['seq_len']} tokens spread over the embedded Hamlet (whole play), "
         f"sequential (each layer group sees the already-pruned model), SparseGPT block {s['block_size']}, "

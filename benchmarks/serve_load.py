@@ -70,7 +70,7 @@ def _loadavg() -> str:
 
 def _requests(n: int, seed: int) -> list[dict[str, Any]]:
     """Mixed lengths: prompts of 8 to 400 words from the embedded play, 8 to 64 new tokens, greedy."""
-    from fastquant.models import read_text
+    from fastquant.app.models import read_text
 
     words = read_text().split()
     rng = random.Random(seed)
@@ -291,7 +291,7 @@ def _serve_phase(args, folder: Path, keys_file: Path, key: str, phase: str, requ
     import ray
     from ray import serve
 
-    from fastquant.serve import ServeConfig, start
+    from fastquant.app.serve import ServeConfig, start
 
     replicas = 1 if phase == "one" else 2
     stream = phase not in ("batch", "nobatch")
@@ -375,7 +375,7 @@ def _hf_phase(folder: Path, requests) -> dict[str, Any]:
     from transformers import LogitsProcessorList
 
     import fastquant
-    from fastquant.serve.batching import _FirstStep
+    from fastquant.app.serve.batching import _FirstStep
 
     torch.set_num_threads(1)  # as one replica
     model, tokenizer = fastquant.from_pretrained(folder)
@@ -478,8 +478,8 @@ def main() -> int:
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    from fastquant import cli
-    from fastquant.serve import keys
+    from fastquant.app import cli
+    from fastquant.app.serve import keys
 
     work = Path(tempfile.mkdtemp(prefix="serve-load-"))
     folder = Path(args.checkpoint) if args.checkpoint else work / "smollm2-int8"

@@ -2,7 +2,7 @@
 speed target ("int8 + 50% decodes faster than int8 alone").
 
 Three copies of the model are run in interleaved rounds, so that the VM's drifting speed affects each alike:
-per round and model one greedy batch-1 generation (``fastquant.evaluate.decode_speed``) and one forward pass
+per round and model one greedy batch-1 generation (``fastquant.app.evaluate.decode_speed``) and one forward pass
 over a 512-token prompt (``prefill_speed``):
 
 * ``int8``: ``patch(model, "int8")``, per-channel scales, the tied lm_head in float (the demo's int8 row);
@@ -31,9 +31,10 @@ import torch
 from cpu_table import cpu_model
 
 import fastquant
-from fastquant import SparseLinear, _native
-from fastquant.evaluate import decode_speed, prefill_speed
-from fastquant.models import load_model
+from fastquant import SparseLinear
+from fastquant.app.evaluate import decode_speed, prefill_speed
+from fastquant.app.models import load_model
+from fastquant.kernels import extension
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = {
@@ -118,7 +119,7 @@ def main() -> None:
         "cpu": cpu_model(),
         "torch": torch.__version__,
         "threads": args.threads,
-        "isa": _native.native.cpu_isa() if _native.native is not None else "reference",
+        "isa": extension.native.cpu_isa() if extension.native is not None else "reference",
         "load_average": os.getloadavg()[0],
         "rounds": args.rounds,
         "new_tokens": args.new_tokens,

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from cpu_table import read_bandwidth, run_meta
 
 import fastquant
-from fastquant import _native, reference
+from fastquant.kernels import extension, reference
 
 SHAPES = [(4096, 4096), (11008, 4096), (1536, 576), (576, 1536)]  # (N, K) = (out, in)
 ROW_COUNTS = [1, 8, 128]
@@ -174,7 +174,7 @@ def run_table(shapes, row_counts, patterns) -> list[dict]:
                     bw = read_bandwidth(row["bytes"]["sparse"])
                 row["read_gbs"] = bw / 1e9
                 row["path"] = {
-                    str(dtype).removeprefix("torch."): _native.sparse_linear_kernel_path(
+                    str(dtype).removeprefix("torch."): extension.sparse_linear_kernel_path(
                         torch.device("cpu"), m, n, k, dtype, torch.float32
                     )
                     for dtype in (torch.float32, torch.int8)
@@ -358,7 +358,7 @@ def main() -> None:
         "(so the VM's drifting speed hits them alike). `a / b` > 1 means b is faster. "
         "`sparse` = bitmap16 with fp32 values, `int8+sparse` = bitmap16 with int8 values + per-channel scales, "
         "`csr16` / `int8+csr16` = the same values with 16-bit column indices (`sparse_csr_linear`, CPU kernel "
-        f"{_native.sparse_csr_linear_kernel_path(torch.device('cpu'))}), `best` = the faster layout of a value "
+        f"{extension.sparse_csr_linear_kernel_path(torch.device('cpu'))}), `best` = the faster layout of a value "
         "type (what the per-layer kernel choice keeps), `csr` = torch CSR (fp32) via `F.linear`, `fp32` = dense "
         "`F.linear`, `int8` = dense `fastquant.int8_linear`. GB/s = format bytes (values + masks or indices + "
         "offsets + scales) / time; `read` = torch `sum` of a float64 buffer of the fp32 bitmap16 format's size, "

@@ -1,5 +1,5 @@
 // The fastquant._C module. Operators are reached through the torch dispatcher (torch.ops.fastquant.*);
-// their schemas are defined in python/fastquant/ops.py and this library only registers kernels.
+// their schemas are defined in python/fastquant/kernels/ops.py and this library only registers kernels.
 // pybind11 carries only build information and run-time switches.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>

@@ -1,6 +1,6 @@
 #pragma once
-// Constants of fastquant's packed weight formats (python/fastquant/reference.py packs them), shared by the
-// contracts, the CPU kernels and the CUDA kernels. No torch header: kernel files include it.
+// Constants of fastquant's packed weight formats (python/fastquant/kernels/reference.py packs them), shared
+// by the contracts, the CPU kernels and the CUDA kernels. No torch header: kernel files include it.
 #include <cstdint>
 
 namespace fastquant {

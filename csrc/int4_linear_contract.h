@@ -1,8 +1,9 @@
 #pragma once
 // The argument rules of fastquant::int4_linear, in one place for every native kernel (CPU glue
-// csrc/cpu/int4_linear.cpp, CUDA glue). Worded exactly as check_int4_linear_args in python/fastquant/ops.py,
-// which the fake kernel (what torch.compile traces) and the reference run, so every path refuses the same
-// input with the same message. The format itself: python/fastquant/reference.py (int4 section).
+// csrc/cpu/int4_linear.cpp, CUDA glue). Worded exactly as check_int4_linear_args in
+// python/fastquant/kernels/ops.py, which the fake kernel (what torch.compile traces) and the reference run,
+// so every path refuses the same input with the same message. The format itself:
+// python/fastquant/kernels/reference.py (int4 section).
 //
 // Every byte of qweight is a valid pair of codes and codes past K multiply nothing (kernels never read x
 // past K), so shapes, dtypes and devices are all there is to check.

@@ -1,6 +1,6 @@
 #pragma once
 // The argument contract of fastquant::int8_linear, shared by its CPU glue (cpu/int8_linear.cpp) and CUDA glue
-// (cuda/int8_linear_cuda.cpp); python/fastquant/ops.py (check_int8_linear_args) words it alike.
+// (cuda/int8_linear_cuda.cpp); python/fastquant/kernels/ops.py (check_int8_linear_args) words it alike.
 #include <ATen/ATen.h>
 
 #include <optional>

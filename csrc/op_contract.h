@@ -1,7 +1,7 @@
 #pragma once
 // Checks every fastquant op shares, for the torch glue of its CPU and CUDA kernels alike, so that both
-// backends refuse the same arguments with the same words (python/fastquant/ops.py words them alike for the
-// fake and reference kernels). Includes torch headers: glue files only, never a kernel file.
+// backends refuse the same arguments with the same words (python/fastquant/kernels/ops.py words them alike
+// for the fake and reference kernels). Includes torch headers: glue files only, never a kernel file.
 #include <ATen/ATen.h>
 
 #include <cstdint>

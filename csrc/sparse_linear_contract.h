@@ -1,7 +1,7 @@
 #pragma once
 // The argument contracts of fastquant::sparse_linear (bitmap16 weights) and fastquant::sparse_csr_linear
 // (csr16 weights), shared by their CPU glue (cpu/sparse_linear.cpp, cpu/sparse_csr_linear.cpp) and CUDA glue
-// (cuda/sparse_linear_cuda.cpp, cuda/sparse_csr_linear_cuda.cpp); python/fastquant/ops.py
+// (cuda/sparse_linear_cuda.cpp, cuda/sparse_csr_linear_cuda.cpp); python/fastquant/kernels/ops.py
 // (check_sparse_linear_args, check_sparse_csr_linear_args) words them alike. The contents of row_offsets,
 // masks and column_indices are the kernels' business: checking them needs a pass over the data (and on CUDA a
 // copy to the host), which each backend does where it reads them anyway.

@@ -5,17 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastquant import _native
+from fastquant.kernels import extension
 
 
 @pytest.fixture
 def cpu_isa(request):
     """Caps the CPU kernels at the requested ISA for one test, then restores the best one."""
-    if _native.native is None:
+    if extension.native is None:
         pytest.skip("fastquant native extension not built")
-    _native.native.set_cpu_isa(request.param)
+    extension.native.set_cpu_isa(request.param)
     yield request.param
-    _native.native.set_cpu_isa(_native.native.best_cpu_isa())
+    extension.native.set_cpu_isa(extension.native.best_cpu_isa())
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import sys
 import torch
 
 from fastquant import SparseLinear
-from fastquant.distillation import DistillConfig, distill, init_distributed
+from fastquant.algorithms.distillation import DistillConfig, distill, init_distributed
 from helpers import tiny_llama_config
 
 

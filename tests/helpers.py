@@ -20,7 +20,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from fastquant import _native, reference
+from fastquant.kernels import extension, reference
 
 ULP = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-10}
 
@@ -114,10 +114,10 @@ def bf16_activations_allowed(dtype: torch.dtype) -> bool:
 def available_cpu_isas(with_vbmi: bool = False) -> list[str]:
     """The ISA levels this CPU can run, lowest first. "avx512_vbmi" only changes the kernels that expand int8
     values (sparse_linear at M = 1), so only their tests ask for it; elsewhere it runs the avx512 kernels."""
-    if _native.native is None:
+    if extension.native is None:
         return []
     order = ["portable", "avx2", "avx512", "avx512_vbmi"]
-    best = _native.native.best_cpu_isa()
+    best = extension.native.best_cpu_isa()
     available = order[: order.index(best) + 1]
     return available if with_vbmi else [isa for isa in available if isa != "avx512_vbmi"]
 
@@ -160,7 +160,7 @@ CUDA_KERNEL_MARKS = [
     pytest.mark.cuda,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the CUDA kernels cannot run here"),
     pytest.mark.skipif(
-        not _native.has_cuda_kernels(),
+        not extension.has_cuda_kernels(),
         reason="fastquant was built without CUDA kernels (CPU-only torch or no nvcc; rebuild with FASTQUANT_CUDA=ON)",
     ),
     pytest.mark.skipif(
@@ -220,7 +220,7 @@ def launched_kernels(fn: Callable[[], object]) -> list[str]:
 
 
 def int4_kernel_path(device: torch.device, m: int, n: int, k: int, group_size: int, dtype: torch.dtype) -> str:
-    return _native.int4_linear_kernel_path(device, m, n, k, group_size, dtype)
+    return extension.int4_linear_kernel_path(device, m, n, k, group_size, dtype)
 
 
 def fixed16_block_max(x: torch.Tensor) -> torch.Tensor:

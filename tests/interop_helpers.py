@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastquant.models import read_text
+from fastquant.app.models import read_text
 
 HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, LAYERS = 128, 256, 4, 2, 2
 

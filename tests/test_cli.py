@@ -9,10 +9,11 @@ import pytest
 import torch
 
 import fastquant
-from fastquant import Int4Linear, Int8Linear, SparseLinear, cli
-from fastquant.evaluate import METHODS, MethodOptions, model_bytes, perplexity, sentences
-from fastquant.models import read_text
-from fastquant.pruning import calibration_from_text
+from fastquant import Int4Linear, Int8Linear, SparseLinear
+from fastquant.algorithms.pruning import calibration_from_text
+from fastquant.app import cli
+from fastquant.app.evaluate import METHODS, MethodOptions, model_bytes, perplexity, sentences
+from fastquant.app.models import read_text
 from helpers import tiny_llama_config
 
 transformers = pytest.importorskip("transformers")
@@ -233,7 +234,8 @@ def test_help_does_not_import_torch():
     import sys
 
     code = (
-        "import sys\nfrom fastquant import cli\ntry:\n    cli.main(['demo', '--help'])\nexcept SystemExit:\n    pass\n"
+        "import sys\nfrom fastquant.app import cli\n"
+        "try:\n    cli.main(['demo', '--help'])\nexcept SystemExit:\n    pass\n"
         "print(sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -272,7 +274,7 @@ def test_demo_writes_each_row_as_it_finishes(llama_dir, tmp_path, monkeypatch):
         return row_line(row, threads)
 
     monkeypatch.setattr(cli, "_row_line", spy)
-    monkeypatch.setattr(fastquant.evaluate, "load_average", lambda: 99.0)  # a machine far busier than 1 thread
+    monkeypatch.setattr(fastquant.app.evaluate, "load_average", lambda: 99.0)  # a machine far busier than 1 thread
     args = ["demo", "--model", str(llama_dir), "-o", str(out), "--methods", "int8", "--ppl-tokens", "300"]
     args += ["--window", "128", "--prompt-tokens", "8", "--decode-tokens", "4", "--prefill-tokens", "32"]
     assert cli.main([*args, "--rounds", "2", "--threads", "1"]) == 0

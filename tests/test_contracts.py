@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 import fastquant
-from fastquant import _native, reference
+from fastquant.kernels import extension, reference
 from fastquant.modules import Int8Linear, SparseLinear
 
-needs_native = pytest.mark.skipif(_native.native is None, reason="fastquant native extension not built")
+needs_native = pytest.mark.skipif(extension.native is None, reason="fastquant native extension not built")
 
 REFERENCE_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
 

@@ -12,9 +12,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fastquant import _native
+from fastquant.kernels import extension
 
-pytestmark = pytest.mark.skipif(_native.native is None, reason="fastquant native extension not built")
+pytestmark = pytest.mark.skipif(extension.native is None, reason="fastquant native extension not built")
 
 # Opt-in shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin) of the GPU generations the kernels
 # are built for: sm_86 / sm_89 (RTX 30/40, A10, L4, L40), sm_80 (A100), sm_90 (H100).
@@ -25,7 +25,7 @@ H100_SMS = 132
 
 
 def dispatch():
-    return _native.native.cuda_dispatch
+    return extension.native.cuda_dispatch
 
 
 def test_bitmap16_mma_shared_memory_matches_the_kernel_layout():
@@ -80,11 +80,11 @@ def test_bitmap16_path_names_respect_the_group_size():
     ]
     for m, group_size, expected in cases:
         assert (
-            _native.cuda_sparse_linear_path(m, 1024, 4096, torch.int8, torch.bfloat16, group_size, SMEM_SM90)
+            extension.cuda_sparse_linear_path(m, 1024, 4096, torch.int8, torch.bfloat16, group_size, SMEM_SM90)
             == expected
         )
         # Float values carry no scales: the group size changes nothing.
-        path = _native.cuda_sparse_linear_path(m, 1024, 4096, torch.bfloat16, torch.bfloat16, group_size, SMEM_SM90)
+        path = extension.cuda_sparse_linear_path(m, 1024, 4096, torch.bfloat16, torch.bfloat16, group_size, SMEM_SM90)
         assert path == ("cuda_sparse_mma" if m > 16 else f"cuda_sparse_gemv_m{m}")
 
 
@@ -124,7 +124,7 @@ def test_int8_gemv_workspace_is_per_split_when_deterministic():
 @pytest.mark.parametrize(("m", "tile"), [(1, 8), (8, 8), (9, 16), (32, 32), (64, 64)])
 def test_int8_misaligned_x_keeps_vector_weight_loads(m, tile):
     """A misaligned x view only moves x to element loads; a misaligned weight (or K % 16 != 0) moves both."""
-    path = _native.cuda_int8_linear_path
+    path = extension.cuda_int8_linear_path
     assert path(m, 4096, 4096, -1, torch.bfloat16) == f"cuda_gemv_mma_m{tile}"
     assert path(m, 4096, 4096, -1, torch.bfloat16, x_aligned=False) == f"cuda_gemv_mma_m{tile}_x_unaligned"
     assert path(m, 4096, 4096, 64, torch.float16, w_aligned=False) == f"cuda_gemv_mma_m{tile}_unaligned"
@@ -132,7 +132,7 @@ def test_int8_misaligned_x_keeps_vector_weight_loads(m, tile):
 
 
 def test_int8_gemm_copies_a_misaligned_x():
-    path = _native.cuda_int8_linear_path
+    path = extension.cuda_int8_linear_path
     assert path(200, 4096, 4096, -1, torch.bfloat16) == "cuda_gemm_mma"
     assert path(200, 4096, 4096, -1, torch.bfloat16, x_aligned=False) == "cuda_gemm_mma_x_copied"
     assert path(200, 4096, 4096, -1, torch.bfloat16, w_aligned=False) == "cuda_dequant_cublas"
@@ -142,15 +142,15 @@ def test_int8_gemm_copies_a_misaligned_x():
 @pytest.mark.parametrize("group_size", [48, 80, 96, 112, 160, 192])
 def test_int8_non_power_of_two_groups_take_the_gemv(group_size):
     """The int8 GEMV needs each lane's 16 k to share a scale: any multiple of 16 does."""
-    assert _native.cuda_int8_linear_path(1, 4096, 4096, group_size, torch.bfloat16) == "cuda_gemv_mma_m8"
-    assert _native.cuda_int8_linear_path(1, 4096, 4096, 24, torch.bfloat16) == "cuda_dequant_cublas"
+    assert extension.cuda_int8_linear_path(1, 4096, 4096, group_size, torch.bfloat16) == "cuda_gemv_mma_m8"
+    assert extension.cuda_int8_linear_path(1, 4096, 4096, 24, torch.bfloat16) == "cuda_dequant_cublas"
 
 
 def test_unknown_dtype_is_named():
     with pytest.raises(ValueError, match="unknown activation dtype 'float64'"):
-        _native.cuda_int8_linear_path(1, 64, 64, -1, torch.float64)
+        extension.cuda_int8_linear_path(1, 64, 64, -1, torch.float64)
     with pytest.raises(ValueError, match="unknown values dtype 'int16'"):
-        _native.cuda_sparse_linear_path(1, 64, 64, torch.int16, torch.float32, -1, SMEM_SM90)
+        extension.cuda_sparse_linear_path(1, 64, 64, torch.int16, torch.float32, -1, SMEM_SM90)
 
 
 def test_device_query_forwards_group_size_and_shared_memory(monkeypatch):
@@ -163,12 +163,12 @@ def test_device_query_forwards_group_size_and_shared_memory(monkeypatch):
         calls.append(args)
         return "recorded"
 
-    monkeypatch.setattr(_native, "has_cuda_kernels", lambda: True)
-    monkeypatch.setattr(_native, "cuda_sparse_linear_path", record)
+    monkeypatch.setattr(extension, "has_cuda_kernels", lambda: True)
+    monkeypatch.setattr(extension, "cuda_sparse_linear_path", record)
     monkeypatch.setattr(
         torch.cuda, "get_device_properties", lambda device: SimpleNamespace(shared_memory_per_block_optin=SMEM_SM86)
     )
-    path = _native.sparse_linear_kernel_path(torch.device("cuda"), 1, 1024, 4096, torch.int8, torch.bfloat16, 48)
+    path = extension.sparse_linear_kernel_path(torch.device("cuda"), 1, 1024, 4096, torch.int8, torch.bfloat16, 48)
     assert path == "recorded"
     assert calls == [(1, 1024, 4096, torch.int8, torch.bfloat16, 48, SMEM_SM86)]
 

@@ -16,8 +16,8 @@ import torch
 from distill_ddp_worker import tiny_data, tiny_pair, trained_weights
 
 import fastquant
-from fastquant import Int8Linear, SparseLinear, cli
-from fastquant.distillation import (
+from fastquant import Int8Linear, SparseLinear
+from fastquant.algorithms.distillation import (
     DistillConfig,
     MaskedLinear,
     distill,
@@ -25,6 +25,7 @@ from fastquant.distillation import (
     squarehead_loss,
     token_windows,
 )
+from fastquant.app import cli
 
 transformers = pytest.importorskip("transformers")
 
@@ -258,10 +259,12 @@ def test_cli_distill_writes_a_loadable_folder(llama_dir, tmp_path):
     assert tokenizer is not None
     layers = [m for m in model.modules() if isinstance(m, (SparseLinear, Int8Linear))]
     assert len(layers) == 14
-    from fastquant.evaluate import perplexity
+    from fastquant.app.evaluate import perplexity
 
     # the loaded model computes what the distilled model computed: its held-out perplexity again
-    held_out = tokenizer(fastquant.distillation.bundled_text("julius_caesar.txt"), return_tensors="pt").input_ids[0]
+    held_out = tokenizer(
+        fastquant.algorithms.distillation.bundled_text("julius_caesar.txt"), return_tensors="pt"
+    ).input_ids[0]
     ppl = perplexity(model, held_out[:96], window=32, stride=16)
     assert ppl == pytest.approx(summary["perplexity"]["distilled"]["held-out"], rel=1e-4)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fastquant
-from fastquant import reference
+from fastquant.kernels import reference
 from helpers import assert_int4_linear_close, available_cpu_isas, int4_kernel_path, random_weight
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -467,7 +467,7 @@ def test_quantize_rejects_bad_group_size():
 
 
 def test_info_reports_the_int4_kernels():
-    from fastquant.info import info_lines
+    from fastquant.app.info import info_lines
 
     lines = [line for line in info_lines() if line.startswith("int4_linear cpu")]
     assert [line.split(": ")[1] for line in lines] == [cpu_path(m, 4096, 4096, 32) for m in (1, 16, 512)]

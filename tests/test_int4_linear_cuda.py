@@ -2,7 +2,7 @@
 torch.compile, CUDA-graph capture, bad input, odd layouts.
 
 Tolerance rule (as for the int8 CUDA kernels): with y64 the float64 evaluation of the reference formula
-(fastquant.reference.int4_dequantize, then x @ W.T + bias), y_torch what PyTorch itself gives at the activation
+(fastquant.kernels.reference.int4_dequantize, then x @ W.T + bias), y_torch what PyTorch itself gives at the activation
 dtype by dequantizing and calling F.linear (``F.linear(x, W.to(dtype), bias)``, cuBLAS), u the unit roundoff of
 the dtype (2^-24, 2^-8, 2^-11 for fp32, bf16, fp16) and W the dequantized weight, every output element must
 satisfy
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import helpers
-from fastquant import _native, reference
+from fastquant.kernels import extension, reference
 from helpers import assert_cuda_rule, cuda_graph_of, launched_kernels
 
 pytestmark = helpers.CUDA_KERNEL_MARKS
@@ -55,7 +55,7 @@ SHAPES = [
 
 
 def cuda_path(m: int, n: int, k: int, group_size: int, dtype: torch.dtype, x_aligned: bool = True) -> str:
-    native = _native.native
+    native = extension.native
     return native.cuda_dispatch.int4_path(
         m,
         n,
@@ -139,7 +139,7 @@ PATH_CASES = [
 def test_every_dispatch_path(path, m, k, n, dtype, group_size):
     assert cuda_path(m, n, k, group_size, dtype) == path
     # What fastquant.info and the report print for a CUDA device is the same choice.
-    assert _native.int4_linear_kernel_path(torch.device("cuda"), m, n, k, group_size, dtype) == path
+    assert extension.int4_linear_kernel_path(torch.device("cuda"), m, n, k, group_size, dtype) == path
     for symmetric in (True, False):
         for with_bias in (False, True):
             seed = m * 7919 + k + n + 2 * symmetric + with_bias
@@ -172,7 +172,7 @@ def test_launched_kernels_match_the_reported_path():
 
 def test_caps_switch_paths():
     """set_int4_cuda_gemv_max_m / set_int4_cuda_gemm_max_m (the benchmark's switches) move shapes between paths."""
-    native = _native.native
+    native = extension.native
     d = native.cuda_dispatch
     assert native.int4_cuda_gemv_max_m() == d.DEFAULT_INT4_GEMV_MAX_M == 64
     assert native.int4_cuda_gemm_max_m() == d.DEFAULT_INT4_GEMM_MAX_M
@@ -260,7 +260,7 @@ def test_nonzero_padding_codes_do_not_contribute():
 def test_split_k_is_deterministic_when_asked(m, k, n, group_size):
     """Small N: the GEMV splits K. Under torch.use_deterministic_algorithms the splits are summed in a fixed
     order (no atomics): every run gives the same bits."""
-    native = _native.native
+    native = extension.native
     n_tiles = native.cuda_dispatch.int4_gemv_n_tiles(m)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     assert native.cuda_dispatch.int4_gemv_splits(n, k, sms, n_tiles) > 1

@@ -16,8 +16,11 @@ import torch
 from torch import nn
 
 import fastquant
-from fastquant import FastquantFormatError, Int4Linear, Int8Linear, _native, cli, protect, pruning, reference
-from fastquant.grids import INT4_GROUP_SIZES, Int4Grid, Int8Grid, int4_codes
+from fastquant import FastquantFormatError, Int4Linear, Int8Linear, protect
+from fastquant.algorithms import pruning
+from fastquant.algorithms.grids import INT4_GROUP_SIZES, Int4Grid, Int8Grid, int4_codes
+from fastquant.app import cli
+from fastquant.kernels import extension, reference
 from fastquant.serialization import read_manifest
 from helpers import spy_init_devices
 
@@ -58,7 +61,7 @@ def _assert_matches_float(layer: Int4Linear, x: torch.Tensor) -> None:
     scale = x.float().abs() @ weight.abs().T + (0 if bias is None else bias.abs())
     tol = DTYPE_RTOL[x.dtype] * scale + 1e-6 + DTYPE_RTOL[x.dtype] * expected.abs()
     rows = x[..., 0].numel()
-    path = _native.int4_linear_kernel_path(
+    path = extension.int4_linear_kernel_path(
         x.device, rows, layer.out_features, layer.in_features, layer.group_size, x.dtype
     )
     if "fixed16" in path:  # x rounded to 16 bits per 32-column block: |x~ - x| <= block max / 65024
@@ -169,7 +172,7 @@ def test_patch_matches_the_float_model_with_dequantized_weights(symmetric):
     ids = torch.randint(0, 512, (2, 19), generator=torch.Generator().manual_seed(0))
     # The layers' kernel for these 38 rows: cpu_avx512_bf16 rounds x to bf16 (2^-9 per product), as int8_linear's
     # prefill does; fp32 kernels agree to 1e-4.
-    path = _native.int4_linear_kernel_path(torch.device("cpu"), ids.numel(), 256, 128, 32, torch.float32)
+    path = extension.int4_linear_kernel_path(torch.device("cpu"), ids.numel(), 256, 128, 32, torch.float32)
     tol = 1e-2 if "bf16" in path else 1e-4
     with torch.inference_mode():
         torch.testing.assert_close(model(ids).logits, reference_model(ids).logits, rtol=tol, atol=tol)

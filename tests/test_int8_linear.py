@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fastquant
-from fastquant import _native, reference
+from fastquant.kernels import extension, reference
 from helpers import (
     assert_gradients_reach_activations,
     assert_int8_linear_close,
@@ -36,7 +36,7 @@ def make_case(m, k, n, dtype, group_size, with_bias, seed):
 
 
 def cpu_path(m, n, k, group_size, dtype) -> str:
-    return _native.int8_linear_kernel_path(torch.device("cpu"), m, n, k, group_size, dtype)
+    return extension.int8_linear_kernel_path(torch.device("cpu"), m, n, k, group_size, dtype)
 
 
 def kernel_cases():

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from test_int8_linear import bad_inputs
 
 import fastquant
-from fastquant import _native, reference
+from fastquant.kernels import extension, reference
 from helpers import (
     CUDA_KERNEL_MARKS,
     assert_compiled_matches_eager,
@@ -62,7 +62,7 @@ SHAPES = [
 
 
 def cuda_path(m, n, k, group_size, dtype) -> str:
-    return _native.int8_linear_kernel_path(torch.device("cuda"), m, n, k, group_size, dtype)
+    return extension.int8_linear_kernel_path(torch.device("cuda"), m, n, k, group_size, dtype)
 
 
 def make_case(m, k, n, dtype, group_size, with_bias, seed, device="cuda"):
@@ -143,7 +143,7 @@ def test_all_table_paths_are_covered():
 
 def test_caps_switch_paths():
     """set_cuda_gemv_max_m / set_cuda_gemm_max_m (the benchmark's switches) move shapes between paths."""
-    native = _native.native
+    native = extension.native
     assert native.cuda_gemv_max_m() == 64
     default_gemm = native.cuda_gemm_max_m()
     try:
@@ -202,7 +202,7 @@ def test_split_k_is_deterministic_when_asked(m, k, n, group_size):
     """Small N: the GEMV splits K. Under torch.use_deterministic_algorithms the splits are summed in a fixed
     order (no atomics): every run gives the same bits, and the numbers are those of the default (atomic) sum up
     to fp32 rounding."""
-    native = _native.native
+    native = extension.native
     n_tiles = native.cuda_dispatch.int8_gemv_n_tiles(m)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     assert native.cuda_dispatch.int8_gemv_splits(n, k, sms, n_tiles) > 1

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import fastquant
-from fastquant import cli
+from fastquant.app import cli
 from fastquant.interop import InteropError
 from fastquant.interop.ct_out import export_compressed_tensors
 

@@ -12,10 +12,12 @@ import pytest
 import torch
 
 import fastquant
-from fastquant import Int8Linear, cli, reference
+from fastquant import Int8Linear
+from fastquant.app import cli
 from fastquant.interop import InteropError
 from fastquant.interop.gguf_in import GGUFFormatError
 from fastquant.interop.gguf_out import export_gguf
+from fastquant.kernels import reference
 from fastquant.modules import Int4Linear
 
 transformers = pytest.importorskip("transformers")

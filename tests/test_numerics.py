@@ -19,7 +19,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastquant import _native, ops, reference
+from fastquant.kernels import extension, ops, reference
 from helpers import assert_int8_linear_close, available_cpu_isas, random_weight
 
 PRECISIONS = ["highest", "high", "medium"]
@@ -52,10 +52,10 @@ def run_layout(layout: str, x, qweight, scales, mask, bias, group_size: int) -> 
 def kernel_path(layout: str, m: int, n: int, k: int, group_size: int, dtype: torch.dtype) -> str:
     cpu = torch.device("cpu")
     if layout == "dense":
-        return _native.int8_linear_kernel_path(cpu, m, n, k, group_size, dtype)
+        return extension.int8_linear_kernel_path(cpu, m, n, k, group_size, dtype)
     if layout == "bitmap16":
-        return _native.sparse_linear_kernel_path(cpu, m, n, k, torch.int8, dtype, group_size)
-    return _native.sparse_csr_linear_kernel_path(cpu)
+        return extension.sparse_linear_kernel_path(cpu, m, n, k, torch.int8, dtype, group_size)
+    return extension.sparse_csr_linear_kernel_path(cpu)
 
 
 @pytest.mark.parametrize("cpu_isa", available_cpu_isas(), indirect=True)
@@ -81,7 +81,7 @@ def test_fp32_precision_picks_the_path(cpu_isa, fp32_precision, layout, dtype, m
 
 def test_fp32_precision_is_read_per_call():
     """The same layer, called twice under different settings, takes each setting's path: no cached choice."""
-    if _native.native is None or _native.native.best_cpu_isa() not in ("avx512", "avx512_vbmi"):
+    if extension.native is None or extension.native.best_cpu_isa() not in ("avx512", "avx512_vbmi"):
         pytest.skip("the bf16 prefill paths need AVX-512")
     k, n, m = 512, 64, 32
     qweight, scales, _ = pruned_int8(n, k, -1, seed=3)

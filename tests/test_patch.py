@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 import fastquant
-from fastquant import Int8Linear, reference
+from fastquant import Int8Linear
+from fastquant.kernels import extension, reference
 from fastquant.patching import MIN_WEIGHT_ELEMENTS
 
 
@@ -181,22 +182,22 @@ def test_info_command_reports_kernel_paths():
     assert "fastquant" in out.stdout and "int8_linear cpu float32 M=1:" in out.stdout
     assert "sparse_linear (bitmap16) cpu int8 values M=1:" in out.stdout
     assert "sparse_csr_linear (csr16) cpu:" in out.stdout
-    if fastquant._native.native is not None:
+    if extension.native is not None:
         assert "CPU features:" in out.stdout
 
 
 def test_info_require_cuda_names_what_is_missing():
     """--require-cuda reads the dispatcher's table (no GPU needed): on a build without CUDA kernels it fails and
     says why; every op always has its CPU kernel where the extension loaded."""
-    from fastquant import info
+    from fastquant.app import info
 
     assert info.fastquant_ops() == sorted(
         f"fastquant::{name}" for name in ("int4_linear", "int8_linear", "sparse_csr_linear", "sparse_linear")
     )
-    if fastquant._native.native is not None:
+    if extension.native is not None:
         assert info.ops_without_kernel("CPU") == []
     out = subprocess.run([sys.executable, "-m", "fastquant.info", "--require-cuda"], capture_output=True, text=True)
-    if fastquant._native.has_cuda_kernels():
+    if extension.has_cuda_kernels():
         assert out.returncode == 0 and "CUDA kernels registered for every op" in out.stdout
     else:
         assert out.returncode == 1
@@ -240,11 +241,11 @@ def test_repatching_a_patched_layer_is_an_error():
 
 
 def test_info_names_the_compiler():
-    from fastquant.info import compiler_name, info_lines
+    from fastquant.app.info import compiler_name, info_lines
 
     assert compiler_name("12.2.0") == "gcc 12.2.0"  # GCC's __VERSION__ is the bare number
     assert compiler_name("Clang 17.0.6") == "Clang 17.0.6"
-    if fastquant._native.native is not None:
+    if extension.native is not None:
         assert any(
             line.startswith("native extension: built for torch ") and ", compiler " in line for line in info_lines()
         )

@@ -10,8 +10,9 @@ from test_patch import make_block
 from torch import nn
 
 import fastquant
-from fastquant import Int8Linear, SparseLinear, kernel_choice, reference
-from fastquant.kernel_choice import KernelChoice
+from fastquant import Int8Linear, SparseLinear
+from fastquant.kernels import extension, kernel_choice, reference
+from fastquant.kernels.kernel_choice import KernelChoice
 
 # 16 rows of activations: the dense int8 kernel's exact fp32 path everywhere, whatever torch's float32 matmul
 # precision (above 16 rows, under "medium", the AVX-512 kernel rounds activations to bf16, which the comparison
@@ -227,7 +228,7 @@ def test_csr16_layer_prefills_with_bitmap16_where_that_has_a_prefill_kernel(fp32
     )
     layer = model.up
     bitmap = copy.deepcopy(layer).set_layout("bitmap16")
-    path = fastquant._native.sparse_linear_kernel_path(
+    path = extension.sparse_linear_kernel_path(
         torch.device("cpu"), 17, layer.out_features, layer.in_features, torch.int8, torch.float32
     )
     assert layer.bitmap16_prefill_rows == (17 if path == "cpu_avx512_bf16_tiles" else 0)

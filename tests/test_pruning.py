@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from fastquant import pruning, reference
-from fastquant.pruning import (
+from fastquant.algorithms import pruning
+from fastquant.algorithms.pruning import (
     dense_target_weight,
     magnitude_mask,
     prune_layers,
@@ -18,6 +18,7 @@ from fastquant.pruning import (
     sparsegpt_prune,
     wanda_mask,
 )
+from fastquant.kernels import reference
 from helpers import tiny_llama_config
 
 

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import fastquant
-from fastquant import cli
-from fastquant.evaluate import METHODS, MethodOptions, embedding_cosine, perplexity, sentence_embeddings, sentences
-from fastquant.models import INSTALL_HINTS, load_model, minilm_dir, read_text, smollm2_gguf
+from fastquant.app import cli
+from fastquant.app.evaluate import METHODS, MethodOptions, embedding_cosine, perplexity, sentence_embeddings, sentences
+from fastquant.app.models import INSTALL_HINTS, load_model, minilm_dir, read_text, smollm2_gguf
 
 pytest.importorskip("transformers")
 pytest.importorskip("gguf")

@@ -18,8 +18,9 @@ httpx = pytest.importorskip("httpx")
 transformers = pytest.importorskip("transformers")
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from fastquant import cli, protect  # noqa: E402
-from fastquant.serve import keys  # noqa: E402
+from fastquant import protect  # noqa: E402
+from fastquant.app import cli  # noqa: E402
+from fastquant.app.serve import keys  # noqa: E402
 from helpers import tiny_llama_config  # noqa: E402
 
 MAX_PROMPT_TOKENS = 64
@@ -39,7 +40,7 @@ def _tiny_model_folder(folder):
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from fastquant.models import read_text
+    from fastquant.app.models import read_text
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -64,7 +65,7 @@ def server(tmp_path_factory):
     import ray
     from ray import serve
 
-    from fastquant.serve import ServeConfig, start
+    from fastquant.app.serve import ServeConfig, start
 
     root = tmp_path_factory.mktemp("serve")
     _tiny_model_folder(root / "float")
@@ -449,8 +450,8 @@ def test_metrics_are_exported_per_replica_and_count(server):
 
 
 def test_audit_log_records_loads_and_requests_without_prompts(server):
+    from fastquant.app.serve.audit import file_sha256
     from fastquant.serialization import checkpoint_path
-    from fastquant.serve.audit import file_sha256
 
     records = [json.loads(line) for line in server["audit"].read_text().splitlines()]
     loads = [r for r in records if r["event"] == "load"]

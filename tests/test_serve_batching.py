@@ -1,4 +1,4 @@
-"""fastquant.serve.batching without Ray: one generate call for several requests gives each its own answer."""
+"""fastquant.app.serve.batching without Ray: one generate call for several requests gives each its own answer."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 from test_serialization import tiny_llama  # noqa: E402
 
-from fastquant.serve.batching import Job, generate_batch  # noqa: E402
+from fastquant.app.serve.batching import Job, generate_batch  # noqa: E402
 
 GREEDY = (("do_sample", False),)
 

@@ -14,7 +14,7 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("transformers")
 from test_serve import _free_port, _tiny_model_folder  # noqa: E402
 
-from fastquant import cli  # noqa: E402
+from fastquant.app import cli  # noqa: E402
 
 
 def test_serve_command_answers_and_stops_on_ctrl_c(tmp_path, capsys):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from fastquant.serve.batching import Job, ModelSlot, generate_batch  # noqa: E402
+from fastquant.app.serve.batching import Job, ModelSlot, generate_batch  # noqa: E402
 
 GREEDY = (("do_sample", False),)
 
@@ -140,7 +140,7 @@ async def _body(response) -> bytes:
 )
 def test_a_dead_replica_gives_a_retryable_error(items, die_after, status, event):
     pytest.importorskip("ray.serve")
-    from fastquant.serve.app import RETRY_AFTER_S, forward
+    from fastquant.app.serve.app import RETRY_AFTER_S, forward
 
     calls = []
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fastquant.serve.keys import KeyFileError, KeyStore, TokenBucket, add_key, revoke_key
+from fastquant.app.serve.keys import KeyFileError, KeyStore, TokenBucket, add_key, revoke_key
 
 
 def test_bucket_allows_a_burst_then_says_how_long_to_wait():
@@ -47,7 +47,7 @@ def test_unreadable_key_files_are_clear_errors(tmp_path):
 
 
 def test_serve_config_refuses_nonsense_before_starting_anything():
-    from fastquant.serve.config import ServeConfig
+    from fastquant.app.serve.config import ServeConfig
 
     for bad in (dict(replicas=0), dict(max_batch_size=0), dict(cpus_per_replica=0), dict(requests_per_minute=-1)):
         with pytest.raises(ValueError, match=next(iter(bad))):
@@ -59,7 +59,7 @@ def test_serve_config_refuses_nonsense_before_starting_anything():
 def test_audit_log_leaves_prompts_out_unless_asked(tmp_path):
     import json
 
-    from fastquant.serve.audit import AuditLog
+    from fastquant.app.serve.audit import AuditLog
 
     for prompts in (False, True):
         path = tmp_path / f"audit-{prompts}.jsonl"
@@ -82,7 +82,7 @@ def test_audit_log_leaves_prompts_out_unless_asked(tmp_path):
 )
 def test_stop_text_cuts_at_the_first_stop_even_across_pieces(pieces, stops, expected, stopped):
     pytest.importorskip("ray.serve")
-    from fastquant.serve.app import _StopText
+    from fastquant.app.serve.app import _StopText
 
     stop = _StopText(stops)
     out = "".join(stop.feed(p) for p in pieces) + stop.flush()
@@ -97,7 +97,8 @@ def test_serve_refuses_a_bad_checkpoint_or_key_file_before_starting_ray(tmp_path
     from test_serialization import tiny_llama
 
     import fastquant
-    from fastquant import cli, protect
+    from fastquant import protect
+    from fastquant.app import cli
 
     fastquant.save(fastquant.patch(tiny_llama(), "int8"), tmp_path / "m" / "model.fastquant.safetensors")
     _, public = protect.new_signing_key(tmp_path / "signer.pem")

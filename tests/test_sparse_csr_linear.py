@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 import fastquant
-from fastquant import _native, reference
+from fastquant.kernels import extension, reference
+from fastquant.kernels.ops import sparse_csr_linear
 from fastquant.modules import SparseLinear
-from fastquant.ops import sparse_csr_linear
 from helpers import assert_within, available_cpu_isas, random_weight, replacing
 from test_sparse_linear import SPARSITIES, VALUE_DTYPES, X_DTYPES, expected_and_bound, make_case
 
@@ -63,7 +63,7 @@ def test_matches_reference(cpu_isa, shape, values_dtype, x_dtype, sparsity, grou
     m, k, n = shape
     seed = zlib.crc32(repr((shape, values_dtype, x_dtype, sparsity, group_size)).encode())
     args, g = make_case(m, k, n, values_dtype, x_dtype, group_size, sparsity, "random", with_bias, seed)
-    path = _native.sparse_csr_linear_kernel_path(torch.device("cpu"))
+    path = extension.sparse_csr_linear_kernel_path(torch.device("cpu"))
     assert path == ("cpu_csr_portable" if cpu_isa == "portable" else "cpu_csr_avx2")
     assert_within(run_csr(args, g), *expected_and_bound(args, g), x_dtype)
 
@@ -355,7 +355,7 @@ def test_layers_wider_than_csr16_keep_bitmap16():
     assert layer.layouts() == ("bitmap16",)
     with pytest.raises(ValueError, match="csr16 column indices hold at most 65536 columns, got 65537"):
         layer.set_layout("csr16")
-    choice = fastquant.kernel_choice.choose_kernel(layer, nn.Linear(2**16 + 1, 2))
+    choice = fastquant.kernels.kernel_choice.choose_kernel(layer, nn.Linear(2**16 + 1, 2))
     assert set(choice.sparse_ms) == {"bitmap16"} and choice.layout == "bitmap16"
 
 

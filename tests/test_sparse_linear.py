@@ -30,8 +30,8 @@ import pytest
 import torch
 
 import fastquant
-from fastquant import _native, reference
-from fastquant.ops import sparse_linear
+from fastquant.kernels import extension, reference
+from fastquant.kernels.ops import sparse_linear
 from helpers import (
     ULP,
     assert_gradients_reach_activations,
@@ -87,7 +87,7 @@ BF16_PATH = "cpu_avx512_bf16_tiles"
 
 
 def cpu_path(m, n, k, values_dtype, x_dtype, group_size: int = -1) -> str:
-    return _native.sparse_linear_kernel_path(torch.device("cpu"), m, n, k, values_dtype, x_dtype, group_size)
+    return extension.sparse_linear_kernel_path(torch.device("cpu"), m, n, k, values_dtype, x_dtype, group_size)
 
 
 def bf16_tiles_take(k: int, group_size: int) -> bool:

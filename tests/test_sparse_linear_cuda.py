@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import fastquant  # noqa: F401 - registers the fastquant ops
-from fastquant import _native, reference
+from fastquant.kernels import extension, reference
 from helpers import (
     CUDA_KERNEL_MARKS,
     assert_compiled_matches_eager,
@@ -66,7 +66,7 @@ SHAPES = [
 
 
 def cuda_path(m: int, n: int, k: int, values_dtype: torch.dtype, x_dtype: torch.dtype, group_size: int = -1) -> str:
-    return _native.sparse_linear_kernel_path(torch.device("cuda"), m, n, k, values_dtype, x_dtype, group_size)
+    return extension.sparse_linear_kernel_path(torch.device("cuda"), m, n, k, values_dtype, x_dtype, group_size)
 
 
 def make_mask(n: int, k: int, sparsity: float | str, gen: torch.Generator) -> torch.Tensor:
@@ -181,7 +181,7 @@ PATH_CASES = [
 )
 def test_every_dispatch_path(path, m, k, n, values_dtype, x_dtype):
     assert cuda_path(m, n, k, values_dtype, x_dtype) == path
-    assert _native.sparse_linear_kernel_path(torch.device("cuda"), m, n, k, values_dtype, x_dtype) == path
+    assert extension.sparse_linear_kernel_path(torch.device("cuda"), m, n, k, values_dtype, x_dtype) == path
     for with_bias in (False, True):
         args, dense = make_case(m, k, n, values_dtype, x_dtype, 0.5, -1, with_bias, seed=m * 7919 + k + n)
         assert_close_to_reference(run(args), args, dense, path)
@@ -200,7 +200,7 @@ def test_mma_path_against_forced_densify(m, values_dtype):
     """The tensor-core path and, forced with set_sparse_cuda_mma_max_m(0) (the benchmark's switch), the tiled
     GEMV or densify + cuBLAS at the same M, all against the float64 reference: an all-zero row, K not a multiple
     of the 64-column k-tile, N not a multiple of the 128-row block."""
-    native = _native.native
+    native = extension.native
     k, n = 1000, 260
     group_size = 64 if values_dtype == torch.int8 else -1
     x_dtype = torch.float16 if m % 2 else torch.bfloat16
@@ -223,7 +223,7 @@ def test_mma_path_against_forced_densify(m, values_dtype):
 def test_path_caps_move_shapes():
     """set_sparse_cuda_mma_max_m / set_sparse_cuda_gemv_max_m (the benchmark's switches) move shapes between
     the tensor-core path, the tiled GEMV and densify + cuBLAS; fp32 x never takes the tensor-core path."""
-    native = _native.native
+    native = extension.native
     bf16 = torch.bfloat16
     mma_default, gemv_default = native.sparse_cuda_mma_max_m(), native.sparse_cuda_gemv_max_m()
     assert cuda_path(16, 4096, 4096, bf16, bf16) == "cuda_sparse_gemv_m16"
@@ -259,7 +259,7 @@ def test_mma_block_sized_from_shared_memory(values_dtype, smem, block_m, fallbac
     """set_sparse_cuda_smem_limit gives the path choice a smaller GPU's shared memory per block: the mma kernel
     runs smaller blocks (named in the launched kernel) or hands the problem to the next path, and the numbers
     stay right."""
-    native = _native.native
+    native = extension.native
     m, k, n = 200, 1000, 300
     x_dtype = torch.float16 if values_dtype == torch.float16 else torch.bfloat16
     group_size = 64 if values_dtype == torch.int8 else -1

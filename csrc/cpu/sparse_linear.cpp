@@ -2,9 +2,9 @@
 // splits output columns (weight rows) across torch's intra-op threads and runs the kernel for the active
 // ISA (cpu_features.h; fastquant._C.set_cpu_isa lowers it for tests).
 //
-// Format ("bitmap16", python/fastquant/reference.py): per weight row, one 16-bit mask word per 16 columns
-// and the kept values packed in column order, rows one after the other, 64 elements of padding at the end.
-// Kernels read each row's values with 16-wide (or 8-wide) unaligned loads at its running position and
+// Format ("bitmap16", python/fastquant/kernels/reference.py): per weight row, one 16-bit mask word per 16
+// columns and the kept values packed in column order, rows one after the other, 64 elements of padding at the
+// end. Kernels read each row's values with 16-wide (or 8-wide) unaligned loads at its running position and
 // expand them into the mask's lanes, so the invariant that keeps them inside `values` is that each row's
 // offset difference equals the popcount of its masks. A corrupt row_offsets would otherwise turn into
 // out-of-bounds reads, so every call checks it: here that offsets start at 0, that row_offsets[N] + 64 <=

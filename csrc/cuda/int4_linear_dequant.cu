@@ -1,8 +1,8 @@
 // Dequantize a packed int4 weight to the activation dtype, for the cuBLAS path of int4_linear (M past the
 // GEMV's table, fp32 activations). out = dtype(w) with w the reference's fp32 dequantization: s * (q - 8)
-// (symmetric) or s * q + o (asymmetric; multiply, then add, never fused, as fastquant.reference and gguf's
-// Q4_1 do), so the cuBLAS path computes exactly "dequantize, then F.linear" with one pass over the weight:
-// read 0.5 byte (plus the group's scale), write 2 or 4 bytes per weight.
+// (symmetric) or s * q + o (asymmetric; multiply, then add, never fused, as fastquant.kernels.reference and
+// gguf's Q4_1 do), so the cuBLAS path computes exactly "dequantize, then F.linear" with one pass over the
+// weight: read 0.5 byte (plus the group's scale), write 2 or 4 bytes per weight.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>

@@ -2,7 +2,7 @@
 // Raw-pointer interface between the torch glue (int4_linear_cuda.cpp) and the int4 CUDA kernels
 // (int4_linear_*.cu). The .cu files include no torch header: they see these structs, device pointers and a
 // cudaStream_t. Every launcher returns a LaunchStatus (the CUDA error of its launches, or a broken
-// precondition); the glue checks it. The packed format (fastquant.reference.int4_pack): qweight uint8
+// precondition); the glue checks it. The packed format (fastquant.kernels.reference.int4_pack): qweight uint8
 // [N, ceil(K/64) * 32]; byte j of 64-k block b holds code(64b + j) in its low nibble and code(64b + 32 + j)
 // in its high nibble; codes past K are 0.
 #include <cuda_runtime_api.h>

@@ -1,6 +1,7 @@
 // CUDA kernel of fastquant::sparse_csr_linear ("csr16" weight: the kept values of row j are
 // values[row_offsets[j] : row_offsets[j + 1]], each with a uint16 column index; see sparse_csr_linear in
-// python/fastquant/reference.py). y[m][j] = sum_i x[m][col_i] * w_i (+ bias[j]), products and sums in fp32.
+// python/fastquant/kernels/reference.py). y[m][j] = sum_i x[m][col_i] * w_i (+ bias[j]), products and sums in
+// fp32.
 //
 // The format exists for very sparse weights, whose decode GEMV is memory-bound on the values and indices
 // (2 + sizeof(value) bytes per kept weight, read once), so the kernel is built around streaming them:

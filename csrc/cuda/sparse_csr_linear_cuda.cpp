@@ -1,5 +1,5 @@
 // Torch glue for fastquant::sparse_csr_linear on CUDA (csr16 weights): checks the arguments (same rules and
-// wording as python/fastquant/ops.py check_sparse_csr_linear_args) and launches the kernel of
+// wording as python/fastquant/kernels/ops.py check_sparse_csr_linear_args) and launches the kernel of
 // sparse_csr_linear.cu on the current stream of x's device. Compiled only when building against a CUDA torch.
 //
 // The contents of row_offsets and column_indices are not checked here (that needs a device-to-host copy: a

@@ -1,5 +1,5 @@
 // Torch glue for fastquant::sparse_linear on CUDA (bitmap16 weights): checks the arguments (same rules and
-// wording as python/fastquant/ops.py check_sparse_linear_args), picks a kernel from the table in
+// wording as python/fastquant/kernels/ops.py check_sparse_linear_args), picks a kernel from the table in
 // sparse_linear_dispatch.h and launches it on the current stream of x's device. Compiled only when building
 // against a CUDA torch.
 //

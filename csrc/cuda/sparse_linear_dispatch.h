@@ -1,7 +1,7 @@
 #pragma once
-// Which CUDA kernel fastquant::sparse_linear (bitmap16 weight, see python/fastquant/reference.py) runs for a
-// problem. Plain C++ (no CUDA, no torch headers): the torch glue (sparse_linear_cuda.cpp), the launchers and
-// the pybind path query (fastquant._C.cuda_dispatch.sparse_path) all read this one table.
+// Which CUDA kernel fastquant::sparse_linear (bitmap16 weight, see python/fastquant/kernels/reference.py)
+// runs for a problem. Plain C++ (no CUDA, no torch headers): the torch glue (sparse_linear_cuda.cpp), the
+// launchers and the pybind path query (fastquant._C.cuda_dispatch.sparse_path) all read this one table.
 #include <cstdint>
 
 #include "cuda/int8_linear_dispatch.h"

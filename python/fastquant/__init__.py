@@ -22,17 +22,17 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from fastquant import ops, pruning
+    from fastquant.algorithms import pruning
+    from fastquant.algorithms.distillation import DistillConfig, distill
     from fastquant.configs import GPTQ, RTN, Int4, Int8, Magnitude, Sparse, SparseGPT, Wanda
     from fastquant.decode import compile_for_decode
-    from fastquant.distillation import DistillConfig, distill
     from fastquant.interop.gguf_in import from_gguf
-    from fastquant.models import from_pretrained
+    from fastquant.kernels import ops
+    from fastquant.kernels.ops import int4_linear, int8_linear, sparse_linear
+    from fastquant.kernels.reference import int4_dequantize, int4_quantize, int8_dequantize, int8_quantize
     from fastquant.modules import Int4Linear, Int8Linear, SparseLinear
-    from fastquant.ops import int4_linear, int8_linear, sparse_linear
     from fastquant.patching import AlreadyPatchedError, Report, patch, prune, report
-    from fastquant.reference import int4_dequantize, int4_quantize, int8_dequantize, int8_quantize
-    from fastquant.serialization import FastquantFormatError, load, save
+    from fastquant.serialization import FastquantFormatError, from_pretrained, load, save
 
 try:
     __version__ = version("fastquant")
@@ -55,25 +55,26 @@ _EXPORTS = {
     "Int8Linear": "fastquant.modules",
     "Report": "fastquant.patching",
     "SparseLinear": "fastquant.modules",
-    "DistillConfig": "fastquant.distillation",
+    "DistillConfig": "fastquant.algorithms.distillation",
     "compile_for_decode": "fastquant.decode",
     "from_gguf": "fastquant.interop.gguf_in",
-    "distill": "fastquant.distillation",
-    "from_pretrained": "fastquant.models",
-    "int4_dequantize": "fastquant.reference",
-    "int4_linear": "fastquant.ops",
-    "int4_quantize": "fastquant.reference",
-    "int8_dequantize": "fastquant.reference",
-    "int8_linear": "fastquant.ops",
-    "int8_quantize": "fastquant.reference",
+    "distill": "fastquant.algorithms.distillation",
+    "from_pretrained": "fastquant.serialization",
+    "int4_dequantize": "fastquant.kernels.reference",
+    "int4_linear": "fastquant.kernels.ops",
+    "int4_quantize": "fastquant.kernels.reference",
+    "int8_dequantize": "fastquant.kernels.reference",
+    "int8_linear": "fastquant.kernels.ops",
+    "int8_quantize": "fastquant.kernels.reference",
     "load": "fastquant.serialization",
     "patch": "fastquant.patching",
     "prune": "fastquant.patching",
     "report": "fastquant.patching",
     "save": "fastquant.serialization",
-    "sparse_linear": "fastquant.ops",
+    "sparse_linear": "fastquant.kernels.ops",
 }
-_SUBMODULES = ("ops", "pruning")
+# public name -> the submodule it stands for
+_SUBMODULES = {"ops": "fastquant.kernels.ops", "pruning": "fastquant.algorithms.pruning"}
 
 __all__ = [
     "GPTQ",
@@ -117,11 +118,11 @@ def __getattr__(name: str) -> Any:
     # `from fastquant import cli` asks here first: names that are not ours must not load torch.
     if name not in _EXPORTS and name not in _SUBMODULES:
         raise AttributeError(f"module 'fastquant' has no attribute {name!r}")
-    importlib.import_module("fastquant._native")  # the kernels and operator schemas come before any API
+    importlib.import_module("fastquant.kernels.extension")  # the kernels and operator schemas come before any API
     if name in _EXPORTS:
         value = getattr(importlib.import_module(_EXPORTS[name]), name)
     else:
-        value = importlib.import_module(f"fastquant.{name}")
+        value = importlib.import_module(_SUBMODULES[name])
     globals()[name] = value  # later lookups skip this function
     return value
 

@@ -11,7 +11,7 @@ DEFAULT_PRUNING = "sparsegpt"
 # 256-token windows of the embedded text when no calibration is given.
 DEFAULT_CALIBRATION_SEQUENCES = 32
 
-# The compression methods of `fastquant demo/eval/compress` (fastquant.evaluate.METHODS implements them).
+# The compression methods of `fastquant demo/eval/compress` (fastquant.app.evaluate.METHODS implements them).
 # The demo runs the quick ones by default; the calibrated ones cost minutes each (measured in the README).
 QUICK_METHODS = ("int8", "int8+lm_head", "int4")
 CALIBRATED_CLI_METHODS = ("int8-gptq", "int4-gptq", "sparse", "int8+sparse")

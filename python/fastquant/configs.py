@@ -127,7 +127,7 @@ class Int4:
     rounding: Rounding = field(default_factory=RTN)
 
     def __post_init__(self) -> None:
-        from fastquant.grids import check_int4_group_size  # torch: loaded with the first config
+        from fastquant.algorithms.grids import check_int4_group_size  # torch: loaded with the first config
 
         check_int4_group_size(self.group_size)
         if not isinstance(self.symmetric, bool):
@@ -159,7 +159,9 @@ class Sparse:
     kernel: str = "auto"
 
     def __post_init__(self) -> None:
-        from fastquant.pruning import parse_pattern  # torch: loaded with the first config, not with fastquant
+        from fastquant.algorithms.pruning import (
+            parse_pattern,  # torch: loaded with the first config, not with fastquant
+        )
 
         parse_pattern(self.pattern, self.sparsity)
         if not isinstance(self.pruning, (Magnitude, Wanda, SparseGPT)):

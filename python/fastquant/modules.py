@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from fastquant import _native, ops, reference
+from fastquant.algorithms.grids import check_int4_group_size
 from fastquant.configs import check_group_size
-from fastquant.grids import check_int4_group_size
+from fastquant.kernels import extension, ops, reference
 
 SPARSE_VALUE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int8)
 SPARSE_CHUNK = 16  # input columns per bitmap16 mask
@@ -234,7 +234,7 @@ class SparseLinear(_CompressedLinear):
 
     def _update_prefill_rows(self) -> None:
         self.bitmap16_prefill_rows = (
-            _native.sparse_linear_prefill_rows(
+            extension.sparse_linear_prefill_rows(
                 self.masks.device, self.in_features, self.values.dtype, self.dtype, self.group_size_arg
             )
             if self.layout == "csr16"

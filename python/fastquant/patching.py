@@ -9,12 +9,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from fastquant import _native, ops
-from fastquant import pruning as pruning_lib
+from fastquant.algorithms import pruning as pruning_lib
+from fastquant.algorithms.grids import Grid, Int4Grid, Int8Grid
 from fastquant.choices import DEFAULT_PRUNING
 from fastquant.configs import GPTQ, SPARSE_KERNELS, Int4, Int8, Method, Sparse
-from fastquant.grids import Grid, Int4Grid, Int8Grid
-from fastquant.kernel_choice import MIN_TIMED_WEIGHTS, choose_kernel
+from fastquant.kernels import extension, ops
+from fastquant.kernels.kernel_choice import MIN_TIMED_WEIGHTS, choose_kernel
 from fastquant.modules import Int4Linear, Int8Linear, SparseLinear, is_quantizable_linear, linear_weight
 
 METHODS = ("int8", "int4", "sparse", "int8+sparse")
@@ -596,9 +596,9 @@ def _kernel_paths(layer: Int8Linear | Int4Linear | SparseLinear) -> str:
     if isinstance(layer, Int4Linear):
         return _int4_kernel_paths(layer)
     if isinstance(layer, SparseLinear) and layer.layout == "csr16":
-        path = _native.sparse_csr_linear_kernel_path(layer.values.device)
+        path = extension.sparse_csr_linear_kernel_path(layer.values.device)
         if layer.bitmap16_prefill_rows:
-            prefill = _native.sparse_linear_kernel_path(
+            prefill = extension.sparse_linear_kernel_path(
                 layer.values.device,
                 layer.bitmap16_prefill_rows,
                 layer.out_features,
@@ -612,18 +612,20 @@ def _kernel_paths(layer: Int8Linear | Int4Linear | SparseLinear) -> str:
     if isinstance(layer, SparseLinear):
         device, (n, k) = layer.masks.device, (layer.out_features, layer.in_features)
         paths = [
-            _native.sparse_linear_kernel_path(device, m, n, k, layer.values.dtype, layer.dtype, layer.group_size_arg)
+            extension.sparse_linear_kernel_path(device, m, n, k, layer.values.dtype, layer.dtype, layer.group_size_arg)
             for m in (1, 512)
         ]
     else:
         device, (n, k) = layer.qweight.device, layer.qweight.shape
-        paths = [_native.int8_linear_kernel_path(device, m, n, k, layer.group_size_arg, layer.dtype) for m in (1, 512)]
+        paths = [
+            extension.int8_linear_kernel_path(device, m, n, k, layer.group_size_arg, layer.dtype) for m in (1, 512)
+        ]
     return paths[0] if paths[0] == paths[1] else " / ".join(paths)
 
 
 def _int4_kernel_paths(layer: Int4Linear) -> str:
     device, (n, k) = layer.qweight.device, (layer.out_features, layer.in_features)
-    paths = [_native.int4_linear_kernel_path(device, m, n, k, layer.group_size, layer.dtype) for m in (1, 512)]
+    paths = [extension.int4_linear_kernel_path(device, m, n, k, layer.group_size, layer.dtype) for m in (1, 512)]
     return paths[0] if paths[0] == paths[1] else " / ".join(paths)
 
 

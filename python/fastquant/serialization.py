@@ -1,4 +1,4 @@
-"""fastquant.save / fastquant.load: compressed checkpoints as safetensors, never pickle.
+"""fastquant.save / fastquant.load (and fastquant.from_pretrained): compressed checkpoints as safetensors, never pickle.
 
 File layout: one ``.safetensors`` file. The manifest is a JSON string stored in the safetensors header
 metadata under the key ``"fastquant"`` (so one file carries weights and manifest and cannot drift apart):
@@ -307,7 +307,8 @@ def load(
     ``$FASTQUANT_KEY_FILE``. Signature, key and sizes are checked before anything is allocated, and every tensor
     is read and verified before the model is touched.
     """
-    from fastquant import ops, protect
+    from fastquant import protect
+    from fastquant.kernels import ops
 
     path = checkpoint_path(path)
     manifest = read_manifest(path)
@@ -394,3 +395,45 @@ def load(
     model._fastquant_errors = {}  # the float weights are not in the checkpoint
     model._fastquant_checkpoint = {"path": str(path), "signer": verified.signer, "encrypted": verified.encrypted}
     return model
+
+
+def from_pretrained(folder: str | os.PathLike, **load_options: Any) -> tuple[nn.Module, object | None]:
+    """Rebuild the model that ``fastquant compress -o FOLDER`` wrote, in one call: the architecture from its
+    config.json, the compressed layers and weights from its checkpoint (:func:`fastquant.load`), and its
+    tokenizer where the folder has one. Returns ``(model, tokenizer or None)``, the model in eval mode.
+    ``load_options`` go to :func:`fastquant.load` (``trusted_keys``, ``decryption_key`` for protected ones)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(folder)
+    checkpoint = checkpoint_path(folder)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{folder}: expected {folder / 'config.json'} (the model config `fastquant compress` writes next to "
+            f"{checkpoint.name}); without it, build the model yourself and call fastquant.load(model, {folder})"
+        )
+    config = AutoConfig.from_pretrained(folder)
+    loader = AutoModelForCausalLM if model_kind(config) == "causal-lm" else AutoModel
+    # The float tensors (embeddings, norms) are stored in the activation dtype of the compressed layers.
+    layer_dtypes = {spec.get("dtype") for spec in read_manifest(checkpoint)["layers"].values()}
+    dtype = _MANIFEST_DTYPES.get(layer_dtypes.pop(), torch.float32) if len(layer_dtypes) == 1 else torch.float32
+    model = loader.from_config(config, dtype=dtype)
+    load(model, checkpoint, **load_options)
+    tokenizer = AutoTokenizer.from_pretrained(folder) if has_tokenizer(folder) else None
+    return model.eval(), tokenizer
+
+
+def model_kind(config) -> str:
+    """ "causal-lm" or "encoder": which transformers auto class builds a model of this config."""
+    archs = getattr(config, "architectures", None) or []
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) or config.model_type in (
+        "llama",
+        "gpt2",
+        "mistral",
+        "qwen2",
+    ):
+        return "causal-lm"
+    return "encoder"
+
+
+def has_tokenizer(folder: Path) -> bool:
+    return any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"))

@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastquant import reference
 from fastquant.interop import InteropError
+from fastquant.kernels import reference
 from fastquant.modules import Int8Linear, SparseLinear, _CompressedLinear
 
 
@@ -191,7 +191,7 @@ def _written_codes(module: nn.Module, bits: int) -> torch.Tensor:
 
 def export_checkpoint_compressed_tensors(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike) -> dict:
     """``fastquant export CHECKPOINT_DIR --format compressed-tensors -o DIR``."""
-    from fastquant.models import from_pretrained
+    from fastquant.serialization import from_pretrained
 
     model, tokenizer = from_pretrained(checkpoint_dir)
     return export_compressed_tensors(model, out_dir, tokenizer=tokenizer)

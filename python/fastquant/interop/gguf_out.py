@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from fastquant import reference
 from fastquant.interop import InteropError
+from fastquant.kernels import reference
 from fastquant.modules import Int8Linear, SparseLinear, is_quantizable_linear, linear_weight
 
 BLOCK = 32
@@ -301,7 +301,7 @@ def export_checkpoint_gguf(
     checkpoint_dir: str | os.PathLike, path: str | os.PathLike, *, vocab_from: str | os.PathLike | None = None
 ) -> dict[str, Any]:
     """``fastquant export CHECKPOINT_DIR --format gguf -o FILE``: the folder ``fastquant compress -o`` wrote."""
-    from fastquant.models import from_pretrained
+    from fastquant.serialization import from_pretrained
 
     model, _ = from_pretrained(checkpoint_dir)
     return export_gguf(model, path, tokenizer_dir=None if vocab_from else checkpoint_dir, vocab_from=vocab_from)

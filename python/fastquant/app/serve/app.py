@@ -34,11 +34,11 @@ from ray.exceptions import RayActorError
 from ray.serve import metrics
 from ray.serve.handle import DeploymentHandle
 
-from fastquant.serve.audit import AuditLog
-from fastquant.serve.batching import Done, Job, ModelSlot, generate_batch, wait_uncancellable
-from fastquant.serve.config import ServeConfig
-from fastquant.serve.keys import ApiKey, KeyStore, TokenBucket
-from fastquant.serve.schema import ChatRequest, CompletionRequest, RequestError, parse
+from fastquant.app.serve.audit import AuditLog
+from fastquant.app.serve.batching import Done, Job, ModelSlot, generate_batch, wait_uncancellable
+from fastquant.app.serve.config import ServeConfig
+from fastquant.app.serve.keys import ApiKey, KeyStore, TokenBucket
+from fastquant.app.serve.schema import ChatRequest, CompletionRequest, RequestError, parse
 
 logger = logging.getLogger("ray.serve")
 

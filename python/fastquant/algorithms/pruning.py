@@ -26,9 +26,9 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from fastquant.algorithms.grids import ColumnRounder, Grid, Int4Grid, Int8Grid
 from fastquant.choices import CALIBRATED_METHODS, DEFAULT_CALIBRATION_SEQUENCES, PRUNING_METHODS
 from fastquant.configs import SUPPORTED_GROUP_SIZES
-from fastquant.grids import ColumnRounder, Grid, Int4Grid, Int8Grid
 from fastquant.modules import is_quantizable_linear, linear_weight
 from fastquant.progress import progress_bar
 
@@ -62,7 +62,7 @@ CALIBRATION_TEXT = "hamlet.txt"
 class PrunedLayer:
     """What pruning did to one layer: ``mask`` (N, K) bool, True where a weight is kept; with int8, the int8
     codes (zero wherever the mask is False) and fp32 scales, (N,) per-channel or (N, ceil(K/G)) per group; with
-    int4 (a :class:`~fastquant.grids.Int4Grid`), uint8 (N, K) codes 0..15, fp16 scales and offsets (or None).
+    int4 (a :class:`~fastquant.algorithms.grids.Int4Grid`), uint8 (N, K) codes 0..15, fp16 scales and offsets (or None).
 
     ``weight_error``: ||W' - W||_F / ||W||_F of the new weight against the layer's float weight;
     ``output_error``: the same for the layer's output on its calibration inputs, ||(W' - W) X^T|| / ||W X^T||
@@ -223,8 +223,8 @@ def sparsegpt_prune(
     With ``scales`` (fp32 (N,) or (N, ceil(K/G)), the int8 grid), each column is also rounded to the grid
     inside the loop and its rounding error compensated the same way (joint sparsify + quantize). With
     ``keep`` ((N, K) bool), that mask is used instead of choosing one (quantization of an already pruned
-    and refitted weight). Any other grid (int4) comes as a ``rounder`` (see :mod:`fastquant.grids`); the third
-    value returned is then its codes, and ``rounder.result()`` holds its scales.
+    and refitted weight). Any other grid (int4) comes as a ``rounder`` (see :mod:`fastquant.algorithms.grids`); the
+    third value returned is then its codes, and ``rounder.result()`` holds its scales.
     """
     nm = parse_pattern(pattern, sparsity)
     n_rows, k = weight.shape
@@ -610,7 +610,7 @@ def _prune_one(
         return PrunedLayer(mask, **errors(new))
     # The int8 grid comes from the pruned, refitted weights (they may outgrow the original range); SparseGPT's
     # column loop then rounds them with the mask fixed, compensating each column's rounding error. The int4
-    # grid fixes each group's scale inside the loop (see fastquant.grids), the same loop otherwise.
+    # grid fixes each group's scale inside the loop (see fastquant.algorithms.grids), the same loop otherwise.
     rounder = grid.rounder(new)
     new, _, _ = sparsegpt_prune(new, hessian, sparsity, pattern, keep=mask, rounder=rounder, **knobs)
     q = rounder.result()
@@ -758,8 +758,8 @@ def prune_layers(
             pruning) with scales per output channel (``group_size`` None) or per group of 32..256.
         progress: a progress bar per layer: None on a terminal only, True always, False never.
         label: the bar's description (default ``"pruning (<method>)"``).
-        grid: quantize onto this grid instead (:class:`~fastquant.grids.Int8Grid` is what ``int8=True,
-            group_size=...`` means; :class:`~fastquant.grids.Int4Grid` for int4, with sparsity 0 only). With
+        grid: quantize onto this grid instead (:class:`~fastquant.algorithms.grids.Int8Grid` is what ``int8=True,
+            group_size=...`` means; :class:`~fastquant.algorithms.grids.Int4Grid` for int4, with sparsity 0 only). With
             ``pruning="sparsegpt"`` and sparsity 0 this is GPTQ.
 
     Each layer's float weight is replaced: pruned (SparseGPT: and compensated; with int8: the dequantized

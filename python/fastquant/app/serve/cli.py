@@ -35,7 +35,7 @@ class _IntermixedParser(argparse.ArgumentParser):
 
 
 def add_serve_parser(sub: Any) -> None:
-    from fastquant.serve.config import ServeConfig
+    from fastquant.app.serve.config import ServeConfig
 
     defaults = {f.name: f.default for f in fields(ServeConfig)}
     p = sub.add_parser(
@@ -79,7 +79,7 @@ def add_serve_parser(sub: Any) -> None:
 
 
 def _keys(args: argparse.Namespace) -> int:
-    from fastquant.serve import keys
+    from fastquant.app.serve import keys
 
     action, *rest = args.keys_args or ["?"]
     if action == "add" and len(rest) == 1:
@@ -107,10 +107,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.keys_args:
         raise ValueError(f"unexpected arguments after {args.checkpoint}: {' '.join(args.keys_args)}")
     try:
-        from fastquant.serve.app import start
+        from fastquant.app.serve.app import start
     except ImportError as exc:
         raise ValueError(f"serving needs the serve extra: pip install 'fastquant[serve]' ({exc})") from exc
-    from fastquant.serve.config import ServeConfig
+    from fastquant.app.serve.config import ServeConfig
 
     defaults = {f.name: f.default for f in fields(ServeConfig)}
     config = ServeConfig(

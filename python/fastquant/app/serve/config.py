@@ -24,7 +24,7 @@ class ServeConfig:
     default_max_tokens: int = 16
     requests_per_minute: float | None = 60.0  # per key, unless its entry in the key file says otherwise
     max_ongoing_requests: int = 16  # per replica, running or waiting; Ray Serve queues the rest
-    # Non-streaming requests arriving together share one generate call (fastquant.serve.batching); 1 turns it off.
+    # Non-streaming requests arriving together share one generate call (fastquant.app.serve.batching); 1 turns it off.
     max_batch_size: int = 8
     batch_wait_s: float = 0.01
     trusted_keys: tuple[str, ...] = ()  # Ed25519 public key files; when given, the checkpoint must be signed

@@ -65,9 +65,9 @@ _cache: dict[tuple, KernelChoice] = {}
 def _device_key(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(device)}"
-    from fastquant import _native
+    from fastquant.kernels import extension
 
-    isa = _native.native.cpu_isa() if _native.native is not None else "reference"
+    isa = extension.native.cpu_isa() if extension.native is not None else "reference"
     return f"cpu:{isa}:{torch.get_num_threads()} threads"
 
 

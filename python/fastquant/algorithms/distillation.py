@@ -1,7 +1,7 @@
 """Knowledge distillation: train a compressed (pruned and/or int8) student to match its float teacher.
 
     import fastquant
-    from fastquant.distillation import DistillConfig, distill
+    from fastquant.algorithms.distillation import DistillConfig, distill
     student = fastquant.patch(copy.deepcopy(teacher), "sparse", sparsity=0.5, tokenizer=tokenizer)
     result = distill(student, teacher, "train.txt", DistillConfig(minutes=30, checkpoint_dir="ckpt"), tokenizer)
 
@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastquant import reference
+from fastquant.kernels import reference
 from fastquant.modules import Int8Linear, SparseLinear, is_quantizable_linear, linear_weight
 from fastquant.progress import progress_bar
 
@@ -675,10 +675,10 @@ def perplexities(
     progress: bool | None = None,
     stride: int | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Sliding-window perplexity (:func:`fastquant.evaluate.perplexity`, stride ``window // 2`` unless given) of each
-    model on each token sequence: ``{model: {text: ppl}}``, e.g. teacher / pruned / distilled on held-out and
+    """Sliding-window perplexity (:func:`fastquant.app.evaluate.perplexity`, stride ``window // 2`` unless given) of
+    each model on each token sequence: ``{model: {text: ppl}}``, e.g. teacher / pruned / distilled on held-out and
     training text side by side."""
-    from fastquant.evaluate import perplexity, perplexity_steps
+    from fastquant.app.evaluate import perplexity, perplexity_steps
 
     out: dict[str, dict[str, float]] = {}
     for name, model in models.items():

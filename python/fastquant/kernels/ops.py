@@ -1,7 +1,7 @@
 """Schemas and fake kernels of the fastquant operators, with their reference kernels registered.
 
 Every op is declared once here. Native kernels (csrc/cpu, csrc/cuda) register for the CPU and CUDA
-dispatch keys of the same op; the pure-PyTorch reference in :mod:`fastquant.reference` is registered
+dispatch keys of the same op; the pure-PyTorch reference in :mod:`fastquant.kernels.reference` is registered
 for CompositeExplicitAutograd, so it runs on any device without a native kernel. The fake kernels
 give shapes and dtypes only, which lets ``torch.compile(fullgraph=True)`` trace through the ops.
 """
@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from fastquant import reference
+from fastquant.kernels import reference
 
 _lib = torch.library.Library("fastquant", "DEF")  # noqa: TOR901 - the namespace is defined once, here
 

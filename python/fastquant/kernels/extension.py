@@ -12,7 +12,7 @@ from types import ModuleType
 
 import torch
 
-from fastquant import ops  # noqa: F401  (defines the operator schemas the native kernels register for)
+from fastquant.kernels import ops  # noqa: F401  (defines the operator schemas the native kernels register for)
 
 logger = logging.getLogger("fastquant")
 

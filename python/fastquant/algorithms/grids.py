@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fastquant import reference
+from fastquant.kernels import reference
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 
@@ -101,8 +101,8 @@ def check_int4_group_size(group_size: int) -> int:
 
 def int4_codes(weight: Tensor, scales: Tensor, offsets: Tensor | None, group_size: int) -> Tensor:
     """uint8 (N, K) codes of ``weight`` rounded to nearest on a given fp16 grid (the rule of
-    :func:`fastquant.reference.int4_quantize`: symmetric round(w / d) + 8, asymmetric round((w - o) / d), clamped
-    to [0, 15]; a group of step 0 gets code 8 / 0)."""
+    :func:`fastquant.kernels.reference.int4_quantize`: symmetric round(w / d) + 8, asymmetric round((w - o) / d),
+    clamped to [0, 15]; a group of step 0 gets code 8 / 0)."""
     k = weight.shape[1]
     w = weight.float()
     d = reference.expand_group_scales(scales.float(), k, group_size)
