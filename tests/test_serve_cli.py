@@ -17,7 +17,12 @@ from test_serve import _free_port, _tiny_model_folder  # noqa: E402
 from fastquant.app import cli  # noqa: E402
 
 
-def test_serve_command_answers_and_stops_on_ctrl_c(tmp_path, capsys):
+@pytest.mark.parametrize(
+    "stop",
+    [signal.SIGINT, signal.SIGTERM],
+    ids=["ctrl-c", "sigterm-with-sigint-ignored"],
+)
+def test_serve_command_answers_and_stops_on_ctrl_c(tmp_path, capsys, stop):
     _tiny_model_folder(tmp_path / "float")
     out = tmp_path / "tiny"
     assert cli.main(["compress", str(tmp_path / "float"), "--method", "int8", "-o", str(out)]) == 0
@@ -29,7 +34,9 @@ def test_serve_command_answers_and_stops_on_ctrl_c(tmp_path, capsys):
     argv += ["--port", str(port), "--metrics-port", str(metrics_port), "--api-keys", str(keys)]
     argv += ["--cpus-per-replica", "1", "--audit-log", str(tmp_path / "audit.jsonl")]
     log = (tmp_path / "serve.log").open("w")  # a file, not a pipe: Ray's logs must never block the server
-    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    # The SIGTERM case starts the server as a background job of a non-interactive shell does: SIGINT ignored.
+    ignore_sigint = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if stop == signal.SIGTERM else None
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, preexec_fn=ignore_sigint)
     try:
         deadline = time.monotonic() + 180
         ready = f"serving tiny at http://127.0.0.1:{port}/v1"
@@ -47,7 +54,7 @@ def test_serve_command_answers_and_stops_on_ctrl_c(tmp_path, capsys):
         assert r.status_code == 200 and r.json()["choices"][0]["message"]["role"] == "assistant"
         metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10)
         assert metrics.status_code == 200 and "ray_" in metrics.text
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(stop)
         proc.wait(timeout=120)
         output = (tmp_path / "serve.log").read_text()
         assert proc.returncode == 0, output

@@ -10,6 +10,7 @@ Ray and the serving libraries are imported only when serving starts (``pip insta
 from __future__ import annotations
 
 import argparse
+import signal
 import time
 from dataclasses import fields
 from pathlib import Path
@@ -134,6 +135,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     try:
         url = start(config, address=args.address)
+        # A server started in the background by a non-interactive shell inherits SIGINT as ignored (Python then
+        # never raises KeyboardInterrupt), and service managers stop a server with SIGTERM: both stop it
+        # cleanly. Set after start(): ray.init installs its own SIGTERM handler, which exits at once.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
         print(f"serving {config.served_name} at {url}/v1 ({config.replicas} replicas); Ctrl-C stops", flush=True)
         while True:
             time.sleep(3600)
