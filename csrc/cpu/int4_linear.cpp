@@ -10,6 +10,7 @@
 
 #include "cpu/cpu_features.h"
 #include "cpu/int8_linear_glue.h"
+#include "cpu/non_finite.h"
 #include "cpu/parallel.h"
 #include "int4_linear_contract.h"
 
@@ -110,7 +111,7 @@ at::Tensor int4_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
     p.x_steps = steps.data_ptr<float>();
     p.x_group_sums = group_sums.data_ptr<float>();
   }
-  if (path == Path::kAvx512Bf16 && !at::isfinite(x32).all().item<bool>()) {
+  if (path == Path::kAvx512Bf16 && !all_finite(x32)) {
     path = Path::kAvx2TiledFp32;  // NaN/inf in x: the fp32 kernel propagates them as the reference does
   }
   if (path == Path::kAvx512Bf16) {

@@ -17,13 +17,13 @@ bool words_finite(const void* data, int64_t n, Word exponent) {
   return bad == 0;
 }
 
+}  // namespace
+
 bool all_finite(const at::Tensor& t) {
   if (t.scalar_type() == at::kFloat) return words_finite<uint32_t>(t.data_ptr(), t.numel(), 0x7f800000u);
   if (t.scalar_type() == at::kBFloat16) return words_finite<uint16_t>(t.data_ptr(), t.numel(), 0x7f80u);
   return words_finite<uint16_t>(t.data_ptr(), t.numel(), 0x7c00u);  // float16
 }
-
-}  // namespace
 
 bool finite_call(const at::Tensor& x, const at::Tensor& y) {
   return all_finite(y) && all_finite(x.contiguous());

@@ -13,6 +13,9 @@
 
 namespace fastquant::cpu {
 
+// Whether every element of t (contiguous fp32, bf16 or fp16) is finite; one pass, no allocation.
+bool all_finite(const at::Tensor& t);
+
 // Whether activations x and the kernel's output y (contiguous, as empty_output makes it) are all finite.
 bool finite_call(const at::Tensor& x, const at::Tensor& y);
 
