@@ -1,14 +1,17 @@
 """Distillation of compressed SmolLM2-135M: perplexity float / compressed / distilled, held-out and training text.
 
-    python benchmarks/distill_smollm2.py run --name sparse50 --method sparse --minutes 25
-    python benchmarks/distill_smollm2.py run --name 2of4 --method sparse --pattern 2:4 --minutes 10
-    python benchmarks/distill_smollm2.py run --name int8-sparse50 --method int8+sparse --minutes 8 --quantization ste
+    torchrun --nproc_per_node 2 benchmarks/distill_smollm2.py run --name sparse50 --minutes 30 --threads 1
+    torchrun --nproc_per_node 2 benchmarks/distill_smollm2.py run --name 2of4 --pattern 2:4 --minutes 30 --threads 1
+    torchrun --nproc_per_node 2 benchmarks/distill_smollm2.py run --name int8-sparse50 --method int8+sparse \
+        --minutes 30 --threads 1
     torchrun --nproc_per_node 2 benchmarks/distill_smollm2.py speed --steps 6    # and --nproc_per_node 1
     python benchmarks/distill_smollm2.py report     # results/distill-<date>.{json,md,png} from the runs
 
 Each ``run`` prunes (SparseGPT on Hamlet windows, as ``fastquant compress``), scores the float and the compressed
 model, distills for ``--minutes`` on the bundled plays (Hamlet + The Tempest) and scores again, on the held-out
-Julius Caesar (used by nothing else) and on Hamlet (training text). Each run writes its own JSON in
+Julius Caesar (used by nothing else) and on Hamlet (training text). Under torchrun every process prunes (the same
+deterministic SparseGPT; DDP starts from rank 0's weights anyway) and trains its share of each batch; rank 0 alone
+scores, with ``--eval-threads`` while the others wait. Each run writes its own JSON in
 ``benchmarks/results/distill-runs/`` so a run cut short by the clock leaves the others intact; ``report`` merges them.
 """
 
@@ -40,11 +43,17 @@ from fastquant.app.models import load_model
 
 RESULTS = Path(__file__).parent / "results"
 RUNS = RESULTS / "distill-runs"
-DATE = "2026-12-06"
+DATE = "2026-12-07"
 TARGETS = {"sparse50": 1.10, "2of4": 1.5, "int8-sparse50": 1.12}
 
 
+def _barrier(world: int) -> None:
+    if world > 1:
+        torch.distributed.barrier()
+
+
 def _run(args: argparse.Namespace) -> None:
+    rank, world = init_distributed()
     torch.set_num_threads(args.threads)
     loaded = load_model("smollm2")
     tok = loaded.tokenizer
@@ -68,20 +77,32 @@ def _run(args: argparse.Namespace) -> None:
         return tok(text, return_tensors="pt").input_ids[0][: args.eval_tokens]
 
     texts = {"held-out": ids(bundled_text(HELD_OUT_TEXT)), "train": ids(bundled_text(TRAIN_TEXTS[0]))}
-    # The float model's perplexity is the same for every run: scored once, kept beside the runs.
-    float_file = RUNS / f"float-{args.eval_tokens}-{args.window}-{args.stride}.cache"
-    if float_file.is_file():
-        before = {"float": json.loads(float_file.read_text())}
-    else:
-        before = perplexities({"float": teacher}, texts, args.window, False, args.stride)
-        RUNS.mkdir(parents=True, exist_ok=True)
-        float_file.write_text(json.dumps(before["float"]))
-    before.update(perplexities({"compressed": student}, texts, args.window, False, args.stride))
-    print(json.dumps(before), flush=True)
+
+    def score(models: dict[str, torch.nn.Module]) -> dict[str, dict[str, float]]:
+        torch.set_num_threads(args.eval_threads)
+        out = perplexities(models, texts, args.window, False, args.stride)
+        torch.set_num_threads(args.threads)
+        return out
+
+    before: dict[str, dict[str, float]] = {}
+    if rank == 0:
+        # The float model's perplexity is the same for every run: scored once, kept beside the runs.
+        float_file = RUNS / f"float-{args.eval_tokens}-{args.window}-{args.stride}.cache"
+        if float_file.is_file():
+            before = {"float": json.loads(float_file.read_text())}
+        else:
+            before = score({"float": teacher})
+            RUNS.mkdir(parents=True, exist_ok=True)
+            float_file.write_text(json.dumps(before["float"]))
+        before.update(score({"compressed": student}))
+        print(json.dumps(before), flush=True)
+    _barrier(world)
     config = DistillConfig(
         minutes=args.minutes,
         max_steps=args.steps,
         lr=args.lr,
+        lr_schedule=args.lr_schedule,
+        precision=args.precision,
         batch_size=args.batch_size,
         micro_batch_size=args.micro_batch_size,
         seq_len=args.seq_len,
@@ -95,7 +116,9 @@ def _run(args: argparse.Namespace) -> None:
     load_train_before = load_average()
     result = distill(student, teacher, None, config, tok)
     load_train_after = load_average()
-    after = perplexities({"distilled": student}, texts, args.window, False, args.stride)
+    if rank != 0:
+        return
+    after = score({"distilled": student})
     ppl = {**before, **after}
     row = {
         "name": args.name,
@@ -114,8 +137,9 @@ def _run(args: argparse.Namespace) -> None:
         "ratio_to_float": {m: {t: ppl[m][t] / ppl["float"][t] for t in texts} for m in ppl},
         "target_held_out_ratio": TARGETS.get(args.name),
         "config": {k: v for k, v in vars(config).items()},
+        "processes": world,
         "threads": args.threads,
-        "distill": {k: v for k, v in result.to_dict().items() if k not in ("losses", "kl", "hidden_mse")},
+        "distill": {k: v for k, v in result.to_dict().items() if k not in ("losses", "kl", "hidden_mse", "lrs")},
         "losses": result.losses,
         "load_average": {
             "start": load_start,
@@ -142,6 +166,7 @@ def _speed(args: argparse.Namespace) -> None:
     load_before = load_average()
     config = DistillConfig(
         max_steps=args.steps,
+        precision=args.precision,
         batch_size=args.batch_size,
         micro_batch_size=args.micro_batch_size,
         seq_len=args.seq_len,
@@ -153,6 +178,7 @@ def _speed(args: argparse.Namespace) -> None:
         row = {
             "processes": world,
             "threads_per_process": args.threads,
+            "precision": args.precision,
             "steps": result.steps,
             "global_batch_tokens": args.batch_size * args.seq_len,
             "tokens_per_s": result.tokens_per_s,
@@ -162,7 +188,7 @@ def _speed(args: argparse.Namespace) -> None:
             "seconds": result.seconds,
             "load_average": {"before": load_before, "after": load_average()},
         }
-        (RUNS / f"speed-{world}proc-{args.threads}thread.json").write_text(json.dumps(row, indent=2))
+        (RUNS / f"speed-{world}proc-{args.threads}thread-{args.precision}.json").write_text(json.dumps(row, indent=2))
         print(json.dumps(row, indent=2))
 
 
@@ -261,6 +287,8 @@ def main() -> None:
     run.add_argument("--minutes", type=float, default=25)
     run.add_argument("--steps", type=int, default=None)
     run.add_argument("--lr", type=float, default=1e-4)
+    run.add_argument("--lr-schedule", default="constant", choices=("constant", "linear"))
+    run.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     run.add_argument("--batch-size", type=int, default=8)
     run.add_argument("--micro-batch-size", type=int, default=2)
     run.add_argument("--seq-len", type=int, default=256)
@@ -270,7 +298,8 @@ def main() -> None:
     run.add_argument("--eval-tokens", type=int, default=2048)
     run.add_argument("--window", type=int, default=512)
     run.add_argument("--stride", type=int, default=512)
-    run.add_argument("--threads", type=int, default=2)
+    run.add_argument("--threads", type=int, default=2, help="per process")
+    run.add_argument("--eval-threads", type=int, default=2, help="rank 0's threads while it scores")
     run.set_defaults(func=_run)
     speed = sub.add_parser("speed")
     speed.add_argument("--steps", type=int, default=6)
@@ -278,6 +307,7 @@ def main() -> None:
     speed.add_argument("--micro-batch-size", type=int, default=2)
     speed.add_argument("--seq-len", type=int, default=256)
     speed.add_argument("--threads", type=int, default=1)
+    speed.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     speed.set_defaults(func=_speed)
     report = sub.add_parser("report")
     report.add_argument("--note", help="a paragraph for the report (e.g. runs that could not be made)")

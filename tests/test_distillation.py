@@ -114,6 +114,27 @@ def test_dense_kernel_pruned_layers_keep_their_zeros():
         assert not torch.equal(layer.weight, teacher.get_submodule(name).weight * ~zeros[name])
 
 
+def test_linear_schedule_decays_to_zero_after_warm_up():
+    teacher, student = tiny_pair()
+    result = distill(student, teacher, tiny_data(), _config(max_steps=5, lr=1e-3, warmup_steps=2, lr_schedule="linear"))
+    # warm-up to the peak (step 1: 1/2 of it), then the peak times the share of training left
+    expected = [1e-3 * min(1.0, (i + 1) / 2) * (1 - i / 5) for i in range(5)]
+    assert result.lrs == pytest.approx(expected)
+    teacher, student = tiny_pair()
+    constant = distill(student, teacher, tiny_data(), _config(max_steps=3, lr=1e-3))
+    assert constant.lrs == pytest.approx([1e-3] * 3)
+
+
+def test_bf16_mixed_precision_trains_fp32_weights():
+    teacher, student = tiny_pair()
+    before = {n: m.masks.clone() for n, m in _sparse_layers(student).items()}
+    result = distill(student, teacher, tiny_data(), _config(precision="bf16"))
+    # the loss falls as in fp32 (bf16 matmuls: a coarser gradient, the same direction)
+    assert sum(result.losses[-3:]) / 3 < 0.7 * sum(result.losses[:3]) / 3, result.losses
+    for name, layer in _sparse_layers(student).items():
+        assert layer.values.dtype == torch.float32 and torch.equal(layer.masks, before[name])
+
+
 def test_hidden_state_loss_and_kl():
     gen = torch.Generator().manual_seed(0)
     s, t = torch.randn(2, 5, 11, generator=gen), torch.randn(2, 5, 11, generator=gen)
@@ -168,6 +189,8 @@ def test_resume_refuses_a_different_data_order(tmp_path):
         (dict(quantization="fp8"), "quantization must be one of"),
         (dict(resume=True), "resume needs a checkpoint_dir"),
         (dict(max_steps=2.5), "max_steps must be a positive integer"),
+        (dict(precision="fp16"), "precision must be one of"),
+        (dict(lr_schedule="cosine"), "lr_schedule must be one of"),
     ],
 )
 def test_bad_config_is_refused(overrides, message):

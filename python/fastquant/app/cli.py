@@ -515,6 +515,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
         hidden_weight=args.hidden_weight,
         ce_weight=args.ce_weight,
         lr=args.lr,
+        lr_schedule=args.lr_schedule,
+        precision=args.precision,
         batch_size=args.batch_size,
         micro_batch_size=args.micro_batch_size,
         seq_len=args.seq_len,
@@ -570,7 +572,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
         "eval_tokens": {k: int(v.numel()) for k, v in texts.items()},
         "config": {k: v for k, v in vars(config).items()},
         "perplexity": {**before, **after},
-        "distill": {k: v for k, v in result.to_dict().items() if k not in ("losses", "kl", "hidden_mse")},
+        "distill": {k: v for k, v in result.to_dict().items() if k not in ("losses", "kl", "hidden_mse", "lrs")},
         "losses": result.losses,
     }
     (out / "distill.json").write_text(json.dumps(summary, indent=2))
@@ -764,7 +766,16 @@ def build_parser() -> argparse.ArgumentParser:
     dist.add_argument("--batch-size", type=int, default=8, help="token windows per step, all processes together")
     dist.add_argument("--micro-batch-size", type=int, default=2, help="windows per forward pass and process")
     dist.add_argument("--seq-len", type=int, default=256, help="tokens per window")
-    dist.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
+    dist.add_argument("--lr", type=float, default=1e-4, help="AdamW peak learning rate")
+    dist.add_argument(
+        "--lr-schedule", default="constant", choices=("constant", "linear"), help="after warm-up: linear decays to 0"
+    )
+    dist.add_argument(
+        "--precision",
+        default="fp32",
+        choices=("fp32", "bf16"),
+        help="bf16: forward/backward under autocast, weights and optimizer fp32 (fast only with bf16 hardware)",
+    )
     dist.add_argument("--temperature", type=float, default=1.0, help="KL temperature")
     dist.add_argument("--hidden-weight", type=float, default=0.0, help="SquareHead hidden-state loss weight")
     dist.add_argument("--ce-weight", type=float, default=0.0, help="cross-entropy on the text (default off)")
