@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import inspect
 import json
 import math
 import os
@@ -541,10 +542,16 @@ def distill(
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        # broadcast_buffers=False: the masks (the only buffers that could differ) are synced once when DDP starts;
-        # re-sending every buffer before each forward pass would move the model's size through gloo per step.
+        # No buffer sync before each forward pass: the masks (the only buffers that could differ) are synced once
+        # when DDP starts; re-sending every buffer per step would move the model's size through gloo. torch >= 2.13
+        # spells it forward_sync_buffers (and deprecates broadcast_buffers), older torch only broadcast_buffers.
+        no_sync = (
+            {"forward_sync_buffers": False}
+            if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+            else {"broadcast_buffers": False}
+        )
         model = DistributedDataParallel(
-            student, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
+            student, device_ids=[device.index] if device.type == "cuda" else None, **no_sync
         )
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
 
