@@ -37,25 +37,29 @@ from pathlib import Path
 from run_info import commit, load_averages
 
 # (label, method, patch keyword arguments, calibrated)
+# row label -> (method, patch options, rounding): None = round to nearest, "gptq", or "gptq-act" (GPTQ in
+# activation order with static groups).
 SMOLLM2_ROWS = {  # run in this order: the rows the targets need first, the optional GPTQ rows last
-    "float32": (None, {}, False),
-    "int4 sym g32 RTN": ("int4", {"group_size": 32}, False),
-    "int4 sym g32 GPTQ": ("int4", {"group_size": 32}, True),
-    "int4 asym g32 RTN (SmolLM2's own grid)": ("int4", {"group_size": 32, "symmetric": False}, False),
-    "int8 per-channel RTN": ("int8", {}, False),
-    "int4 sym g64 RTN": ("int4", {"group_size": 64}, False),
-    "int4 sym g128 RTN": ("int4", {"group_size": 128}, False),
-    "int4 sym g128 GPTQ": ("int4", {"group_size": 128}, True),
-    "int4 sym g64 GPTQ": ("int4", {"group_size": 64}, True),
-    "int4 asym g32 GPTQ": ("int4", {"group_size": 32, "symmetric": False}, True),
-    "int8 per-channel GPTQ": ("int8", {}, True),
+    "float32": (None, {}, None),
+    "int4 sym g32 RTN": ("int4", {"group_size": 32}, None),
+    "int4 sym g32 GPTQ": ("int4", {"group_size": 32}, "gptq"),
+    "int4 asym g32 RTN (SmolLM2's own grid)": ("int4", {"group_size": 32, "symmetric": False}, None),
+    "int8 per-channel RTN": ("int8", {}, None),
+    "int4 sym g64 RTN": ("int4", {"group_size": 64}, None),
+    "int4 sym g128 RTN": ("int4", {"group_size": 128}, None),
+    "int4 sym g128 GPTQ": ("int4", {"group_size": 128}, "gptq"),
+    "int4 sym g64 GPTQ": ("int4", {"group_size": 64}, "gptq"),
+    "int4 asym g32 GPTQ": ("int4", {"group_size": 32, "symmetric": False}, "gptq"),
+    "int8 per-channel GPTQ": ("int8", {}, "gptq"),
+    "int4 sym g32 GPTQ act-order": ("int4", {"group_size": 32}, "gptq-act"),
 }
 MINILM_ROWS = {
-    "int8 per-channel RTN": ("int8", {}, False),
-    "int4 sym g32 RTN": ("int4", {"group_size": 32}, False),
-    "int4 sym g32 GPTQ": ("int4", {"group_size": 32}, True),
-    "int4 asym g32 RTN": ("int4", {"group_size": 32, "symmetric": False}, False),
-    "int4 sym g128 RTN": ("int4", {"group_size": 128}, False),
+    "int8 per-channel RTN": ("int8", {}, None),
+    "int4 sym g32 RTN": ("int4", {"group_size": 32}, None),
+    "int4 sym g32 GPTQ": ("int4", {"group_size": 32}, "gptq"),
+    "int4 asym g32 RTN": ("int4", {"group_size": 32, "symmetric": False}, None),
+    "int4 sym g128 RTN": ("int4", {"group_size": 128}, None),
+    "int4 sym g32 GPTQ act-order": ("int4", {"group_size": 32}, "gptq-act"),
 }
 MINILM_TARGET = 0.995
 GPTQ_SHARE_TARGET = 0.5  # GPTQ keeps at most half of RTN's perplexity increase (sym g32)
@@ -225,6 +229,19 @@ def minilm_markdown(result: dict) -> list[str]:
     return lines
 
 
+def compress(float_model, method: str, kwargs: dict, rounding: str | None, calibration):
+    """A copy of ``float_model`` patched as the row says: the string shortcut for round to nearest, the typed
+    config with :class:`fastquant.GPTQ` for the calibrated rows."""
+    import fastquant
+
+    model = copy.deepcopy(float_model)
+    if rounding is None:
+        return fastquant.patch(model, method, **kwargs)
+    gptq = fastquant.GPTQ(calibration, act_order=rounding == "gptq-act")
+    config = (fastquant.Int4 if method == "int4" else fastquant.Int8)(**kwargs, rounding=gptq)
+    return fastquant.patch(model, config, progress=False)
+
+
 def mean_weight_error(model) -> float | None:
     import fastquant
 
@@ -270,7 +287,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--llama-worker", help=argparse.SUPPRESS)
     parser.add_argument("--only", nargs="*", choices=("smollm2", "minilm", "llama.cpp"), help="default: all")
-    parser.add_argument("--rows", nargs="*", help="SmolLM2 row labels to run (prefix match; default: all)")
+    parser.add_argument("--rows", nargs="*", help="row labels to run (prefix match; default: all)")
     parser.add_argument("--ppl-tokens", type=int, default=0, help="tokens of the Tempest scored (0: the whole play)")
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--n-sequences", type=int, default=32)
@@ -305,7 +322,6 @@ def main() -> None:
 
     import torch
 
-    import fastquant
     from fastquant.algorithms import pruning
     from fastquant.app.evaluate import embedding_cosine, perplexity, sentence_embeddings, sentences
     from fastquant.app.models import load_model, read_text, smollm2_gguf
@@ -362,15 +378,14 @@ def main() -> None:
         calibration = pruning.calibration_from_text(tokenizer, n_sequences=args.n_sequences, seq_len=args.seq_len)
 
     if "smollm2" in only:
-        for label, (method, kwargs, calibrated) in SMOLLM2_ROWS.items():
+        for label, (method, kwargs, rounding) in SMOLLM2_ROWS.items():
             if args.rows and not any(label.startswith(p) for p in args.rows):
                 continue
             load_before = load_averages()
             start = time.perf_counter()
             model = float_model
             if method is not None:
-                extra = {"calibration": calibration, "progress": False} if calibrated else {}
-                model = fastquant.patch(copy.deepcopy(float_model), method, **kwargs, **extra)
+                model = compress(float_model, method, kwargs, rounding, calibration)
             compress_s = time.perf_counter() - start
             ppl = perplexity(model, ids, window=args.window, stride=args.window // 2)
             replace_row(
@@ -429,10 +444,11 @@ def main() -> None:
         texts = sentences(read_text(), limit=args.sentences)
         reference = sentence_embeddings(float_model, tokenizer, texts)
         calibration = pruning.calibration_from_text(tokenizer, n_sequences=args.n_sequences, seq_len=128)
-        for label, (method, kwargs, calibrated) in MINILM_ROWS.items():
+        for label, (method, kwargs, rounding) in MINILM_ROWS.items():
+            if args.rows and not any(label.startswith(p) for p in args.rows):
+                continue
             load_before = load_averages()
-            extra = {"calibration": calibration, "progress": False} if calibrated else {}
-            model = fastquant.patch(copy.deepcopy(float_model), method, **kwargs, **extra)
+            model = compress(float_model, method, kwargs, rounding, calibration)
             cos = embedding_cosine(reference, sentence_embeddings(model, tokenizer, texts))
             replace_row(
                 "minilm",

@@ -252,6 +252,56 @@ def test_gptq_column_loop_on_one_layer():
         assert gptq_error < 0.8 * rtn_error, (symmetric, gptq_error, rtn_error)
 
 
+def test_gptq_act_order_on_one_layer():
+    """Activation order with static groups: every group's grid is RTN's on the original weight, codes and scales
+    stay in the weight's column order (the weight returned is its codes dequantized), and rounding the high-energy
+    inputs first gives a lower output error than the plain order when input scales differ widely."""
+    g = torch.Generator().manual_seed(2)
+    n, k = 40, 160
+    w = _random_weight(n, k, seed=11)
+    # Inputs whose energy grows along K: the plain loop rounds the loudest columns last, with nothing left to
+    # absorb their error; activation order rounds them first.
+    x = torch.randn(600, k, generator=g) * torch.linspace(0.05, 3.0, k) ** 2
+    hessian = 2 * x.T @ x / x.shape[0]
+    for grid in (Int4Grid(32, True), Int4Grid(32, False), Int8Grid(-1), Int8Grid(32)):
+        keep = torch.ones(n, k, dtype=torch.bool)
+        rounder = grid.rounder(w)
+        knobs = {"block_size": 64, "damp": 0.01}
+        new = pruning._gptq_act_order(w, hessian, keep, rounder, knobs)
+        q = rounder.result()
+        assert torch.equal(new, grid.dequantize(q)), grid
+        assert torch.equal(q.scales, grid.rtn(w).scales), grid  # static groups: RTN's grid of the weight
+        plain_rounder = grid.rounder(w)
+        plain, _, _ = pruning.sparsegpt_prune(w, hessian, 0.0, keep=keep, rounder=plain_rounder, **knobs)
+        act = pruning.relative_output_error(new, w, hessian)
+        assert act < pruning.relative_output_error(plain, w, hessian), grid
+        assert act < pruning.relative_output_error(grid.dequantize(grid.rtn(w)), w, hessian), grid
+
+
+def test_gptq_act_order_keeps_pruned_weights_zero():
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(24, 64, generator=g)
+    keep = torch.rand(24, 64, generator=g) > 0.5
+    x = torch.randn(200, 64, generator=g) * torch.rand(64, generator=g)
+    grid = Int8Grid(32)
+    new = pruning._gptq_act_order(w * keep, x.T @ x, keep, grid.rounder(w * keep), {"block_size": 16, "damp": 0.01})
+    assert torch.all(new[~keep] == 0) and not torch.equal(new[keep], (w * keep)[keep])
+
+
+@pytest.mark.parametrize("method", ["int4", "int8"])
+def test_patch_with_act_order_gptq(method):
+    float_model = tiny_llama(seed=5)
+    batches = _calibration()
+    config = (fastquant.Int4 if method == "int4" else fastquant.Int8)(rounding=fastquant.GPTQ(batches, act_order=True))
+    model = fastquant.patch(copy.deepcopy(float_model), config, progress=False)
+    rtn = fastquant.patch(copy.deepcopy(float_model), method)
+    assert _output_error(model, float_model, batches) < _output_error(rtn, float_model, batches)
+    rows = [row for row in fastquant.report(model).layers if row.format.startswith(method)]
+    assert rows and all("activation order" in row.note for row in rows)
+    with pytest.raises(ValueError, match="act_order must be True or False"):
+        fastquant.GPTQ(batches, act_order="yes")
+
+
 def test_int8_grid_rounder_is_the_loop_it_replaced():
     """The int8 path through a rounder: codes * scales is the weight GPTQ returns, scales are RTN's."""
     g = torch.Generator().manual_seed(1)

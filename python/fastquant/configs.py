@@ -43,9 +43,19 @@ class RTN:
 class GPTQ:
     """GPTQ rounding: each column's rounding error is compensated on the columns not yet rounded, weighted by
     the layer's inputs on ``calibration`` (model inputs: LongTensors of token ids or dicts of keyword
-    arguments). None: the embedded text, tokenized with the model's tokenizer (with a warning)."""
+    arguments). None: the embedded text, tokenized with the model's tokenizer (with a warning).
+
+    ``act_order``: round the input columns in order of decreasing energy on the calibration data (the Hessian's
+    diagonal; GPTQ's ``act_order``, AutoGPTQ's ``desc_act``), so the columns that matter most are rounded while
+    many others are left to absorb their error. Each group's scale is then fixed from the weight before the loop
+    ("static groups"), so the stored format and the kernels are the same as without it."""
 
     calibration: Iterable | None = field(default=None, compare=False)
+    act_order: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.act_order, bool):
+            raise ValueError(f"GPTQ.act_order must be True or False, got {self.act_order!r}")
 
 
 Rounding = RTN | GPTQ

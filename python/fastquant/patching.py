@@ -369,7 +369,9 @@ def patch(
                 calibration = _embedded_calibration(
                     model, tokenizer, "GPTQ rounding", f"{pruning_lib.CALIBRATION_FORM})"
                 )
-            _patch_quantized_calibrated(model, chosen, grid, calibration, progress, notes, errors)
+            _patch_quantized_calibrated(
+                model, chosen, grid, calibration, config.rounding.act_order, progress, notes, errors
+            )
         else:
             _patch_quantized(model, chosen, grid, notes, errors)
     else:
@@ -458,6 +460,7 @@ def _patch_quantized_calibrated(
     chosen: list[tuple[str, nn.Module, list[str]]],
     grid: Grid,
     calibration: Iterable,
+    act_order: bool,
     progress: bool | None,
     notes: dict[str, str],
     errors: dict[str, tuple[float | None, float | None]],
@@ -475,8 +478,9 @@ def _patch_quantized_calibrated(
         pruning="sparsegpt",
         calibration=calibration,
         grid=grid,
+        act_order=act_order,
         progress=progress,
-        label=f"{kind} GPTQ rounding",
+        label=f"{kind} GPTQ rounding" + (" (act order)" if act_order else ""),
     )
     replaced: dict[int, nn.Module] = {}
     for name, module, other_owners in chosen:
@@ -486,7 +490,7 @@ def _patch_quantized_calibrated(
             replaced[storage] = _layer_from_codes(module, grid, result)
         _set_submodule(model, name, replaced[storage])
         errors[name] = (result.weight_error, result.output_error)
-        notes[name] = f"{kind}, GPTQ rounding on the calibration data"
+        notes[name] = f"{kind}, GPTQ rounding{' in activation order' if act_order else ''} on the calibration data"
         if other_owners:
             notes[name] += f"; float weight kept for {', '.join(other_owners)}"
 

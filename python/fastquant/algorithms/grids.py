@@ -46,6 +46,14 @@ class ColumnRounder:
     def start_group(self, first: int, columns: Tensor) -> None:
         """Fix the grid of the group starting at column ``first``; ``columns`` is (count, N)."""
 
+    def fix_groups(self, weight_t: Tensor) -> None:
+        """Fix every group's grid at once from ``weight_t`` (K, N), before the loop ("static groups"): what GPTQ
+        with activation order needs, since it reaches a group's columns out of order."""
+        if self.group_size == 0:
+            return  # the grid is fixed already
+        for first in range(0, weight_t.shape[0], self.group_size):
+            self.start_group(first, weight_t[first : first + self.group_size])
+
     def round(self, index: int, column: Tensor) -> Tensor:
         """Column ``index`` (N,) rounded onto the grid, as fp32 values; records its codes."""
         raise NotImplementedError
@@ -150,8 +158,10 @@ class _Int4Rounder(ColumnRounder):
         self.offsets = None if symmetric else torch.zeros(n, n_groups, dtype=torch.float16, device=device)
         self.codes = torch.zeros(k, n, dtype=torch.uint8, device=device)
         self._started = torch.zeros(n_groups, dtype=torch.bool)
-        self._d: Tensor | None = None  # the current group's fp32 step and offset, (1, N)
-        self._o: Tensor | None = None
+        # Each group's fp32 step and offset, (groups, N): a column is rounded with its own group's grid, also when
+        # activation order reaches the groups' columns out of order.
+        self._d = torch.zeros(n_groups, n, dtype=torch.float32, device=device)
+        self._o = None if symmetric else torch.zeros(n_groups, n, dtype=torch.float32, device=device)
 
     def start_group(self, first: int, columns: Tensor) -> None:
         if first % self.group_size != 0:
@@ -160,27 +170,45 @@ class _Int4Rounder(ColumnRounder):
         # Round-to-nearest of the group as it stands fixes its grid: exactly RTN's rule on these values.
         _, scales, offsets = reference.int4_quantize(columns.t(), self.group_size, self.symmetric)
         self.scales[:, g] = scales[:, 0]
-        self._d = scales[:, 0].float()[None, :]
+        self._d[g] = scales[:, 0].float()
         if offsets is not None:
             self.offsets[:, g] = offsets[:, 0]
-            self._o = offsets[:, 0].float()[None, :]
+            self._o[g] = offsets[:, 0].float()
         self._started[g] = True
 
     def round(self, index: int, column: Tensor) -> Tensor:
-        if not self._started[index // self.group_size]:
+        g = index // self.group_size
+        if not self._started[g]:
             raise RuntimeError(f"column {index}: start_group was not called for its group")
         # One column is a (1, N) weight whose N "groups" of one element carry the rows' steps.
-        c = int4_codes(column[None, :], self._d, self._o, 1)[0]
+        d = self._d[g]
+        o = None if self._o is None else self._o[g]
+        c = int4_codes(column[None, :], d[None, :], None if o is None else o[None, :], 1)[0]
         self.codes[index] = c
-        d = self._d[0]
-        if self._o is None:
+        if o is None:
             return d * (c.float() - reference.INT4_SYMMETRIC_ZERO)
-        return d * c.float() + self._o[0]
+        return d * c.float() + o
 
     def result(self) -> Quantized:
         if not bool(self._started.all()):
             raise RuntimeError("int4 GPTQ ended before every group was started")
         return Quantized(self.codes.t().contiguous(), self.scales, self.offsets)
+
+
+class PermutedRounder(ColumnRounder):
+    """``inner`` seen through a column permutation: the loop's column ``i`` is the weight's column
+    ``perm[i]``, so codes land in the weight's own order. The inner grids must be fixed before the loop
+    (:meth:`ColumnRounder.fix_groups`), so this rounder asks for no group starts."""
+
+    def __init__(self, inner: ColumnRounder, perm: Tensor) -> None:
+        self.inner = inner
+        self.perm = perm.tolist()
+
+    def round(self, index: int, column: Tensor) -> Tensor:
+        return self.inner.round(self.perm[index], column)
+
+    def result(self) -> Quantized:
+        return self.inner.result()
 
 
 Grid = Int8Grid | Int4Grid

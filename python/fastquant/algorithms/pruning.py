@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from fastquant.algorithms.grids import ColumnRounder, Grid, Int4Grid, Int8Grid
+from fastquant.algorithms.grids import ColumnRounder, Grid, Int4Grid, Int8Grid, PermutedRounder
 from fastquant.choices import CALIBRATED_METHODS, DEFAULT_CALIBRATION_SEQUENCES, PRUNING_METHODS
 from fastquant.configs import SUPPORTED_GROUP_SIZES
 from fastquant.modules import is_quantizable_linear, linear_weight
@@ -581,6 +581,7 @@ def _prune_one(
     pattern: str,
     pruning: str,
     grid: Grid | None,
+    act_order: bool = False,
 ) -> PrunedLayer:
     weight = _weight_view(layer)
     if pruning == "magnitude":
@@ -612,10 +613,31 @@ def _prune_one(
     # column loop then rounds them with the mask fixed, compensating each column's rounding error. The int4
     # grid fixes each group's scale inside the loop (see fastquant.algorithms.grids), the same loop otherwise.
     rounder = grid.rounder(new)
-    new, _, _ = sparsegpt_prune(new, hessian, sparsity, pattern, keep=mask, rounder=rounder, **knobs)
+    if act_order:
+        new = _gptq_act_order(new, hessian, mask, rounder, knobs)
+    else:
+        new, _, _ = sparsegpt_prune(new, hessian, sparsity, pattern, keep=mask, rounder=rounder, **knobs)
     q = rounder.result()
     _write_weight(layer, new)
     return PrunedLayer(mask, q.codes, q.scales, q.offsets, **errors(new))
+
+
+def _gptq_act_order(
+    weight: Tensor, hessian: Tensor, keep: Tensor, rounder: ColumnRounder, knobs: dict[str, Any]
+) -> Tensor:
+    """GPTQ's rounding loop in activation order (descending Hessian diagonal, as GPTQ's ``act_order`` /
+    AutoGPTQ's ``desc_act``): the inputs with the most energy are rounded first, while many columns are left to
+    absorb their error, and the small ones last. Every group's grid is fixed from the weight before the loop
+    ("static groups"), so the codes and scales keep the weight's own column order and the kernels need no
+    permutation at run time. Returns the new weight, in the original order."""
+    perm = torch.argsort(torch.diagonal(hessian), descending=True, stable=True)
+    rounder.fix_groups(weight.t())
+    permuted = PermutedRounder(rounder, perm)
+    # The mask is fixed (keep): whatever pattern chose it, the loop only has to keep its zeros.
+    new, _, _ = sparsegpt_prune(
+        weight[:, perm], hessian[perm][:, perm], 0.0, "unstructured", keep=keep[:, perm], rounder=permuted, **knobs
+    )
+    return new[:, torch.argsort(perm)]
 
 
 def _decoder_blocks(model: nn.Module, layers: dict[str, nn.Module]) -> nn.ModuleList | None:
@@ -744,6 +766,7 @@ def prune_layers(
     progress: bool | None = None,
     label: str | None = None,
     grid: Grid | None = None,
+    act_order: bool = False,
 ) -> dict[str, PrunedLayer]:
     """Prune ``layers`` (name -> nn.Linear or transformers Conv1D, all inside ``model``) in place.
 
@@ -761,6 +784,8 @@ def prune_layers(
         grid: quantize onto this grid instead (:class:`~fastquant.algorithms.grids.Int8Grid` is what ``int8=True,
             group_size=...`` means; :class:`~fastquant.algorithms.grids.Int4Grid` for int4, with sparsity 0 only). With
             ``pruning="sparsegpt"`` and sparsity 0 this is GPTQ.
+        act_order: SparseGPT/GPTQ only: round the columns in order of decreasing input energy, with every
+            group's grid fixed before the loop (see :class:`~fastquant.configs.GPTQ`).
 
     Each layer's float weight is replaced: pruned (SparseGPT: and compensated; with int8: the dequantized
     int8 weight). Returns name -> :class:`PrunedLayer`.
@@ -780,6 +805,7 @@ def prune_layers(
         label=label,
         fast_path=True,
         grid=grid,
+        act_order=act_order,
     )
 
 
@@ -797,6 +823,7 @@ def _prune_layers(
     fast_path: bool,
     label: str | None = None,
     grid: Grid | None = None,
+    act_order: bool = False,
 ) -> dict[str, PrunedLayer]:
     if pruning not in PRUNING_METHODS:
         raise ValueError(f"unknown pruning {pruning!r}: expected one of {PRUNING_METHODS}")
@@ -838,7 +865,9 @@ def _prune_layers(
         items = _calibration_items(calibration, _model_device(model), pruning)
 
     def prune(name: str, layer: nn.Module, stats: _Stats | None) -> PrunedLayer:
-        return _prune_one(name, layer, stats, sparsity=sparsity, pattern=pattern, pruning=pruning, grid=grid)
+        return _prune_one(
+            name, layer, stats, sparsity=sparsity, pattern=pattern, pruning=pruning, grid=grid, act_order=act_order
+        )
 
     results: dict[str, PrunedLayer] = {}
     with (
