@@ -20,30 +20,22 @@ Run: ``python benchmarks/bench_cpu_int4.py`` (~5 minutes) on an otherwise idle m
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import math
 import os
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from decode_layer import time_interleaved
+from decode_layer import Comparison, copies, read_bandwidth, time_interleaved
+from run_info import cpu_environment, native_isa, result_stem, write_report
 
 import fastquant
 from fastquant.kernels import extension, reference
 
 SHAPES = [(4096, 4096), (11008, 4096), (1536, 576)]  # (N, K) = (out, in)
-ROTATION_BYTES = 160 * 2**20
-RESULTS = Path(__file__).parent / "results"
 
 
 def int4_bytes(n: int, k: int, group_size: int) -> int:
     return n * (k + 63) // 64 * 32 + 2 * n * math.ceil(k / group_size)
-
-
-def copies(nbytes: int) -> int:
-    return max(2, min(64, math.ceil(ROTATION_BYTES / nbytes)))
 
 
 def contenders(n: int, k: int, x: list[torch.Tensor]) -> dict[str, list]:
@@ -52,24 +44,21 @@ def contenders(n: int, k: int, x: list[torch.Tensor]) -> dict[str, list]:
     weight = torch.randn(n, k, generator=gen)
     out: dict[str, list] = {"int4 g32": [], "int4 g128": [], "int8": [], "fp32": []}
     for group in (32, 128):
-        for i in range(copies(int4_bytes(n, k, group))):
+        for i in range(copies(int4_bytes(n, k, group), "dram")):
             q, s, _ = reference.int4_quantize(weight.roll(i, dims=0), group)
             out[f"int4 g{group}"].append(
                 lambda q=q, s=s, g=group: fastquant.int4_linear(x[0], q, s, in_features=k, group_size=g)
             )
-    for i in range(copies(n * k)):
+    for i in range(copies(n * k, "dram")):
         q, s = reference.int8_quantize(weight.roll(i, dims=0), -1)
         out["int8"].append(lambda q=q, s=s: fastquant.int8_linear(x[0], q, s, None, -1))
-    for i in range(copies(4 * n * k)):
+    for i in range(copies(4 * n * k, "dram")):
         w = weight.roll(i, dims=0).contiguous()
         out["fp32"].append(lambda w=w: F.linear(x[0], w))
     return out
 
 
-def read_bandwidth(nbytes: int) -> float:
-    bufs = [torch.rand(max(1, nbytes // 8), dtype=torch.float64) for _ in range(copies(nbytes))]
-    times = time_interleaved({"sum": [lambda b=b: b.sum() for b in bufs]}, rounds=5, burst=20)
-    return nbytes / times["sum"]
+INT4_VS_OTHERS = Comparison("int4", "int4 g32", {"int8": "int8", "fp32": "fp32"})
 
 
 def main() -> None:
@@ -82,13 +71,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    from fastquant.app.evaluate import cpu_model
-
     load_before = os.getloadavg()
     rows = []
     for n, k in SHAPES:
         nbytes = int4_bytes(n, k, 32)
-        bw = read_bandwidth(nbytes)
+        bw = read_bandwidth(nbytes, "dram")
         x: list[torch.Tensor] = [torch.empty(0)]
         calls = contenders(n, k, x)
         for m in (int(v) for v in args.rows.split(",")):
@@ -98,34 +85,8 @@ def main() -> None:
             timed = time_interleaved(calls, rounds, burst)
             ms = {name: t * 1e3 for name, t in timed.items()}
             path = extension.int4_linear_kernel_path(torch.device("cpu"), m, n, k, 32, torch.float32)
-            row = {
-                "n": n,
-                "k": k,
-                "m": m,
-                "path": path,
-                "ms": ms,
-                "int4_vs_int8": ms["int8"] / ms["int4 g32"],
-                "int4_vs_fp32": ms["fp32"] / ms["int4 g32"],
-                "int4_gbs": nbytes / ms["int4 g32"] / 1e6,
-                "read_gbs": bw / 1e9,
-            }
-            rows.append(row)
-            print(
-                f"{n} x {k} M={m} {path}: "
-                + ", ".join(f"{name} {v:.3f} ms" for name, v in ms.items())
-                + f"; int8/int4 {row['int4_vs_int8']:.2f}x, fp32/int4 {row['int4_vs_fp32']:.2f}x, "
-                f"int4 {row['int4_gbs']:.1f} GB/s of read {row['read_gbs']:.1f}",
-                flush=True,
-            )
-    env = {
-        "cpu": cpu_model(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "isa": extension.native.cpu_isa() if extension.native is not None else "reference",
-        "load_average_before": load_before,
-        "load_average_after": os.getloadavg(),
-    }
-    names = list(rows[0]["ms"])
+            rows.append(INT4_VS_OTHERS.row(n, k, m, path, ms, nbytes, bw))
+    env = cpu_environment(load_before, isa=native_isa())
     lines = [
         f"# int4 layers vs int8 and fp32, weights from DRAM ({env['cpu']}, {env['threads']} threads, ISA {env['isa']})",
         "",
@@ -136,23 +97,9 @@ def main() -> None:
         "`fraction`: int4 g32's format bytes per second over torch's float64 `sum` read bandwidth of the same "
         "bytes, same run.",
         "",
-        "| N x K | M | int4 path | " + " | ".join(f"{n} ms" for n in names) + " | int8 / int4 | fp32 / int4 | "
-        "int4 GB/s | read GB/s | fraction |",
-        "|---|---:|---|" + "---:|" * (len(names) + 5),
+        *INT4_VS_OTHERS.table(rows),
     ]
-    for r in rows:
-        lines.append(
-            f"| {r['n']} x {r['k']} | {r['m']} | {r['path']} | "
-            + " | ".join(f"{r['ms'][n]:.3f}" for n in names)
-            + f" | {r['int4_vs_int8']:.2f}x | {r['int4_vs_fp32']:.2f}x | {r['int4_gbs']:.1f} | "
-            f"{r['read_gbs']:.1f} | {r['int4_gbs'] / r['read_gbs']:.2f} |"
-        )
-    text = "\n".join(lines) + "\n"
-    print(text)
-    stem = Path(args.out) if args.out else RESULTS / f"cpu-int4-{dt.datetime.now(dt.timezone.utc).date()}"
-    stem.with_suffix(".md").write_text(text)
-    stem.with_suffix(".json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
-    print(f"wrote {stem}.md / .json")
+    write_report(result_stem(args.out, "cpu-int4"), "\n".join(lines) + "\n", {"environment": env, "rows": rows})
 
 
 if __name__ == "__main__":

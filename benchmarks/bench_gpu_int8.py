@@ -230,6 +230,24 @@ def fmt(v, spec):
     return "n/a" if v is None else format(v, spec)
 
 
+def targets_summary(rows: list[dict]) -> list[str]:
+    """The line under a results table: how many of the rows that have a target met it."""
+    judged = [r for r in rows if r["target_met"] is not None]
+    return ["", f"Targets met: {sum(r['target_met'] for r in judged)} of {len(judged)}.", ""]
+
+
+def start_run(script: str, args: argparse.Namespace, prefix: str, **extra) -> tuple[float, Path, dict]:
+    """What every GPU kernel benchmark does first: refuse to run without a CUDA device, warn when the reference
+    kernel stands in for missing CUDA kernels, measure the copy bandwidth. Returns it, the output stem and the
+    run's metadata (run_meta, with ``extra``)."""
+    if not torch.cuda.is_available():
+        raise SystemExit(f"{script} needs a CUDA device")
+    if not extension.has_cuda_kernels():
+        print("WARNING: fastquant has no CUDA kernels built: timing the pure-PyTorch reference kernel")
+    copy_bw = copy_bandwidth(max(5, args.repeats // 2))
+    return copy_bw, *run_meta(args.stem, prefix, copy_bw, repeats=args.repeats, **extra)
+
+
 def to_markdown(meta: dict, rows: list[dict]) -> str:
     lines = header_lines("GPU int8_linear benchmark", meta) + [
         f"- timing: median of {meta['repeats']} batches of CUDA-event-timed calls, GPU pre-filled with a sleep "
@@ -258,8 +276,7 @@ def to_markdown(meta: dict, rows: list[dict]) -> str:
             f"| {fmt(r['speedup_vs_compiled'], '.2f')}{'' if r['speedup_vs_compiled'] is None else 'x'} "
             f"| {r['weight_gb_s']:.0f} | {r['fraction_of_copy_bw']:.0%} | {target} | {met} |"
         )
-    judged = [r for r in rows if r["target_met"] is not None]
-    lines += ["", f"Targets met: {sum(r['target_met'] for r in judged)} of {len(judged)}.", ""]
+    lines += targets_summary(rows)
     return "\n".join(lines)
 
 
@@ -278,13 +295,7 @@ def main() -> None:
         "and M: slow to compile), or skip it",
     )
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_gpu_int8.py needs a CUDA device")
-    if not extension.has_cuda_kernels():
-        print("WARNING: fastquant has no CUDA kernels built: timing the pure-PyTorch reference kernel")
-
-    copy_bw = copy_bandwidth(max(5, args.repeats // 2))
-    stem, meta = run_meta(args.stem, "gpu", copy_bw, repeats=args.repeats, compiled_peer=args.compiled_peer)
+    copy_bw, stem, meta = start_run("bench_gpu_int8.py", args, "gpu", compiled_peer=args.compiled_peer)
 
     compiled_fn = None
     if args.compiled_peer != "off":

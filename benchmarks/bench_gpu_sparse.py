@@ -28,7 +28,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from bench_gpu_int8 import copy_bandwidth, gpu_time_per_call, header_lines, run_meta
+from bench_gpu_int8 import fmt, gpu_time_per_call, header_lines, start_run, targets_summary
 
 from fastquant.kernels import extension, reference
 
@@ -176,10 +176,6 @@ def bench_shape(n: int, k: int, row_counts: list[int], cases: list[str], repeats
     return rows
 
 
-def fmt(v, spec):
-    return "n/a" if v is None else format(v, spec)
-
-
 def to_markdown(meta: dict, rows: list[dict], errors: dict) -> str:
     lines = header_lines("GPU sparse_linear (bitmap16) benchmark", meta) + [
         f"- timing: median of {meta['repeats']} batches of CUDA-event-timed calls, GPU pre-filled with a sleep "
@@ -204,8 +200,7 @@ def to_markdown(meta: dict, rows: list[dict], errors: dict) -> str:
             f"| {fmt(r['t_semi_structured_us'], '.1f')} | {r['speedup_vs_bf16']:.2f}x | {r['format_gb_s']:.0f} "
             f"| {r['fraction_of_copy_bw']:.0%} | {target} | {met} |"
         )
-    judged = [r for r in rows if r["target_met"] is not None]
-    lines += ["", f"Targets met: {sum(r['target_met'] for r in judged)} of {len(judged)}.", ""]
+    lines += targets_summary(rows)
     if errors:
         lines += ["Peers that did not run:", ""] + [f"- {name}: {msg}" for name, msg in errors.items()] + [""]
     return "\n".join(lines)
@@ -221,13 +216,7 @@ def main() -> None:
     )
     parser.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES), help="comma-separated NxK")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_gpu_sparse.py needs a CUDA device")
-    if not extension.has_cuda_kernels():
-        print("WARNING: fastquant has no CUDA kernels built: timing the pure-PyTorch reference kernel")
-
-    copy_bw = copy_bandwidth(max(5, args.repeats // 2))
-    stem, meta = run_meta(args.stem, "gpu-sparse", copy_bw, repeats=args.repeats)
+    copy_bw, stem, meta = start_run("bench_gpu_sparse.py", args, "gpu-sparse")
     row_counts = [int(v) for v in args.rows.split(",")]
     cases = args.cases.split(",")
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]

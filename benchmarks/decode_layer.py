@@ -24,16 +24,15 @@ Run: ``python benchmarks/decode_layer.py --where dram`` and ``--where cache`` (~
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import math
 import os
 import statistics
 import time
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from run_info import cpu_environment, native_isa, result_stem, write_report
 from torch import nn
 
 import fastquant
@@ -41,7 +40,6 @@ from fastquant.kernels import extension, reference
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (1536, 576), (576, 1536)]  # (N, K) = (out, in)
 ROTATION_BYTES = 160 * 2**20
-RESULTS = Path(__file__).parent / "results"
 
 
 def copies(nbytes: int, where: str) -> int:
@@ -97,6 +95,63 @@ def read_bandwidth(nbytes: int, where: str) -> float:
     return nbytes / times["sum"]
 
 
+@dataclass(frozen=True)
+class Comparison:
+    """How a layer benchmark sets its subject against the other contenders, in the rows it records, the line
+    it logs per row and the columns of its table (decode_layer and bench_cpu_int4 share the layout).
+
+    ``label`` names the subject in keys and headers ("int4": ``int4_vs_int8``, ``int8 / int4``, ``int4 GB/s``);
+    ``subject`` is its contender; ``against`` maps a key suffix to the contender it divides (its header label is
+    the suffix with spaces for underscores).
+    """
+
+    label: str
+    subject: str
+    against: dict[str, str]
+
+    def row(self, n: int, k: int, m: int, path: str, ms: dict[str, float], nbytes: int, read_bw: float) -> dict:
+        """The row of one shape and row count; ``nbytes`` are the subject's weight bytes per call."""
+        row = {"n": n, "k": k, "m": m, "path": path, "ms": ms}
+        for suffix, other in self.against.items():
+            row[f"{self.label}_vs_{suffix}"] = ms[other] / ms[self.subject]
+        row[f"{self.label}_gbs"] = nbytes / ms[self.subject] / 1e6
+        row["read_gbs"] = read_bw / 1e9
+        ratios = ", ".join(
+            f"{suffix.replace('_', ' ')}/{self.label} {row[f'{self.label}_vs_{suffix}']:.2f}x"
+            for suffix in self.against
+        )
+        print(
+            f"{n} x {k} M={m} {path}: "
+            + ", ".join(f"{name} {v:.3f} ms" for name, v in ms.items())
+            + f"; {ratios}, {self.label} {row[f'{self.label}_gbs']:.1f} GB/s of read {row['read_gbs']:.1f}",
+            flush=True,
+        )
+        return row
+
+    def table(self, rows: list[dict]) -> list[str]:
+        """The markdown table of ``rows``: header, alignment and one line per row."""
+        names = list(rows[0]["ms"])
+        label = self.label
+        lines = [
+            f"| N x K | M | {label} path | "
+            + " | ".join(f"{n} ms" for n in names)
+            + "".join(f" | {suffix.replace('_', ' ')} / {label}" for suffix in self.against)
+            + f" | {label} GB/s | read GB/s | fraction |",
+            "|---|---:|---|" + "---:|" * (len(names) + len(self.against) + 3),
+        ]
+        for r in rows:
+            lines.append(
+                f"| {r['n']} x {r['k']} | {r['m']} | {r['path']} | "
+                + " | ".join(f"{r['ms'][n]:.3f}" for n in names)
+                + "".join(f" | {r[f'{label}_vs_{suffix}']:.2f}x" for suffix in self.against)
+                + f" | {r[f'{label}_gbs']:.1f} | {r['read_gbs']:.1f} | {r[f'{label}_gbs'] / r['read_gbs']:.2f} |"
+            )
+        return lines
+
+
+FQ_VS_OTHERS = Comparison("fq", "fq", {"fbgemm": "fbgemm", "fp32_kernel": "fq fp32 kernel"})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--where", choices=("dram", "cache"), default="dram")
@@ -105,8 +160,6 @@ def main() -> None:
     parser.add_argument("--burst", type=int, default=15)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    from fastquant.app.evaluate import cpu_model
-
     load_before = os.getloadavg()
     rows = []
     for n, k in SHAPES:
@@ -117,35 +170,8 @@ def main() -> None:
                 for name, t in time_interleaved(contenders(n, k, m, args.where), args.rounds, args.burst).items()
             }
             path = extension.int8_linear_kernel_path(torch.device("cpu"), m, n, k, -1, torch.float32)
-            row = {
-                "n": n,
-                "k": k,
-                "m": m,
-                "path": path,
-                "ms": ms,
-                "fq_vs_fbgemm": ms["fbgemm"] / ms["fq"],
-                "fq_vs_fp32_kernel": ms["fq fp32 kernel"] / ms["fq"],
-                "fq_gbs": (n * k + 4 * n) / ms["fq"] / 1e6,
-                "read_gbs": bw / 1e9,
-            }
-            rows.append(row)
-            print(
-                f"{n} x {k} M={m} {path}: "
-                + ", ".join(f"{name} {v:.3f} ms" for name, v in ms.items())
-                + f"; fbgemm/fq {row['fq_vs_fbgemm']:.2f}x, fp32 kernel/fq {row['fq_vs_fp32_kernel']:.2f}x, "
-                f"fq {row['fq_gbs']:.1f} GB/s of read {row['read_gbs']:.1f}",
-                flush=True,
-            )
-    env = {
-        "cpu": cpu_model(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "isa": extension.native.cpu_isa() if extension.native is not None else "reference",
-        "where": args.where,
-        "load_average_before": load_before,
-        "load_average_after": os.getloadavg(),
-    }
-    names = list(rows[0]["ms"])
+            rows.append(FQ_VS_OTHERS.row(n, k, m, path, ms, n * k + 4 * n, bw))
+    env = cpu_environment(load_before, isa=native_isa(), where=args.where)
     lines = [
         f"# int8 decode layers vs fbgemm, weights from {args.where} ({env['cpu']}, {env['threads']} threads, "
         f"ISA {env['isa']})",
@@ -156,25 +182,11 @@ def main() -> None:
         "faster. `fraction`: fq's weight bytes per second over torch's float64 `sum` read bandwidth of the same "
         "bytes, same run.",
         "",
-        "| N x K | M | fq path | " + " | ".join(f"{n} ms" for n in names) + " | fbgemm / fq | fp32 kernel / fq | "
-        "fq GB/s | read GB/s | fraction |",
-        "|---|---:|---|" + "---:|" * (len(names) + 5),
+        *FQ_VS_OTHERS.table(rows),
     ]
-    for r in rows:
-        lines.append(
-            f"| {r['n']} x {r['k']} | {r['m']} | {r['path']} | "
-            + " | ".join(f"{r['ms'][n]:.3f}" for n in names)
-            + f" | {r['fq_vs_fbgemm']:.2f}x | {r['fq_vs_fp32_kernel']:.2f}x | {r['fq_gbs']:.1f} | "
-            f"{r['read_gbs']:.1f} | {r['fq_gbs'] / r['read_gbs']:.2f} |"
-        )
-    text = "\n".join(lines) + "\n"
-    print(text)
-    stem = (
-        Path(args.out) if args.out else RESULTS / f"decode-layer-{args.where}-{dt.datetime.now(dt.timezone.utc).date()}"
+    write_report(
+        result_stem(args.out, f"decode-layer-{args.where}"), "\n".join(lines) + "\n", {"environment": env, "rows": rows}
     )
-    stem.with_suffix(".md").write_text(text)
-    stem.with_suffix(".json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
-    print(f"wrote {stem}.md / .json")
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from fastquant.algorithms.distillation import (
     perplexities,
 )
 from fastquant.algorithms.pruning import calibration_from_text
+from fastquant.app.args import config_from_args
 from fastquant.app.evaluate import load_average
 from fastquant.app.models import load_model
 
@@ -97,18 +98,10 @@ def _run(args: argparse.Namespace) -> None:
         before.update(score({"compressed": student}))
         print(json.dumps(before), flush=True)
     _barrier(world)
-    config = DistillConfig(
-        minutes=args.minutes,
+    config = config_from_args(
+        DistillConfig,
+        args,
         max_steps=args.steps,
-        lr=args.lr,
-        lr_schedule=args.lr_schedule,
-        precision=args.precision,
-        batch_size=args.batch_size,
-        micro_batch_size=args.micro_batch_size,
-        seq_len=args.seq_len,
-        hidden_weight=args.hidden_weight,
-        warmup_steps=args.warmup_steps,
-        quantization=args.quantization,
         checkpoint_dir=str(RUNS / f"{args.name}-checkpoint"),
         loss_plot=str(RUNS / f"{args.name}-loss.png"),
         progress=True,
@@ -164,14 +157,7 @@ def _speed(args: argparse.Namespace) -> None:
         copy.deepcopy(teacher), "sparse", sparsity=0.5, pruning="magnitude", sparse_kernel="sparse", progress=False
     )
     load_before = load_average()
-    config = DistillConfig(
-        max_steps=args.steps,
-        precision=args.precision,
-        batch_size=args.batch_size,
-        micro_batch_size=args.micro_batch_size,
-        seq_len=args.seq_len,
-        progress=rank == 0,
-    )
+    config = config_from_args(DistillConfig, args, max_steps=args.steps, progress=rank == 0)
     result = distill(student, teacher, None, config, loaded.tokenizer)
     if rank == 0:
         RUNS.mkdir(parents=True, exist_ok=True)
@@ -288,10 +274,6 @@ def main() -> None:
     run.add_argument("--steps", type=int, default=None)
     run.add_argument("--lr", type=float, default=1e-4)
     run.add_argument("--lr-schedule", default="constant", choices=("constant", "linear"))
-    run.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
-    run.add_argument("--batch-size", type=int, default=8)
-    run.add_argument("--micro-batch-size", type=int, default=2)
-    run.add_argument("--seq-len", type=int, default=256)
     run.add_argument("--hidden-weight", type=float, default=0.0)
     run.add_argument("--warmup-steps", type=int, default=10)
     run.add_argument("--quantization", default="ste", choices=("ste", "requantize"))
@@ -303,12 +285,13 @@ def main() -> None:
     run.set_defaults(func=_run)
     speed = sub.add_parser("speed")
     speed.add_argument("--steps", type=int, default=6)
-    speed.add_argument("--batch-size", type=int, default=8)
-    speed.add_argument("--micro-batch-size", type=int, default=2)
-    speed.add_argument("--seq-len", type=int, default=256)
     speed.add_argument("--threads", type=int, default=1)
-    speed.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     speed.set_defaults(func=_speed)
+    for p in (run, speed):  # the training batches and precision, the same options in both
+        p.add_argument("--batch-size", type=int, default=8)
+        p.add_argument("--micro-batch-size", type=int, default=2)
+        p.add_argument("--seq-len", type=int, default=256)
+        p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     report = sub.add_parser("report")
     report.add_argument("--note", help="a paragraph for the report (e.g. runs that could not be made)")
     report.set_defaults(func=_report)

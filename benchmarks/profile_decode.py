@@ -13,21 +13,17 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as dt
-import json
 import os
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import torch
+from run_info import cpu_environment, result_stem, write_report
 from torch.profiler import ProfilerActivity, profile
 
 import fastquant
-from fastquant.app.evaluate import cpu_model
 from fastquant.app.models import load_model
 
-RESULTS = Path(__file__).parent / "results"
 BUCKETS = ("fastquant ops", "compiled kernels (cpp_fused)", "attention", "matmul (aten)", "other aten ops")
 
 
@@ -95,14 +91,7 @@ def main() -> None:
     results = {
         name: profile_generate(m, prompt, args.new_tokens) for name, m in (("eager", eager), ("compiled", compiled))
     }
-    env = {
-        "cpu": cpu_model(),
-        "torch": torch.__version__,
-        "threads": args.threads,
-        "new_tokens": args.new_tokens,
-        "load_average_before": load_before,
-        "load_average_after": os.getloadavg(),
-    }
+    env = cpu_environment(load_before, new_tokens=args.new_tokens)
     rows = list(results["eager"]["ms_per_token"])
     lines = [
         f"# SmolLM2-135M int8 decode profile: eager vs compile_for_decode ({env['cpu']}, {args.threads} threads)",
@@ -128,12 +117,9 @@ def main() -> None:
     for name in ("eager", "compiled"):
         tops = ", ".join(f"`{k}` {ms:.2f} ({n:.0f})" for k, ms, n in results[name]["top_ops"])
         lines.append(f"- {name}: {tops}")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    stem = Path(args.out) if args.out else RESULTS / f"decode-profile-{dt.datetime.now(dt.timezone.utc).date()}"
-    stem.with_suffix(".md").write_text(text)
-    stem.with_suffix(".json").write_text(json.dumps({"environment": env, "results": results}, indent=1))
-    print(f"wrote {stem}.md / .json")
+    write_report(
+        result_stem(args.out, "decode-profile"), "\n".join(lines) + "\n", {"environment": env, "results": results}
+    )
 
 
 if __name__ == "__main__":

@@ -1,9 +1,17 @@
-"""What the benchmarks record about the run itself: the commit measured and how loaded the machine was."""
+"""What the benchmarks record about the run itself (the commit measured, the machine, how loaded it was) and
+how they write their results."""
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 import os
 import subprocess
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
 
 
 def commit() -> str:
@@ -17,3 +25,38 @@ def commit() -> str:
 def load_averages(digits: int = 2) -> str:
     """The 1-, 5- and 15-minute load averages, e.g. "0.52 0.61 0.70"."""
     return " ".join(f"{x:.{digits}f}" for x in os.getloadavg())
+
+
+def native_isa() -> str:
+    """The instruction set fastquant's native CPU kernels were built for, or "reference" without them."""
+    from fastquant.kernels import extension
+
+    return extension.native.cpu_isa() if extension.native is not None else "reference"
+
+
+def cpu_environment(load_before: tuple[float, float, float], **extra: object) -> dict[str, object]:
+    """A CPU run's environment: CPU model, torch version and threads, then ``extra`` in its order, then the
+    load averages (1/5/15 min) taken before the timing (``load_before``) and now, after it."""
+    from fastquant.app.evaluate import cpu_model
+
+    return {
+        "cpu": cpu_model(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        **extra,
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+    }
+
+
+def result_stem(out: str | None, name: str) -> Path:
+    """``out`` as a path, or by default results/<name>-<UTC date>; the .md and .json files add a suffix."""
+    return Path(out) if out else RESULTS / f"{name}-{dt.datetime.now(dt.timezone.utc).date()}"
+
+
+def write_report(stem: Path, text: str, data: dict[str, object]) -> None:
+    """Prints the markdown report and writes it to <stem>.md, and the data behind it to <stem>.json."""
+    print(text)
+    stem.with_suffix(".md").write_text(text)
+    stem.with_suffix(".json").write_text(json.dumps(data, indent=1))
+    print(f"wrote {stem}.md / .json")

@@ -105,6 +105,34 @@ def replacing(keys: tuple[str, ...]):
     return bad
 
 
+def isa_shape_cases(shapes: list[tuple[int, int, int]], portable_shapes: list[tuple[int, int, int]]) -> list:
+    """(cpu_isa, shape) parameters of a dense kernel test: every available ISA on ``shapes``, the portable
+    kernel (slow) on ``portable_shapes`` only; ids like ``avx2-3x96x17``."""
+    return [
+        pytest.param(isa, shape, id=f"{isa}-{'x'.join(map(str, shape))}")
+        for isa in available_cpu_isas()
+        for shape in (portable_shapes if isa == "portable" else shapes)
+    ]
+
+
+# The dispatch keys of the pure-PyTorch reference kernel every op registers (see fastquant.kernels.ops).
+REFERENCE_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
+
+
+def call_kernel(op, kernel: str, args) -> torch.Tensor:
+    """``torch.ops.fastquant.<op>`` on its native kernel (``kernel`` "native") or on its reference kernel."""
+    return op(*args) if kernel == "native" else op.default.redispatch(REFERENCE_KEYS, *args)
+
+
+def path_cases(argnames: tuple[str, ...], cases: list[tuple], dtype_in_id: bool = False):
+    """Parametrizes a CUDA dispatch test over (path, m, k, n, ...) cases, each named ``path-MxKxN`` (and the
+    dtype that follows N when ``dtype_in_id``: cases that differ by it alone)."""
+    ids = [
+        f"{c[0]}-{c[1]}x{c[2]}x{c[3]}" + (f"-{str(c[4]).removeprefix('torch.')}" if dtype_in_id else "") for c in cases
+    ]
+    return pytest.mark.parametrize(argnames, cases, ids=ids)
+
+
 def bf16_activations_allowed(dtype: torch.dtype) -> bool:
     """Whether the AVX-512 prefill paths may round activations of ``dtype`` to bf16: fp32 only under torch's
     "medium" float32 matmul precision (the numerical contract in the README)."""
@@ -133,6 +161,17 @@ def tiny_llama_config(**fields):
     import transformers
 
     return transformers.LlamaConfig(**{**TINY_LLAMA, **fields})
+
+
+def prune(model: torch.nn.Module | None = None, layers: dict | None = None, **options) -> dict:
+    """``prune_layers`` with the options a test does not name: 50% unstructured magnitude pruning, no
+    calibration, no progress bar; the model defaults to one Linear(30, 8), the layers to that one."""
+    from fastquant.algorithms.pruning import prune_layers
+
+    model = model if model is not None else torch.nn.Sequential(torch.nn.Linear(30, 8))
+    layers = layers if layers is not None else {"0": model[0]}
+    defaults = dict(sparsity=0.5, pattern="unstructured", pruning="magnitude", calibration=None, progress=False)
+    return prune_layers(model, layers, **{**defaults, **options})
 
 
 def spy_init_devices(monkeypatch, cls: type) -> list[str]:

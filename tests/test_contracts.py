@@ -13,10 +13,9 @@ from torch import nn
 import fastquant
 from fastquant.kernels import extension, reference
 from fastquant.modules import Int8Linear, SparseLinear
+from helpers import REFERENCE_KEYS
 
 needs_native = pytest.mark.skipif(extension.native is None, reason="fastquant native extension not built")
-
-REFERENCE_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
 
 
 def _message(op: torch._ops.OpOverloadPacket, args: tuple, how: str) -> str:

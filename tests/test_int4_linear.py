@@ -10,7 +10,7 @@ import torch
 
 import fastquant
 from fastquant.kernels import reference
-from helpers import assert_int4_linear_close, available_cpu_isas, int4_kernel_path, random_weight
+from helpers import assert_int4_linear_close, available_cpu_isas, int4_kernel_path, isa_shape_cases, random_weight
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -188,17 +188,7 @@ def expected_path(cpu_isa: str, m: int, k: int, group_size: int, dtype: torch.dt
     return "cpu_avx2_fixed16" if m <= 8 else "cpu_avx2_tiled_fp32"
 
 
-def kernel_cases() -> list:
-    return list(_kernel_cases())
-
-
-def _kernel_cases():
-    for isa in available_cpu_isas():
-        for shape in PORTABLE_SHAPES if isa == "portable" else SHAPES:
-            yield pytest.param(isa, shape, id=f"{isa}-{'x'.join(map(str, shape))}")
-
-
-@pytest.mark.parametrize(("cpu_isa", "shape"), kernel_cases(), indirect=["cpu_isa"])
+@pytest.mark.parametrize(("cpu_isa", "shape"), isa_shape_cases(SHAPES, PORTABLE_SHAPES), indirect=["cpu_isa"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 import helpers
 from fastquant.kernels import extension, reference
-from helpers import assert_cuda_rule, cuda_graph_of, launched_kernels
+from helpers import assert_cuda_rule, cuda_graph_of, launched_kernels, path_cases
 
 pytestmark = helpers.CUDA_KERNEL_MARKS
 
@@ -131,11 +131,7 @@ PATH_CASES = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("path", "m", "k", "n", "dtype", "group_size"),
-    PATH_CASES,
-    ids=[f"{c[0]}-{c[1]}x{c[2]}x{c[3]}" for c in PATH_CASES],
-)
+@path_cases(("path", "m", "k", "n", "dtype", "group_size"), PATH_CASES)
 def test_every_dispatch_path(path, m, k, n, dtype, group_size):
     assert cuda_path(m, n, k, group_size, dtype) == path
     # What fastquant.info and the report print for a CUDA device is the same choice.

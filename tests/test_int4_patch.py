@@ -22,7 +22,7 @@ from fastquant.algorithms.grids import INT4_GROUP_SIZES, Int4Grid, Int8Grid, int
 from fastquant.app import cli
 from fastquant.kernels import extension, reference
 from fastquant.serialization import read_manifest
-from helpers import spy_init_devices
+from helpers import prune, spy_init_devices
 
 transformers = pytest.importorskip("transformers")
 from test_cli import llama_dir  # noqa: E402, F401 (a fixture)
@@ -321,15 +321,7 @@ def test_int8_grid_rounder_is_the_loop_it_replaced():
 def test_int4_is_not_combined_with_pruning():
     model = tiny_llama()
     with pytest.raises(ValueError, match="int4 quantization is not combined with pruning"):
-        pruning.prune_layers(
-            model,
-            pruning.prunable_layers(model),
-            sparsity=0.5,
-            pattern="unstructured",
-            pruning="magnitude",
-            calibration=None,
-            grid=Int4Grid(32),
-        )
+        prune(model, pruning.prunable_layers(model), grid=Int4Grid(32))
 
 
 def test_report_shows_errors_for_every_method():

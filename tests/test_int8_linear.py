@@ -14,6 +14,7 @@ from helpers import (
     assert_int8_linear_close,
     available_cpu_isas,
     fp16_cancelling_case,
+    isa_shape_cases,
     random_weight,
     signed_ones_weight,
 )
@@ -39,13 +40,7 @@ def cpu_path(m, n, k, group_size, dtype) -> str:
     return extension.int8_linear_kernel_path(torch.device("cpu"), m, n, k, group_size, dtype)
 
 
-def kernel_cases():
-    for isa in available_cpu_isas():
-        for shape in PORTABLE_SHAPES if isa == "portable" else SHAPES:
-            yield pytest.param(isa, shape, id=f"{isa}-{'x'.join(map(str, shape))}")
-
-
-@pytest.mark.parametrize(("cpu_isa", "shape"), kernel_cases(), indirect=["cpu_isa"])
+@pytest.mark.parametrize(("cpu_isa", "shape"), isa_shape_cases(SHAPES, PORTABLE_SHAPES), indirect=["cpu_isa"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("group_size", GROUP_SIZES)
 def test_matches_reference(cpu_isa, shape, dtype, group_size):

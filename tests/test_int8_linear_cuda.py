@@ -34,6 +34,7 @@ from helpers import (
     cuda_graph_of,
     fp16_cancelling_case,
     launched_kernels,
+    path_cases,
 )
 
 pytestmark = CUDA_KERNEL_MARKS
@@ -121,11 +122,7 @@ PATH_CASES = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("path", "m", "k", "n", "dtype", "group_size"),
-    PATH_CASES,
-    ids=[f"{c[0]}-{c[1]}x{c[2]}x{c[3]}" for c in PATH_CASES],
-)
+@path_cases(("path", "m", "k", "n", "dtype", "group_size"), PATH_CASES)
 def test_every_dispatch_path(path, m, k, n, dtype, group_size):
     assert cuda_path(m, n, k, group_size, dtype) == path
     for with_bias in (False, True):

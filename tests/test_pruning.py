@@ -13,13 +13,12 @@ from fastquant.algorithms import pruning
 from fastquant.algorithms.pruning import (
     dense_target_weight,
     magnitude_mask,
-    prune_layers,
     refit_kept_weights,
     sparsegpt_prune,
     wanda_mask,
 )
 from fastquant.kernels import reference
-from helpers import tiny_llama_config
+from helpers import prune, tiny_llama_config
 
 
 def correlated_inputs(tokens: int, k: int, seed: int = 0) -> torch.Tensor:
@@ -34,6 +33,11 @@ def correlated_inputs(tokens: int, k: int, seed: int = 0) -> torch.Tensor:
 
 def random_weight(n: int, k: int, seed: int = 1) -> torch.Tensor:
     return torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
+
+
+def layer_case(n: int, k: int, pattern: str) -> tuple[torch.Tensor, torch.Tensor, float | None]:
+    """An (n, k) weight, 1024 correlated input rows and the sparsity that goes with ``pattern`` (None for N:M)."""
+    return random_weight(n, k), correlated_inputs(1024, k), 0.5 if pattern == "unstructured" else None
 
 
 def pruned_per_group(mask: torch.Tensor, m: int) -> torch.Tensor:
@@ -132,10 +136,7 @@ def output_error(x: torch.Tensor, w: torch.Tensor, w_new: torch.Tensor) -> float
 
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
 def test_sparsegpt_beats_magnitude_and_wanda_on_layer_output(pattern):
-    n, k = 96, 128
-    w = random_weight(n, k)
-    x = correlated_inputs(1024, k)
-    sparsity = 0.5 if pattern == "unstructured" else None
+    w, x, sparsity = layer_case(96, 128, pattern)
     mag = w * magnitude_mask(w, sparsity, pattern)
     wan = w * wanda_mask(w, x.norm(dim=0), sparsity, pattern)
     sgpt, mask, codes = sparsegpt_prune(w, 2 * x.T @ x, sparsity, pattern, block_size=32)
@@ -176,17 +177,7 @@ def test_int8_codes_zero_where_pruned_and_scales_shape(pruning_method, group_siz
     original = copy.deepcopy(model)
     layers = {"0": model[0], "2": model[2]}
     calibration = [torch.randn(4, 80) for _ in range(3)]
-    result = prune_layers(
-        model,
-        layers,
-        sparsity=0.5,
-        pattern="unstructured",
-        pruning=pruning_method,
-        calibration=calibration,
-        int8=True,
-        group_size=group_size,
-        progress=False,
-    )
+    result = prune(model, layers, pruning=pruning_method, calibration=calibration, int8=True, group_size=group_size)
     for name, layer in layers.items():
         r = result[name]
         n, k = layer.weight.shape
@@ -228,16 +219,7 @@ def test_sparsegpt_int8_refit_beats_no_refit(monkeypatch):
         layer = nn.Linear(96, 40, bias=False)
         layer.weight.data = random_weight(40, 96)
         dense = layer.weight.detach().clone()
-        r = prune_layers(
-            layer,
-            {"": layer},
-            sparsity=0.5,
-            pattern="unstructured",
-            pruning="sparsegpt",
-            calibration=[x],
-            int8=True,
-            progress=False,
-        )[""]
+        r = prune(layer, {"": layer}, pruning="sparsegpt", calibration=[x], int8=True)[""]
         assert (~r.mask).sum() == round(0.5 * 40 * 96) and bool((r.qweight[~r.mask] == 0).all())
         errors[iterations] = output_error(x, dense, reference.int8_dequantize(r.qweight, r.scales, -1))
         if iterations == 0:  # without the refit the grid is the int8 path's grid for SparseGPT's pruned weight
@@ -280,10 +262,7 @@ def test_refit_matches_direct_solve(shape):
 
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
 def test_refit_lowers_sparsegpt_layer_error(pattern):
-    n, k = 48, 128
-    w = random_weight(n, k)
-    x = correlated_inputs(1024, k)
-    sparsity = 0.5 if pattern == "unstructured" else None
+    w, x, sparsity = layer_case(48, 128, pattern)
     sgpt, keep, _ = sparsegpt_prune(w, x.T @ x, sparsity, pattern, block_size=32)
     refit = refit_kept_weights(w, sgpt, keep, x.T @ x)
     assert bool((refit[~keep] == 0).all())
@@ -351,15 +330,7 @@ def test_dense_target_lowers_model_output_error(monkeypatch):
     for dense_target in (False, True):
         monkeypatch.setattr(pruning, "DENSE_TARGET", dense_target)
         model = copy.deepcopy(dense)
-        prune_layers(
-            model,
-            pruning.prunable_layers(model),
-            sparsity=0.6,
-            pattern="unstructured",
-            pruning="sparsegpt",
-            calibration=calibration,
-            progress=False,
-        )
+        prune(model, pruning.prunable_layers(model), sparsity=0.6, pruning="sparsegpt", calibration=calibration)
         with torch.no_grad():
             errors[dense_target] = float((torch.cat([model(ids).logits for ids in calibration]) - want).norm())
     assert errors[True] < errors[False], errors
@@ -372,14 +343,8 @@ def test_tiny_llama_every_layer_pruned_and_model_runs(pruning_method):
     layers = pruning.prunable_layers(model)
     assert len(layers) == 2 * 7 and "lm_head" not in layers
     pattern, sparsity = ("2:4", None) if pruning_method in ("wanda", "sparsegpt") else ("unstructured", 0.5)
-    result = prune_layers(
-        model,
-        layers,
-        sparsity=sparsity,
-        pattern=pattern,
-        pruning=pruning_method,
-        calibration=token_batches(),
-        progress=False,
+    result = prune(
+        model, layers, sparsity=sparsity, pattern=pattern, pruning=pruning_method, calibration=token_batches()
     )
     assert set(result) == set(layers)
     for name, layer in layers.items():
@@ -404,21 +369,11 @@ def test_decoder_fast_path_matches_generic_path(pruning_method, monkeypatch):
     calibration = token_batches()
     outcomes = []
     for fast_path in (True, False):
+        monkeypatch.setattr(pruning, "DECODER_FAST_PATH", fast_path)
         model = copy.deepcopy(base)
         layers = pruning.prunable_layers(model)
         assert pruning._decoder_blocks(model, layers) is not None
-        result = pruning._prune_layers(
-            model,
-            layers,
-            sparsity=0.5,
-            pattern="unstructured",
-            pruning=pruning_method,
-            calibration=calibration,
-            int8=True,
-            group_size=None,
-            progress=False,
-            fast_path=fast_path,
-        )
+        result = prune(model, layers, pruning=pruning_method, calibration=calibration, int8=True, group_size=None)
         outcomes.append((result, {n: layer.weight.detach().clone() for n, layer in layers.items()}))
     (fast, fast_w), (generic, generic_w) = outcomes
     for name in fast:
@@ -433,9 +388,7 @@ def test_calibration_is_sequential():
     original_down = model.model.layers[0].mlp.down_proj.weight.detach().clone()
     calibration = token_batches()
     layers = pruning.prunable_layers(model)
-    result = prune_layers(
-        model, layers, sparsity=0.5, pattern="unstructured", pruning="wanda", calibration=calibration, progress=False
-    )
+    result = prune(model, layers, pruning="wanda", calibration=calibration)
     sumsq = torch.zeros(128)
 
     def hook(module, args):
@@ -469,9 +422,7 @@ def test_dict_calibration_ignores_padding_and_conv1d_is_transposed():
         calibration = [
             {"input_ids": t, "attention_mask": a} if with_mask else t for t, a in zip(token_ids, attention, strict=True)
         ]
-        result = prune_layers(
-            model, layers, sparsity=0.5, pattern="unstructured", pruning=method, calibration=calibration, progress=False
-        )
+        result = prune(model, layers, pruning=method, calibration=calibration)
         return model, result
 
     model, result = run(ids, True, "sparsegpt")
@@ -496,9 +447,7 @@ def test_bf16_weights_and_float_inputs():
     model = nn.Sequential(nn.Linear(64, 32), nn.GELU(), nn.Linear(32, 16)).to(torch.bfloat16).eval()
     layers = {"0": model[0], "2": model[2]}
     calibration = [torch.randn(8, 64, dtype=torch.bfloat16) for _ in range(2)]
-    result = prune_layers(
-        model, layers, sparsity=None, pattern="4:8", pruning="sparsegpt", calibration=calibration, progress=False
-    )
+    result = prune(model, layers, sparsity=None, pattern="4:8", pruning="sparsegpt", calibration=calibration)
     for name, layer in layers.items():
         assert layer.weight.dtype == torch.bfloat16
         assert bool((pruned_per_group(result[name].mask, 8) == 4).all())
@@ -508,65 +457,49 @@ def test_bf16_weights_and_float_inputs():
 def test_shared_layer_listed_twice_is_pruned_once():
     shared = nn.Linear(32, 32)
     model = nn.Sequential(shared, nn.ReLU(), shared)
-    result = prune_layers(
-        model,
-        {"0": model[0], "2": model[2]},
-        sparsity=0.5,
-        pattern="unstructured",
-        pruning="magnitude",
-        calibration=None,
-        progress=False,
-    )
+    result = prune(model, {"0": model[0], "2": model[2]})
     assert result["0"] is result["2"]
     assert int((shared.weight == 0).sum()) == 512
 
 
 # --------------------------------------------------------------------------------------------- errors
-def call(model=None, layers=None, **kwargs):
-    model = model if model is not None else nn.Sequential(nn.Linear(30, 8))
-    layers = layers if layers is not None else {"0": model[0]}
-    args = dict(sparsity=0.5, pattern="unstructured", pruning="magnitude", calibration=None, progress=False)
-    args.update(kwargs)
-    return prune_layers(model, layers, **args)
-
-
 @pytest.mark.parametrize("sparsity", [float("nan"), -0.1, 1.0, 1.5, None, True, "0.5"])
 def test_bad_sparsity(sparsity):
     with pytest.raises(ValueError, match="sparsity"):
-        call(sparsity=sparsity)
+        prune(sparsity=sparsity)
 
 
 def test_errors_name_the_problem():
     with pytest.raises(ValueError, match=r"'2:4' implies sparsity 0.5.*sparsity=0.6"):
-        call(pattern="2:4", sparsity=0.6)
+        prune(pattern="2:4", sparsity=0.6)
     with pytest.raises(ValueError, match=r"layer '0'.*K=30.*M=4"):
-        call(pattern="2:4", sparsity=None)
+        prune(pattern="2:4", sparsity=None)
     with pytest.raises(ValueError, match=r"layer '0'.*K=30.*M=8"):
-        call(pattern="4:8", sparsity=0.5)
+        prune(pattern="4:8", sparsity=0.5)
     for method in ("wanda", "sparsegpt"):
         with pytest.raises(ValueError, match=r"calibration data is required.*token ids.*dicts of keyword"):
-            call(pruning=method)
+            prune(pruning=method)
         with pytest.raises(ValueError, match="empty"):
-            call(pruning=method, calibration=[])
+            prune(pruning=method, calibration=[])
         with pytest.raises(ValueError, match=r"calibration item 0 is a list"):
-            call(pruning=method, calibration=[[1, 2, 3]])
+            prune(pruning=method, calibration=[[1, 2, 3]])
     with pytest.raises(ValueError, match=r"unknown pruning 'obs'.*magnitude.*global-magnitude.*wanda.*sparsegpt"):
-        call(pruning="obs")
+        prune(pruning="obs")
     with pytest.raises(ValueError, match=r"unknown pattern '2-4'.*unstructured.*N:M"):
-        call(pattern="2-4")
+        prune(pattern="2-4")
     with pytest.raises(ValueError, match=r"0 < N < M"):
-        call(pattern="4:4", sparsity=None)
+        prune(pattern="4:4", sparsity=None)
     with pytest.raises(ValueError, match=r"global-magnitude.*unstructured"):
-        call(pruning="global-magnitude", pattern="2:4", sparsity=None, layers={})
+        prune(pruning="global-magnitude", pattern="2:4", sparsity=None, layers={})
     with pytest.raises(ValueError, match="group_size"):
-        call(int8=True, group_size=48)
+        prune(int8=True, group_size=48)
     with pytest.raises(ValueError, match=r"layer 'act'.*ReLU"):
-        call(layers={"act": nn.ReLU()})
+        prune(layers={"act": nn.ReLU()})
     model = nn.Sequential(nn.Linear(32, 8))
     with torch.no_grad():
         model[0].weight[1, 2] = float("inf")
     with pytest.raises(ValueError, match=r"layer '0'.*1 NaN/inf"):
-        call(model=model)
+        prune(model=model)
 
     # a layer that never runs on the calibration inputs cannot be calibrated
     class WithSpare(nn.Module):
@@ -580,7 +513,7 @@ def test_errors_name_the_problem():
 
     model = WithSpare()
     with pytest.raises(ValueError, match=r"never ran.*spare"):
-        call(
+        prune(
             model=model,
             layers={"used": model.used, "spare": model.spare},
             pruning="wanda",

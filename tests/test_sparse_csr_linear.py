@@ -17,7 +17,7 @@ import fastquant
 from fastquant.kernels import extension, reference
 from fastquant.kernels.ops import sparse_csr_linear
 from fastquant.modules import SparseLinear
-from helpers import assert_within, available_cpu_isas, random_weight, replacing
+from helpers import assert_within, available_cpu_isas, call_kernel, random_weight, replacing
 from test_sparse_linear import SPARSITIES, VALUE_DTYPES, X_DTYPES, expected_and_bound, make_case
 
 GROUP_SIZES = [-1, 16, 32, 128]
@@ -281,12 +281,7 @@ def test_corrupt_indices_are_rejected(message, make_args, kernel, m, cpu_isa):
     args = list(make_args(bad_base("cpu")))
     args[0] = torch.randn(m, args[0].shape[-1], generator=torch.Generator().manual_seed(m))
     with pytest.raises(RuntimeError, match=message):
-        if kernel == "native":
-            torch.ops.fastquant.sparse_csr_linear(*args)
-        else:
-            torch.ops.fastquant.sparse_csr_linear.default.redispatch(
-                torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd), *args
-            )
+        call_kernel(torch.ops.fastquant.sparse_csr_linear, kernel, args)
 
 
 @pytest.mark.parametrize("int8", [False, True])

@@ -38,6 +38,7 @@ from helpers import (
     assert_within,
     available_cpu_isas,
     bf16_activations_allowed,
+    call_kernel,
     fp16_cancelling_case,
     random_weight,
     replacing,
@@ -632,12 +633,7 @@ def test_corrupt_offsets_are_rejected(message, make_args, kernel, m, cpu_isa):
     assert int(base["masks"][0, 3]) < 0
     args = make_args(base)
     with pytest.raises(RuntimeError, match=message):
-        if kernel == "native":
-            torch.ops.fastquant.sparse_linear(*args)
-        else:
-            torch.ops.fastquant.sparse_linear.default.redispatch(
-                torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd), *args
-            )
+        call_kernel(torch.ops.fastquant.sparse_linear, kernel, args)
 
 
 @pytest.mark.parametrize("values_dtype", [torch.float32, torch.bfloat16], ids=str)

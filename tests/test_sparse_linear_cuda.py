@@ -35,6 +35,7 @@ from helpers import (
     cuda_graph_of,
     fp16_cancelling_case,
     launched_kernels,
+    path_cases,
 )
 
 pytestmark = CUDA_KERNEL_MARKS
@@ -174,11 +175,7 @@ PATH_CASES = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("path", "m", "k", "n", "values_dtype", "x_dtype"),
-    PATH_CASES,
-    ids=[f"{c[0]}-{c[1]}x{c[2]}x{c[3]}-{str(c[4]).removeprefix('torch.')}" for c in PATH_CASES],
-)
+@path_cases(("path", "m", "k", "n", "values_dtype", "x_dtype"), PATH_CASES, dtype_in_id=True)
 def test_every_dispatch_path(path, m, k, n, values_dtype, x_dtype):
     assert cuda_path(m, n, k, values_dtype, x_dtype) == path
     assert extension.sparse_linear_kernel_path(torch.device("cuda"), m, n, k, values_dtype, x_dtype) == path
@@ -343,16 +340,22 @@ def test_cuda_graph_capture_and_replay(m):
         assert_close_to_reference(static_y, graph_args, dense, "graph replay")
 
 
-def test_non_contiguous_batched_and_empty():
-    args, dense = make_case(1, 256, 50, torch.bfloat16, torch.bfloat16, 0.5, seed=5)
+def assert_non_contiguous_and_batched(run_layout, args) -> None:
+    """``args``, a bf16 layer of 256 inputs and 50 outputs in either layout, run by ``run_layout`` on a 3-D x
+    whose K is not innermost (as its contiguous copy) and on batches with no rows."""
     rest = args[1:]
     x3 = torch.randn(256, 3, 4, device="cuda").bfloat16().permute(1, 2, 0)  # (3, 4, 256), K not innermost
     assert not x3.is_contiguous()
-    y = run((x3, *rest))
+    y = run_layout((x3, *rest))
     assert y.shape == (3, 4, 50)
-    torch.testing.assert_close(y, run((x3.contiguous(), *rest)), rtol=0, atol=0)
-    assert run((torch.empty(0, 256, device="cuda").bfloat16(), *rest)).shape == (0, 50)
-    assert run((torch.empty(2, 0, 256, device="cuda").bfloat16(), *rest)).shape == (2, 0, 50)
+    torch.testing.assert_close(y, run_layout((x3.contiguous(), *rest)), rtol=0, atol=0)
+    assert run_layout((torch.empty(0, 256, device="cuda").bfloat16(), *rest)).shape == (0, 50)
+    assert run_layout((torch.empty(2, 0, 256, device="cuda").bfloat16(), *rest)).shape == (2, 0, 50)
+
+
+def test_non_contiguous_batched_and_empty():
+    args, dense = make_case(1, 256, 50, torch.bfloat16, torch.bfloat16, 0.5, seed=5)
+    assert_non_contiguous_and_batched(run, args)
     # in_features = 0: y = bias.
     bias = args[5]
     empty_masks = torch.empty(50, 0, dtype=torch.int16, device="cuda")
@@ -675,14 +678,7 @@ def test_csr_fp16_partial_sums_do_not_overflow():
 
 def test_csr_non_contiguous_batched_and_empty():
     args = make_csr_case(1, 256, 50, torch.bfloat16, torch.bfloat16, 0.5, seed=5)
-    rest = args[1:]
-    x3 = torch.randn(256, 3, 4, device="cuda").bfloat16().permute(1, 2, 0)  # (3, 4, 256), K not innermost
-    assert not x3.is_contiguous()
-    y = run_csr((x3, *rest))
-    assert y.shape == (3, 4, 50)
-    torch.testing.assert_close(y, run_csr((x3.contiguous(), *rest)), rtol=0, atol=0)
-    assert run_csr((torch.empty(0, 256, device="cuda").bfloat16(), *rest)).shape == (0, 50)
-    assert run_csr((torch.empty(2, 0, 256, device="cuda").bfloat16(), *rest)).shape == (2, 0, 50)
+    assert_non_contiguous_and_batched(run_csr, args)
     bias = args[5]
     empty = torch.zeros(64, dtype=torch.bfloat16, device="cuda")
     empty_indices = torch.zeros(64, dtype=torch.int16, device="cuda")

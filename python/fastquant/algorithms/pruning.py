@@ -54,6 +54,10 @@ REFIT_ITERATIONS = 25
 # objective equals SparseGPT's for the weight W (X_d^T X_p)(X_p^T X_p)^-1, so SparseGPT and the refit run
 # unchanged on that weight. Costs a second (dense) stream of block runs during calibration.
 DENSE_TARGET = True
+# Wanda and SparseGPT calibrate a decoder block by block, each block's outputs feeding the next (_calibrate_blocks);
+# False runs the whole model per group of layers instead (_calibrate_groups), the generic path the tests compare
+# the block path with.
+DECODER_FAST_PATH = True
 
 CALIBRATION_TEXT = "hamlet.txt"
 
@@ -792,41 +796,6 @@ def prune_layers(
     """
     if pruning not in PRUNING_METHODS:
         raise ValueError(f"unknown pruning {pruning!r}: expected one of {PRUNING_METHODS}")
-    return _prune_layers(
-        model,
-        layers,
-        sparsity=sparsity,
-        pattern=pattern,
-        pruning=pruning,
-        calibration=calibration,
-        int8=int8,
-        group_size=group_size,
-        progress=progress,
-        label=label,
-        fast_path=True,
-        grid=grid,
-        act_order=act_order,
-    )
-
-
-def _prune_layers(
-    model: nn.Module,
-    layers: dict[str, nn.Module],
-    *,
-    sparsity: float | None,
-    pattern: str,
-    pruning: str,
-    calibration: Iterable | None,
-    int8: bool,
-    group_size: int | None,
-    progress: bool | None,
-    fast_path: bool,
-    label: str | None = None,
-    grid: Grid | None = None,
-    act_order: bool = False,
-) -> dict[str, PrunedLayer]:
-    if pruning not in PRUNING_METHODS:
-        raise ValueError(f"unknown pruning {pruning!r}: expected one of {PRUNING_METHODS}")
     nm = parse_pattern(pattern, sparsity)
     if nm is not None and pruning == "global-magnitude":
         raise ValueError(
@@ -887,7 +856,7 @@ def _prune_layers(
             was_training = [(m, m.training) for m in model.modules()]
             model.eval()  # dropout off: the statistics must describe the deterministic model
             try:
-                blocks = _decoder_blocks(model, unique) if fast_path else None
+                blocks = _decoder_blocks(model, unique) if DECODER_FAST_PATH else None
                 if blocks is not None:
                     results = _calibrate_blocks(model, blocks, items, unique, bar, prune, pruning)
                 else:

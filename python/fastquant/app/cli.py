@@ -506,29 +506,17 @@ def cmd_distill(args: argparse.Namespace) -> int:
         init_distributed,
         perplexities,
     )
+    from fastquant.app.args import config_from_args
     from fastquant.app.evaluate import get_method
 
     # Checked before the model loads: a bad option fails in a second, not after minutes of pruning.
     out = Path(args.output)
-    config = DistillConfig(
-        temperature=args.temperature,
-        hidden_weight=args.hidden_weight,
-        ce_weight=args.ce_weight,
-        lr=args.lr,
-        lr_schedule=args.lr_schedule,
-        precision=args.precision,
-        batch_size=args.batch_size,
-        micro_batch_size=args.micro_batch_size,
-        seq_len=args.seq_len,
+    config = config_from_args(
+        DistillConfig,
+        args,
         max_steps=args.steps,
-        minutes=args.minutes,
         checkpoint_dir=str(args.checkpoint_dir or out / "distill-checkpoint"),
-        checkpoint_every=args.checkpoint_every,
-        resume=args.resume,
-        seed=args.seed,
-        quantization=args.quantization,
         loss_plot=str(out / "distill-loss.png"),
-        progress=args.progress,
     )
     method = get_method(args.method)
     for name in (args.train_text, args.eval_text):

@@ -111,27 +111,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from fastquant.app.serve.app import start
     except ImportError as exc:
         raise ValueError(f"serving needs the serve extra: pip install 'fastquant[serve]' ({exc})") from exc
+    from fastquant.app.args import config_from_args
     from fastquant.app.serve.config import ServeConfig
 
     defaults = {f.name: f.default for f in fields(ServeConfig)}
-    config = ServeConfig(
-        checkpoint=args.checkpoint,
-        api_keys=args.api_keys,
-        model_name=args.model_name,
-        replicas=args.replicas,
-        host=args.host,
-        port=args.port,
-        metrics_port=args.metrics_port,
-        cpus_per_replica=args.cpus_per_replica,
-        max_body_bytes=args.max_body_bytes,
-        max_prompt_tokens=args.max_prompt_tokens,
-        max_tokens_cap=args.max_tokens_cap,
+    config = config_from_args(
+        ServeConfig,
+        args,
         requests_per_minute=args.requests_per_minute or defaults["requests_per_minute"],
-        max_batch_size=args.max_batch_size,
         trusted_keys=tuple(args.trusted_key),
-        key_file=args.key_file,
-        audit_log=args.audit_log,
-        audit_prompts=args.audit_prompts,
     )
     try:
         url = start(config, address=args.address)
