@@ -214,10 +214,15 @@ def _report(args: argparse.Namespace) -> None:
             f"{la['training_start']:.1f} -> {la['training_end']:.1f} |"
         )
     if speed:
-        lines += ["", "| processes x threads | tokens/s | steps | load avg before -> after |", "|---|---:|---:|---|"]
+        lines += [
+            "",
+            "| processes x threads | precision | tokens/s | steps | load avg before -> after |",
+            "|---|---|---:|---:|---|",
+        ]
         for s in speed:
             lines.append(
-                f"| {s['processes']} x {s['threads_per_process']} | {s['steady_tokens_per_s']:.1f} | {s['steps']} | "
+                f"| {s['processes']} x {s['threads_per_process']} | {s.get('precision', 'fp32')} | "
+                f"{s['steady_tokens_per_s']:.1f} | {s['steps']} | "
                 f"{s['load_average']['before']:.1f} -> {s['load_average']['after']:.1f} |"
             )
     if args.note:
