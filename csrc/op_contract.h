@@ -150,6 +150,11 @@ inline void check_in_features(const char* prefix, const at::Tensor& x, int64_t k
               ") but ", what);
 }
 
+// x against an in_features argument.
+inline void check_in_features(const char* prefix, const at::Tensor& x, int64_t in_features) {
+  check_in_features(prefix, x, in_features, ("in_features is " + std::to_string(in_features)).c_str());
+}
+
 // The output of a linear op: x's shape with the last dimension replaced by n, in x's dtype.
 inline at::Tensor empty_output(const at::Tensor& x, int64_t n) {
   std::vector<int64_t> sizes(x.sizes().begin(), x.sizes().end());

@@ -39,19 +39,10 @@ Path choose_path(Isa isa, int64_t m, int64_t k, int64_t group_size, DType dtype)
 }
 
 const char* path_name(Path path) {
-  switch (path) {
-    case Path::kAvx2Fixed16:
-      return "cpu_avx2_fixed16";
-    case Path::kAvx512VnniFixed16:
-      return "cpu_avx512_vnni_fixed16";
-    case Path::kAvx512Bf16:
-      return "cpu_avx512_bf16";
-    case Path::kAvx2TiledFp32:
-      return "cpu_avx2_tiled_fp32";
-    case Path::kPortable:
-      break;
-  }
-  return "cpu_portable";
+  // In the order of Path's values.
+  constexpr const char* kNames[] = {"cpu_portable", "cpu_avx2_fixed16", "cpu_avx512_vnni_fixed16",
+                                    "cpu_avx512_bf16", "cpu_avx2_tiled_fp32"};
+  return kNames[static_cast<int>(path)];
 }
 
 }  // namespace

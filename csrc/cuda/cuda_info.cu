@@ -1,7 +1,6 @@
 // Build facts for fastquant._C.build_info() and the run-time caps of the int8 paths (see cuda_info.h).
 #include <cuda_runtime_api.h>
 
-#include <atomic>
 #include <cstdio>
 #include <string>
 
@@ -53,26 +52,22 @@ const char* compiled_archs() {
 }
 
 namespace {
-std::atomic<int64_t> g_gemv_max_m{64};
-std::atomic<int64_t> g_gemm_max_m{kDefaultGemmMaxM};
-std::atomic<int64_t> g_int4_gemv_max_m{kDefaultInt4GemvMaxM};
-std::atomic<int64_t> g_int4_gemm_max_m{kDefaultInt4GemmMaxM};
+RuntimeCap g_gemv_max_m{64};
+RuntimeCap g_gemm_max_m{kDefaultGemmMaxM};
+RuntimeCap g_int4_gemv_max_m{kDefaultInt4GemvMaxM};
+RuntimeCap g_int4_gemm_max_m{kDefaultInt4GemmMaxM};
 }  // namespace
 
-int64_t gemm_max_m() { return g_gemm_max_m.load(std::memory_order_relaxed); }
+int64_t gemm_max_m() { return g_gemm_max_m.get(); }
+void set_gemm_max_m(int64_t m) { g_gemm_max_m.set(m); }
 
-void set_gemm_max_m(int64_t m) { g_gemm_max_m.store(m < 0 ? 0 : m, std::memory_order_relaxed); }
+int64_t gemv_max_m() { return g_gemv_max_m.get(); }
+void set_gemv_max_m(int64_t m) { g_gemv_max_m.set(m); }
 
-int64_t gemv_max_m() { return g_gemv_max_m.load(std::memory_order_relaxed); }
+int64_t int4_gemv_max_m() { return g_int4_gemv_max_m.get(); }
+void set_int4_gemv_max_m(int64_t m) { g_int4_gemv_max_m.set(m); }
 
-void set_gemv_max_m(int64_t m) { g_gemv_max_m.store(m < 0 ? 0 : m, std::memory_order_relaxed); }
-
-int64_t int4_gemv_max_m() { return g_int4_gemv_max_m.load(std::memory_order_relaxed); }
-
-void set_int4_gemv_max_m(int64_t m) { g_int4_gemv_max_m.store(m < 0 ? 0 : m, std::memory_order_relaxed); }
-
-int64_t int4_gemm_max_m() { return g_int4_gemm_max_m.load(std::memory_order_relaxed); }
-
-void set_int4_gemm_max_m(int64_t m) { g_int4_gemm_max_m.store(m < 0 ? 0 : m, std::memory_order_relaxed); }
+int64_t int4_gemm_max_m() { return g_int4_gemm_max_m.get(); }
+void set_int4_gemm_max_m(int64_t m) { g_int4_gemm_max_m.set(m); }
 
 }  // namespace fastquant::cuda
