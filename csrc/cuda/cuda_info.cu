@@ -51,23 +51,9 @@ const char* compiled_archs() {
 #endif
 }
 
-namespace {
-RuntimeCap g_gemv_max_m{64};
-RuntimeCap g_gemm_max_m{kDefaultGemmMaxM};
-RuntimeCap g_int4_gemv_max_m{kDefaultInt4GemvMaxM};
-RuntimeCap g_int4_gemm_max_m{kDefaultInt4GemmMaxM};
-}  // namespace
-
-int64_t gemm_max_m() { return g_gemm_max_m.get(); }
-void set_gemm_max_m(int64_t m) { g_gemm_max_m.set(m); }
-
-int64_t gemv_max_m() { return g_gemv_max_m.get(); }
-void set_gemv_max_m(int64_t m) { g_gemv_max_m.set(m); }
-
-int64_t int4_gemv_max_m() { return g_int4_gemv_max_m.get(); }
-void set_int4_gemv_max_m(int64_t m) { g_int4_gemv_max_m.set(m); }
-
-int64_t int4_gemm_max_m() { return g_int4_gemm_max_m.get(); }
-void set_int4_gemm_max_m(int64_t m) { g_int4_gemm_max_m.set(m); }
+FASTQUANT_DEFINE_RUNTIME_CAP(gemv_max_m, 64)
+FASTQUANT_DEFINE_RUNTIME_CAP(gemm_max_m, kDefaultGemmMaxM)
+FASTQUANT_DEFINE_RUNTIME_CAP(int4_gemv_max_m, kDefaultInt4GemvMaxM)
+FASTQUANT_DEFINE_RUNTIME_CAP(int4_gemm_max_m, kDefaultInt4GemmMaxM)
 
 }  // namespace fastquant::cuda

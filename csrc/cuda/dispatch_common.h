@@ -39,4 +39,14 @@ class RuntimeCap {
   std::atomic<int64_t> value_;
 };
 
+// Defines a RuntimeCap with this initial value and the functions that read and set it, `int64_t name()` and
+// `void set_name(int64_t)` (declared in cuda_info.h and sparse_linear_dispatch.h). At namespace scope in one
+// source file.
+#define FASTQUANT_DEFINE_RUNTIME_CAP(name, initial) \
+  namespace {                                       \
+  RuntimeCap g_##name{initial};                     \
+  }                                                 \
+  int64_t name() { return g_##name.get(); }         \
+  void set_##name(int64_t value) { g_##name.set(value); }
+
 }  // namespace fastquant::cuda

@@ -26,20 +26,9 @@
 
 namespace fastquant::cuda {
 
-namespace {
-RuntimeCap g_sparse_gemv_max_m{kDefaultSparseGemvMaxM};
-RuntimeCap g_sparse_mma_max_m{kDefaultSparseMmaMaxM};
-RuntimeCap g_sparse_smem_limit{0};
-}  // namespace
-
-int64_t sparse_gemv_max_m() { return g_sparse_gemv_max_m.get(); }
-void set_sparse_gemv_max_m(int64_t m) { g_sparse_gemv_max_m.set(m); }
-
-int64_t sparse_mma_max_m() { return g_sparse_mma_max_m.get(); }
-void set_sparse_mma_max_m(int64_t m) { g_sparse_mma_max_m.set(m); }
-
-int64_t sparse_smem_limit() { return g_sparse_smem_limit.get(); }
-void set_sparse_smem_limit(int64_t bytes) { g_sparse_smem_limit.set(bytes); }
+FASTQUANT_DEFINE_RUNTIME_CAP(sparse_gemv_max_m, kDefaultSparseGemvMaxM)
+FASTQUANT_DEFINE_RUNTIME_CAP(sparse_mma_max_m, kDefaultSparseMmaMaxM)
+FASTQUANT_DEFINE_RUNTIME_CAP(sparse_smem_limit, 0)
 
 namespace {
 
