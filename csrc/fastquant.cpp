@@ -46,6 +46,27 @@ DType parse_values_dtype(const std::string& name) {
   }
 }
 
+// A "which kernel" query of a quantized op: the kernel's name for (m, n, k, group_size, activation dtype).
+using PathQuery = const char* (*)(int64_t, int64_t, int64_t, int64_t, DType);
+
+void def_path_query(py::module_& m, const char* name, PathQuery query, const char* doc) {
+  m.def(
+      name,
+      [query](int64_t m_rows, int64_t n, int64_t k, int64_t group_size, const std::string& dtype) {
+        return std::string(query(m_rows, n, k, group_size, parse_dtype(dtype)));
+      },
+      py::arg("m"), py::arg("n"), py::arg("k"), py::arg("group_size"), py::arg("dtype"), doc);
+}
+
+#ifdef FASTQUANT_WITH_CUDA
+// The CUDA kernel int4_linear runs under the current caps, for x 16-byte aligned.
+const char* int4_linear_cuda_path(int64_t m, int64_t n, int64_t k, int64_t group_size, DType dtype) {
+  namespace fc = fastquant::cuda;
+  return fc::int4_path_name(fc::plan_int4(m, n, k, group_size, dtype, /*x_ptr_aligned=*/true,
+                                          fc::int4_gemv_max_m(), fc::int4_gemm_max_m()));
+}
+#endif
+
 // fastquant._C.cuda_dispatch: the CUDA kernel choice as pure functions of the problem, the run-time caps and
 // the device's limits (csrc/cuda/*_dispatch.h), in every build.
 void def_cuda_dispatch(py::module_& parent) {
@@ -172,22 +193,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_cpu_isa", &fastquant::cpu::set_isa_limit, py::arg("name"),
         "Cap the CPU kernels at an instruction set (avx512_vbmi, avx512, avx2, portable); for tests and "
         "comparisons");
-  m.def(
-      "int8_linear_cpu_path",
-      [](int64_t m_rows, int64_t n, int64_t k, int64_t group_size, const std::string& dtype) {
-        return std::string(
-            fastquant::cpu::int8_linear_cpu_path(m_rows, n, k, group_size, parse_dtype(dtype)));
-      },
-      py::arg("m"), py::arg("n"), py::arg("k"), py::arg("group_size"), py::arg("dtype"),
-      "Name of the CPU kernel int8_linear runs for this problem");
-  m.def(
-      "int4_linear_cpu_path",
-      [](int64_t m_rows, int64_t n, int64_t k, int64_t group_size, const std::string& dtype) {
-        return std::string(
-            fastquant::cpu::int4_linear_cpu_path(m_rows, n, k, group_size, parse_dtype(dtype)));
-      },
-      py::arg("m"), py::arg("n"), py::arg("k"), py::arg("group_size"), py::arg("dtype"),
-      "Name of the CPU kernel int4_linear runs for this problem (finite x)");
+  def_path_query(m, "int8_linear_cpu_path", &fastquant::cpu::int8_linear_cpu_path,
+                 "Name of the CPU kernel int8_linear runs for this problem");
+  def_path_query(m, "int4_linear_cpu_path", &fastquant::cpu::int4_linear_cpu_path,
+                 "Name of the CPU kernel int4_linear runs for this problem (finite x)");
   m.def(
       "sparse_linear_cpu_path",
       [](int64_t m_rows, int64_t n, int64_t k, const std::string& values_dtype, const std::string& x_dtype,
@@ -224,15 +233,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_int4_cuda_gemm_max_m", &fastquant::cuda::set_int4_gemm_max_m, py::arg("m"),
         "Cap the M of the fused CUDA int4 GEMM (0: never; above it dequantize + cuBLAS); for benchmarks and "
         "tests");
-  m.def(
-      "int4_linear_cuda_path",
-      [](int64_t m_rows, int64_t n, int64_t k, int64_t group_size, const std::string& dtype) {
-        namespace fc = fastquant::cuda;
-        return std::string(fc::int4_path_name(fc::plan_int4(m_rows, n, k, group_size, parse_dtype(dtype),
-                                                            /*x_ptr_aligned=*/true, fc::int4_gemv_max_m(),
-                                                            fc::int4_gemm_max_m())));
-      },
-      py::arg("m"), py::arg("n"), py::arg("k"), py::arg("group_size"), py::arg("dtype"),
+  def_path_query(
+      m, "int4_linear_cuda_path", &int4_linear_cuda_path,
       "Name of the CUDA kernel int4_linear runs for this problem (x 16-byte aligned), under the current cap");
   m.def(
       "sparse_csr_linear_cuda_path", [] { return std::string(fastquant::cuda::kSparseCsrCudaPath); },

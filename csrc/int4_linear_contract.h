@@ -47,7 +47,7 @@ inline Int4LinearShape check_int4_linear(Backend backend, const at::Tensor& x, c
               " group_size must be a positive multiple of 32, got ", group_size);
   s.n = qweight.size(0);
   s.k = in_features;
-  check_in_features(kPrefix, x, s.k, ("in_features is " + std::to_string(s.k)).c_str());
+  check_in_features(kPrefix, x, s.k);
   s.row_bytes = group_count(s.k, 64) * 32;
   TORCH_CHECK(qweight.size(1) == s.row_bytes, kPrefix, " qweight has ", qweight.size(1),
               " bytes per row but in_features ", s.k, " needs ceil(", s.k, " / 64) * 32 = ", s.row_bytes);

@@ -19,30 +19,19 @@ enum class Backend { kCpu, kCuda };
 // A tensor argument by name; `tensor` is null for an optional argument passed as None.
 // dtypes and shapes as Python prints them (torch.float32, (3, 40)): the messages read as the Python checks'.
 inline std::string py_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat:
-      return "torch.float32";
-    case at::kDouble:
-      return "torch.float64";
-    case at::kHalf:
-      return "torch.float16";
-    case at::kBFloat16:
-      return "torch.bfloat16";
-    case at::kChar:
-      return "torch.int8";
-    case at::kByte:
-      return "torch.uint8";
-    case at::kShort:
-      return "torch.int16";
-    case at::kInt:
-      return "torch.int32";
-    case at::kLong:
-      return "torch.int64";
-    case at::kBool:
-      return "torch.bool";
-    default:
-      return std::string("torch.") + c10::toString(t);
+  struct Name {
+    at::ScalarType type;
+    const char* name;
+  };
+  static constexpr Name kNames[] = {{at::kFloat, "torch.float32"}, {at::kDouble, "torch.float64"},
+                                    {at::kHalf, "torch.float16"},  {at::kBFloat16, "torch.bfloat16"},
+                                    {at::kChar, "torch.int8"},     {at::kByte, "torch.uint8"},
+                                    {at::kShort, "torch.int16"},   {at::kInt, "torch.int32"},
+                                    {at::kLong, "torch.int64"},    {at::kBool, "torch.bool"}};
+  for (const Name& n : kNames) {
+    if (n.type == t) return n.name;
   }
+  return std::string("torch.") + c10::toString(t);
 }
 
 inline std::string py_shape(at::IntArrayRef sizes) {
@@ -148,6 +137,11 @@ inline void check_bias(const char* prefix, const at::Tensor& x, const std::optio
 inline void check_in_features(const char* prefix, const at::Tensor& x, int64_t k, const char* what) {
   TORCH_CHECK(x.size(-1) == k, prefix, " x has ", x.size(-1), " input features (shape ", py_shape(x.sizes()),
               ") but ", what);
+}
+
+// x against an in_features argument.
+inline void check_in_features(const char* prefix, const at::Tensor& x, int64_t in_features) {
+  check_in_features(prefix, x, in_features, ("in_features is " + std::to_string(in_features)).c_str());
 }
 
 // The output of a linear op: x's shape with the last dimension replaced by n, in x's dtype.

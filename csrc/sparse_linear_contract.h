@@ -6,6 +6,7 @@
 // masks and column_indices are the kernels' business: checking them needs a pass over the data (and on CUDA a
 // copy to the host), which each backend does where it reads them anyway.
 #include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <optional>
 
@@ -37,12 +38,36 @@ inline DType check_values(const char* prefix, const at::Tensor& values) {
   return d;
 }
 
-// Scales and bias for a weight of n rows and k columns: int8 values need float32 scales (group sizes a
-// multiple of 16, the mask word the kernels step by), float values take none. Returns the columns of scales.
-inline int64_t check_scales_and_bias(const char* prefix, const at::Tensor& x, const at::Tensor& values,
-                                     const std::optional<at::Tensor>& scales,
-                                     const std::optional<at::Tensor>& bias, int64_t n, int64_t k,
-                                     int64_t group_size) {
+// The dtypes of a sparse problem's activations and values.
+struct SparseDTypes {
+  DType x, values;
+};
+
+// The first checks of both sparse ops: devices, activations and values. `positions` is where the kept values
+// sit (masks for bitmap16, column_indices for csr16), named as the op names it.
+inline SparseDTypes check_operands(const char* op, const char* prefix, Backend backend, const at::Tensor& x,
+                                   const at::Tensor& values, const char* positions_name,
+                                   const at::Tensor& positions, const at::Tensor& row_offsets,
+                                   const std::optional<at::Tensor>& scales,
+                                   const std::optional<at::Tensor>& bias) {
+  check_devices(op, backend,
+                {{"x", &x},
+                 {"values", &values},
+                 {positions_name, &positions},
+                 {"row_offsets", &row_offsets},
+                 {"scales", optional_arg(scales)},
+                 {"bias", optional_arg(bias)}});
+  return {check_activations(prefix, x), check_values(prefix, values)};
+}
+
+// The last checks of both sparse ops, scales and bias for a weight of n rows and k columns (int8 values need
+// float32 scales, group sizes a multiple of 16, the mask word the kernels step by; float values take none),
+// and the checked shape.
+inline SparseLinearShape check_scales_and_bias(const char* prefix, const at::Tensor& x,
+                                               const at::Tensor& values,
+                                               const std::optional<at::Tensor>& scales,
+                                               const std::optional<at::Tensor>& bias, int64_t n, int64_t k,
+                                               int64_t group_size, SparseDTypes dtypes) {
   check_group_size(prefix, group_size, kSparseGroupMultiple);
   int64_t n_groups = 1;
   if (values.scalar_type() == at::kChar) {
@@ -53,7 +78,7 @@ inline int64_t check_scales_and_bias(const char* prefix, const at::Tensor& x, co
                 " values (only int8 values are scaled)");
   }
   check_bias(prefix, x, bias, n);
-  return n_groups;
+  return {activation_rows(x), n, k, n_groups, dtypes.x, dtypes.values};
 }
 
 }  // namespace sparse_contract
@@ -64,15 +89,8 @@ inline SparseLinearShape check_sparse_linear(Backend backend, const at::Tensor& 
                                              const std::optional<at::Tensor>& bias, int64_t in_features,
                                              int64_t group_size) {
   constexpr const char* kPrefix = "fastquant.sparse_linear:";
-  check_devices("fastquant.sparse_linear", backend,
-                {{"x", &x},
-                 {"values", &values},
-                 {"masks", &masks},
-                 {"row_offsets", &row_offsets},
-                 {"scales", optional_arg(scales)},
-                 {"bias", optional_arg(bias)}});
-  const DType x_dtype = check_activations(kPrefix, x);
-  const DType values_dtype = sparse_contract::check_values(kPrefix, values);
+  const sparse_contract::SparseDTypes dtypes = sparse_contract::check_operands(
+      "fastquant.sparse_linear", kPrefix, backend, x, values, "masks", masks, row_offsets, scales, bias);
   TORCH_CHECK(masks.scalar_type() == at::kShort && masks.dim() == 2, kPrefix,
               " masks must be a 2-D int16 tensor (N, ceil(K / 16)), got ", py_dtype(masks.scalar_type()),
               " of shape ", py_shape(masks.sizes()));
@@ -80,7 +98,7 @@ inline SparseLinearShape check_sparse_linear(Backend backend, const at::Tensor& 
   const int64_t k = in_features;
   const int64_t n = masks.size(0);
   const int64_t n_chunks = group_count(k, 16);
-  check_in_features(kPrefix, x, k, ("in_features is " + std::to_string(k)).c_str());
+  check_in_features(kPrefix, x, k);
   TORCH_CHECK(masks.size(1) == n_chunks, kPrefix, " masks has ", masks.size(1),
               " chunks per row but in_features ", k, " needs ceil(", k, " / 16) = ", n_chunks);
   TORCH_CHECK(
@@ -89,9 +107,7 @@ inline SparseLinearShape check_sparse_linear(Backend backend, const at::Tensor& 
       py_dtype(row_offsets.scalar_type()), " of shape ", py_shape(row_offsets.sizes()));
   TORCH_CHECK(values.numel() >= kBitmap16Padding, kPrefix, " values must end with ", kBitmap16Padding,
               " elements of padding, got ", values.numel(), " elements");
-  const int64_t n_groups =
-      sparse_contract::check_scales_and_bias(kPrefix, x, values, scales, bias, n, k, group_size);
-  return {activation_rows(x), n, k, n_groups, x_dtype, values_dtype};
+  return sparse_contract::check_scales_and_bias(kPrefix, x, values, scales, bias, n, k, group_size, dtypes);
 }
 
 inline SparseLinearShape check_sparse_csr_linear(Backend backend, const at::Tensor& x,
@@ -101,15 +117,9 @@ inline SparseLinearShape check_sparse_csr_linear(Backend backend, const at::Tens
                                                  const std::optional<at::Tensor>& bias, int64_t in_features,
                                                  int64_t group_size) {
   constexpr const char* kPrefix = "fastquant.sparse_csr_linear:";
-  check_devices("fastquant.sparse_csr_linear", backend,
-                {{"x", &x},
-                 {"values", &values},
-                 {"column_indices", &column_indices},
-                 {"row_offsets", &row_offsets},
-                 {"scales", optional_arg(scales)},
-                 {"bias", optional_arg(bias)}});
-  const DType x_dtype = check_activations(kPrefix, x);
-  const DType values_dtype = sparse_contract::check_values(kPrefix, values);
+  const sparse_contract::SparseDTypes dtypes =
+      sparse_contract::check_operands("fastquant.sparse_csr_linear", kPrefix, backend, x, values,
+                                      "column_indices", column_indices, row_offsets, scales, bias);
   TORCH_CHECK(column_indices.scalar_type() == at::kShort && column_indices.sizes() == values.sizes(), kPrefix,
               " column_indices must be an int16 tensor of the values' shape ", py_shape(values.sizes()),
               ", got ", py_dtype(column_indices.scalar_type()), " of shape ",
@@ -122,10 +132,50 @@ inline SparseLinearShape check_sparse_csr_linear(Backend backend, const at::Tens
               in_features);
   const int64_t k = in_features;
   const int64_t n = row_offsets.size(0) - 1;
-  check_in_features(kPrefix, x, k, ("in_features is " + std::to_string(k)).c_str());
-  const int64_t n_groups =
-      sparse_contract::check_scales_and_bias(kPrefix, x, values, scales, bias, n, k, group_size);
-  return {activation_rows(x), n, k, n_groups, x_dtype, values_dtype};
+  check_in_features(kPrefix, x, k);
+  return sparse_contract::check_scales_and_bias(kPrefix, x, values, scales, bias, n, k, group_size, dtypes);
+}
+
+// One call of sparse_linear or sparse_csr_linear as a backend's glue gets it: the arguments as the op's
+// schema passes them, with their checked shape.
+struct SparseLinearCall {
+  const at::Tensor& x;
+  const at::Tensor& values;
+  const at::Tensor& positions;  // where the kept values sit: masks (bitmap16) or column_indices (csr16)
+  const at::Tensor& row_offsets;
+  const std::optional<at::Tensor>& scales;
+  const std::optional<at::Tensor>& bias;
+  int64_t in_features;
+  int64_t group_size;
+  SparseLinearShape shape;
+};
+
+using SparseLinearCheck = SparseLinearShape (*)(Backend, const at::Tensor&, const at::Tensor&,
+                                                const at::Tensor&, const at::Tensor&,
+                                                const std::optional<at::Tensor>&,
+                                                const std::optional<at::Tensor>&, int64_t, int64_t);
+
+// The kernel a backend registers for a sparse op, with the op's signature written once for every backend:
+// the op's contract (Check: check_sparse_linear or check_sparse_csr_linear), then the backend's glue (Run)
+// on the checked call.
+template <SparseLinearCheck Check, Backend backend, at::Tensor (*Run)(const SparseLinearCall&)>
+at::Tensor sparse_linear_kernel(const at::Tensor& x, const at::Tensor& values, const at::Tensor& positions,
+                                const at::Tensor& row_offsets, const std::optional<at::Tensor>& scales,
+                                const std::optional<at::Tensor>& bias, int64_t in_features,
+                                int64_t group_size) {
+  return Run({x, values, positions, row_offsets, scales, bias, in_features, group_size,
+              Check(backend, x, values, positions, row_offsets, scales, bias, in_features, group_size)});
+}
+
+// Registers a backend's glue `Run` as its kernel of the op, under the op's signature above.
+template <Backend backend, at::Tensor (*Run)(const SparseLinearCall&)>
+void impl_sparse_linear(torch::Library& m) {
+  m.impl("sparse_linear", &sparse_linear_kernel<check_sparse_linear, backend, Run>);
+}
+
+template <Backend backend, at::Tensor (*Run)(const SparseLinearCall&)>
+void impl_sparse_csr_linear(torch::Library& m) {
+  m.impl("sparse_csr_linear", &sparse_linear_kernel<check_sparse_csr_linear, backend, Run>);
 }
 
 }  // namespace fastquant

@@ -18,6 +18,9 @@ namespace fastquant::cpu {
 namespace {
 
 enum class Path { kPortable, kAvx2Fixed16, kAvx512VnniFixed16, kAvx512Bf16, kAvx2TiledFp32 };
+// Path's names (int4_linear_cpu_path), in its order.
+constexpr const char* kPathNames[] = {"cpu_portable", "cpu_avx2_fixed16", "cpu_avx512_vnni_fixed16",
+                                      "cpu_avx512_bf16", "cpu_avx2_tiled_fp32"};
 
 // Prefill rounds x to bf16 where int8_linear does: above kBf16MinRows rows, and for fp32 x only when torch's
 // float32 matmul precision allows it (bf16_activations_allowed, the one rule both ops follow).
@@ -38,26 +41,10 @@ Path choose_path(Isa isa, int64_t m, int64_t k, int64_t group_size, DType dtype)
   return Path::kPortable;
 }
 
-const char* path_name(Path path) {
-  switch (path) {
-    case Path::kAvx2Fixed16:
-      return "cpu_avx2_fixed16";
-    case Path::kAvx512VnniFixed16:
-      return "cpu_avx512_vnni_fixed16";
-    case Path::kAvx512Bf16:
-      return "cpu_avx512_bf16";
-    case Path::kAvx2TiledFp32:
-      return "cpu_avx2_tiled_fp32";
-    case Path::kPortable:
-      break;
-  }
-  return "cpu_portable";
-}
-
 }  // namespace
 
 const char* int4_linear_cpu_path(int64_t m, int64_t n, int64_t k, int64_t group_size, DType dtype) {
-  return path_name(choose_path(active_isa(), m, k, group_size, dtype));
+  return kPathNames[static_cast<int>(choose_path(active_isa(), m, k, group_size, dtype))];
 }
 
 at::Tensor int4_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,

@@ -18,6 +18,7 @@
 #include "cpu/cpu_features.h"
 #include "cpu/non_finite.h"
 #include "cpu/parallel.h"
+#include "cpu/sparse_glue.h"
 #include "sparse_linear_contract.h"
 
 namespace fastquant::cpu {
@@ -72,27 +73,21 @@ at::Tensor dense_weight(const at::Tensor& values, const at::Tensor& column_indic
   return scales.has_value() ? dequantize_int8(codes, *scales, group_size) : codes;
 }
 
-at::Tensor run_kernels(const at::Tensor& x, const at::Tensor& values, const at::Tensor& column_indices,
-                       const at::Tensor& row_offsets, const std::optional<at::Tensor>& scales,
-                       const std::optional<at::Tensor>& bias, int64_t in_features, int64_t group_size) {
-  const SparseLinearShape shape = check_sparse_csr_linear(Backend::kCpu, x, values, column_indices,
-                                                          row_offsets, scales, bias, in_features, group_size);
-  const int64_t m = shape.m, n = shape.n, k = shape.k, n_groups = shape.n_groups;
-  const DType dtype = shape.x_dtype, vtype = shape.values_dtype;
+at::Tensor run_kernels(const SparseLinearCall& c) {
+  const int64_t m = c.shape.m, n = c.shape.n, k = c.shape.k;
+  const DType dtype = c.shape.x_dtype;
 
-  const at::Tensor vals = values.contiguous();
-  const at::Tensor idx = column_indices.contiguous();
-  const at::Tensor offs = row_offsets.contiguous();
+  const at::Tensor vals = c.values.contiguous();
+  const at::Tensor idx = c.positions.contiguous();
+  const at::Tensor offs = c.row_offsets.contiguous();
   const int64_t* offsets = offs.data_ptr<int64_t>();
   check_offsets_ends(offsets, n, vals.numel());
 
-  at::Tensor y = empty_output(x, n);
-  if (output_without_kernel(y, k, bias)) return y;
+  at::Tensor y = empty_output(c.x, n);
+  if (output_without_kernel(y, k, c.bias)) return y;
 
-  const at::Tensor x32 = x.reshape({m, k}).to(at::kFloat).contiguous();
-  const at::Tensor s = scales.has_value() ? scales->contiguous() : at::Tensor();
-  const at::Tensor b32 = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
-  at::Tensor y32 = dtype == DType::kFloat32 ? y : at::empty({m, n}, x.options().dtype(at::kFloat));
+  const at::Tensor x32 = c.x.reshape({m, k}).to(at::kFloat).contiguous();
+  const SparseFp32Operands o = sparse_fp32_operands(c, y);
 
   // From 8 rows of x the AVX2 kernel takes x transposed and zero-padded to whole 16-row tiles (notes in
   // sparse_csr_linear_avx2.cpp); the copy is K x M floats, against M x (kept weights) FMAs. Below 8 rows the
@@ -104,21 +99,12 @@ at::Tensor run_kernels(const at::Tensor& x, const at::Tensor& values, const at::
   }
 
   SparseCsrLinearProblem p{};
+  set_sparse_operands(p, c.shape, vals, offsets, o);
   p.x = x32.data_ptr<float>();
   p.xt = xt.defined() ? xt.data_ptr<float>() : nullptr;
   p.ldxt = xt.defined() ? xt.size(1) : 0;
-  p.values = vals.data_ptr();
   p.column_indices = reinterpret_cast<const uint16_t*>(idx.data_ptr<int16_t>());
-  p.row_offsets = offsets;
-  p.scales = s.defined() ? s.data_ptr<float>() : nullptr;
-  p.bias = b32.defined() ? b32.data_ptr<float>() : nullptr;
-  p.y = y32.data_ptr<float>();
-  p.m = m;
-  p.n = n;
-  p.k = k;
-  p.group_size = vtype == DType::kInt8 && group_size != -1 ? group_size : 0;
-  p.n_groups = n_groups;
-  p.vtype = vtype;
+  p.group_size = p.vtype == DType::kInt8 && c.group_size != -1 ? c.group_size : 0;
 
   SparseCsrLinearKernel kernel = sparse_csr_linear_portable;
 #if defined(__x86_64__) || defined(_M_X64)
@@ -130,26 +116,23 @@ at::Tensor run_kernels(const at::Tensor& x, const at::Tensor& values, const at::
   const int64_t bad = parallel_rows_first_refused(
       n, grain, [&](int64_t begin, int64_t end) { return kernel(p, begin, end); });
   if (bad != n) raise_refused(p, bad);
-  if (dtype != DType::kFloat32) y.view({m, n}).copy_(y32);
+  if (dtype != DType::kFloat32) y.view({m, n}).copy_(o.y32);
+  return y;
+}
+
+// c.positions: the column indices.
+at::Tensor sparse_csr_linear_cpu(const SparseLinearCall& c) {
+  at::Tensor y = run_kernels(c);
+  if (!finite_call(c.x, y)) {
+    const at::Tensor weight =
+        dense_weight(c.values, c.positions, c.row_offsets, c.scales, c.in_features, c.group_size);
+    reference_linear_into(y, c.x, weight, c.bias);
+  }
   return y;
 }
 
 }  // namespace
 
-at::Tensor sparse_csr_linear_cpu(const at::Tensor& x, const at::Tensor& values,
-                                 const at::Tensor& column_indices, const at::Tensor& row_offsets,
-                                 const std::optional<at::Tensor>& scales,
-                                 const std::optional<at::Tensor>& bias, int64_t in_features,
-                                 int64_t group_size) {
-  at::Tensor y = run_kernels(x, values, column_indices, row_offsets, scales, bias, in_features, group_size);
-  if (!finite_call(x, y)) {
-    const at::Tensor weight =
-        dense_weight(values, column_indices, row_offsets, scales, in_features, group_size);
-    reference_linear_into(y, x, weight, bias);
-  }
-  return y;
-}
-
-TORCH_LIBRARY_IMPL(fastquant, CPU, m) { m.impl("sparse_csr_linear", &sparse_csr_linear_cpu); }
+TORCH_LIBRARY_IMPL(fastquant, CPU, m) { impl_sparse_csr_linear<Backend::kCpu, sparse_csr_linear_cpu>(m); }
 
 }  // namespace fastquant::cpu

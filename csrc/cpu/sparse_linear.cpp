@@ -25,6 +25,7 @@
 #include "cpu/int8_linear_glue.h"
 #include "cpu/non_finite.h"
 #include "cpu/parallel.h"
+#include "cpu/sparse_glue.h"
 #include "sparse_linear_contract.h"
 
 namespace fastquant::cpu {
@@ -148,44 +149,33 @@ at::Tensor dense_weight(const at::Tensor& values, const at::Tensor& masks, const
   return scales.has_value() ? dequantize_int8(codes, *scales, group_size) : codes;
 }
 
-at::Tensor run_kernels(const at::Tensor& x, const at::Tensor& values, const at::Tensor& masks,
-                       const at::Tensor& row_offsets, const std::optional<at::Tensor>& scales,
-                       const std::optional<at::Tensor>& bias, int64_t in_features, int64_t group_size) {
-  const SparseLinearShape shape = check_sparse_linear(Backend::kCpu, x, values, masks, row_offsets, scales,
-                                                      bias, in_features, group_size);
-  const int64_t m = shape.m, n = shape.n, k = shape.k, n_groups = shape.n_groups;
-  const DType dtype = shape.x_dtype, vtype = shape.values_dtype;
+at::Tensor run_kernels(const SparseLinearCall& c) {
+  const at::Tensor& x = c.x;
+  const int64_t m = c.shape.m, n = c.shape.n, k = c.shape.k, n_groups = c.shape.n_groups;
+  const DType dtype = c.shape.x_dtype, vtype = c.shape.values_dtype;
+  const int64_t group_size = c.group_size;
   const int64_t n_chunks = group_count(k, 16);
 
-  const at::Tensor vals = values.contiguous();
-  const at::Tensor mk = masks.contiguous();
-  const at::Tensor offs = row_offsets.contiguous();
+  const at::Tensor vals = c.values.contiguous();
+  const at::Tensor mk = c.positions.contiguous();
+  const at::Tensor offs = c.row_offsets.contiguous();
   const auto* mask_words = reinterpret_cast<const uint16_t*>(mk.data_ptr<int16_t>());
   const int64_t* offsets = offs.data_ptr<int64_t>();
   check_offsets_ends(vals, mask_words, offsets, n, k, n_chunks);
 
   at::Tensor y = empty_output(x, n);
-  if (output_without_kernel(y, k, bias)) return y;
+  if (output_without_kernel(y, k, c.bias)) return y;
 
-  const at::Tensor s = scales.has_value() ? scales->contiguous() : at::Tensor();
-  const at::Tensor b32 = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
-  at::Tensor y32 = dtype == DType::kFloat32 ? y : at::empty({m, n}, x.options().dtype(at::kFloat));
+  const SparseFp32Operands o = sparse_fp32_operands(c, y);
+  const at::Tensor& b32 = o.bias32;
+  const at::Tensor& y32 = o.y32;
 
   SparseLinearProblem p{};
-  p.values = vals.data_ptr();
+  set_sparse_operands(p, c.shape, vals, offsets, o);
   p.values_size = vals.numel();
   p.masks = mask_words;
-  p.row_offsets = offs.data_ptr<int64_t>();
-  p.scales = s.defined() ? s.data_ptr<float>() : nullptr;
-  p.bias = b32.defined() ? b32.data_ptr<float>() : nullptr;
-  p.y = y32.data_ptr<float>();
-  p.m = m;
-  p.n = n;
-  p.k = k;
   p.n_chunks = n_chunks;
   p.group_chunks = vtype == DType::kInt8 && group_size != -1 ? group_size / 16 : 0;
-  p.n_groups = n_groups;
-  p.vtype = vtype;
   const Path path = choose_path(active_isa(), m, k, vtype, dtype, group_size);
   p.byte_expand = path == Path::kAvx512Vbmi || path == Path::kAvx512VnniFixed;
 
@@ -332,19 +322,19 @@ at::Tensor run_kernels(const at::Tensor& x, const at::Tensor& values, const at::
   return y;
 }
 
-}  // namespace
-
-at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& masks,
-                             const at::Tensor& row_offsets, const std::optional<at::Tensor>& scales,
-                             const std::optional<at::Tensor>& bias, int64_t in_features, int64_t group_size) {
-  at::Tensor y = run_kernels(x, values, masks, row_offsets, scales, bias, in_features, group_size);
-  if (!finite_call(x, y)) {
-    reference_linear_into(y, x, dense_weight(values, masks, row_offsets, scales, in_features, group_size),
-                          bias);
+// c.positions: the mask words.
+at::Tensor sparse_linear_cpu(const SparseLinearCall& c) {
+  at::Tensor y = run_kernels(c);
+  if (!finite_call(c.x, y)) {
+    reference_linear_into(
+        y, c.x, dense_weight(c.values, c.positions, c.row_offsets, c.scales, c.in_features, c.group_size),
+        c.bias);
   }
   return y;
 }
 
-TORCH_LIBRARY_IMPL(fastquant, CPU, m) { m.impl("sparse_linear", &sparse_linear_cpu); }
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastquant, CPU, m) { impl_sparse_linear<Backend::kCpu, sparse_linear_cpu>(m); }
 
 }  // namespace fastquant::cpu

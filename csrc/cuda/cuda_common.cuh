@@ -1,12 +1,15 @@
 #pragma once
 // Device and launch helpers shared by the CUDA kernels of every op: rounding fp32 to an activation dtype,
-// cp.async staging into shared memory and the once-per-device opt-in to more dynamic shared memory than the
-// 48 KiB default.
+// cp.async staging into shared memory, the once-per-device opt-in to more dynamic shared memory than the
+// 48 KiB default, and the launch of a kernel template for a run-time float dtype.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <atomic>
+
+#include "cuda/launch_status.h"
+#include "dtypes.h"
 
 namespace fastquant::cuda {
 
@@ -52,6 +55,29 @@ cudaError_t allow_smem(Kernel kernel, int bytes, std::atomic<bool> (&done)[kMaxD
   err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
   if (err == cudaSuccess && device < kMaxDevices) done[device].store(true, std::memory_order_release);
   return err;
+}
+
+// A C++ type as a value, for generic lambdas: `[&](auto t) { using T = typename decltype(t)::type; ... }`.
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+// launch(TypeTag<T>{}) with T the CUDA type of a float dtype (float, __nv_bfloat16, __half); any other dtype
+// breaks the precondition `refusal`.
+template <typename Launch>
+LaunchStatus launch_for_float_dtype(DType dtype, const char* refusal, Launch&& launch) {
+  switch (dtype) {
+    case DType::kFloat32:
+      return launch(TypeTag<float>{});
+    case DType::kBFloat16:
+      return launch(TypeTag<__nv_bfloat16>{});
+    case DType::kFloat16:
+      return launch(TypeTag<__half>{});
+    case DType::kInt8:
+      break;
+  }
+  return LaunchStatus::precondition(refusal);
 }
 
 }  // namespace fastquant::cuda

@@ -1,7 +1,6 @@
 // Build facts for fastquant._C.build_info() and the run-time caps of the int8 paths (see cuda_info.h).
 #include <cuda_runtime_api.h>
 
-#include <atomic>
 #include <cstdio>
 #include <string>
 
@@ -52,27 +51,9 @@ const char* compiled_archs() {
 #endif
 }
 
-namespace {
-std::atomic<int64_t> g_gemv_max_m{64};
-std::atomic<int64_t> g_gemm_max_m{kDefaultGemmMaxM};
-std::atomic<int64_t> g_int4_gemv_max_m{kDefaultInt4GemvMaxM};
-std::atomic<int64_t> g_int4_gemm_max_m{kDefaultInt4GemmMaxM};
-}  // namespace
-
-int64_t gemm_max_m() { return g_gemm_max_m.load(std::memory_order_relaxed); }
-
-void set_gemm_max_m(int64_t m) { g_gemm_max_m.store(m < 0 ? 0 : m, std::memory_order_relaxed); }
-
-int64_t gemv_max_m() { return g_gemv_max_m.load(std::memory_order_relaxed); }
-
-void set_gemv_max_m(int64_t m) { g_gemv_max_m.store(m < 0 ? 0 : m, std::memory_order_relaxed); }
-
-int64_t int4_gemv_max_m() { return g_int4_gemv_max_m.load(std::memory_order_relaxed); }
-
-void set_int4_gemv_max_m(int64_t m) { g_int4_gemv_max_m.store(m < 0 ? 0 : m, std::memory_order_relaxed); }
-
-int64_t int4_gemm_max_m() { return g_int4_gemm_max_m.load(std::memory_order_relaxed); }
-
-void set_int4_gemm_max_m(int64_t m) { g_int4_gemm_max_m.store(m < 0 ? 0 : m, std::memory_order_relaxed); }
+FASTQUANT_DEFINE_RUNTIME_CAP(gemv_max_m, 64)
+FASTQUANT_DEFINE_RUNTIME_CAP(gemm_max_m, kDefaultGemmMaxM)
+FASTQUANT_DEFINE_RUNTIME_CAP(int4_gemv_max_m, kDefaultInt4GemvMaxM)
+FASTQUANT_DEFINE_RUNTIME_CAP(int4_gemm_max_m, kDefaultInt4GemmMaxM)
 
 }  // namespace fastquant::cuda

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "cuda/cuda_info.h"
+#include "cuda/glue_common.h"
 #include "cuda/int4_linear_dispatch.h"
 #include "cuda/int4_linear_launch.h"
 #include "cuda/launch_check.h"
@@ -23,14 +24,6 @@ namespace fastquant::cuda {
 namespace {
 
 constexpr const char* kOp = "fastquant.int4_linear";
-
-bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
-
-// A fresh allocation of the caching allocator is 16-byte aligned; a view that starts mid-buffer is copied.
-at::Tensor contiguous_aligned(const at::Tensor& t) {
-  at::Tensor c = t.contiguous();
-  return aligned16(c.data_ptr()) ? c : c.clone();
-}
 
 }  // namespace
 
@@ -59,10 +52,10 @@ at::Tensor int4_linear_cuda(const at::Tensor& x, const at::Tensor& qweight, cons
 
   at::Tensor x2 = x.reshape({m, k}).contiguous();
   // The kernels load the packed weight in 8-byte pieces of 32-byte rows (ceil(K/64) * 32 bytes).
-  const at::Tensor w = contiguous_aligned(qweight);
+  const at::Tensor w = contiguous_aligned16(qweight);
   const at::Tensor s = scales.contiguous();
-  const at::Tensor o = offsets.has_value() ? offsets->contiguous() : at::Tensor();
-  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const at::Tensor o = contiguous_or_undefined(offsets);
+  const at::Tensor b = contiguous_or_undefined(bias);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const Int4Plan plan =
       plan_int4(m, n, k, group, dtype, aligned16(x2.data_ptr()), int4_gemv_max_m(), int4_gemm_max_m());
@@ -76,12 +69,7 @@ at::Tensor int4_linear_cuda(const at::Tensor& x, const at::Tensor& qweight, cons
                                weight.data_ptr(), static_cast<int>(n), static_cast<int>(k),
                                static_cast<int>(group), static_cast<int>(n_groups), dtype, stream),
         kOp, m, n, k);
-    at::Tensor y2 = y.view({m, n});
-    if (b.defined()) {
-      at::addmm_out(y2, b, x2, weight.t());
-    } else {
-      at::mm_out(y2, x2, weight.t());
-    }
+    dense_linear_into(y, x2, weight, b);
     return y;
   }
 
@@ -90,19 +78,8 @@ at::Tensor int4_linear_cuda(const at::Tensor& x, const at::Tensor& qweight, cons
   const int num_sms = props->multiProcessorCount;
   const bool gemm = plan.path == Int4Path::kGemmMma;
   const bool deterministic = at::globalContext().deterministicAlgorithms();
-  // Split-K scratch, M x N fp32 slices: the GEMM's one per split (ordered, always deterministic); the GEMV's
-  // one for its atomics or, when deterministic, one per split. Fresh per call: concurrent streams and
-  // CUDA-graph replays never share it.
-  int slices = 0;
-  if (gemm) {
-    const int splits = int4_gemm_splits(m, n, k, num_sms);
-    slices = splits > 1 ? splits : 0;
-  } else {
-    slices = int4_gemv_workspace_slices(int4_gemv_splits(n, k, num_sms, int4_gemv_n_tiles(plan.path)),
-                                        deterministic);
-  }
-  at::Tensor workspace;
-  if (slices > 0) workspace = at::empty({slices, m, n}, x.options().dtype(at::kFloat));
+  const at::Tensor workspace = split_k_workspace(
+      int4_workspace_slices(gemm, m, n, k, num_sms, int4_gemv_n_tiles(plan.path), deterministic), m, n, x);
   Int4GemvArgs args;
   args.x = x2.data_ptr();
   args.w = w.data_ptr<uint8_t>();

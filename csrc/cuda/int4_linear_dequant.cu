@@ -100,15 +100,11 @@ LaunchStatus launch_int4_dequantize(const uint8_t* w, const void* scales, const 
         "the int4 dequantize needs an 8-byte aligned qweight and 16-byte aligned out");
   const auto* s = static_cast<const __half*>(scales);
   const auto* o = static_cast<const __half*>(offsets);
-  switch (dtype) {
-    case DType::kFloat32:
-      return launch_any<float>(w, s, o, out, n, k, group_size, n_groups, stream);
-    case DType::kBFloat16:
-      return launch_any<__nv_bfloat16>(w, s, o, out, n, k, group_size, n_groups, stream);
-    case DType::kFloat16:
-      return launch_any<__half>(w, s, o, out, n, k, group_size, n_groups, stream);
-  }
-  return LaunchStatus::precondition("the int4 dequantize takes float32, bfloat16 or float16 outputs");
+  return launch_for_float_dtype(
+      dtype, "the int4 dequantize takes float32, bfloat16 or float16 outputs", [&](auto t) {
+        return LaunchStatus(
+            launch_any<typename decltype(t)::type>(w, s, o, out, n, k, group_size, n_groups, stream));
+      });
 }
 
 }  // namespace fastquant::cuda

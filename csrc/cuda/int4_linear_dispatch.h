@@ -64,21 +64,12 @@ inline Int4Path choose_int4_path(int64_t m, int64_t n, int64_t k, int64_t group_
   return Int4Path::kDequantCublas;
 }
 
-// Number of n=8 activation tiles of the GEMV kernel for a path (0: not the GEMV).
-inline int int4_gemv_n_tiles(Int4Path path) {
-  switch (path) {
-    case Int4Path::kGemvMma8:
-      return 1;
-    case Int4Path::kGemvMma16:
-      return 2;
-    case Int4Path::kGemvMma32:
-      return 4;
-    case Int4Path::kGemvMma64:
-      return 8;
-    default:
-      return 0;
-  }
-}
+// Number of n=8 activation tiles of the GEMV kernel for a path (0: not the GEMV): the int8 GEMV's, whose
+// paths come in the same order.
+static_assert(static_cast<int>(Int4Path::kGemvMma64) == static_cast<int>(Int8Path::kGemvMma64) &&
+                  static_cast<int>(Int4Path::kDequantCublas) == static_cast<int>(Int8Path::kDequantCublas),
+              "Int4Path lists its paths in Int8Path's order");
+inline int int4_gemv_n_tiles(Int4Path path) { return int8_gemv_n_tiles(static_cast<Int8Path>(path)); }
 
 // x in 16-byte loads: 8 consecutive activations of one row per load, so K % 8 == 0 (a load is then all
 // inside or all past K) and x 16-byte aligned. qweight rows are 32-byte multiples: the glue copies a weight
@@ -142,6 +133,11 @@ inline int int4_gemm_block_m(int64_t m, int64_t n, int num_sms) { return int8_ge
 
 inline int int4_gemm_splits(int64_t m, int64_t n, int64_t k, int num_sms) {
   return int8_gemm_splits(m, n, k, num_sms);
+}
+
+inline int int4_workspace_slices(bool gemm, int64_t m, int64_t n, int64_t k, int num_sms, int gemv_n_tiles,
+                                 bool deterministic) {
+  return int8_workspace_slices(gemm, m, n, k, num_sms, gemv_n_tiles, deterministic);
 }
 
 }  // namespace fastquant::cuda

@@ -61,9 +61,8 @@ LaunchStatus launch_int4_gemv_mma_bf16(const Int4GemvArgs& args, cudaStream_t st
 LaunchStatus launch_int4_gemv_mma_f16(const Int4GemvArgs& args, cudaStream_t stream);
 
 inline LaunchStatus launch_int4_gemv_mma(const Int4GemvArgs& args, cudaStream_t stream) {
-  if (args.dtype == DType::kBFloat16) return launch_int4_gemv_mma_bf16(args, stream);
-  if (args.dtype == DType::kFloat16) return launch_int4_gemv_mma_f16(args, stream);
-  return LaunchStatus::precondition("the int4 GEMV takes bfloat16 or float16 activations");
+  return launch_bf16_or_f16(args, stream, launch_int4_gemv_mma_bf16, launch_int4_gemv_mma_f16,
+                            "the int4 GEMV takes bfloat16 or float16 activations");
 }
 
 // Fused tensor-core GEMM (int4_linear_gemm.cu) for the kGemmMma path: same arguments (path and x_vector

@@ -84,15 +84,9 @@ LaunchStatus launch_int8_dequantize(const int8_t* w, const float* scales, void* 
   if (n <= 0 || k <= 0) return cudaSuccess;
   const int g = group_size == -1 ? k : group_size;
   const int ng = group_size == -1 ? 1 : n_groups;
-  switch (dtype) {
-    case DType::kFloat32:
-      return launch<float>(w, scales, out, n, k, g, ng, aligned, stream);
-    case DType::kBFloat16:
-      return launch<__nv_bfloat16>(w, scales, out, n, k, g, ng, aligned, stream);
-    case DType::kFloat16:
-      return launch<__half>(w, scales, out, n, k, g, ng, aligned, stream);
-  }
-  return LaunchStatus::precondition("dequantize takes float32, bfloat16 or float16 outputs");
+  return launch_for_float_dtype(dtype, "dequantize takes float32, bfloat16 or float16 outputs", [&](auto t) {
+    return LaunchStatus(launch<typename decltype(t)::type>(w, scales, out, n, k, g, ng, aligned, stream));
+  });
 }
 
 }  // namespace fastquant::cuda

@@ -13,17 +13,13 @@
 #include <vector>
 
 #include "cuda/cuda_info.h"
+#include "cuda/glue_common.h"
 #include "cuda/int8_linear_dispatch.h"
 #include "cuda/int8_linear_launch.h"
 #include "cuda/launch_check.h"
 #include "int8_linear_contract.h"
 
 namespace fastquant::cuda {
-namespace {
-
-bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
-
-}  // namespace
 
 at::Tensor int8_linear_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                             const std::optional<at::Tensor>& bias, int64_t group_size) {
@@ -42,7 +38,7 @@ at::Tensor int8_linear_cuda(const at::Tensor& x, const at::Tensor& qweight, cons
   at::Tensor x2 = x.reshape({m, k}).contiguous();
   const at::Tensor w = qweight.contiguous();
   const at::Tensor s = scales.contiguous();
-  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const at::Tensor b = contiguous_or_undefined(bias);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const Int8Plan plan = plan_int8(m, n, k, group, dtype, aligned16(x2.data_ptr()), aligned16(w.data_ptr()),
                                   gemv_max_m(), gemm_max_m());
@@ -55,12 +51,7 @@ at::Tensor int8_linear_cuda(const at::Tensor& x, const at::Tensor& qweight, cons
                                         static_cast<int>(n), static_cast<int>(k), static_cast<int>(group),
                                         static_cast<int>(n_groups), dtype, plan.w_vector, stream),
                  kOp, m, n, k);
-    at::Tensor y2 = y.view({m, n});
-    if (b.defined()) {
-      at::addmm_out(y2, b, x2, weight.t());
-    } else {
-      at::mm_out(y2, x2, weight.t());
-    }
+    dense_linear_into(y, x2, weight, b);
     return y;
   }
 
@@ -69,18 +60,8 @@ at::Tensor int8_linear_cuda(const at::Tensor& x, const at::Tensor& qweight, cons
   const int num_sms = props->multiProcessorCount;
   const bool gemm = plan.path == Int8Path::kGemmMma;
   const bool deterministic = at::globalContext().deterministicAlgorithms();
-  // Split-K scratch, M x N fp32 slices: the GEMM's one per split; the GEMV's one for its atomics or, when
-  // deterministic, one per split. Fresh per call: concurrent streams and CUDA-graph replays never share it.
-  int slices = 0;
-  if (gemm) {
-    const int splits = int8_gemm_splits(m, n, k, num_sms);
-    slices = splits > 1 ? splits : 0;
-  } else {
-    slices = int8_gemv_workspace_slices(int8_gemv_splits(n, k, num_sms, int8_gemv_n_tiles(plan.path)),
-                                        deterministic);
-  }
-  at::Tensor workspace;
-  if (slices > 0) workspace = at::empty({slices, m, n}, x.options().dtype(at::kFloat));
+  const at::Tensor workspace = split_k_workspace(
+      int8_workspace_slices(gemm, m, n, k, num_sms, int8_gemv_n_tiles(plan.path), deterministic), m, n, x);
   Int8GemvArgs args;
   args.x = x2.data_ptr();
   args.w = w.data_ptr<int8_t>();

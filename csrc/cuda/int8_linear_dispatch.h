@@ -5,14 +5,8 @@
 // what runs.
 #include <cstdint>
 
+#include "cuda/dispatch_common.h"
 #include "dtypes.h"
-
-// The geometry rules below are also compile-time constants of the kernels.
-#if defined(__CUDACC__)
-#define FASTQUANT_HOST_DEVICE __host__ __device__
-#else
-#define FASTQUANT_HOST_DEVICE
-#endif
 
 namespace fastquant::cuda {
 
@@ -199,14 +193,18 @@ inline int int8_gemm_block_m(int64_t m, int64_t n, int num_sms) {
 inline int int8_gemm_splits(int64_t m, int64_t n, int64_t k, int num_sms) {
   const int block_m = int8_gemm_block_m(m, n, num_sms);
   const int64_t blocks = ((n + kGemmTileN - 1) / kGemmTileN) * ((m + block_m - 1) / block_m);
-  const int64_t k_tiles = (k + kGemmTileK - 1) / kGemmTileK;
-  // 3/4 of the SMs busy is close enough: the workspace round trip (splits x M x N x 4 bytes, mostly in L2)
-  // would cost more than the idle quarter.
-  if (num_sms <= 0 || 4 * blocks >= 3 * static_cast<int64_t>(num_sms)) return 1;
-  int64_t splits = (2 * static_cast<int64_t>(num_sms) + blocks - 1) / blocks;
-  if (splits > k_tiles / 4) splits = k_tiles / 4;
-  if (splits > 8) splits = 8;
-  return splits < 1 ? 1 : static_cast<int>(splits);
+  return mma_split_k(blocks, (k + kGemmTileK - 1) / kGemmTileK, num_sms);
+}
+
+// M x N fp32 slices of split-K scratch a launch needs (0: none): the fused GEMM's one per split (ordered,
+// always deterministic), or the GEMV's (int8_gemv_workspace_slices) for its n=8 tiles.
+inline int int8_workspace_slices(bool gemm, int64_t m, int64_t n, int64_t k, int num_sms, int gemv_n_tiles,
+                                 bool deterministic) {
+  if (gemm) {
+    const int splits = int8_gemm_splits(m, n, k, num_sms);
+    return splits > 1 ? splits : 0;
+  }
+  return int8_gemv_workspace_slices(int8_gemv_splits(n, k, num_sms, gemv_n_tiles), deterministic);
 }
 
 }  // namespace fastquant::cuda

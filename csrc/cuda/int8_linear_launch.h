@@ -35,9 +35,8 @@ LaunchStatus launch_int8_gemv_mma_bf16(const Int8GemvArgs& args, cudaStream_t st
 LaunchStatus launch_int8_gemv_mma_f16(const Int8GemvArgs& args, cudaStream_t stream);
 
 inline LaunchStatus launch_int8_gemv_mma(const Int8GemvArgs& args, cudaStream_t stream) {
-  if (args.dtype == DType::kBFloat16) return launch_int8_gemv_mma_bf16(args, stream);
-  if (args.dtype == DType::kFloat16) return launch_int8_gemv_mma_f16(args, stream);
-  return LaunchStatus::precondition("the int8 GEMV takes bfloat16 or float16 activations");
+  return launch_bf16_or_f16(args, stream, launch_int8_gemv_mma_bf16, launch_int8_gemv_mma_f16,
+                            "the int8 GEMV takes bfloat16 or float16 activations");
 }
 
 // Fused tensor-core GEMM (int8_gemm_mma.cu) for the kGemmMma path: same arguments (path unused; workspace

@@ -5,6 +5,8 @@
 // like one. Plain C++: the .cu files and the torch glue both include it.
 #include <cuda_runtime_api.h>
 
+#include "dtypes.h"
+
 namespace fastquant::cuda {
 
 struct LaunchStatus {
@@ -21,5 +23,16 @@ struct LaunchStatus {
   }
   bool ok() const { return cuda == cudaSuccess && broken == nullptr; }
 };
+
+// The launcher of a kernel compiled once per 16-bit activation dtype, picked by args.dtype: bfloat16 or
+// float16; any other dtype breaks the precondition `refusal`.
+template <typename Args>
+LaunchStatus launch_bf16_or_f16(const Args& args, cudaStream_t stream,
+                                LaunchStatus (*bf16)(const Args&, cudaStream_t),
+                                LaunchStatus (*f16)(const Args&, cudaStream_t), const char* refusal) {
+  if (args.dtype == DType::kBFloat16) return bf16(args, stream);
+  if (args.dtype == DType::kFloat16) return f16(args, stream);
+  return LaunchStatus::precondition(refusal);
+}
 
 }  // namespace fastquant::cuda

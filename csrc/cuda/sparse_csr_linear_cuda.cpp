@@ -12,11 +12,9 @@
 #include <torch/library.h>
 
 #include <cstdint>
-#include <limits>
 #include <optional>
-#include <string>
-#include <vector>
 
+#include "cuda/glue_common.h"
 #include "cuda/launch_check.h"
 #include "cuda/sparse_csr_linear_launch.h"
 #include "sparse_linear_contract.h"
@@ -26,64 +24,31 @@ namespace {
 
 constexpr const char* kOp = "fastquant.sparse_csr_linear";
 
-// The kernel reads values and column indices with 16-byte loads: a view that starts mid-allocation gets an
-// aligned copy.
-at::Tensor aligned16(const at::Tensor& t) {
-  at::Tensor c = t.contiguous();
-  if (reinterpret_cast<std::uintptr_t>(c.data_ptr()) % 16 != 0) c = c.clone();
-  return c;
+// c.positions: the column indices.
+at::Tensor sparse_csr_linear_cuda(const SparseLinearCall& c) {
+  const int64_t m = c.shape.m, n = c.shape.n, k = c.shape.k;
+  check_int32_sizes(kOp, m, n, k);
+
+  c10::cuda::CUDAGuard device_guard(c.x.device());
+  const cudaDeviceProp* props = device_props_sm80(kOp);
+  at::Tensor y = empty_output(c.x, n);
+  if (output_without_kernel(y, k, c.bias)) return y;
+
+  const SparseOperands o = sparse_operands(c);
+  // The kernel reads column indices with 16-byte loads, as it reads values.
+  const at::Tensor ci = contiguous_aligned16(c.positions);
+  // Every column is in group 0 once group_size >= K (K <= 65536): any larger group_size is clamped to fit an
+  // int.
+  const int64_t group = c.group_size < (int64_t{1} << 20) ? c.group_size : (int64_t{1} << 20);
+  SparseCsrLinearArgs args;
+  set_sparse_args(args, c.shape, o, y, group, props->sharedMemPerBlockOptin, props->multiProcessorCount);
+  args.column_indices = reinterpret_cast<const uint16_t*>(ci.data_ptr<int16_t>());
+  check_launch(launch_sparse_csr_linear(args, at::cuda::getCurrentCUDAStream()), kOp, m, n, k);
+  return y;
 }
 
 }  // namespace
 
-at::Tensor sparse_csr_linear_cuda(const at::Tensor& x, const at::Tensor& values,
-                                  const at::Tensor& column_indices, const at::Tensor& row_offsets,
-                                  const std::optional<at::Tensor>& scales,
-                                  const std::optional<at::Tensor>& bias, int64_t in_features,
-                                  int64_t group_size) {
-  const SparseLinearShape shape = check_sparse_csr_linear(Backend::kCuda, x, values, column_indices,
-                                                          row_offsets, scales, bias, in_features, group_size);
-  const int64_t m = shape.m, n = shape.n, k = shape.k, n_groups = shape.n_groups;
-  const DType xd = shape.x_dtype, vd = shape.values_dtype;
-  check_int32_sizes(kOp, m, n, k);
-
-  c10::cuda::CUDAGuard device_guard(x.device());
-  const cudaDeviceProp* props = device_props_sm80(kOp);
-  at::Tensor y = empty_output(x, n);
-  if (output_without_kernel(y, k, bias)) return y;
-
-  const at::Tensor x2 = x.reshape({m, k}).contiguous();
-  const at::Tensor v = aligned16(values);
-  const at::Tensor ci = aligned16(column_indices);
-  const at::Tensor ro = row_offsets.contiguous();
-  const at::Tensor s = scales.has_value() ? scales->contiguous() : at::Tensor();
-  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
-
-  SparseCsrLinearArgs args;
-  args.x = x2.data_ptr();
-  args.values = v.data_ptr();
-  args.column_indices = reinterpret_cast<const uint16_t*>(ci.data_ptr<int16_t>());
-  args.values_numel = v.numel();
-  args.row_offsets = ro.data_ptr<int64_t>();
-  args.scales = s.defined() ? s.data_ptr<float>() : nullptr;
-  args.bias = b.defined() ? b.data_ptr() : nullptr;
-  args.y = y.data_ptr();
-  args.m = static_cast<int>(m);
-  args.n = static_cast<int>(n);
-  args.k = static_cast<int>(k);
-  // Every column is in group 0 once group_size >= K (K <= 65536): any larger group_size is clamped to fit an
-  // int.
-  args.group_size = static_cast<int>(group_size < (int64_t{1} << 20) ? group_size : (int64_t{1} << 20));
-  args.n_groups = static_cast<int>(n_groups);
-  args.max_smem_bytes = static_cast<int>(props->sharedMemPerBlockOptin);
-  args.num_sms = props->multiProcessorCount;
-  args.x_dtype = xd;
-  args.values_dtype = vd;
-  check_launch(launch_sparse_csr_linear(args, at::cuda::getCurrentCUDAStream()),
-               "fastquant.sparse_csr_linear", m, n, k);
-  return y;
-}
-
-TORCH_LIBRARY_IMPL(fastquant, CUDA, m) { m.impl("sparse_csr_linear", &sparse_csr_linear_cuda); }
+TORCH_LIBRARY_IMPL(fastquant, CUDA, m) { impl_sparse_csr_linear<Backend::kCuda, sparse_csr_linear_cuda>(m); }
 
 }  // namespace fastquant::cuda

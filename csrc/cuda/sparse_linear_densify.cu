@@ -130,21 +130,9 @@ LaunchStatus launch_sparse_gemv(const SparseLinearArgs& args, cudaStream_t strea
     tile.m = args.m - m0 < kSparseMaxTileM ? args.m - m0 : kSparseMaxTileM;
     tile.x = static_cast<const char*>(args.x) + static_cast<int64_t>(m0) * args.k * x_bytes;
     tile.y = static_cast<char*>(args.y) + static_cast<int64_t>(m0) * args.n * x_bytes;
-    LaunchStatus status = LaunchStatus::precondition("unknown values dtype code");
-    switch (args.values_dtype) {
-      case DType::kFloat32:
-        status = launch_sparse_gemv_f32(tile, stream);
-        break;
-      case DType::kBFloat16:
-        status = launch_sparse_gemv_bf16(tile, stream);
-        break;
-      case DType::kFloat16:
-        status = launch_sparse_gemv_f16(tile, stream);
-        break;
-      case DType::kInt8:
-        status = launch_sparse_gemv_i8(tile, stream);
-        break;
-    }
+    const LaunchStatus status = launch_for_values(
+        tile, stream,
+        {launch_sparse_gemv_f32, launch_sparse_gemv_bf16, launch_sparse_gemv_f16, launch_sparse_gemv_i8});
     if (!status.ok()) return status;
   }
   return cudaSuccess;

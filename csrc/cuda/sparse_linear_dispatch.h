@@ -4,7 +4,7 @@
 // launchers and the pybind path query (fastquant._C.cuda_dispatch.sparse_path) all read this one table.
 #include <cstdint>
 
-#include "cuda/int8_linear_dispatch.h"
+#include "cuda/dispatch_common.h"
 #include "dtypes.h"
 
 namespace fastquant::cuda {
@@ -123,12 +123,7 @@ inline SparsePath choose_sparse_path(int64_t m, int64_t n, int64_t k, DType valu
 // at most 8 splits.
 inline int sparse_mma_splits(int64_t m, int64_t n, int64_t k, int block_m, int num_sms) {
   const int64_t blocks = ((n + kSparseMmaTileN - 1) / kSparseMmaTileN) * ((m + block_m - 1) / block_m);
-  const int64_t k_tiles = (k + kSparseMmaTileK - 1) / kSparseMmaTileK;
-  if (num_sms <= 0 || 4 * blocks >= 3 * static_cast<int64_t>(num_sms)) return 1;
-  int64_t splits = (2 * static_cast<int64_t>(num_sms) + blocks - 1) / blocks;
-  if (splits > k_tiles / 4) splits = k_tiles / 4;
-  if (splits > 8) splits = 8;
-  return splits < 1 ? 1 : static_cast<int>(splits);
+  return mma_split_k(blocks, (k + kSparseMmaTileK - 1) / kSparseMmaTileK, num_sms);
 }
 
 // x rows the GEMV kernel is instantiated for: M padded to 1, 2, 4, 8 or 16 (fp32 accumulators per lane and

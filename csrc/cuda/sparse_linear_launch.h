@@ -56,18 +56,20 @@ LaunchStatus launch_sparse_mma_bf16(const SparseLinearArgs& args, cudaStream_t s
 LaunchStatus launch_sparse_mma_f16(const SparseLinearArgs& args, cudaStream_t stream);
 LaunchStatus launch_sparse_mma_i8(const SparseLinearArgs& args, cudaStream_t stream);
 
+// The launcher of a kernel compiled once per values dtype, picked by args.values_dtype: launchers in DType's
+// order (float32, bfloat16, float16, int8).
+using SparseLauncher = LaunchStatus (*)(const SparseLinearArgs&, cudaStream_t);
+inline LaunchStatus launch_for_values(const SparseLinearArgs& args, cudaStream_t stream,
+                                      const SparseLauncher (&launchers)[4]) {
+  const int v = static_cast<int>(args.values_dtype);
+  if (v < 0 || v >= 4) return LaunchStatus::precondition("unknown values dtype code");
+  return launchers[v](args, stream);
+}
+
 inline LaunchStatus launch_sparse_mma(const SparseLinearArgs& args, cudaStream_t stream) {
-  switch (args.values_dtype) {
-    case DType::kFloat32:
-      return launch_sparse_mma_f32(args, stream);
-    case DType::kBFloat16:
-      return launch_sparse_mma_bf16(args, stream);
-    case DType::kFloat16:
-      return launch_sparse_mma_f16(args, stream);
-    case DType::kInt8:
-      return launch_sparse_mma_i8(args, stream);
-  }
-  return LaunchStatus::precondition("unknown values dtype code");
+  return launch_for_values(
+      args, stream,
+      {launch_sparse_mma_f32, launch_sparse_mma_bf16, launch_sparse_mma_f16, launch_sparse_mma_i8});
 }
 
 }  // namespace fastquant::cuda
