@@ -103,6 +103,7 @@ def server(tmp_path_factory):
         trusted_keys=(str(public),),
         key_file=str(key_file),
         audit_log=str(root / "audit.jsonl"),
+        max_batch_size=8,  # batching is off by default; this server tests it on
     )
     try:
         url = start(config)

@@ -24,8 +24,11 @@ class ServeConfig:
     default_max_tokens: int = 16
     requests_per_minute: float | None = 60.0  # per key, unless its entry in the key file says otherwise
     max_ongoing_requests: int = 16  # per replica, running or waiting; Ray Serve queues the rest
-    # Non-streaming requests arriving together share one generate call (fastquant.app.serve.batching); 1 turns it off.
-    max_batch_size: int = 8
+    # Non-streaming requests arriving together can share one generate call (fastquant.app.serve.batching). Off (1)
+    # by default: on CPU replicas (1 thread each) one padded generate over requests of mixed lengths served 0.71x the
+    # requests/s of one call per request (benchmarks/results/serve-load-2026-12-07.md); it pays where a step is
+    # bound by reading the weights, as on a GPU: set --max-batch-size there.
+    max_batch_size: int = 1
     batch_wait_s: float = 0.01
     trusted_keys: tuple[str, ...] = ()  # Ed25519 public key files; when given, the checkpoint must be signed
     key_file: str | None = None  # AES key file of an encrypted checkpoint (else $FASTQUANT_KEY[_FILE])
