@@ -4,7 +4,10 @@ found stay fixed."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -253,3 +256,22 @@ def test_config_free_package_api_still_refuses_bad_group_sizes():
     model = nn.Sequential(nn.Linear(64, 32))
     with pytest.raises(ValueError, match="group_size"):
         fastquant.patch(model, "int8", group_size=48, progress=False)
+
+
+def test_reference_autograd_without_the_extension():
+    """The C++ autograd of the four ops (csrc/frozen_weight_autograd.cpp) and the Python one that
+    ops.register_reference_autograd registers when the extension cannot load compute the same gradients: the
+    per-op gradient tests run again in a process where the extension is missing."""
+    tests = Path(__file__).parent
+    ops = ("int8_linear", "int4_linear", "sparse_linear", "sparse_csr_linear")
+    files = [str(tests / f"test_{op}.py") for op in ops]
+    code = (
+        "import sys; sys.modules['fastquant._C'] = None\n"  # import_module raises ImportError for it
+        "import pytest\n"
+        "from fastquant.kernels import extension\n"
+        "assert extension.native is None, 'the extension loaded'\n"
+        f"sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-k', 'autograd_to_activations', *{files!r}]))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=tests, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "4 passed" in done.stdout, done.stdout[-3000:]

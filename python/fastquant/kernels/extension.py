@@ -12,7 +12,7 @@ from types import ModuleType
 
 import torch
 
-from fastquant.kernels import ops  # noqa: F401  (defines the operator schemas the native kernels register for)
+from fastquant.kernels import ops  # defines the operator schemas the native kernels register for
 
 logger = logging.getLogger("fastquant")
 
@@ -24,6 +24,7 @@ try:
 except ImportError as exc:  # a missing or mismatched build must not make the package unusable
     load_error = f"{type(exc).__name__}: {exc}"
     logger.warning("fastquant native kernels unavailable, using pure-PyTorch reference kernels (%s)", load_error)
+    ops.register_reference_autograd()  # the extension registers its own, in C++
 else:
     built_for = native.build_info()["torch_version"]
     running = torch.__version__.split("+")[0]

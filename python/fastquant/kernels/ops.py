@@ -34,19 +34,6 @@ _lib.define(
 ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _call(op: torch._ops.OpOverloadPacket, *args: object) -> Tensor:
-    """Runs ``op`` directly on its kernels when no gradient can be recorded. The autograd kernel that
-    ``torch.library.register_autograd`` installs is Python and runs on every call, gradients or not: 3.5-6.5
-    us per call on a 2-core Zen 5, as much as the kernel of a small decode layer (~210 such calls per SmolLM2
-    token). Under no_grad (HF ``generate``) a guard steps below it (~0.5 us); inference_mode already leaves
-    the autograd keys out. Under ``torch.compile`` the op is left to the compiler (checked first: dynamo cannot
-    trace the inference-mode query)."""
-    if torch.compiler.is_compiling() or torch.is_grad_enabled() or torch.is_inference_mode_enabled():
-        return op(*args)
-    with torch._C._AutoDispatchBelowAutograd():
-        return op(*args)
-
-
 # ---------------------------------------------------------------- the checks every op shares
 # Worded and ordered as csrc/op_contract.h, so a fake, reference, CPU or CUDA kernel refuses the same
 # arguments with the same words.
@@ -156,31 +143,9 @@ def check_int8_linear_args(x: Tensor, qweight: Tensor, scales: Tensor, bias: Ten
 _register_kernels("int8_linear", check_int8_linear_args, reference.int8_linear, lambda x, qweight, *_: qweight.shape[0])
 
 
-def _int8_linear_setup_context(ctx, inputs, output) -> None:
-    x, qweight, scales, bias, group_size = inputs
-    ctx.save_for_backward(qweight, scales)
-    ctx.group_size = group_size
-    ctx.x_dtype = x.dtype
-
-
-def _int8_linear_backward(ctx, grad_out: Tensor):
-    # Gradients flow to the activations (and bias) only: the int8 weight is frozen, which is what
-    # adapters trained on top of a quantized base (LoRA-style) need.
-    qweight, scales = ctx.saved_tensors
-    weight = reference.int8_dequantize(qweight, scales, ctx.group_size)
-    grad_x = (grad_out.float() @ weight).to(ctx.x_dtype)
-    grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0) if ctx.needs_input_grad[3] else None
-    return grad_x, None, None, grad_bias, None
-
-
-torch.library.register_autograd(
-    "fastquant::int8_linear", _int8_linear_backward, setup_context=_int8_linear_setup_context
-)
-
-
 def int8_linear(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None = None, group_size: int = -1) -> Tensor:
     """``x @ (qweight * scales).T + bias`` with fp32 accumulation, on the best kernel for x's device."""
-    return _call(torch.ops.fastquant.int8_linear, x, qweight, scales, bias, group_size)
+    return torch.ops.fastquant.int8_linear(x, qweight, scales, bias, group_size)
 
 
 # ---------------------------------------------------------------- sparse_linear (bitmap16 weight)
@@ -318,29 +283,6 @@ _register_kernels(
 )
 
 
-def _register_frozen_weight_autograd(op: str, dequantize) -> None:
-    """Autograd of a sparse op (x, values, index, row_offsets, scales, bias, in_features, group_size), as for
-    int8_linear: the sparse weight is frozen, gradients reach the activations and the bias."""
-
-    def setup_context(ctx, inputs, output) -> None:
-        x, values, index, row_offsets, scales, _, in_features, group_size = inputs
-        ctx.save_for_backward(values, index, row_offsets, scales)
-        ctx.in_features = in_features
-        ctx.group_size = group_size
-        ctx.x_dtype = x.dtype
-
-    def backward(ctx, grad_out: Tensor):
-        weight = dequantize(*ctx.saved_tensors, ctx.in_features, ctx.group_size)
-        grad_x = (grad_out.float() @ weight).to(ctx.x_dtype)
-        grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0) if ctx.needs_input_grad[5] else None
-        return grad_x, None, None, None, None, grad_bias, None, None
-
-    torch.library.register_autograd(op, backward, setup_context=setup_context)
-
-
-_register_frozen_weight_autograd("fastquant::sparse_linear", reference.sparse_dequantize)
-
-
 def sparse_linear(
     x: Tensor,
     values: Tensor,
@@ -353,9 +295,7 @@ def sparse_linear(
     group_size: int = -1,
 ) -> Tensor:
     """``x @ W.T + bias`` for a bitmap16 sparse weight W (see reference.sparse_pack), fp32 accumulation."""
-    return _call(
-        torch.ops.fastquant.sparse_linear, x, values, masks, row_offsets, scales, bias, in_features, group_size
-    )
+    return torch.ops.fastquant.sparse_linear(x, values, masks, row_offsets, scales, bias, in_features, group_size)
 
 
 # ---------------------------------------------------------------- sparse_csr_linear (csr16 weight)
@@ -437,9 +377,6 @@ _register_kernels(
 )
 
 
-_register_frozen_weight_autograd("fastquant::sparse_csr_linear", reference.sparse_csr_dequantize)
-
-
 def sparse_csr_linear(
     x: Tensor,
     values: Tensor,
@@ -452,8 +389,7 @@ def sparse_csr_linear(
     group_size: int = -1,
 ) -> Tensor:
     """``x @ W.T + bias`` for a csr16 sparse weight W (see reference.sparse_column_indices), fp32 accumulation."""
-    return _call(
-        torch.ops.fastquant.sparse_csr_linear,
+    return torch.ops.fastquant.sparse_csr_linear(
         x,
         values,
         column_indices,
@@ -517,28 +453,6 @@ def check_int4_linear_args(
 _register_kernels("int4_linear", check_int4_linear_args, reference.int4_linear, lambda x, qweight, *_: qweight.shape[0])
 
 
-def _int4_linear_setup_context(ctx, inputs, output) -> None:
-    x, qweight, scales, offsets, _, in_features, group_size = inputs
-    ctx.save_for_backward(qweight, scales, offsets)
-    ctx.in_features = in_features
-    ctx.group_size = group_size
-    ctx.x_dtype = x.dtype
-
-
-def _int4_linear_backward(ctx, grad_out: Tensor):
-    # As for int8_linear: the packed weight is frozen, gradients reach the activations and the bias.
-    qweight, scales, offsets = ctx.saved_tensors
-    weight = reference.int4_dequantize(qweight, scales, offsets, ctx.in_features, ctx.group_size)
-    grad_x = (grad_out.float() @ weight).to(ctx.x_dtype)
-    grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0) if ctx.needs_input_grad[4] else None
-    return grad_x, None, None, None, grad_bias, None, None
-
-
-torch.library.register_autograd(
-    "fastquant::int4_linear", _int4_linear_backward, setup_context=_int4_linear_setup_context
-)
-
-
 def int4_linear(
     x: Tensor,
     qweight: Tensor,
@@ -551,4 +465,49 @@ def int4_linear(
 ) -> Tensor:
     """``x @ W.T + bias`` for an int4 weight W (see reference.int4_quantize), fp32 accumulation, on the best
     kernel for x's device. ``offsets`` None means symmetric codes (w = s * (q - 8))."""
-    return _call(torch.ops.fastquant.int4_linear, x, qweight, scales, offsets, bias, in_features, group_size)
+    return torch.ops.fastquant.int4_linear(x, qweight, scales, offsets, bias, in_features, group_size)
+
+
+# ---------------------------------------------------------------- autograd: the weight is frozen
+# Gradients reach x and the bias, not the quantized or pruned weight: what adapters trained on top of a compressed
+# base (LoRA-style) need. grad_x = grad_y @ W in fp32 (W the reference dequantization), grad_bias = grad_y summed
+# over rows. The extension registers this backward in C++ (csrc/frozen_weight_autograd.cpp): a Python autograd
+# kernel runs on every call that reaches the Autograd key, gradients or not (4-6 us on a 2-core Zen 5, and HF
+# ``generate`` calls ~210 layers per SmolLM2 token under no_grad). This one is the oracle, and is registered when
+# the extension did not load.
+
+# op: (position of bias among the op's inputs, the float32 weight from the inputs after x)
+_FROZEN_WEIGHTS: dict[str, tuple[int, Callable[..., Tensor]]] = {
+    "int8_linear": (3, lambda q, s, _, g: reference.int8_dequantize(q, s, g)),
+    "int4_linear": (4, lambda q, s, o, _, k, g: reference.int4_dequantize(q, s, o, k, g)),
+    "sparse_linear": (5, lambda v, m, r, s, _, k, g: reference.sparse_dequantize(v, m, r, s, k, g)),
+    "sparse_csr_linear": (5, lambda v, c, r, s, _, k, g: reference.sparse_csr_dequantize(v, c, r, s, k, g)),
+}
+
+
+def _frozen_weight_setup_context(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*(a if isinstance(a, Tensor) else None for a in inputs[1:]))
+    ctx.other_inputs = [None if isinstance(a, Tensor) else a for a in inputs[1:]]
+    ctx.x_dtype = inputs[0].dtype
+
+
+def _frozen_weight_backward(bias_at: int, dequantize: Callable[..., Tensor]) -> Callable[..., tuple]:
+    def backward(ctx, grad_out: Tensor) -> tuple:
+        args = [t if t is not None else other for t, other in zip(ctx.saved_tensors, ctx.other_inputs, strict=True)]
+        grads: list[Tensor | None] = [None] * (len(args) + 1)
+        grads[0] = (grad_out.float() @ dequantize(*args)).to(ctx.x_dtype)
+        if ctx.needs_input_grad[bias_at]:
+            grads[bias_at] = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        return tuple(grads)
+
+    return backward
+
+
+def register_reference_autograd() -> None:
+    """Registers the Python autograd of every op (for a process without the compiled extension)."""
+    for name, (bias_at, dequantize) in _FROZEN_WEIGHTS.items():
+        torch.library.register_autograd(
+            f"fastquant::{name}",
+            _frozen_weight_backward(bias_at, dequantize),
+            setup_context=_frozen_weight_setup_context,
+        )
