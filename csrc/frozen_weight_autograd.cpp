@@ -1,15 +1,15 @@
-// Autograd of the four linear ops (int8_linear, int4_linear, sparse_linear, sparse_csr_linear), registered for
-// the Autograd key of every device. The weight is frozen (a quantized or pruned base, LoRA-style adapters on
-// top): gradients reach x and the bias, grad_x = grad_y @ W with W the dense fp32 weight.
+// Autograd of the four linear ops (int8_linear, int4_linear, sparse_linear, sparse_csr_linear), registered
+// for the Autograd key of every device. The weight is frozen (a quantized or pruned base, LoRA-style adapters
+// on top): gradients reach x and the bias, grad_x = grad_y @ W with W the dense fp32 weight.
 //
 // Why C++: a Python autograd kernel (torch.library.register_autograd) runs on every call that reaches the
-// Autograd key, gradients or not, and costs 4-6 us on a 2-core Zen 5: as much as a small decode layer's kernel,
-// and HF `generate` runs under no_grad (not inference_mode), so a compiled SmolLM2 decode step paid it 211 times
-// per token. Here a call that records no gradient goes straight to the backend kernel.
+// Autograd key, gradients or not, and costs 4-6 us on a 2-core Zen 5: as much as a small decode layer's
+// kernel, and HF `generate` runs under no_grad (not inference_mode), so a compiled SmolLM2 decode step paid
+// it 211 times per token. Here a call that records no gradient goes straight to the backend kernel.
 //
 // The dequantizers below are the C++ twins of python/fastquant/kernels/reference.py's (the oracle the tests
-// compare these gradients with; without the extension, ops.py registers the Python autograd instead). They are
-// ATen ops, so torch.compile traces the backward like any other.
+// compare these gradients with; without the extension, ops.py registers the Python autograd instead). They
+// are ATen ops, so torch.compile traces the backward like any other.
 #include <ATen/ATen.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -45,23 +45,27 @@ at::Tensor int8_dequantize(const at::Tensor& codes, const at::Tensor& scales, in
 }
 
 at::Tensor int4_dequantize(const at::Tensor& qweight, const at::Tensor& scales,
-                           const std::optional<at::Tensor>& offsets, int64_t in_features, int64_t group_size) {
+                           const std::optional<at::Tensor>& offsets, int64_t in_features,
+                           int64_t group_size) {
   const int64_t n = qweight.size(0);
   const at::Tensor blocks = qweight.view({n, -1, 1, kInt4Block / 2});
-  const at::Tensor codes =
-      at::cat({blocks.bitwise_and(0xF), blocks.bitwise_right_shift(4)}, 2).reshape({n, -1}).narrow(1, 0, in_features);
+  const at::Tensor codes = at::cat({blocks.bitwise_and(0xF), blocks.bitwise_right_shift(4)}, 2)
+                               .reshape({n, -1})
+                               .narrow(1, 0, in_features);
   const at::Tensor s = expand_group_scales(scales.to(at::kFloat), in_features, group_size);
   if (!offsets.has_value()) return s * (codes.to(at::kFloat) - kInt4SymmetricZero);
   return s * codes.to(at::kFloat) + expand_group_scales(offsets->to(at::kFloat), in_features, group_size);
 }
 
 // Codes first, then scales, as the dense int8 layer of the same codes (the numerical contract).
-at::Tensor scaled_values(const at::Tensor& dense, const std::optional<at::Tensor>& scales, int64_t group_size) {
+at::Tensor scaled_values(const at::Tensor& dense, const std::optional<at::Tensor>& scales,
+                         int64_t group_size) {
   return scales.has_value() ? int8_dequantize(dense, *scales, group_size) : dense.to(at::kFloat);
 }
 
 at::Tensor sparse_dequantize(const at::Tensor& values, const at::Tensor& masks, const at::Tensor& row_offsets,
-                             const std::optional<at::Tensor>& scales, int64_t in_features, int64_t group_size) {
+                             const std::optional<at::Tensor>& scales, int64_t in_features,
+                             int64_t group_size) {
   const at::Tensor bits = at::arange(kSparseChunk, masks.options().dtype(at::kInt));
   const at::Tensor words = masks.to(at::kInt).bitwise_and(0xFFFF);
   const at::Tensor keep = words.unsqueeze(2)
@@ -71,7 +75,8 @@ at::Tensor sparse_dequantize(const at::Tensor& values, const at::Tensor& masks, 
                               .reshape({masks.size(0), masks.size(1) * kSparseChunk})
                               .narrow(1, 0, in_features);
   // Each (row, column)'s would-be position in values: no data-dependent shapes, so compiled graphs trace it.
-  const at::Tensor position = row_offsets.narrow(0, 0, row_offsets.size(0) - 1).unsqueeze(1) + keep.cumsum(1) - 1;
+  const at::Tensor position =
+      row_offsets.narrow(0, 0, row_offsets.size(0) - 1).unsqueeze(1) + keep.cumsum(1) - 1;
   const at::Tensor gathered = values.take(position.clamp(0, values.numel() - 1));
   return scaled_values(at::where(keep, gathered, at::zeros({}, gathered.options())), scales, group_size);
 }
@@ -84,7 +89,8 @@ at::Tensor sparse_csr_dequantize(const at::Tensor& values, const at::Tensor& col
   if (n == 0 || in_features == 0) return scaled_values(dense, scales, group_size);
   // Every packed position is placed; those past row_offsets[N] add zero to column 0 of the last row.
   const at::Tensor position = at::arange(values.numel(), row_offsets.options().dtype(at::kLong));
-  const at::Tensor rows = at::searchsorted(row_offsets.narrow(0, 1, n), position, false, true).clamp_max(n - 1);
+  const at::Tensor rows =
+      at::searchsorted(row_offsets.narrow(0, 1, n), position, false, true).clamp_max(n - 1);
   const at::Tensor valid = position < row_offsets[n];
   const at::Tensor columns = at::where(valid, column_indices.to(at::kLong).bitwise_and(0xFFFF), 0);
   const at::Tensor kept = at::where(valid, values.to(at::kFloat), 0.0);
@@ -100,7 +106,8 @@ void save_activation_facts(AutogradContext* ctx, const at::Tensor& x, const std:
 // grad_x = grad_y @ W in fp32, in x's dtype; grad_bias = grad_y summed over rows (when the bias wants one).
 std::pair<at::Tensor, at::Tensor> activation_grads(AutogradContext* ctx, const at::Tensor& grad_y,
                                                    const at::Tensor& weight) {
-  const at::Tensor grad_x = at::matmul(grad_y.to(at::kFloat), weight).to(ctx->saved_data["x_dtype"].toScalarType());
+  const at::Tensor grad_x =
+      at::matmul(grad_y.to(at::kFloat), weight).to(ctx->saved_data["x_dtype"].toScalarType());
   at::Tensor grad_bias;
   if (ctx->saved_data["bias_grad"].toBool()) grad_bias = grad_y.reshape({-1, grad_y.size(-1)}).sum(0);
   return {grad_x, grad_bias};
@@ -114,15 +121,19 @@ c10::TypedOperatorHandle<Schema> op_handle(const char* name) {
 using Int8Schema = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                               const std::optional<at::Tensor>&, int64_t);
 using Int4Schema = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                              const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t, int64_t);
-// sparse_linear and sparse_csr_linear: (x, values, index, row_offsets, scales, bias, in_features, group_size).
+                              const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t,
+                              int64_t);
+// sparse_linear and sparse_csr_linear: (x, values, index, row_offsets, scales, bias, in_features,
+// group_size).
 using SparseSchema = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t, int64_t);
+                                const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t,
+                                int64_t);
 
 class Int8Linear : public torch::autograd::Function<Int8Linear> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& qweight,
-                            const at::Tensor& scales, const std::optional<at::Tensor>& bias, int64_t group_size) {
+                            const at::Tensor& scales, const std::optional<at::Tensor>& bias,
+                            int64_t group_size) {
     at::AutoDispatchBelowADInplaceOrView below;
     ctx->save_for_backward({qweight, scales});
     ctx->saved_data["group_size"] = group_size;
@@ -132,8 +143,8 @@ class Int8Linear : public torch::autograd::Function<Int8Linear> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list saved = ctx->get_saved_variables();
-    const auto [gx, gb] =
-        activation_grads(ctx, grads[0], int8_dequantize(saved[0], saved[1], ctx->saved_data["group_size"].toInt()));
+    const auto [gx, gb] = activation_grads(
+        ctx, grads[0], int8_dequantize(saved[0], saved[1], ctx->saved_data["group_size"].toInt()));
     return {gx, at::Tensor(), at::Tensor(), gb, at::Tensor()};
   }
 
@@ -159,9 +170,11 @@ class Int4Linear : public torch::autograd::Function<Int4Linear> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list saved = ctx->get_saved_variables();
-    const std::optional<at::Tensor> offsets = saved[2].defined() ? std::optional<at::Tensor>(saved[2]) : std::nullopt;
-    const at::Tensor weight = int4_dequantize(saved[0], saved[1], offsets, ctx->saved_data["in_features"].toInt(),
-                                              ctx->saved_data["group_size"].toInt());
+    const std::optional<at::Tensor> offsets =
+        saved[2].defined() ? std::optional<at::Tensor>(saved[2]) : std::nullopt;
+    const at::Tensor weight =
+        int4_dequantize(saved[0], saved[1], offsets, ctx->saved_data["in_features"].toInt(),
+                        ctx->saved_data["group_size"].toInt());
     const auto [gx, gb] = activation_grads(ctx, grads[0], weight);
     return {gx, at::Tensor(), at::Tensor(), at::Tensor(), gb, at::Tensor(), at::Tensor()};
   }
@@ -190,7 +203,8 @@ class SparseLinear : public torch::autograd::Function<SparseLinear<kCsr>> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list saved = ctx->get_saved_variables();
-    const std::optional<at::Tensor> scales = saved[3].defined() ? std::optional<at::Tensor>(saved[3]) : std::nullopt;
+    const std::optional<at::Tensor> scales =
+        saved[3].defined() ? std::optional<at::Tensor>(saved[3]) : std::nullopt;
     const int64_t k = ctx->saved_data["in_features"].toInt(), g = ctx->saved_data["group_size"].toInt();
     const at::Tensor weight = kCsr ? sparse_csr_dequantize(saved[0], saved[1], saved[2], scales, k, g)
                                    : sparse_dequantize(saved[0], saved[1], saved[2], scales, k, g);
@@ -217,8 +231,9 @@ at::Tensor int8_linear_autograd(const at::Tensor& x, const at::Tensor& qweight, 
 }
 
 at::Tensor int4_linear_autograd(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                                const std::optional<at::Tensor>& offsets, const std::optional<at::Tensor>& bias,
-                                int64_t in_features, int64_t group_size) {
+                                const std::optional<at::Tensor>& offsets,
+                                const std::optional<at::Tensor>& bias, int64_t in_features,
+                                int64_t group_size) {
   if (!records_gradient({x, scales, offsets, bias})) {
     at::AutoDispatchBelowADInplaceOrView below;
     return Int4Linear::op().call(x, qweight, scales, offsets, bias, in_features, group_size);
@@ -229,10 +244,12 @@ at::Tensor int4_linear_autograd(const at::Tensor& x, const at::Tensor& qweight, 
 template <bool kCsr>
 at::Tensor sparse_linear_autograd(const at::Tensor& x, const at::Tensor& values, const at::Tensor& index,
                                   const at::Tensor& row_offsets, const std::optional<at::Tensor>& scales,
-                                  const std::optional<at::Tensor>& bias, int64_t in_features, int64_t group_size) {
+                                  const std::optional<at::Tensor>& bias, int64_t in_features,
+                                  int64_t group_size) {
   if (!records_gradient({x, values, scales, bias})) {
     at::AutoDispatchBelowADInplaceOrView below;
-    return SparseLinear<kCsr>::op().call(x, values, index, row_offsets, scales, bias, in_features, group_size);
+    return SparseLinear<kCsr>::op().call(x, values, index, row_offsets, scales, bias, in_features,
+                                         group_size);
   }
   return SparseLinear<kCsr>::apply(x, values, index, row_offsets, scales, bias, in_features, group_size);
 }
