@@ -79,7 +79,7 @@ class _StepClock:
 def hf_contender(name: str, model, setup_s: float, notes: str = "") -> Contender:
     from transformers import LogitsProcessorList
 
-    @torch.inference_mode()
+    # As users call it: generate applies no_grad itself (inference_mode would hide per-call autograd costs).
     def decode(prompt: torch.Tensor, new_tokens: int) -> tuple[float, list[int]]:
         clock = _StepClock()
         out = model.generate(
@@ -94,7 +94,7 @@ def hf_contender(name: str, model, setup_s: float, notes: str = "") -> Contender
         steps = len(clock.stamps) - 1
         return steps / (clock.stamps[-1] - clock.stamps[0]), out[0, prompt.shape[1] :].tolist()
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def prefill(ids: torch.Tensor) -> float:
         start = time.perf_counter()
         model(ids.reshape(1, -1), use_cache=False, logits_to_keep=1)

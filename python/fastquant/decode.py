@@ -76,16 +76,16 @@ def compile_for_decode(
     if max_cache_len is not None:
         start = time.perf_counter()
         prompt = torch.zeros((1, 2), dtype=torch.long, device=device)
-        with torch.inference_mode():
-            # Two new tokens: the prefill runs eagerly, the second step compiles (and runs) the decode graph.
-            model.generate(
-                prompt,
-                attention_mask=torch.ones_like(prompt),
-                max_new_tokens=2,
-                min_new_tokens=2,
-                do_sample=False,
-                pad_token_id=0,
-            )
+        # Two new tokens: the prefill runs eagerly, the second step compiles (and runs) the decode graph. Under
+        # generate's own no_grad, as a user's call runs: the graph is guarded on the grad mode.
+        model.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=2,
+            min_new_tokens=2,
+            do_sample=False,
+            pad_token_id=0,
+        )
         warmup_seconds = time.perf_counter() - start
         log.info("fastquant.compile_for_decode: decode step compiled in %.1f s", warmup_seconds)
     model._fastquant_decode = DecodeCompileInfo(mode, fullgraph, max_cache_len, warmup_seconds)
