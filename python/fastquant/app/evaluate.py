@@ -229,9 +229,9 @@ class _StepClock:
         return scores
 
 
-@torch.inference_mode()
 def decode_speed(model: nn.Module, prompt_ids: torch.Tensor, new_tokens: int = 64) -> dict[str, float]:
-    """Greedy batch-1 generation with HF ``generate``: decode tokens/s over ``new_tokens`` steps."""
+    """Greedy batch-1 generation with HF ``generate``, as users call it (under generate's own no_grad): decode
+    tokens/s over ``new_tokens`` steps."""
     from transformers import LogitsProcessorList
 
     prompt_ids = prompt_ids.reshape(1, -1)
