@@ -34,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from run_info import commit, load_averages
+from run_info import commit, load_averages, report_header
 
 # (label, method, patch keyword arguments, calibrated)
 # row label -> (method, patch options, rounding): None = round to nearest, "gptq", or "gptq-act" (GPTQ in
@@ -153,13 +153,12 @@ def run_llama_cpp(python: str, gguf: str, ids: list[int], window: int, threads: 
 
 # ------------------------------------------------------------------------------------------ fastquant rows
 def markdown(result: dict) -> str:
-    s = result["settings"]
-    lines = [
-        f"# int4 accuracy: SmolLM2-135M perplexity and MiniLM embedding cosine, {result['date']}",
-        "",
-        f"`python benchmarks/int4_accuracy.py` at commit {result['commit']}, torch {result['torch']}, "
-        f"{s['threads']} threads, float32 activations on CPU ({result['machine']}).",
-    ]
+    lines = report_header(
+        "int4 accuracy: SmolLM2-135M perplexity and MiniLM embedding cosine",
+        "int4_accuracy.py",
+        result,
+        "float32 activations",
+    )
     if result.get("smollm2"):
         lines += smollm2_markdown(result)
     if result.get("minilm"):
