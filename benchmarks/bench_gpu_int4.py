@@ -21,13 +21,20 @@ Writes ``<stem>.json`` and ``<stem>.md`` (default stem ``benchmarks/results/gpu-
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 
 import torch
 import torch.nn.functional as F
-from bench_gpu_int8 import copy_bandwidth, fmt, gpu_time_per_call, header_lines, run_meta
+from bench_gpu_int8 import (
+    copy_bandwidth,
+    fmt,
+    gpu_time_per_call,
+    header_lines,
+    kernel_bench_sizes,
+    run_meta,
+    save_results,
+)
 
 import fastquant
 from fastquant.kernels import extension, reference
@@ -161,15 +168,12 @@ def main() -> None:
 
     copy_bw = copy_bandwidth(10)
     stem, meta = run_meta(args.stem, "gpu-int4", copy_bw, rounds=args.rounds, repeats=args.repeats)
-    row_counts = [int(v) for v in args.rows.split(",")]
+    row_counts, shapes = kernel_bench_sizes(args)
     flavours = [(int(f[:-1]), f[-1] == "s") for f in args.flavours.split(",")]
-    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     rows = []
     for n, k in shapes:
         rows += bench_shape(n, k, row_counts, flavours, args.rounds, args.repeats, copy_bw)
-        # Rewritten after every shape: a run stopped by its time limit keeps what it measured.
-        stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-        stem.with_suffix(".md").write_text(to_markdown(meta, rows))
+        save_results(stem, meta, rows, to_markdown(meta, rows))
     print(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.md')}")
 
 

@@ -248,6 +248,30 @@ def start_run(script: str, args: argparse.Namespace, prefix: str, **extra) -> tu
     return copy_bw, *run_meta(args.stem, prefix, copy_bw, repeats=args.repeats, **extra)
 
 
+def kernel_bench_parser(description: str, prefix: str, shapes, row_counts) -> argparse.ArgumentParser:
+    """The options every GPU kernel benchmark takes (the script adds its own): the output stem (default
+    benchmarks/results/<prefix>-<date>), the timed batches and the row counts M and weight shapes NxK to time,
+    by default the script's ``row_counts`` and ``shapes``."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--stem", help=f"output path without extension (default benchmarks/results/{prefix}-<date>)")
+    parser.add_argument("--repeats", type=int, default=25)
+    parser.add_argument("--rows", default=",".join(map(str, row_counts)), help="comma-separated M values")
+    parser.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in shapes), help="comma-separated NxK")
+    return parser
+
+
+def kernel_bench_sizes(args: argparse.Namespace) -> tuple[list[int], list[tuple[int, ...]]]:
+    """The row counts M and the (N, K) shapes of a :func:`kernel_bench_parser` command line."""
+    return [int(v) for v in args.rows.split(",")], [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+
+
+def save_results(stem: Path, meta: dict, rows: list[dict], markdown: str) -> None:
+    """Writes what a run has measured so far to <stem>.json and <stem>.md: rewritten after every shape, so that a
+    run stopped by its time limit keeps what it measured."""
+    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    stem.with_suffix(".md").write_text(markdown)
+
+
 def to_markdown(meta: dict, rows: list[dict]) -> str:
     lines = header_lines("GPU int8_linear benchmark", meta) + [
         f"- timing: median of {meta['repeats']} batches of CUDA-event-timed calls, GPU pre-filled with a sleep "
@@ -281,12 +305,8 @@ def to_markdown(meta: dict, rows: list[dict]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--stem", help="output path without extension (default benchmarks/results/gpu-<date>)")
-    parser.add_argument("--repeats", type=int, default=25)
-    parser.add_argument("--rows", default=",".join(map(str, ROW_COUNTS)), help="comma-separated M values")
+    parser = kernel_bench_parser(__doc__.splitlines()[0], "gpu", SHAPES, ROW_COUNTS)
     parser.add_argument("--group-sizes", default="-1,128", help="comma-separated group sizes (-1: per-channel)")
-    parser.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES), help="comma-separated NxK")
     parser.add_argument(
         "--compiled-peer",
         choices=["dynamic", "static", "off"],
@@ -300,15 +320,12 @@ def main() -> None:
     compiled_fn = None
     if args.compiled_peer != "off":
         compiled_fn = torch.compile(_dequant_matmul, dynamic=args.compiled_peer == "dynamic")
-    row_counts = [int(v) for v in args.rows.split(",")]
+    row_counts, shapes = kernel_bench_sizes(args)
     group_sizes = [int(v) for v in args.group_sizes.split(",")]
-    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     rows = []
     for n, k in shapes:
         rows += bench_shape(n, k, row_counts, group_sizes, args.repeats, compiled_fn, copy_bw)
-        # Rewritten after every shape: a run stopped by its time limit keeps what it measured.
-        stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-        stem.with_suffix(".md").write_text(to_markdown(meta, rows))
+        save_results(stem, meta, rows, to_markdown(meta, rows))
     print(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.md')}")
 
 

@@ -22,13 +22,20 @@ Writes ``<stem>.json`` and ``<stem>.md`` (default stem ``benchmarks/results/gpu-
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 
 import torch
 import torch.nn.functional as F
-from bench_gpu_int8 import fmt, gpu_time_per_call, header_lines, start_run, targets_summary
+from bench_gpu_int8 import (
+    fmt,
+    gpu_time_per_call,
+    header_lines,
+    kernel_bench_parser,
+    kernel_bench_sizes,
+    save_results,
+    start_run,
+    targets_summary,
+)
 
 from fastquant.kernels import extension, reference
 
@@ -207,27 +214,20 @@ def to_markdown(meta: dict, rows: list[dict], errors: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--stem", help="output path without extension (default benchmarks/results/gpu-sparse-<date>)")
-    parser.add_argument("--repeats", type=int, default=25)
-    parser.add_argument("--rows", default=",".join(map(str, ROW_COUNTS)), help="comma-separated M values")
+    parser = kernel_bench_parser(__doc__.splitlines()[0], "gpu-sparse", SHAPES, ROW_COUNTS)
     parser.add_argument(
         "--cases", default=",".join(CASES), help="comma-separated cases: " + ", ".join(CASES).replace("%", "%%")
     )
-    parser.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES), help="comma-separated NxK")
     args = parser.parse_args()
     copy_bw, stem, meta = start_run("bench_gpu_sparse.py", args, "gpu-sparse")
-    row_counts = [int(v) for v in args.rows.split(",")]
+    row_counts, shapes = kernel_bench_sizes(args)
     cases = args.cases.split(",")
-    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     errors: dict[str, str] = {}
     rows = []
     for n, k in shapes:
         rows += bench_shape(n, k, row_counts, cases, args.repeats, copy_bw, errors)
-        # Rewritten after every shape: a run stopped by its time limit keeps what it measured.
         meta["peer_errors"] = errors
-        stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-        stem.with_suffix(".md").write_text(to_markdown(meta, rows, errors))
+        save_results(stem, meta, rows, to_markdown(meta, rows, errors))
     print(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.md')}")
 
 

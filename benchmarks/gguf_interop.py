@@ -248,6 +248,17 @@ def part_compressed_tensors(args, tmp: Path) -> dict[str, Any]:
     return {"rows": rows}
 
 
+def _part_heading(lines: list[str], part: dict[str, Any] | None, title: str) -> bool:
+    """Adds the heading of an export part that ran (and why it was skipped, if it was); whether its rows follow."""
+    if not part:
+        return False
+    lines += [f"## {title}", ""]
+    if "skipped" in part:
+        lines += [f"Skipped: {part['skipped']}.", ""]
+        return False
+    return True
+
+
 def markdown(results: dict[str, Any]) -> str:
     env = results["environment"]
     lines = [
@@ -292,47 +303,39 @@ def markdown(results: dict[str, Any]) -> str:
             "",
         ]
     gout = results.get("gguf_out")
-    if gout:
-        lines += ["## GGUF out: fastquant export, run by llama.cpp", ""]
-        if "skipped" in gout:
-            lines += [f"Skipped: {gout['skipped']}.", ""]
-        else:
-            lines += [
-                f"llama-cpp-python {gout['llama_cpp_version']}; perplexity over "
-                f"{results['settings']['tokens']} tokens of the embedded play, non-overlapping windows of "
-                f"{results['settings']['window']}, the same token ids for both.",
-                "",
-                "| variant | file MiB | perplexity fastquant | perplexity llama.cpp | difference |",
-                "|---|---:|---:|---:|---:|",
-            ]
-            for r in gout["rows"]:
-                lines.append(
-                    f"| {r['variant']} | {r['file_bytes'] / 2**20:.1f} | {r['perplexity_fastquant']:.4f} | "
-                    f"{r['perplexity_llama_cpp']:.4f} | {100 * r['relative_difference']:+.2f}% |"
-                )
-            own = gout.get("llama_cpp_own_q4_0")
-            if own:
-                lines.append(
-                    f"| llama.cpp's own Q4_0 (llama_model_quantize of the same weights) | "
-                    f"{own['file_bytes'] / 2**20:.1f} | | {own['perplexity_llama_cpp']:.4f} | |"
-                )
-            lines.append("")
+    if _part_heading(lines, gout, "GGUF out: fastquant export, run by llama.cpp"):
+        lines += [
+            f"llama-cpp-python {gout['llama_cpp_version']}; perplexity over "
+            f"{results['settings']['tokens']} tokens of the embedded play, non-overlapping windows of "
+            f"{results['settings']['window']}, the same token ids for both.",
+            "",
+            "| variant | file MiB | perplexity fastquant | perplexity llama.cpp | difference |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for r in gout["rows"]:
+            lines.append(
+                f"| {r['variant']} | {r['file_bytes'] / 2**20:.1f} | {r['perplexity_fastquant']:.4f} | "
+                f"{r['perplexity_llama_cpp']:.4f} | {100 * r['relative_difference']:+.2f}% |"
+            )
+        own = gout.get("llama_cpp_own_q4_0")
+        if own:
+            lines.append(
+                f"| llama.cpp's own Q4_0 (llama_model_quantize of the same weights) | "
+                f"{own['file_bytes'] / 2**20:.1f} | | {own['perplexity_llama_cpp']:.4f} | |"
+            )
+        lines.append("")
     ct = results.get("compressed_tensors_out")
-    if ct:
-        lines += ["## compressed-tensors out, loaded by transformers", ""]
-        if "skipped" in ct:
-            lines += [f"Skipped: {ct['skipped']}.", ""]
-        else:
-            lines += [
-                "| variant | folder MiB | max abs logit difference | max abs logit | same argmax |",
-                "|---|---:|---:|---:|---:|",
-            ]
-            for r in ct["rows"]:
-                lines.append(
-                    f"| {r['variant']} | {r['folder_bytes'] / 2**20:.1f} | {r['max_abs_logit_difference']:.2e} | "
-                    f"{r['max_abs_logit']:.2f} | {100 * r['same_argmax_fraction']:.1f}% |"
-                )
-            lines.append("")
+    if _part_heading(lines, ct, "compressed-tensors out, loaded by transformers"):
+        lines += [
+            "| variant | folder MiB | max abs logit difference | max abs logit | same argmax |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for r in ct["rows"]:
+            lines.append(
+                f"| {r['variant']} | {r['folder_bytes'] / 2**20:.1f} | {r['max_abs_logit_difference']:.2e} | "
+                f"{r['max_abs_logit']:.2f} | {100 * r['same_argmax_fraction']:.1f}% |"
+            )
+        lines.append("")
     return "\n".join(lines)
 
 

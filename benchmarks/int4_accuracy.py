@@ -34,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from run_info import commit, load_averages
+from run_info import commit, load_averages, report_header
 
 # (label, method, patch keyword arguments, calibrated)
 # row label -> (method, patch options, rounding): None = round to nearest, "gptq", or "gptq-act" (GPTQ in
@@ -153,26 +153,26 @@ def run_llama_cpp(python: str, gguf: str, ids: list[int], window: int, threads: 
 
 # ------------------------------------------------------------------------------------------ fastquant rows
 def markdown(result: dict) -> str:
-    s = result["settings"]
-    lines = [
-        f"# int4 accuracy: SmolLM2-135M perplexity and MiniLM embedding cosine, {result['date']}",
-        "",
-        f"`python benchmarks/int4_accuracy.py` at commit {result['commit']}, torch {result['torch']}, "
-        f"{s['threads']} threads, float32 activations on CPU ({result['machine']}).",
-    ]
-    if result.get("smollm2"):
-        lines += smollm2_markdown(result)
-    if result.get("minilm"):
-        lines += minilm_markdown(result)
+    lines = report_header(
+        "int4 accuracy: SmolLM2-135M perplexity and MiniLM embedding cosine",
+        "int4_accuracy.py",
+        result,
+        "float32 activations",
+    )
+    sections = (  # (the model's key in the results, its heading, the section under it)
+        ("smollm2", "SmolLM2-135M", smollm2_markdown),
+        ("minilm", "all-MiniLM-L6-v2 (float weights)", minilm_markdown),
+    )
+    for model, title, section in sections:
+        if result.get(model):
+            lines += ["", f"## {title}", "", *section(result)]
     return "\n".join(lines) + "\n"
 
 
 def smollm2_markdown(result: dict) -> list[str]:
+    """The SmolLM2 section under its heading: settings, then the perplexity table."""
     s = result["settings"]
     lines = [
-        "",
-        "## SmolLM2-135M",
-        "",
         f"Perplexity on the first {s['ppl_tokens']:,} tokens of the embedded Tempest (held out), window "
         f"{s['window']}, stride {s['window'] // 2}. GPTQ: `fastquant.patch(model, method, calibration=...)`, "
         f"{s['n_sequences']} windows x {s['seq_len']} tokens of the embedded Hamlet, dampening 0.01, block 128. "
@@ -207,11 +207,9 @@ def smollm2_markdown(result: dict) -> list[str]:
 
 
 def minilm_markdown(result: dict) -> list[str]:
+    """The MiniLM section under its heading: settings, then the embedding cosine table."""
     s = result["settings"]
     lines = [
-        "",
-        "## all-MiniLM-L6-v2 (float weights)",
-        "",
         f"Mean-pooled sentence embeddings of {s['sentences']} sentences of the embedded Tempest "
         "(`fastquant eval --model minilm`), cosine vs float32; GPTQ calibrates on Hamlet windows of "
         f"{s['minilm_seq_len']} tokens. Target: int4 g32 mean cosine >= {MINILM_TARGET}.",

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import torch
-from run_info import commit, load_averages
+from run_info import commit, load_averages, report_header
 
 from fastquant.algorithms import pruning
 from fastquant.app.evaluate import perplexity
@@ -40,10 +40,7 @@ METHODS = ("sparsegpt", "wanda", "magnitude")  # run order: the slow, target-bea
 def markdown(result: dict) -> str:
     s = result["settings"]
     lines = [
-        f"# Pruning accuracy: SmolLM2-135M on The Tempest, {result['date']}",
-        "",
-        f"`python benchmarks/prune_accuracy.py` at commit {result['commit']}, torch {result['torch']}, "
-        f"{s['threads']} threads, float32 on CPU ({result['machine']}).",
+        *report_header("Pruning accuracy: SmolLM2-135M on The Tempest", "prune_accuracy.py", result, "float32"),
         f"Perplexity: `fastquant.app.evaluate.perplexity`, first {s['ppl_tokens']} tokens of the embedded Tempest, "
         f"window {s['window']}, stride {s['window'] // 2} (as `fastquant demo`). Calibration (Wanda, SparseGPT): "
         f"{s['n_sequences']} windows x {s['seq_len']} tokens spread over the embedded Hamlet (whole play), "

@@ -60,3 +60,14 @@ def write_report(stem: Path, text: str, data: dict[str, object]) -> None:
     stem.with_suffix(".md").write_text(text)
     stem.with_suffix(".json").write_text(json.dumps(data, indent=1))
     print(f"wrote {stem}.md / .json")
+
+
+def report_header(title: str, script: str, result: dict, precision: str) -> list[str]:
+    """The first lines of a CPU accuracy report: ``title`` and the run's date, then the command, commit, torch,
+    threads and machine of the run (``precision``: what ran in which dtype, e.g. "float32 activations")."""
+    return [
+        f"# {title}, {result['date']}",
+        "",
+        f"`python benchmarks/{script}` at commit {result['commit']}, torch {result['torch']}, "
+        f"{result['settings']['threads']} threads, {precision} on CPU ({result['machine']}).",
+    ]

@@ -105,11 +105,27 @@ def replacing(keys: tuple[str, ...]):
     return bad
 
 
-def isa_shape_cases(shapes: list[tuple[int, int, int]], portable_shapes: list[tuple[int, int, int]]) -> list:
+def shape_id(shape: tuple[int, ...]) -> str:
+    """A shape as test ids name it: ``3x96x17``."""
+    return "x".join(map(str, shape))
+
+
+def shape_table(text: str) -> list[tuple[int, ...]]:
+    """The shapes of a table written as the test ids name them (``"1x32x1 3x96x17"``, any white space between),
+    so that the id of a failing case is found in its table by a search."""
+    return [tuple(int(v) for v in shape.split("x")) for shape in text.split()]
+
+
+def shape_params(text: str) -> list:
+    """The shapes of a :func:`shape_table` as ``shape`` parameters, each with its id (``3x96x17``)."""
+    return [pytest.param(shape, id=shape_id(shape)) for shape in shape_table(text)]
+
+
+def isa_shape_cases(shapes: list[tuple[int, ...]], portable_shapes: list[tuple[int, ...]]) -> list:
     """(cpu_isa, shape) parameters of a dense kernel test: every available ISA on ``shapes``, the portable
     kernel (slow) on ``portable_shapes`` only; ids like ``avx2-3x96x17``."""
     return [
-        pytest.param(isa, shape, id=f"{isa}-{'x'.join(map(str, shape))}")
+        pytest.param(isa, shape, id=f"{isa}-{shape_id(shape)}")
         for isa in available_cpu_isas()
         for shape in (portable_shapes if isa == "portable" else shapes)
     ]

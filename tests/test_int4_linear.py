@@ -10,7 +10,14 @@ import torch
 
 import fastquant
 from fastquant.kernels import reference
-from helpers import assert_int4_linear_close, available_cpu_isas, int4_kernel_path, isa_shape_cases, random_weight
+from helpers import (
+    assert_int4_linear_close,
+    available_cpu_isas,
+    int4_kernel_path,
+    isa_shape_cases,
+    random_weight,
+    shape_table,
+)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -146,23 +153,12 @@ def test_reference_linear(n, k, group_size, symmetric):
 # 4 rows of x and passes of 4 output columns) and prefill rows around the 6-row micro-kernel, K of one group, of
 # a partial 64-column block and not a multiple of any group (ragged last group), N of 1, 17 (not a multiple of
 # the 16-row tile, the 8-column grain or the 4-column pass) and 1025.
-SHAPES = [
-    (1, 32, 1),
-    (1, 1025, 1025),
-    (3, 96, 17),
-    (3, 32, 1025),
-    (8, 1025, 17),
-    (9, 96, 17),
-    (9, 1025, 1025),
-    (9, 1536, 17),
-    (16, 1025, 17),
-    (16, 4000, 1),
-    (17, 1025, 17),
-    (64, 96, 1),
-    (64, 1025, 1025),
-    (512, 1025, 17),
-    (1, 4096, 17),
-]
+SHAPES = shape_table(
+    """
+    1x32x1 1x1025x1025 3x96x17 3x32x1025 8x1025x17 9x96x17 9x1025x1025 9x1536x17
+    16x1025x17 16x4000x1 17x1025x17 64x96x1 64x1025x1025 512x1025x17 1x4096x17
+    """
+)
 # The scalar kernel is the non-x86 fallback: it gets the small cases, the vector kernels all of them.
 PORTABLE_SHAPES = [(1, 32, 1), (3, 96, 17), (17, 1025, 17)]
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 import helpers
 from fastquant.kernels import extension, reference
-from helpers import assert_cuda_rule, cuda_graph_of, launched_kernels, path_cases
+from helpers import assert_cuda_rule, cuda_graph_of, launched_kernels, path_cases, shape_params
 
 pytestmark = helpers.CUDA_KERNEL_MARKS
 
@@ -37,21 +37,12 @@ GROUP_SIZES = [32, 128, 96]  # 96: not a power of two (the kernels divide instea
 # (M, K, N): decode and prefill row counts; K among 17, 100, 1000, 1025, 4096, 4100 (K % 64 != 0: a partial last
 # block; K % 32 <= 16: a last half block past K; K % 8 != 0: element loads of x, or dequantize + cuBLAS instead
 # of the GEMM), N among 1, 17, 1000, 1025, 4096.
-SHAPES = [
-    (1, 4096, 4096),
-    (1, 17, 1000),
-    (1, 100, 1),
-    (2, 1025, 17),
-    (3, 4100, 1025),
-    (7, 1000, 4096),
-    (16, 4096, 1000),
-    (17, 1025, 4096),
-    (33, 4096, 17),
-    (64, 4100, 1000),
-    (65, 1000, 1025),
-    (300, 4096, 1025),
-    (600, 1025, 300),
-]
+SHAPES = shape_params(
+    """
+    1x4096x4096 1x17x1000 1x100x1 2x1025x17 3x4100x1025 7x1000x4096 16x4096x1000 17x1025x4096
+    33x4096x17 64x4100x1000 65x1000x1025 300x4096x1025 600x1025x300
+    """
+)
 
 
 def cuda_path(m: int, n: int, k: int, group_size: int, dtype: torch.dtype, x_aligned: bool = True) -> str:
@@ -90,7 +81,7 @@ def assert_close_to_reference(y, x, qweight, scales, offsets, bias, group_size, 
     assert_cuda_rule(y, x, weight, bias, F.linear(x, weight.to(x.dtype), bias), f"kernel {path}: ")
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("group_size", GROUP_SIZES)
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])

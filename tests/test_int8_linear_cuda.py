@@ -35,6 +35,7 @@ from helpers import (
     fp16_cancelling_case,
     launched_kernels,
     path_cases,
+    shape_params,
 )
 
 pytestmark = CUDA_KERNEL_MARKS
@@ -44,22 +45,12 @@ GROUP_SIZES = [-1, 32, 64, 128, 256]
 # (M, K, N): every decode/prefill row count of the issue, K and N among 17, 1000, 1025, 4096, 4100 (K % 16
 # != 0 takes the unaligned GEMV variants or, above M = 64, dequantize + cuBLAS; K = 1025 gives a ragged last
 # group for every group size). M = 128 and 255 with K = 4096 take the fused GEMM.
-SHAPES = [
-    (1, 4096, 4096),
-    (1, 17, 1000),
-    (2, 1025, 17),
-    (3, 4100, 1025),
-    (7, 1000, 4100),
-    (16, 4096, 1000),
-    (17, 1025, 4096),
-    (33, 4096, 17),
-    (64, 4100, 1000),
-    (128, 4096, 4100),
-    (255, 4096, 1025),
-    (300, 1000, 1025),
-    (513, 4096, 4100),
-    (2048, 1025, 4096),
-]
+SHAPES = shape_params(
+    """
+    1x4096x4096 1x17x1000 2x1025x17 3x4100x1025 7x1000x4100 16x4096x1000 17x1025x4096 33x4096x17
+    64x4100x1000 128x4096x4100 255x4096x1025 300x1000x1025 513x4096x4100 2048x1025x4096
+    """
+)
 
 
 def cuda_path(m, n, k, group_size, dtype) -> str:
@@ -81,7 +72,7 @@ def assert_close_to_reference(y, x, qweight, scales, bias, group_size, path=""):
     assert_cuda_rule(y, x, weight, bias, F.linear(x, weight.to(x.dtype), bias), f"kernel {path}: ")
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("group_size", GROUP_SIZES)
 def test_matches_reference(shape, dtype, group_size):

@@ -36,6 +36,7 @@ from helpers import (
     fp16_cancelling_case,
     launched_kernels,
     path_cases,
+    shape_params,
 )
 
 pytestmark = CUDA_KERNEL_MARKS
@@ -47,23 +48,12 @@ X_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # fp32 x; K not a multiple of 16 (17, 1000 = 62.5 chunks, 1025), nor of the 64-column mma k-tile (1000, 1040),
 # nor of 8 (17, 1025: x rows not 16-byte aligned, element loads), a multiple of the 512-column warp step (4096);
 # N = 1 and 3 (blocks with idle warps), 1000, 257 (not a multiple of the 8, 16 or 128 rows of a block).
-SHAPES = [
-    (1, 4096, 1000),
-    (1, 17, 3),
-    (1, 1025, 1),
-    (3, 1000, 1000),
-    (3, 4096, 3),
-    (16, 1025, 1000),
-    (16, 17, 1),
-    (17, 4096, 3),
-    (17, 1000, 1000),
-    (33, 1000, 130),
-    (64, 1025, 3),
-    (65, 1040, 257),
-    (256, 1000, 1000),
-    (256, 17, 3),
-    (300, 1025, 129),
-]
+SHAPES = shape_params(
+    """
+    1x4096x1000 1x17x3 1x1025x1 3x1000x1000 3x4096x3 16x1025x1000 16x17x1 17x4096x3
+    17x1000x1000 33x1000x130 64x1025x3 65x1040x257 256x1000x1000 256x17x3 300x1025x129
+    """
+)
 
 
 def cuda_path(m: int, n: int, k: int, values_dtype: torch.dtype, x_dtype: torch.dtype, group_size: int = -1) -> str:
@@ -109,7 +99,7 @@ def assert_close_to_reference(y, args, dense, path=""):
     assert_cuda_rule(y, x, dense, bias, F.linear(x, dense.to(x.dtype), bias), f"kernel {path}: ")
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("values_dtype", VALUE_DTYPES, ids=str)
 @pytest.mark.parametrize("x_dtype", X_DTYPES, ids=str)
 def test_matches_reference(shape, values_dtype, x_dtype):
@@ -502,18 +492,10 @@ def test_csr_matches_reference(x_dtype, values_dtype, group_size, sparsity):
 # fit the shared-memory budget only as 4 tiles of 4; large M (tiles spread over blockIdx.y when N is small);
 # K = 20000 and 30000 fit one row of x per tile only in the device's whole opt-in shared memory; K = 65536 (the
 # format's limit, columns >= 32768 stored as negative int16) does not fit at all: x is gathered from global.
-CSR_TILE_SHAPES = [
-    (16, 4096, 300),
-    (40, 1025, 50),
-    (300, 4096, 64),
-    (1000, 17, 3),
-    (2, 20000, 33),
-    (17, 30000, 5),
-    (3, 65536, 20),
-]
+CSR_TILE_SHAPES = shape_params("16x4096x300 40x1025x50 300x4096x64 1000x17x3 2x20000x33 17x30000x5 3x65536x20")
 
 
-@pytest.mark.parametrize("shape", CSR_TILE_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", CSR_TILE_SHAPES)
 @pytest.mark.parametrize(
     ("values_dtype", "group_size"), [(torch.bfloat16, -1), (torch.int8, 128)], ids=["bf16", "i8g128"]
 )

@@ -18,6 +18,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -625,7 +626,20 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- main
-def _add_method_options(parser: argparse.ArgumentParser) -> None:
+def _command(
+    sub: Any, name: str, func: Callable[[argparse.Namespace], int], *, help: str, parents: list[argparse.ArgumentParser]
+) -> argparse.ArgumentParser:
+    """The parser of subcommand ``name`` (``sub``: the subparsers action), run by ``func``."""
+    parser = sub.add_parser(name, parents=parents, help=help)
+    parser.set_defaults(func=func)
+    return parser
+
+
+def _add_method_options(parser: argparse.ArgumentParser, method: str | None = None) -> None:
+    """The compression options; with ``method``, first the --method option that it is the default of (the
+    commands that apply one method; demo compares several)."""
+    if method is not None:
+        parser.add_argument("--method", default=method, help=f"compression method, one of {list(CLI_METHODS)}")
     parser.add_argument(
         "--group-size",
         type=int,
@@ -656,7 +670,6 @@ def _add_method_options(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastquant", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    method_help = f"compression method, one of {list(CLI_METHODS)}"
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     common.add_argument(
@@ -666,8 +679,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="progress bars (default: only when stderr is a terminal)",
     )
 
-    demo = sub.add_parser(
+    demo = _command(
+        sub,
         "demo",
+        cmd_demo,
         parents=[common],
         help="SmolLM2-135M: perplexity, decode/prefill speed and size, float vs int8 and int4 (--all: every method)",
     )
@@ -690,39 +705,42 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--decode-tokens", type=int, default=64, help="generated tokens for decode timing")
     demo.add_argument("--prefill-tokens", type=int, default=512, help="prompt length for prefill timing")
     demo.add_argument("--rounds", type=int, default=3, help="speed rounds, each method alternating with float32")
-    demo.set_defaults(func=cmd_demo)
 
-    ev = sub.add_parser(
-        "eval", parents=[common], help="quality of a method vs float: perplexity (LMs) or embedding cosine (encoders)"
+    ev = _command(
+        sub,
+        "eval",
+        cmd_eval,
+        parents=[common],
+        help="quality of a method vs float: perplexity (LMs) or embedding cosine (encoders)",
     )
     ev.add_argument("--model", default="smollm2", help="smollm2, minilm, or a transformers folder")
-    ev.add_argument("--method", default="int8", help=method_help)
-    _add_method_options(ev)
+    _add_method_options(ev, "int8")
     ev.add_argument("--text", help="text file (default: the embedded play)")
     ev.add_argument("--tokens", type=int, default=4096, help="causal LMs: tokens scored")
     ev.add_argument("--window", type=int, default=512, help="causal LMs: perplexity window")
     ev.add_argument("--sentences", type=int, default=256, help="encoders: sentences embedded")
     ev.add_argument("--json", help="also write the result to this JSON file")
-    ev.set_defaults(func=cmd_eval)
 
-    comp = sub.add_parser(
+    comp = _command(
+        sub,
         "compress",
+        cmd_compress,
         parents=[common],
         help="write a compressed model folder (checkpoint, config, tokenizer) for fastquant.from_pretrained",
     )
     comp.add_argument("model", help="smollm2, minilm, or a transformers folder")
-    comp.add_argument("--method", default="int8", help=method_help)
-    _add_method_options(comp)
+    _add_method_options(comp, "int8")
     comp.add_argument("-o", "--output", required=True, help="output folder")
     comp.add_argument("--sign-key", help="sign the manifest with this Ed25519 private key (PEM; `fastquant keygen`)")
     comp.add_argument("--encrypt", action="store_true", help="encrypt the tensors at rest (AES-256-GCM)")
     comp.add_argument(
         "--key-file", help="--encrypt: key file (hex; created if missing), else $FASTQUANT_KEY / $FASTQUANT_KEY_FILE"
     )
-    comp.set_defaults(func=cmd_compress)
 
-    exp = sub.add_parser(
+    exp = _command(
+        sub,
         "export",
+        cmd_export,
         parents=[common],
         help="convert a `fastquant compress` folder for other engines: GGUF (llama.cpp) or compressed-tensors (vLLM)",
     )
@@ -730,17 +748,17 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--format", required=True, choices=("gguf", "compressed-tensors"), help="output format")
     exp.add_argument("-o", "--output", required=True, help="gguf: the file to write; compressed-tensors: a folder")
     exp.add_argument("--vocab-from", help="gguf: copy the tokenizer from this GGUF file (default: tokenizer.json)")
-    exp.set_defaults(func=cmd_export)
 
-    dist = sub.add_parser(
+    dist = _command(
+        sub,
         "distill",
+        cmd_distill,
         parents=[common],
         help="compress, then train the compressed model to match the float one (knowledge distillation); "
         "under torchrun: data parallel",
     )
     dist.add_argument("model", help="smollm2 or a transformers causal-LM folder")
-    dist.add_argument("--method", default="sparse", help=method_help)
-    _add_method_options(dist)
+    _add_method_options(dist, "sparse")
     dist.add_argument(
         "-o", "--output", required=True, help="output folder (as compress, plus distill.json and a loss PNG)"
     )
@@ -772,12 +790,16 @@ def build_parser() -> argparse.ArgumentParser:
     dist.add_argument("--checkpoint-every", type=int, default=50, help="steps between training-state checkpoints")
     dist.add_argument("--resume", action="store_true", help="continue from the training state in --checkpoint-dir")
     dist.add_argument("--seed", type=int, default=0, help="order of the training windows")
-    dist.set_defaults(func=cmd_distill)
 
-    keygen = sub.add_parser("keygen", help="new key: Ed25519 signing key pair (PATH, PATH.pub) or AES-256 key file")
+    keygen = _command(
+        sub,
+        "keygen",
+        cmd_keygen,
+        parents=[],
+        help="new key: Ed25519 signing key pair (PATH, PATH.pub) or AES-256 key file",
+    )
     keygen.add_argument("kind", choices=("signing", "encryption"))
     keygen.add_argument("path", help="file to create (refuses to overwrite)")
-    keygen.set_defaults(func=cmd_keygen)
 
     from fastquant.app.serve.cli import add_serve_parser
 
