@@ -3,10 +3,12 @@
 // sparse_linear_cuda.cpp, sparse_csr_linear_cuda.cpp): operands laid out for the kernels' 16-byte loads,
 // split-K scratch, and the cuBLAS product on a dense weight. Glue files only: includes ATen.
 #include <ATen/ATen.h>
+#include <cuda_runtime_api.h>
 
 #include <cstdint>
 #include <optional>
 
+#include "cuda/quant_linear_args.h"
 #include "sparse_linear_contract.h"
 
 namespace fastquant::cuda {
@@ -40,6 +42,33 @@ inline void dense_linear_into(at::Tensor& y, const at::Tensor& x2, const at::Ten
   } else {
     at::mm_out(y2, x2, weight.t());
   }
+}
+
+// The launch arguments both dense quantized ops share (QuantLinearArgs) from the glue's contiguous operands:
+// the device's SMs and torch's deterministic-algorithms switch decide the split-K scratch, which
+// `slices(num_sms, deterministic)` (the op's rule, 0 for none) sizes and `workspace` keeps alive for the
+// launch.
+template <typename Slices>
+QuantLinearArgs quant_linear_args(const cudaDeviceProp& props, const at::Tensor& x2, const at::Tensor& b,
+                                  at::Tensor& y, at::Tensor& workspace, int64_t m, int64_t n, int64_t k,
+                                  int64_t group, int64_t n_groups, bool x_vector, DType dtype,
+                                  const Slices& slices) {
+  QuantLinearArgs a;
+  a.num_sms = props.multiProcessorCount;
+  a.deterministic = at::globalContext().deterministicAlgorithms();
+  workspace = split_k_workspace(slices(a.num_sms, a.deterministic), m, n, x2);
+  a.x = x2.data_ptr();
+  a.bias = b.defined() ? b.data_ptr() : nullptr;
+  a.y = y.data_ptr();
+  a.workspace = workspace.defined() ? workspace.data_ptr<float>() : nullptr;
+  a.m = static_cast<int>(m);
+  a.n = static_cast<int>(n);
+  a.k = static_cast<int>(k);
+  a.group_size = static_cast<int>(group);
+  a.n_groups = static_cast<int>(n_groups);
+  a.x_vector = x_vector;
+  a.dtype = dtype;
+  return a;
 }
 
 // What both sparse launches (SparseLinearArgs, SparseCsrLinearArgs) read, laid out for the kernels: x as a

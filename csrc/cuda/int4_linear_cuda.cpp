@@ -75,28 +75,17 @@ at::Tensor int4_linear_cuda(const at::Tensor& x, const at::Tensor& qweight, cons
 
   // A fresh allocation of the caching allocator is 16-byte aligned (e.g. x sliced 1 element in).
   if (plan.copy_x) x2 = x2.clone();
-  const int num_sms = props->multiProcessorCount;
   const bool gemm = plan.path == Int4Path::kGemmMma;
-  const bool deterministic = at::globalContext().deterministicAlgorithms();
-  const at::Tensor workspace = split_k_workspace(
-      int4_workspace_slices(gemm, m, n, k, num_sms, int4_gemv_n_tiles(plan.path), deterministic), m, n, x);
+  at::Tensor workspace;
   Int4GemvArgs args;
-  args.x = x2.data_ptr();
+  static_cast<QuantLinearArgs&>(args) = quant_linear_args(
+      *props, x2, b, y, workspace, m, n, k, group, n_groups, plan.x_vector, dtype,
+      [&](int num_sms, bool deterministic) {
+        return int4_workspace_slices(gemm, m, n, k, num_sms, int4_gemv_n_tiles(plan.path), deterministic);
+      });
   args.w = w.data_ptr<uint8_t>();
   args.scales = s.data_ptr();
   args.offsets = o.defined() ? o.data_ptr() : nullptr;
-  args.bias = b.defined() ? b.data_ptr() : nullptr;
-  args.y = y.data_ptr();
-  args.workspace = workspace.defined() ? workspace.data_ptr<float>() : nullptr;
-  args.m = static_cast<int>(m);
-  args.n = static_cast<int>(n);
-  args.k = static_cast<int>(k);
-  args.group_size = static_cast<int>(group);
-  args.n_groups = static_cast<int>(n_groups);
-  args.num_sms = num_sms;
-  args.x_vector = plan.x_vector;
-  args.deterministic = deterministic;
-  args.dtype = dtype;
   args.path = plan.path;
   check_launch(gemm ? launch_int4_gemm_mma(args, stream) : launch_int4_gemv_mma(args, stream), kOp, m, n, k);
   return y;

@@ -11,25 +11,15 @@
 
 #include "cuda/int4_linear_dispatch.h"
 #include "cuda/launch_status.h"
+#include "cuda/quant_linear_args.h"
 
 namespace fastquant::cuda {
 
-struct Int4GemvArgs {
-  const void* x;        // m x k activations (fp16 or bf16), row-major, contiguous
+struct Int4GemvArgs : QuantLinearArgs {
   const uint8_t* w;     // n x row_bytes packed codes, contiguous, 16-byte aligned
   const void* scales;   // n x n_groups fp16
   const void* offsets;  // n x n_groups fp16 (asymmetric), or nullptr (symmetric: w = s * (q - 8))
-  const void* bias;     // n values of x's dtype, or nullptr
-  void* y;              // m x n output, x's dtype
-  float* workspace;     // fp32 split-K scratch (GEMV: int4_gemv_workspace_slices; GEMM: splits) x m x n
-  int m, n, k;
-  int group_size;      // a positive multiple of 32
-  int n_groups;        // ceil(k / group_size)
-  int num_sms;         // SMs of the device (split-K rule)
-  bool x_vector;       // Int4Plan: 16-byte loads of x
-  bool deterministic;  // split-K: ordered sum of per-split slices instead of atomics
-  DType dtype;         // kBFloat16 or kFloat16
-  Int4Path path;       // one of the kGemvMma* rows of the dispatch table (sets the number of n=8 tiles)
+  Int4Path path;        // one of the kGemvMma* rows of the dispatch table (sets the number of n=8 tiles)
 };
 
 // The fields the int4 GEMV and GEMM kernel parameters (Int4GemvParams, Int4GemmParams) share, from the

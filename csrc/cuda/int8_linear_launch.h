@@ -9,25 +9,15 @@
 
 #include "cuda/int8_linear_dispatch.h"
 #include "cuda/launch_status.h"
+#include "cuda/quant_linear_args.h"
 
 namespace fastquant::cuda {
 
-struct Int8GemvArgs {
-  const void* x;        // m x k activations (fp16 or bf16), row-major, contiguous
+struct Int8GemvArgs : QuantLinearArgs {
   const int8_t* w;      // n x k int8 weight, row-major, contiguous
   const float* scales;  // n scales (group_size == -1) or n x n_groups
-  const void* bias;     // n values of x's dtype, or nullptr
-  void* y;              // m x n output, x's dtype
-  float* workspace;     // fp32 split-K scratch: int8_gemv_workspace_slices (GEMV) or splits (GEMM) x m x n
-  int m, n, k;
-  int group_size;      // -1: per-channel
-  int n_groups;        // ceil(k / group_size), 1 for per-channel
-  int num_sms;         // SMs of the device (split-K rule)
-  bool w_vector;       // Int8Plan: 16-byte loads of the weight
-  bool x_vector;       // Int8Plan: 16-byte loads of x
-  bool deterministic;  // GEMV split-K: ordered sum of per-split slices instead of atomics
-  DType dtype;         // kBFloat16 or kFloat16
-  Int8Path path;       // one of the kGemvMma* rows of the dispatch table (sets the number of n=8 tiles)
+  bool w_vector;        // Int8Plan: 16-byte loads of the weight
+  Int8Path path;        // one of the kGemvMma* rows of the dispatch table (sets the number of n=8 tiles)
 };
 
 // Tensor-core GEMV for m <= 64 (see int8_gemv_mma.cuh). dtype must be bf16 or fp16.
