@@ -13,6 +13,7 @@
 
 #include "cpu/avx512_expand.h"
 #include "cpu/int4_linear.h"
+#include "static_count.h"
 
 namespace fastquant::cpu {
 namespace {
@@ -148,16 +149,8 @@ void fixed16_rows(const Int4LinearProblem& p, const int32_t* group_of, int64_t j
   // memory, the others find them in L1/L2.
   int64_t i0 = 0;
   for (; i0 + 4 <= p.m; i0 += 4) fixed16_pass<4, NR>(p, group_of, i0, j0, pf, f);
-  switch (p.m - i0) {
-    case 3:
-      return fixed16_pass<3, NR>(p, group_of, i0, j0, pf, f);
-    case 2:
-      return fixed16_pass<2, NR>(p, group_of, i0, j0, pf, f);
-    case 1:
-      return fixed16_pass<1, NR>(p, group_of, i0, j0, pf, f);
-    default:
-      return;
-  }
+  with_count<3>(p.m - i0,
+                [&](auto mr) { fixed16_pass<decltype(mr)::value, NR>(p, group_of, i0, j0, pf, f); });
 }
 
 }  // namespace

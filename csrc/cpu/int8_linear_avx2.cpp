@@ -9,6 +9,7 @@
 #include <cstring>
 
 #include "cpu/int8_linear.h"
+#include "static_count.h"
 
 namespace fastquant::cpu {
 namespace {
@@ -75,16 +76,7 @@ void tile(const Int8LinearProblem& p, int64_t m0, int64_t j0) {
 
 template <int MR, bool GROUPED>
 void cols(const Int8LinearProblem& p, int64_t m0, int64_t j0, int64_t nc) {
-  switch (nc) {
-    case 1:
-      return tile<MR, 1, GROUPED>(p, m0, j0);
-    case 2:
-      return tile<MR, 2, GROUPED>(p, m0, j0);
-    case 3:
-      return tile<MR, 3, GROUPED>(p, m0, j0);
-    default:
-      return tile<MR, 4, GROUPED>(p, m0, j0);
-  }
+  with_count<4>(nc, [&](auto nr) { tile<MR, decltype(nr)::value, GROUPED>(p, m0, j0); });
 }
 
 template <bool GROUPED>

@@ -21,6 +21,7 @@
 
 #include "cpu/avx512_expand.h"
 #include "cpu/int8_linear.h"
+#include "static_count.h"
 
 namespace fastquant::cpu {
 namespace {
@@ -93,24 +94,7 @@ void fp32_tile(const Int8LinearProblem& p, int64_t m0, int64_t j0) {
 
 template <int MR, bool GROUPED>
 void fp32_cols(const Int8LinearProblem& p, int64_t m0, int64_t j0, int64_t nc) {
-  switch (nc) {
-    case 1:
-      return fp32_tile<MR, 1, GROUPED>(p, m0, j0);
-    case 2:
-      return fp32_tile<MR, 2, GROUPED>(p, m0, j0);
-    case 3:
-      return fp32_tile<MR, 3, GROUPED>(p, m0, j0);
-    case 4:
-      return fp32_tile<MR, 4, GROUPED>(p, m0, j0);
-    case 5:
-      return fp32_tile<MR, 5, GROUPED>(p, m0, j0);
-    case 6:
-      return fp32_tile<MR, 6, GROUPED>(p, m0, j0);
-    case 7:
-      return fp32_tile<MR, 7, GROUPED>(p, m0, j0);
-    default:
-      return fp32_tile<MR, 8, GROUPED>(p, m0, j0);
-  }
+  with_count<8>(nc, [&](auto nr) { fp32_tile<MR, decltype(nr)::value, GROUPED>(p, m0, j0); });
 }
 
 // M = 1: sum over k in [ka, kb) of x[k] * w[k] (* its group's scale when GROUPED), ka on a group start.
@@ -197,19 +181,7 @@ void fp32_run(const Int8LinearProblem& p, int64_t n_begin, int64_t n_end) {
     const int64_t nc = n_end - j0 < nr ? n_end - j0 : nr;
     int64_t m0 = 0;
     for (; m0 + 4 <= p.m; m0 += 4) fp32_cols<4, GROUPED>(p, m0, j0, nc);
-    switch (p.m - m0) {
-      case 1:
-        fp32_cols<1, GROUPED>(p, m0, j0, nc);
-        break;
-      case 2:
-        fp32_cols<2, GROUPED>(p, m0, j0, nc);
-        break;
-      case 3:
-        fp32_cols<3, GROUPED>(p, m0, j0, nc);
-        break;
-      default:
-        break;
-    }
+    with_count<3>(p.m - m0, [&](auto mr) { fp32_cols<decltype(mr)::value, GROUPED>(p, m0, j0, nc); });
   }
 }
 

@@ -17,6 +17,7 @@
 #include <cstring>
 
 #include "cpu/sparse_linear.h"
+#include "static_count.h"
 
 namespace fastquant::cpu {
 namespace {
@@ -318,16 +319,7 @@ constexpr int64_t kBlock = 32;  // weight rows whose values stay in L2 while x s
 
 template <DType V, int NR, bool GROUPED>
 void tile_m(const SparseLinearProblem& p, int64_t m0, int mb, int64_t j0) {
-  switch (mb) {
-    case 1:
-      return tile<V, 1, NR, GROUPED>(p, m0, j0);
-    case 2:
-      return tile<V, 2, NR, GROUPED>(p, m0, j0);
-    case 3:
-      return tile<V, 3, NR, GROUPED>(p, m0, j0);
-    default:
-      return tile<V, 4, NR, GROUPED>(p, m0, j0);
-  }
+  with_count<4>(mb, [&](auto mr) { tile<V, decltype(mr)::value, NR, GROUPED>(p, m0, j0); });
 }
 
 template <DType V, bool GROUPED>

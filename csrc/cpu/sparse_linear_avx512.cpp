@@ -16,6 +16,7 @@
 
 #include "cpu/avx512_expand.h"
 #include "cpu/sparse_linear.h"
+#include "static_count.h"
 
 namespace fastquant::cpu {
 namespace {
@@ -322,24 +323,7 @@ __attribute__((target("avx512vbmi,avx512vbmi2"))) int64_t rows_fixed(const Spars
 
 template <DType V, int NR, bool GROUPED>
 void tile_m(const SparseLinearProblem& p, int64_t m0, int mb, int64_t j0) {
-  switch (mb) {
-    case 1:
-      return tile<V, 1, NR, GROUPED>(p, m0, j0);
-    case 2:
-      return tile<V, 2, NR, GROUPED>(p, m0, j0);
-    case 3:
-      return tile<V, 3, NR, GROUPED>(p, m0, j0);
-    case 4:
-      return tile<V, 4, NR, GROUPED>(p, m0, j0);
-    case 5:
-      return tile<V, 5, NR, GROUPED>(p, m0, j0);
-    case 6:
-      return tile<V, 6, NR, GROUPED>(p, m0, j0);
-    case 7:
-      return tile<V, 7, NR, GROUPED>(p, m0, j0);
-    default:
-      return tile<V, 8, NR, GROUPED>(p, m0, j0);
-  }
+  with_count<8>(mb, [&](auto mr) { tile<V, decltype(mr)::value, NR, GROUPED>(p, m0, j0); });
 }
 
 template <DType V, bool GROUPED>

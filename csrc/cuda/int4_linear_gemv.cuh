@@ -42,6 +42,7 @@
 #include "cuda/int4_linear_launch.h"
 #include "cuda/int8_gemv_mma.cuh"
 #include "cuda/launch_status.h"
+#include "static_count.h"
 
 namespace fastquant::cuda::int4_detail {
 
@@ -343,20 +344,8 @@ LaunchStatus launch_gemv(const Int4GemvArgs& a, cudaStream_t stream) {
   if (zeroed != cudaSuccess) return zeroed;
   const dim3 grid((a.n + kGemvTileN - 1) / kGemvTileN, splits);
   const bool asym = a.offsets != nullptr;
-  switch (nt) {
-    case 1:
-      launch_asym<T, 1>(p, asym, a.x_vector, grid, stream);
-      break;
-    case 2:
-      launch_asym<T, 2>(p, asym, a.x_vector, grid, stream);
-      break;
-    case 4:
-      launch_asym<T, 4>(p, asym, a.x_vector, grid, stream);
-      break;
-    default:
-      launch_asym<T, 8>(p, asym, a.x_vector, grid, stream);
-      break;
-  }
+  with_power_of_two<8>(
+      nt, [&](auto tiles) { launch_asym<T, decltype(tiles)::value>(p, asym, a.x_vector, grid, stream); });
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess || splits == 1) return err;
   // Scales and offsets are already in the partial sums; the finalize adds the slices and the bias.

@@ -32,6 +32,7 @@
 #include "cuda/int8_linear_dispatch.h"
 #include "cuda/int8_linear_launch.h"
 #include "cuda/launch_status.h"
+#include "static_count.h"
 
 namespace fastquant::cuda::detail {
 
@@ -384,20 +385,9 @@ LaunchStatus launch_gemv(const Int8GemvArgs& a, cudaStream_t stream) {
   if (zeroed != cudaSuccess) return zeroed;
   const dim3 grid((a.n + kGemvTileN - 1) / kGemvTileN, splits);
   const bool grouped = a.group_size != -1;
-  switch (nt) {
-    case 1:
-      launch_gemv_grouped<T, 1>(p, grouped, a.w_vector, a.x_vector, grid, stream);
-      break;
-    case 2:
-      launch_gemv_grouped<T, 2>(p, grouped, a.w_vector, a.x_vector, grid, stream);
-      break;
-    case 4:
-      launch_gemv_grouped<T, 4>(p, grouped, a.w_vector, a.x_vector, grid, stream);
-      break;
-    default:
-      launch_gemv_grouped<T, 8>(p, grouped, a.w_vector, a.x_vector, grid, stream);
-      break;
-  }
+  with_power_of_two<8>(nt, [&](auto tiles) {
+    launch_gemv_grouped<T, decltype(tiles)::value>(p, grouped, a.w_vector, a.x_vector, grid, stream);
+  });
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess || splits == 1) return err;
   // The per-channel scale is already in the partial sums (applied before the atomics).

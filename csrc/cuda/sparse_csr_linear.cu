@@ -40,6 +40,7 @@
 
 #include "cuda/sparse_csr_linear_launch.h"
 #include "cuda/sparse_linear_gemv.cuh"  // x tile layout (xs_index, slab_floats, fma_x), value decoding
+#include "static_count.h"
 
 namespace fastquant::cuda {
 namespace {
@@ -340,18 +341,8 @@ cudaError_t launch_variant(CsrParams p, const Launch& l, cudaStream_t stream) {
 template <typename V, bool kGrouped>
 cudaError_t launch_tile(const CsrParams& p, int mp, bool staged, const Launch& l, cudaStream_t stream) {
   if (!staged) return launch_variant<V, 1, false, kGrouped>(p, l, stream);
-  switch (mp) {
-    case 1:
-      return launch_variant<V, 1, true, kGrouped>(p, l, stream);
-    case 2:
-      return launch_variant<V, 2, true, kGrouped>(p, l, stream);
-    case 4:
-      return launch_variant<V, 4, true, kGrouped>(p, l, stream);
-    case 8:
-      return launch_variant<V, 8, true, kGrouped>(p, l, stream);
-    default:
-      return launch_variant<V, 16, true, kGrouped>(p, l, stream);
-  }
+  return with_power_of_two<16>(
+      mp, [&](auto rows) { return launch_variant<V, decltype(rows)::value, true, kGrouped>(p, l, stream); });
 }
 
 }  // namespace

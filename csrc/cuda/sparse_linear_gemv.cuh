@@ -27,6 +27,7 @@
 #include <type_traits>
 
 #include "cuda/sparse_linear_common.cuh"
+#include "static_count.h"
 
 namespace fastquant::cuda::sparse_detail {
 
@@ -259,18 +260,9 @@ LaunchStatus launch_gemv_variant(GemvParams p, int max_smem_bytes, cudaStream_t 
 
 template <typename V, bool kGrouped>
 LaunchStatus launch_gemv_grouped(const GemvParams& p, int max_smem_bytes, cudaStream_t stream) {
-  switch (sparse_gemv_tile_m(p.m)) {
-    case 1:
-      return launch_gemv_variant<V, 1, kGrouped>(p, max_smem_bytes, stream);
-    case 2:
-      return launch_gemv_variant<V, 2, kGrouped>(p, max_smem_bytes, stream);
-    case 4:
-      return launch_gemv_variant<V, 4, kGrouped>(p, max_smem_bytes, stream);
-    case 8:
-      return launch_gemv_variant<V, 8, kGrouped>(p, max_smem_bytes, stream);
-    default:
-      return launch_gemv_variant<V, 16, kGrouped>(p, max_smem_bytes, stream);
-  }
+  return with_power_of_two<16>(sparse_gemv_tile_m(p.m), [&](auto tile_m) {
+    return launch_gemv_variant<V, decltype(tile_m)::value, kGrouped>(p, max_smem_bytes, stream);
+  });
 }
 
 inline int log2_int(int v) {
