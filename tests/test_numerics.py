@@ -124,8 +124,8 @@ LAYOUTS = ["int8", "bitmap16-int8", "csr16-int8", "bitmap16-fp32", "csr16-fp32",
 SPECIALS = {"nan": float("nan"), "+inf": float("inf"), "-inf": float("-inf")}
 
 
-def non_finite_case(layout: str, m: int, grouped: bool, special: str) -> tuple:
-    """(op output, reference output) of ``layout`` with ``special`` in x[0, 7] or in one scale of row 2."""
+def non_finite_case(layout: str, m: int, grouped: bool, special: str, row: int = 0) -> tuple:
+    """(op output, reference output) of ``layout`` with ``special`` in x[row, 7] or in one scale of row 2."""
     n, k = 37, 320
     gen = torch.Generator().manual_seed(7)
     weight = random_weight(n, k, gen)
@@ -135,7 +135,7 @@ def non_finite_case(layout: str, m: int, grouped: bool, special: str) -> tuple:
     x = torch.randn(m, k, generator=gen)
     bias = torch.randn(n, generator=gen)
     if special in SPECIALS:
-        x[0, 7] = SPECIALS[special]
+        x[row, 7] = SPECIALS[special]
     if layout == "int4":
         group_size = 64 if grouped else 32
         qweight, scales, _ = reference.int4_quantize(weight * mask, group_size)
@@ -174,4 +174,14 @@ def test_non_finite_values_give_the_dense_result(cpu_isa, layout, special, m, gr
         pytest.skip("float values have no scales")
     y, expected = non_finite_case(layout, m, grouped, special)
     assert not bool(expected.isfinite().all())
+    torch.testing.assert_close(y, expected, equal_nan=True, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("special", list(SPECIALS))
+def test_non_finite_values_past_the_first_scan_slice(layout, special):
+    """x of 257 x 320 = 82,240 elements is scanned in slices of 65,536 by torch's threads: a special value in the
+    last row lies in the second slice."""
+    y, expected = non_finite_case(layout, 257, False, special, row=256)
+    assert not bool(expected[256].isfinite().all())
     torch.testing.assert_close(y, expected, equal_nan=True, rtol=2e-3, atol=2e-3)
