@@ -13,5 +13,11 @@ inline constexpr int64_t kSparseCsrMaxInFeatures = int64_t{1} << 16;
 // Group sizes of int8 sparse values are whole 16-column mask words (the kernels flush a group's sum per
 // word).
 inline constexpr int64_t kSparseGroupMultiple = 16;
+// bitmap16: columns per mask word (bit j of word c is column 16 c + j).
+inline constexpr int64_t kBitmap16Columns = 16;
+// int4: a block of 64 columns is 32 bytes, low nibbles the first 32 columns, high nibbles the next 32.
+inline constexpr int64_t kInt4BlockColumns = 64;
+// int4 symmetric codes stand for q - 8.
+inline constexpr int64_t kInt4SymmetricZero = 8;
 
 }  // namespace fastquant

@@ -7,9 +7,9 @@
 // kernel, and HF `generate` runs under no_grad (not inference_mode), so a compiled SmolLM2 decode step paid
 // it 211 times per token. Here a call that records no gradient goes straight to the backend kernel.
 //
-// The dequantizers below are the C++ twins of python/fastquant/kernels/reference.py's (the oracle the tests
-// compare these gradients with; without the extension, ops.py registers the Python autograd instead). They
-// are ATen ops, so torch.compile traces the backward like any other.
+// The weight comes from dequantize.h, the C++ twins of kernels/reference.py's dequantizers (the Python
+// autograd, the oracle the tests compare with, uses those; without the extension ops.py registers it
+// instead). They are ATen ops, so torch.compile traces the backward like any other.
 #include <ATen/ATen.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -18,84 +18,18 @@
 #include <optional>
 #include <vector>
 
+#include "dequantize.h"
+
 namespace fastquant {
 namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-constexpr int64_t kSparseChunk = 16;       // columns per bitmap16 mask word
-constexpr int64_t kInt4Block = 64;         // k per 32-byte int4 block (low nibbles, then high nibbles)
-constexpr int64_t kInt4SymmetricZero = 8;  // symmetric int4 codes stand for q - 8
-
 bool records_gradient(std::initializer_list<std::optional<at::Tensor>> tensors) {
   if (!at::GradMode::is_enabled()) return false;
   return std::any_of(tensors.begin(), tensors.end(),
                      [](const std::optional<at::Tensor>& t) { return t.has_value() && t->requires_grad(); });
-}
-
-// (N,) or (N, ceil(K / G)) scales as (N, K): one per weight element.
-at::Tensor expand_group_scales(const at::Tensor& scales, int64_t k, int64_t group_size) {
-  if (group_size == -1) return scales.unsqueeze(1).expand({-1, k});
-  return scales.repeat_interleave(std::min(group_size, k), 1).narrow(1, 0, k);
-}
-
-at::Tensor int8_dequantize(const at::Tensor& codes, const at::Tensor& scales, int64_t group_size) {
-  return codes.to(at::kFloat) * expand_group_scales(scales.to(at::kFloat), codes.size(1), group_size);
-}
-
-at::Tensor int4_dequantize(const at::Tensor& qweight, const at::Tensor& scales,
-                           const std::optional<at::Tensor>& offsets, int64_t in_features,
-                           int64_t group_size) {
-  const int64_t n = qweight.size(0);
-  const at::Tensor blocks = qweight.view({n, -1, 1, kInt4Block / 2});
-  const at::Tensor codes = at::cat({blocks.bitwise_and(0xF), blocks.bitwise_right_shift(4)}, 2)
-                               .reshape({n, -1})
-                               .narrow(1, 0, in_features);
-  const at::Tensor s = expand_group_scales(scales.to(at::kFloat), in_features, group_size);
-  if (!offsets.has_value()) return s * (codes.to(at::kFloat) - kInt4SymmetricZero);
-  return s * codes.to(at::kFloat) + expand_group_scales(offsets->to(at::kFloat), in_features, group_size);
-}
-
-// Codes first, then scales, as the dense int8 layer of the same codes (the numerical contract).
-at::Tensor scaled_values(const at::Tensor& dense, const std::optional<at::Tensor>& scales,
-                         int64_t group_size) {
-  return scales.has_value() ? int8_dequantize(dense, *scales, group_size) : dense.to(at::kFloat);
-}
-
-at::Tensor sparse_dequantize(const at::Tensor& values, const at::Tensor& masks, const at::Tensor& row_offsets,
-                             const std::optional<at::Tensor>& scales, int64_t in_features,
-                             int64_t group_size) {
-  const at::Tensor bits = at::arange(kSparseChunk, masks.options().dtype(at::kInt));
-  const at::Tensor words = masks.to(at::kInt).bitwise_and(0xFFFF);
-  const at::Tensor keep = words.unsqueeze(2)
-                              .bitwise_right_shift(bits)
-                              .bitwise_and(1)
-                              .to(at::kBool)
-                              .reshape({masks.size(0), masks.size(1) * kSparseChunk})
-                              .narrow(1, 0, in_features);
-  // Each (row, column)'s would-be position in values: no data-dependent shapes, so compiled graphs trace it.
-  const at::Tensor position =
-      row_offsets.narrow(0, 0, row_offsets.size(0) - 1).unsqueeze(1) + keep.cumsum(1) - 1;
-  const at::Tensor gathered = values.take(position.clamp(0, values.numel() - 1));
-  return scaled_values(at::where(keep, gathered, at::zeros({}, gathered.options())), scales, group_size);
-}
-
-at::Tensor sparse_csr_dequantize(const at::Tensor& values, const at::Tensor& column_indices,
-                                 const at::Tensor& row_offsets, const std::optional<at::Tensor>& scales,
-                                 int64_t in_features, int64_t group_size) {
-  const int64_t n = row_offsets.size(0) - 1;
-  at::Tensor dense = at::zeros({n, in_features}, values.options().dtype(at::kFloat));
-  if (n == 0 || in_features == 0) return scaled_values(dense, scales, group_size);
-  // Every packed position is placed; those past row_offsets[N] add zero to column 0 of the last row.
-  const at::Tensor position = at::arange(values.numel(), row_offsets.options().dtype(at::kLong));
-  const at::Tensor rows =
-      at::searchsorted(row_offsets.narrow(0, 1, n), position, false, true).clamp_max(n - 1);
-  const at::Tensor valid = position < row_offsets[n];
-  const at::Tensor columns = at::where(valid, column_indices.to(at::kLong).bitwise_and(0xFFFF), 0);
-  const at::Tensor kept = at::where(valid, values.to(at::kFloat), 0.0);
-  dense = dense.index_put_({rows, columns}, kept, /*accumulate=*/true);
-  return scaled_values(dense, scales, group_size);
 }
 
 void save_activation_facts(AutogradContext* ctx, const at::Tensor& x, const std::optional<at::Tensor>& bias) {
@@ -144,7 +78,7 @@ class Int8Linear : public torch::autograd::Function<Int8Linear> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list saved = ctx->get_saved_variables();
     const auto [gx, gb] = activation_grads(
-        ctx, grads[0], int8_dequantize(saved[0], saved[1], ctx->saved_data["group_size"].toInt()));
+        ctx, grads[0], dequantize_int8(saved[0], saved[1], ctx->saved_data["group_size"].toInt()));
     return {gx, at::Tensor(), at::Tensor(), gb, at::Tensor()};
   }
 
@@ -173,7 +107,7 @@ class Int4Linear : public torch::autograd::Function<Int4Linear> {
     const std::optional<at::Tensor> offsets =
         saved[2].defined() ? std::optional<at::Tensor>(saved[2]) : std::nullopt;
     const at::Tensor weight =
-        int4_dequantize(saved[0], saved[1], offsets, ctx->saved_data["in_features"].toInt(),
+        dequantize_int4(saved[0], saved[1], offsets, ctx->saved_data["in_features"].toInt(),
                         ctx->saved_data["group_size"].toInt());
     const auto [gx, gb] = activation_grads(ctx, grads[0], weight);
     return {gx, at::Tensor(), at::Tensor(), at::Tensor(), gb, at::Tensor(), at::Tensor()};
@@ -206,8 +140,8 @@ class SparseLinear : public torch::autograd::Function<SparseLinear<kCsr>> {
     const std::optional<at::Tensor> scales =
         saved[3].defined() ? std::optional<at::Tensor>(saved[3]) : std::nullopt;
     const int64_t k = ctx->saved_data["in_features"].toInt(), g = ctx->saved_data["group_size"].toInt();
-    const at::Tensor weight = kCsr ? sparse_csr_dequantize(saved[0], saved[1], saved[2], scales, k, g)
-                                   : sparse_dequantize(saved[0], saved[1], saved[2], scales, k, g);
+    const at::Tensor weight = kCsr ? dequantize_csr16(saved[0], saved[1], saved[2], scales, k, g)
+                                   : dequantize_bitmap16(saved[0], saved[1], saved[2], scales, k, g);
     const auto [gx, gb] = activation_grads(ctx, grads[0], weight);
     return {gx, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), gb, at::Tensor(), at::Tensor()};
   }

@@ -14,6 +14,7 @@
 #include "cpu/int8_linear_glue.h"
 #include "cpu/non_finite.h"
 #include "cpu/parallel.h"
+#include "dequantize.h"
 #include "int8_linear_contract.h"
 
 namespace fastquant::cpu {

@@ -48,15 +48,6 @@ bool finite_call(const at::Tensor& x, const at::Tensor& y) {
   return all_finite(y) && all_finite(x.contiguous());
 }
 
-at::Tensor dequantize_int8(const at::Tensor& codes, const at::Tensor& scales, int64_t group_size) {
-  const at::Tensor w = codes.to(at::kFloat);
-  const at::Tensor s = scales.to(at::kFloat);
-  if (group_size == -1) return w * s.unsqueeze(1);
-  const int64_t k = w.size(1);
-  // A group wider than K is one group (reference.expand_group_scales).
-  return w * s.repeat_interleave(std::min(group_size, k), 1).narrow(1, 0, k);
-}
-
 void reference_linear_into(at::Tensor& y, const at::Tensor& x, const at::Tensor& weight,
                            const std::optional<at::Tensor>& bias) {
   const int64_t k = weight.size(1), n = weight.size(0);

@@ -19,10 +19,6 @@ bool all_finite(const at::Tensor& t);
 // Whether activations x and the kernel's output y (contiguous, as empty_output makes it) are all finite.
 bool finite_call(const at::Tensor& x, const at::Tensor& y);
 
-// The fp32 (N, K) weight codes * scales, per-channel (N,) or per group (N, ceil(K / group_size)) scales, as
-// reference.int8_dequantize computes it.
-at::Tensor dequantize_int8(const at::Tensor& codes, const at::Tensor& scales, int64_t group_size);
-
 // y = x @ weight.T + bias in fp32 (reference._linear_fp32), rounded once to y's dtype; y has x's leading
 // dimensions and N columns.
 void reference_linear_into(at::Tensor& y, const at::Tensor& x, const at::Tensor& weight,

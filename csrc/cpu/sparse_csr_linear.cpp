@@ -19,6 +19,7 @@
 #include "cpu/non_finite.h"
 #include "cpu/parallel.h"
 #include "cpu/sparse_glue.h"
+#include "dequantize.h"
 #include "sparse_linear_contract.h"
 
 namespace fastquant::cpu {
@@ -58,20 +59,6 @@ void check_offsets_ends(const int64_t* offsets, int64_t n, int64_t numel) {
 const char* sparse_csr_linear_cpu_path() { return use_avx2() ? "cpu_csr_avx2" : "cpu_csr_portable"; }
 
 namespace {
-
-// The dense fp32 weight a csr16 weight stands for (reference.sparse_csr_dequantize): codes, zero where pruned
-// (repeated columns of a row add up), times their scales.
-at::Tensor dense_weight(const at::Tensor& values, const at::Tensor& column_indices,
-                        const at::Tensor& row_offsets, const std::optional<at::Tensor>& scales, int64_t k,
-                        int64_t group_size) {
-  const int64_t n = row_offsets.numel() - 1;
-  const int64_t kept = row_offsets[n].item<int64_t>();
-  const at::Tensor rows = at::repeat_interleave(at::diff(row_offsets));
-  const at::Tensor columns = column_indices.narrow(0, 0, kept).to(at::kLong).bitwise_and(0xFFFF);
-  at::Tensor codes = at::zeros({n, k}, values.options().dtype(at::kFloat));
-  codes.index_put_({rows, columns}, values.narrow(0, 0, kept).to(at::kFloat), /*accumulate=*/true);
-  return scales.has_value() ? dequantize_int8(codes, *scales, group_size) : codes;
-}
 
 at::Tensor run_kernels(const SparseLinearCall& c) {
   const int64_t m = c.shape.m, n = c.shape.n, k = c.shape.k;
@@ -125,7 +112,7 @@ at::Tensor sparse_csr_linear_cpu(const SparseLinearCall& c) {
   at::Tensor y = run_kernels(c);
   if (!finite_call(c.x, y)) {
     const at::Tensor weight =
-        dense_weight(c.values, c.positions, c.row_offsets, c.scales, c.in_features, c.group_size);
+        dequantize_csr16(c.values, c.positions, c.row_offsets, c.scales, c.in_features, c.group_size);
     reference_linear_into(y, c.x, weight, c.bias);
   }
   return y;

@@ -26,6 +26,7 @@
 #include "cpu/non_finite.h"
 #include "cpu/parallel.h"
 #include "cpu/sparse_glue.h"
+#include "dequantize.h"
 #include "sparse_linear_contract.h"
 
 namespace fastquant::cpu {
@@ -133,21 +134,6 @@ int64_t sparse_linear_cpu_prefill_rows(int64_t k, DType values, DType x, int64_t
 }
 
 namespace {
-
-// The dense fp32 weight a bitmap16 weight stands for (reference.sparse_dequantize): codes, zero where pruned,
-// times their scales.
-at::Tensor dense_weight(const at::Tensor& values, const at::Tensor& masks, const at::Tensor& row_offsets,
-                        const std::optional<at::Tensor>& scales, int64_t k, int64_t group_size) {
-  const int64_t n = masks.size(0);
-  const at::Tensor bits = at::arange(16, masks.options().dtype(at::kInt));
-  const at::Tensor words = masks.to(at::kInt).bitwise_and(0xFFFF).unsqueeze(2);
-  const at::Tensor keep =
-      words.bitwise_right_shift(bits).bitwise_and(1).to(at::kBool).reshape({n, -1}).narrow(1, 0, k);
-  const at::Tensor position = row_offsets.narrow(0, 0, n).unsqueeze(1) + keep.cumsum(1) - 1;
-  const at::Tensor gathered = values.contiguous().take(position.clamp(0, values.numel() - 1)).to(at::kFloat);
-  const at::Tensor codes = at::where(keep, gathered, at::zeros({}, gathered.options()));
-  return scales.has_value() ? dequantize_int8(codes, *scales, group_size) : codes;
-}
 
 at::Tensor run_kernels(const SparseLinearCall& c) {
   const at::Tensor& x = c.x;
@@ -327,7 +313,8 @@ at::Tensor sparse_linear_cpu(const SparseLinearCall& c) {
   at::Tensor y = run_kernels(c);
   if (!finite_call(c.x, y)) {
     reference_linear_into(
-        y, c.x, dense_weight(c.values, c.positions, c.row_offsets, c.scales, c.in_features, c.group_size),
+        y, c.x,
+        dequantize_bitmap16(c.values, c.positions, c.row_offsets, c.scales, c.in_features, c.group_size),
         c.bias);
   }
   return y;
