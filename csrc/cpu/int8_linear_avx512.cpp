@@ -181,7 +181,23 @@ void fp32_run(const Int8LinearProblem& p, int64_t n_begin, int64_t n_end) {
     const int64_t nc = n_end - j0 < nr ? n_end - j0 : nr;
     int64_t m0 = 0;
     for (; m0 + 4 <= p.m; m0 += 4) fp32_cols<4, GROUPED>(p, m0, j0, nc);
-    with_count<3>(p.m - m0, [&](auto mr) { fp32_cols<decltype(mr)::value, GROUPED>(p, m0, j0, nc); });
+    // A plain switch, not with_count: with with_count's lambda here, GCC's code for this function (which
+    // also starts the M = 1 path) made M = 1 from DRAM 1.5x slower on one thread (1536 x 576 per channel,
+    // 60 -> 90 us; the same inner loop, the weight hot in cache at parity). Measured, cause not found:
+    // benchmarks/NOTES.md, "One contract per op".
+    switch (p.m - m0) {
+      case 1:
+        fp32_cols<1, GROUPED>(p, m0, j0, nc);
+        break;
+      case 2:
+        fp32_cols<2, GROUPED>(p, m0, j0, nc);
+        break;
+      case 3:
+        fp32_cols<3, GROUPED>(p, m0, j0, nc);
+        break;
+      default:
+        break;
+    }
   }
 }
 
