@@ -8,9 +8,9 @@
     python benchmarks/distill_smollm2.py report     # results/distill-<date>.{json,md,png} from the runs
 
 Each ``run`` prunes (SparseGPT on Hamlet windows, as ``fastquant compress``), scores the float and the compressed
-model, distills for ``--minutes`` on the bundled plays (Hamlet + The Tempest) and scores again, on the held-out
-Julius Caesar (used by nothing else) and on Hamlet (training text). Under torchrun every process prunes (the same
-deterministic SparseGPT; DDP starts from rank 0's weights anyway) and trains its share of each batch; rank 0 alone
+model, distills for ``--minutes`` on the bundled plays (Hamlet + The Tempest + Macbeth) and scores again, on the
+held-out Julius Caesar (used by nothing else) and on Hamlet (training text). Under torchrun every process prunes (the
+same deterministic SparseGPT; DDP starts from rank 0's weights anyway) and trains its share of each batch; rank 0 alone
 scores, with ``--eval-threads`` while the others wait. Each run writes its own JSON in
 ``benchmarks/results/distill-runs/`` so a run cut short by the clock leaves the others intact; ``report`` merges them.
 """

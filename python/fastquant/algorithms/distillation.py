@@ -52,7 +52,7 @@ from fastquant.progress import progress_bar
 
 # The bundled plays: training text by default (Hamlet is also the pruning calibration text, The Tempest the
 # evaluation text of `fastquant demo/eval`); Julius Caesar is used by nothing but distillation's held-out score.
-TRAIN_TEXTS = ("hamlet.txt", "tempest.txt")
+TRAIN_TEXTS = ("hamlet.txt", "tempest.txt", "macbeth.txt")
 HELD_OUT_TEXT = "julius_caesar.txt"
 STATE_FILE = "distill-state.pt"
 QUANTIZATION_MODES = ("ste", "requantize")
@@ -328,8 +328,8 @@ def default_training_text() -> str:
 def token_windows(data: Any, tokenizer: Any, seq_len: int) -> Tensor:
     """The training data as a (windows, seq_len) LongTensor.
 
-    ``data``: None (the bundled plays, Hamlet and The Tempest), a text file path (str or Path), a LongTensor of
-    token ids (1-D: cut into windows; 2-D: rows of seq_len tokens), or an iterable of LongTensors of shape
+    ``data``: None (the bundled plays: Hamlet, The Tempest and Macbeth), a text file path (str or Path), a
+    LongTensor of token ids (1-D: cut into windows; 2-D: rows of seq_len tokens), or an iterable of LongTensors of shape
     (batch, seq_len). Texts are tokenized with ``tokenizer`` and cut into consecutive windows (a short tail is
     dropped)."""
     if data is None or isinstance(data, (str, os.PathLike)):

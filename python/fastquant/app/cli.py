@@ -764,7 +764,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dist.add_argument("--minutes", type=float, default=None, help="training time limit (over resumed runs too)")
     dist.add_argument("--steps", type=int, default=None, help="optimizer steps limit (with or without --minutes)")
-    dist.add_argument("--train-text", help="training text file (default: the bundled plays, Hamlet and The Tempest)")
+    dist.add_argument("--train-text", help="training text file (default: the bundled Hamlet, Tempest and Macbeth)")
     dist.add_argument("--eval-text", help="held-out text for perplexity (default: the bundled Julius Caesar)")
     dist.add_argument("--eval-tokens", type=int, default=4096, help="tokens of each text scored for perplexity")
     dist.add_argument("--window", type=int, default=512, help="perplexity window (stride = window/2)")
