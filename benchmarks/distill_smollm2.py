@@ -67,16 +67,22 @@ def _run(args: argparse.Namespace) -> None:
     load_start = load_average()
     calibration = calibration_from_text(tok, n_sequences=args.calibration_sequences)
     t0 = time.perf_counter()
-    student = fastquant.patch(
-        copy.deepcopy(teacher),
-        args.method,
-        sparsity=None if args.pattern != "unstructured" else args.sparsity,
-        pattern=args.pattern,
-        pruning="sparsegpt",
-        calibration=calibration,
-        sparse_kernel=args.sparse_kernel,
-        progress=False,
-    )
+    if args.method == "int4":
+        # Not pruned: int4 sym g32 with GPTQ on the same calibration windows (the int4 accuracy headline).
+        student = fastquant.patch(
+            copy.deepcopy(teacher), "int4", group_size=32, calibration=calibration, progress=False
+        )
+    else:
+        student = fastquant.patch(
+            copy.deepcopy(teacher),
+            args.method,
+            sparsity=None if args.pattern != "unstructured" else args.sparsity,
+            pattern=args.pattern,
+            pruning="sparsegpt",
+            calibration=calibration,
+            sparse_kernel=args.sparse_kernel,
+            progress=False,
+        )
     prune_s = time.perf_counter() - t0
 
     def ids(text: str) -> torch.Tensor:
@@ -121,10 +127,11 @@ def _run(args: argparse.Namespace) -> None:
     row = {
         "name": args.name,
         "method": args.method,
-        "pattern": args.pattern,
-        "sparsity": args.sparsity if args.pattern == "unstructured" else None,
+        "pattern": None if args.method == "int4" else args.pattern,
+        "sparsity": args.sparsity if args.pattern == "unstructured" and args.method != "int4" else None,
         "quantization": args.quantization if args.method != "sparse" else None,
-        "calibration": f"SparseGPT, {args.calibration_sequences} windows x 256 tokens of Hamlet",
+        "calibration": f"{'GPTQ (int4 sym g32)' if args.method == 'int4' else 'SparseGPT'}, "
+        f"{args.calibration_sequences} windows x 256 tokens of Hamlet",
         "prune_s": prune_s,
         "training_text": " + ".join(TRAIN_TEXTS),
         "training_windows": f"{args.seq_len}-token windows, batch {args.batch_size}",
@@ -277,7 +284,7 @@ def main() -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run")
     run.add_argument("--name", required=True)
-    run.add_argument("--method", default="sparse", choices=("sparse", "int8+sparse"))
+    run.add_argument("--method", default="sparse", choices=("sparse", "int8+sparse", "int4"))
     run.add_argument("--sparsity", type=float, default=0.5)
     run.add_argument("--pattern", default="unstructured")
     run.add_argument("--calibration-sequences", type=int, default=32)

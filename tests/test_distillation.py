@@ -16,16 +16,18 @@ import torch
 from distill_ddp_worker import tiny_data, tiny_pair, trained_weights
 
 import fastquant
-from fastquant import Int8Linear, SparseLinear
+from fastquant import Int4Linear, Int8Linear, SparseLinear
 from fastquant.algorithms.distillation import (
     DistillConfig,
     MaskedLinear,
+    WeightGrid,
     distill,
     kl_loss,
     squarehead_loss,
     token_windows,
 )
 from fastquant.app import cli
+from fastquant.kernels import reference
 
 transformers = pytest.importorskip("transformers")
 
@@ -88,7 +90,7 @@ def test_ste_forward_uses_the_int8_weight_and_passes_the_gradient():
     gen = torch.Generator().manual_seed(3)
     weight = torch.randn(17, 33, generator=gen)
     mask = torch.rand(17, 33, generator=gen) > 0.5
-    layer = MaskedLinear(weight, None, mask, int8_group_size=-1)
+    layer = MaskedLinear(weight, None, mask, WeightGrid(8, -1))
     x = torch.randn(3, 33, generator=gen)
     codes, scales = fastquant.int8_quantize(weight * mask, -1)
     expected = x @ fastquant.int8_dequantize(codes, scales, -1).t()
@@ -96,6 +98,54 @@ def test_ste_forward_uses_the_int8_weight_and_passes_the_gradient():
     layer(x).sum().backward()
     # straight through: d/dW of sum(x @ W.T) is the column sums of x, masked
     torch.testing.assert_close(layer.weight.grad, x.sum(0).expand(17, 33) * mask)
+
+
+@pytest.mark.parametrize("quantization", ["ste", "requantize"])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_int4_student_comes_back_int4(quantization, symmetric):
+    teacher, _ = tiny_pair()
+    student = fastquant.patch(copy.deepcopy(teacher), "int4", group_size=32, symmetric=symmetric, progress=False)
+    before = {n: m.dequantize() for n, m in student.named_modules() if isinstance(m, Int4Linear)}
+    assert len(before) == 14
+    data = tiny_data()
+
+    def kl_to_teacher() -> float:
+        with torch.no_grad():
+            return float(kl_loss(student(data).logits, teacher(data).logits, 1.0))
+
+    kl_before = kl_to_teacher()
+    # lr 1e-3, not the int8 tests' 3e-3: a code moves a whole int4 step (~1/8 of its group's range) when its float
+    # weight crosses a rounding boundary, and larger Adam steps make those jumps overshoot on this tiny model.
+    result = distill(student, teacher, data, _config(quantization=quantization, lr=1e-3, max_steps=24))
+    after = {n: m for n, m in student.named_modules() if isinstance(m, Int4Linear)}
+    assert set(after) == set(before)
+    changed = 0
+    for name, layer in after.items():
+        assert layer.group_size == 32 and layer.symmetric == symmetric
+        assert (layer.offsets is None) == symmetric
+        weight = layer.dequantize()
+        # what the layer stores is on its grid: rounding it again changes nothing
+        torch.testing.assert_close(WeightGrid(4, 32, symmetric).round(weight), weight, rtol=0, atol=1e-6)
+        changed += int(not torch.equal(weight, before[name]))
+    assert changed >= 12  # a few small steps may leave a layer's codes where they were, not most layers
+    assert result.quantization == quantization and result.layers == 14
+    # measured: STE 0.19 -> 0.11 (sym) / 0.16 -> 0.12 (asym); requantize only ~5-10% lower (it never sees the grid)
+    assert kl_to_teacher() < (0.8 if quantization == "ste" else 1.0) * kl_before
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_ste_forward_uses_the_int4_weight_and_passes_the_gradient(symmetric):
+    gen = torch.Generator().manual_seed(4)
+    weight = torch.randn(17, 80, generator=gen)  # K = 80: a partial last group of 32 and a partial 64-block
+    mask = torch.ones(17, 80, dtype=torch.bool)
+    layer = MaskedLinear(weight, None, mask, WeightGrid(4, 32, symmetric))
+    x = torch.randn(3, 80, generator=gen)
+    qweight, scales, offsets = reference.int4_quantize(weight, 32, symmetric)
+    rounded = reference.int4_dequantize(qweight, scales, offsets, 80, 32)
+    assert not torch.equal(rounded, weight)
+    torch.testing.assert_close(layer(x), x @ rounded.t(), rtol=1e-5, atol=1e-5)
+    layer(x).sum().backward()
+    torch.testing.assert_close(layer.weight.grad, x.sum(0).expand(17, 80))
 
 
 def test_dense_kernel_pruned_layers_keep_their_zeros():
@@ -264,10 +314,11 @@ def llama_dir(tmp_path_factory):
     return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama-distill"), 64, 128, 4, 256)
 
 
-def test_cli_distill_writes_a_loadable_folder(llama_dir, tmp_path):
+@pytest.mark.parametrize("method", ["int8+sparse", "int4"])
+def test_cli_distill_writes_a_loadable_folder(llama_dir, tmp_path, method):
     out = tmp_path / "out"
     argv = [
-        "distill", str(llama_dir), "--method", "int8+sparse", "--pruning", "magnitude", "--steps", "2",
+        "distill", str(llama_dir), "--method", method, "--pruning", "magnitude", "--steps", "2",
         "--batch-size", "2", "--micro-batch-size", "1", "--seq-len", "32", "--eval-tokens", "96", "--window", "32",
         "--calibration-sequences", "2", "-o", str(out), "--no-progress",
     ]  # fmt: skip
@@ -275,12 +326,13 @@ def test_cli_distill_writes_a_loadable_folder(llama_dir, tmp_path):
     assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
     assert (out / "distill-loss.png").stat().st_size > 1000
     summary = json.loads((out / "distill.json").read_text())
-    assert set(summary["perplexity"]) == {"float", "int8+sparse", "distilled"}
+    assert set(summary["perplexity"]) == {"float", method, "distilled"}
     assert set(summary["perplexity"]["distilled"]) == {"held-out", "train"}
     assert summary["distill"]["steps"] == 2 and len(summary["losses"]) == 2
     model, tokenizer = fastquant.from_pretrained(out)
     assert tokenizer is not None
-    layers = [m for m in model.modules() if isinstance(m, (SparseLinear, Int8Linear))]
+    kinds = (SparseLinear, Int8Linear) if method == "int8+sparse" else (Int4Linear,)
+    layers = [m for m in model.modules() if isinstance(m, kinds)]
     assert len(layers) == 14
     from fastquant.app.evaluate import perplexity
 

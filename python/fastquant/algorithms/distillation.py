@@ -1,4 +1,4 @@
-"""Knowledge distillation: train a compressed (pruned and/or int8) student to match its float teacher.
+"""Knowledge distillation: train a compressed (pruned, int8 or int4) student to match its float teacher.
 
     import fastquant
     from fastquant.algorithms.distillation import DistillConfig, distill
@@ -7,13 +7,15 @@
 
 How the student trains:
 
-* Every compressed layer (:class:`~fastquant.SparseLinear`, :class:`~fastquant.Int8Linear`, and a pruned layer that
-  ``fastquant.patch`` kept dense because the dense kernel was faster) is unpacked into a :class:`MaskedLinear`: a
+* Every compressed layer (:class:`~fastquant.SparseLinear`, :class:`~fastquant.Int8Linear`,
+  :class:`~fastquant.Int4Linear`, and a pruned layer that ``fastquant.patch`` kept dense because the dense kernel was
+  faster) is unpacked into a :class:`MaskedLinear`: a
   float ``nn.Linear`` whose weight is multiplied by a fixed keep-mask in every forward pass, so pruned weights get no
   gradient and stay exactly zero. Everything else (embeddings, norms, lm_head) is frozen.
-* int8 layers train either with a straight-through estimator (``quantization="ste"``: the forward pass uses the
-  int8-rounded weight, the gradient passes to the float weight unchanged) or in plain float
-  (``"requantize"``); either way the weights are rounded to int8 once more at the end.
+* int8 and int4 layers train either with a straight-through estimator (``quantization="ste"``: the forward pass
+  uses the weight rounded to the layer's grid, the gradient passes to the float weight unchanged) or in plain float
+  (``"requantize"``); either way the weights are rounded to the grid once more at the end (round-to-nearest: a
+  GPTQ rounding of the patched model is not redone).
 * The loss is the KL divergence KL(teacher || student) of the temperature-softened next-token distributions, scaled
   by T^2 so that its gradient does not shrink with T; optionally plus SquareHead's per-layer hidden-state loss
   (each layer's MSE divided by the teacher's mean square there, averaged over layers) and a cross-entropy on the text
@@ -47,7 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastquant.kernels import reference
-from fastquant.modules import Int8Linear, SparseLinear, is_quantizable_linear, linear_weight
+from fastquant.modules import Int4Linear, Int8Linear, SparseLinear, is_quantizable_linear, linear_weight
 from fastquant.progress import progress_bar
 
 # The bundled plays: training text by default (Hamlet is also the pruning calibration text, The Tempest the
@@ -90,7 +92,7 @@ class DistillConfig:
         resume: continue from the state in ``checkpoint_dir`` if there is one (it must have the same seed,
             batch_size and seq_len: they decide which windows each step sees).
         seed: the order of the windows (one permutation per pass over the data).
-        quantization: int8 layers: ``"ste"`` trains through int8 rounding with a straight-through estimator,
+        quantization: int8/int4 layers: ``"ste"`` trains through their rounding with a straight-through estimator,
             ``"requantize"`` trains float weights and rounds once at the end.
         weight_decay, warmup_steps, max_grad_norm: AdamW's decoupled weight decay; linear warm-up; gradient-norm
             clipping (None: off).
@@ -193,15 +195,40 @@ class DistillResult:
 
 
 # ------------------------------------------------------------------------------------------- trainable layers
+@dataclass(frozen=True)
+class WeightGrid:
+    """The integer grid a compressed layer stores its weights on: ``bits`` 8 (symmetric, ``group_size`` -1 = per
+    channel) or 4 (groups of ``group_size``, symmetric or with offsets), rounded to nearest as the layer formats'
+    ``from_linear`` does."""
+
+    bits: Literal[8, 4]
+    group_size: int
+    symmetric: bool = True
+
+    def quantize(self, weight: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(codes, scales, offsets or None) of ``weight`` (N, K), as the layer format stores them."""
+        if self.bits == 8:
+            codes, scales = reference.int8_quantize(weight, self.group_size)
+            return codes, scales, None
+        return reference.int4_quantize(weight, self.group_size, self.symmetric)
+
+    def round(self, weight: Tensor) -> Tensor:
+        """``weight`` rounded to the grid, as float32."""
+        codes, scales, offsets = self.quantize(weight)
+        if self.bits == 8:
+            return reference.int8_dequantize(codes, scales, self.group_size)
+        return reference.int4_dequantize(codes, scales, offsets, weight.shape[1], self.group_size)
+
+
 class MaskedLinear(nn.Linear):
     """A float linear layer with a fixed keep-mask: ``y = x @ (weight * mask).T + bias``.
 
     The mask makes the gradient of every pruned weight zero, so AdamW (whose update of a weight with zero gradient
-    and zero state is zero) never moves it; :func:`distill` also re-applies the mask after each step. With
-    ``int8_group_size`` set (``-1``: per channel) the forward pass uses the int8-rounded weight and the gradient
-    passes straight through to the float weight (straight-through estimator)."""
+    and zero state is zero) never moves it; :func:`distill` also re-applies the mask after each step. With a
+    ``grid`` the forward pass uses the weight rounded to it and the gradient passes straight through to the float
+    weight (straight-through estimator)."""
 
-    def __init__(self, weight: Tensor, bias: Tensor | None, mask: Tensor, int8_group_size: int | None = None) -> None:
+    def __init__(self, weight: Tensor, bias: Tensor | None, mask: Tensor, grid: WeightGrid | None = None) -> None:
         out_features, in_features = weight.shape
         super().__init__(in_features, out_features, bias is not None, device=weight.device, dtype=torch.float32)
         with torch.no_grad():
@@ -210,14 +237,13 @@ class MaskedLinear(nn.Linear):
                 self.bias.copy_(bias.detach().float())
                 self.bias.requires_grad_(False)
         self.register_buffer("mask", mask.to(device=weight.device, dtype=torch.float32))
-        self.int8_group_size = int8_group_size
+        self.grid = grid
 
     def effective_weight(self) -> Tensor:
         weight = self.weight * self.mask
-        if self.int8_group_size is not None:
+        if self.grid is not None:
             with torch.no_grad():
-                codes, scales = reference.int8_quantize(weight, self.int8_group_size)
-                rounded = reference.int8_dequantize(codes, scales, self.int8_group_size)
+                rounded = self.grid.round(weight)
             weight = weight + (rounded - weight).detach()
         return weight
 
@@ -229,27 +255,33 @@ class MaskedLinear(nn.Linear):
 class _LayerSpec:
     """How a compressed layer was stored, to pack its trained weights the same way."""
 
-    kind: str  # "sparse", "int8" or "dense" (a pruned nn.Linear)
+    kind: str  # "sparse", "int8", "int4" or "dense" (a pruned nn.Linear)
     dtype: torch.dtype
-    int8: bool
-    group_size: int | None
+    grid: WeightGrid | None  # None: float values
+    group_size: int | None  # the layer's own (None: per channel)
     pattern: str = "unstructured"
     layout: str = "bitmap16"
 
 
 def _unpack(module: nn.Module, mask: Tensor | None, quantization: str) -> tuple[MaskedLinear, _LayerSpec]:
+    int8_grid = WeightGrid(8, -1 if getattr(module, "group_size", None) is None else module.group_size)
     if isinstance(module, SparseLinear):
-        int8 = module.values.dtype == torch.int8
-        spec = _LayerSpec("sparse", module.dtype, int8, module.group_size, module.pattern, module.layout)
+        grid = int8_grid if module.values.dtype == torch.int8 else None
+        spec = _LayerSpec("sparse", module.dtype, grid, module.group_size, module.pattern, module.layout)
         keep = reference.sparse_mask_bits(module.masks, module.in_features)
         weight = module.dequantize()
     elif isinstance(module, Int8Linear):
-        spec = _LayerSpec("int8", module.dtype, True, module.group_size)
+        spec = _LayerSpec("int8", module.dtype, int8_grid, module.group_size)
         weight = module.dequantize()
         keep = module.qweight != 0 if getattr(module, PRUNED_MARKER, False) else torch.ones_like(weight, dtype=bool)
+    elif isinstance(module, Int4Linear):
+        grid = WeightGrid(4, module.group_size, module.symmetric)
+        spec = _LayerSpec("int4", module.dtype, grid, module.group_size)
+        weight = module.dequantize()
+        keep = torch.ones_like(weight, dtype=bool)
     else:
         weight = linear_weight(module).detach()
-        spec = _LayerSpec("dense", weight.dtype, False, None)
+        spec = _LayerSpec("dense", weight.dtype, None, None)
         keep = weight != 0 if getattr(module, PRUNED_MARKER, False) else torch.ones_like(weight, dtype=bool)
     if mask is not None:
         if mask.shape != weight.shape or mask.dtype != torch.bool:
@@ -257,10 +289,7 @@ def _unpack(module: nn.Module, mask: Tensor | None, quantization: str) -> tuple[
                 f"mask must be a bool tensor of shape {tuple(weight.shape)}, got {mask.dtype} {tuple(mask.shape)}"
             )
         keep = mask.to(weight.device)
-    group = None
-    if spec.int8 and quantization == "ste":
-        group = -1 if spec.group_size is None else spec.group_size
-    return MaskedLinear(weight, module.bias, keep, group), spec
+    return MaskedLinear(weight, module.bias, keep, spec.grid if quantization == "ste" else None), spec
 
 
 def _repack(layer: MaskedLinear, spec: _LayerSpec) -> nn.Module:
@@ -274,10 +303,19 @@ def _repack(layer: MaskedLinear, spec: _LayerSpec) -> nn.Module:
             linear.bias.copy_(layer.bias)
         linear.weight.requires_grad_(False)
         mask = layer.mask.bool()
-        codes = scales = None
-        if spec.int8:
-            codes, scales = reference.int8_quantize(
-                weight.float() * layer.mask, -1 if spec.group_size is None else spec.group_size
+        codes = scales = offsets = None
+        if spec.grid is not None:
+            codes, scales, offsets = spec.grid.quantize(weight.float() * layer.mask)
+        if spec.kind == "int4":
+            return Int4Linear.from_codes(
+                codes,
+                scales,
+                offsets,
+                linear.bias,
+                spec.group_size,
+                in_features=layer.in_features,
+                dtype=spec.dtype,
+                device=weight.device,
             )
         if spec.kind == "sparse":
             new = SparseLinear.from_pruned(linear, mask, codes, scales, spec.group_size, spec.pattern)
@@ -305,7 +343,7 @@ def trainable_layers(student: nn.Module, masks: dict[str, Tensor] | None = None)
     names = []
     masks = masks or {}
     for name, module in student.named_modules():
-        compressed = isinstance(module, (Int8Linear, SparseLinear))
+        compressed = isinstance(module, (Int4Linear, Int8Linear, SparseLinear))
         linear = is_quantizable_linear(module)
         if compressed or (linear and (name in masks or getattr(module, PRUNED_MARKER, False))):
             names.append(name)

@@ -785,7 +785,7 @@ def build_parser() -> argparse.ArgumentParser:
     dist.add_argument("--temperature", type=float, default=1.0, help="KL temperature")
     dist.add_argument("--hidden-weight", type=float, default=0.0, help="SquareHead hidden-state loss weight")
     dist.add_argument("--ce-weight", type=float, default=0.0, help="cross-entropy on the text (default off)")
-    dist.add_argument("--quantization", default="ste", choices=("ste", "requantize"), help="int8 layers in training")
+    dist.add_argument("--quantization", default="ste", choices=("ste", "requantize"), help="int8/int4 in training")
     dist.add_argument("--checkpoint-dir", help="training state (default OUTPUT/distill-checkpoint)")
     dist.add_argument("--checkpoint-every", type=int, default=50, help="steps between training-state checkpoints")
     dist.add_argument("--resume", action="store_true", help="continue from the training state in --checkpoint-dir")
