@@ -12,7 +12,8 @@ Models:
 
 Contenders (each a copy of the float model): ``fp32`` and ``bf16`` (transformers eager), ``bf16 compiled``,
 fastquant ``int8`` (per-channel, lm_head quantized too: its tied embedding keeps the float weight) eager and
-compiled with :func:`fastquant.compile_for_decode`, and ``int8+50%`` (magnitude-pruned, 50% unstructured,
+compiled with :func:`fastquant.compile_for_decode` (``compiled``: ``backend="inductor"``; ``aoti``: the step
+compiled ahead of time by AOTInductor), and ``int8+50%`` (magnitude-pruned, 50% unstructured,
 int8 values; speed only) eager and compiled, ``int4`` (symmetric group 32, llama.cpp Q4_0's grid, lm_head
 int8) eager and compiled; llama.cpp ``Q8_0`` / ``Q4_0`` (llama-cpp-python, a
 benchmark-only extra built from source, ``n_threads`` = the torch thread count).
@@ -49,6 +50,8 @@ from fastquant.app.models import load_model, random_llama_1b, smollm2_gguf
 from fastquant.kernels import extension
 
 RESULTS = Path(__file__).parent / "results"
+# Row label suffix of each compile_for_decode backend.
+COMPILED = {"inductor": "compiled", "aoti": "aoti"}
 PROMPT = "To be, or not to be, that is the question:"
 
 
@@ -162,16 +165,24 @@ def fastquant_variants(base, args, max_cache_len: int) -> list[Contender]:
         ),
         ("int4", int4_with_int8_head),
     ):
+        if label not in args.variants:
+            continue
         start = time.perf_counter()
         eager = make(copy.deepcopy(base))
         setup = time.perf_counter() - start
         contenders.append(hf_contender(f"fastquant {label}", eager, setup))
-        compiled = copy.deepcopy(eager)
-        start = time.perf_counter()
-        fastquant.compile_for_decode(compiled, max_cache_len=max_cache_len)
-        contenders.append(
-            hf_contender(f"fastquant {label} compiled", compiled, time.perf_counter() - start, "compile_for_decode")
-        )
+        for backend in args.backends:
+            compiled = copy.deepcopy(eager)
+            start = time.perf_counter()
+            fastquant.compile_for_decode(compiled, max_cache_len=max_cache_len, backend=backend)
+            contenders.append(
+                hf_contender(
+                    f"fastquant {label} {COMPILED[backend]}",
+                    compiled,
+                    time.perf_counter() - start,
+                    f"compile_for_decode(backend={backend!r})",
+                )
+            )
     return contenders
 
 
@@ -235,7 +246,7 @@ def run_model(name: str, args) -> dict:
 
     rows = []
     for c in contenders:
-        eager_twin = by_name.get(c.name.removesuffix(" compiled"))
+        eager_twin = by_name.get(c.name.removesuffix(" compiled").removesuffix(" aoti"))
         rows.append(
             {
                 "contender": c.name,
@@ -270,7 +281,10 @@ def write_results(results: list[dict], env: dict, stem: Path) -> None:
         f"(decode tokens/s over the steps after the first token), prefill of {env['prefill_tokens']} tokens "
         f"(one forward pass); {env['rounds']} interleaved rounds, medians; ratios are medians of per-round "
         "ratios. `compiled` = `fastquant.compile_for_decode` (static KV cache sized for the prompt plus the new "
-        "tokens, decode step compiled with fullgraph=True); its prefill runs eagerly. `same tokens`: greedy "
+        'tokens, decode step compiled with fullgraph=True, `backend="inductor"`); `aoti` = the same with '
+        '`backend="aoti"` (the step compiled ahead of time by AOTInductor and called without guards or a '
+        "Python wrapper; setup includes that compile, or its load from Inductor's cache); both prefill eagerly. "
+        "`same tokens`: greedy "
         "output identical to the eager model's. int8 quantizes the lm_head too (a copy: the tied embedding "
         "keeps its float weight). int8+50% is magnitude-pruned (speed only; its text differs from int8's)."
         " int4 is symmetric group 32 (llama.cpp Q4_0's grid) with the lm_head in int8.",
@@ -338,6 +352,15 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prefill-tokens", type=int, default=512)
     parser.add_argument("--no-llama-cpp", action="store_true", help="skip the llama.cpp contenders")
+    parser.add_argument(
+        "--backends",
+        default="inductor,aoti",
+        type=lambda v: [b for b in v.split(",") if b],
+        help="compile_for_decode backends of the fastquant contenders (comma-separated: inductor, aoti)",
+    )
+    parser.add_argument(
+        "--variants", default="int8,int8+50%,int4", type=lambda v: v.split(","), help="fastquant variants"
+    )
     parser.add_argument("--out", default=None, help="output stem (default results/e2e-cpu-decode-<UTC date>)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

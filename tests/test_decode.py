@@ -11,10 +11,10 @@ from helpers import tiny_llama_config
 transformers = pytest.importorskip("transformers")
 
 
-def tiny_llama() -> torch.nn.Module:
+def tiny_llama(seed: int = 0) -> torch.nn.Module:
     """A 2-layer Llama with int8+50% sparse MLPs and int8 attention projections: both fastquant ops in the graph."""
     config = tiny_llama_config(vocab_size=300, intermediate_size=160, max_position_embeddings=128)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = transformers.LlamaForCausalLM(config).eval()
     fastquant.patch(
         model, "int8+sparse", sparsity=0.5, pruning="magnitude", filter_fn=lambda module, name: "mlp" in name
@@ -56,3 +56,65 @@ def test_bad_arguments_are_named():
         fastquant.compile_for_decode(torch.nn.Linear(4, 4))
     with pytest.raises(ValueError, match="max_cache_len"):
         fastquant.compile_for_decode(tiny_llama(), max_cache_len=1)
+    with pytest.raises(ValueError, match="backend"):
+        fastquant.compile_for_decode(tiny_llama(), backend="tensorrt")
+
+
+def _greedy(model, prompt, mask=None, **kwargs):
+    mask = torch.ones_like(prompt) if mask is None else mask
+    with torch.no_grad():
+        return model.generate(
+            prompt, attention_mask=mask, max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=0, **kwargs
+        )
+
+
+def test_aoti_decode_matches_eager_and_reuses_its_library_for_other_weights(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    libraries = tmp_path / "fastquant-decode"
+    a, b = tiny_llama(0), tiny_llama(1)
+    prompt = torch.randint(1, 300, (1, 7), generator=torch.Generator().manual_seed(1))
+    eager_a, eager_b = _greedy(a, prompt), _greedy(b, prompt)
+    assert not torch.equal(eager_a, eager_b)
+
+    assert fastquant.compile_for_decode(a, max_cache_len=48, backend="aoti") is a
+    assert a._fastquant_decode.backend == "aoti" and a._fastquant_decode.warmup_seconds > 0
+    torch.testing.assert_close(_greedy(a, prompt), eager_a, rtol=0, atol=0)
+    assert len(list(libraries.glob("*/*.pt2"))) == 1
+
+    # Another model with other weights but the same shapes loads the same library, which reads b's weights.
+    fastquant.compile_for_decode(b, max_cache_len=48, backend="aoti")
+    torch.testing.assert_close(_greedy(b, prompt), eager_b, rtol=0, atol=0)
+    assert len(list(libraries.glob("*/*.pt2"))) == 1
+
+    # A weight replaced after compiling: the next generate rebuilds the step against the new tensor.
+    b.model.norm.weight = torch.nn.Parameter(b.model.norm.weight.detach() * 1.5, requires_grad=False)
+    eager_b2 = _greedy(_eager_twin(b), prompt)
+    torch.testing.assert_close(_greedy(b, prompt), eager_b2, rtol=0, atol=0)
+
+    # Batch 2 with left padding: the 4-D mask is an input of the step (a new library for the new shapes).
+    batch = torch.randint(1, 300, (2, 6), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(batch)
+    mask[1, :2] = 0
+    torch.testing.assert_close(_greedy(a, batch, mask), _greedy(_eager_twin(a), batch, mask), rtol=0, atol=0)
+
+    # A call the libraries were not built for (here a dynamic cache) runs torch.compile's step, with a warning.
+    step = a.get_compiled_call(None)
+    ids = prompt[:, :3]
+    with torch.no_grad():
+        expected = _eager_twin(a)(input_ids=ids, cache=transformers.DynamicCache(config=a.config)).logits
+        with pytest.warns(UserWarning, match="not an initialized static cache"):
+            got = step(input_ids=ids, cache=transformers.DynamicCache(config=a.config)).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def _eager_twin(model):
+    """The same model without the compiled decode step (shares its weights)."""
+    import copy
+
+    twin = copy.copy(model)
+    twin.__dict__ = dict(model.__dict__)
+    twin.__dict__.pop("get_compiled_call", None)
+    twin.generation_config = copy.deepcopy(model.generation_config)
+    twin.generation_config.cache_implementation = None
+    twin.generation_config.compile_config = None
+    return twin

@@ -6,18 +6,40 @@ step with a KV cache of fixed shape turns the whole forward into one graph (poin
 by Inductor, the fastquant ops called directly), and the static cache removes the per-token reallocation of
 a growing one. ``generate`` stays transformers' own: greedy, sampling, stopping criteria and streamers work
 unchanged.
+
+Two ways to run the compiled step on the CPU. ``backend="inductor"`` is ``torch.compile``: every step first
+evaluates Dynamo's guards over the model's ~450 parameters and then runs Inductor's Python wrapper, one Python call
+per kernel (211 fastquant ops plus ~60 fused loops for SmolLM2): ~5 ms of a 14 ms token on a small CPU.
+``backend="aoti"`` exports the step once (``torch.export``) and compiles it with AOTInductor into a shared library
+whose C++ wrapper calls the kernels; a step is then one call with a flat list of tensors. It has no guards, so
+:class:`_AotiDecodeStep` checks what it relies on itself (shapes, dtypes, the static cache) and hands any call it
+was not built for to ``torch.compile``'s step. The library holds no weights: it reads the model's own tensors
+(``user_managed`` constants), so it costs no memory and is cached on disk (in Inductor's cache directory) by the
+exported graph's code and the shapes of its inputs and weights.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import time
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
+
+Backend = Literal["inductor", "aoti"]
+# What a decode step of transformers' generate passes (5.x: ``cache``; 4.x: ``past_key_values``).
+_STEP_KWARGS = frozenset(
+    {"input_ids", "cache", "past_key_values", "position_ids", "attention_mask", "logits_to_keep", "use_cache"}
+)
 
 
 @dataclass(frozen=True)
@@ -28,6 +50,7 @@ class DecodeCompileInfo:
     fullgraph: bool
     max_cache_len: int | None
     warmup_seconds: float | None
+    backend: Backend = "inductor"
 
 
 def compile_for_decode(
@@ -36,6 +59,7 @@ def compile_for_decode(
     max_cache_len: int | None = None,
     fullgraph: bool = True,
     mode: str | None = None,
+    backend: Backend = "inductor",
 ) -> nn.Module:
     """Make ``model.generate`` run a compiled decode step with a static KV cache; returns the model.
 
@@ -53,6 +77,9 @@ def compile_for_decode(
         fullgraph: require one graph for the whole decode step (an error instead of a silent graph break).
         mode: ``torch.compile`` mode; by default ``"reduce-overhead"`` on CUDA (CUDA graphs replay the step),
             ``"default"`` elsewhere.
+        backend: ``"inductor"`` (``torch.compile``) or, on the CPU, ``"aoti"``: the step exported and compiled
+            ahead of time by AOTInductor, called without guards or a Python wrapper (see the module docstring;
+            the first compile of a shape takes a minute or more, later processes load it from disk).
     """
     from transformers import CompileConfig, GenerationMixin
 
@@ -60,7 +87,12 @@ def compile_for_decode(
         raise TypeError(f"compile_for_decode needs a transformers model with generate(), got {type(model).__name__}")
     if max_cache_len is not None and max_cache_len < 2:
         raise ValueError(f"max_cache_len must be at least 2 tokens, got {max_cache_len}")
+    if backend not in ("inductor", "aoti"):
+        raise ValueError(f"backend must be 'inductor' or 'aoti', got {backend!r}")
     device = next(model.parameters()).device
+    if backend == "aoti" and device.type != "cpu":
+        # CUDA graphs (mode "reduce-overhead", the default there) already replay the step without Python.
+        raise ValueError(f"backend='aoti' is for CPU models; this model is on {device.type}: use backend='inductor'")
     if mode is None:
         mode = "reduce-overhead" if device.type == "cuda" else "default"
     config = CompileConfig(fullgraph=fullgraph, dynamic=False, mode=mode)
@@ -71,6 +103,12 @@ def compile_for_decode(
     generation.cache_implementation = "static"
     generation.compile_config = config
     generation.max_cache_len = max_cache_len
+    if backend == "aoti":
+        # generate asks the model for its compiled step once per call (after the eager prefill); an instance
+        # attribute answers instead of transformers' torch.compile.
+        model.get_compiled_call = _AotiDecode(model)
+    elif "get_compiled_call" in vars(model):
+        del model.get_compiled_call
 
     warmup_seconds = None
     if max_cache_len is not None:
@@ -88,5 +126,219 @@ def compile_for_decode(
         )
         warmup_seconds = time.perf_counter() - start
         log.info("fastquant.compile_for_decode: decode step compiled in %.1f s", warmup_seconds)
-    model._fastquant_decode = DecodeCompileInfo(mode, fullgraph, max_cache_len, warmup_seconds)
+    model._fastquant_decode = DecodeCompileInfo(mode, fullgraph, max_cache_len, warmup_seconds, backend)
     return model
+
+
+# ----------------------------------------------------------------------------------------------- AOTInductor
+class _StepModule(nn.Module):
+    """The decode step as a function of tensors only, for ``torch.export``: the static cache's per-layer keys,
+    values and lengths come in as inputs (mutated in place), so the compiled step writes the very tensors that
+    generate's cache object holds and that the eager prefill filled."""
+
+    def __init__(self, model: nn.Module, cache: Any, cache_kwarg: str, logits_to_keep: int | None) -> None:
+        super().__init__()
+        self.model = model
+        self.cache = cache
+        self.cache_kwarg = cache_kwarg
+        self.logits_to_keep = logits_to_keep
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        position_ids: Tensor,
+        attention_mask: Tensor | None,
+        keys: list[Tensor],
+        values: list[Tensor],
+        lengths: list[Tensor],
+    ) -> Tensor:
+        for layer, k, v, n in zip(self.cache.layers, keys, values, lengths, strict=True):
+            layer.keys, layer.values, layer.cumulative_length = k, v, n
+        extra = {} if self.logits_to_keep is None else {"logits_to_keep": self.logits_to_keep}
+        out = self.model(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            use_cache=True,
+            **{self.cache_kwarg: self.cache},
+            **extra,
+        )
+        return out.logits
+
+
+def _cache_tensors(cache: Any) -> tuple[list[Tensor], list[Tensor], list[Tensor]] | None:
+    """The (keys, values, lengths) tensors of a fully initialized static cache, else None."""
+    layers = getattr(cache, "layers", None)
+    if not getattr(cache, "is_compileable", False) or not layers:
+        return None
+    keys, values, lengths = [], [], []
+    for layer in layers:
+        k, v, n = (getattr(layer, a, None) for a in ("keys", "values", "cumulative_length"))
+        if not (getattr(layer, "is_initialized", False) and all(isinstance(t, Tensor) for t in (k, v, n))):
+            return None
+        keys.append(k)
+        values.append(v)
+        lengths.append(n)
+    return keys, values, lengths
+
+
+def _meta(t: Tensor | None) -> tuple:
+    return None if t is None else (tuple(t.shape), t.dtype, t.device.type)
+
+
+class _AotiDecodeStep:
+    """generate's compiled step, backed by AOTInductor libraries (one per input signature).
+
+    An AOTI library checks nothing about its inputs, so this class does: a call it can serve has only the
+    keyword arguments of a decode step, a 4-D attention mask (the static cache's, of fixed shape) or none, and a
+    fully initialized static cache; the library is chosen by the shapes and dtypes of all inputs. Any other call
+    goes to ``torch.compile``'s step (same results, with guards)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.libraries: dict[tuple, Any] = {}
+        self.constants: dict[str, Tensor] = {}
+        self.fallback_reasons: set[str] = set()
+
+    def _fallback(self, reason: str, kwargs: dict[str, Any]) -> Any:
+        if reason not in self.fallback_reasons:
+            self.fallback_reasons.add(reason)
+            warnings.warn(
+                f"fastquant.compile_for_decode(backend='aoti'): {reason}; this call runs torch.compile's step",
+                stacklevel=3,
+            )
+        compiled = type(self.model).get_compiled_call(self.model, self.model.generation_config.compile_config)
+        return compiled(**kwargs)
+
+    def __call__(self, **kwargs: Any) -> Any:
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        unknown = sorted(k for k, v in kwargs.items() if k not in _STEP_KWARGS and v is not None and k != "return_dict")
+        if unknown:
+            return self._fallback(f"arguments {unknown} are not part of the exported step", kwargs)
+        cache_kwarg = "cache" if "cache" in kwargs else "past_key_values"
+        cache = kwargs.get(cache_kwarg)
+        tensors = _cache_tensors(cache)
+        ids, positions, mask = kwargs.get("input_ids"), kwargs.get("position_ids"), kwargs.get("attention_mask")
+        if tensors is None:
+            return self._fallback("the cache is not an initialized static cache", kwargs)
+        if not isinstance(ids, Tensor) or ids.dim() != 2 or not isinstance(positions, Tensor):
+            return self._fallback("input_ids and position_ids must be tensors", kwargs)
+        if mask is not None and (not isinstance(mask, Tensor) or mask.dim() != 4):
+            # A 2-D mask grows by a token per step: a new library each step.
+            return self._fallback("the attention mask is not the static cache's 4-D mask", kwargs)
+        keys, values, lengths = tensors
+        logits_to_keep = kwargs.get("logits_to_keep")
+        signature = (
+            cache_kwarg,
+            logits_to_keep,
+            _meta(ids),
+            _meta(positions),
+            _meta(mask),
+            tuple(_meta(t) for t in keys + values + lengths),
+        )
+        library = self.libraries.get(signature)
+        if library is None:
+            step = _StepModule(self.model, cache, cache_kwarg, logits_to_keep)
+            library = self.libraries[signature] = self._build(step, (ids, positions, mask, keys, values, lengths))
+        inputs = [ids, positions] + ([] if mask is None else [mask]) + keys + values + lengths
+        (logits,) = library.loader.boxed_run(inputs)
+        return CausalLMOutputWithPast(logits=logits, **{cache_kwarg: cache})
+
+    def _build(self, step: _StepModule, args: tuple) -> Any:
+        start = time.perf_counter()
+        saved = [(layer.keys, layer.values, layer.cumulative_length) for layer in step.cache.layers]
+        try:
+            with torch.no_grad():
+                exported = torch.export.export(step, args, strict=False)
+        finally:
+            # Export traced with fake tensors and left them in the cache's layers.
+            for layer, (k, v, n) in zip(step.cache.layers, saved, strict=True):
+                layer.keys, layer.values, layer.cumulative_length = k, v, n
+        live = {
+            **dict(step.named_parameters(remove_duplicate=False)),
+            **dict(step.named_buffers(remove_duplicate=False)),
+        }
+        constants = {**exported.constants, **{name: live.get(name, t) for name, t in exported.state_dict.items()}}
+        library, path = _load_or_compile(exported, constants)
+        # The library reads the model's own tensors: no copy of the weights. They are kept alive here.
+        self.constants.update(constants)
+        library.load_constants(
+            {name: constants[name] for name in library.get_constant_fqns()}, check_full_update=True, user_managed=True
+        )
+        log.info(
+            "fastquant.compile_for_decode: AOTInductor step ready in %.1f s (%s)", time.perf_counter() - start, path
+        )
+        return library
+
+
+def _load_or_compile(exported: Any, constants: dict[str, Any]) -> tuple[Any, Path]:
+    """The AOTInductor library of an exported step, from Inductor's cache directory or compiled into it.
+
+    A library reads most constants from the caller at run time (its ``get_constant_fqns``) but may bake others into
+    its code (the rotary ``inv_freq`` buffer, for one): it can serve another model only if those are equal. So the
+    cache is two-level: ``<structure>.json`` (keyed by torch's version, the CPU ISA Inductor compiles for, the
+    graph's code and the names, shapes and dtypes of inputs and constants) lists the run-time constants of that
+    structure's library, and ``<structure>/<values>.pt2`` is keyed by the values of all the other constants."""
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    h = hashlib.sha256()
+    h.update(f"{torch.__version__}|{pick_vec_isa()}|{exported.graph_module.code}|{exported.call_spec}".encode())
+    for name in sorted(constants):
+        t = constants[name]
+        h.update(f"{name}:{_meta(t) if isinstance(t, Tensor) else type(t).__name__}".encode())
+    structure = Path(cache_dir()) / "fastquant-decode" / h.hexdigest()[:32]
+    index = structure.with_suffix(".json")
+
+    def values_path(runtime: set[str]) -> Path:
+        v = hashlib.sha256()
+        for name in sorted(set(constants) - runtime):
+            t = constants[name]
+            if isinstance(t, Tensor):
+                v.update(name.encode() + t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        return structure / f"{v.hexdigest()[:32]}.pt2"
+
+    if index.is_file():
+        path = values_path(set(json.loads(index.read_text())))
+        if path.is_file():
+            return torch._inductor.aoti_load_package(str(path)), path
+    structure.mkdir(parents=True, exist_ok=True)
+    tmp = structure / f"compiling-{os.getpid()}.pt2"
+    torch._inductor.aoti_compile_and_package(
+        exported, package_path=str(tmp), inductor_configs={"aot_inductor.package_constants_in_so": False}
+    )
+    library = torch._inductor.aoti_load_package(str(tmp))
+    runtime = library.get_constant_fqns()
+    path = values_path(set(runtime))
+    # Written then renamed: a process that finds a file finds it whole.
+    index_tmp = index.with_suffix(f".{os.getpid()}.tmp")
+    index_tmp.write_text(json.dumps(sorted(runtime)))
+    os.replace(index_tmp, index)
+    os.replace(tmp, path)
+    return library, path
+
+
+class _AotiDecode:
+    """Stands in for ``model.get_compiled_call``: generate asks it for the step once per call. Each time, the
+    libraries' constants are checked against the model's current tensors (a weight replaced or moved since, e.g.
+    by ``load_state_dict(assign=True)`` or ``model.to``): on any difference the libraries are dropped and rebuilt
+    on the next step, so a step never reads a weight the model no longer has."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.step = _AotiDecodeStep(model)
+
+    def __call__(self, compile_config: Any = None) -> _AotiDecodeStep:
+        step = self.step
+        if step.constants:
+            model = step.model
+            live = {f"model.{n}": t for n, t in model.named_parameters(remove_duplicate=False)}
+            live.update({f"model.{n}": t for n, t in model.named_buffers(remove_duplicate=False)})
+            stale = any(
+                name in live and (live[name] is not t or live[name].data_ptr() != t.data_ptr())
+                for name, t in step.constants.items()
+            )
+            if stale:
+                step.libraries.clear()
+                step.constants.clear()
+        return step
