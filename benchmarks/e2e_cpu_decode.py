@@ -190,7 +190,7 @@ def float_variants(base, max_cache_len: int) -> list[Contender]:
     bf16 = copy.deepcopy(base).to(torch.bfloat16)
     compiled = copy.deepcopy(bf16)
     start = time.perf_counter()
-    fastquant.compile_for_decode(compiled, max_cache_len=max_cache_len)
+    fastquant.compile_for_decode(compiled, max_cache_len=max_cache_len, backend="inductor")
     return [
         hf_contender("fp32", base, 0.0),
         hf_contender("bf16", bf16, 0.0),

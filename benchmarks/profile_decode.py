@@ -1,7 +1,8 @@
-"""Where a decode step's time goes, eager against compile_for_decode, by operator (SmolLM2-135M, int8).
+"""Where a decode step's time goes, eager against compile_for_decode's two backends, by operator (SmolLM2, int8).
 
 Profiles ``model.generate`` (batch 1, greedy, ``--new-tokens`` tokens after a short prompt) under
-``torch.profiler`` (CPU activities) for fastquant int8 (lm_head quantized too) eager and compiled, and reports
+``torch.profiler`` (CPU activities) for fastquant int8 (lm_head quantized too) eager, compiled
+(``backend="inductor"``) and ``backend="aoti"``, and reports
 milliseconds per generated token by bucket: the fastquant ops, Inductor's generated kernels (``cpp_fused_*``:
 RMSNorm, rotary, SiLU, residuals, fused by the compiler), attention, other aten ops, and what no operator
 accounts for (Python, transformers' generate loop, dispatch, thread-pool wake-ups; profiler overhead included).
@@ -86,11 +87,13 @@ def main() -> None:
     loaded = load_model("smollm2")
     prompt = loaded.tokenizer("To be, or not to be, that is the question:", return_tensors="pt").input_ids
     eager = fastquant.patch(loaded.model, "int8", skip=(), quantize_tied=True)
-    compiled = fastquant.compile_for_decode(copy.deepcopy(eager), max_cache_len=prompt.shape[1] + args.new_tokens)
+    models = {"eager": eager}
+    for name, backend in (("compiled", "inductor"), ("aoti", "aoti")):
+        models[name] = fastquant.compile_for_decode(
+            copy.deepcopy(eager), max_cache_len=prompt.shape[1] + args.new_tokens, backend=backend
+        )
     load_before = os.getloadavg()
-    results = {
-        name: profile_generate(m, prompt, args.new_tokens) for name, m in (("eager", eager), ("compiled", compiled))
-    }
+    results = {name: profile_generate(m, prompt, args.new_tokens) for name, m in models.items()}
     env = cpu_environment(load_before, new_tokens=args.new_tokens)
     rows = list(results["eager"]["ms_per_token"])
     lines = [
@@ -100,21 +103,16 @@ def main() -> None:
         f"ms per generated token (self CPU time of each bucket's operators). Load average "
         f"{load_before[0]:.2f} before, {env['load_average_after'][0]:.2f} after.",
         "",
-        "| ms per token | eager | compiled |",
-        "|---|---:|---:|",
-        f"| unprofiled | {results['eager']['unprofiled_ms_per_token']:.2f} | "
-        f"{results['compiled']['unprofiled_ms_per_token']:.2f} |",
-        f"| profiled wall | {results['eager']['profiled_ms_per_token']:.2f} | "
-        f"{results['compiled']['profiled_ms_per_token']:.2f} |",
-        *(
-            f"| {r} | {results['eager']['ms_per_token'][r]:.2f} | {results['compiled']['ms_per_token'][r]:.2f} |"
-            for r in rows
-        ),
+        "| ms per token | " + " | ".join(models) + " |",
+        "|---|" + "---:|" * len(models),
+        "| unprofiled | " + " | ".join(f"{results[n]['unprofiled_ms_per_token']:.2f}" for n in models) + " |",
+        "| profiled wall | " + " | ".join(f"{results[n]['profiled_ms_per_token']:.2f}" for n in models) + " |",
+        *("| " + r + " | " + " | ".join(f"{results[n]['ms_per_token'][r]:.2f}" for n in models) + " |" for r in rows),
         "",
         "Top operators per token (self ms, calls):",
         "",
     ]
-    for name in ("eager", "compiled"):
+    for name in models:
         tops = ", ".join(f"`{k}` {ms:.2f} ({n:.0f})" for k, ms, n in results[name]["top_ops"])
         lines.append(f"- {name}: {tops}")
     write_report(

@@ -59,7 +59,7 @@ def compile_for_decode(
     max_cache_len: int | None = None,
     fullgraph: bool = True,
     mode: str | None = None,
-    backend: Backend = "inductor",
+    backend: Backend | None = None,
 ) -> nn.Module:
     """Make ``model.generate`` run a compiled decode step with a static KV cache; returns the model.
 
@@ -77,9 +77,11 @@ def compile_for_decode(
         fullgraph: require one graph for the whole decode step (an error instead of a silent graph break).
         mode: ``torch.compile`` mode; by default ``"reduce-overhead"`` on CUDA (CUDA graphs replay the step),
             ``"default"`` elsewhere.
-        backend: ``"inductor"`` (``torch.compile``) or, on the CPU, ``"aoti"``: the step exported and compiled
-            ahead of time by AOTInductor, called without guards or a Python wrapper (see the module docstring;
-            the first compile of a shape takes a minute or more, later processes load it from disk).
+        backend: ``"aoti"`` (the default on the CPU): the step exported and compiled ahead of time by
+            AOTInductor, called without guards or a Python wrapper (see the module docstring; SmolLM2-135M int8
+            decodes 1.28x faster than with ``"inductor"`` on 2 cores; the first compile of a shape takes about a
+            minute there, later processes load it from disk in seconds); ``"inductor"`` (``torch.compile``; the
+            default on CUDA, where CUDA graphs replay the step).
     """
     from transformers import CompileConfig, GenerationMixin
 
@@ -87,9 +89,11 @@ def compile_for_decode(
         raise TypeError(f"compile_for_decode needs a transformers model with generate(), got {type(model).__name__}")
     if max_cache_len is not None and max_cache_len < 2:
         raise ValueError(f"max_cache_len must be at least 2 tokens, got {max_cache_len}")
-    if backend not in ("inductor", "aoti"):
+    if backend not in (None, "inductor", "aoti"):
         raise ValueError(f"backend must be 'inductor' or 'aoti', got {backend!r}")
     device = next(model.parameters()).device
+    if backend is None:
+        backend = "aoti" if device.type == "cpu" else "inductor"
     if backend == "aoti" and device.type != "cpu":
         # CUDA graphs (mode "reduce-overhead", the default there) already replay the step without Python.
         raise ValueError(f"backend='aoti' is for CPU models; this model is on {device.type}: use backend='inductor'")
