@@ -97,6 +97,16 @@ def test_aoti_decode_matches_eager_and_reuses_its_library_for_other_weights(tmp_
     mask[1, :2] = 0
     torch.testing.assert_close(_greedy(a, batch, mask), _greedy(_eager_twin(a), batch, mask), rtol=0, atol=0)
 
+    # A deep copy gets its own libraries (loaded from the cache against its own tensors), not the original's.
+    import copy
+    import gc
+
+    twin = copy.deepcopy(b)
+    del b
+    gc.collect()
+    assert not twin.get_compiled_call.step.libraries
+    torch.testing.assert_close(_greedy(twin, prompt), eager_b2, rtol=0, atol=0)
+
     # A call the libraries were not built for (here a dynamic cache) runs torch.compile's step, with a warning.
     step = a.get_compiled_call(None)
     ids = prompt[:, :3]

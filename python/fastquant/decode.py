@@ -332,6 +332,19 @@ class _AotiDecode:
     def __init__(self, model: nn.Module) -> None:
         self.step = _AotiDecodeStep(model)
 
+    # A copy (copy.deepcopy, pickle) of a compiled model gets no libraries: theirs read the original's tensors
+    # through raw pointers. Its first decode step loads them again from the disk cache against its own tensors.
+    def __deepcopy__(self, memo: dict[int, Any]) -> _AotiDecode:
+        import copy
+
+        return _AotiDecode(copy.deepcopy(self.step.model, memo))
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"model": self.step.model}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.step = _AotiDecodeStep(state["model"])
+
     def __call__(self, compile_config: Any = None) -> _AotiDecodeStep:
         step = self.step
         if step.constants:
