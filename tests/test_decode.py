@@ -96,6 +96,12 @@ def test_aoti_decode_matches_eager_and_reuses_its_library_for_other_weights(tmp_
     mask = torch.ones_like(batch)
     mask[1, :2] = 0
     torch.testing.assert_close(_greedy(a, batch, mask), _greedy(_eager_twin(a), batch, mask), rtol=0, atol=0)
+    # Sampling runs the same step (the library of that batch shape): tokens in range, prompt kept.
+    torch.manual_seed(3)
+    with torch.no_grad():
+        sampled = a.generate(batch, attention_mask=mask, max_new_tokens=6, do_sample=True, top_p=0.9, pad_token_id=0)
+    assert sampled.shape == (2, 12) and torch.equal(sampled[:, :6], batch)
+    assert int(sampled.min()) >= 0 and int(sampled.max()) < 300
 
     # A deep copy gets its own libraries (loaded from the cache against its own tensors), not the original's.
     import copy
