@@ -224,7 +224,7 @@ def _report(args: argparse.Namespace) -> None:
         lines.append(
             f"| {r['name']} | {r['training_text']} | {d['seconds'] / 60:.1f} ({d['steps']}, {d['tokens']:,}) | "
             f"{cell['float']} | "
-            f"{cell['compressed']} | {cell['distilled']} | {target or '-'}x{met} | "
+            f"{cell['compressed']} | {cell['distilled']} | {f'{target}x{met}' if target else '-'} | "
             f"{la['training_start']:.1f} -> {la['training_end']:.1f} |"
         )
     if speed:
