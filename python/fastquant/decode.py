@@ -15,7 +15,7 @@ whose C++ wrapper calls the kernels; a step is then one call with a flat list of
 :class:`_AotiDecodeStep` checks what it relies on itself (shapes, dtypes, the static cache) and hands any call it
 was not built for to ``torch.compile``'s step. The library holds no weights: it reads the model's own tensors
 (``user_managed`` constants), so it costs no memory and is cached on disk (in Inductor's cache directory) by the
-exported graph's code and the shapes of its inputs and weights.
+exported graph's code, the shapes of its inputs and weights, and the values of the few tensors it bakes in.
 """
 
 from __future__ import annotations
@@ -186,6 +186,13 @@ def _cache_tensors(cache: Any) -> tuple[list[Tensor], list[Tensor], list[Tensor]
     return keys, values, lengths
 
 
+def _live_tensors(model: nn.Module) -> dict[str, Tensor]:
+    """The model's parameters and buffers under the names the exported step gives them (``model.<name>``)."""
+    tensors = dict(model.named_parameters(remove_duplicate=False))
+    tensors.update(model.named_buffers(remove_duplicate=False))
+    return {f"model.{name}": t for name, t in tensors.items()}
+
+
 def _meta(t: Tensor | None) -> tuple:
     return None if t is None else (tuple(t.shape), t.dtype, t.device.type)
 
@@ -259,10 +266,7 @@ class _AotiDecodeStep:
             # Export traced with fake tensors and left them in the cache's layers.
             for layer, (k, v, n) in zip(step.cache.layers, saved, strict=True):
                 layer.keys, layer.values, layer.cumulative_length = k, v, n
-        live = {
-            **dict(step.named_parameters(remove_duplicate=False)),
-            **dict(step.named_buffers(remove_duplicate=False)),
-        }
+        live = _live_tensors(self.model)
         constants = {**exported.constants, **{name: live.get(name, t) for name, t in exported.state_dict.items()}}
         library, path = _load_or_compile(exported, constants)
         # The library reads the model's own tensors: no copy of the weights. They are kept alive here.
@@ -348,9 +352,7 @@ class _AotiDecode:
     def __call__(self, compile_config: Any = None) -> _AotiDecodeStep:
         step = self.step
         if step.constants:
-            model = step.model
-            live = {f"model.{n}": t for n, t in model.named_parameters(remove_duplicate=False)}
-            live.update({f"model.{n}": t for n, t in model.named_buffers(remove_duplicate=False)})
+            live = _live_tensors(step.model)
             stale = any(
                 name in live and (live[name] is not t or live[name].data_ptr() != t.data_ptr())
                 for name, t in step.constants.items()
