@@ -152,10 +152,11 @@ def test_reference_linear(n, k, group_size, symmetric):
 # (M, K, N): decode (M <= 8 takes cpu_avx2_fixed16; 2 <= M <= 16 cpu_avx512_vnni_fixed16 on AVX-512, in tiles of
 # 4 rows of x and passes of 4 output columns) and prefill rows around the 6-row micro-kernel, K of one group, of
 # a partial 64-column block and not a multiple of any group (ragged last group), N of 1, 17 (not a multiple of
-# the 16-row tile, the 8-column grain or the 4-column pass) and 1025.
+# the 16-row tile, the 8-column grain or the 4-column pass) and 1025; K = 576 (SmolLM2's, 18 groups of 32:
+# cpu_avx2_fixed16's last 8-group load is 2 valid and 6 masked).
 SHAPES = shape_table(
     """
-    1x32x1 1x1025x1025 3x96x17 3x32x1025 8x1025x17 9x96x17 9x1025x1025 9x1536x17
+    1x32x1 1x576x17 1x1025x1025 3x96x17 3x32x1025 8x1025x17 9x96x17 9x1025x1025 9x1536x17
     16x1025x17 16x4000x1 17x1025x17 64x96x1 64x1025x1025 512x1025x17 1x4096x17
     """
 )
@@ -227,6 +228,21 @@ def test_every_row_count(cpu_isa, m):
             x, qweight, scales, offsets, bias = make_case(m, k, n, dtype, 96, symmetric, True, seed=m)
             y = fastquant.int4_linear(x, qweight, scales, offsets, bias, in_features=k, group_size=96)
             assert_int4_linear_close(y, x, qweight, scales, offsets, bias, k, 96, cpu_path(m, n, k, 96, dtype))
+
+
+@pytest.mark.parametrize("cpu_isa", available_cpu_isas(), indirect=True)
+@pytest.mark.parametrize("m", [1, 3])
+def test_row_with_nan_scale_stays_in_its_row(cpu_isa, m):
+    """A NaN scale makes its own output column NaN, as in the reference, and no other: the decode kernel
+    loads a row's last groups 8 at a time, reading the next row's scales into lanes it then masks."""
+    k, n = 576, 9
+    x, qweight, scales, offsets, bias = make_case(m, k, n, torch.float32, 32, True, False, seed=5)
+    scales[4, 0] = float("nan")
+    y = fastquant.int4_linear(x, qweight, scales, in_features=k, group_size=32)
+    assert bool(y[:, 4].isnan().all())
+    others = [c for c in range(n) if c != 4]
+    assert bool(y[:, others].isfinite().all())
+    assert_int4_linear_close(y[:, others], x, qweight[others], scales[others], None, None, k, 32, cpu_path(m, n, k, 32))
 
 
 @pytest.mark.parametrize("cpu_isa", available_cpu_isas(), indirect=True)

@@ -83,8 +83,9 @@ at::Tensor int4_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
   if (path == Path::kAvx2Fixed16 || path == Path::kAvx512VnniFixed16) {
     p.kp = s.row_bytes * 2;
     planes = at::empty({m, 2 * p.kp}, x.options().dtype(at::kChar));
-    steps = at::empty({m, p.kp / 32}, x.options().dtype(at::kFloat));
-    group_sums = at::empty({m, s.n_groups}, x.options().dtype(at::kFloat));
+    // 8 floats past the last row: cpu_avx2_fixed16 loads a row's last blocks 8 at a time and masks the rest.
+    steps = at::empty({m * (p.kp / 32) + 8}, x.options().dtype(at::kFloat));
+    group_sums = at::empty({m * s.n_groups + 8}, x.options().dtype(at::kFloat));
     for (int64_t i = 0; i < m && path != Path::kAvx2TiledFp32; ++i) {
       if (!int4_fixed16_x_avx2(p.x + i * k, k, p.kp, s.group_size, planes.data_ptr<int8_t>() + i * 2 * p.kp,
                                steps.data_ptr<float>() + i * (p.kp / 32),

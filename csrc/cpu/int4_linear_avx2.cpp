@@ -98,24 +98,35 @@ void fixed16_dot_g32(const Int4LinearProblem& p, int64_t i, int64_t j) {
   const uint8_t* row = p.w + j * p.row_bytes;
   const uint16_t* srow = p.scales + j * p.n_groups;
   const uint16_t* orow = p.offsets ? p.offsets + j * p.n_groups : nullptr;
+  const uint16_t* scales_end = p.scales + p.n * p.n_groups;
   const int64_t n_blocks = p.n_groups;  // ceil(k / 32)
   const int8_t* lo = p.x_planes + i * 2 * p.kp;
   const int8_t* hi = lo + p.kp;
   const float* steps = p.x_steps + i * (p.kp / 32);
   const float* group_sums = p.x_group_sums + i * p.n_groups;
   const __m256i nibble = _mm256_set1_epi8(0x0F);
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(), zero_acc = _mm256_setzero_ps();
   alignas(32) float f[8];
   for (int64_t b0 = 0; b0 < n_blocks; b0 += 8) {
     const int64_t nb = std::min<int64_t>(8, n_blocks - b0);
     __m256 s8, zp8, st8, gs8;
-    if (nb == 8) {
-      s8 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(srow + b0)));
-      zp8 = orow ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(orow + b0)))
+    if (nb == 8 || srow + b0 + 8 <= scales_end) {
+      // Full vector loads even for the row's last blocks (K = 576 ends on 2 of 8: SmolLM2's common K):
+      // copying a short tail into zeroed buffers cost more than the tail's arithmetic (its 256-bit reloads
+      // of fresh scalar stores miss store forwarding). Lanes past the row's end read the next row's scales
+      // and the x buffers' padding (x_steps and x_group_sums have 8 floats past the last row); the mask
+      // zeroes them after the load, so whatever they hold (a NaN included) contributes nothing.
+      const __m256 valid =
+          _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(nb)), lane));
+      s8 =
+          _mm256_and_ps(valid, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(srow + b0))));
+      zp8 = orow ? _mm256_and_ps(
+                       valid, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(orow + b0))))
                  : _mm256_mul_ps(s8, _mm256_set1_ps(-8.f));
-      st8 = _mm256_loadu_ps(steps + b0);
-      gs8 = _mm256_loadu_ps(group_sums + b0);
-    } else {  // the last blocks of the row: zero-padded copies (a padding block's dot product is 0)
+      st8 = _mm256_and_ps(valid, _mm256_loadu_ps(steps + b0));
+      gs8 = _mm256_and_ps(valid, _mm256_loadu_ps(group_sums + b0));
+    } else {  // the last row's last blocks: zero-padded copies (nothing may be read past the scales)
       alignas(16) uint16_t sh[8] = {}, oh[8] = {};
       alignas(32) float st[8] = {}, gs[8] = {};
       for (int64_t t = 0; t < nb; ++t) {
