@@ -1,7 +1,8 @@
-"""Where a decode step's time goes, eager against compile_for_decode's two backends, by operator (SmolLM2, int8).
+"""Where a decode step's time goes, eager against compile_for_decode's two backends, by operator (SmolLM2).
 
 Profiles ``model.generate`` (batch 1, greedy, ``--new-tokens`` tokens after a short prompt) under
-``torch.profiler`` (CPU activities) for fastquant int8 (lm_head quantized too) eager, compiled
+``torch.profiler`` (CPU activities) for fastquant int8 (lm_head quantized too; ``--method int4``: symmetric group 32
+layers and an int8 lm_head, as in e2e_cpu_decode.py) eager, compiled
 (``backend="inductor"``) and ``backend="aoti"``, and reports
 milliseconds per generated token by bucket: the fastquant ops, Inductor's generated kernels (``cpp_fused_*``:
 RMSNorm, rotary, SiLU, residuals, fused by the compiler), attention, other aten ops, and what no operator
@@ -19,6 +20,7 @@ import time
 from collections import defaultdict
 
 import torch
+from e2e_cpu_decode import int4_with_int8_head
 from run_info import cpu_environment, result_stem, write_report
 from torch.profiler import ProfilerActivity, profile
 
@@ -78,6 +80,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--method", choices=("int8", "int4"), default="int8")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -86,7 +89,10 @@ def main() -> None:
     torch._inductor.config.cpp.enable_kernel_profile = True
     loaded = load_model("smollm2")
     prompt = loaded.tokenizer("To be, or not to be, that is the question:", return_tensors="pt").input_ids
-    eager = fastquant.patch(loaded.model, "int8", skip=(), quantize_tied=True)
+    if args.method == "int4":
+        eager = int4_with_int8_head(loaded.model)
+    else:
+        eager = fastquant.patch(loaded.model, "int8", skip=(), quantize_tied=True)
     models = {"eager": eager}
     for name, backend in (("compiled", "inductor"), ("aoti", "aoti")):
         models[name] = fastquant.compile_for_decode(
@@ -97,9 +103,11 @@ def main() -> None:
     env = cpu_environment(load_before, new_tokens=args.new_tokens)
     rows = list(results["eager"]["ms_per_token"])
     lines = [
-        f"# SmolLM2-135M int8 decode profile: eager vs compile_for_decode ({env['cpu']}, {args.threads} threads)",
+        f"# SmolLM2-135M {args.method} decode profile: eager vs compile_for_decode "
+        f"({env['cpu']}, {args.threads} threads)",
         "",
-        f"torch {env['torch']}; `model.generate`, batch 1, greedy, {args.new_tokens} new tokens, lm_head int8; "
+        f"torch {env['torch']}; `model.generate`, batch 1, greedy, {args.new_tokens} new tokens, "
+        f"{args.method} layers, lm_head int8; "
         f"ms per generated token (self CPU time of each bucket's operators). Load average "
         f"{load_before[0]:.2f} before, {env['load_average_after'][0]:.2f} after.",
         "",
@@ -115,9 +123,8 @@ def main() -> None:
     for name in models:
         tops = ", ".join(f"`{k}` {ms:.2f} ({n:.0f})" for k, ms, n in results[name]["top_ops"])
         lines.append(f"- {name}: {tops}")
-    write_report(
-        result_stem(args.out, "decode-profile"), "\n".join(lines) + "\n", {"environment": env, "results": results}
-    )
+    stem = result_stem(args.out, "decode-profile" if args.method == "int8" else f"decode-profile-{args.method}")
+    write_report(stem, "\n".join(lines) + "\n", {"environment": env, "results": results})
 
 
 if __name__ == "__main__":

@@ -79,25 +79,30 @@ at::Tensor int4_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
                       s.n_groups};
   Path path = choose_path(active_isa(), m, k, s.group_size, s.x_dtype);
 #if defined(__x86_64__) || defined(_M_X64)
-  at::Tensor planes, steps, group_sums;
+  // x in fixed point lives in one heap block, not in three tensors: an at::empty costs ~1 us through the
+  // dispatcher, and SmolLM2's decode makes 210 calls per token of ~10-50 us each.
+  std::unique_ptr<char[]> x_fixed;
   if (path == Path::kAvx2Fixed16 || path == Path::kAvx512VnniFixed16) {
     p.kp = s.row_bytes * 2;
-    planes = at::empty({m, 2 * p.kp}, x.options().dtype(at::kChar));
-    // 8 floats past the last row: cpu_avx2_fixed16 loads a row's last blocks 8 at a time and masks the rest.
-    steps = at::empty({m * (p.kp / 32) + 8}, x.options().dtype(at::kFloat));
-    group_sums = at::empty({m * s.n_groups + 8}, x.options().dtype(at::kFloat));
+    const int64_t plane_bytes = m * 2 * p.kp;  // a multiple of 128: the floats after it stay aligned
+    // 8 floats past the last row of steps and of group sums: cpu_avx2_fixed16 loads a row's last blocks 8
+    // at a time and masks the lanes past its end.
+    const int64_t steps_floats = m * (p.kp / 32) + 8;
+    const int64_t sums_floats = m * s.n_groups + 8;
+    x_fixed.reset(new char[plane_bytes + (steps_floats + sums_floats) * sizeof(float)]);
+    int8_t* planes = reinterpret_cast<int8_t*>(x_fixed.get());
+    float* steps = reinterpret_cast<float*>(x_fixed.get() + plane_bytes);
+    float* group_sums = steps + steps_floats;
     for (int64_t i = 0; i < m && path != Path::kAvx2TiledFp32; ++i) {
-      if (!int4_fixed16_x_avx2(p.x + i * k, k, p.kp, s.group_size, planes.data_ptr<int8_t>() + i * 2 * p.kp,
-                               steps.data_ptr<float>() + i * (p.kp / 32),
-                               group_sums.data_ptr<float>() + i * s.n_groups)) {
+      if (!int4_fixed16_x_avx2(p.x + i * k, k, p.kp, s.group_size, planes + i * 2 * p.kp,
+                               steps + i * (p.kp / 32), group_sums + i * s.n_groups)) {
         path = Path::kAvx2TiledFp32;  // NaN/inf (or a vanishing block) in x: no rounding, IEEE propagation
       }
     }
-    if (path == Path::kAvx512VnniFixed16)
-      int4_fixed16_interleave_avx512(planes.data_ptr<int8_t>(), m * 2 * p.kp);
-    p.x_planes = planes.data_ptr<int8_t>();
-    p.x_steps = steps.data_ptr<float>();
-    p.x_group_sums = group_sums.data_ptr<float>();
+    if (path == Path::kAvx512VnniFixed16) int4_fixed16_interleave_avx512(planes, plane_bytes);
+    p.x_planes = planes;
+    p.x_steps = steps;
+    p.x_group_sums = group_sums;
   }
   if (path == Path::kAvx512Bf16 && !all_finite(x32)) {
     path = Path::kAvx2TiledFp32;  // NaN/inf in x: the fp32 kernel propagates them as the reference does
