@@ -79,6 +79,26 @@ def test_fp32_precision_picks_the_path(cpu_isa, fp32_precision, layout, dtype, m
     assert_int8_linear_close(y, x, qweight, scales, bias, group_size, path)
 
 
+@pytest.mark.parametrize("fp32_precision", ["medium"], indirect=True)
+@pytest.mark.parametrize(("m", "k", "n"), [(17, 1025, 100), (33, 31, 17), (40, 2, 9), (513, 77, 40)])
+def test_fp32_x_rounds_to_bf16_as_torch_does(fp32_precision, m, k, n):
+    """Under "medium" the bf16 prefill path rounds fp32 x itself (one pass: convert, pair, transpose); its
+    rounding is torch's (to nearest even): x and x rounded to bf16 by torch give bit-identical outputs, and
+    bf16 x (laid out by ATen ops) the same result rounded once to bf16. Odd K (a pair with a zero partner),
+    K below one 32-column block, M not a multiple of 16."""
+    if extension.int8_linear_kernel_path(torch.device("cpu"), m, n, k, -1, torch.float32) != "cpu_avx512_bf16":
+        pytest.skip("no AVX-512 BF16 on this CPU")
+    gen = torch.Generator().manual_seed(m * k)
+    qweight, scales = reference.int8_quantize(random_weight(n, k, gen), -1)
+    x = torch.randn(m, k, generator=gen) * 3
+    bias = torch.randn(n, generator=gen).bfloat16().float()
+    y = ops.int8_linear(x, qweight, scales, bias, -1)
+    assert torch.equal(y, ops.int8_linear(x.bfloat16().float(), qweight, scales, bias, -1))
+    assert torch.equal(y.bfloat16(), ops.int8_linear(x.bfloat16(), qweight, scales, bias.bfloat16(), -1))
+    assert not torch.equal(x.bfloat16().float(), x)  # the rounding is there to be matched
+    assert_int8_linear_close(y, x, qweight, scales, bias, -1, "cpu_avx512_bf16")
+
+
 def test_fp32_precision_is_read_per_call():
     """The same layer, called twice under different settings, takes each setting's path: no cached choice."""
     if extension.native is None or extension.native.best_cpu_isa() not in ("avx512", "avx512_vbmi"):

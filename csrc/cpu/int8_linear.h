@@ -51,10 +51,13 @@ struct Int8LinearProblem {
   float* y_f32 = nullptr;
   // fp32 paths: m x k fp32 activations.
   const float* x_f32 = nullptr;
-  // bf16 path: activations as bf16 pairs (k, k+1) packed in 32 bits, transposed: xt[p * mp + i] holds
-  // x[i, 2p], x[i, 2p+1]; p < ceil(k / 2), i < mp = m rounded up to 16, zero padding.
+  // bf16 path: activations as bf16 pairs (k, k+1) packed in 32 bits, transposed: xt[p * xt_stride + i]
+  // holds x[i, 2p], x[i, 2p+1]; p < ceil(k / 2), i < mp = m rounded up to 16, zero padding. xt_stride is
+  // mp + 16: with a stride of mp (2 KiB at m = 512) the rows a micro tile walks all fall in a few L1 sets
+  // and evict each other, so x came from L2 at every step.
   const uint32_t* xt = nullptr;
   int64_t mp = 0;
+  int64_t xt_stride = 0;
   int64_t kc = 0;  // bf16 path: K chunk converted per weight tile (multiple of group_size, or of it)
   const Bitmap16Int8* bitmap = nullptr;  // bf16 path: the weight in bitmap16 instead of w
   // w holds the weight's rows from this one on: a block of rows expanded for the call
@@ -78,6 +81,10 @@ void int8_linear_avx2_fp32(const Int8LinearProblem& p, int64_t n_begin, int64_t 
 void int8_linear_avx512_fp32(const Int8LinearProblem& p, int64_t n_begin, int64_t n_end, void* scratch);
 void int8_linear_avx512_vnni_fixed(const Int8LinearProblem& p, int64_t n_begin, int64_t n_end, void* scratch);
 void int8_linear_avx512_bf16(const Int8LinearProblem& p, int64_t n_begin, int64_t n_end, void* scratch);
+// fp32 x (m x k, contiguous) rounded to bf16 (to nearest even, as torch converts) in the bf16 path's layout:
+// p.xt's rows 0..ceil(k / 2) - 1, columns 0..mp - 1 (rows of x past m and the pair past an odd k zero).
+void int8_linear_avx512_bf16_x(const float* x, int64_t m, int64_t k, int64_t mp, int64_t xt_stride,
+                               uint32_t* xt);
 // Columns converted per weight tile by the bf16 kernel; thread ranges are multiples of 16 columns.
 constexpr int64_t kBf16TileCols = 64;
 #endif

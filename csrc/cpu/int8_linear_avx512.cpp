@@ -310,14 +310,14 @@ constexpr int kNR = 8;  // columns per micro tile (broadcast operands)
 
 // acc[c][v] over pairs [q0, q1) of the chunk, then C[c][v] += acc * s[c].
 template <int MV>
-inline void bf16_micro(const uint32_t* xt, int64_t mp, const uint32_t* wb, int64_t wstride, int64_t q0,
+inline void bf16_micro(const uint32_t* xt, int64_t xs, const uint32_t* wb, int64_t wstride, int64_t q0,
                        int64_t q1, float* C, int64_t cstride, const float* s) {
   __m512 acc[kNR][MV];
   for (int c = 0; c < kNR; ++c)
     for (int v = 0; v < MV; ++v) acc[c][v] = _mm512_setzero_ps();
   for (int64_t q = q0; q < q1; ++q) {
     __m512bh xv[MV];
-    for (int v = 0; v < MV; ++v) xv[v] = (__m512bh)_mm512_loadu_si512(xt + q * mp + 16 * v);
+    for (int v = 0; v < MV; ++v) xv[v] = (__m512bh)_mm512_loadu_si512(xt + q * xs + 16 * v);
     for (int c = 0; c < kNR; ++c) {
       const __m512bh b = (__m512bh)_mm512_set1_epi32(static_cast<int>(wb[c * wstride + q]));
       for (int v = 0; v < MV; ++v) acc[c][v] = _mm512_dpbf16_ps(acc[c][v], xv[v], b);
@@ -408,6 +408,39 @@ inline void transpose16x16(const __m512 in[16], __m512 out[16]) {
   }
 }
 
+void int8_linear_avx512_bf16_x(const float* x, int64_t m, int64_t k, int64_t mp, int64_t xt_stride,
+                               uint32_t* xt) {
+  const int64_t kp2 = (k + 1) / 2;
+  for (int64_t i0 = 0; i0 < mp; i0 += 16) {
+    for (int64_t p0 = 0; p0 < kp2; p0 += 16) {
+      // 16 rows x 32 columns of x -> 16 rows x 16 bf16 pairs (vcvtne2ps2bf16 puts its second operand's
+      // conversions in the low half, so each 32-bit lane holds the pair (x[2q], x[2q + 1])), then
+      // transposed to 16 pairs x 16 rows. Masked loads stop at k (the odd column's partner is zero).
+      const int64_t left = k - 2 * p0;
+      const __mmask16 lo = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
+      const __mmask16 hi = left >= 32  ? 0xFFFF
+                           : left > 16 ? static_cast<__mmask16>((1u << (left - 16)) - 1)
+                                       : 0;
+      __m512 in[16], out[16];
+      for (int r = 0; r < 16; ++r) {
+        if (i0 + r < m) {
+          const float* row = x + (i0 + r) * k + 2 * p0;
+          const __m512bh pairs =
+              _mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(hi, row + 16), _mm512_maskz_loadu_ps(lo, row));
+          in[r] = _mm512_castsi512_ps(reinterpret_cast<__m512i>(pairs));
+        } else {
+          in[r] = _mm512_setzero_ps();
+        }
+      }
+      transpose16x16(in, out);
+      const int64_t np = kp2 - p0 < 16 ? kp2 - p0 : 16;
+      for (int64_t q = 0; q < np; ++q) {
+        _mm512_storeu_ps(reinterpret_cast<float*>(xt + (p0 + q) * xt_stride + i0), out[q]);
+      }
+    }
+  }
+}
+
 // scratch: kBf16TileCols x kcs bf16 weight tile, then kBf16TileCols x mp fp32 output slab.
 void int8_linear_avx512_bf16(const Int8LinearProblem& p, int64_t n_begin, int64_t n_end, void* scratch) {
   const int64_t K = p.k, mp = p.mp, KC = p.kc;
@@ -444,7 +477,7 @@ void int8_linear_avx512_bf16(const Int8LinearProblem& p, int64_t n_begin, int64_
         const int64_t g1 = g0 + G < klen ? g0 + G : klen;
         const int64_t q0 = g0 / 2, q1 = (g1 + 1) / 2;  // pairs; an odd K ends on a zero-padded pair
         const int64_t gi = grouped ? (kc0 + g0) / p.group_size : 0;
-        const uint32_t* xg = p.xt + (kc0 / 2) * mp;
+        const uint32_t* xg = p.xt + (kc0 / 2) * p.xt_stride;
         for (int64_t c = 0; c < nc8; ++c) s[c] = c < nc ? p.scales[(j0 + c) * p.n_groups + gi] : 0.f;
         // Rows outer, columns inner: a block of 48 rows of x (the chunk's pairs, 24 KiB at KC = 256) stays in
         // L1 while every 8-column block of the tile passes over it.
@@ -453,11 +486,11 @@ void int8_linear_avx512_bf16(const Int8LinearProblem& p, int64_t n_begin, int64_
             const uint32_t* wb = wpairs + cb * wstride;
             float* C = slab + cb * mp + m0;
             if (mp - m0 >= 48) {
-              bf16_micro<3>(xg + m0, mp, wb, wstride, q0, q1, C, mp, s + cb);
+              bf16_micro<3>(xg + m0, p.xt_stride, wb, wstride, q0, q1, C, mp, s + cb);
             } else if (mp - m0 == 32) {
-              bf16_micro<2>(xg + m0, mp, wb, wstride, q0, q1, C, mp, s + cb);
+              bf16_micro<2>(xg + m0, p.xt_stride, wb, wstride, q0, q1, C, mp, s + cb);
             } else {
-              bf16_micro<1>(xg + m0, mp, wb, wstride, q0, q1, C, mp, s + cb);
+              bf16_micro<1>(xg + m0, p.xt_stride, wb, wstride, q0, q1, C, mp, s + cb);
             }
           }
         }
