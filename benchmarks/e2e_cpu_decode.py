@@ -20,7 +20,10 @@ benchmark-only extra built from source, ``n_threads`` = the torch thread count).
 
 Decode: batch 1, greedy, ``--new-tokens`` new tokens after a short prompt, tokens/s over the decode steps only
 (the first token's time, which includes the prefill, is excluded). Prefill: one forward pass over
-``--prefill-tokens`` token ids (llama.cpp: ``eval`` of the same count). Rounds are interleaved (the order
+``--prefill-tokens`` token ids (llama.cpp: ``eval`` of the same count), under torch's default float32 matmul
+precision ("highest": fastquant keeps fp32 x in fp32) and again under "medium" (fastquant's AVX-512 prefill
+rounds fp32 x to bf16, as torch's own fp32 matmul may then do; bf16 models and llama.cpp are not affected).
+Rounds are interleaved (the order
 reverses every round) and medians reported with the load average before and after each round. Writes
 ``results/e2e-cpu-decode-<UTC date>.{md,json,png}``.
 
@@ -31,6 +34,7 @@ compiling and building the 1B model) or ``--models smollm2``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime as dt
 import json
@@ -38,7 +42,7 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,6 +59,16 @@ COMPILED = {"inductor": "compiled", "aoti": "aoti"}
 PROMPT = "To be, or not to be, that is the question:"
 
 
+@contextlib.contextmanager
+def matmul_precision(precision: str) -> Iterator[None]:
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 @dataclass
 class Contender:
     name: str
@@ -65,6 +79,7 @@ class Contender:
     notes: str = ""
     decode_tok_s: list[float] = field(default_factory=list)
     prefill_tok_s: list[float] = field(default_factory=list)
+    prefill_medium_tok_s: list[float] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
 
 
@@ -231,6 +246,8 @@ def run_model(name: str, args) -> dict:
                 c.decode_tok_s.append(tok_s)
                 c.tokens = tokens
                 c.prefill_tok_s.append(args.prefill_tokens / c.prefill(long_ids))
+                with matmul_precision("medium"):
+                    c.prefill_medium_tok_s.append(args.prefill_tokens / c.prefill(long_ids))
             loads.append((before, os.getloadavg()[0]))
             print(
                 f"{name} round {round_index + 1} (load {before:.2f} -> {loads[-1][1]:.2f}): "
@@ -259,6 +276,9 @@ def run_model(name: str, args) -> dict:
                 "decode_vs_llama_cpp_q4_0": paired(c, "llama.cpp Q4_0", "decode_tok_s"),
                 "prefill_vs_bf16": paired(c, "bf16", "prefill_tok_s"),
                 "prefill_vs_llama_cpp_q8_0": paired(c, "llama.cpp Q8_0", "prefill_tok_s"),
+                "prefill_medium_tok_s": statistics.median(c.prefill_medium_tok_s),
+                "prefill_medium_tok_s_rounds": c.prefill_medium_tok_s,
+                "prefill_medium_vs_bf16": paired(c, "bf16", "prefill_medium_tok_s"),
                 "same_tokens_as_eager": None
                 if eager_twin is c or eager_twin is None
                 else c.tokens == eager_twin.tokens,
@@ -298,8 +318,8 @@ def write_results(results: list[dict], env: dict, stem: Path) -> None:
             f"Load average (1 min) before -> after each round: {loads}.",
             "",
             "| contender | decode tok/s | vs bf16 | vs llama.cpp Q8_0 | vs Q4_0 | prefill tok/s | vs bf16 "
-            "| vs llama.cpp Q8_0 | same tokens | setup s |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+            "| vs llama.cpp Q8_0 | prefill tok/s, medium | vs bf16 | same tokens | setup s |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
         ]
         for r in result["rows"]:
             same = {None: "", True: "yes", False: "no"}[r["same_tokens_as_eager"]]
@@ -307,7 +327,8 @@ def write_results(results: list[dict], env: dict, stem: Path) -> None:
                 f"| {r['contender']} | {r['decode_tok_s']:.1f} | {fmt(r['decode_vs_bf16'])} | "
                 f"{fmt(r['decode_vs_llama_cpp_q8_0'])} | {fmt(r.get('decode_vs_llama_cpp_q4_0'))} | "
                 f"{r['prefill_tok_s']:.0f} | {fmt(r['prefill_vs_bf16'])} | "
-                f"{fmt(r['prefill_vs_llama_cpp_q8_0'])} | {same} | {r['setup_s']:.0f} |"
+                f"{fmt(r['prefill_vs_llama_cpp_q8_0'])} | {r['prefill_medium_tok_s']:.0f} | "
+                f"{fmt(r['prefill_medium_vs_bf16'])} | {same} | {r['setup_s']:.0f} |"
             )
         lines.append("")
     stem.with_suffix(".md").write_text("\n".join(lines))
