@@ -18,7 +18,9 @@ int8 values; speed only) eager and compiled, ``int4`` (symmetric group 32, llama
 int8) eager and compiled; llama.cpp ``Q8_0`` / ``Q4_0`` (llama-cpp-python, a
 benchmark-only extra built from source, ``n_threads`` = the torch thread count).
 
-Decode: batch 1, greedy, ``--new-tokens`` new tokens after a short prompt, tokens/s over the decode steps only
+Decode: batch 1, greedy, ``--new-tokens`` new tokens after a short prompt (end-of-text stop disabled with
+``eos_token_id=None``, as llama.cpp's loop runs, rather than ``min_new_tokens``, whose logits processor scans
+the whole vocabulary at every step), tokens/s over the decode steps only
 (the first token's time, which includes the prefill, is excluded). Prefill: one forward pass over
 ``--prefill-tokens`` token ids (llama.cpp: ``eval`` of the same count), under torch's default float32 matmul
 precision ("highest": fastquant keeps fp32 x in fp32) and again under "medium" (fastquant's AVX-512 prefill
@@ -104,7 +106,7 @@ def hf_contender(name: str, model, setup_s: float, notes: str = "") -> Contender
             prompt,
             attention_mask=torch.ones_like(prompt),
             max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
+            eos_token_id=None,  # no end-of-text stop, as llama.cpp's loop: exactly new_tokens steps
             do_sample=False,
             pad_token_id=0,
             logits_processor=LogitsProcessorList([clock]),

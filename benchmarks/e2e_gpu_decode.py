@@ -2,7 +2,7 @@
 
 The model is ``fastquant.app.models.random_llama_1b`` (random weights; hidden 2048, intermediate 8192, 16 layers,
 32 heads, 8 kv heads, vocab 32000): nothing is downloaded. Tokens/s of ``model.generate``
-(greedy, fixed ``max_new_tokens`` = ``min_new_tokens``, after a warm-up generate) for:
+(greedy, exactly ``max_new_tokens`` with the end-of-text stop disabled, after a warm-up generate) for:
 
 * ``eager``: the default dynamic KV cache, every op launched from Python (launch-bound on a fast GPU),
 * ``compiled``: ``fastquant.compile_for_decode``: a static KV cache and the decode step compiled in
@@ -47,7 +47,7 @@ def tokens_per_second(model, mode: str, new_tokens: int, prompt_len: int, repeat
             input_ids,
             attention_mask=attention_mask,
             max_new_tokens=n,
-            min_new_tokens=n,
+            eos_token_id=None,  # no end-of-text stop: exactly n new tokens
             do_sample=False,
             pad_token_id=0,
         )
