@@ -381,7 +381,7 @@ void int8_linear_avx512_fp32(const Int8LinearProblem& p, int64_t n_begin, int64_
 }
 
 // in[c] holds column c's 16 rows; out[i] gets row i's 16 columns. Three rounds of in-lane unpacks and
-// 128-bit shuffles (48 instructions for 256 floats).
+// 128-bit shuffles (64 instructions for 256 floats).
 inline void transpose16x16(const __m512 in[16], __m512 out[16]) {
   __m512 t[16], u[16];
   for (int c = 0; c < 16; c += 2) {
@@ -505,7 +505,7 @@ void int8_linear_avx512_bf16(const Int8LinearProblem& p, int64_t n_begin, int64_
           p.bias_f32 ? _mm512_maskz_loadu_ps(cols, p.bias_f32 + j0 + c0) : _mm512_setzero_ps();
       for (int64_t i0 = 0; i0 < p.m; i0 += 16) {
         __m512 in[16], out[16];
-        // Columns past nc8 were never written: zeros in, masked off on the way out.
+        // Columns past the tile's end: zeros in, masked off on the way out.
         for (int c = 0; c < 16; ++c) {
           in[c] = c < cw ? _mm512_loadu_ps(slab + (c0 + c) * mp + i0) : _mm512_setzero_ps();
         }
