@@ -36,7 +36,6 @@ compiling and building the 1B model) or ``--models smollm2``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import datetime as dt
 import json
@@ -44,11 +43,12 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from run_info import matmul_precision
 
 import fastquant
 from fastquant.app.evaluate import cpu_model
@@ -59,16 +59,6 @@ RESULTS = Path(__file__).parent / "results"
 # Row label suffix of each compile_for_decode backend.
 COMPILED = {"inductor": "compiled", "aoti": "aoti"}
 PROMPT = "To be, or not to be, that is the question:"
-
-
-@contextlib.contextmanager
-def matmul_precision(precision: str) -> Iterator[None]:
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(precision)
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(before)
 
 
 @dataclass

@@ -15,6 +15,7 @@ import argparse
 from collections.abc import Callable
 
 import torch
+from run_info import matmul_precision
 from sparse_table import make_calls, timed_interleaved
 
 from fastquant.kernels import extension
@@ -28,25 +29,17 @@ def under(precision: str, fn: Callable[[], object]) -> Callable[[], object]:
     """``fn`` run under ``precision``, restoring the setting it found."""
 
     def call() -> object:
-        before = torch.get_float32_matmul_precision()
-        torch.set_float32_matmul_precision(precision)
-        try:
+        with matmul_precision(precision):
             return fn()
-        finally:
-            torch.set_float32_matmul_precision(before)
 
     return call
 
 
 def path(peer: str, n: int, k: int, m: int, precision: str) -> str:
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(precision)
-    try:
+    with matmul_precision(precision):
         if peer == "int8":
             return extension.int8_linear_kernel_path(torch.device("cpu"), m, n, k, -1, torch.float32)
         return extension.sparse_linear_kernel_path(torch.device("cpu"), m, n, k, torch.int8, torch.float32)
-    finally:
-        torch.set_float32_matmul_precision(before)
 
 
 def main() -> None:

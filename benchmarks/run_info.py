@@ -3,10 +3,12 @@ how they write their results."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -71,3 +73,14 @@ def report_header(title: str, script: str, result: dict, precision: str) -> list
         f"`python benchmarks/{script}` at commit {result['commit']}, torch {result['torch']}, "
         f"{result['settings']['threads']} threads, {precision} on CPU ({result['machine']}).",
     ]
+
+
+@contextlib.contextmanager
+def matmul_precision(precision: str) -> Iterator[None]:
+    """Runs the block under torch's float32 matmul ``precision``, restoring the setting it found."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
