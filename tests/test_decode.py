@@ -134,3 +134,47 @@ def _eager_twin(model):
     twin.generation_config.cache_implementation = None
     twin.generation_config.compile_config = None
     return twin
+
+
+@pytest.mark.parametrize("batch,heads,kv_heads,cache_len", [(1, 9, 3, 17), (2, 4, 2, 1025), (3, 6, 1, 3)])
+def test_packed_sdpa_attention_matches_transformers_and_reads_the_cache_in_place(batch, heads, kv_heads, cache_len):
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    from fastquant.decode import packed_sdpa_attention
+
+    gen = torch.Generator().manual_seed(cache_len)
+    module = torch.nn.Module()
+    module.num_key_value_groups = heads // kv_heads
+    query = torch.randn(batch, heads, 1, 64, generator=gen)
+    key, value = (torch.randn(batch, kv_heads, cache_len, 64, generator=gen) for _ in range(2))
+    # A static cache's boolean mask: the first tokens of each row are filled, the rest is not attended to.
+    mask = torch.arange(cache_len) < torch.randint(1, cache_len + 1, (batch, 1, 1, 1), generator=gen)
+    # What transformers computes when traced: keys and values expanded to every query head.
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        query, repeat_kv(key, heads // kv_heads), repeat_kv(value, heads // kv_heads), attn_mask=mask, scale=0.125
+    ).transpose(1, 2)
+    got, weights = packed_sdpa_attention(module, query, key, value, mask, scaling=0.125)
+    assert weights is None and got.shape == (batch, 1, heads, 64)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+    class Step(torch.nn.Module):
+        def forward(self, q, k, v, m):
+            return packed_sdpa_attention(module, q, k, v, m, scaling=0.125)[0]
+
+    graph = torch.export.export(Step(), (query, key, value, mask), strict=False).graph
+    targets = {str(node.target) for node in graph.nodes if node.op == "call_function"}
+    assert not any("expand" in t or "repeat" in t or "clone" in t for t in targets), targets
+
+
+def test_compile_for_decode_switches_sdpa_attention_only():
+    from fastquant.decode import PACKED_SDPA
+
+    model = tiny_llama()
+    assert model.config._attn_implementation == "sdpa"
+    fastquant.compile_for_decode(model, backend="inductor")
+    assert model.config._attn_implementation == PACKED_SDPA
+    assert "fastquant" not in model.config.to_json_string()  # not saved with the model's config
+    eager = tiny_llama()
+    eager.set_attn_implementation("eager")
+    fastquant.compile_for_decode(eager, backend="inductor")
+    assert eager.config._attn_implementation == "eager"

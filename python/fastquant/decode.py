@@ -16,6 +16,13 @@ whose C++ wrapper calls the kernels; a step is then one call with a flat list of
 was not built for to ``torch.compile``'s step. The library holds no weights: it reads the model's own tensors
 (``user_managed`` constants), so it costs no memory and is cached on disk (in Inductor's cache directory) by the
 exported graph's code, the shapes of its inputs and weights, and the values of the few tensors it bakes in.
+
+Grouped-query attention (SmolLM2: 9 query heads on 3 key/value heads) needs care when traced. transformers' ``sdpa``
+attention runs a one-token step on the key/value heads (the query heads of a group become rows of one query), but
+only outside ``torch.compile``/``torch.export``; traced, it expands the keys and values to every query head, which
+copies the whole static cache at every layer and step (26 MB per token for SmolLM2 with a 192-token cache).
+:func:`compile_for_decode` therefore switches an ``sdpa`` model to ``"fastquant_sdpa"``, registered with transformers'
+attention interfaces: the same mask and the same function, with the one-token grouped step packed when traced too.
 """
 
 from __future__ import annotations
@@ -69,7 +76,8 @@ def compile_for_decode(
     a 2-token dummy prompt, and the time is logged and kept in ``model._fastquant_decode``; without it the first
     ``generate`` compiles. A cache longer than any before it, a new batch size or a new dtype recompiles, so
     size the cache once for the longest request (prompt plus new tokens). Attention reads the whole static
-    cache at every step: an oversized cache costs time.
+    cache at every step: an oversized cache costs time. A model on transformers' ``"sdpa"`` attention is switched
+    to ``"fastquant_sdpa"`` (same results; grouped-query decode steps without copying the cache, module docstring).
 
     Args:
         max_cache_len: static cache length in tokens; None sizes it by the first call's prompt plus
@@ -103,6 +111,11 @@ def compile_for_decode(
     # transformers compiles automatically only on accelerators; the CPU decode step gains as much (it is
     # overhead-bound at batch 1), so ask for it on every device.
     config._compile_all_devices = True
+    # Models whose attention does not go through transformers' AttentionInterface keep theirs.
+    can_switch = getattr(model, "_can_set_attn_implementation", lambda: False)()
+    if can_switch and getattr(model.config, "_attn_implementation", None) == "sdpa":
+        _register_attention()
+        model.set_attn_implementation(PACKED_SDPA)
     generation = model.generation_config
     generation.cache_implementation = "static"
     generation.compile_config = config
@@ -132,6 +145,45 @@ def compile_for_decode(
         log.info("fastquant.compile_for_decode: decode step compiled in %.1f s", warmup_seconds)
     model._fastquant_decode = DecodeCompileInfo(mode, fullgraph, max_cache_len, warmup_seconds, backend)
     return model
+
+
+# ---------------------------------------------------------------------------------------------------- attention
+PACKED_SDPA = "fastquant_sdpa"
+
+
+def packed_sdpa_attention(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[Tensor, None]:
+    """transformers' ``sdpa`` attention, with a one-token grouped-query step run on the key/value heads also when
+    traced: query (B, H, 1, D) becomes (B, H_kv, H / H_kv, D), one query row per head of a group, against the
+    cache's (B, H_kv, S, D) keys and values as they are (no copy). The shapes are static in the decode graph, so the
+    test on the query's length is decided once, at trace time. Every other call is transformers' own."""
+    from transformers.integrations.sdpa_attention import pack_gqa, sdpa_attention_forward
+
+    groups = getattr(module, "num_key_value_groups", 1)
+    plain = kwargs.get("position_bias") is None and kwargs.get("softcap") is None
+    if groups == 1 or query.shape[2] != 1 or not plain:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        pack_gqa(query, groups), key, value, attn_mask=pack_gqa(attention_mask, groups), dropout_p=dropout, scale=scaling
+    )
+    return out.reshape(out.shape[0], -1, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(PACKED_SDPA, packed_sdpa_attention)
+    # The masks sdpa gets: without a registered mask function transformers would build none at all.
+    ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_SDPA, sdpa_mask)
 
 
 # ----------------------------------------------------------------------------------------------- AOTInductor
