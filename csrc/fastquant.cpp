@@ -8,6 +8,7 @@
 #include <string>
 
 #include "cpu/cpu_features.h"
+#include "cpu/decode_attention.h"
 #include "cpu/int4_linear.h"
 #include "cpu/int8_linear.h"
 #include "cpu/sparse_csr_linear.h"
@@ -217,6 +218,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "sparse_csr_linear_cpu_path", [] { return std::string(fastquant::cpu::sparse_csr_linear_cpu_path()); },
       "Name of the CPU kernel sparse_csr_linear runs");
+  m.def(
+      "decode_attention_cpu_path", [] { return std::string(fastquant::cpu::decode_attention_cpu_path()); },
+      "Name of the CPU kernel decode_attention runs");
 #ifdef FASTQUANT_WITH_CUDA
   m.def("cuda_gemv_max_m", &fastquant::cuda::gemv_max_m, "Largest M the CUDA tensor-core GEMV takes");
   m.def("set_cuda_gemv_max_m", &fastquant::cuda::set_gemv_max_m, py::arg("m"),

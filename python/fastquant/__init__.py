@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from fastquant.decode import compile_for_decode
     from fastquant.interop.gguf_in import from_gguf
     from fastquant.kernels import ops
-    from fastquant.kernels.ops import int4_linear, int8_linear, sparse_linear
+    from fastquant.kernels.ops import decode_attention, int4_linear, int8_linear, sparse_linear
     from fastquant.kernels.reference import int4_dequantize, int4_quantize, int8_dequantize, int8_quantize
     from fastquant.modules import Int4Linear, Int8Linear, SparseLinear
     from fastquant.patching import AlreadyPatchedError, Report, patch, prune, report
@@ -57,6 +57,7 @@ _EXPORTS = {
     "SparseLinear": "fastquant.modules",
     "DistillConfig": "fastquant.algorithms.distillation",
     "compile_for_decode": "fastquant.decode",
+    "decode_attention": "fastquant.kernels.ops",
     "from_gguf": "fastquant.interop.gguf_in",
     "distill": "fastquant.algorithms.distillation",
     "from_pretrained": "fastquant.serialization",
@@ -94,6 +95,7 @@ __all__ = [
     "SparseLinear",
     "__version__",
     "compile_for_decode",
+    "decode_attention",
     "from_gguf",
     "distill",
     "from_pretrained",

@@ -161,19 +161,25 @@ def packed_sdpa_attention(
     scaling: float | None = None,
     **kwargs: Any,
 ) -> tuple[Tensor, None]:
-    """transformers' ``sdpa`` attention, with a one-token grouped-query step run on the key/value heads also when
-    traced: query (B, H, 1, D) becomes (B, H_kv, H / H_kv, D), one query row per head of a group, against the
-    cache's (B, H_kv, S, D) keys and values as they are (no copy). The shapes are static in the decode graph, so the
-    test on the query's length is decided once, at trace time. Every other call is transformers' own."""
+    """transformers' ``sdpa`` attention, with a one-token step run on the key/value heads also when traced: query
+    (B, H, 1, D) becomes (B, H_kv, H / H_kv, D), one query row per head of a group, against the cache's
+    (B, H_kv, S, D) keys and values as they are (no copy), by ``fastquant.decode_attention`` on the CPU (torch's
+    SDPA elsewhere, or when a gradient is wanted). The shapes are static in the decode graph, so the test on the
+    query's length is decided once, at trace time. Every other call is transformers' own."""
     from transformers.integrations.sdpa_attention import pack_gqa, sdpa_attention_forward
 
     groups = getattr(module, "num_key_value_groups", 1)
-    plain = kwargs.get("position_bias") is None and kwargs.get("softcap") is None
-    if groups == 1 or query.shape[2] != 1 or not plain:
+    plain = kwargs.get("position_bias") is None and kwargs.get("softcap") is None and dropout == 0.0
+    if query.shape[2] != 1 or not plain:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
-    out = torch.nn.functional.scaled_dot_product_attention(
-        pack_gqa(query, groups), key, value, attn_mask=pack_gqa(attention_mask, groups), dropout_p=dropout, scale=scaling
-    )
+    query, mask = pack_gqa(query, groups), pack_gqa(attention_mask, groups)
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    if query.device.type == "cpu" and not grad:
+        # fastquant's CPU kernel: torch's flash attention spends ~30 us per call around this small product.
+        out = torch.ops.fastquant.decode_attention(query, key, value, mask, scale)
+    else:
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale)
     return out.reshape(out.shape[0], -1, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
 
 

@@ -8,6 +8,7 @@ give shapes and dtypes only, which lets ``torch.compile(fullgraph=True)`` trace 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -30,6 +31,8 @@ _lib.define(
     "sparse_linear(Tensor x, Tensor values, Tensor masks, Tensor row_offsets, Tensor? scales, Tensor? bias, "
     "int in_features, int group_size) -> Tensor"
 )
+
+_lib.define("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor")
 
 ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -466,6 +469,51 @@ def int4_linear(
     """``x @ W.T + bias`` for an int4 weight W (see reference.int4_quantize), fp32 accumulation, on the best
     kernel for x's device. ``offsets`` None means symmetric codes (w = s * (q - 8))."""
     return torch.ops.fastquant.int4_linear(x, qweight, scales, offsets, bias, in_features, group_size)
+
+
+# ---------------------------------------------------------------- decode_attention
+
+
+def check_decode_attention_args(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> None:
+    """The argument rules of decode_attention (csrc/cpu/decode_attention.cpp words them alike)."""
+    prefix = "fastquant.decode_attention:"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dtype not in ACTIVATION_DTYPES or t.dim() != 4:
+            raise RuntimeError(
+                f"{prefix} {name} must be a 4-D float32, bfloat16 or float16 tensor, got {t.dtype} of shape "
+                f"{tuple(t.shape)}"
+            )
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise RuntimeError(f"{prefix} k and v must have q's dtype {q.dtype}, got {k.dtype} and {v.dtype}")
+    b, h, _, d = q.shape
+    if k.shape != v.shape or tuple(k.shape[:2]) != (b, h) or k.shape[3] != d:
+        raise RuntimeError(
+            f"{prefix} k and v must both have shape (B, H, S, D) = ({b}, {h}, S, {d}) for q of shape "
+            f"{tuple(q.shape)}, got {tuple(k.shape)} and {tuple(v.shape)}"
+        )
+    if mask is not None:
+        target = (b, h, q.shape[2], k.shape[2])
+        if mask.dtype not in (torch.bool, q.dtype) or mask.dim() != 4:
+            raise RuntimeError(
+                f"{prefix} mask must be a 4-D bool or {q.dtype} tensor, got {mask.dtype} of shape {tuple(mask.shape)}"
+            )
+        if any(m not in (1, t) for m, t in zip(mask.shape, target, strict=True)):
+            raise RuntimeError(
+                f"{prefix} mask of shape {tuple(mask.shape)} does not broadcast to (B, H, R, S) = {target}"
+            )
+    if not math.isfinite(scale):
+        raise RuntimeError(f"{prefix} scale must be finite, got {scale}")
+    _check_one_device(prefix, q, k, v, mask)
+
+
+_register_kernels("decode_attention", check_decode_attention_args, reference.decode_attention, lambda q, k, v, *_: v.shape[-1])
+
+
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, scale: float | None = None) -> Tensor:
+    """Attention of a few query rows per key/value head (a decode step): q (B, H, R, D) against k, v (B, H, S, D),
+    ``mask`` (bool or additive, broadcast to (B, H, R, S)) as in ``F.scaled_dot_product_attention``; scale defaults
+    to ``D ** -0.5``. Computed in fp32; positions a bool mask drops (or an additive -inf) cost nothing."""
+    return torch.ops.fastquant.decode_attention(q, k, v, mask, q.shape[-1] ** -0.5 if scale is None else scale)
 
 
 # ---------------------------------------------------------------- autograd: the weight is frozen

@@ -304,3 +304,13 @@ def int4_linear(
 ) -> Tensor:
     """y = x @ W.T + bias with W the dequantized int4 weight, accumulated in fp32, returned in x's dtype."""
     return _linear_fp32(x, int4_dequantize(qweight, scales, offsets, in_features, group_size), bias)
+
+
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
+    """``softmax(q kᵀ · scale + mask) v`` per (batch, head), in fp32, with torch's SDPA rules: a bool mask keeps
+    the positions that are True, a float mask is added to the scores, and a row with no position left gives
+    zeros."""
+    if mask is not None and mask.dtype != torch.bool:
+        mask = mask.float()
+    out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, scale=scale)
+    return out.to(q.dtype)
