@@ -506,7 +506,9 @@ def check_decode_attention_args(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | 
     _check_one_device(prefix, q, k, v, mask)
 
 
-_register_kernels("decode_attention", check_decode_attention_args, reference.decode_attention, lambda q, k, v, *_: v.shape[-1])
+_register_kernels(
+    "decode_attention", check_decode_attention_args, reference.decode_attention, lambda q, k, v, *_: v.shape[-1]
+)
 
 
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, scale: float | None = None) -> Tensor:
