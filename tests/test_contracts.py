@@ -134,6 +134,36 @@ BAD["sparse_csr_linear column_indices shape"] = _sparse("sparse_csr_linear", c=l
 BAD["sparse_csr_linear K > 2^16"] = _sparse("sparse_csr_linear", k=lambda a: 2**16 + 1)
 
 
+
+def _attention(**change: Callable[[dict], object]) -> Callable[[], tuple]:
+    def make() -> tuple:
+        gen = torch.Generator().manual_seed(3)
+        a = {
+            "q": torch.randn(1, 3, 3, 16, generator=gen),
+            "k": torch.randn(1, 3, 10, 16, generator=gen),
+            "v": torch.randn(1, 3, 10, 16, generator=gen),
+            "m": torch.ones(1, 1, 1, 10, dtype=torch.bool),
+            "s": 0.25,
+        }
+        a.update({key: fn(a) for key, fn in change.items()})
+        return torch.ops.fastquant.decode_attention, (a["q"], a["k"], a["v"], a["m"], a["s"])
+
+    return make
+
+
+BAD |= {
+    "decode_attention q int64": _attention(q=lambda a: a["q"].long()),
+    "decode_attention q 3-D": _attention(q=lambda a: a["q"][0]),
+    "decode_attention v fp16": _attention(v=lambda a: a["v"].half()),
+    "decode_attention k head size": _attention(k=lambda a: a["k"][..., :8]),
+    "decode_attention v length": _attention(v=lambda a: a["v"][:, :, :4]),
+    "decode_attention mask int32": _attention(m=lambda a: a["m"].int()),
+    "decode_attention mask length": _attention(m=lambda a: a["m"][..., :9]),
+    "decode_attention mask 3-D": _attention(m=lambda a: a["m"][0]),
+    "decode_attention scale inf": _attention(s=lambda a: float("inf")),
+}
+
+
 @needs_native
 @pytest.mark.parametrize("case", BAD, ids=list(BAD))
 def test_every_kernel_words_a_refusal_alike(case):

@@ -1,5 +1,5 @@
 // Torch glue for fastquant::decode_attention on CPU (notes in decode_attention.h): checks the arguments
-// (worded as ops.check_decode_attention_args), splits the query rows across torch's intra-op threads and runs
+// (decode_attention_contract.h), splits the query rows across torch's intra-op threads and runs
 // the kernel for the active ISA. A call whose output is not finite (NaN or infinity in q, k, v or an additive
 // mask) is computed again by the reference, torch's SDPA in fp32, so that it gives what the reference gives.
 #include "cpu/decode_attention.h"
@@ -13,12 +13,11 @@
 #include "cpu/cpu_features.h"
 #include "cpu/non_finite.h"
 #include "cpu/parallel.h"
-#include "op_contract.h"
+#include "decode_attention_contract.h"
 
 namespace fastquant::cpu {
 namespace {
 
-constexpr const char* kPrefix = "fastquant.decode_attention:";
 // Below this many multiply-adds (q k^T and the weighted sum of v) a call runs on one thread: waking the
 // others costs more than it saves.
 constexpr int64_t kParallelMacs = 1 << 16;
@@ -29,36 +28,6 @@ DecodeAttentionKernel active_kernel() {
   if (active_isa() >= Isa::kAvx2) return decode_attention_avx2;
 #endif
   return decode_attention_portable;
-}
-
-void check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                const std::optional<at::Tensor>& mask, double scale) {
-  for (const NamedTensor& t : {NamedTensor{"q", &q}, NamedTensor{"k", &k}, NamedTensor{"v", &v}}) {
-    const at::ScalarType st = t.tensor->scalar_type();
-    TORCH_CHECK((st == at::kFloat || st == at::kBFloat16 || st == at::kHalf) && t.tensor->dim() == 4, kPrefix,
-                " ", t.name, " must be a 4-D float32, bfloat16 or float16 tensor, got ", py_dtype(st),
-                " of shape ", py_shape(t.tensor->sizes()));
-  }
-  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), kPrefix,
-              " k and v must have q's dtype ", py_dtype(q.scalar_type()), ", got ", py_dtype(k.scalar_type()),
-              " and ", py_dtype(v.scalar_type()));
-  const int64_t b = q.size(0), h = q.size(1), d = q.size(3);
-  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == b && k.size(1) == h && k.size(3) == d, kPrefix,
-              " k and v must both have shape (B, H, S, D) = (", b, ", ", h, ", S, ", d, ") for q of shape ",
-              py_shape(q.sizes()), ", got ", py_shape(k.sizes()), " and ", py_shape(v.sizes()));
-  if (mask.has_value()) {
-    const at::ScalarType mt = mask->scalar_type();
-    TORCH_CHECK((mt == at::kBool || mt == q.scalar_type()) && mask->dim() == 4, kPrefix,
-                " mask must be a 4-D bool or ", py_dtype(q.scalar_type()), " tensor, got ", py_dtype(mt),
-                " of shape ", py_shape(mask->sizes()));
-    const int64_t target[4] = {b, h, q.size(2), k.size(2)};
-    bool broadcasts = true;
-    for (int i = 0; i < 4; ++i) broadcasts = broadcasts && (mask->size(i) == 1 || mask->size(i) == target[i]);
-    TORCH_CHECK(broadcasts, kPrefix, " mask of shape ", py_shape(mask->sizes()),
-                " does not broadcast to (B, H, R, S) = ", py_shape(target));
-  }
-  TORCH_CHECK(std::isfinite(scale), kPrefix, " scale must be finite, got ", scale);
-  check_devices(kPrefix, Backend::kCpu, {{"q", &q}, {"k", &k}, {"v", &v}, {"mask", optional_arg(mask)}});
 }
 
 DType dtype_of(const at::Tensor& t) {
@@ -78,8 +47,8 @@ at::Tensor reference(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 
 at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                 const std::optional<at::Tensor>& mask, double scale) {
-  check_args(q, k, v, mask, scale);
-  const int64_t b = q.size(0), h = q.size(1), r = q.size(2), s = k.size(2), d = q.size(3);
+  const DecodeAttentionShape shape = check_decode_attention(Backend::kCpu, q, k, v, mask, scale);
+  const int64_t b = shape.b, h = shape.h, r = shape.r, s = shape.s, d = shape.d;
   const bool fp32 = q.scalar_type() == at::kFloat;
   at::Tensor out = at::empty(q.sizes(), q.options().dtype(at::kFloat));
   if (out.numel() == 0) return fp32 ? out : out.to(q.scalar_type());

@@ -10,7 +10,9 @@
 #include <cstdint>
 
 namespace fastquant::cpu::csr_detail {
+namespace {
 inline float fp16_to_f32(uint16_t bits) { return _cvtsh_ss(bits); }
+}  // namespace
 }  // namespace fastquant::cpu::csr_detail
 
 #include "cpu/sparse_csr_linear_kernel.h"

@@ -4,7 +4,9 @@
 #include <cstdint>
 
 namespace fastquant::cpu::csr_detail {
+namespace {
 inline float fp16_to_f32(uint16_t bits) { return c10::detail::fp16_ieee_to_fp32_value(bits); }
+}  // namespace
 }  // namespace fastquant::cpu::csr_detail
 
 #include "cpu/sparse_csr_linear_kernel.h"

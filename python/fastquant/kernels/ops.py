@@ -475,7 +475,7 @@ def int4_linear(
 
 
 def check_decode_attention_args(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> None:
-    """The argument rules of decode_attention (csrc/cpu/decode_attention.cpp words them alike)."""
+    """The argument rules of decode_attention (csrc/decode_attention_contract.h words them alike)."""
     prefix = "fastquant.decode_attention:"
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dtype not in ACTIVATION_DTYPES or t.dim() != 4:
