@@ -134,7 +134,6 @@ BAD["sparse_csr_linear column_indices shape"] = _sparse("sparse_csr_linear", c=l
 BAD["sparse_csr_linear K > 2^16"] = _sparse("sparse_csr_linear", k=lambda a: 2**16 + 1)
 
 
-
 def _attention(**change: Callable[[dict], object]) -> Callable[[], tuple]:
     def make() -> tuple:
         gen = torch.Generator().manual_seed(3)

@@ -1,10 +1,10 @@
 #pragma once
 // The csr16 kernel loops, included by one file per ISA (sparse_csr_linear_portable.cpp,
 // sparse_csr_linear_avx2.cpp), each compiled with its own -m flags, so this header includes no torch
-// headers. The including file defines `float fp16_to_f32(uint16_t)` in csr_detail's anonymous namespace before
-// including it. Internal linkage throughout: with external linkage the linker keeps one copy of each inline
-// function for both files (same names), so the portable path could run the AVX2 build's code on a CPU without
-// AVX2, or the AVX2 path the baseline build's.
+// headers. The including file defines `float fp16_to_f32(uint16_t)` in csr_detail's anonymous namespace
+// before including it. Internal linkage throughout: with external linkage the linker keeps one copy of each
+// inline function for both files (same names), so the portable path could run the AVX2 build's code on a CPU
+// without AVX2, or the AVX2 path the baseline build's.
 //
 // M = 1 (decode): each kept weight costs three loads (index, activation, value) and one FMA; four
 // accumulators break the FMA latency chain, so the loop runs at the load ports' rate (~1 weight per cycle)
