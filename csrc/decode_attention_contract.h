@@ -1,8 +1,8 @@
 #pragma once
-// The argument rules of fastquant::decode_attention, worded exactly as check_decode_attention_args in
-// python/fastquant/kernels/ops.py (which the fake kernel and the reference run), so every path refuses the
-// same input with the same message. Only a CPU kernel takes them today: on CUDA the op runs its reference,
-// torch's own SDPA kernels, which already serve a decode step well there.
+// The argument rules of fastquant::decode_attention, in one place for its CPU glue
+// (csrc/cpu/decode_attention.cpp) and its CUDA glue (csrc/cuda/decode_attention_cuda.cpp, torch's SDPA after
+// these checks). Worded exactly as check_decode_attention_args in python/fastquant/kernels/ops.py (which the
+// fake kernel and the reference run), so every path refuses the same input with the same message.
 #include <ATen/ATen.h>
 
 #include <cmath>

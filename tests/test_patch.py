@@ -192,7 +192,8 @@ def test_info_require_cuda_names_what_is_missing():
     from fastquant.app import info
 
     assert info.fastquant_ops() == sorted(
-        f"fastquant::{name}" for name in ("int4_linear", "int8_linear", "sparse_csr_linear", "sparse_linear")
+        f"fastquant::{name}"
+        for name in ("decode_attention", "int4_linear", "int8_linear", "sparse_csr_linear", "sparse_linear")
     )
     if extension.native is not None:
         assert info.ops_without_kernel("CPU") == []
