@@ -112,7 +112,8 @@ fi
 
 # 3. The CUDA kernel tests, before any CPU test. -rs names every skip, so a silently skipped module shows;
 # --durations sizes the next call. A timeout sends SIGINT: pytest still writes the junit file.
-cuda_tests=(tests/test_int8_linear_cuda.py tests/test_int4_linear_cuda.py tests/test_sparse_linear_cuda.py)
+cuda_tests=(tests/test_int8_linear_cuda.py tests/test_int4_linear_cuda.py tests/test_sparse_linear_cuda.py
+  tests/test_decode_attention_cuda.py)
 step cuda-tests 150 "$PYTHON" -m pytest -q -rs --durations=15 -p no:cacheprovider "${cuda_tests[@]}" \
   -k "not opcheck and not torch_compile" --junitxml="$OUT/cuda-tests.xml" || status=1
 

@@ -140,7 +140,7 @@ def compile_for_decode(
             prompt,
             attention_mask=torch.ones_like(prompt),
             max_new_tokens=2,
-            min_new_tokens=2,
+            eos_token_id=None,  # no end-of-text stop: the second token always runs the decode step
             do_sample=False,
             pad_token_id=0,
         )
