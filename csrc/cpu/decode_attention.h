@@ -10,8 +10,8 @@
 // cache's empty slots) are skipped, not computed and masked.
 //
 // Kernel paths (decode_attention_cpu_path): cpu_attention_portable, cpu_attention_avx2, cpu_attention_avx512:
-// the same loops compiled for each ISA (the compiler vectorizes the 16-lane dot products and the weighted
-// sums over D), fp32 accumulation and an fp32 output whatever the input dtype.
+// the loops of decode_attention_kernel.h on one fp32 lane, 8 (ymm) or 16 (zmm); fp32 accumulation and an fp32
+// output whatever the input dtype.
 #include <cstdint>
 
 #include "dtypes.h"
@@ -36,7 +36,7 @@ struct DecodeAttentionProblem {
   float scale;
 };
 
-// Computes (batch, head) units [begin, end) (unit u = b * H + h) with scratch of s + d floats.
+// Computes query rows [begin, end) (row (b, h, r) is item (b * H + h) * R + r) with scratch of s + d floats.
 using DecodeAttentionKernel = void (*)(const DecodeAttentionProblem& p, float* scratch, int64_t begin,
                                        int64_t end);
 
