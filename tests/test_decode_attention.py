@@ -71,7 +71,7 @@ def cases():
 @pytest.mark.parametrize(("cpu_isa", "shape", "dtype", "mask_kind"), list(cases()), indirect=["cpu_isa"])
 def test_matches_reference(cpu_isa, shape, dtype, mask_kind):
     q, k, v, mask = make_case(shape, dtype, mask_kind, zlib.crc32(repr((shape, dtype, mask_kind)).encode()))
-    assert extension.native.decode_attention_cpu_path() == f"cpu_attention_{cpu_isa}"
+    assert extension.decode_attention_kernel_path(torch.device("cpu")) == f"cpu_attention_{cpu_isa}"
     scale = shape[-1] ** -0.5
     assert_within(decode_attention(q, k, v, mask), *expected_and_bound(q, k, v, mask, scale), dtype)
     # A scale other than the default, and the reference kernel on the same inputs, within the same bound.

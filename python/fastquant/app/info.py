@@ -58,6 +58,7 @@ def info_lines() -> list[str]:
                 name = str(values).removeprefix("torch.")
                 lines.append(f"sparse_linear (bitmap16) {device.type} {name} values M={m}: {path}")
         lines.append(f"sparse_csr_linear (csr16) {device.type}: {extension.sparse_csr_linear_kernel_path(device)}")
+        lines.append(f"decode_attention {device.type}: {extension.decode_attention_kernel_path(device)}")
     return lines
 
 

@@ -149,6 +149,15 @@ def sparse_csr_linear_kernel_path(device: torch.device) -> str:
     return "reference"
 
 
+def decode_attention_kernel_path(device: torch.device) -> str:
+    """Name of the kernel ``decode_attention`` runs on ``device`` (on CUDA: torch's SDPA, after fastquant's checks)."""
+    if device.type == "cpu" and has_cpu_kernels():
+        return native.decode_attention_cpu_path()
+    if device.type == "cuda" and has_cuda_kernels():
+        return "cuda_torch_sdpa"
+    return "reference"
+
+
 def int4_linear_kernel_path(device: torch.device, m: int, n: int, k: int, group_size: int, dtype: torch.dtype) -> str:
     """Name of the kernel ``int4_linear`` runs for an (m, k) x (n, k)^T problem on ``device``."""
     if device.type == "cpu" and has_cpu_kernels() and hasattr(native, "int4_linear_cpu_path"):
