@@ -31,12 +31,12 @@ BUCKETS = ("fastquant ops", "compiled kernels (cpp_fused)", "attention", "matmul
 
 
 def bucket(name: str) -> str | None:
+    if "attention" in name:  # fastquant::decode_attention included: the fastquant bucket is the linear layers
+        return "attention"
     if name.startswith("fastquant::"):
         return "fastquant ops"
     if "cpp_fused" in name or name.startswith("cpp_"):
         return "compiled kernels (cpp_fused)"
-    if "attention" in name:
-        return "attention"
     if name in ("aten::mm", "aten::addmm", "aten::matmul", "aten::linear", "aten::bmm"):
         return "matmul (aten)"
     if name.startswith("aten::"):

@@ -86,6 +86,13 @@ def test_aoti_decode_matches_eager_and_reuses_its_library_for_other_weights(tmp_
     torch.testing.assert_close(_greedy(b, prompt), eager_b, rtol=0, atol=0)
     assert len(list(libraries.glob("*/*.pt2"))) == 1
 
+    # Another cache length: the graph's code may not name it, but the library is built for it (a library of
+    # the 48-slot cache would read and write past a shorter one's tensors).
+    short = tiny_llama(1)
+    fastquant.compile_for_decode(short, max_cache_len=20, backend="aoti")
+    assert len(list(libraries.glob("*/*.pt2"))) == 2
+    torch.testing.assert_close(_greedy(short, prompt), eager_b, rtol=0, atol=0)
+
     # A weight replaced after compiling: the next generate rebuilds the step against the new tensor.
     b.model.norm.weight = torch.nn.Parameter(b.model.norm.weight.detach() * 1.5, requires_grad=False)
     eager_b2 = _greedy(_eager_twin(b), prompt)

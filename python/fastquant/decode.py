@@ -354,6 +354,12 @@ def _load_or_compile(exported: Any, constants: dict[str, Any]) -> tuple[Any, Pat
 
     h = hashlib.sha256()
     h.update(f"{torch.__version__}|{pick_vec_isa()}|{exported.graph_module.code}|{exported.call_spec}".encode())
+    # The code need not name the inputs' shapes (a cache length, a batch size): the library is built for them.
+    for node in exported.graph_module.graph.nodes:
+        if node.op == "placeholder":
+            val = node.meta.get("val")
+            if isinstance(val, Tensor):
+                h.update(f"{node.name}:{tuple(val.shape)}:{tuple(val.stride())}:{val.dtype}".encode())
     for name in sorted(constants):
         t = constants[name]
         h.update(f"{name}:{_meta(t) if isinstance(t, Tensor) else type(t).__name__}".encode())
