@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "cpu/bf16_bits.h"
 #include "cpu/decode_attention.h"
 
 namespace fastquant::cpu::attention_detail {
@@ -18,12 +19,7 @@ namespace fastquant::cpu::attention_detail {
 namespace {
 
 inline float to_f32(float v) { return v; }
-inline float to_f32(Bf16 v) {
-  const uint32_t u = static_cast<uint32_t>(v.bits) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
-}
+inline float to_f32(Bf16 v) { return bf16_bits_to_f32(v.bits); }
 inline float to_f32(F16 v) { return fp16_to_f32(v.bits); }
 
 constexpr float kMinusInf = -__builtin_inff();

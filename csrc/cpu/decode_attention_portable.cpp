@@ -3,8 +3,8 @@
 #include <c10/util/Half.h>
 
 #include <cstdint>
-#include <cstring>
 
+#include "cpu/bf16_bits.h"
 #include "cpu/decode_attention.h"
 
 namespace fastquant::cpu::attention_detail {
@@ -17,12 +17,7 @@ struct Vec {
   static float zero() { return 0.f; }
   static float set1(float x) { return x; }
   static float load(const float* p) { return *p; }
-  static float load(const Bf16* p) {
-    const uint32_t u = static_cast<uint32_t>(p->bits) << 16;
-    float f;
-    std::memcpy(&f, &u, sizeof(f));
-    return f;
-  }
+  static float load(const Bf16* p) { return bf16_bits_to_f32(p->bits); }
   static float load(const F16* p) { return fp16_to_f32(p->bits); }
   static float fmadd(float a, float b, float c) { return a * b + c; }
   static float add(float a, float b) { return a + b; }

@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "cpu/bf16_bits.h"
 #include "cpu/sparse_csr_linear.h"
 
 namespace fastquant::cpu::csr_detail {
@@ -27,12 +28,7 @@ struct F16 {
 
 inline float to_f32(float v) { return v; }
 inline float to_f32(int8_t v) { return static_cast<float>(v); }
-inline float to_f32(Bf16 v) {
-  const uint32_t u = static_cast<uint32_t>(v.bits) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
-}
+inline float to_f32(Bf16 v) { return bf16_bits_to_f32(v.bits); }
 inline float to_f32(F16 v) { return fp16_to_f32(v.bits); }
 
 // col / group_size without a division: for col < 2^16 and group_size <= 2^16, col * ceil(2^32 / group_size)
