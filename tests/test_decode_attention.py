@@ -122,12 +122,33 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(compiled(q, k, v, mask), f(q, k, v, mask))
 
 
-def test_empty_inputs():
+@pytest.mark.parametrize("cpu_isa", available_cpu_isas(), indirect=True)
+def test_strided_inputs_and_masks(cpu_isa):
+    """Views as a traced graph hands them over: q, k and v transposed (not contiguous), a mask read with a
+    last-dimension stride of 2, and one broadcast along the positions (stride 0)."""
+    gen = torch.Generator().manual_seed(9)
+    q = torch.randn(1, 3, 3, 64, generator=gen).transpose(1, 2).contiguous().transpose(1, 2)
+    k, v = (torch.randn(1, 40, 3, 64, generator=gen).transpose(1, 2) for _ in range(2))
+    wide = torch.rand(1, 1, 3, 80, generator=gen) < 0.6
+    wide[..., 0] = True
+    row = torch.rand(1, 3, 3, 1, generator=gen) < 2  # all True, broadcast over the 40 positions
+    assert not q.is_contiguous() and not k.is_contiguous()
+    for mask in (wide[..., ::2], row, wide[..., ::2].float().log()):
+        got = decode_attention(q, k, v, mask)
+        assert_within(got, *expected_and_bound(q, k, v, mask, 0.125), torch.float32)
+
+
+@pytest.mark.parametrize("kernel", ["native", "reference"])
+def test_empty_inputs(kernel):
     q, k, v, _ = make_case((1, 2, 3, 5, 8), torch.float32, "none", 5)
-    assert decode_attention(q[:0], k[:0], v[:0]).shape == (0, 2, 3, 8)
-    assert decode_attention(q[:, :, :0], k, v).shape == (1, 2, 0, 8)
+
+    def call(q, k, v):
+        return call_kernel(torch.ops.fastquant.decode_attention, kernel, (q, k, v, None, 0.3))
+
+    assert call(q[:0], k[:0], v[:0]).shape == (0, 2, 3, 8)
+    assert call(q[:, :, :0], k, v).shape == (1, 2, 0, 8)
     # No positions at all: nothing to attend to, zeros as torch's SDPA gives.
-    empty = decode_attention(q, k[:, :, :0], v[:, :, :0])
+    empty = call(q, k[:, :, :0], v[:, :, :0])
     assert empty.shape == (1, 2, 3, 8) and not empty.any()
 
 

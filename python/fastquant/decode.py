@@ -175,14 +175,15 @@ def packed_sdpa_attention(
     plain = kwargs.get("position_bias") is None and kwargs.get("softcap") is None and dropout == 0.0
     if query.shape[2] != 1 or not plain:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    from fastquant.kernels.ops import decode_attention
+
     query, mask = pack_gqa(query, groups), pack_gqa(attention_mask, groups)
-    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
     if query.device.type == "cpu" and not grad:
         # fastquant's CPU kernel: torch's flash attention spends ~30 us per call around this small product.
-        out = torch.ops.fastquant.decode_attention(query, key, value, mask, scale)
+        out = decode_attention(query, key, value, mask, scaling)
     else:
-        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale)
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
     return out.reshape(out.shape[0], -1, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
 
 
