@@ -196,8 +196,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "comparisons");
   def_path_query(m, "int8_linear_cpu_path", &fastquant::cpu::int8_linear_cpu_path,
                  "Name of the CPU kernel int8_linear runs for this problem");
-  def_path_query(m, "int4_linear_cpu_path", &fastquant::cpu::int4_linear_cpu_path,
-                 "Name of the CPU kernel int4_linear runs for this problem (finite x)");
+  m.def(
+      "int4_linear_cpu_path",
+      [](int64_t m_rows, int64_t n, int64_t k, int64_t group_size, const std::string& dtype,
+         bool int8_activations) {
+        return std::string(fastquant::cpu::int4_linear_cpu_path(m_rows, n, k, group_size, parse_dtype(dtype),
+                                                                int8_activations));
+      },
+      py::arg("m"), py::arg("n"), py::arg("k"), py::arg("group_size"), py::arg("dtype"),
+      py::arg("int8_activations") = false, "Name of the CPU kernel int4_linear runs for this problem (finite x)");
   m.def(
       "sparse_linear_cpu_path",
       [](int64_t m_rows, int64_t n, int64_t k, const std::string& values_dtype, const std::string& x_dtype,

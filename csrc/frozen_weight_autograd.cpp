@@ -56,7 +56,7 @@ using Int8Schema = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Te
                               const std::optional<at::Tensor>&, int64_t);
 using Int4Schema = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                               const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t,
-                              int64_t);
+                              int64_t, bool);
 // sparse_linear and sparse_csr_linear: (x, values, index, row_offsets, scales, bias, in_features,
 // group_size).
 using SparseSchema = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
@@ -92,16 +92,18 @@ class Int4Linear : public torch::autograd::Function<Int4Linear> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& qweight,
                             const at::Tensor& scales, const std::optional<at::Tensor>& offsets,
-                            const std::optional<at::Tensor>& bias, int64_t in_features, int64_t group_size) {
+                            const std::optional<at::Tensor>& bias, int64_t in_features, int64_t group_size,
+                            bool int8_activations) {
     at::AutoDispatchBelowADInplaceOrView below;
     // An undefined tensor stands for "no offsets" (symmetric) among the saved variables.
     ctx->save_for_backward({qweight, scales, offsets.value_or(at::Tensor())});
     ctx->saved_data["in_features"] = in_features;
     ctx->saved_data["group_size"] = group_size;
     save_activation_facts(ctx, x, bias);
-    return op().call(x, qweight, scales, offsets, bias, in_features, group_size);
+    return op().call(x, qweight, scales, offsets, bias, in_features, group_size, int8_activations);
   }
 
+  // int8_activations rounds x in the forward only: its gradient passes straight through the rounding.
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list saved = ctx->get_saved_variables();
     const std::optional<at::Tensor> offsets =
@@ -110,7 +112,7 @@ class Int4Linear : public torch::autograd::Function<Int4Linear> {
         dequantize_int4(saved[0], saved[1], offsets, ctx->saved_data["in_features"].toInt(),
                         ctx->saved_data["group_size"].toInt());
     const auto [gx, gb] = activation_grads(ctx, grads[0], weight);
-    return {gx, at::Tensor(), at::Tensor(), at::Tensor(), gb, at::Tensor(), at::Tensor()};
+    return {gx, at::Tensor(), at::Tensor(), at::Tensor(), gb, at::Tensor(), at::Tensor(), at::Tensor()};
   }
 
   static c10::TypedOperatorHandle<Int4Schema> op() {
@@ -166,13 +168,13 @@ at::Tensor int8_linear_autograd(const at::Tensor& x, const at::Tensor& qweight, 
 
 at::Tensor int4_linear_autograd(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                                 const std::optional<at::Tensor>& offsets,
-                                const std::optional<at::Tensor>& bias, int64_t in_features,
-                                int64_t group_size) {
+                                const std::optional<at::Tensor>& bias, int64_t in_features, int64_t group_size,
+                                bool int8_activations) {
   if (!records_gradient({x, scales, offsets, bias})) {
     at::AutoDispatchBelowADInplaceOrView below;
-    return Int4Linear::op().call(x, qweight, scales, offsets, bias, in_features, group_size);
+    return Int4Linear::op().call(x, qweight, scales, offsets, bias, in_features, group_size, int8_activations);
   }
-  return Int4Linear::apply(x, qweight, scales, offsets, bias, in_features, group_size);
+  return Int4Linear::apply(x, qweight, scales, offsets, bias, in_features, group_size, int8_activations);
 }
 
 template <bool kCsr>

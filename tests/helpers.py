@@ -274,8 +274,10 @@ def launched_kernels(fn: Callable[[], object]) -> list[str]:
     return [event.name for event in prof.events() if event.device_type == torch.autograd.DeviceType.CUDA]
 
 
-def int4_kernel_path(device: torch.device, m: int, n: int, k: int, group_size: int, dtype: torch.dtype) -> str:
-    return extension.int4_linear_kernel_path(device, m, n, k, group_size, dtype)
+def int4_kernel_path(
+    device: torch.device, m: int, n: int, k: int, group_size: int, dtype: torch.dtype, int8_activations: bool = False
+) -> str:
+    return extension.int4_linear_kernel_path(device, m, n, k, group_size, dtype, int8_activations)
 
 
 def fixed16_block_max(x: torch.Tensor) -> torch.Tensor:
@@ -286,7 +288,9 @@ def fixed16_block_max(x: torch.Tensor) -> torch.Tensor:
     return block_max.repeat_interleave(32, dim=-1)[..., :k]
 
 
-def assert_int4_linear_close(y, x, qweight, scales, offsets, bias, in_features, group_size, path: str) -> None:
+def assert_int4_linear_close(
+    y, x, qweight, scales, offsets, bias, in_features, group_size, path: str, int8_activations: bool = False
+) -> None:
     """The int8 rule (module docstring) with the dequantized int4 weight. Kernels that multiply in fp32 get
     c_path = 2^-16 on sqrt((x^2) @ (W^2)^T). cpu_avx2_fixed16 and cpu_avx512_vnni_fixed16 compute exactly with x
     rounded to 16-bit fixed point per 32-column block (error <= max|x of the block| / 65024, uniform): their term
@@ -294,7 +298,12 @@ def assert_int4_linear_close(y, x, qweight, scales, offsets, bias, in_features, 
     the block max.
     cpu_avx512_bf16 rounds x to bf16 and multiplies it by the codes minus 8 (the offsets multiply fp32 sums of x):
     the int8 rule's bf16 term, 2^-6, times sqrt((x^2) @ (Wc^2)^T) with Wc = s (q - 8), the part of W that meets
-    the rounded x (W itself when symmetric)."""
+    the rounded x (W itself when symmetric).
+    ``int8_activations``: the same rules with x~ (reference.int8_activation_round of finite x) in place of x:
+    cpu_avx2_int8x computes x~ @ W^T exactly per block (the fp32 term), the other kernels run on x~."""
+    dtype = x.dtype
+    if int8_activations and bool(torch.isfinite(x).all()):
+        x = reference.int8_activation_round(x)
     weight = reference.int4_dequantize(qweight, scales, offsets, in_features, group_size).double()
     x64 = x.double()
     y64 = x64 @ weight.T
@@ -308,5 +317,5 @@ def assert_int4_linear_close(y, x, qweight, scales, offsets, bias, in_features, 
         rounding = 2.0**-6 * ((x64**2) @ (codes_part**2).T).sqrt()
     else:
         rounding = 2.0**-16 * ((x64**2) @ (weight**2).T).sqrt()
-    bound = 2 * (y_ref.double() - y64).abs() + rounding + ULP[x.dtype] * y64.abs()
-    assert_within(y, y64, bound, x.dtype, f"kernel {path}: ")
+    bound = 2 * (y_ref.double() - y64).abs() + rounding + ULP[dtype] * y64.abs()
+    assert_within(y, y64, bound, dtype, f"kernel {path}: ")

@@ -483,3 +483,119 @@ def test_info_reports_the_int4_kernels():
 
     lines = [line for line in info_lines() if line.startswith("int4_linear cpu")]
     assert [line.split(": ")[1] for line in lines] == [cpu_path(m, 4096, 4096, 32) for m in (1, 16, 512)]
+
+
+# ---------------------------------------------------------------- int8_activations (x rounded to int8 per 32 columns)
+
+
+def expected_int8x_path(cpu_isa: str, m: int, k: int, group_size: int, dtype: torch.dtype) -> str:
+    """cpu_avx2_int8x takes the rows cpu_avx2_fixed16 would; every other path runs on the glue's x~."""
+    path = expected_path(cpu_isa, m, k, group_size, dtype)
+    return "cpu_avx2_int8x" if path == "cpu_avx2_fixed16" else path
+
+
+@pytest.mark.parametrize("k", [1, 17, 32, 33, 1025])
+def test_int8_activation_round_is_llama_cpp_q8_0(k):
+    """Per 32-column block: X = round(x * 127 / m) an integer in [-127, 127] with the block's largest magnitude
+    at +-127, x~ = X * m / 127, |x~ - x| <= m / 254; the shape and leading dimensions are kept."""
+    x = torch.randn(2, 3, k, generator=torch.Generator().manual_seed(k)) * torch.logspace(-3, 3, 3).view(1, 3, 1)
+    rounded = reference.int8_activation_round(x)
+    assert rounded.shape == x.shape and rounded.dtype == torch.float32
+    padded = torch.nn.functional.pad(x, (0, -k % 32)).unflatten(-1, (-1, 32))
+    m = padded.abs().amax(-1, keepdim=True)
+    codes = torch.nn.functional.pad(rounded, (0, -k % 32)).unflatten(-1, (-1, 32)) / (m / 127)
+    torch.testing.assert_close(codes, codes.round(), rtol=0, atol=1e-4)
+    assert float(codes.abs().max()) <= 127 + 1e-4
+    torch.testing.assert_close(codes.abs().amax(-1), torch.full(m.shape[:-1], 127.0), rtol=0, atol=1e-4)
+    err = (rounded - x).abs()
+    # Half a step, plus the fp32 roundings of x * (127 / m) and X * (m / 127) (a few ulps of m).
+    assert bool((err <= (m.squeeze(-1) / 254).repeat_interleave(32, -1)[..., :k] * (1 + 2**-16)).all())
+
+
+def test_int8_activation_round_ties_and_tiny_blocks():
+    """Ties round half to even (as the kernels' conversion); a block below 2^-100 becomes 0, others keep their
+    own scale; bf16 x is rounded from its exact fp32 value."""
+    x = torch.zeros(1, 96)
+    x[0, :4] = torch.tensor([127.0, 2.5, 3.5, -0.5])  # m = 127: x * 127 / m = x
+    x[0, 32:64] = 2.0**-110  # a tiny block
+    x[0, 64] = -1.0
+    rounded = reference.int8_activation_round(x)
+    assert rounded[0, :4].tolist() == [127.0, 2.0, 4.0, -0.0]
+    assert bool((rounded[0, 32:64] == 0).all())
+    assert rounded[0, 64].item() == -1.0
+    assert torch.equal(reference.int8_activation_round(x.bfloat16()), reference.int8_activation_round(x.bfloat16().float()))
+
+
+@pytest.mark.parametrize(("cpu_isa", "shape"), isa_shape_cases(SHAPES, PORTABLE_SHAPES), indirect=["cpu_isa"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("group_size", [32, 128])
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+def test_int8_activations_match_reference(cpu_isa, shape, dtype, group_size, symmetric):
+    m, k, n = shape
+    seed = zlib.crc32(repr((shape, group_size, dtype, symmetric, cpu_isa, "x8")).encode())
+    x, qweight, scales, offsets, bias = make_case(m, k, n, dtype, group_size, symmetric, seed % 2 == 0, seed)
+    path = int4_kernel_path(torch.device("cpu"), m, n, k, group_size, dtype, True)
+    assert path == expected_int8x_path(cpu_isa, m, k, group_size, dtype)
+    y = fastquant.int4_linear(
+        x, qweight, scales, offsets, bias, in_features=k, group_size=group_size, int8_activations=True
+    )
+    assert_int4_linear_close(y, x, qweight, scales, offsets, bias, k, group_size, path, int8_activations=True)
+
+
+@pytest.mark.parametrize("cpu_isa", available_cpu_isas(), indirect=True)
+@pytest.mark.parametrize("m", [1, 2, 8, 9, 17])
+def test_int8_activations_round_x_as_the_reference(cpu_isa, m):
+    """With an identity weight (asymmetric, scale 1, offset 0, code 1 on the diagonal and 0 elsewhere: no
+    zero-point term) each output is one product x~ * 1, exact in fp32: the kernel's x~ is the reference's bit
+    for bit, ties, tiny blocks and the ragged last block included."""
+    k = 100
+    codes = torch.eye(k, dtype=torch.uint8)
+    scales = torch.ones(k, -(-k // 32), dtype=torch.float16)
+    offsets = torch.zeros_like(scales)
+    qweight = reference.int4_pack(codes)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)) * 10
+    x[0, :3] = torch.tensor([127.0, 2.5, -3.5])
+    x[0, 3:32] = torch.linspace(-1, 1, 29)  # m = 127: x * 127 / m = x, ties at 2.5 and -3.5
+    x[-1, 32:64] = 2.0**-110
+    y = fastquant.int4_linear(x, qweight, scales, offsets, None, in_features=k, group_size=32, int8_activations=True)
+    assert torch.equal(y, reference.int8_activation_round(x))
+    assert y[0, 1].item() == 2.0 and y[0, 2].item() == -4.0
+
+
+@pytest.mark.parametrize("cpu_isa", available_cpu_isas(), indirect=True)
+@pytest.mark.parametrize("m", [1, 17])
+@pytest.mark.parametrize("special", [float("inf"), float("nan")])
+def test_int8_activations_leave_non_finite_x_as_it_is(cpu_isa, m, special):
+    """x with NaN or inf is not rounded (a NaN step would spoil its whole block): NaN and inf come out where the
+    float product puts them, as in the reference."""
+    k, n = 200, 33
+    x, qweight, scales, offsets, bias = make_case(m, k, n, torch.float32, 32, True, True, seed=4)
+    x[0, 7] = special
+    y = fastquant.int4_linear(x, qweight, scales, offsets, bias, in_features=k, group_size=32, int8_activations=True)
+    y_ref = reference.int4_linear(x, qweight, scales, offsets, bias, k, 32, True)
+    unrounded = reference.int4_linear(x, qweight, scales, offsets, bias, k, 32)
+    torch.testing.assert_close(y_ref, unrounded, equal_nan=True, rtol=0, atol=0)
+    assert torch.equal(y.isnan(), y_ref.isnan()) and torch.equal(y.isinf(), y_ref.isinf())
+    torch.testing.assert_close(y, y_ref, equal_nan=True, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cpu_isa", available_cpu_isas(), indirect=True)
+@pytest.mark.parametrize("m", [1, 17])
+def test_int8_activations_opcheck(cpu_isa, m):
+    x, qweight, scales, offsets, bias = make_case(m, 300, 40, torch.bfloat16, 64, False, True, seed=9)
+    op = torch.ops.fastquant.int4_linear.default
+    torch.library.opcheck(op, (x, qweight, scales, offsets, bias, 300, 64, True))
+    torch.library.opcheck(op, (x.float(), qweight, scales, None, None, 300, 64, True))
+
+
+def test_int8_activations_compile_fullgraph():
+    x, qweight, scales, offsets, bias = make_case(1, 1025, 300, torch.float32, 32, True, True, seed=12)
+
+    def f(x):
+        y = fastquant.int4_linear(x, qweight, scales, offsets, bias, in_features=1025, int8_activations=True)
+        return torch.relu(y)
+
+    compiled = torch.compile(f, fullgraph=True)
+    torch.testing.assert_close(compiled(x), f(x), rtol=1e-6, atol=1e-5)
+    x2 = torch.randn(20, 1025)
+    torch.testing.assert_close(compiled(x2), f(x2), rtol=1e-6, atol=1e-5)

@@ -342,9 +342,10 @@ def test_report_shows_errors_for_every_method():
 
 
 # ------------------------------------------------------------------------------------------ save / load
-@pytest.mark.parametrize("symmetric", [True, False])
-def test_save_load_round_trip_is_bit_exact(tmp_path, symmetric):
-    model = fastquant.patch(tiny_llama(seed=8), "int4", group_size=64, symmetric=symmetric)
+@pytest.mark.parametrize(("symmetric", "int8_activations"), [(True, False), (False, False), (True, True)])
+def test_save_load_round_trip_is_bit_exact(tmp_path, symmetric, int8_activations):
+    config = fastquant.Int4(group_size=64, symmetric=symmetric, int8_activations=int8_activations)
+    model = fastquant.patch(tiny_llama(seed=8), config)
     path = tmp_path / "m.safetensors"
     manifest = fastquant.save(model, path)
     assert manifest["method"] == "int4"
@@ -356,9 +357,11 @@ def test_save_load_round_trip_is_bit_exact(tmp_path, symmetric):
         "bias": False,
         "group_size": 64,
         "symmetric": symmetric,
+        "int8_activations": int8_activations,
         "dtype": "float32",
     }
     loaded = fastquant.load(fresh_like(model), path)
+    assert loaded.model.layers[0].mlp.down_proj.int8_activations is int8_activations
     a, b = model.state_dict(), loaded.state_dict()
     assert a.keys() == b.keys()
     for name in a:

@@ -13,14 +13,16 @@
 #include "cpu/non_finite.h"
 #include "cpu/parallel.h"
 #include "int4_linear_contract.h"
+#include "int8_activations.h"
 
 namespace fastquant::cpu {
 namespace {
 
-enum class Path { kPortable, kAvx2Fixed16, kAvx512VnniFixed16, kAvx512Bf16, kAvx2TiledFp32 };
+enum class Path { kPortable, kAvx2Fixed16, kAvx512VnniFixed16, kAvx512Bf16, kAvx2TiledFp32, kAvx2Int8X };
 // Path's names (int4_linear_cpu_path), in its order.
-constexpr const char* kPathNames[] = {"cpu_portable", "cpu_avx2_fixed16", "cpu_avx512_vnni_fixed16",
-                                      "cpu_avx512_bf16", "cpu_avx2_tiled_fp32"};
+constexpr const char* kPathNames[] = {"cpu_portable",    "cpu_avx2_fixed16",    "cpu_avx512_vnni_fixed16",
+                                      "cpu_avx512_bf16", "cpu_avx2_tiled_fp32", "cpu_avx2_int8x"};
+static_assert(kInt8XTiny == kInt8ActivationTiny, "the decode kernel rounds x as the glue does");
 
 // Prefill rounds x to bf16 where int8_linear does: above kBf16MinRows rows, and for fp32 x only when torch's
 // float32 matmul precision allows it (bf16_activations_allowed, the one rule both ops follow).
@@ -29,8 +31,14 @@ static_assert(kAvx512FixedMaxRows >= kBf16MinRows,
 
 // The kernel for a problem with finite x (x with NaN or inf takes cpu_avx2_tiled_fp32 on AVX2 and AVX-512).
 // M = 1 runs cpu_avx2_fixed16 on AVX-512 CPUs too: measured faster there (int4_linear.h).
-Path choose_path(Isa isa, int64_t m, int64_t k, int64_t group_size, DType dtype) {
+// With int8_activations, cpu_avx2_int8x takes the rows cpu_avx2_fixed16 would (the glue rounds x for the
+// others).
+Path choose_path(Isa isa, int64_t m, int64_t k, int64_t group_size, DType dtype, bool int8_activations) {
 #if defined(__x86_64__) || defined(_M_X64)
+  if (int8_activations && isa >= Isa::kAvx2 && m <= kFixedMaxRows &&
+      (isa < Isa::kAvx512 || m < kAvx512FixedMinRows)) {
+    return Path::kAvx2Int8X;
+  }
   if (isa >= Isa::kAvx512 && m > kAvx512FixedMaxRows) {
     const bool bf16 = bf16_activations_allowed(dtype) && bf16_chunk(k, std::min(group_size, k)) > 0;
     return bf16 ? Path::kAvx512Bf16 : Path::kAvx2TiledFp32;
@@ -43,13 +51,14 @@ Path choose_path(Isa isa, int64_t m, int64_t k, int64_t group_size, DType dtype)
 
 }  // namespace
 
-const char* int4_linear_cpu_path(int64_t m, int64_t n, int64_t k, int64_t group_size, DType dtype) {
-  return kPathNames[static_cast<int>(choose_path(active_isa(), m, k, group_size, dtype))];
+const char* int4_linear_cpu_path(int64_t m, int64_t n, int64_t k, int64_t group_size, DType dtype,
+                                 bool int8_activations) {
+  return kPathNames[static_cast<int>(choose_path(active_isa(), m, k, group_size, dtype, int8_activations))];
 }
 
 at::Tensor int4_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                            const std::optional<at::Tensor>& offsets, const std::optional<at::Tensor>& bias,
-                           int64_t in_features, int64_t group_size) {
+                           int64_t in_features, int64_t group_size, bool int8_activations) {
   const Int4LinearShape s =
       check_int4_linear(Backend::kCpu, x, qweight, scales, offsets, bias, in_features, group_size);
   at::Tensor y = empty_output(x, s.n);
@@ -58,7 +67,11 @@ at::Tensor int4_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
   const int64_t m = s.m, n = s.n, k = s.k;
   // Kernels compute in fp32 (x converted exactly from bf16/fp16) into an fp32 output, rounded once at the
   // end.
-  const at::Tensor x32 = x.reshape({m, k}).to(at::kFloat).contiguous();
+  at::Tensor x32 = x.reshape({m, k}).to(at::kFloat).contiguous();
+  Path path = choose_path(active_isa(), m, k, s.group_size, s.x_dtype, int8_activations);
+  // int8_activations on a path that does not round x itself: every kernel then computes on x~ (exact in the
+  // fixed-point paths' 16 bits). x with NaN or inf stays as it is, as in the reference.
+  if (int8_activations && path != Path::kAvx2Int8X && all_finite(x32)) x32 = int8_activation_round(x32);
   const at::Tensor w = qweight.contiguous();
   const at::Tensor sc = scales.contiguous();
   const at::Tensor off = s.has_offsets ? offsets->contiguous() : at::Tensor();
@@ -77,12 +90,11 @@ at::Tensor int4_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
                       s.row_bytes,
                       s.group_size,
                       s.n_groups};
-  Path path = choose_path(active_isa(), m, k, s.group_size, s.x_dtype);
 #if defined(__x86_64__) || defined(_M_X64)
   // x in fixed point lives in one heap block, not in three tensors: an at::empty costs ~1 us through the
   // dispatcher, and SmolLM2's decode makes 210 calls per token of ~10-50 us each.
   std::unique_ptr<char[]> x_fixed;
-  if (path == Path::kAvx2Fixed16 || path == Path::kAvx512VnniFixed16) {
+  if (path == Path::kAvx2Fixed16 || path == Path::kAvx512VnniFixed16 || path == Path::kAvx2Int8X) {
     p.kp = s.row_bytes * 2;
     const int64_t plane_bytes = m * 2 * p.kp;  // a multiple of 128: the floats after it stay aligned
     // 8 floats past the last row of steps and of group sums: cpu_avx2_fixed16 loads a row's last blocks 8
@@ -94,8 +106,9 @@ at::Tensor int4_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
     float* steps = reinterpret_cast<float*>(x_fixed.get() + plane_bytes);
     float* group_sums = steps + steps_floats;
     for (int64_t i = 0; i < m && path != Path::kAvx2TiledFp32; ++i) {
-      if (!int4_fixed16_x_avx2(p.x + i * k, k, p.kp, s.group_size, planes + i * 2 * p.kp,
-                               steps + i * (p.kp / 32), group_sums + i * s.n_groups)) {
+      const auto round_x = path == Path::kAvx2Int8X ? int4_int8x_x_avx2 : int4_fixed16_x_avx2;
+      if (!round_x(p.x + i * k, k, p.kp, s.group_size, planes + i * 2 * p.kp, steps + i * (p.kp / 32),
+                   group_sums + i * s.n_groups)) {
         path = Path::kAvx2TiledFp32;  // NaN/inf (or a vanishing block) in x: no rounding, IEEE propagation
       }
     }
@@ -143,11 +156,12 @@ at::Tensor int4_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
       std::unique_ptr<float[]> scratch(new float[scratch_floats]);
       int4_linear_avx512_fixed16(p, begin * grain, std::min(end * grain, n), scratch.get());
     });
-  } else if (path == Path::kAvx2Fixed16) {
+  } else if (path == Path::kAvx2Fixed16 || path == Path::kAvx2Int8X) {
     // Blocks of 8 output columns: small N still splits across threads.
     constexpr int64_t grain = 8;
+    const auto kernel = path == Path::kAvx2Int8X ? int4_linear_avx2_int8x : int4_linear_avx2_fixed16;
     parallel_ranges((n + grain - 1) / grain, [&](int64_t begin, int64_t end) {
-      int4_linear_avx2_fixed16(p, begin * grain, std::min(end * grain, n));
+      kernel(p, begin * grain, std::min(end * grain, n));
     });
   } else if (path == Path::kAvx2TiledFp32) {
     parallel_ranges((n + kInt4TileRows - 1) / kInt4TileRows, [&](int64_t begin, int64_t end) {

@@ -20,6 +20,13 @@
 //                       per-block partial sums, x~ the rounded x (|x~ - x| <= step / 2 = 2^-16 max|x of its
 //                       block|). Against the 8 conversions and 8 FMAs per 64 weights of an fp32 kernel this
 //                       keeps M = 1 memory-bound at int4's half of int8's bytes.
+//   cpu_avx2_int8x      decode with int8_activations (M <= kFixedMaxRows, finite x; AVX2 and AVX-512): x
+//                       rounded to int8 per block of 32 columns as int8_activations.h's rule (X = round(x *
+//                       127 / m), step = m / 127), one signed plane; per 32 columns and row one vpmaddubsw and
+//                       one vpmaddwd (cpu_avx2_fixed16's loop with half its multiplies), one conversion and
+//                       one FMA. Numerical rule: y = x~ @ W^T up to fp32 rounding of the per-block partial
+//                       sums, x~ the rounded x of the reference (int8_activation_round). Other paths with
+//                       int8_activations run on x~ computed by the glue (exact in their fixed point).
 //   cpu_avx512_vnni_fixed16  decode on AVX-512 VNNI (2 <= M <= 16, finite x; M = 1 runs cpu_avx2_fixed16).
 //                       x exactly as cpu_avx2_fixed16 (same rounding, same numerical rule), its planes'
 //                       dwords reordered so that one 64-column block's 32 weight bytes widen to 64 codes in
@@ -72,6 +79,9 @@ void int4_linear_portable(const Int4LinearProblem& p, int64_t n_begin, int64_t n
 #if defined(__x86_64__) || defined(_M_X64)
 void int4_linear_avx2_fixed16(const Int4LinearProblem& p, int64_t n_begin, int64_t n_end);
 // n_begin a multiple of kInt4TileRows. scratch: int4_tiled_scratch_floats() floats, 32-byte aligned.
+// cpu_avx2_int8x with x from int4_int8x_x_avx2 (p.x_planes: one plane of kp bytes per row of x, at the
+// stride of two).
+void int4_linear_avx2_int8x(const Int4LinearProblem& p, int64_t n_begin, int64_t n_end);
 void int4_linear_avx2_tiled_fp32(const Int4LinearProblem& p, int64_t n_begin, int64_t n_end, float* scratch);
 // One row of x (k floats) in cpu_avx2_fixed16's form: planes (2 x kp bytes, lo then hi), steps (kp / 32) and
 // group_sums (ceil(k / group_size)). Returns false, writing nothing useful, when x has NaN, an infinity or a
@@ -79,6 +89,11 @@ void int4_linear_avx2_tiled_fp32(const Int4LinearProblem& p, int64_t n_begin, in
 // reference does).
 bool int4_fixed16_x_avx2(const float* x, int64_t k, int64_t kp, int64_t group_size, int8_t* planes,
                          float* steps, float* group_sums);
+// One row of x in cpu_avx2_int8x's form: one int8 plane (kp bytes, zero past k), steps and group sums as
+// int4_fixed16_x_avx2. Returns false when x has NaN or an infinity (the caller then runs the fp32 kernel on x
+// as it is, as the reference does).
+bool int4_int8x_x_avx2(const float* x, int64_t k, int64_t kp, int64_t group_size, int8_t* plane, float* steps,
+                       float* group_sums);
 // cpu_avx512_vnni_fixed16 with x from int4_fixed16_x_avx2 (p.x_planes reordered by
 // int4_fixed16_interleave_avx512). scratch: int4_avx512_scratch_floats(p.kp) floats.
 void int4_linear_avx512_fixed16(const Int4LinearProblem& p, int64_t n_begin, int64_t n_end, float* scratch);
@@ -108,6 +123,8 @@ constexpr int64_t kInt4TileCols = 256;  // a multiple of 64
 constexpr int64_t int4_tiled_scratch_floats() { return 2 * kInt4TileRows * kInt4TileCols; }
 // Largest M cpu_avx2_fixed16 takes; above it the tiled kernel (whose dequantization is shared by all rows).
 constexpr int64_t kFixedMaxRows = 8;
+// int8_activations: blocks of x below this magnitude round to zero (int8_activations.h).
+constexpr float kInt8XTiny = 0x1p-100f;
 // 16-bit fixed point per 32-column block: |X| <= 32512 = 127 * 256 keeps hi = (X - lo) / 256 within int8.
 constexpr float kFixed16Max = 32512.f;
 
@@ -115,6 +132,7 @@ constexpr float kFixed16Max = 32512.f;
 float half_to_float(uint16_t h);
 
 // Name of the kernel the CPU op will run for this problem (finite x).
-const char* int4_linear_cpu_path(int64_t m, int64_t n, int64_t k, int64_t group_size, DType dtype);
+const char* int4_linear_cpu_path(int64_t m, int64_t n, int64_t k, int64_t group_size, DType dtype,
+                                 bool int8_activations);
 
 }  // namespace fastquant::cpu

@@ -38,8 +38,12 @@ inline __m256i block_codes(const uint8_t* row, int64_t b) {
 // unsigned operand and a byte plane of X as the signed one; a pair sums to at most 2 * 15 * 128 = 3840, far
 // from int16 saturation. vpmaddwd by 1 (lo) and by 256 (hi) widens the pairs and applies X = 256 hi + lo;
 // a lane's total is at most 4 * 15 * 32640 < 2^21, so its conversion to fp32 is exact too.
+// kInt8X (cpu_avx2_int8x): X is one int8 plane (lo; hi is not read), one vpmaddubsw (a pair sums to at most
+// 2 * 15 * 127, no saturation) and one vpmaddwd: half the multiplies of the 16-bit form.
+template <bool kInt8X>
 inline __m256i block_dot(__m256i codes, const int8_t* lo, const int8_t* hi) {
   const __m256i pl = _mm256_maddubs_epi16(codes, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lo)));
+  if constexpr (kInt8X) return _mm256_madd_epi16(pl, _mm256_set1_epi16(1));
   const __m256i ph = _mm256_maddubs_epi16(codes, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(hi)));
   return _mm256_add_epi32(_mm256_madd_epi16(pl, _mm256_set1_epi16(1)),
                           _mm256_madd_epi16(ph, _mm256_set1_epi16(256)));
@@ -48,7 +52,8 @@ inline __m256i block_dot(__m256i codes, const int8_t* lo, const int8_t* hi) {
 // Output column j for row i of x. Per 32-column block: 2 vpmaddubsw, 2 vpmaddwd, one add, one conversion
 // and one FMA by s * step, into two accumulators (even and odd blocks) to hide the FMA latency. Named
 // variables, not arrays indexed by the block's parity: GCC keeps those in memory. For M > 1 the weight row
-// comes from memory once and from L1 for the other rows.
+// comes from memory once and from L1 for the other rows. kInt8X: x as cpu_avx2_int8x's one int8 plane.
+template <bool kInt8X>
 void fixed16_dot(const Int4LinearProblem& p, int64_t i, int64_t j) {
   const uint8_t* row = p.w + j * p.row_bytes;
   const uint16_t* srow = p.scales + j * p.n_groups;
@@ -69,7 +74,7 @@ void fixed16_dot(const Int4LinearProblem& p, int64_t i, int64_t j) {
     int64_t b = g * blocks_per_group;
     const int64_t b1 = std::min(n_blocks, b + blocks_per_group);
     if (b & 1) {  // a group that starts in the high half of a 64-column block
-      const __m256 d = _mm256_cvtepi32_ps(block_dot(block_codes(row, b), lo + 32 * b, hi + 32 * b));
+      const __m256 d = _mm256_cvtepi32_ps(block_dot<kInt8X>(block_codes(row, b), lo + 32 * b, hi + 32 * b));
       acc1 = _mm256_fmadd_ps(d, _mm256_set1_ps(s * steps[b]), acc1);
       ++b;
     }
@@ -77,13 +82,13 @@ void fixed16_dot(const Int4LinearProblem& p, int64_t i, int64_t j) {
       const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + b * 16));
       const __m256i c0 = _mm256_and_si256(v, nibble);
       const __m256i c1 = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
-      const __m256 d0 = _mm256_cvtepi32_ps(block_dot(c0, lo + 32 * b, hi + 32 * b));
-      const __m256 d1 = _mm256_cvtepi32_ps(block_dot(c1, lo + 32 * b + 32, hi + 32 * b + 32));
+      const __m256 d0 = _mm256_cvtepi32_ps(block_dot<kInt8X>(c0, lo + 32 * b, hi + 32 * b));
+      const __m256 d1 = _mm256_cvtepi32_ps(block_dot<kInt8X>(c1, lo + 32 * b + 32, hi + 32 * b + 32));
       acc0 = _mm256_fmadd_ps(d0, _mm256_set1_ps(s * steps[b]), acc0);
       acc1 = _mm256_fmadd_ps(d1, _mm256_set1_ps(s * steps[b + 1]), acc1);
     }
     if (b < b1) {  // a group that ends in the low half
-      const __m256 d = _mm256_cvtepi32_ps(block_dot(block_codes(row, b), lo + 32 * b, hi + 32 * b));
+      const __m256 d = _mm256_cvtepi32_ps(block_dot<kInt8X>(block_codes(row, b), lo + 32 * b, hi + 32 * b));
       acc0 = _mm256_fmadd_ps(d, _mm256_set1_ps(s * steps[b]), acc0);
     }
   }
@@ -94,6 +99,7 @@ void fixed16_dot(const Int4LinearProblem& p, int64_t i, int64_t j) {
 // fixed16_dot for groups of 32 (one group per block, the common case): per 8 blocks one conversion of 8 fp16
 // scales, one multiply by the 8 steps and one FMA of the zero points into a vector, instead of scalar work
 // per group; then per 64 columns one load of 32 bytes and the two blocks' integer dot products.
+template <bool kInt8X>
 void fixed16_dot_g32(const Int4LinearProblem& p, int64_t i, int64_t j) {
   const uint8_t* row = p.w + j * p.row_bytes;
   const uint16_t* srow = p.scales + j * p.n_groups;
@@ -148,8 +154,8 @@ void fixed16_dot_g32(const Int4LinearProblem& p, int64_t i, int64_t j) {
       const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + b * 16));
       const __m256i c0 = _mm256_and_si256(v, nibble);
       const __m256i c1 = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
-      const __m256 d0 = _mm256_cvtepi32_ps(block_dot(c0, lo + 32 * b, hi + 32 * b));
-      const __m256 d1 = _mm256_cvtepi32_ps(block_dot(c1, lo + 32 * b + 32, hi + 32 * b + 32));
+      const __m256 d0 = _mm256_cvtepi32_ps(block_dot<kInt8X>(c0, lo + 32 * b, hi + 32 * b));
+      const __m256 d1 = _mm256_cvtepi32_ps(block_dot<kInt8X>(c1, lo + 32 * b + 32, hi + 32 * b + 32));
       acc0 = _mm256_fmadd_ps(d0, _mm256_broadcast_ss(f + t), acc0);
       acc1 = _mm256_fmadd_ps(d1, _mm256_broadcast_ss(f + t + 1), acc1);
     }
@@ -257,18 +263,27 @@ void micro_kernel(const Int4LinearProblem& p, const float* tile, int64_t i0, int
   }
 }
 
-}  // namespace
-
-void int4_linear_avx2_fixed16(const Int4LinearProblem& p, int64_t n_begin, int64_t n_end) {
+template <bool kInt8X>
+void fixed_point_columns(const Int4LinearProblem& p, int64_t n_begin, int64_t n_end) {
   for (int64_t j = n_begin; j < n_end; ++j) {
     for (int64_t i = 0; i < p.m; ++i) {
       if (p.group_size == 32) {
-        fixed16_dot_g32(p, i, j);
+        fixed16_dot_g32<kInt8X>(p, i, j);
       } else {
-        fixed16_dot(p, i, j);
+        fixed16_dot<kInt8X>(p, i, j);
       }
     }
   }
+}
+
+}  // namespace
+
+void int4_linear_avx2_fixed16(const Int4LinearProblem& p, int64_t n_begin, int64_t n_end) {
+  fixed_point_columns<false>(p, n_begin, n_end);
+}
+
+void int4_linear_avx2_int8x(const Int4LinearProblem& p, int64_t n_begin, int64_t n_end) {
+  fixed_point_columns<true>(p, n_begin, n_end);
 }
 
 void int4_linear_avx2_tiled_fp32(const Int4LinearProblem& p, int64_t n_begin, int64_t n_end, float* scratch) {
@@ -348,6 +363,60 @@ bool int4_fixed16_x_avx2(const float* x, int64_t k, int64_t kp, int64_t group_si
     };
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(lo_plane + 32 * b), pack(lo));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(hi_plane + 32 * b), pack(hi));
+    steps[b] = step;
+    if (b < n_blocks) {
+      group_sum += static_cast<double>(step) * hsum_epi32(total);
+      const int64_t g = 32 * b / group_size;
+      if (b + 1 == n_blocks || 32 * (b + 1) / group_size != g) {
+        group_sums[g] = static_cast<float>(group_sum);
+        group_sum = 0.0;
+      }
+    }
+  }
+  return true;
+}
+
+bool int4_int8x_x_avx2(const float* x, int64_t k, int64_t kp, int64_t group_size, int8_t* plane, float* steps,
+                       float* group_sums) {
+  const int64_t n_blocks = (k + 31) / 32;
+  const __m256 sign = _mm256_set1_ps(-0.0f), zero = _mm256_setzero_ps();
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  alignas(32) float buf[32];
+  double group_sum = 0.0;
+  for (int64_t b = 0; b < kp / 32; ++b) {
+    const float* xb = x + 32 * b;
+    const int64_t valid = std::max<int64_t>(0, std::min<int64_t>(32, k - 32 * b));
+    if (valid < 32) {  // the last partial block: x is never read past k
+      std::memset(buf, 0, sizeof(buf));
+      if (valid > 0) std::memcpy(buf, xb, valid * sizeof(float));
+      xb = buf;
+    }
+    __m256 v[4], largest = zero, non_finite = zero;
+    for (int t = 0; t < 4; ++t) {
+      v[t] = _mm256_loadu_ps(xb + 8 * t);
+      const __m256 times_zero = _mm256_mul_ps(v[t], zero);  // NaN exactly for NaN and infinities
+      non_finite = _mm256_or_ps(non_finite, _mm256_cmp_ps(times_zero, times_zero, _CMP_UNORD_Q));
+      largest = _mm256_max_ps(largest, _mm256_andnot_ps(sign, v[t]));
+    }
+    if (_mm256_movemask_ps(non_finite)) return false;
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(largest), _mm256_extractf128_ps(largest, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    const float max_abs = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+    // int8_activations.h's rule, operation for operation: X = round(x * (127 / m)), step = m / 127, blocks
+    // below 2^-100 zero (step 0).
+    const bool kept = max_abs >= kInt8XTiny;
+    const float step = kept ? max_abs / 127.f : 0.f;
+    const __m256 inv = _mm256_set1_ps(kept ? 127.f / max_abs : 0.f);
+    __m256i q[4], total = _mm256_setzero_si256();
+    for (int t = 0; t < 4; ++t) {
+      // Rounded to nearest even (the MXCSR default, as torch.round); |X| <= 127.
+      q[t] = _mm256_cvtps_epi32(_mm256_mul_ps(v[t], inv));
+      total = _mm256_add_epi32(total, q[t]);
+    }
+    const __m256i bytes =
+        _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(plane + 32 * b),
+                        _mm256_permutevar8x32_epi32(bytes, order));  // packs works within 128-bit lanes
     steps[b] = step;
     if (b < n_blocks) {
       group_sum += static_cast<double>(step) * hsum_epi32(total);

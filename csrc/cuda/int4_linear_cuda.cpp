@@ -19,6 +19,7 @@
 #include "cuda/int4_linear_launch.h"
 #include "cuda/launch_check.h"
 #include "int4_linear_contract.h"
+#include "int8_activations.h"
 
 namespace fastquant::cuda {
 namespace {
@@ -29,7 +30,7 @@ constexpr const char* kOp = "fastquant.int4_linear";
 
 at::Tensor int4_linear_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                             const std::optional<at::Tensor>& offsets, const std::optional<at::Tensor>& bias,
-                            int64_t in_features, int64_t group_size) {
+                            int64_t in_features, int64_t group_size, bool int8_activations) {
   // Shapes, dtypes and devices: the rules (and words) every int4_linear kernel shares.
   const Int4LinearShape shape =
       check_int4_linear(Backend::kCuda, x, qweight, scales, offsets, bias, in_features, group_size);
@@ -51,6 +52,13 @@ at::Tensor int4_linear_cuda(const at::Tensor& x, const at::Tensor& qweight, cons
   if (output_without_kernel(y, k, bias)) return y;
 
   at::Tensor x2 = x.reshape({m, k}).contiguous();
+  // int8_activations: the kernels run on x~ (int8_activations.h, torch ops on the GPU) stored in x's dtype
+  // (bf16 and fp16 x: x~ rounded once more, as the kernels take x), unless x holds NaN or inf (they propagate
+  // from x as it is). No GPU kernel of its own: on a GPU the rounding saves no bandwidth, it keeps the op's
+  // meaning the same on every device.
+  if (int8_activations && at::isfinite(x2).all().item<bool>()) {
+    x2 = int8_activation_round(x2.to(at::kFloat)).to(x.scalar_type());
+  }
   // The kernels load the packed weight in 8-byte pieces of 32-byte rows (ceil(K/64) * 32 bytes).
   const at::Tensor w = contiguous_aligned16(qweight);
   const at::Tensor s = scales.contiguous();

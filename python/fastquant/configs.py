@@ -130,11 +130,17 @@ class Int8:
 class Int4:
     """4-bit weight-only quantization, two codes per byte, one fp16 scale per group of ``group_size`` input
     columns (32, 64, 128 or 256) and, when not ``symmetric``, an fp16 offset; rounded to nearest or by GPTQ.
-    At group 32 the symmetric grid is llama.cpp's Q4_0, the asymmetric one Q4_1."""
+    At group 32 the symmetric grid is llama.cpp's Q4_0, the asymmetric one Q4_1.
+
+    ``int8_activations``: each layer rounds its input to int8 per block of 32 columns at every call, as
+    llama.cpp does for Q4_0 (and torchao's int8-dynamic-activation int4-weight): the CPU decode kernel then
+    needs half the multiplies per weight (faster where it is compute-bound), at the cost of that rounding
+    (|error| <= max|x of the block| / 254). GPTQ calibrates on unrounded inputs either way."""
 
     group_size: int = 32
     symmetric: bool = True
     rounding: Rounding = field(default_factory=RTN)
+    int8_activations: bool = False
 
     def __post_init__(self) -> None:
         from fastquant.algorithms.grids import check_int4_group_size  # torch: loaded with the first config
@@ -142,6 +148,8 @@ class Int4:
         check_int4_group_size(self.group_size)
         if not isinstance(self.symmetric, bool):
             raise ValueError(f"symmetric must be True or False, got {self.symmetric!r}")
+        if not isinstance(self.int8_activations, bool):
+            raise ValueError(f"int8_activations must be True or False, got {self.int8_activations!r}")
         if not isinstance(self.rounding, (RTN, GPTQ)):
             raise TypeError(f"rounding must be fastquant.RTN() or fastquant.GPTQ(calibration), got {self.rounding!r}")
 

@@ -366,6 +366,10 @@ class Int4Linear(_CompressedLinear):
     32 bytes of block b of a row hold k = 64b + j in the low nibble of byte j and k = 64b + 32 + j in its high
     nibble, so a kernel streams each row linearly. Symmetric: w = s * (q - 8) (llama.cpp Q4_0's grid);
     asymmetric: w = s * q + o (Q4_1's). The forward pass never materializes the float weight.
+
+    ``int8_activations``: x is rounded to int8 per block of 32 columns at every call (llama.cpp's Q8_0
+    activations for Q4_0, torchao's int8 dynamic activations; ``reference.int8_activation_round``), which halves
+    the multiplies per weight of the CPU decode kernel; off, x is used as it is.
     """
 
     _FORMAT_BUFFERS = ("scales", "offsets")
@@ -379,15 +383,19 @@ class Int4Linear(_CompressedLinear):
         symmetric: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
+        int8_activations: bool = False,
     ) -> None:
         super().__init__()
         check_int4_group_size(group_size)
+        if not isinstance(int8_activations, bool):
+            raise ValueError(f"int8_activations must be True or False, got {int8_activations!r}")
         if in_features < 1 or out_features < 1:
             raise ValueError(f"in_features and out_features must be positive, got {in_features}, {out_features}")
         self.in_features = in_features
         self.out_features = out_features
         self.group_size = group_size
         self.symmetric = bool(symmetric)
+        self.int8_activations = int8_activations
         n_groups = -(-in_features // group_size)
         packed = -(-in_features // reference.INT4_BLOCK) * (reference.INT4_BLOCK // 2)
         self.register_buffer("qweight", torch.zeros(out_features, packed, dtype=torch.uint8, device=device))
@@ -400,10 +408,13 @@ class Int4Linear(_CompressedLinear):
 
     @property
     def format(self) -> str:
-        return f"int4 {'sym' if self.symmetric else 'asym'} group={self.group_size}"
+        x = " x=int8" if self.int8_activations else ""
+        return f"int4 {'sym' if self.symmetric else 'asym'} group={self.group_size}{x}"
 
     @classmethod
-    def from_linear(cls, linear: nn.Module, group_size: int = 32, symmetric: bool = True) -> Int4Linear:
+    def from_linear(
+        cls, linear: nn.Module, group_size: int = 32, symmetric: bool = True, *, int8_activations: bool = False
+    ) -> Int4Linear:
         """Quantize an nn.Linear (or transformers Conv1D) by round-to-nearest. Raises ValueError on NaN/inf
         weights or an unsupported group size."""
         check_int4_group_size(group_size)
@@ -415,7 +426,15 @@ class Int4Linear(_CompressedLinear):
         bias = linear.bias.detach() if linear.bias is not None else None
         dtype = weight.dtype if weight.dtype in ops.ACTIVATION_DTYPES else torch.float32
         return cls.from_codes(
-            qweight, scales, offsets, bias, group_size, in_features=weight.shape[1], dtype=dtype, device=weight.device
+            qweight,
+            scales,
+            offsets,
+            bias,
+            group_size,
+            in_features=weight.shape[1],
+            dtype=dtype,
+            device=weight.device,
+            int8_activations=int8_activations,
         )
 
     @classmethod
@@ -430,6 +449,7 @@ class Int4Linear(_CompressedLinear):
         in_features: int | None = None,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        int8_activations: bool = False,
     ) -> Int4Linear:
         """An Int4Linear holding given codes and grid (from GPTQ, or a GGUF Q4_0/Q4_1 file).
 
@@ -470,7 +490,7 @@ class Int4Linear(_CompressedLinear):
         if dtype is None:
             dtype = bias.dtype if bias is not None and bias.dtype in ops.ACTIVATION_DTYPES else torch.float32
         device = qweight.device if device is None else device
-        layer = cls(k, n, bias is not None, group_size, offsets is None, device, dtype)
+        layer = cls(k, n, bias is not None, group_size, offsets is None, device, dtype, int8_activations)
         layer.qweight.copy_(qweight)
         layer.scales.copy_(scales)
         if offsets is not None:
@@ -494,6 +514,7 @@ class Int4Linear(_CompressedLinear):
             self._parameters["bias"],
             in_features=self.in_features,
             group_size=self.group_size,
+            int8_activations=self.int8_activations,
         )
 
     def dequantize(self) -> Tensor:

@@ -374,6 +374,11 @@ def patch(
             )
         else:
             _patch_quantized(model, chosen, grid, notes, errors)
+        if isinstance(config, Int4) and config.int8_activations:
+            for name, _, _ in chosen:
+                layer = model.get_submodule(name)
+                if isinstance(layer, Int4Linear):
+                    layer.int8_activations = True
     else:
         name = config.pruning.name
         calibration = _pruning_calibration(model, name, config.sparsity, config.pattern, config.calibration, tokenizer)

@@ -65,7 +65,12 @@ def layer_params(model: nn.Module) -> dict[str, dict[str, Any]]:
         if isinstance(module, Int8Linear):
             layers[name] = {"type": "int8", **_common_params(module)}
         elif isinstance(module, Int4Linear):
-            layers[name] = {"type": "int4", **_common_params(module), "symmetric": module.symmetric}
+            layers[name] = {
+                "type": "int4",
+                **_common_params(module),
+                "symmetric": module.symmetric,
+                "int8_activations": module.int8_activations,
+            }
         elif isinstance(module, SparseLinear):
             layers[name] = {
                 "type": "sparse",
@@ -219,8 +224,16 @@ def _build_layer(name: str, spec: Any, path: Path, device: str) -> nn.Module:
                 raise ValueError(f"symmetric must be true or false, got {spec['symmetric']!r}")
             if not isinstance(spec["group_size"], int):
                 raise ValueError(f"group_size must be an integer, got {spec['group_size']!r}")
+            # Absent in files written before the option: x used as it is.
+            int8_activations = spec.get("int8_activations", False)
             return Int4Linear(
-                *shape, bool(spec["bias"]), spec["group_size"], spec["symmetric"], device=device, dtype=dtype
+                *shape,
+                bool(spec["bias"]),
+                spec["group_size"],
+                spec["symmetric"],
+                device=device,
+                dtype=dtype,
+                int8_activations=int8_activations,
             )
         return SparseLinear(
             *shape,

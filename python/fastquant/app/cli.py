@@ -132,6 +132,7 @@ def _method_options(args: argparse.Namespace, loaded: LoadedModel) -> MethodOpti
     return MethodOptions(
         group_size=args.group_size,
         symmetric=args.symmetric,
+        int8_activations=args.int8_activations,
         sparsity=None if args.pattern != "unstructured" else args.sparsity,
         pattern=args.pattern,
         pruning=args.pruning,
@@ -152,7 +153,8 @@ def _details(name: str, args: argparse.Namespace) -> str:
         trap = ""
         if not args.symmetric and (args.group_size or 32) == 32 and getattr(args, "model", "") == "smollm2":
             trap = " (SmolLM2 ships as a Q4_1 GGUF: this is its own grid, so it looks lossless here)"
-        return f"int4 {grid}, groups of {args.group_size or 32}, {rounding}{trap}"
+        x = ", x rounded to int8 per 32 columns" if args.int8_activations else ""
+        return f"int4 {grid}, groups of {args.group_size or 32}, {rounding}{x}{trap}"
     if name == "int8-gptq":
         return f"int8 {group}, GPTQ rounding ({calibration})"
     if name in ("sparse", "int8+sparse"):
@@ -217,6 +219,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             "speed_rounds": args.rounds,
             "group_size": args.group_size,
             "symmetric": args.symmetric,
+            "int8_activations": args.int8_activations,
             "batch": 1,
             "decoding": "greedy, HF generate",
         },
@@ -403,6 +406,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "method": args.method,
         "group_size": args.group_size,
         "symmetric": args.symmetric,
+        "int8_activations": args.int8_activations,
         "text": args.text or "fastquant/data/tempest.txt (The Tempest)",
         "environment": _environment(threads),
         "float_bytes": model_bytes(float_model),
@@ -652,6 +656,11 @@ def _add_method_options(parser: argparse.ArgumentParser, method: str | None = No
     )
     grid.add_argument(
         "--asymmetric", dest="symmetric", action="store_false", help="int4: a per-group offset as well (Q4_1-like)"
+    )
+    parser.add_argument(
+        "--int8-activations",
+        action="store_true",
+        help="int4: layers round their input to int8 per 32 columns (llama.cpp's Q4_0 arithmetic; faster CPU decode)",
     )
     parser.add_argument("--sparsity", type=float, default=0.5, help="sparse methods: fraction of weights pruned")
     parser.add_argument("--pattern", default="unstructured", help="sparse methods: 'unstructured' or N:M like 2:4")

@@ -7,6 +7,7 @@ name in :data:`fastquant.choices.CLI_METHODS` (which the CLI lists without impor
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import platform
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 from fastquant.choices import CALIBRATED_METHODS, DEFAULT_PRUNING
+from fastquant.configs import Int4
 from fastquant.patching import patch
 from fastquant.progress import progress_bar
 
@@ -31,6 +33,7 @@ class MethodOptions:
 
     group_size: int | None = None  # None: per-channel for int8, 32 for int4
     symmetric: bool = True  # int4 only: False adds a per-group offset
+    int8_activations: bool = False  # int4 only: layers round their input to int8 per 32 columns
     sparsity: float | None = 0.5
     pattern: str = "unstructured"
     pruning: str = DEFAULT_PRUNING
@@ -70,6 +73,8 @@ def _sparse(method: str) -> Callable[[nn.Module, MethodOptions], nn.Module]:
 def _int8_only(options: MethodOptions, name: str) -> None:
     if not options.symmetric:
         raise ValueError(f"method {name!r}: --asymmetric applies to the int4 methods only")
+    if options.int8_activations:
+        raise ValueError(f"method {name!r}: --int8-activations applies to the int4 methods only")
 
 
 def _int8(name: str, **kwargs) -> Callable[[nn.Module, MethodOptions], nn.Module]:
@@ -85,8 +90,9 @@ def _int8(name: str, **kwargs) -> Callable[[nn.Module, MethodOptions], nn.Module
 
 def _int4(calibrated: bool) -> Callable[[nn.Module, MethodOptions], nn.Module]:
     def apply(model: nn.Module, options: MethodOptions) -> nn.Module:
-        extra = dict(calibration=options.calibration(), progress=options.progress) if calibrated else {}
-        return patch(model, "int4", group_size=options.group_size, symmetric=options.symmetric, **extra)
+        config = Int4.from_method(options.group_size, options.symmetric, options.calibration() if calibrated else None)
+        config = dataclasses.replace(config, int8_activations=options.int8_activations)
+        return patch(model, config, progress=options.progress if calibrated else None)
 
     return apply
 

@@ -158,10 +158,18 @@ def decode_attention_kernel_path(device: torch.device) -> str:
     return "reference"
 
 
-def int4_linear_kernel_path(device: torch.device, m: int, n: int, k: int, group_size: int, dtype: torch.dtype) -> str:
+def int4_linear_kernel_path(
+    device: torch.device,
+    m: int,
+    n: int,
+    k: int,
+    group_size: int,
+    dtype: torch.dtype,
+    int8_activations: bool = False,
+) -> str:
     """Name of the kernel ``int4_linear`` runs for an (m, k) x (n, k)^T problem on ``device``."""
     if device.type == "cpu" and has_cpu_kernels() and hasattr(native, "int4_linear_cpu_path"):
-        return native.int4_linear_cpu_path(m, n, k, group_size, _dtype_name(dtype))
+        return native.int4_linear_cpu_path(m, n, k, group_size, _dtype_name(dtype), int8_activations)
     if device.type == "cuda" and has_cuda_kernels() and hasattr(native, "int4_linear_cuda_path"):
         return native.int4_linear_cuda_path(m, n, k, group_size, _dtype_name(dtype))
     return "reference"

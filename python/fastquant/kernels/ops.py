@@ -21,7 +21,7 @@ _lib = torch.library.Library("fastquant", "DEF")  # noqa: TOR901 - the namespace
 _lib.define("int8_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? bias, int group_size) -> Tensor")
 _lib.define(
     "int4_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? offsets, Tensor? bias, int in_features, "
-    "int group_size) -> Tensor"
+    "int group_size, bool int8_activations=False) -> Tensor"
 )
 _lib.define(
     "sparse_csr_linear(Tensor x, Tensor values, Tensor column_indices, Tensor row_offsets, Tensor? scales, "
@@ -415,6 +415,7 @@ def check_int4_linear_args(
     bias: Tensor | None,
     in_features: int,
     group_size: int,
+    int8_activations: bool = False,
 ) -> None:
     """The argument rules every int4_linear kernel enforces, with the same wording as the C++ checks
     (csrc/int4_linear_contract.h). Every byte of qweight is a valid pair of codes, so shapes and dtypes
@@ -465,10 +466,13 @@ def int4_linear(
     *,
     in_features: int,
     group_size: int = 32,
+    int8_activations: bool = False,
 ) -> Tensor:
     """``x @ W.T + bias`` for an int4 weight W (see reference.int4_quantize), fp32 accumulation, on the best
-    kernel for x's device. ``offsets`` None means symmetric codes (w = s * (q - 8))."""
-    return torch.ops.fastquant.int4_linear(x, qweight, scales, offsets, bias, in_features, group_size)
+    kernel for x's device. ``offsets`` None means symmetric codes (w = s * (q - 8)). ``int8_activations``
+    rounds x to int8 per block of 32 columns first (reference.int8_activation_round: llama.cpp's arithmetic
+    for Q4_0, which halves the multiplies per weight of the CPU decode kernel)."""
+    return torch.ops.fastquant.int4_linear(x, qweight, scales, offsets, bias, in_features, group_size, int8_activations)
 
 
 # ---------------------------------------------------------------- decode_attention
@@ -529,7 +533,7 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None
 # op: (position of bias among the op's inputs, the float32 weight from the inputs after x)
 _FROZEN_WEIGHTS: dict[str, tuple[int, Callable[..., Tensor]]] = {
     "int8_linear": (3, lambda q, s, _, g: reference.int8_dequantize(q, s, g)),
-    "int4_linear": (4, lambda q, s, o, _, k, g: reference.int4_dequantize(q, s, o, k, g)),
+    "int4_linear": (4, lambda q, s, o, _, k, g, _x8: reference.int4_dequantize(q, s, o, k, g)),
     "sparse_linear": (5, lambda v, m, r, s, _, k, g: reference.sparse_dequantize(v, m, r, s, k, g)),
     "sparse_csr_linear": (5, lambda v, c, r, s, _, k, g: reference.sparse_csr_dequantize(v, c, r, s, k, g)),
 }

@@ -293,6 +293,27 @@ def int4_quantize(weight: Tensor, group_size: int = 32, symmetric: bool = True) 
     return int4_pack(codes), scales, offsets
 
 
+INT8_ACTIVATION_BLOCK = 32  # columns of x sharing one int8 step (llama.cpp's Q8_0 block)
+INT8_ACTIVATION_MAX = 127
+INT8_ACTIVATION_TINY = 2.0**-100  # blocks below this magnitude round to zero (their step is not a normal float)
+
+
+def int8_activation_round(x: Tensor) -> Tensor:
+    """x rounded as ``int4_linear(..., int8_activations=True)`` rounds it, returned in fp32: per row and block of
+    32 columns, with m = max|x| of the block, X = round(x * (127 / m)) (an int8, half to even) and
+    x~ = X * (m / 127); |x~ - x| <= m / 254. Blocks with m < 2^-100 become 0. The same fp32 operations, in the
+    same order, as the native kernels (csrc/int8_activations.h), so every kernel sees the same x~."""
+    x32 = x.float()
+    k = x32.shape[-1]
+    blocks = -(-k // INT8_ACTIVATION_BLOCK)
+    padded = F.pad(x32, (0, blocks * INT8_ACTIVATION_BLOCK - k)).unflatten(-1, (blocks, INT8_ACTIVATION_BLOCK))
+    largest = padded.abs().amax(-1, keepdim=True)
+    limit = torch.full_like(largest, INT8_ACTIVATION_MAX)
+    inv = torch.where(largest >= INT8_ACTIVATION_TINY, limit / largest, torch.zeros_like(largest))
+    rounded = torch.round(padded * inv) * (largest / limit)
+    return rounded.flatten(-2)[..., :k]
+
+
 def int4_linear(
     x: Tensor,
     qweight: Tensor,
@@ -301,9 +322,16 @@ def int4_linear(
     bias: Tensor | None,
     in_features: int,
     group_size: int,
+    int8_activations: bool = False,
 ) -> Tensor:
-    """y = x @ W.T + bias with W the dequantized int4 weight, accumulated in fp32, returned in x's dtype."""
-    return _linear_fp32(x, int4_dequantize(qweight, scales, offsets, in_features, group_size), bias)
+    """y = x @ W.T + bias with W the dequantized int4 weight, accumulated in fp32, returned in x's dtype.
+    ``int8_activations``: x is first rounded by :func:`int8_activation_round` (llama.cpp's Q8_0 activations
+    for Q4_0, torchao's int8 dynamic activations), unless it holds a NaN or an infinity (then it stays as it is,
+    so they propagate as in the float product)."""
+    weight = int4_dequantize(qweight, scales, offsets, in_features, group_size)
+    if int8_activations and bool(torch.isfinite(x).all()):
+        return _linear_fp32(int8_activation_round(x), weight, bias).to(x.dtype)
+    return _linear_fp32(x, weight, bias)
 
 
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
