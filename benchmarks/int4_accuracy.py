@@ -53,6 +53,9 @@ SMOLLM2_ROWS = {  # run in this order: the rows the targets need first, the opti
     "int4 asym g32 GPTQ": ("int4", {"group_size": 32, "symmetric": False}, "gptq"),
     "int8 per-channel GPTQ": ("int8", {}, "gptq"),
     "int4 sym g32 GPTQ act-order": ("int4", {"group_size": 32}, "gptq-act"),
+    # int8_activations: x rounded to int8 per 32 columns at every layer, as llama.cpp's Q4_0 kernels do.
+    "int4 sym g32 RTN, x=int8": ("int4", {"group_size": 32, "int8_activations": True}, None),
+    "int4 sym g32 GPTQ, x=int8": ("int4", {"group_size": 32, "int8_activations": True}, "gptq"),
 }
 MINILM_ROWS = {
     "int8 per-channel RTN": ("int8", {}, None),
@@ -61,6 +64,7 @@ MINILM_ROWS = {
     "int4 asym g32 RTN": ("int4", {"group_size": 32, "symmetric": False}, None),
     "int4 sym g128 RTN": ("int4", {"group_size": 128}, None),
     "int4 sym g32 GPTQ act-order": ("int4", {"group_size": 32}, "gptq-act"),
+    "int4 sym g32 GPTQ act-order, x=int8": ("int4", {"group_size": 32, "int8_activations": True}, "gptq-act"),
     # Not the target's format: the layers that cost MiniLM most in int4 (each kind alone, int4 g32 RTN, the rest
     # float: value 0.9887, FFN in 0.9862, FFN out 0.9935; query, key, attention out >= 0.9969) kept int8
     # per-channel, as llama.cpp's Q4_K_M keeps attn_v and ffn_down at 6 bits.
@@ -285,11 +289,11 @@ def compress(float_model, method: str, kwargs: dict, rounding: str | None, calib
     def main_part(module, name: str) -> bool:
         return not in_int8(module, name) and (only_layers is None or re.search(only_layers, name) is not None)
 
-    if rounding is None:
+    if rounding is None and "int8_activations" not in kwargs:
         fastquant.patch(model, method, filter_fn=main_part, **kwargs)
     else:
-        gptq = fastquant.GPTQ(calibration, act_order=rounding == "gptq-act")
-        config = (fastquant.Int4 if method == "int4" else fastquant.Int8)(**kwargs, rounding=gptq)
+        rule = fastquant.RTN() if rounding is None else fastquant.GPTQ(calibration, act_order=rounding == "gptq-act")
+        config = (fastquant.Int4 if method == "int4" else fastquant.Int8)(**kwargs, rounding=rule)
         fastquant.patch(model, config, filter_fn=main_part, progress=False)
     if int8_layers is not None:
         fastquant.patch(model, "int8", filter_fn=in_int8, progress=False)
@@ -327,6 +331,12 @@ def verdicts(rows: list[dict]) -> dict[str, str]:
         out["q4_0"] = (
             f"int4 sym g32 GPTQ {gptq:.3f} vs llama.cpp Q4_0 {q40:.3f} (the same grid, round-to-nearest): "
             + ("lower, met." if gptq < q40 else "**not lower**.")
+        )
+    gptq_x8 = ppl.get("int4 sym g32 GPTQ, x=int8")
+    if gptq_x8 and q40:
+        out["q4_0_x8"] = (
+            f"int4 sym g32 GPTQ with x rounded to int8 {gptq_x8:.3f} vs llama.cpp Q4_0 {q40:.3f} (whose kernels "
+            "round x to int8 per 32 columns too): " + ("lower." if gptq_x8 < q40 else "**not lower**.")
         )
     q41 = ppl.get("llama.cpp Q4_1 (the shipped GGUF)")
     if base and q41:

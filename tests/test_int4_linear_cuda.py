@@ -403,3 +403,18 @@ def test_mixed_devices_rejected(on_cpu):
     args[on_cpu] = args[on_cpu].cpu()
     with pytest.raises(RuntimeError, match="device"):
         torch.ops.fastquant.int4_linear(*(args[name] for name in names), 64, 32)
+
+
+@pytest.mark.parametrize("shape", [(1, 4096, 1000), (3, 1025, 17), (300, 4096, 1025)], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_int8_activations(shape, dtype):
+    """int8_activations on CUDA: the kernels run on x~ (reference.int8_activation_round, computed on the GPU by
+    torch ops) stored in x's dtype, so the rule above holds with that x; NaN in x is left as it is."""
+    m, k, n = shape
+    x, qweight, scales, offsets, bias = make_case(m, k, n, dtype, 32, True, True, seed=m + k)
+    y = torch.ops.fastquant.int4_linear(x, qweight, scales, offsets, bias, k, 32, True)
+    x_rounded = reference.int8_activation_round(x).to(dtype)
+    assert_close_to_reference(y, x_rounded, qweight, scales, offsets, bias, 32, "int8_activations")
+    x[0, 5] = float("nan")
+    y = torch.ops.fastquant.int4_linear(x, qweight, scales, offsets, bias, k, 32, True)
+    assert bool(y[0].isnan().all()) and bool(y[1:].isfinite().all())

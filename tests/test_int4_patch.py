@@ -185,6 +185,36 @@ def test_patch_matches_the_float_model_with_dequantized_weights(symmetric):
     assert "weight error" in fastquant.report(model).to_markdown()
 
 
+def test_patch_with_int8_activations_rounds_every_layer_input():
+    """Int4(int8_activations=True): every int4 layer rounds its input (the report says so), the model computes
+    what the same layers give on reference.int8_activation_round of their inputs, and it stays close to the
+    model without the rounding (a few tenths of a percent, not equal)."""
+    model = tiny_llama(seed=3)
+    plain = fastquant.patch(copy.deepcopy(model), "int4")
+    rounded = fastquant.patch(model, fastquant.Int4(int8_activations=True))
+    layers = [m for m in rounded.modules() if isinstance(m, Int4Linear)]
+    assert len(layers) == 14 and all(m.int8_activations for m in layers)
+    assert not any(m.int8_activations for m in plain.modules() if isinstance(m, Int4Linear))
+    rows = {row.name: row for row in fastquant.report(rounded).layers}
+    assert rows["model.layers.0.mlp.up_proj"].format == "int4 sym group=32 x=int8"
+    layer = rounded.model.layers[0].mlp.down_proj
+    x = torch.randn(5, layer.in_features, generator=torch.Generator().manual_seed(1))
+    expected = torch.nn.functional.linear(reference.int8_activation_round(x), layer.dequantize())
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    ids = torch.randint(0, 512, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        a, b = rounded(ids).logits, plain(ids).logits
+    assert not torch.equal(a, b)
+    torch.testing.assert_close(a, b, rtol=0.05, atol=0.05)
+
+
+def test_int8_activations_must_be_a_bool():
+    with pytest.raises(ValueError, match="int8_activations must be True or False"):
+        fastquant.Int4(int8_activations="yes")
+    with pytest.raises(ValueError, match="int8_activations must be True or False"):
+        Int4Linear(64, 8, int8_activations=1)
+
+
 def test_patched_model_follows_dtype_moves():
     model = fastquant.patch(tiny_llama(seed=4), "int4", group_size=64).to(torch.bfloat16)
     layer = model.model.layers[1].self_attn.o_proj
@@ -474,9 +504,20 @@ def test_cli_compress_and_eval_int4(llama_dir, tmp_path):  # noqa: F811 (the fix
     assert result["compressed_bytes"] < result["float_bytes"]
 
 
+def test_cli_compress_int4_with_int8_activations(llama_dir, tmp_path):  # noqa: F811 (the fixture)
+    out = tmp_path / "out"
+    assert cli.main(["compress", str(llama_dir), "--method", "int4", "--int8-activations", "-o", str(out)]) == 0
+    specs = list(read_manifest(out)["layers"].values())
+    assert specs and all(s["type"] == "int4" and s["int8_activations"] is True for s in specs)
+    model, _ = fastquant.from_pretrained(out)
+    assert all(m.int8_activations for m in model.modules() if isinstance(m, Int4Linear))
+
+
 def test_cli_refuses_asymmetric_int8(llama_dir, capsys):  # noqa: F811 (the fixture)
     assert cli.main(["eval", "--model", str(llama_dir), "--method", "int8", "--asymmetric"]) == 2
     assert "--asymmetric applies to the int4 methods only" in capsys.readouterr().out
+    assert cli.main(["eval", "--model", str(llama_dir), "--method", "int8", "--int8-activations"]) == 2
+    assert "--int8-activations applies to the int4 methods only" in capsys.readouterr().out
     assert cli.main(["eval", "--model", str(llama_dir), "--method", "int4", "--group-size", "48"]) == 2
     assert "group_size must be one of" in capsys.readouterr().out
 

@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <memory>
 
 #include "cpu/cpu_features.h"
@@ -49,6 +50,27 @@ Path choose_path(Isa isa, int64_t m, int64_t k, int64_t group_size, DType dtype,
   return Path::kPortable;
 }
 
+// x~ of an m x k fp32 x (int8_activations.h's rule), or x itself when it holds NaN or inf. AVX2 CPUs round
+// it with the decode kernel's own routine (one pass; torch ops would cost ~10 passes over x per prefill call).
+at::Tensor rounded_activations(const at::Tensor& x32) {
+#if defined(__x86_64__) || defined(_M_X64)
+  if (active_isa() >= Isa::kAvx2) {
+    const int64_t k = x32.size(1);
+    at::Tensor rounded = at::empty_like(x32);
+    const float* x = x32.data_ptr<float>();
+    float* out = rounded.data_ptr<float>();
+    std::atomic<bool> finite{true};
+    parallel_ranges(x32.size(0), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end && finite.load(std::memory_order_relaxed); ++i) {
+        if (!int4_int8x_round_avx2(x + i * k, k, out + i * k)) finite = false;
+      }
+    });
+    return finite ? rounded : x32;
+  }
+#endif
+  return all_finite(x32) ? int8_activation_round(x32) : x32;
+}
+
 }  // namespace
 
 const char* int4_linear_cpu_path(int64_t m, int64_t n, int64_t k, int64_t group_size, DType dtype,
@@ -71,7 +93,7 @@ at::Tensor int4_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
   Path path = choose_path(active_isa(), m, k, s.group_size, s.x_dtype, int8_activations);
   // int8_activations on a path that does not round x itself: every kernel then computes on x~ (exact in the
   // fixed-point paths' 16 bits). x with NaN or inf stays as it is, as in the reference.
-  if (int8_activations && path != Path::kAvx2Int8X && all_finite(x32)) x32 = int8_activation_round(x32);
+  if (int8_activations && path != Path::kAvx2Int8X) x32 = rounded_activations(x32);
   const at::Tensor w = qweight.contiguous();
   const at::Tensor sc = scales.contiguous();
   const at::Tensor off = s.has_offsets ? offsets->contiguous() : at::Tensor();
@@ -106,9 +128,15 @@ at::Tensor int4_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
     float* steps = reinterpret_cast<float*>(x_fixed.get() + plane_bytes);
     float* group_sums = steps + steps_floats;
     for (int64_t i = 0; i < m && path != Path::kAvx2TiledFp32; ++i) {
-      const auto round_x = path == Path::kAvx2Int8X ? int4_int8x_x_avx2 : int4_fixed16_x_avx2;
-      if (!round_x(p.x + i * k, k, p.kp, s.group_size, planes + i * 2 * p.kp, steps + i * (p.kp / 32),
-                   group_sums + i * s.n_groups)) {
+      const float* xi = p.x + i * k;
+      int8_t* planes_i = planes + i * 2 * p.kp;
+      float* steps_i = steps + i * (p.kp / 32);
+      float* sums_i = group_sums + i * s.n_groups;
+      const bool finite =
+          path == Path::kAvx2Int8X
+              ? int4_int8x_x_avx2(xi, k, p.kp, s.group_size, planes_i, steps_i, sums_i)
+              : int4_fixed16_x_avx2(xi, k, p.kp, s.group_size, planes_i, steps_i, sums_i);
+      if (!finite) {
         path = Path::kAvx2TiledFp32;  // NaN/inf (or a vanishing block) in x: no rounding, IEEE propagation
       }
     }

@@ -94,6 +94,9 @@ bool int4_fixed16_x_avx2(const float* x, int64_t k, int64_t kp, int64_t group_si
 // as it is, as the reference does).
 bool int4_int8x_x_avx2(const float* x, int64_t k, int64_t kp, int64_t group_size, int8_t* plane, float* steps,
                        float* group_sums);
+// One row of x rounded the same way, as x~ = X * step (k floats: the reference's int8_activation_round), for
+// the kernels that take x~ itself. False on NaN or inf, as above.
+bool int4_int8x_round_avx2(const float* x, int64_t k, float* rounded);
 // cpu_avx512_vnni_fixed16 with x from int4_fixed16_x_avx2 (p.x_planes reordered by
 // int4_fixed16_interleave_avx512). scratch: int4_avx512_scratch_floats(p.kp) floats.
 void int4_linear_avx512_fixed16(const Int4LinearProblem& p, int64_t n_begin, int64_t n_end, float* scratch);
