@@ -204,7 +204,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                                                                 int8_activations));
       },
       py::arg("m"), py::arg("n"), py::arg("k"), py::arg("group_size"), py::arg("dtype"),
-      py::arg("int8_activations") = false, "Name of the CPU kernel int4_linear runs for this problem (finite x)");
+      py::arg("int8_activations") = false,
+      "Name of the CPU kernel int4_linear runs for this problem (finite x)");
   m.def(
       "sparse_linear_cpu_path",
       [](int64_t m_rows, int64_t n, int64_t k, const std::string& values_dtype, const std::string& x_dtype,

@@ -168,11 +168,12 @@ at::Tensor int8_linear_autograd(const at::Tensor& x, const at::Tensor& qweight, 
 
 at::Tensor int4_linear_autograd(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                                 const std::optional<at::Tensor>& offsets,
-                                const std::optional<at::Tensor>& bias, int64_t in_features, int64_t group_size,
-                                bool int8_activations) {
+                                const std::optional<at::Tensor>& bias, int64_t in_features,
+                                int64_t group_size, bool int8_activations) {
   if (!records_gradient({x, scales, offsets, bias})) {
     at::AutoDispatchBelowADInplaceOrView below;
-    return Int4Linear::op().call(x, qweight, scales, offsets, bias, in_features, group_size, int8_activations);
+    return Int4Linear::op().call(x, qweight, scales, offsets, bias, in_features, group_size,
+                                 int8_activations);
   }
   return Int4Linear::apply(x, qweight, scales, offsets, bias, in_features, group_size, int8_activations);
 }

@@ -2,8 +2,9 @@
 // int4_linear's int8_activations, by torch ops: x rounded to int8 per block of 32 columns of each row, as
 // reference.int8_activation_round (the oracle) rounds it, with the same fp32 operations in the same order:
 // m = max|x| of the block, X = round(x * (127 / m)) half to even, x~ = X * (m / 127); blocks with m < 2^-100
-// become 0. The CPU glue runs it where no kernel rounds x itself (prefill, the portable kernel), the CUDA glue
-// always; the CPU decode kernel's own rounding (int4_int8x_x_avx2) gives the same x~. Torch glue only.
+// become 0. The CUDA glue runs it always, the CPU glue on CPUs without AVX2; AVX2 CPUs round x with the
+// decode kernel's own routines (int4_int8x_x_avx2, int4_int8x_round_avx2), which give the same x~ bit for
+// bit (tests/test_int4_linear.py). Torch glue only.
 #include <ATen/ATen.h>
 
 namespace fastquant {
@@ -16,8 +17,8 @@ constexpr float kInt8ActivationTiny = 0x1p-100f;
 inline at::Tensor int8_activation_round(const at::Tensor& x32) {
   const int64_t m = x32.size(0), k = x32.size(1);
   const int64_t blocks = (k + kInt8ActivationBlock - 1) / kInt8ActivationBlock;
-  const at::Tensor padded =
-      at::constant_pad_nd(x32, {0, blocks * kInt8ActivationBlock - k}).view({m, blocks, kInt8ActivationBlock});
+  const at::Tensor padded = at::constant_pad_nd(x32, {0, blocks * kInt8ActivationBlock - k})
+                                .view({m, blocks, kInt8ActivationBlock});
   const at::Tensor largest = padded.abs().amax(-1, /*keepdim=*/true);
   // Tensor / tensor divisions: torch may multiply by a reciprocal when dividing by a scalar, which would
   // round differently from the kernels' IEEE divisions.

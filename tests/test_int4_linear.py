@@ -523,7 +523,9 @@ def test_int8_activation_round_ties_and_tiny_blocks():
     assert rounded[0, :4].tolist() == [127.0, 2.0, 4.0, -0.0]
     assert bool((rounded[0, 32:64] == 0).all())
     assert rounded[0, 64].item() == -1.0
-    assert torch.equal(reference.int8_activation_round(x.bfloat16()), reference.int8_activation_round(x.bfloat16().float()))
+    assert torch.equal(
+        reference.int8_activation_round(x.bfloat16()), reference.int8_activation_round(x.bfloat16().float())
+    )
 
 
 @pytest.mark.parametrize(("cpu_isa", "shape"), isa_shape_cases(SHAPES, PORTABLE_SHAPES), indirect=["cpu_isa"])

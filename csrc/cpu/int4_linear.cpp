@@ -51,7 +51,8 @@ Path choose_path(Isa isa, int64_t m, int64_t k, int64_t group_size, DType dtype,
 }
 
 // x~ of an m x k fp32 x (int8_activations.h's rule), or x itself when it holds NaN or inf. AVX2 CPUs round
-// it with the decode kernel's own routine (one pass; torch ops would cost ~10 passes over x per prefill call).
+// it with the decode kernel's own routine (one pass; torch ops would cost ~10 passes over x per prefill
+// call).
 at::Tensor rounded_activations(const at::Tensor& x32) {
 #if defined(__x86_64__) || defined(_M_X64)
   if (active_isa() >= Isa::kAvx2) {
@@ -132,10 +133,9 @@ at::Tensor int4_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
       int8_t* planes_i = planes + i * 2 * p.kp;
       float* steps_i = steps + i * (p.kp / 32);
       float* sums_i = group_sums + i * s.n_groups;
-      const bool finite =
-          path == Path::kAvx2Int8X
-              ? int4_int8x_x_avx2(xi, k, p.kp, s.group_size, planes_i, steps_i, sums_i)
-              : int4_fixed16_x_avx2(xi, k, p.kp, s.group_size, planes_i, steps_i, sums_i);
+      const bool finite = path == Path::kAvx2Int8X
+                              ? int4_int8x_x_avx2(xi, k, p.kp, s.group_size, planes_i, steps_i, sums_i)
+                              : int4_fixed16_x_avx2(xi, k, p.kp, s.group_size, planes_i, steps_i, sums_i);
       if (!finite) {
         path = Path::kAvx2TiledFp32;  // NaN/inf (or a vanishing block) in x: no rounding, IEEE propagation
       }
@@ -188,9 +188,8 @@ at::Tensor int4_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
     // Blocks of 8 output columns: small N still splits across threads.
     constexpr int64_t grain = 8;
     const auto kernel = path == Path::kAvx2Int8X ? int4_linear_avx2_int8x : int4_linear_avx2_fixed16;
-    parallel_ranges((n + grain - 1) / grain, [&](int64_t begin, int64_t end) {
-      kernel(p, begin * grain, std::min(end * grain, n));
-    });
+    parallel_ranges((n + grain - 1) / grain,
+                    [&](int64_t begin, int64_t end) { kernel(p, begin * grain, std::min(end * grain, n)); });
   } else if (path == Path::kAvx2TiledFp32) {
     parallel_ranges((n + kInt4TileRows - 1) / kInt4TileRows, [&](int64_t begin, int64_t end) {
       std::unique_ptr<float[]> scratch(new float[int4_tiled_scratch_floats() + 8]);

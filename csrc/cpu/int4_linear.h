@@ -22,11 +22,11 @@
 //                       keeps M = 1 memory-bound at int4's half of int8's bytes.
 //   cpu_avx2_int8x      decode with int8_activations (M <= kFixedMaxRows, finite x; AVX2 and AVX-512): x
 //                       rounded to int8 per block of 32 columns as int8_activations.h's rule (X = round(x *
-//                       127 / m), step = m / 127), one signed plane; per 32 columns and row one vpmaddubsw and
-//                       one vpmaddwd (cpu_avx2_fixed16's loop with half its multiplies), one conversion and
-//                       one FMA. Numerical rule: y = x~ @ W^T up to fp32 rounding of the per-block partial
-//                       sums, x~ the rounded x of the reference (int8_activation_round). Other paths with
-//                       int8_activations run on x~ computed by the glue (exact in their fixed point).
+//                       127 / m), step = m / 127), one signed plane; per 32 columns and row one vpmaddubsw
+//                       and one vpmaddwd (cpu_avx2_fixed16's loop with half its multiplies), one conversion
+//                       and one FMA. Numerical rule: y = x~ @ W^T up to fp32 rounding of the per-block
+//                       partial sums, x~ the rounded x of the reference (int8_activation_round). Other paths
+//                       with int8_activations run on x~ computed by the glue (exact in their fixed point).
 //   cpu_avx512_vnni_fixed16  decode on AVX-512 VNNI (2 <= M <= 16, finite x; M = 1 runs cpu_avx2_fixed16).
 //                       x exactly as cpu_avx2_fixed16 (same rounding, same numerical rule), its planes'
 //                       dwords reordered so that one 64-column block's 32 weight bytes widen to 64 codes in
