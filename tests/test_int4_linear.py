@@ -483,6 +483,8 @@ def test_info_reports_the_int4_kernels():
 
     lines = [line for line in info_lines() if line.startswith("int4_linear cpu")]
     assert [line.split(": ")[1] for line in lines] == [cpu_path(m, 4096, 4096, 32) for m in (1, 16, 512)]
+    (line,) = [line for line in info_lines() if line.startswith("int4_linear (int8 activations) cpu")]
+    assert line.split(": ")[1] == int4_kernel_path(torch.device("cpu"), 1, 4096, 4096, 32, torch.float32, True)
 
 
 # ---------------------------------------------------------------- int8_activations (x rounded to int8 per 32 columns)

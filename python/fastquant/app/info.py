@@ -52,6 +52,8 @@ def info_lines() -> list[str]:
         for m in (1, 16, 512):
             path = extension.int4_linear_kernel_path(device, m, 4096, 4096, 32, torch.float32)
             lines.append(f"int4_linear {device.type} group 32 M={m}: {path}")
+        path = extension.int4_linear_kernel_path(device, 1, 4096, 4096, 32, torch.float32, int8_activations=True)
+        lines.append(f"int4_linear (int8 activations) {device.type} group 32 M=1: {path}")
         for values in (torch.float32, torch.int8):
             for m in (1, 512):
                 path = extension.sparse_linear_kernel_path(device, m, 4096, 4096, values, torch.float32)
