@@ -49,6 +49,30 @@ inline __m256i block_dot(__m256i codes, const int8_t* lo, const int8_t* hi) {
                           _mm256_madd_epi16(ph, _mm256_set1_epi16(256)));
 }
 
+// Loads a 32-column block of x whose first `valid` columns exist (0..32; zeros past them: x is never read past
+// k) and its largest magnitude. False when the block holds NaN or an infinity.
+inline bool load_block(const float* xb, int64_t valid, __m256 v[4], float* max_abs) {
+  alignas(32) float buf[32];
+  if (valid < 32) {
+    std::memset(buf, 0, sizeof(buf));
+    if (valid > 0) std::memcpy(buf, xb, valid * sizeof(float));
+    xb = buf;
+  }
+  const __m256 sign = _mm256_set1_ps(-0.0f), zero = _mm256_setzero_ps();
+  __m256 largest = zero, non_finite = zero;
+  for (int t = 0; t < 4; ++t) {
+    v[t] = _mm256_loadu_ps(xb + 8 * t);
+    const __m256 times_zero = _mm256_mul_ps(v[t], zero);  // NaN exactly for NaN and infinities
+    non_finite = _mm256_or_ps(non_finite, _mm256_cmp_ps(times_zero, times_zero, _CMP_UNORD_Q));
+    largest = _mm256_max_ps(largest, _mm256_andnot_ps(sign, v[t]));
+  }
+  if (_mm256_movemask_ps(non_finite)) return false;
+  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(largest), _mm256_extractf128_ps(largest, 1));
+  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  *max_abs = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+  return true;
+}
+
 // Output column j for row i of x. Per 32-column block: 2 vpmaddubsw, 2 vpmaddwd, one add, one conversion
 // and one FMA by s * step, into two accumulators (even and odd blocks) to hide the FMA latency. Named
 // variables, not arrays indexed by the block's parity: GCC keeps those in memory. For M > 1 the weight row
@@ -320,29 +344,13 @@ bool int4_fixed16_x_avx2(const float* x, int64_t k, int64_t kp, int64_t group_si
   int8_t* lo_plane = planes;
   int8_t* hi_plane = planes + kp;
   const int64_t n_blocks = (k + 31) / 32;
-  const __m256 sign = _mm256_set1_ps(-0.0f), zero = _mm256_setzero_ps();
   const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-  alignas(32) float buf[32];
   double group_sum = 0.0;
   for (int64_t b = 0; b < kp / 32; ++b) {
-    const float* xb = x + 32 * b;
     const int64_t valid = std::max<int64_t>(0, std::min<int64_t>(32, k - 32 * b));
-    if (valid < 32) {  // the last partial block: x is never read past k
-      std::memset(buf, 0, sizeof(buf));
-      if (valid > 0) std::memcpy(buf, xb, valid * sizeof(float));
-      xb = buf;
-    }
-    __m256 v[4], largest = zero, non_finite = zero;
-    for (int t = 0; t < 4; ++t) {
-      v[t] = _mm256_loadu_ps(xb + 8 * t);
-      const __m256 times_zero = _mm256_mul_ps(v[t], zero);  // NaN exactly for NaN and infinities
-      non_finite = _mm256_or_ps(non_finite, _mm256_cmp_ps(times_zero, times_zero, _CMP_UNORD_Q));
-      largest = _mm256_max_ps(largest, _mm256_andnot_ps(sign, v[t]));
-    }
-    if (_mm256_movemask_ps(non_finite)) return false;
-    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(largest), _mm256_extractf128_ps(largest, 1));
-    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-    const float max_abs = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+    __m256 v[4];
+    float max_abs;
+    if (!load_block(x + 32 * b, valid, v, &max_abs)) return false;
     // Blocks of tiny magnitude would need a step below fp32's normal range: the caller takes the fp32 kernel.
     if (max_abs != 0.f && max_abs < 0x1p-100f) return false;
     const float step = max_abs / kFixed16Max;
@@ -386,30 +394,14 @@ bool int8x_row(const float* x, int64_t k, int64_t kp, int64_t group_size, int8_t
                float* group_sums, float* rounded) {
   const int64_t n_blocks = (k + 31) / 32;
   const int64_t blocks_per_group = group_size / 32;
-  const __m256 sign = _mm256_set1_ps(-0.0f), zero = _mm256_setzero_ps();
   const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-  alignas(32) float buf[32];
   double group_sum = 0.0;
   int64_t group = 0, left_in_group = blocks_per_group;
   for (int64_t b = 0; b < (kPlane ? kp / 32 : n_blocks); ++b) {
-    const float* xb = x + 32 * b;
     const int64_t valid = std::max<int64_t>(0, std::min<int64_t>(32, k - 32 * b));
-    if (valid < 32) {  // the last partial block: x is never read past k
-      std::memset(buf, 0, sizeof(buf));
-      if (valid > 0) std::memcpy(buf, xb, valid * sizeof(float));
-      xb = buf;
-    }
-    __m256 v[4], largest = zero, non_finite = zero;
-    for (int t = 0; t < 4; ++t) {
-      v[t] = _mm256_loadu_ps(xb + 8 * t);
-      const __m256 times_zero = _mm256_mul_ps(v[t], zero);  // NaN exactly for NaN and infinities
-      non_finite = _mm256_or_ps(non_finite, _mm256_cmp_ps(times_zero, times_zero, _CMP_UNORD_Q));
-      largest = _mm256_max_ps(largest, _mm256_andnot_ps(sign, v[t]));
-    }
-    if (_mm256_movemask_ps(non_finite)) return false;
-    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(largest), _mm256_extractf128_ps(largest, 1));
-    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-    const float max_abs = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+    __m256 v[4];
+    float max_abs;
+    if (!load_block(x + 32 * b, valid, v, &max_abs)) return false;
     const bool kept = max_abs >= kInt8XTiny;
     const float step = kept ? max_abs / 127.f : 0.f;
     const __m256 inv = _mm256_set1_ps(kept ? 127.f / max_abs : 0.f);
