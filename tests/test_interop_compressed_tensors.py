@@ -80,6 +80,16 @@ def test_int4_symmetric_exports_and_loads(tmp_path, ids):
     _check(model, tmp_path / "ct", ids)
 
 
+def test_int4_with_int8_activations_exports_its_weights_and_says_so(tmp_path, ids):
+    model = fastquant.patch(tiny_llama(), fastquant.Int4(int8_activations=True))
+    with pytest.warns(UserWarning, match="14 int4 layers round their input to int8"):
+        summary = export_compressed_tensors(model, tmp_path / "ct")
+    assert summary["schemes"] == {"int4 group 32": 14}
+    for layer in (m for m in model.modules() if isinstance(m, fastquant.Int4Linear)):
+        layer.int8_activations = False  # the exported model computes with float activations
+    _check(model, tmp_path / "ct", ids)
+
+
 def test_model_transformers_loaded_from_gguf_exports(tmp_path, ids):
     # transformers marks a model it de-quantized from a GGUF file as quantized, and save_pretrained refuses it.
     pytest.importorskip("gguf")

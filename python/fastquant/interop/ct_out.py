@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +109,13 @@ def export_compressed_tensors(model: nn.Module, out_dir: str | os.PathLike, *, t
             float_linears.append(name)
     if not layouts:
         raise InteropError("the model has no int8/int4 fastquant layers to write as compressed-tensors")
+    rounded_x = [name for name in layouts if getattr(model.get_submodule(name), "int8_activations", False)]
+    if rounded_x:
+        warnings.warn(
+            f"{len(rounded_x)} int4 layers round their input to int8 (int8_activations); compressed-tensors gets "
+            "their weights only, and engines that load it compute with float activations",
+            stacklevel=2,
+        )
 
     # A float copy whose linear layers hold exactly the weights the fastquant layers compute with.
     float_model = copy.deepcopy(model)
