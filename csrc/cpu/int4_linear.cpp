@@ -53,15 +53,14 @@ Path choose_path(Isa isa, int64_t m, int64_t k, int64_t group_size, DType dtype,
 // x~ of an m x k fp32 x (int8_activations.h's rule), or x itself when it holds NaN or inf. AVX2 CPUs round
 // it with the decode kernel's own routine (one pass; torch ops would cost ~10 passes over x per prefill
 // call).
-at::Tensor rounded_activations(const at::Tensor& x32) {
+at::Tensor rounded_activations(const at::Tensor& x32, int64_t m, int64_t k) {
 #if defined(__x86_64__) || defined(_M_X64)
   if (active_isa() >= Isa::kAvx2) {
-    const int64_t k = x32.size(1);
-    at::Tensor rounded = at::empty_like(x32);
+    at::Tensor rounded = at::empty({m, k}, x32.options());
     const float* x = x32.data_ptr<float>();
     float* out = rounded.data_ptr<float>();
     std::atomic<bool> finite{true};
-    parallel_ranges(x32.size(0), [&](int64_t begin, int64_t end) {
+    parallel_ranges(m, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end && finite.load(std::memory_order_relaxed); ++i) {
         if (!int4_int8x_round_avx2(x + i * k, k, out + i * k)) finite = false;
       }
@@ -69,7 +68,7 @@ at::Tensor rounded_activations(const at::Tensor& x32) {
     return finite ? rounded : x32;
   }
 #endif
-  return all_finite(x32) ? int8_activation_round(x32) : x32;
+  return all_finite(x32) ? int8_activation_round(x32.view({m, k})) : x32;
 }
 
 }  // namespace
@@ -89,18 +88,20 @@ at::Tensor int4_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
 
   const int64_t m = s.m, n = s.n, k = s.k;
   // Kernels compute in fp32 (x converted exactly from bf16/fp16) into an fp32 output, rounded once at the
-  // end.
-  at::Tensor x32 = x.reshape({m, k}).to(at::kFloat).contiguous();
+  // end. They read x through its data pointer, so a contiguous fp32 x of any shape is used as it is (a view
+  // or a conversion that changes nothing is still a dispatcher call, per decode call of 5-50 us); paths that
+  // need the (m, k) tensor view it.
+  at::Tensor x32 = x.contiguous();
+  if (s.x_dtype != DType::kFloat32) x32 = x32.to(at::kFloat);
   Path path = choose_path(active_isa(), m, k, s.group_size, s.x_dtype, int8_activations);
   // int8_activations on a path that does not round x itself: every kernel then computes on x~ (exact in the
   // fixed-point paths' 16 bits). x with NaN or inf stays as it is, as in the reference.
-  if (int8_activations && path != Path::kAvx2Int8X) x32 = rounded_activations(x32);
+  if (int8_activations && path != Path::kAvx2Int8X) x32 = rounded_activations(x32, m, k);
   const at::Tensor w = qweight.contiguous();
   const at::Tensor sc = scales.contiguous();
   const at::Tensor off = s.has_offsets ? offsets->contiguous() : at::Tensor();
-  const at::Tensor b32 = s.has_bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
-  at::Tensor y32 =
-      s.x_dtype == DType::kFloat32 ? y.view({m, n}) : at::empty({m, n}, x.options().dtype(at::kFloat));
+  const at::Tensor b32 = s.has_bias ? bias->contiguous().to(at::kFloat) : at::Tensor();
+  at::Tensor y32 = s.x_dtype == DType::kFloat32 ? y : at::empty({m, n}, x.options().dtype(at::kFloat));
   Int4LinearProblem p{w.data_ptr<uint8_t>(),
                       reinterpret_cast<const uint16_t*>(sc.data_ptr<at::Half>()),
                       off.defined() ? reinterpret_cast<const uint16_t*>(off.data_ptr<at::Half>()) : nullptr,
@@ -167,14 +168,14 @@ at::Tensor int4_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
                          DType::kFloat32};
     ip.bias_f32 = p.bias;
     ip.y_f32 = p.y;
-    int8_linear_run_bf16(ip, x32);
+    int8_linear_run_bf16(ip, x32.view({m, k}));
     if (s.has_offsets) {
       // w = s q + o = s (q - 8) + (o + 8 s): the kernel summed the first part, the second multiplies each
       // group's fp32 sum of x.
-      const at::Tensor x_groups = at::constant_pad_nd(x32, {0, s.n_groups * s.group_size - k})
+      const at::Tensor x_groups = at::constant_pad_nd(x32.view({m, k}), {0, s.n_groups * s.group_size - k})
                                       .view({m, s.n_groups, s.group_size})
                                       .sum(-1);
-      y32.addmm_(x_groups, (off.to(at::kFloat) + sc32 * 8).t());
+      y32.view({m, n}).addmm_(x_groups, (off.to(at::kFloat) + sc32 * 8).t());
     }
   } else if (path == Path::kAvx512VnniFixed16) {
     // Blocks of 8 output columns (two passes of kInt4Avx512Rows): small N still splits across threads.

@@ -115,7 +115,10 @@ at::Tensor run_kernels(const at::Tensor& x, const at::Tensor& qweight, const at:
   at::Tensor y = empty_output(x, n);
   if (output_without_kernel(y, k, bias)) return y;
 
-  const at::Tensor x2 = x.reshape({m, k}).contiguous();
+  // The kernels read x through its data pointer: a contiguous x of any shape is the (m, k) matrix they need.
+  // A view or a conversion that changes nothing is still a dispatcher call (and a view a new tensor), and a
+  // SmolLM2 token makes 211 decode calls of 5-50 us: they are made only where a path needs them.
+  const at::Tensor x2 = x.contiguous();
   const at::Tensor w = qweight.contiguous();
   const at::Tensor s = scales.contiguous();
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
@@ -141,17 +144,17 @@ at::Tensor run_kernels(const at::Tensor& x, const at::Tensor& qweight, const at:
 #if defined(__x86_64__) || defined(_M_X64)
   if (p.group_size > k) p.group_size = k;  // one group covering K reads as per-channel
   // Vector paths compute in fp32 into an fp32 output (y itself for float32 x), then round once to x's dtype.
-  const at::Tensor b32 = b.defined() ? b.to(at::kFloat).contiguous() : at::Tensor();
+  const at::Tensor b32 = !b.defined() || b.scalar_type() == at::kFloat ? b : b.to(at::kFloat);
   at::Tensor y32 = dtype == DType::kFloat32 ? y : at::empty({m, n}, x.options().dtype(at::kFloat));
   p.bias_f32 = b32.defined() ? b32.data_ptr<float>() : nullptr;
   p.y_f32 = y32.data_ptr<float>();
   if (path == Path::kAvx512Bf16) {
-    int8_linear_run_bf16(p, x2);
+    int8_linear_run_bf16(p, x2.view({m, k}));
   } else {
-    const at::Tensor x32 = x2.to(at::kFloat).contiguous();
+    const at::Tensor x32 = dtype == DType::kFloat32 ? x2 : x2.to(at::kFloat);
     p.x_f32 = x32.data_ptr<float>();
     Int8LinearKernel kernel = path == Path::kAvx2Fp32 ? int8_linear_avx2_fp32 : int8_linear_avx512_fp32;
-    at::Tensor planes, top_sums;
+    std::unique_ptr<char[]> x_fixed;  // one heap block, not two at::empty calls (~1 us each)
     const XRange range =
         path == Path::kAvx512VnniFixed ? x_range_avx512(p.x_f32, k) : XRange{false, 0.f, 0.f};
     if (fixed_point_takes(range)) {
@@ -159,13 +162,15 @@ at::Tensor run_kernels(const at::Tensor& x, const at::Tensor& qweight, const at:
       // non-finite values as the reference does.
       const int64_t stride = (k + 63) / 64 * 64;
       const int64_t group = p.group_size < k ? p.group_size : stride;
-      planes = at::empty({4 * stride}, x.options().dtype(at::kByte));
-      top_sums = at::empty({(stride + group - 1) / group}, x.options().dtype(at::kLong));
-      fixed_point_x_avx512(p.x_f32, k, range.max_abs, stride, group, planes.data_ptr<uint8_t>(),
-                           top_sums.data_ptr<int64_t>(), &p.x_fixed_step);
-      p.x_fixed = planes.data_ptr<uint8_t>();
+      // 4 * stride bytes of planes (a multiple of 256: the int64 sums after them stay aligned), then the
+      // sums.
+      x_fixed.reset(new char[4 * stride + (stride + group - 1) / group * sizeof(int64_t)]);
+      uint8_t* planes = reinterpret_cast<uint8_t*>(x_fixed.get());
+      int64_t* top_sums = reinterpret_cast<int64_t*>(x_fixed.get() + 4 * stride);
+      fixed_point_x_avx512(p.x_f32, k, range.max_abs, stride, group, planes, top_sums, &p.x_fixed_step);
+      p.x_fixed = planes;
       p.x_fixed_stride = stride;
-      p.x_fixed_top_sums = top_sums.data_ptr<int64_t>();
+      p.x_fixed_top_sums = top_sums;
       kernel = int8_linear_avx512_vnni_fixed;
     }
     // Work unit: blocks of 8 output columns, so each thread streams a disjoint slice of the weight
