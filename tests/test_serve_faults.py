@@ -135,8 +135,9 @@ async def _body(response) -> bytes:
         ([(200, {}, False), b'{"ok": 1}'], 0, 503, False),  # died before answering
         ([(200, {}, False), b'{"ok": 1}'], 1, 503, False),  # died while generating a non-streamed answer
         ([(200, {}, True), b"data: a\n\n", b"data: [DONE]\n\n"], 2, 200, True),  # died mid-stream
+        ([(200, {}, True), b"data: a\n\n", b"data: [DONE]\n\n"], 3, 200, False),  # died after its [DONE]
     ],
-    ids=["alive", "dead before the head", "dead before the body", "dead mid-stream"],
+    ids=["alive", "dead before the head", "dead before the body", "dead mid-stream", "dead after the stream"],
 )
 def test_a_dead_replica_gives_a_retryable_error(items, die_after, status, event):
     pytest.importorskip("ray.serve")
@@ -158,6 +159,9 @@ def test_a_dead_replica_gives_a_retryable_error(items, die_after, status, event)
         events = [line[6:] for line in body.decode().splitlines() if line.startswith("data: ")]
         assert events[0] == "a" and events[-1] == "[DONE]"
         assert json.loads(events[1])["error"]["type"] == "service_unavailable"
+    elif items[0][2]:  # a stream the replica finished before it died: relayed whole, nothing after [DONE]
+        assert body == b"data: a\n\ndata: [DONE]\n\n"
     else:
         assert body == b'{"ok": 1}' and response.headers["x-fastquant-replica"] == "r1"
-    assert len(calls) == (0 if die_after is None else 1)
+    complete = die_after is None or die_after >= len(items)
+    assert len(calls) == (0 if complete else 1)

@@ -209,7 +209,8 @@ async def forward(answer: Any, on_unavailable: Any = lambda: None) -> Response:
     """Relay a replica's answer to the client: ``answer`` is the async iterator of ``FastquantLM.call`` (a head
     ``(status, headers, streaming)``, then body chunks). A replica that dies before the head, or before the last
     chunk of a non-streamed answer, becomes a 503 with Retry-After; one that dies mid-stream ends the stream with
-    an error event (the 200 is sent already). ``on_unavailable`` is called once in either case."""
+    an error event (the 200 is sent already), and one that dies after its stream's ``[DONE]`` changes nothing.
+    ``on_unavailable`` is called once for each unavailable answer."""
     try:
         status, headers, streaming = await answer.__anext__()
         if not streaming:
@@ -223,13 +224,18 @@ async def forward(answer: Any, on_unavailable: Any = lambda: None) -> Response:
     async def rest() -> Any:
         import json
 
-        finished = False
+        finished = complete = False
         try:
             async for chunk in answer:
-                yield _bytes(chunk)
+                data = _bytes(chunk)
+                yield data
+                complete = data.endswith(b"data: [DONE]\n\n")
             finished = True
         except _REPLICA_GONE as exc:
             finished = True
+            if complete:  # gone after its last event: the answer is whole, and nothing may follow [DONE]
+                logger.warning("fastquant: replica gone after a complete stream: %s", type(exc).__name__)
+                return
             logger.warning("fastquant: replica gone mid-stream: %s", type(exc).__name__)
             on_unavailable()
             yield f"data: {json.dumps(_unavailable_body())}\n\ndata: [DONE]\n\n".encode()
