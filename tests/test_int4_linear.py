@@ -516,7 +516,7 @@ def test_int8_activation_round_is_llama_cpp_q8_0(k):
 
 def test_int8_activation_round_ties_and_tiny_blocks():
     """Ties round half to even (as the kernels' conversion); a block below 2^-100 becomes 0, others keep their
-    own scale; bf16 x is rounded from its exact fp32 value."""
+    own scale."""
     x = torch.zeros(1, 96)
     x[0, :4] = torch.tensor([127.0, 2.5, 3.5, -0.5])  # m = 127: x * 127 / m = x
     x[0, 32:64] = 2.0**-110  # a tiny block
@@ -525,14 +525,12 @@ def test_int8_activation_round_ties_and_tiny_blocks():
     assert rounded[0, :4].tolist() == [127.0, 2.0, 4.0, -0.0]
     assert bool((rounded[0, 32:64] == 0).all())
     assert rounded[0, 64].item() == -1.0
-    assert torch.equal(
-        reference.int8_activation_round(x.bfloat16()), reference.int8_activation_round(x.bfloat16().float())
-    )
 
 
 @pytest.mark.parametrize(("cpu_isa", "shape"), isa_shape_cases(SHAPES, PORTABLE_SHAPES), indirect=["cpu_isa"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("group_size", [32, 128])
+# 96: groups that start in the high half of a 64-column block (cpu_avx2_int8x's odd-block edges).
+@pytest.mark.parametrize("group_size", [32, 96, 128])
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
 def test_int8_activations_match_reference(cpu_isa, shape, dtype, group_size, symmetric):
     m, k, n = shape

@@ -438,6 +438,7 @@ def test_huge_int4_layer_claim_is_refused_before_allocating(tmp_path, monkeypatc
         (dict(group_size=48), "group_size must be one of"),
         (dict(group_size=64), "implies"),
         (dict(symmetric="yes"), "symmetric must be true or false"),
+        (dict(int8_activations="yes"), "int8_activations must be True or False"),
         (dict(in_features=-3), "invalid manifest entry"),
     ],
 )

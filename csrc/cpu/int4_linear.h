@@ -78,10 +78,10 @@ struct Int4LinearProblem {
 void int4_linear_portable(const Int4LinearProblem& p, int64_t n_begin, int64_t n_end);
 #if defined(__x86_64__) || defined(_M_X64)
 void int4_linear_avx2_fixed16(const Int4LinearProblem& p, int64_t n_begin, int64_t n_end);
-// n_begin a multiple of kInt4TileRows. scratch: int4_tiled_scratch_floats() floats, 32-byte aligned.
 // cpu_avx2_int8x with x from int4_int8x_x_avx2 (p.x_planes: one plane of kp bytes per row of x, at the
 // stride of two).
 void int4_linear_avx2_int8x(const Int4LinearProblem& p, int64_t n_begin, int64_t n_end);
+// n_begin a multiple of kInt4TileRows. scratch: int4_tiled_scratch_floats() floats, 32-byte aligned.
 void int4_linear_avx2_tiled_fp32(const Int4LinearProblem& p, int64_t n_begin, int64_t n_end, float* scratch);
 // One row of x (k floats) in cpu_avx2_fixed16's form: planes (2 x kp bytes, lo then hi), steps (kp / 32) and
 // group_sums (ceil(k / group_size)). Returns false, writing nothing useful, when x has NaN, an infinity or a
