@@ -59,6 +59,19 @@ void def_path_query(py::module_& m, const char* name, PathQuery query, const cha
       py::arg("m"), py::arg("n"), py::arg("k"), py::arg("group_size"), py::arg("dtype"), doc);
 }
 
+// The same for an op with the int8_activations option.
+using RoundingPathQuery = const char* (*)(int64_t, int64_t, int64_t, int64_t, DType, bool);
+void def_rounding_path_query(py::module_& m, const char* name, RoundingPathQuery query, const char* doc) {
+  m.def(
+      name,
+      [query](int64_t m_rows, int64_t n, int64_t k, int64_t group_size, const std::string& dtype,
+              bool int8_activations) {
+        return std::string(query(m_rows, n, k, group_size, parse_dtype(dtype), int8_activations));
+      },
+      py::arg("m"), py::arg("n"), py::arg("k"), py::arg("group_size"), py::arg("dtype"),
+      py::arg("int8_activations") = false, doc);
+}
+
 #ifdef FASTQUANT_WITH_CUDA
 // The CUDA kernel int4_linear runs under the current caps, for x 16-byte aligned.
 const char* int4_linear_cuda_path(int64_t m, int64_t n, int64_t k, int64_t group_size, DType dtype) {
@@ -194,18 +207,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_cpu_isa", &fastquant::cpu::set_isa_limit, py::arg("name"),
         "Cap the CPU kernels at an instruction set (avx512_vbmi, avx512, avx2, portable); for tests and "
         "comparisons");
-  def_path_query(m, "int8_linear_cpu_path", &fastquant::cpu::int8_linear_cpu_path,
-                 "Name of the CPU kernel int8_linear runs for this problem");
-  m.def(
-      "int4_linear_cpu_path",
-      [](int64_t m_rows, int64_t n, int64_t k, int64_t group_size, const std::string& dtype,
-         bool int8_activations) {
-        return std::string(fastquant::cpu::int4_linear_cpu_path(m_rows, n, k, group_size, parse_dtype(dtype),
-                                                                int8_activations));
-      },
-      py::arg("m"), py::arg("n"), py::arg("k"), py::arg("group_size"), py::arg("dtype"),
-      py::arg("int8_activations") = false,
-      "Name of the CPU kernel int4_linear runs for this problem (finite x)");
+  def_rounding_path_query(m, "int8_linear_cpu_path", &fastquant::cpu::int8_linear_cpu_path,
+                          "Name of the CPU kernel int8_linear runs for this problem (finite x)");
+  def_rounding_path_query(m, "int4_linear_cpu_path", &fastquant::cpu::int4_linear_cpu_path,
+                          "Name of the CPU kernel int4_linear runs for this problem (finite x)");
   m.def(
       "sparse_linear_cpu_path",
       [](int64_t m_rows, int64_t n, int64_t k, const std::string& values_dtype, const std::string& x_dtype,

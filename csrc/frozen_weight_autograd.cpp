@@ -53,7 +53,7 @@ c10::TypedOperatorHandle<Schema> op_handle(const char* name) {
 }
 
 using Int8Schema = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                              const std::optional<at::Tensor>&, int64_t);
+                              const std::optional<at::Tensor>&, int64_t, bool);
 using Int4Schema = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                               const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t,
                               int64_t, bool);
@@ -67,19 +67,20 @@ class Int8Linear : public torch::autograd::Function<Int8Linear> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& qweight,
                             const at::Tensor& scales, const std::optional<at::Tensor>& bias,
-                            int64_t group_size) {
+                            int64_t group_size, bool int8_activations) {
     at::AutoDispatchBelowADInplaceOrView below;
     ctx->save_for_backward({qweight, scales});
     ctx->saved_data["group_size"] = group_size;
     save_activation_facts(ctx, x, bias);
-    return op().call(x, qweight, scales, bias, group_size);
+    return op().call(x, qweight, scales, bias, group_size, int8_activations);
   }
 
+  // int8_activations rounds x in the forward only: its gradient passes straight through the rounding.
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list saved = ctx->get_saved_variables();
     const auto [gx, gb] = activation_grads(
         ctx, grads[0], dequantize_int8(saved[0], saved[1], ctx->saved_data["group_size"].toInt()));
-    return {gx, at::Tensor(), at::Tensor(), gb, at::Tensor()};
+    return {gx, at::Tensor(), at::Tensor(), gb, at::Tensor(), at::Tensor()};
   }
 
   static c10::TypedOperatorHandle<Int8Schema> op() {
@@ -158,12 +159,13 @@ class SparseLinear : public torch::autograd::Function<SparseLinear<kCsr>> {
 // Each Autograd kernel: a call that records no gradient (no_grad, or nothing that requires one) runs the
 // backend kernel directly; otherwise the Function records the frozen-weight backward.
 at::Tensor int8_linear_autograd(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                                const std::optional<at::Tensor>& bias, int64_t group_size) {
+                                const std::optional<at::Tensor>& bias, int64_t group_size,
+                                bool int8_activations) {
   if (!records_gradient({x, scales, bias})) {
     at::AutoDispatchBelowADInplaceOrView below;
-    return Int8Linear::op().call(x, qweight, scales, bias, group_size);
+    return Int8Linear::op().call(x, qweight, scales, bias, group_size, int8_activations);
   }
-  return Int8Linear::apply(x, qweight, scales, bias, group_size);
+  return Int8Linear::apply(x, qweight, scales, bias, group_size, int8_activations);
 }
 
 at::Tensor int4_linear_autograd(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,

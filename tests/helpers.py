@@ -29,7 +29,15 @@ def product_rounding(path: str) -> float:
     return 2.0**-6 if "bf16" in path else 2.0**-16
 
 
-def assert_int8_linear_close(y, x, qweight, scales, bias, group_size, path: str) -> None:
+def assert_int8_linear_close(
+    y, x, qweight, scales, bias, group_size, path: str, int8_activations: bool = False
+) -> None:
+    """The int8 rule (module docstring). ``int8_activations``: the same rule with x~
+    (reference.int8_activation_round of finite x) in place of x: cpu_avx2_int8x sums each block's products
+    exactly in int32 and scales them in fp32 (the fp32 term), the other kernels run on x~."""
+    dtype = x.dtype
+    if int8_activations and bool(torch.isfinite(x).all()):
+        x = reference.int8_activation_round(x)
     weight = reference.int8_dequantize(qweight, scales, group_size).double()
     x64 = x.double()
     y64 = x64 @ weight.T
@@ -37,8 +45,8 @@ def assert_int8_linear_close(y, x, qweight, scales, bias, group_size, path: str)
         y64 = y64 + bias.double()
     y_ref = reference.int8_linear(x, qweight, scales, bias, group_size)
     scale = ((x64**2) @ (weight**2).T).sqrt()
-    bound = 2 * (y_ref.double() - y64).abs() + product_rounding(path) * scale + ULP[x.dtype] * y64.abs()
-    assert_within(y, y64, bound, x.dtype, f"kernel {path}: ")
+    bound = 2 * (y_ref.double() - y64).abs() + product_rounding(path) * scale + ULP[dtype] * y64.abs()
+    assert_within(y, y64, bound, dtype, f"kernel {path}: ")
 
 
 def assert_within(

@@ -258,3 +258,123 @@ def test_quantize_error_within_half_step(group_size):
     # Round-to-nearest: at most half a step, plus the fp32 rounding of the weight itself at a tie.
     assert bool(((dequantized - weight).abs() <= step / 2 + 2**-22 * weight.abs()).all())
     assert bool((dequantized[3] == 0).all()) and bool(torch.isfinite(scales).all())
+
+
+# ---------------------------------------------------------------- int8_activations (x rounded to int8 per 32 columns)
+
+
+def expected_int8x_path(cpu_isa: str, m: int, k: int, group_size: int) -> str | None:
+    """cpu_avx2_int8x for up to 8 rows with per-channel scales or groups of a multiple of 32 columns, on every
+    ISA with AVX2; None where another kernel runs on the glue's x~."""
+    group = k if group_size == -1 else min(group_size, k)
+    if cpu_isa != "portable" and m <= 8 and (group == k or group % 32 == 0):
+        return "cpu_avx2_int8x"
+    return None
+
+
+@pytest.mark.parametrize(("cpu_isa", "shape"), isa_shape_cases(SHAPES, PORTABLE_SHAPES), indirect=["cpu_isa"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+# 96: groups that end mid 64-column block; 100: groups that are no multiple of a block (x~ on the fp32 kernel).
+@pytest.mark.parametrize("group_size", [-1, 32, 96, 100, 128])
+def test_int8_activations_match_reference(cpu_isa, shape, dtype, group_size):
+    m, k, n = shape
+    seed = zlib.crc32(repr((shape, group_size, dtype, cpu_isa, "x8")).encode())
+    x, qweight, scales, bias = make_case(m, k, n, dtype, group_size, with_bias=seed % 2 == 0, seed=seed)
+    path = extension.int8_linear_kernel_path(torch.device("cpu"), m, n, k, group_size, dtype, int8_activations=True)
+    expected = expected_int8x_path(cpu_isa, m, k, group_size)
+    assert path == expected if expected else (cpu_isa in path and path != "cpu_avx2_int8x")
+    y = fastquant.int8_linear(x, qweight, scales, bias, group_size, int8_activations=True)
+    assert_int8_linear_close(y, x, qweight, scales, bias, group_size, path, int8_activations=True)
+
+
+@pytest.mark.parametrize("cpu_isa", available_cpu_isas(), indirect=True)
+@pytest.mark.parametrize("m", [1, 2, 8, 9, 17])
+def test_int8_activations_round_x_as_the_reference(cpu_isa, m):
+    """With an identity weight (code 1 on the diagonal, scale 1) each output is one product x~ * 1, exact in
+    fp32: the kernel's x~ is the reference's bit for bit, ties, tiny blocks and the ragged last block
+    included."""
+    k = 100
+    qweight = torch.eye(k, dtype=torch.int8)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)) * 10
+    x[0, :3] = torch.tensor([127.0, 2.5, -3.5])
+    x[0, 3:32] = torch.linspace(-1, 1, 29)  # m = 127: x * 127 / m = x, ties at 2.5 and -3.5
+    x[-1, 32:64] = 2.0**-110
+    for group_size, scales in ((-1, torch.ones(k)), (32, torch.ones(k, 4))):
+        y = fastquant.int8_linear(x, qweight, scales, None, group_size, int8_activations=True)
+        assert torch.equal(y, reference.int8_activation_round(x))
+        assert y[0, 1].item() == 2.0 and y[0, 2].item() == -4.0
+
+
+@pytest.mark.parametrize("cpu_isa", available_cpu_isas(), indirect=True)
+def test_int8_activations_extreme_codes(cpu_isa):
+    """Codes -128 (a loaded weight may hold them; quantization stops at -127) and 127 against X = +-127 in
+    every column: each pair of products sums to +-2 * 128 * 127, at the edge of vpmaddubsw's int16 range, and
+    the result is exact."""
+    k = 1024
+    qweight = torch.full((4, k), -128, dtype=torch.int8)
+    qweight[1] = 127
+    qweight[2, ::2] = 127  # alternating signs: the sum cancels to exactly 0
+    qweight[3, 1::2] = 0
+    x = torch.ones(1, k)
+    x[0, ::3] = -1.0
+    y = fastquant.int8_linear(x, qweight, torch.ones(4), None, -1, int8_activations=True)
+    expected = x.double() @ qweight.double().T  # x~ = x here (m = 1, X = +-127)
+    torch.testing.assert_close(y.double(), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("cpu_isa", available_cpu_isas(), indirect=True)
+@pytest.mark.parametrize("m", [1, 17])
+@pytest.mark.parametrize("special", [float("inf"), float("nan")])
+def test_int8_activations_leave_non_finite_x_as_it_is(cpu_isa, m, special):
+    """x with NaN or inf is not rounded (a NaN step would spoil its whole block): NaN and inf come out where the
+    float product puts them, as in the reference."""
+    k, n = 200, 33
+    x, qweight, scales, bias = make_case(m, k, n, torch.float32, 32, with_bias=True, seed=4)
+    x[0, 7] = special
+    y = fastquant.int8_linear(x, qweight, scales, bias, 32, int8_activations=True)
+    y_ref = reference.int8_linear(x, qweight, scales, bias, 32, True)
+    torch.testing.assert_close(y_ref, reference.int8_linear(x, qweight, scales, bias, 32), equal_nan=True, rtol=0, atol=0)
+    assert torch.equal(y.isnan(), y_ref.isnan()) and torch.equal(y.isinf(), y_ref.isinf())
+    torch.testing.assert_close(y, y_ref, equal_nan=True, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cpu_isa", available_cpu_isas(), indirect=True)
+def test_int8_activations_infinite_scale_recomputed_on_x_tilde(cpu_isa):
+    """An infinite scale makes its column inf/NaN; the call is then computed again by the reference formula, on
+    x~ as the kernel was, so the finite columns still match the reference with int8_activations."""
+    x, qweight, scales, bias = make_case(2, 96, 9, torch.float32, -1, with_bias=True, seed=6)
+    scales[4] = float("inf")
+    y = fastquant.int8_linear(x, qweight, scales, bias, -1, int8_activations=True)
+    y_ref = reference.int8_linear(x, qweight, scales, bias, -1, True)
+    assert not bool(torch.isfinite(y[:, 4]).any())
+    torch.testing.assert_close(y, y_ref, equal_nan=True, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("cpu_isa", available_cpu_isas(), indirect=True)
+@pytest.mark.parametrize("m", [1, 17])
+def test_int8_activations_opcheck(cpu_isa, m):
+    x, qweight, scales, bias = make_case(m, 300, 40, torch.bfloat16, 64, with_bias=True, seed=9)
+    op = torch.ops.fastquant.int8_linear.default
+    torch.library.opcheck(op, (x, qweight, scales, bias, 64, True))
+    torch.library.opcheck(op, (x.float(), qweight, scales, None, 64, True))
+
+
+def test_int8_activations_compile_fullgraph():
+    x, qweight, scales, bias = make_case(1, 1025, 300, torch.float32, -1, with_bias=True, seed=12)
+
+    def f(x):
+        return torch.relu(fastquant.int8_linear(x, qweight, scales, bias, -1, int8_activations=True))
+
+    compiled = torch.compile(f, fullgraph=True)
+    torch.testing.assert_close(compiled(x), f(x), rtol=1e-6, atol=1e-5)
+    x2 = torch.randn(20, 1025)
+    torch.testing.assert_close(compiled(x2), f(x2), rtol=1e-6, atol=1e-5)
+
+
+def test_int8_activations_gradient_passes_straight_through():
+    """The rounding of x is not differentiated: grad x = grad y @ W, as without it."""
+    x, qweight, scales, bias = make_case(4, 96, 24, torch.float32, 32, with_bias=True, seed=10)
+    weight = reference.int8_dequantize(qweight, scales, 32)
+    assert_gradients_reach_activations(
+        lambda x, b: fastquant.int8_linear(x, qweight, scales, b, 32, int8_activations=True), x, bias, weight
+    )

@@ -6,15 +6,14 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
-#include <atomic>
 #include <memory>
 
 #include "cpu/cpu_features.h"
+#include "cpu/int8_activations_x.h"
 #include "cpu/int8_linear_glue.h"
 #include "cpu/non_finite.h"
 #include "cpu/parallel.h"
 #include "int4_linear_contract.h"
-#include "int8_activations.h"
 
 namespace fastquant::cpu {
 namespace {
@@ -23,7 +22,6 @@ enum class Path { kPortable, kAvx2Fixed16, kAvx512VnniFixed16, kAvx512Bf16, kAvx
 // Path's names (int4_linear_cpu_path), in its order.
 constexpr const char* kPathNames[] = {"cpu_portable",    "cpu_avx2_fixed16",    "cpu_avx512_vnni_fixed16",
                                       "cpu_avx512_bf16", "cpu_avx2_tiled_fp32", "cpu_avx2_int8x"};
-static_assert(kInt8XTiny == kInt8ActivationTiny, "the decode kernel rounds x as the glue does");
 
 // Prefill rounds x to bf16 where int8_linear does: above kBf16MinRows rows, and for fp32 x only when torch's
 // float32 matmul precision allows it (bf16_activations_allowed, the one rule both ops follow).
@@ -48,27 +46,6 @@ Path choose_path(Isa isa, int64_t m, int64_t k, int64_t group_size, DType dtype,
   if (isa >= Isa::kAvx2) return m <= kFixedMaxRows ? Path::kAvx2Fixed16 : Path::kAvx2TiledFp32;
 #endif
   return Path::kPortable;
-}
-
-// x~ of an m x k fp32 x (int8_activations.h's rule), or x itself when it holds NaN or inf. AVX2 CPUs round
-// it with the decode kernel's own routine (one pass; torch ops would cost ~10 passes over x per prefill
-// call).
-at::Tensor rounded_activations(const at::Tensor& x32, int64_t m, int64_t k) {
-#if defined(__x86_64__) || defined(_M_X64)
-  if (active_isa() >= Isa::kAvx2) {
-    at::Tensor rounded = at::empty({m, k}, x32.options());
-    const float* x = x32.data_ptr<float>();
-    float* out = rounded.data_ptr<float>();
-    std::atomic<bool> finite{true};
-    parallel_ranges(m, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end && finite.load(std::memory_order_relaxed); ++i) {
-        if (!int4_int8x_round_avx2(x + i * k, k, out + i * k)) finite = false;
-      }
-    });
-    return finite ? rounded : x32;
-  }
-#endif
-  return all_finite(x32) ? int8_activation_round(x32.view({m, k})) : x32;
 }
 
 }  // namespace
@@ -96,7 +73,7 @@ at::Tensor int4_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
   Path path = choose_path(active_isa(), m, k, s.group_size, s.x_dtype, int8_activations);
   // int8_activations on a path that does not round x itself: every kernel then computes on x~ (exact in the
   // fixed-point paths' 16 bits). x with NaN or inf stays as it is, as in the reference.
-  if (int8_activations && path != Path::kAvx2Int8X) x32 = rounded_activations(x32, m, k);
+  if (int8_activations && path != Path::kAvx2Int8X) x32 = int8_rounded_activations(x32, m, k);
   const at::Tensor w = qweight.contiguous();
   const at::Tensor sc = scales.contiguous();
   const at::Tensor off = s.has_offsets ? offsets->contiguous() : at::Tensor();
@@ -135,7 +112,7 @@ at::Tensor int4_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
       float* steps_i = steps + i * (p.kp / 32);
       float* sums_i = group_sums + i * s.n_groups;
       const bool finite = path == Path::kAvx2Int8X
-                              ? int4_int8x_x_avx2(xi, k, p.kp, s.group_size, planes_i, steps_i, sums_i)
+                              ? int8x_x_avx2(xi, k, p.kp, s.group_size, planes_i, steps_i, sums_i)
                               : int4_fixed16_x_avx2(xi, k, p.kp, s.group_size, planes_i, steps_i, sums_i);
       if (!finite) {
         path = Path::kAvx2TiledFp32;  // NaN/inf (or a vanishing block) in x: no rounding, IEEE propagation

@@ -78,7 +78,7 @@ struct Int4LinearProblem {
 void int4_linear_portable(const Int4LinearProblem& p, int64_t n_begin, int64_t n_end);
 #if defined(__x86_64__) || defined(_M_X64)
 void int4_linear_avx2_fixed16(const Int4LinearProblem& p, int64_t n_begin, int64_t n_end);
-// cpu_avx2_int8x with x from int4_int8x_x_avx2 (p.x_planes: one plane of kp bytes per row of x, at the
+// cpu_avx2_int8x with x from int8x_x_avx2 (p.x_planes: one plane of kp bytes per row of x, at the
 // stride of two).
 void int4_linear_avx2_int8x(const Int4LinearProblem& p, int64_t n_begin, int64_t n_end);
 // n_begin a multiple of kInt4TileRows. scratch: int4_tiled_scratch_floats() floats, 32-byte aligned.
@@ -89,14 +89,6 @@ void int4_linear_avx2_tiled_fp32(const Int4LinearProblem& p, int64_t n_begin, in
 // reference does).
 bool int4_fixed16_x_avx2(const float* x, int64_t k, int64_t kp, int64_t group_size, int8_t* planes,
                          float* steps, float* group_sums);
-// One row of x in cpu_avx2_int8x's form: one int8 plane (kp bytes, zero past k), steps and group sums as
-// int4_fixed16_x_avx2. Returns false when x has NaN or an infinity (the caller then runs the fp32 kernel on x
-// as it is, as the reference does).
-bool int4_int8x_x_avx2(const float* x, int64_t k, int64_t kp, int64_t group_size, int8_t* plane, float* steps,
-                       float* group_sums);
-// One row of x rounded the same way, as x~ = X * step (k floats: the reference's int8_activation_round), for
-// the kernels that take x~ itself. False on NaN or inf, as above.
-bool int4_int8x_round_avx2(const float* x, int64_t k, float* rounded);
 // cpu_avx512_vnni_fixed16 with x from int4_fixed16_x_avx2 (p.x_planes reordered by
 // int4_fixed16_interleave_avx512). scratch: int4_avx512_scratch_floats(p.kp) floats.
 void int4_linear_avx512_fixed16(const Int4LinearProblem& p, int64_t n_begin, int64_t n_end, float* scratch);
@@ -126,8 +118,6 @@ constexpr int64_t kInt4TileCols = 256;  // a multiple of 64
 constexpr int64_t int4_tiled_scratch_floats() { return 2 * kInt4TileRows * kInt4TileCols; }
 // Largest M cpu_avx2_fixed16 takes; above it the tiled kernel (whose dequantization is shared by all rows).
 constexpr int64_t kFixedMaxRows = 8;
-// int8_activations: blocks of x below this magnitude round to zero (int8_activations.h).
-constexpr float kInt8XTiny = 0x1p-100f;
 // 16-bit fixed point per 32-column block: |X| <= 32512 = 127 * 256 keeps hi = (X - lo) / 256 within int8.
 constexpr float kFixed16Max = 32512.f;
 

@@ -7,6 +7,7 @@
 #include <cstring>
 
 #include "cpu/int4_linear.h"
+#include "cpu/x_block_avx2.h"
 
 namespace fastquant::cpu {
 namespace {
@@ -18,13 +19,6 @@ inline float hsum(__m256 v) {
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
-}
-
-inline int32_t hsum_epi32(__m256i v) {
-  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
-  return _mm_cvtsi128_si32(s);
 }
 
 // The 32 codes of 32-column block b of a row (b even: low nibbles of its 64-column block, odd: high).
@@ -47,30 +41,6 @@ inline __m256i block_dot(__m256i codes, const int8_t* lo, const int8_t* hi) {
   const __m256i ph = _mm256_maddubs_epi16(codes, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(hi)));
   return _mm256_add_epi32(_mm256_madd_epi16(pl, _mm256_set1_epi16(1)),
                           _mm256_madd_epi16(ph, _mm256_set1_epi16(256)));
-}
-
-// Loads a 32-column block of x whose first `valid` columns exist (0..32; zeros past them: x is never read past
-// k) and its largest magnitude. False when the block holds NaN or an infinity.
-inline bool load_block(const float* xb, int64_t valid, __m256 v[4], float* max_abs) {
-  alignas(32) float buf[32];
-  if (valid < 32) {
-    std::memset(buf, 0, sizeof(buf));
-    if (valid > 0) std::memcpy(buf, xb, valid * sizeof(float));
-    xb = buf;
-  }
-  const __m256 sign = _mm256_set1_ps(-0.0f), zero = _mm256_setzero_ps();
-  __m256 largest = zero, non_finite = zero;
-  for (int t = 0; t < 4; ++t) {
-    v[t] = _mm256_loadu_ps(xb + 8 * t);
-    const __m256 times_zero = _mm256_mul_ps(v[t], zero);  // NaN exactly for NaN and infinities
-    non_finite = _mm256_or_ps(non_finite, _mm256_cmp_ps(times_zero, times_zero, _CMP_UNORD_Q));
-    largest = _mm256_max_ps(largest, _mm256_andnot_ps(sign, v[t]));
-  }
-  if (_mm256_movemask_ps(non_finite)) return false;
-  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(largest), _mm256_extractf128_ps(largest, 1));
-  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-  *max_abs = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
-  return true;
 }
 
 // Output column j for row i of x. Per 32-column block: 2 vpmaddubsw, 2 vpmaddwd, one add, one conversion
@@ -382,70 +352,6 @@ bool int4_fixed16_x_avx2(const float* x, int64_t k, int64_t kp, int64_t group_si
     }
   }
   return true;
-}
-
-namespace {
-
-// One row of x rounded by int8_activations.h's rule, operation for operation: X = round(x * (127 / m)),
-// step = m / 127, blocks below 2^-100 zero (step 0). kPlane: cpu_avx2_int8x's operands (plane over kp
-// columns, steps, group sums); otherwise x~ = X * step into rounded (k floats). False on NaN or inf.
-template <bool kPlane>
-bool int8x_row(const float* x, int64_t k, int64_t kp, int64_t group_size, int8_t* plane, float* steps,
-               float* group_sums, float* rounded) {
-  const int64_t n_blocks = (k + 31) / 32;
-  const int64_t blocks_per_group = group_size / 32;
-  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-  double group_sum = 0.0;
-  int64_t group = 0, left_in_group = blocks_per_group;
-  for (int64_t b = 0; b < (kPlane ? kp / 32 : n_blocks); ++b) {
-    const int64_t valid = std::max<int64_t>(0, std::min<int64_t>(32, k - 32 * b));
-    __m256 v[4];
-    float max_abs;
-    if (!load_block(x + 32 * b, valid, v, &max_abs)) return false;
-    const bool kept = max_abs >= kInt8XTiny;
-    const float step = kept ? max_abs / 127.f : 0.f;
-    const __m256 inv = _mm256_set1_ps(kept ? 127.f / max_abs : 0.f);
-    __m256i q[4];
-    for (int t = 0; t < 4; ++t) {
-      // Rounded to nearest even (the MXCSR default, as torch.round); |X| <= 127.
-      q[t] = _mm256_cvtps_epi32(_mm256_mul_ps(v[t], inv));
-    }
-    if constexpr (!kPlane) {
-      alignas(32) float out[32];
-      float* dst = valid == 32 ? rounded + 32 * b : out;
-      for (int t = 0; t < 4; ++t) {
-        _mm256_storeu_ps(dst + 8 * t, _mm256_mul_ps(_mm256_cvtepi32_ps(q[t]), _mm256_set1_ps(step)));
-      }
-      if (valid < 32) std::memcpy(rounded + 32 * b, out, valid * sizeof(float));
-    } else {
-      const __m256i bytes =
-          _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(plane + 32 * b),
-                          _mm256_permutevar8x32_epi32(bytes, order));  // packs works within 128-bit lanes
-      steps[b] = step;
-      if (b < n_blocks) {
-        const __m256i total = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
-        group_sum += static_cast<double>(step) * hsum_epi32(total);
-        if (--left_in_group == 0 || b + 1 == n_blocks) {
-          group_sums[group++] = static_cast<float>(group_sum);
-          group_sum = 0.0;
-          left_in_group = blocks_per_group;
-        }
-      }
-    }
-  }
-  return true;
-}
-
-}  // namespace
-
-bool int4_int8x_x_avx2(const float* x, int64_t k, int64_t kp, int64_t group_size, int8_t* plane, float* steps,
-                       float* group_sums) {
-  return int8x_row<true>(x, k, kp, group_size, plane, steps, group_sums, nullptr);
-}
-
-bool int4_int8x_round_avx2(const float* x, int64_t k, float* rounded) {
-  return int8x_row<false>(x, k, 0, 32, nullptr, nullptr, nullptr, rounded);
 }
 
 }  // namespace fastquant::cpu

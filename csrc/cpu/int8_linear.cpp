@@ -7,25 +7,36 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <memory>
 
 #include "cpu/cpu_features.h"
 #include "cpu/fixed_point_x.h"
+#include "cpu/int8_activations_x.h"
 #include "cpu/int8_linear_glue.h"
 #include "cpu/non_finite.h"
 #include "cpu/parallel.h"
 #include "dequantize.h"
+#include "int8_activations.h"
 #include "int8_linear_contract.h"
 
 namespace fastquant::cpu {
 namespace {
 
 constexpr int64_t kFixedMinK = 2048;
+static_assert(kInt8XTiny == kInt8ActivationTiny, "the decode kernels round x as the torch ops do");
 
-enum class Path { kPortable, kAvx2Fp32, kAvx512Fp32, kAvx512VnniFixed, kAvx512Bf16 };
+enum class Path { kPortable, kAvx2Fp32, kAvx512Fp32, kAvx512VnniFixed, kAvx512Bf16, kAvx2Int8X };
 
-Path choose_path(Isa isa, int64_t m, int64_t k, int64_t group, DType dtype) {
+// The kernel for a problem with finite x (x with NaN or inf, which int8_activations leaves unrounded, takes
+// the fp32 kernel of the ISA). With int8_activations, cpu_avx2_int8x takes small M on AVX-512 CPUs too: its
+// 7 ymm instructions per 32 weights are fewer than cpu_avx512_fp32's 6 zmm ones per 16 (not measured on an
+// AVX-512 CPU yet: benchmarks/NOTES.md); the other paths run on x~.
+Path choose_path(Isa isa, int64_t m, int64_t k, int64_t group, DType dtype, bool int8_activations) {
 #if defined(__x86_64__) || defined(_M_X64)
+  if (int8_activations && isa >= Isa::kAvx2 && m <= kInt8XMaxRows && (group == k || group % 32 == 0)) {
+    return Path::kAvx2Int8X;
+  }
   if (isa >= Isa::kAvx512) {
     if (m > kBf16MinRows && bf16_chunk(k, group) > 0 && bf16_activations_allowed(dtype)) {
       return Path::kAvx512Bf16;
@@ -45,8 +56,8 @@ Path choose_path(Isa isa, int64_t m, int64_t k, int64_t group, DType dtype) {
 
 const char* path_name(Path path) {
   // In the order of Path's values.
-  constexpr const char* kNames[] = {"cpu_portable", "cpu_avx2_fp32", "cpu_avx512_fp32",
-                                    "cpu_avx512_vnni_fixed", "cpu_avx512_bf16"};
+  constexpr const char* kNames[] = {"cpu_portable",          "cpu_avx2_fp32",   "cpu_avx512_fp32",
+                                    "cpu_avx512_vnni_fixed", "cpu_avx512_bf16", "cpu_avx2_int8x"};
   return kNames[static_cast<int>(path)];
 }
 
@@ -99,15 +110,34 @@ void int8_linear_run_bf16(Int8LinearProblem& p, const at::Tensor& x2) {
 }
 #endif
 
-const char* int8_linear_cpu_path(int64_t m, int64_t n, int64_t k, int64_t group_size, DType dtype) {
+at::Tensor int8_rounded_activations(const at::Tensor& x32, int64_t m, int64_t k) {
+#if defined(__x86_64__) || defined(_M_X64)
+  if (active_isa() >= Isa::kAvx2) {
+    at::Tensor rounded = at::empty({m, k}, x32.options());
+    const float* x = x32.data_ptr<float>();
+    float* out = rounded.data_ptr<float>();
+    std::atomic<bool> finite{true};
+    parallel_ranges(m, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end && finite.load(std::memory_order_relaxed); ++i) {
+        if (!int8x_round_avx2(x + i * k, k, out + i * k)) finite = false;
+      }
+    });
+    return finite ? rounded : x32;
+  }
+#endif
+  return all_finite(x32) ? int8_activation_round(x32.view({m, k})) : x32;
+}
+
+const char* int8_linear_cpu_path(int64_t m, int64_t n, int64_t k, int64_t group_size, DType dtype,
+                                 bool int8_activations) {
   const int64_t group = group_size == -1 || group_size > k ? k : group_size;
-  return path_name(choose_path(active_isa(), m, k, group, dtype));
+  return path_name(choose_path(active_isa(), m, k, group, dtype, int8_activations));
 }
 
 namespace {
 
 at::Tensor run_kernels(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                       const std::optional<at::Tensor>& bias, int64_t group_size) {
+                       const std::optional<at::Tensor>& bias, int64_t group_size, bool int8_activations) {
   const Int8LinearShape shape = check_int8_linear(Backend::kCpu, x, qweight, scales, bias, group_size);
   const int64_t m = shape.m, n = shape.n, k = shape.k, n_groups = shape.n_groups;
   const DType dtype = shape.x_dtype;
@@ -118,7 +148,12 @@ at::Tensor run_kernels(const at::Tensor& x, const at::Tensor& qweight, const at:
   // The kernels read x through its data pointer: a contiguous x of any shape is the (m, k) matrix they need.
   // A view or a conversion that changes nothing is still a dispatcher call (and a view a new tensor), and a
   // SmolLM2 token makes 211 decode calls of 5-50 us: they are made only where a path needs them.
-  const at::Tensor x2 = x.contiguous();
+  at::Tensor x2 = x.contiguous();
+  const Path path = choose_path(active_isa(), m, k, std::min(effective_group, k), dtype, int8_activations);
+  // int8_activations on a path that does not round x itself: the kernel computes on x~ in fp32 (x~ is not a
+  // bf16 or fp16 value), or on x as it is when x holds NaN or inf.
+  const bool on_x_tilde = int8_activations && path != Path::kAvx2Int8X;
+  if (on_x_tilde) x2 = int8_rounded_activations(x2.to(at::kFloat), m, k);
   const at::Tensor w = qweight.contiguous();
   const at::Tensor s = scales.contiguous();
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
@@ -132,13 +167,19 @@ at::Tensor run_kernels(const at::Tensor& x, const at::Tensor& qweight, const at:
                       k,
                       effective_group,
                       n_groups,
-                      dtype};
-  const Path path = choose_path(active_isa(), m, k, std::min(effective_group, k), dtype);
+                      on_x_tilde ? DType::kFloat32 : dtype};
   if (path == Path::kPortable) {
+    // The portable kernel reads x and bias and writes y in one dtype: fp32 throughout on x~.
+    const bool fp32_run = p.dtype != dtype;
+    const at::Tensor b32 = fp32_run && b.defined() ? b.to(at::kFloat) : b;
+    at::Tensor y_run = fp32_run ? at::empty({m, n}, x.options().dtype(at::kFloat)) : y;
+    p.bias = b32.defined() ? b32.data_ptr() : nullptr;
+    p.y = y_run.data_ptr();
     // Columns are the unit of work: each thread streams a disjoint slice of the weight exactly once.
     parallel_ranges((n + 15) / 16, [&](int64_t begin, int64_t end) {
       int8_linear_portable(p, begin * 16, std::min(end * 16, n), nullptr);
     });
+    if (fp32_run) y.view({m, n}).copy_(y_run);
     return y;
   }
 #if defined(__x86_64__) || defined(_M_X64)
@@ -151,10 +192,32 @@ at::Tensor run_kernels(const at::Tensor& x, const at::Tensor& qweight, const at:
   if (path == Path::kAvx512Bf16) {
     int8_linear_run_bf16(p, x2.view({m, k}));
   } else {
-    const at::Tensor x32 = dtype == DType::kFloat32 ? x2 : x2.to(at::kFloat);
+    const at::Tensor x32 = x2.scalar_type() == at::kFloat ? x2 : x2.to(at::kFloat);
     p.x_f32 = x32.data_ptr<float>();
-    Int8LinearKernel kernel = path == Path::kAvx2Fp32 ? int8_linear_avx2_fp32 : int8_linear_avx512_fp32;
+    const Isa isa = active_isa();
+    Int8LinearKernel kernel = path == Path::kAvx2Fp32 || (path == Path::kAvx2Int8X && isa < Isa::kAvx512)
+                                  ? int8_linear_avx2_fp32
+                                  : int8_linear_avx512_fp32;
     std::unique_ptr<char[]> x_fixed;  // one heap block, not two at::empty calls (~1 us each)
+    if (path == Path::kAvx2Int8X) {
+      // Per row one int8 plane (a multiple of 32 bytes: the steps after the planes stay aligned), then the
+      // steps. x with NaN or inf is not rounded: the fp32 kernel propagates them as the reference does.
+      const int64_t stride = (k + 31) / 32 * 32;
+      x_fixed.reset(new char[m * stride + m * (stride / 32) * sizeof(float)]);
+      int8_t* planes = reinterpret_cast<int8_t*>(x_fixed.get());
+      float* steps = reinterpret_cast<float*>(x_fixed.get() + m * stride);
+      bool finite = true;
+      for (int64_t i = 0; i < m && finite; ++i) {
+        finite = int8x_x_avx2(p.x_f32 + i * k, k, stride, 32, planes + i * stride, steps + i * (stride / 32),
+                              nullptr);
+      }
+      if (finite) {
+        p.x_int8 = planes;
+        p.x_int8_steps = steps;
+        p.x_int8_stride = stride;
+        kernel = int8_linear_avx2_int8x;
+      }
+    }
     const XRange range =
         path == Path::kAvx512VnniFixed ? x_range_avx512(p.x_f32, k) : XRange{false, 0.f, 0.f};
     if (fixed_point_takes(range)) {
@@ -188,10 +251,15 @@ at::Tensor run_kernels(const at::Tensor& x, const at::Tensor& qweight, const at:
 }  // namespace
 
 at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                           const std::optional<at::Tensor>& bias, int64_t group_size) {
-  at::Tensor y = run_kernels(x, qweight, scales, bias, group_size);
+                           const std::optional<at::Tensor>& bias, int64_t group_size, bool int8_activations) {
+  at::Tensor y = run_kernels(x, qweight, scales, bias, group_size, int8_activations);
   // Per-channel scales multiply a finished dot product, so an infinite one would not meet a zero code.
-  if (!finite_call(x, y)) reference_linear_into(y, x, dequantize_int8(qweight, scales, group_size), bias);
+  if (!finite_call(x, y)) {
+    const int64_t k = qweight.size(1), m = k > 0 ? x.numel() / k : 0;
+    const at::Tensor x_used =
+        int8_activations && k > 0 ? int8_rounded_activations(x.contiguous().to(at::kFloat), m, k) : x;
+    reference_linear_into(y, x_used, dequantize_int8(qweight, scales, group_size), bias);
+  }
   return y;
 }
 

@@ -14,6 +14,13 @@
 //                    FMAs per 64 columns, this keeps the decode kernel memory-bound when the weight comes
 //                    from the last-level cache. x that is not finite, or has an outlier (see
 //                    fixed_point_takes), takes cpu_avx512_fp32.
+//   cpu_avx2_int8x   int8_activations, M <= kInt8XMaxRows, per-channel scales or groups of a multiple of 32
+//                    columns (any CPU with AVX2, AVX-512 ones too): x rounded to int8 per 32-column block by
+//                    the glue (int8_activations_x.h: one int8 plane, one step per block), then per 32 weights
+//                    and row one vpmaddubsw of |q| by X with q's sign (llama.cpp's Q8_0 form: a pair sums to
+//                    at most 2 * 128 * 127, no saturation), one vpmaddwd to int32, one conversion and one FMA
+//                    by the block's step: 7 instructions per 32 weights against cpu_avx2_fp32's 12. Group
+//                    scales multiply each group's sum, per-channel ones the finished dot product.
 //   cpu_avx512_bf16  prefill path (larger M) where x may be rounded to bf16 (bf16/fp16 x; fp32 x only under
 //                    torch's "medium" float32 matmul precision, int8_linear_glue.h; else cpu_avx512_fp32):
 //                    activations rounded to bf16 ONCE per call by the glue
@@ -69,6 +76,11 @@ struct Int8LinearProblem {
   int64_t x_fixed_stride = 0;
   const int64_t* x_fixed_top_sums = nullptr;
   double x_fixed_step = 0;
+  // cpu_avx2_int8x: per row of x one int8 plane of x_int8_stride bytes (a multiple of 32, zero past k) and
+  // x_int8_stride / 32 block steps (x~ = X * step).
+  const int8_t* x_int8 = nullptr;
+  const float* x_int8_steps = nullptr;
+  int64_t x_int8_stride = 0;
 };
 
 // Computes output columns [n_begin, n_end) for every row. Called concurrently on disjoint ranges.
@@ -78,6 +90,7 @@ using Int8LinearKernel = void (*)(const Int8LinearProblem& p, int64_t n_begin, i
 void int8_linear_portable(const Int8LinearProblem& p, int64_t n_begin, int64_t n_end, void* scratch);
 #if defined(__x86_64__) || defined(_M_X64)
 void int8_linear_avx2_fp32(const Int8LinearProblem& p, int64_t n_begin, int64_t n_end, void* scratch);
+void int8_linear_avx2_int8x(const Int8LinearProblem& p, int64_t n_begin, int64_t n_end, void* scratch);
 void int8_linear_avx512_fp32(const Int8LinearProblem& p, int64_t n_begin, int64_t n_end, void* scratch);
 void int8_linear_avx512_vnni_fixed(const Int8LinearProblem& p, int64_t n_begin, int64_t n_end, void* scratch);
 void int8_linear_avx512_bf16(const Int8LinearProblem& p, int64_t n_begin, int64_t n_end, void* scratch);
@@ -89,7 +102,12 @@ void int8_linear_avx512_bf16_x(const float* x, int64_t m, int64_t k, int64_t mp,
 constexpr int64_t kBf16TileCols = 64;
 #endif
 
-// Name of the kernel the CPU op will run for this problem (reported by fastquant.report / info).
-const char* int8_linear_cpu_path(int64_t m, int64_t n, int64_t k, int64_t group_size, DType dtype);
+// Largest M cpu_avx2_int8x takes: each row of x reads the weight tile again (from L1 after the first);
+// above it the fp32 and bf16 kernels, which share each converted weight across rows, run on x~.
+constexpr int64_t kInt8XMaxRows = 8;
+
+// Name of the kernel the CPU op will run for this problem (reported by fastquant.report / info; finite x).
+const char* int8_linear_cpu_path(int64_t m, int64_t n, int64_t k, int64_t group_size, DType dtype,
+                                 bool int8_activations);
 
 }  // namespace fastquant::cpu

@@ -1,4 +1,5 @@
-// AVX2 kernel for int8_linear (compiled with -mavx2 -mfma -mf16c; no torch headers). K in the 8 lanes:
+// AVX2 kernels for int8_linear (compiled with -mavx2 -mfma -mf16c; no torch headers).
+// cpu_avx2_fp32, K in the 8 lanes:
 // int8 -> int32 (vpmovsxbd) -> fp32, FMA with fp32 activations (converted once by the glue), so every
 // product and sum is fp32 as in the reference. Grouped scales multiply the converted weight (q * s in fp32,
 // as the reference dequantizes); per-channel scales multiply the reduced dot product. Correctness over
@@ -89,7 +90,74 @@ void run(const Int8LinearProblem& p, int64_t n_begin, int64_t n_end) {
   }
 }
 
+// cpu_avx2_int8x (int8_linear.h): NR output columns for row i of x. The columns share each block's plane of
+// X and its step; every column has its own accumulator (independent FMA chains).
+template <int NR, bool GROUPED>
+void int8x_tile(const Int8LinearProblem& p, int64_t i, int64_t j0) {
+  const int64_t K = p.k;
+  const int64_t n_blocks = (K + 31) / 32;
+  const int64_t full_blocks = K / 32;  // the last block of an odd K is read through a zero-padded copy
+  const int8_t* plane = p.x_int8 + i * p.x_int8_stride;
+  const float* steps = p.x_int8_steps + i * (p.x_int8_stride / 32);
+  const int8_t* w = p.w + (j0 - p.w_first_row) * K;
+  const __m256i ones = _mm256_set1_epi16(1);
+  const int64_t blocks_per_group = GROUPED ? p.group_size / 32 : n_blocks;
+  __m256 total[NR];
+  for (int c = 0; c < NR; ++c) total[c] = _mm256_setzero_ps();
+  for (int64_t b0 = 0, g = 0; b0 < n_blocks; b0 += blocks_per_group, ++g) {
+    const int64_t b1 = b0 + blocks_per_group < n_blocks ? b0 + blocks_per_group : n_blocks;
+    __m256 acc[NR];
+    for (int c = 0; c < NR; ++c) acc[c] = _mm256_setzero_ps();
+    for (int64_t b = b0; b < b1; ++b) {
+      const __m256i xb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(plane + 32 * b));
+      const __m256 step = _mm256_set1_ps(steps[b]);
+      for (int c = 0; c < NR; ++c) {
+        __m256i q;
+        if (b < full_blocks) {
+          q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + c * K + 32 * b));
+        } else {
+          alignas(32) int8_t tail[32] = {};
+          std::memcpy(tail, w + c * K + 32 * b, K - 32 * b);
+          q = _mm256_load_si256(reinterpret_cast<const __m256i*>(tail));
+        }
+        // |q| (0..128, unsigned) times X with q's sign (|X| <= 127): vpmaddubsw needs one unsigned operand.
+        const __m256i pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(q), _mm256_sign_epi8(xb, q));
+        const __m256i dot = _mm256_madd_epi16(pairs, ones);  // exact: |lane| <= 4 * 128 * 127 < 2^24
+        acc[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), step, acc[c]);
+      }
+    }
+    for (int c = 0; c < NR; ++c) {
+      total[c] = GROUPED ? _mm256_fmadd_ps(acc[c], _mm256_set1_ps(p.scales[(j0 + c) * p.n_groups + g]), total[c])
+                         : acc[c];
+    }
+  }
+  for (int c = 0; c < NR; ++c) {
+    float v = hsum8(total[c]);
+    if (!GROUPED) v *= p.scales[j0 + c];
+    if (p.bias_f32) v += p.bias_f32[j0 + c];
+    p.y_f32[i * p.n + j0 + c] = v;
+  }
+}
+
+template <bool GROUPED>
+void int8x_run(const Int8LinearProblem& p, int64_t n_begin, int64_t n_end) {
+  for (int64_t j0 = n_begin; j0 < n_end; j0 += 4) {
+    const int64_t nc = n_end - j0 < 4 ? n_end - j0 : 4;
+    for (int64_t i = 0; i < p.m; ++i) {
+      with_count<4>(nc, [&](auto nr) { int8x_tile<decltype(nr)::value, GROUPED>(p, i, j0); });
+    }
+  }
+}
+
 }  // namespace
+
+void int8_linear_avx2_int8x(const Int8LinearProblem& p, int64_t n_begin, int64_t n_end, void*) {
+  if (p.group_size < p.k) {
+    int8x_run<true>(p, n_begin, n_end);
+  } else {
+    int8x_run<false>(p, n_begin, n_end);
+  }
+}
 
 void int8_linear_avx2_fp32(const Int8LinearProblem& p, int64_t n_begin, int64_t n_end, void*) {
   if (p.group_size < p.k) {

@@ -22,6 +22,11 @@ inline bool bf16_activations_allowed(DType x) {
          at::globalContext().float32MatmulPrecision() == at::Float32MatmulPrecision::MEDIUM;
 }
 
+// x~ of an m x k fp32 x (contiguous) by int8_activations.h's rule, fp32, or x32 itself when it holds NaN or
+// inf (int8_activations leaves such x as it is). AVX2 CPUs round it with the decode kernels' own routine in
+// one pass over threads (torch ops cost ~10 passes over x per prefill call).
+at::Tensor int8_rounded_activations(const at::Tensor& x32, int64_t m, int64_t k);
+
 #if defined(__x86_64__) || defined(_M_X64)
 // Rounds x2 (m x k, contiguous, activation dtype) to bf16 pairs transposed so 16 rows fill a vector, then
 // runs int8_linear_avx512_bf16 over blocks of output columns on torch's threads. p carries the weight

@@ -17,12 +17,13 @@
 #include "cuda/int8_linear_dispatch.h"
 #include "cuda/int8_linear_launch.h"
 #include "cuda/launch_check.h"
+#include "int8_activations.h"
 #include "int8_linear_contract.h"
 
 namespace fastquant::cuda {
 
 at::Tensor int8_linear_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                            const std::optional<at::Tensor>& bias, int64_t group_size) {
+                            const std::optional<at::Tensor>& bias, int64_t group_size, bool int8_activations) {
   const Int8LinearShape shape = check_int8_linear(Backend::kCuda, x, qweight, scales, bias, group_size);
   const int64_t m = shape.m, n = shape.n, k = shape.k, n_groups = shape.n_groups;
   const DType dtype = shape.x_dtype;
@@ -36,6 +37,12 @@ at::Tensor int8_linear_cuda(const at::Tensor& x, const at::Tensor& qweight, cons
   if (output_without_kernel(y, k, bias)) return y;
 
   at::Tensor x2 = x.reshape({m, k}).contiguous();
+  // int8_activations: the kernels run on x~ (int8_activations.h, torch ops on the GPU) stored in x's dtype,
+  // unless x holds NaN or inf, as int4_linear's CUDA glue does: on a GPU the rounding saves no bandwidth, it
+  // keeps the op's meaning the same on every device.
+  if (int8_activations && at::isfinite(x2).all().item<bool>()) {
+    x2 = int8_activation_round(x2.to(at::kFloat)).to(x.scalar_type());
+  }
   const at::Tensor w = qweight.contiguous();
   const at::Tensor s = scales.contiguous();
   const at::Tensor b = contiguous_or_undefined(bias);

@@ -102,11 +102,19 @@ def cuda_sparse_linear_path(
     )
 
 
-def int8_linear_kernel_path(device: torch.device, m: int, n: int, k: int, group_size: int, dtype: torch.dtype) -> str:
+def int8_linear_kernel_path(
+    device: torch.device,
+    m: int,
+    n: int,
+    k: int,
+    group_size: int,
+    dtype: torch.dtype,
+    int8_activations: bool = False,
+) -> str:
     """Name of the kernel ``int8_linear`` runs for an (m, k) x (n, k)^T problem on ``device`` (16-byte aligned
     data)."""
     if device.type == "cpu" and has_cpu_kernels():
-        return native.int8_linear_cpu_path(m, n, k, group_size, _dtype_name(dtype))
+        return native.int8_linear_cpu_path(m, n, k, group_size, _dtype_name(dtype), int8_activations)
     if device.type == "cuda" and has_cuda_kernels():
         return cuda_int8_linear_path(m, n, k, group_size, dtype)
     return "reference"

@@ -18,7 +18,10 @@ from fastquant.kernels import reference
 
 _lib = torch.library.Library("fastquant", "DEF")  # noqa: TOR901 - the namespace is defined once, here
 
-_lib.define("int8_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? bias, int group_size) -> Tensor")
+_lib.define(
+    "int8_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? bias, int group_size, "
+    "bool int8_activations=False) -> Tensor"
+)
 _lib.define(
     "int4_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? offsets, Tensor? bias, int in_features, "
     "int group_size, bool int8_activations=False) -> Tensor"
@@ -127,7 +130,14 @@ def _register_kernels(
 # ---------------------------------------------------------------- int8_linear
 
 
-def check_int8_linear_args(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None, group_size: int) -> None:
+def check_int8_linear_args(
+    x: Tensor,
+    qweight: Tensor,
+    scales: Tensor,
+    bias: Tensor | None,
+    group_size: int,
+    int8_activations: bool = False,
+) -> None:
     """The argument rules every int8_linear kernel enforces (csrc/int8_linear_contract.h)."""
     prefix = "fastquant.int8_linear:"
     _check_activations(prefix, x)
@@ -146,9 +156,20 @@ def check_int8_linear_args(x: Tensor, qweight: Tensor, scales: Tensor, bias: Ten
 _register_kernels("int8_linear", check_int8_linear_args, reference.int8_linear, lambda x, qweight, *_: qweight.shape[0])
 
 
-def int8_linear(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None = None, group_size: int = -1) -> Tensor:
-    """``x @ (qweight * scales).T + bias`` with fp32 accumulation, on the best kernel for x's device."""
-    return torch.ops.fastquant.int8_linear(x, qweight, scales, bias, group_size)
+def int8_linear(
+    x: Tensor,
+    qweight: Tensor,
+    scales: Tensor,
+    bias: Tensor | None = None,
+    group_size: int = -1,
+    *,
+    int8_activations: bool = False,
+) -> Tensor:
+    """``x @ (qweight * scales).T + bias`` with fp32 accumulation, on the best kernel for x's device.
+    ``int8_activations`` rounds x to int8 per block of 32 columns first (reference.int8_activation_round: the
+    arithmetic of llama.cpp's Q8_0 and fbgemm's dynamic quantization, which lets the CPU decode kernel multiply
+    bytes by bytes)."""
+    return torch.ops.fastquant.int8_linear(x, qweight, scales, bias, group_size, int8_activations)
 
 
 # ---------------------------------------------------------------- sparse_linear (bitmap16 weight)
@@ -532,7 +553,7 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None
 
 # op: (position of bias among the op's inputs, the float32 weight from the inputs after x)
 _FROZEN_WEIGHTS: dict[str, tuple[int, Callable[..., Tensor]]] = {
-    "int8_linear": (3, lambda q, s, _, g: reference.int8_dequantize(q, s, g)),
+    "int8_linear": (3, lambda q, s, _, g, _x8: reference.int8_dequantize(q, s, g)),
     "int4_linear": (4, lambda q, s, o, _, k, g, _x8: reference.int4_dequantize(q, s, o, k, g)),
     "sparse_linear": (5, lambda v, m, r, s, _, k, g: reference.sparse_dequantize(v, m, r, s, k, g)),
     "sparse_csr_linear": (5, lambda v, c, r, s, _, k, g: reference.sparse_csr_dequantize(v, c, r, s, k, g)),

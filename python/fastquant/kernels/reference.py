@@ -58,9 +58,16 @@ def _linear_fp32(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return y.to(x.dtype)
 
 
-def int8_linear(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None, group_size: int) -> Tensor:
-    """y = x @ (qweight * scales).T + bias, accumulated in fp32, returned in x's dtype."""
-    return _linear_fp32(x, int8_dequantize(qweight, scales, group_size), bias)
+def int8_linear(
+    x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None, group_size: int, int8_activations: bool = False
+) -> Tensor:
+    """y = x @ (qweight * scales).T + bias, accumulated in fp32, returned in x's dtype. ``int8_activations``: x is
+    first rounded by :func:`int8_activation_round` (as llama.cpp's Q8_0 and fbgemm's dynamic quantization round
+    it), unless it holds a NaN or an infinity (then it stays as it is, so they propagate as in the float
+    product)."""
+    return _linear_fp32(_activations(x, int8_activations), int8_dequantize(qweight, scales, group_size), bias).to(
+        x.dtype
+    )
 
 
 # ---------------------------------------------------------------- sparse "bitmap16" format
@@ -299,7 +306,7 @@ INT8_ACTIVATION_TINY = 2.0**-100  # blocks below this magnitude round to zero (t
 
 
 def int8_activation_round(x: Tensor) -> Tensor:
-    """x rounded as ``int4_linear(..., int8_activations=True)`` rounds it, returned in fp32: per row and block of
+    """x rounded as ``int8_linear`` and ``int4_linear`` with ``int8_activations=True`` round it, returned in fp32: per row and block of
     32 columns, with m = max|x| of the block, X = round(x * (127 / m)) (an int8, half to even) and
     x~ = X * (m / 127); |x~ - x| <= m / 254. Blocks with m < 2^-100 become 0. The same fp32 operations, in the
     same order, as the native kernels (csrc/int8_activations.h), so every kernel sees the same x~."""
@@ -312,6 +319,13 @@ def int8_activation_round(x: Tensor) -> Tensor:
     inv = torch.where(largest >= INT8_ACTIVATION_TINY, limit / largest, torch.zeros_like(largest))
     rounded = torch.round(padded * inv) * (largest / limit)
     return rounded.flatten(-2)[..., :k]
+
+
+def _activations(x: Tensor, int8_activations: bool) -> Tensor:
+    """The x a linear op multiplies: x~ with ``int8_activations`` when x is finite, else x itself."""
+    if int8_activations and bool(torch.isfinite(x).all()):
+        return int8_activation_round(x)
+    return x
 
 
 def int4_linear(
@@ -329,9 +343,7 @@ def int4_linear(
     for Q4_0, torchao's int8 dynamic activations), unless it holds a NaN or an infinity (then it stays as it is,
     so they propagate as in the float product)."""
     weight = int4_dequantize(qweight, scales, offsets, in_features, group_size)
-    if int8_activations and bool(torch.isfinite(x).all()):
-        return _linear_fp32(int8_activation_round(x), weight, bias).to(x.dtype)
-    return _linear_fp32(x, weight, bias)
+    return _linear_fp32(_activations(x, int8_activations), weight, bias).to(x.dtype)
 
 
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
