@@ -9,6 +9,8 @@ median):
 * ``fq fp32 kernel``: the same weight with one element of x at 4096x the others' mean magnitude, which the
   fixed-point path refuses, so the fp32-FMA kernel (``cpu_avx512_fp32``) runs: the previous decode kernel;
 * ``fq g128``: group-wise scales (128 columns);
+* ``fq x=int8``: per-channel scales with ``int8_activations`` (x rounded to int8 per 32 columns at each call, as
+  fbgemm and llama.cpp's Q8_0 round it: ``cpu_avx2_int8x``);
 * ``fbgemm``: ``torch.ao.quantization.quantize_dynamic`` of the ``nn.Linear`` (int8 weight, x quantized to
   8 bits per call, VNNI);
 * ``bf16``: ``F.linear`` in bf16 (oneDNN), twice the weight bytes.
@@ -52,7 +54,7 @@ def contenders(n: int, k: int, m: int, where: str) -> dict[str, list]:
     x_outlier = x.clone()
     x_outlier[:, 0] = 4096 * x.abs().mean()
     weight = torch.randn(n, k, generator=gen)
-    out: dict[str, list] = {"fq": [], "fq fp32 kernel": [], "fq g128": [], "fbgemm": [], "bf16": []}
+    out: dict[str, list] = {"fq": [], "fq fp32 kernel": [], "fq g128": [], "fq x=int8": [], "fbgemm": [], "bf16": []}
     for i in range(copies(n * k, where)):
         w = weight.roll(i, dims=0)
         q, s = reference.int8_quantize(w, -1)
@@ -60,6 +62,7 @@ def contenders(n: int, k: int, m: int, where: str) -> dict[str, list]:
         out["fq"].append(lambda q=q, s=s: fastquant.int8_linear(x, q, s, None, -1))
         out["fq fp32 kernel"].append(lambda q=q, s=s: fastquant.int8_linear(x_outlier, q, s, None, -1))
         out["fq g128"].append(lambda q=q128, s=s128: fastquant.int8_linear(x, q, s, None, 128))
+        out["fq x=int8"].append(lambda q=q, s=s: fastquant.int8_linear(x, q, s, None, -1, int8_activations=True))
         lin = nn.Linear(k, n, bias=False)
         lin.weight.data.copy_(w)
         qlin = torch.ao.quantization.quantize_dynamic(nn.Sequential(lin), {nn.Linear}, dtype=torch.qint8)
@@ -150,6 +153,8 @@ class Comparison:
 
 
 FQ_VS_OTHERS = Comparison("fq", "fq", {"fbgemm": "fbgemm", "fp32_kernel": "fq fp32 kernel"})
+# The same rows with x rounded to int8, fbgemm's own arithmetic (what the "vs fbgemm" target compares on its terms).
+FQX_VS_OTHERS = Comparison("fq_x8", "fq x=int8", {"fbgemm": "fbgemm", "fq": "fq"})
 
 
 def main() -> None:
@@ -161,7 +166,7 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     load_before = os.getloadavg()
-    rows = []
+    rows, x8_rows = [], []
     for n, k in SHAPES:
         bw = read_bandwidth(n * k, args.where)
         for m in (int(v) for v in args.rows.split(",")):
@@ -171,6 +176,10 @@ def main() -> None:
             }
             path = extension.int8_linear_kernel_path(torch.device("cpu"), m, n, k, -1, torch.float32)
             rows.append(FQ_VS_OTHERS.row(n, k, m, path, ms, n * k + 4 * n, bw))
+            x8_path = extension.int8_linear_kernel_path(
+                torch.device("cpu"), m, n, k, -1, torch.float32, int8_activations=True
+            )
+            x8_rows.append(FQX_VS_OTHERS.row(n, k, m, x8_path, ms, n * k + 4 * n, bw))
     env = cpu_environment(load_before, isa=native_isa(), where=args.where)
     lines = [
         f"# int8 decode layers vs fbgemm, weights from {args.where} ({env['cpu']}, {env['threads']} threads, "
@@ -183,9 +192,15 @@ def main() -> None:
         "bytes, same run.",
         "",
         *FQ_VS_OTHERS.table(rows),
+        "",
+        "With `int8_activations` (`fq x=int8`: x rounded to int8 per 32 columns, as fbgemm rounds x per call):",
+        "",
+        *FQX_VS_OTHERS.table(x8_rows),
     ]
     write_report(
-        result_stem(args.out, f"decode-layer-{args.where}"), "\n".join(lines) + "\n", {"environment": env, "rows": rows}
+        result_stem(args.out, f"decode-layer-{args.where}"),
+        "\n".join(lines) + "\n",
+        {"environment": env, "rows": rows, "int8_activations_rows": x8_rows},
     )
 
 

@@ -11,12 +11,13 @@ Models:
   sparse kernels to pay. Speed only; llama.cpp is not run on it (no GGUF of these weights).
 
 Contenders (each a copy of the float model): ``fp32`` and ``bf16`` (transformers eager), ``bf16 compiled``,
-fastquant ``int8`` (per-channel, lm_head quantized too: its tied embedding keeps the float weight) eager and
-compiled with :func:`fastquant.compile_for_decode` (``compiled``: ``backend="inductor"``; ``aoti``: the step
+fastquant ``int8`` (per-channel, lm_head quantized too: its tied embedding keeps the float weight) and ``int8
+x=int8`` (the same with ``int8_activations``: x rounded to int8 per 32 columns, llama.cpp's arithmetic for Q8_0)
+eager and compiled with :func:`fastquant.compile_for_decode` (``compiled``: ``backend="inductor"``; ``aoti``: the step
 compiled ahead of time by AOTInductor), and ``int8+50%`` (magnitude-pruned, 50% unstructured,
 int8 values; speed only) eager and compiled, ``int4`` (symmetric group 32, llama.cpp Q4_0's grid, lm_head
-int8) eager and compiled, and ``int4 x=int8`` (the same with ``int8_activations``: x rounded to int8 per 32
-columns, llama.cpp's own arithmetic for Q4_0); llama.cpp ``Q8_0`` / ``Q4_0`` (llama-cpp-python, a
+int8) eager and compiled, and ``int4 x=int8`` (the same with ``int8_activations`` on every layer, the int8
+lm_head included: llama.cpp's own arithmetic for Q4_0 and its output matrix); llama.cpp ``Q8_0`` / ``Q4_0`` (llama-cpp-python, a
 benchmark-only extra built from source, ``n_threads`` = the torch thread count).
 
 Decode: batch 1, greedy, ``--new-tokens`` new tokens after a short prompt (end-of-text stop disabled with
@@ -154,11 +155,16 @@ def requantize(source: Path, ftype_name: str, folder: Path) -> Path:
 
 def int4_with_int8_head(model, int8_activations: bool = False):
     """int4 g32 symmetric layers (llama.cpp Q4_0's grid) and an int8 lm_head: llama.cpp's Q4_0 files also keep
-    the output matrix at higher precision than the blocks. ``int8_activations``: the int4 layers round x to
-    int8 per 32 columns, as llama.cpp's Q4_0 dot product does (its Q8_0 activations)."""
+    the output matrix at higher precision than the blocks. ``int8_activations``: every layer rounds x to int8
+    per 32 columns, as llama.cpp's dot products do (its Q8_0 activations)."""
     fastquant.patch(model, fastquant.Int4(group_size=32, int8_activations=int8_activations), progress=False)
     return fastquant.patch(
-        model, "int8", skip=(), quantize_tied=True, filter_fn=lambda _, name: name == "lm_head", progress=False
+        model,
+        fastquant.Int8(int8_activations=int8_activations),
+        skip=(),
+        quantize_tied=True,
+        filter_fn=lambda _, name: name == "lm_head",
+        progress=False,
     )
 
 
@@ -166,6 +172,12 @@ def fastquant_variants(base, args, max_cache_len: int) -> list[Contender]:
     contenders = []
     for label, make in (
         ("int8", lambda m: fastquant.patch(m, "int8", skip=(), quantize_tied=True, progress=False)),
+        (
+            "int8 x=int8",
+            lambda m: fastquant.patch(
+                m, fastquant.Int8(int8_activations=True), skip=(), quantize_tied=True, progress=False
+            ),
+        ),
         (
             "int8+50%",
             lambda m: fastquant.patch(
@@ -302,8 +314,8 @@ def write_results(results: list[dict], env: dict, stem: Path) -> None:
         "`same tokens`: greedy "
         "output identical to the eager model's. int8 quantizes the lm_head too (a copy: the tied embedding "
         "keeps its float weight). int8+50% is magnitude-pruned (speed only; its text differs from int8's)."
-        " int4 is symmetric group 32 (llama.cpp Q4_0's grid) with the lm_head in int8; int4 x=int8 rounds"
-        " the int4 layers' inputs to int8 per 32 columns (int8_activations), as llama.cpp's Q4_0 kernels do.",
+        " int4 is symmetric group 32 (llama.cpp Q4_0's grid) with the lm_head in int8; `x=int8` rounds"
+        " every quantized layer's input to int8 per 32 columns (int8_activations), as llama.cpp's kernels do.",
         "",
     ]
     for result in results:
@@ -377,9 +389,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--variants",
-        default="int8,int8+50%,int4,int4 x=int8",
+        default="int8,int8 x=int8,int8+50%,int4,int4 x=int8",
         type=lambda v: v.split(","),
-        help="fastquant variants (comma-separated: int8, int8+50%%, int4, int4 x=int8)",
+        help="fastquant variants (comma-separated: int8, int8 x=int8, int8+50%%, int4, int4 x=int8)",
     )
     parser.add_argument("--out", default=None, help="output stem (default results/e2e-cpu-decode-<UTC date>)")
     args = parser.parse_args()
