@@ -17,8 +17,8 @@ eager and compiled with :func:`fastquant.compile_for_decode` (``compiled``: ``ba
 compiled ahead of time by AOTInductor), and ``int8+50%`` (magnitude-pruned, 50% unstructured,
 int8 values; speed only) eager and compiled, ``int4`` (symmetric group 32, llama.cpp Q4_0's grid, lm_head
 int8) eager and compiled, and ``int4 x=int8`` (the same with ``int8_activations`` on every layer, the int8
-lm_head included: llama.cpp's own arithmetic for Q4_0 and its output matrix); llama.cpp ``Q8_0`` / ``Q4_0`` (llama-cpp-python, a
-benchmark-only extra built from source, ``n_threads`` = the torch thread count).
+lm_head included: llama.cpp's own arithmetic for Q4_0 and its output matrix); llama.cpp ``Q8_0`` / ``Q4_0``
+(llama-cpp-python, a benchmark-only extra built from source, ``n_threads`` = the torch thread count).
 
 Decode: batch 1, greedy, ``--new-tokens`` new tokens after a short prompt (end-of-text stop disabled with
 ``eos_token_id=None``, as llama.cpp's loop runs, rather than ``min_new_tokens``, whose logits processor scans

@@ -14,6 +14,7 @@ from fastquant.algorithms.pruning import calibration_from_text
 from fastquant.app import cli
 from fastquant.app.evaluate import METHODS, MethodOptions, model_bytes, perplexity, sentences
 from fastquant.app.models import read_text
+from fastquant.serialization import read_manifest
 from helpers import tiny_llama_config
 
 transformers = pytest.importorskip("transformers")
@@ -133,6 +134,60 @@ def test_every_method_in_the_registry_compresses(llama_dir):
         else:
             assert any(isinstance(m, (Int8Linear, Int4Linear)) for m in model.modules()), name
             assert model_bytes(model) < before, name
+
+
+def test_int8_activations_reach_the_int8_and_int4_methods_only(llama_dir):
+    """MethodOptions(int8_activations=True): every int8/int4 method sets it on the layers it makes; the sparse
+    methods refuse it (their layers have no such option)."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(llama_dir)
+    options = MethodOptions(
+        int8_activations=True,
+        calibration=lambda: calibration_from_text(tokenizer, read_text(), n_sequences=4, seq_len=64),
+        progress=False,
+    )
+    for name, method in METHODS.items():
+        model = transformers.AutoModelForCausalLM.from_pretrained(llama_dir).eval()
+        if "sparse" in name:
+            with pytest.raises(ValueError, match="--int8-activations applies to the int8 and int4 methods only"):
+                method.apply(model, options)
+            continue
+        method.apply(model, options)
+        layers = [m for m in model.modules() if isinstance(m, (Int8Linear, Int4Linear))]
+        assert layers and all(m.int8_activations for m in layers), name
+        expected = 15 if name == "int8+lm_head" else 14
+        assert sum(row.format.endswith(" x=int8") for row in fastquant.report(model).layers) == expected, name
+
+
+def test_cli_compress_int8_with_int8_activations(llama_dir, tmp_path):
+    out = tmp_path / "out"
+    assert cli.main(["compress", str(llama_dir), "--method", "int8", "--int8-activations", "-o", str(out)]) == 0
+    specs = list(read_manifest(out)["layers"].values())
+    assert len(specs) == 14 and all(s["type"] == "int8" and s["int8_activations"] is True for s in specs)
+    model, _ = fastquant.from_pretrained(out)
+    layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    assert len(layers) == 14 and all(m.int8_activations for m in layers)
+    expected = fastquant.patch(_tiny_llama(llama_dir), fastquant.Int8(int8_activations=True))
+    ids = torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        assert torch.equal(model(ids).logits, expected(ids).logits)
+
+
+def test_cli_eval_int8_with_int8_activations(llama_dir, tmp_path):
+    out = tmp_path / "eval.json"
+    args = ["eval", "--model", str(llama_dir), "--method", "int8", "--int8-activations", "--tokens", "300"]
+    assert cli.main([*args, "--window", "128", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["method"] == "int8" and result["int8_activations"] is True
+    assert abs(result["perplexity_delta_pct"]) < 1.0
+
+
+@pytest.mark.parametrize("method", ["sparse", "int8+sparse"])
+def test_cli_refuses_int8_activations_for_sparse_methods(llama_dir, capsys, method):
+    args = ["eval", "--model", str(llama_dir), "--method", method, "--pruning", "magnitude", "--int8-activations"]
+    assert cli.main(args) == 2
+    assert f"method {method!r}: --int8-activations applies to the int8 and int4 methods only" in (
+        capsys.readouterr().out
+    )
 
 
 def test_eval_sparse_method(llama_dir, tmp_path):

@@ -133,6 +133,24 @@ def test_int4_student_comes_back_int4(quantization, symmetric):
     assert kl_to_teacher() < (0.8 if quantization == "ste" else 1.0) * kl_before
 
 
+@pytest.mark.parametrize(
+    ("config", "layer_type"),
+    [
+        (fastquant.Int8(group_size=32, int8_activations=True), Int8Linear),
+        (fastquant.Int4(int8_activations=True), Int4Linear),
+    ],
+    ids=["int8", "int4"],
+)
+def test_int8_activations_survive_distillation(config, layer_type):
+    """The layers are packed back with the option they came with (training itself sees unrounded inputs)."""
+    teacher, _ = tiny_pair()
+    student = fastquant.patch(copy.deepcopy(teacher), config, progress=False)
+    distill(student, teacher, tiny_data(), _config(max_steps=2))
+    layers = [m for m in student.modules() if isinstance(m, layer_type)]
+    assert len(layers) == 14 and all(m.int8_activations for m in layers)
+    assert all(m.format.endswith(" x=int8") for m in layers)
+
+
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_ste_forward_uses_the_int4_weight_and_passes_the_gradient(symmetric):
     gen = torch.Generator().manual_seed(4)

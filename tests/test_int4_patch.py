@@ -517,8 +517,8 @@ def test_cli_compress_int4_with_int8_activations(llama_dir, tmp_path):  # noqa: 
 def test_cli_refuses_asymmetric_int8(llama_dir, capsys):  # noqa: F811 (the fixture)
     assert cli.main(["eval", "--model", str(llama_dir), "--method", "int8", "--asymmetric"]) == 2
     assert "--asymmetric applies to the int4 methods only" in capsys.readouterr().out
-    assert cli.main(["eval", "--model", str(llama_dir), "--method", "int8", "--int8-activations"]) == 2
-    assert "--int8-activations applies to the int4 methods only" in capsys.readouterr().out
+    assert cli.main(["eval", "--model", str(llama_dir), "--method", "sparse", "--int8-activations"]) == 2
+    assert "--int8-activations applies to the int8 and int4 methods only" in capsys.readouterr().out
     assert cli.main(["eval", "--model", str(llama_dir), "--method", "int4", "--group-size", "48"]) == 2
     assert "group_size must be one of" in capsys.readouterr().out
 

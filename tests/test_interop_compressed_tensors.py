@@ -90,6 +90,27 @@ def test_int4_with_int8_activations_exports_its_weights_and_says_so(tmp_path, id
     _check(model, tmp_path / "ct", ids)
 
 
+def test_int8_with_int8_activations_exports_its_weights_and_says_so(tmp_path, ids):
+    model = fastquant.patch(tiny_llama(), fastquant.Int8(group_size=32, int8_activations=True))
+    with pytest.warns(UserWarning, match="^14 int8 layers round their input to int8") as caught:
+        summary = export_compressed_tensors(model, tmp_path / "ct")
+    assert not any("int4" in str(w.message) for w in caught)
+    assert summary["schemes"] == {"int8 group 32": 14}
+    for layer in (m for m in model.modules() if isinstance(m, fastquant.Int8Linear)):
+        layer.int8_activations = False  # the exported model computes with float activations
+    _check(model, tmp_path / "ct", ids)
+
+
+def test_mixed_int8_and_int4_layers_with_int8_activations_are_counted_apart(tmp_path):
+    model = fastquant.patch(
+        tiny_llama(), fastquant.Int8(int8_activations=True), filter_fn=lambda module, name: ".mlp." in name
+    )
+    fastquant.patch(model, fastquant.Int4(int8_activations=True), filter_fn=lambda module, name: ".self_attn." in name)
+    with pytest.warns(UserWarning, match="^6 int8 and 8 int4 layers round their input to int8"):
+        summary = export_compressed_tensors(model, tmp_path / "ct")
+    assert summary["schemes"] == {"int8 per-channel": 6, "int4 group 32": 8}
+
+
 def test_model_transformers_loaded_from_gguf_exports(tmp_path, ids):
     # transformers marks a model it de-quantized from a GGUF file as quantized, and save_pretrained refuses it.
     pytest.importorskip("gguf")

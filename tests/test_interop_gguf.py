@@ -232,6 +232,18 @@ def test_export_int8_g32_as_q8_0_round_trips(tmp_path, tokenizer_dir, ids):
     _assert_logits_close(_logits(back, ids), _logits(model, ids))
 
 
+def test_export_with_int8_activations_writes_the_same_file(tmp_path, tokenizer_dir, recwarn):
+    """llama.cpp rounds x to int8 per 32 columns itself (Q8_0 activations): int8_activations writes nothing else
+    and says nothing."""
+    plain = fastquant.patch(tiny_llama(vocab_size=320), "int8", group_size=32)
+    rounded = fastquant.patch(tiny_llama(vocab_size=320), fastquant.Int8(group_size=32, int8_activations=True))
+    export_gguf(plain, tmp_path / "plain.gguf", tokenizer_dir=tokenizer_dir)
+    summary = export_gguf(rounded, tmp_path / "rounded.gguf", tokenizer_dir=tokenizer_dir)
+    assert summary["tensor_types"]["Q8_0"] == 14
+    assert (tmp_path / "rounded.gguf").read_bytes() == (tmp_path / "plain.gguf").read_bytes()
+    assert not [w for w in recwarn if "int8_activations" in str(w.message)]
+
+
 def test_export_int4_g32_symmetric_as_q4_0_is_bit_exact(tmp_path, tokenizer_dir, ids):
     model = tiny_llama(vocab_size=320, tie=False)
     fastquant.patch(model, "int4", group_size=32, symmetric=True, skip=())

@@ -140,6 +140,69 @@ def test_bad_arguments():
         fastquant.patch(make_block(), group_size=48)
 
 
+@pytest.mark.parametrize("group_size", [None, 32])
+def test_patch_with_int8_activations_rounds_every_layer_input(group_size):
+    """Int8(int8_activations=True): every int8 layer rounds its input (the report says so and names the kernel
+    that runs then), each layer computes what reference.int8_linear(..., int8_activations=True) gives at decode
+    and prefill row counts, and the model stays close to the one without the rounding (not equal)."""
+    plain = fastquant.patch(make_block(), fastquant.Int8(group_size))
+    model = fastquant.patch(make_block(), fastquant.Int8(group_size, int8_activations=True))
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, Int8Linear)}
+    assert sorted(layers) == ["down", "up"] and all(m.int8_activations for m in layers.values())
+    assert not any(m.int8_activations for m in plain.modules() if isinstance(m, Int8Linear))
+    layout = "per-channel" if group_size is None else f"group={group_size}"
+    rows = {row.name: row for row in fastquant.report(model).layers}
+    assert rows["up"].format == f"int8 {layout} x=int8" and f"format=int8 {layout} x=int8" in repr(model.up)
+    assert {row.name: row.format for row in fastquant.report(plain).layers}["up"] == f"int8 {layout}"
+    decode_path = extension.int8_linear_kernel_path(
+        torch.device("cpu"), 1, 512, 256, model.up.group_size_arg, torch.float32, True
+    )
+    assert rows["up"].kernel.split(" / ")[0] == decode_path
+    gen = torch.Generator().manual_seed(1)
+    for layer in layers.values():
+        for m in (1, 5):
+            x = torch.randn(m, layer.in_features, generator=gen)
+            args = (x, layer.qweight, layer.scales, layer.bias, layer.group_size_arg)
+            expected = reference.int8_linear(*args, int8_activations=True)
+            with torch.no_grad():
+                got = layer(x)
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+            assert not torch.equal(expected, reference.int8_linear(*args))  # the rounding changes the output
+    tokens = torch.randint(0, 300, (2, 9), generator=gen)
+    with torch.no_grad():
+        a, b = model(tokens), plain(tokens)
+    assert not torch.equal(a, b)
+    assert (a - b).norm() / b.norm() < 0.02  # x~ is within 0.4% of x per block
+
+
+def test_int8_activations_with_gptq_and_not_for_sparse_values():
+    """GPTQ rounding (calibrated on unrounded inputs) keeps the option; sparse int8 values refuse it."""
+    tokens = [torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    model = fastquant.patch(
+        make_block(), fastquant.Int8(rounding=fastquant.GPTQ(tokens), int8_activations=True), progress=False
+    )
+    assert isinstance(model.up, Int8Linear) and model.up.int8_activations and model.down.int8_activations
+    assert "GPTQ rounding" in {row.name: row.note for row in fastquant.report(model).layers}["up"]
+    with pytest.raises(ValueError, match="not to sparse int8 values"):
+        fastquant.Sparse(values=fastquant.Int8(int8_activations=True))
+
+
+def test_int8_activations_must_be_a_bool():
+    with pytest.raises(ValueError, match="int8_activations must be True or False"):
+        fastquant.Int8(int8_activations="yes")
+    with pytest.raises(ValueError, match="int8_activations must be True or False"):
+        Int8Linear(64, 8, int8_activations=1)
+
+
+def test_from_linear_and_from_codes_keep_int8_activations():
+    linear = nn.Linear(96, 40)
+    layer = Int8Linear.from_linear(linear, 32, int8_activations=True)
+    assert layer.int8_activations and layer.format == "int8 group=32 x=int8"
+    copy = Int8Linear.from_codes(linear, layer.qweight, layer.scales, 32, int8_activations=True)
+    assert copy.int8_activations and torch.equal(copy.qweight, layer.qweight)
+    assert not Int8Linear.from_codes(linear, layer.qweight, layer.scales, 32).int8_activations
+
+
 def test_dtype_moves_keep_fp32_scales():
     model = fastquant.patch(make_block())
     model.to(torch.bfloat16)
@@ -180,10 +243,19 @@ def test_report_markdown_totals():
 def test_info_command_reports_kernel_paths():
     out = subprocess.run([sys.executable, "-m", "fastquant.info"], capture_output=True, text=True, check=True)
     assert "fastquant" in out.stdout and "int8_linear cpu float32 M=1:" in out.stdout
+    assert "int8_linear (int8 activations) cpu float32 M=1:" in out.stdout
     assert "sparse_linear (bitmap16) cpu int8 values M=1:" in out.stdout
     assert "sparse_csr_linear (csr16) cpu:" in out.stdout
     if extension.native is not None:
         assert "CPU features:" in out.stdout
+
+
+def test_info_reports_the_int8_kernel_with_int8_activations():
+    from fastquant.app.info import info_lines
+
+    (line,) = [line for line in info_lines() if line.startswith("int8_linear (int8 activations) cpu")]
+    expected = extension.int8_linear_kernel_path(torch.device("cpu"), 1, 4096, 4096, -1, torch.float32, True)
+    assert line == f"int8_linear (int8 activations) cpu float32 M=1: {expected}"
 
 
 def test_info_require_cuda_names_what_is_missing():

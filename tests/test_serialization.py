@@ -38,6 +38,7 @@ PATCHES = {
     "int8": ("int8", dict()),
     "int8-group64": ("int8", dict(group_size=64)),
     "int8+lm_head": ("int8", dict(skip=(), quantize_tied=True)),
+    "int8-x8": (fastquant.Int8(int8_activations=True), dict()),
     # sparse_kernel="sparse": the tiny layers would otherwise keep their faster dense kernels
     "sparse": ("sparse", dict(pruning="magnitude", sparsity=0.6, sparse_kernel="sparse", progress=False)),
     "sparse-2:4+lm_head": (
@@ -92,6 +93,7 @@ def test_round_trip_is_bit_exact(saved):
             other = loaded.get_submodule(name)
             assert type(other) is type(module) and other.group_size == module.group_size
             assert other.format == module.format
+            assert getattr(other, "int8_activations", False) is getattr(module, "int8_activations", False)
     ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         assert torch.equal(model(ids).logits, loaded(ids).logits)
@@ -149,6 +151,10 @@ def test_load_into_already_patched_model(saved):
     else:
         fastquant.load(target, path)
         assert torch.equal(target.model.layers[0].mlp.up_proj.qweight, model.model.layers[0].mlp.up_proj.qweight)
+        # The option is no tensor: a layer patched before loading takes the checkpoint's.
+        for name, module in target.named_modules():
+            if isinstance(module, Int8Linear):
+                assert module.int8_activations is model.get_submodule(name).int8_activations, name
 
 
 def test_truncated_file(saved):
@@ -248,3 +254,61 @@ def test_missing_checkpoint_errors_name_the_file_expected(tmp_path):
         fastquant.load(tiny_llama(), tmp_path)
     with pytest.raises(FileNotFoundError, match="no such file"):
         read_manifest(tmp_path / "model.safetensors")
+
+
+# ------------------------------------------------------------------------------------------ int8_activations
+def test_int8_activations_round_trips_through_the_manifest(tmp_path):
+    model = fastquant.patch(tiny_llama(seed=8), fastquant.Int8(group_size=32, int8_activations=True))
+    path = tmp_path / "m.safetensors"
+    manifest = fastquant.save(model, path)
+    assert manifest["method"] == "int8"
+    assert manifest["layers"]["model.layers.0.mlp.down_proj"] == {
+        "type": "int8",
+        "in_features": 256,
+        "out_features": 128,
+        "bias": False,
+        "group_size": 32,
+        "dtype": "float32",
+        "int8_activations": True,
+    }
+    loaded = fastquant.load(fresh_like(model), path)
+    layers = [m for m in loaded.modules() if isinstance(m, Int8Linear)]
+    assert len(layers) == 14 and all(m.int8_activations for m in layers)
+    assert {r.name: r.format for r in fastquant.report(loaded).layers}["model.layers.0.mlp.down_proj"] == (
+        "int8 group=32 x=int8"
+    )
+    plain = fastquant.patch(tiny_llama(seed=8), "int8", group_size=32)
+    plain_spec = fastquant.save(plain, tmp_path / "plain.safetensors")["layers"]["model.layers.0.mlp.down_proj"]
+    assert plain_spec["int8_activations"] is False
+    ids = torch.randint(0, 512, (2, 13), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        rounded = loaded(ids).logits
+        assert torch.equal(model(ids).logits, rounded)
+        assert not torch.equal(plain(ids).logits, rounded)  # the loaded layers do round their inputs
+
+
+def test_int8_manifest_without_int8_activations_loads_unrounded(tmp_path):
+    """Files written before the option have no key: x is used as it is."""
+    model = fastquant.patch(tiny_llama(), fastquant.Int8(int8_activations=True))
+    path = tmp_path / "m.safetensors"
+    fastquant.save(model, path)
+
+    def drop(manifest):
+        for spec in manifest["layers"].values():
+            del spec["int8_activations"]
+
+    _edit_manifest(path, drop)
+    loaded = fastquant.load(fresh_like(model), path)
+    layers = [m for m in loaded.modules() if isinstance(m, Int8Linear)]
+    assert len(layers) == 14 and not any(m.int8_activations for m in layers)
+
+
+@pytest.mark.parametrize("value", ["yes", 1, None])
+def test_edited_int8_activations_entry_is_refused(tmp_path, value):
+    model = fastquant.patch(tiny_llama(), "int8")
+    path = tmp_path / "m.safetensors"
+    fastquant.save(model, path)
+    name = "model.layers.1.self_attn.q_proj"
+    _edit_manifest(path, lambda m: m["layers"][name].update(int8_activations=value))
+    with pytest.raises(FastquantFormatError, match=f"layer '{name}'.*int8_activations must be True or False"):
+        fastquant.load(fresh_like(model), path)

@@ -110,13 +110,22 @@ def pruning_from_name(name: str, calibration: Iterable | None = None) -> Pruning
 @dataclass(frozen=True)
 class Int8:
     """int8 weight-only quantization: one fp32 scale per output channel (``group_size=None``) or per group of
-    ``group_size`` input columns; rounded to nearest or by GPTQ."""
+    ``group_size`` input columns; rounded to nearest or by GPTQ.
+
+    ``int8_activations``: each layer rounds its input to int8 per block of 32 columns at every call, as
+    llama.cpp's Q8_0 and fbgemm's ``quantize_dynamic`` do: the CPU decode kernel then multiplies bytes by bytes
+    (one multiply-add instruction per 32 weights instead of fp32 conversions and FMAs), at the cost of that
+    rounding (|error| <= max|x of the block| / 254). GPTQ calibrates on unrounded inputs either way. Not for
+    the int8 values of :class:`Sparse` layers."""
 
     group_size: int | None = None
     rounding: Rounding = field(default_factory=RTN)
+    int8_activations: bool = False
 
     def __post_init__(self) -> None:
         check_group_size(self.group_size)
+        if not isinstance(self.int8_activations, bool):
+            raise ValueError(f"int8_activations must be True or False, got {self.int8_activations!r}")
         if not isinstance(self.rounding, (RTN, GPTQ)):
             raise TypeError(f"rounding must be fastquant.RTN() or fastquant.GPTQ(calibration), got {self.rounding!r}")
 
@@ -192,6 +201,8 @@ class Sparse:
                 raise TypeError(f"values must be None (float) or fastquant.Int8(...), got {self.values!r}")
             if not isinstance(self.values.rounding, RTN):
                 raise ValueError("the rounding of sparse int8 values is the pruning method's: leave it RTN()")
+            if self.values.int8_activations:
+                raise ValueError("int8_activations applies to int8 and int4 layers, not to sparse int8 values")
         if self.kernel not in SPARSE_KERNELS:
             raise ValueError(f"kernel must be one of {SPARSE_KERNELS}, got {self.kernel!r}")
 

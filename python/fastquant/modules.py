@@ -81,6 +81,10 @@ class Int8Linear(_CompressedLinear):
 
     The forward pass runs ``torch.ops.fastquant.int8_linear``: a fused dequantize-matmul that never
     materializes the float weight. Activations keep their dtype; accumulation is fp32.
+
+    ``int8_activations``: x is rounded to int8 per block of 32 columns at every call (llama.cpp's Q8_0
+    activations, fbgemm's dynamic quantization; ``reference.int8_activation_round``), so the CPU decode kernel
+    multiplies bytes by bytes; off, x is used as it is.
     """
 
     def __init__(
@@ -91,12 +95,16 @@ class Int8Linear(_CompressedLinear):
         group_size: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
+        int8_activations: bool = False,
     ) -> None:
         super().__init__()
         check_group_size(group_size)
+        if not isinstance(int8_activations, bool):
+            raise ValueError(f"int8_activations must be True or False, got {int8_activations!r}")
         self.in_features = in_features
         self.out_features = out_features
         self.group_size = group_size
+        self.int8_activations = int8_activations
         scale_shape = (out_features,) if group_size is None else (out_features, -(-in_features // group_size))
         self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.ones(scale_shape, dtype=torch.float32, device=device))
@@ -104,10 +112,13 @@ class Int8Linear(_CompressedLinear):
 
     @property
     def format(self) -> str:
-        return "int8 per-channel" if self.group_size is None else f"int8 group={self.group_size}"
+        x = " x=int8" if self.int8_activations else ""
+        return ("int8 per-channel" if self.group_size is None else f"int8 group={self.group_size}") + x
 
     @classmethod
-    def from_linear(cls, linear: nn.Module, group_size: int | None = None) -> Int8Linear:
+    def from_linear(
+        cls, linear: nn.Module, group_size: int | None = None, *, int8_activations: bool = False
+    ) -> Int8Linear:
         """Quantize an nn.Linear (or transformers Conv1D). Raises ValueError on NaN/inf weights."""
         check_group_size(group_size)
         weight = linear_weight(linear)
@@ -115,11 +126,17 @@ class Int8Linear(_CompressedLinear):
             bad = (~torch.isfinite(weight)).sum().item()
             raise ValueError(f"cannot quantize a weight of shape {tuple(weight.shape)} with {bad} NaN/inf values")
         qweight, scales = reference.int8_quantize(weight, -1 if group_size is None else group_size)
-        return cls.from_codes(linear, qweight, scales, group_size)
+        return cls.from_codes(linear, qweight, scales, group_size, int8_activations=int8_activations)
 
     @classmethod
     def from_codes(
-        cls, linear: nn.Module, qweight: Tensor, scales: Tensor, group_size: int | None = None
+        cls,
+        linear: nn.Module,
+        qweight: Tensor,
+        scales: Tensor,
+        group_size: int | None = None,
+        *,
+        int8_activations: bool = False,
     ) -> Int8Linear:
         """An Int8Linear holding given int8 codes and scales (e.g. from a pruning algorithm that quantized
         jointly), with the bias and dtype of ``linear``."""
@@ -130,7 +147,9 @@ class Int8Linear(_CompressedLinear):
             )
         out_features, in_features = weight.shape
         dtype = weight.dtype if weight.dtype in ops.ACTIVATION_DTYPES else torch.float32
-        layer = cls(in_features, out_features, linear.bias is not None, group_size, weight.device, dtype)
+        layer = cls(
+            in_features, out_features, linear.bias is not None, group_size, weight.device, dtype, int8_activations
+        )
         if tuple(scales.shape) != tuple(layer.scales.shape):
             raise ValueError(f"scales must have shape {tuple(layer.scales.shape)}, got {tuple(scales.shape)}")
         layer.qweight.copy_(qweight)
@@ -141,7 +160,14 @@ class Int8Linear(_CompressedLinear):
 
     def forward(self, x: Tensor) -> Tensor:
         buffers = self._buffers  # see _CompressedLinear: the dicts, not nn.Module.__getattr__
-        return ops.int8_linear(x, buffers["qweight"], buffers["scales"], self._parameters["bias"], self.group_size_arg)
+        return ops.int8_linear(
+            x,
+            buffers["qweight"],
+            buffers["scales"],
+            self._parameters["bias"],
+            self.group_size_arg,
+            int8_activations=self.int8_activations,
+        )
 
     def dequantize(self) -> Tensor:
         """The float weight this layer computes with, (out_features, in_features), in the layer's dtype."""

@@ -374,10 +374,11 @@ def patch(
             )
         else:
             _patch_quantized(model, chosen, grid, notes, errors)
-        if isinstance(config, Int4) and config.int8_activations:
+        if config.int8_activations:
+            layer_type = Int4Linear if isinstance(config, Int4) else Int8Linear
             for name, _, _ in chosen:
                 layer = model.get_submodule(name)
-                if isinstance(layer, Int4Linear):
+                if isinstance(layer, layer_type):
                     layer.int8_activations = True
     else:
         name = config.pruning.name
@@ -627,14 +628,20 @@ def _kernel_paths(layer: Int8Linear | Int4Linear | SparseLinear) -> str:
     else:
         device, (n, k) = layer.qweight.device, layer.qweight.shape
         paths = [
-            extension.int8_linear_kernel_path(device, m, n, k, layer.group_size_arg, layer.dtype) for m in (1, 512)
+            extension.int8_linear_kernel_path(
+                device, m, n, k, layer.group_size_arg, layer.dtype, layer.int8_activations
+            )
+            for m in (1, 512)
         ]
     return paths[0] if paths[0] == paths[1] else " / ".join(paths)
 
 
 def _int4_kernel_paths(layer: Int4Linear) -> str:
     device, (n, k) = layer.qweight.device, (layer.out_features, layer.in_features)
-    paths = [extension.int4_linear_kernel_path(device, m, n, k, layer.group_size, layer.dtype) for m in (1, 512)]
+    paths = [
+        extension.int4_linear_kernel_path(device, m, n, k, layer.group_size, layer.dtype, layer.int8_activations)
+        for m in (1, 512)
+    ]
     return paths[0] if paths[0] == paths[1] else " / ".join(paths)
 
 

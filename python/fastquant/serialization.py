@@ -6,7 +6,8 @@ metadata under the key ``"fastquant"`` (so one file carries weights and manifest
     {"format": "fastquant", "format_version": 1, "fastquant_version": "...", "method": "int8",
      "model_class": "LlamaForCausalLM",
      "layers": {"model.layers.0.self_attn.q_proj": {"type": "int8", "in_features": 576,
-                "out_features": 576, "bias": false, "group_size": null, "dtype": "float32"}, ...},
+                "out_features": 576, "bias": false, "group_size": null, "dtype": "float32",
+                "int8_activations": false}, ...},
      "tensors": {"<state-dict name>": {"sha256": "...", "dtype": "int8", "shape": [576, 576]}, ...},
      "aliases": {"lm_head.weight": "model.embed_tokens.weight"}}
 
@@ -63,7 +64,7 @@ def layer_params(model: nn.Module) -> dict[str, dict[str, Any]]:
     layers: dict[str, dict[str, Any]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
         if isinstance(module, Int8Linear):
-            layers[name] = {"type": "int8", **_common_params(module)}
+            layers[name] = {"type": "int8", **_common_params(module), "int8_activations": module.int8_activations}
         elif isinstance(module, Int4Linear):
             layers[name] = {
                 "type": "int4",
@@ -217,15 +218,22 @@ def _build_layer(name: str, spec: Any, path: Path, device: str) -> nn.Module:
     try:
         dtype = _MANIFEST_DTYPES[spec["dtype"]]
         shape = (int(spec["in_features"]), int(spec["out_features"]))
+        # Absent in files written before the option: x used as it is.
+        int8_activations = spec.get("int8_activations", False)
         if spec["type"] == "int8":
-            return Int8Linear(*shape, bool(spec["bias"]), spec["group_size"], device=device, dtype=dtype)
+            return Int8Linear(
+                *shape,
+                bool(spec["bias"]),
+                spec["group_size"],
+                device=device,
+                dtype=dtype,
+                int8_activations=int8_activations,
+            )
         if spec["type"] == "int4":
             if not isinstance(spec["symmetric"], bool):
                 raise ValueError(f"symmetric must be true or false, got {spec['symmetric']!r}")
             if not isinstance(spec["group_size"], int):
                 raise ValueError(f"group_size must be an integer, got {spec['group_size']!r}")
-            # Absent in files written before the option: x used as it is.
-            int8_activations = spec.get("int8_activations", False)
             return Int4Linear(
                 *shape,
                 bool(spec["bias"]),
@@ -404,6 +412,9 @@ def load(
                 module.set_layout(spec.get("layout", "bitmap16"))
             except ValueError as exc:
                 raise FastquantFormatError(f"{path}: invalid manifest entry for layer {name!r}: {exc}") from exc
+        elif isinstance(module, (Int8Linear, Int4Linear)):
+            # A layer patched before loading computes as the checkpoint says (a bool: _build_layer checked it).
+            module.int8_activations = spec.get("int8_activations", False)
     model._fastquant_notes = {name: "loaded from checkpoint" for name in manifest["layers"]}
     model._fastquant_errors = {}  # the float weights are not in the checkpoint
     model._fastquant_checkpoint = {"path": str(path), "signer": verified.signer, "encrypted": verified.encrypted}

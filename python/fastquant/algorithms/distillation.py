@@ -20,7 +20,8 @@ How the student trains:
   by T^2 so that its gradient does not shrink with T; optionally plus SquareHead's per-layer hidden-state loss
   (each layer's MSE divided by the teacher's mean square there, averaged over layers) and a cross-entropy on the text
   (off by default: the student should approach the teacher, not adapt to the training text).
-* At the end every layer is packed back into the format it came in (same pattern, layout, group size).
+* At the end every layer is packed back into the format it came in (same pattern, layout, group size and
+  ``int8_activations``; training itself sees unrounded inputs, as GPTQ calibrates on them).
 
 Data parallel: under ``torchrun --nproc_per_node N`` (or any launcher setting ``RANK``/``WORLD_SIZE``), the student is
 wrapped in ``torch.nn.parallel.DistributedDataParallel`` (gloo on CPU, NCCL on GPU). Each optimizer step takes the
@@ -261,6 +262,7 @@ class _LayerSpec:
     group_size: int | None  # the layer's own (None: per channel)
     pattern: str = "unstructured"
     layout: str = "bitmap16"
+    int8_activations: bool = False  # int8 and int4: the layer rounds its input to int8 per 32 columns
 
 
 def _unpack(module: nn.Module, mask: Tensor | None, quantization: str) -> tuple[MaskedLinear, _LayerSpec]:
@@ -271,12 +273,12 @@ def _unpack(module: nn.Module, mask: Tensor | None, quantization: str) -> tuple[
         keep = reference.sparse_mask_bits(module.masks, module.in_features)
         weight = module.dequantize()
     elif isinstance(module, Int8Linear):
-        spec = _LayerSpec("int8", module.dtype, int8_grid, module.group_size)
+        spec = _LayerSpec("int8", module.dtype, int8_grid, module.group_size, int8_activations=module.int8_activations)
         weight = module.dequantize()
         keep = module.qweight != 0 if getattr(module, PRUNED_MARKER, False) else torch.ones_like(weight, dtype=bool)
     elif isinstance(module, Int4Linear):
         grid = WeightGrid(4, module.group_size, module.symmetric)
-        spec = _LayerSpec("int4", module.dtype, grid, module.group_size)
+        spec = _LayerSpec("int4", module.dtype, grid, module.group_size, int8_activations=module.int8_activations)
         weight = module.dequantize()
         keep = torch.ones_like(weight, dtype=bool)
     else:
@@ -316,12 +318,13 @@ def _repack(layer: MaskedLinear, spec: _LayerSpec) -> nn.Module:
                 in_features=layer.in_features,
                 dtype=spec.dtype,
                 device=weight.device,
+                int8_activations=spec.int8_activations,
             )
         if spec.kind == "sparse":
             new = SparseLinear.from_pruned(linear, mask, codes, scales, spec.group_size, spec.pattern)
             return new.set_layout(spec.layout)
         if spec.kind == "int8":
-            new = Int8Linear.from_codes(linear, codes, scales, spec.group_size)
+            new = Int8Linear.from_codes(linear, codes, scales, spec.group_size, int8_activations=spec.int8_activations)
             if not bool(mask.all()):
                 setattr(new, PRUNED_MARKER, True)
             return new

@@ -145,6 +145,7 @@ def _details(name: str, args: argparse.Namespace) -> str:
     """What a row's method did with this run's options, for the table and the chart's legend."""
     group = f"groups of {args.group_size}" if args.group_size else "per-channel"
     calibration = f"{args.calibration_sequences} x 256 calibration tokens"
+    x = ", x rounded to int8 per 32 columns" if args.int8_activations else ""
     if name == "float32":
         return "float32, uncompressed"
     if name.startswith("int4"):
@@ -153,17 +154,16 @@ def _details(name: str, args: argparse.Namespace) -> str:
         trap = ""
         if not args.symmetric and (args.group_size or 32) == 32 and getattr(args, "model", "") == "smollm2":
             trap = " (SmolLM2 ships as a Q4_1 GGUF: this is its own grid, so it looks lossless here)"
-        x = ", x rounded to int8 per 32 columns" if args.int8_activations else ""
         return f"int4 {grid}, groups of {args.group_size or 32}, {rounding}{x}{trap}"
     if name == "int8-gptq":
-        return f"int8 {group}, GPTQ rounding ({calibration})"
+        return f"int8 {group}, GPTQ rounding ({calibration}){x}"
     if name in ("sparse", "int8+sparse"):
         amount = f"{args.sparsity:.0%} unstructured" if args.pattern == "unstructured" else args.pattern
         values = "float values" if name == "sparse" else f"int8 {group} values"
         return f"{args.pruning} {amount}, {values}" + (
             f" ({calibration})" if args.pruning in ("wanda", "sparsegpt") else ""
         )
-    return f"int8 {group}, round to nearest" + (", lm_head too" if name == "int8+lm_head" else "")
+    return f"int8 {group}, round to nearest" + (", lm_head too" if name == "int8+lm_head" else "") + x
 
 
 def _mb(n: int) -> str:
@@ -660,7 +660,8 @@ def _add_method_options(parser: argparse.ArgumentParser, method: str | None = No
     parser.add_argument(
         "--int8-activations",
         action="store_true",
-        help="int4: layers round their input to int8 per 32 columns (llama.cpp's Q4_0 arithmetic; faster CPU decode)",
+        help="int8, int4: layers round their input to int8 per 32 columns (llama.cpp's Q8_0/Q4_0 arithmetic; "
+        "faster CPU decode); not for the sparse methods",
     )
     parser.add_argument("--sparsity", type=float, default=0.5, help="sparse methods: fraction of weights pruned")
     parser.add_argument("--pattern", default="unstructured", help="sparse methods: 'unstructured' or N:M like 2:4")

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from fastquant.choices import CALIBRATED_METHODS, DEFAULT_PRUNING
-from fastquant.configs import Int4
+from fastquant.configs import Int4, Int8
 from fastquant.patching import patch
 from fastquant.progress import progress_bar
 
@@ -33,7 +33,7 @@ class MethodOptions:
 
     group_size: int | None = None  # None: per-channel for int8, 32 for int4
     symmetric: bool = True  # int4 only: False adds a per-group offset
-    int8_activations: bool = False  # int4 only: layers round their input to int8 per 32 columns
+    int8_activations: bool = False  # int8 and int4: layers round their input to int8 per 32 columns
     sparsity: float | None = 0.5
     pattern: str = "unstructured"
     pruning: str = DEFAULT_PRUNING
@@ -52,7 +52,9 @@ class Method:
 
 def _sparse(method: str) -> Callable[[nn.Module, MethodOptions], nn.Module]:
     def apply(model: nn.Module, options: MethodOptions) -> nn.Module:
-        _int8_only(options, method)
+        _symmetric_only(options, method)
+        if options.int8_activations:
+            raise ValueError(f"method {method!r}: --int8-activations applies to the int8 and int4 methods only")
         needs_data = options.pruning in CALIBRATED_METHODS
         if needs_data and options.calibration is None:
             raise ValueError(f"pruning={options.pruning!r} needs calibration data (a tokenizer and a text)")
@@ -70,20 +72,18 @@ def _sparse(method: str) -> Callable[[nn.Module, MethodOptions], nn.Module]:
     return apply
 
 
-def _int8_only(options: MethodOptions, name: str) -> None:
+def _symmetric_only(options: MethodOptions, name: str) -> None:
     if not options.symmetric:
         raise ValueError(f"method {name!r}: --asymmetric applies to the int4 methods only")
-    if options.int8_activations:
-        raise ValueError(f"method {name!r}: --int8-activations applies to the int4 methods only")
 
 
 def _int8(name: str, **kwargs) -> Callable[[nn.Module, MethodOptions], nn.Module]:
     def apply(model: nn.Module, options: MethodOptions) -> nn.Module:
-        _int8_only(options, name)
-        extra = dict(kwargs)
-        if name.endswith("-gptq"):
-            extra.update(calibration=options.calibration(), progress=options.progress)
-        return patch(model, "int8", group_size=options.group_size, **extra)
+        _symmetric_only(options, name)
+        calibrated = name.endswith("-gptq")
+        config = Int8.from_method(options.group_size, options.calibration() if calibrated else None)
+        config = dataclasses.replace(config, int8_activations=options.int8_activations)
+        return patch(model, config, progress=options.progress if calibrated else None, **kwargs)
 
     return apply
 

@@ -49,6 +49,8 @@ def info_lines() -> list[str]:
             for m in (1, 16, 512):
                 path = extension.int8_linear_kernel_path(device, m, 4096, 4096, -1, dtype)
                 lines.append(f"int8_linear {device.type} {str(dtype).removeprefix('torch.')} M={m}: {path}")
+        path = extension.int8_linear_kernel_path(device, 1, 4096, 4096, -1, torch.float32, int8_activations=True)
+        lines.append(f"int8_linear (int8 activations) {device.type} float32 M=1: {path}")
         for m in (1, 16, 512):
             path = extension.int4_linear_kernel_path(device, m, 4096, 4096, 32, torch.float32)
             lines.append(f"int4_linear {device.type} group 32 M={m}: {path}")

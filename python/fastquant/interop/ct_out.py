@@ -111,8 +111,10 @@ def export_compressed_tensors(model: nn.Module, out_dir: str | os.PathLike, *, t
         raise InteropError("the model has no int8/int4 fastquant layers to write as compressed-tensors")
     rounded_x = [name for name in layouts if getattr(model.get_submodule(name), "int8_activations", False)]
     if rounded_x:
+        counts = [(sum(layouts[name][0] == bits for name in rounded_x), f"int{bits}") for bits in (8, 4)]
+        kinds = " and ".join(f"{count} {kind}" for count, kind in counts if count)
         warnings.warn(
-            f"{len(rounded_x)} int4 layers round their input to int8 (int8_activations); compressed-tensors gets "
+            f"{kinds} layers round their input to int8 (int8_activations); compressed-tensors gets "
             "their weights only, and engines that load it compute with float activations",
             stacklevel=2,
         )
