@@ -308,8 +308,9 @@ INT8_ACTIVATION_TINY = 2.0**-100  # blocks below this magnitude round to zero (t
 def int8_activation_round(x: Tensor) -> Tensor:
     """x rounded as ``int8_linear`` and ``int4_linear`` with ``int8_activations=True`` round it, returned in
     fp32: per row and block of 32 columns, with m = max|x| of the block, X = round(x * (127 / m)) (an int8, half
-    to even) and x~ = X * (m / 127); |x~ - x| <= m / 254. Blocks with m < 2^-100 become 0. The same fp32 operations, in the
-    same order, as the native kernels (csrc/int8_activations.h), so every kernel sees the same x~."""
+    to even) and x~ = X * (m / 127); |x~ - x| <= m / 254. Blocks with m < 2^-100 become 0. The same fp32
+    operations, in the same order, as the native kernels (csrc/int8_activations.h), so every kernel sees the same
+    x~."""
     x32 = x.float()
     k = x32.shape[-1]
     blocks = -(-k // INT8_ACTIVATION_BLOCK)
