@@ -7,6 +7,7 @@
 #include <cstring>
 
 #include "cpu/int4_linear.h"
+#include "cpu/prefetch.h"
 #include "cpu/x_block_avx2.h"
 
 namespace fastquant::cpu {
@@ -257,9 +258,20 @@ void micro_kernel(const Int4LinearProblem& p, const float* tile, int64_t i0, int
   }
 }
 
+// Output columns the decode kernels prefetch ahead: a SmolLM2 row (K = 576) is 288 bytes of codes, too short a
+// stream for the hardware prefetcher (int8_linear's kernels prefetch alike; benchmarks/NOTES.md).
+constexpr int64_t kPrefetchColumns = 8;
+
 template <bool kInt8X>
 void fixed_point_columns(const Int4LinearProblem& p, int64_t n_begin, int64_t n_end) {
+  const auto prefetch_column = [&p](int64_t j) {
+    prefetch_bytes(p.w + j * p.row_bytes, p.row_bytes);
+    prefetch_bytes(p.scales + j * p.n_groups, p.n_groups * 2);
+    if (p.offsets) prefetch_bytes(p.offsets + j * p.n_groups, p.n_groups * 2);
+  };
+  for (int64_t j = n_begin; j < std::min(n_end, n_begin + kPrefetchColumns); ++j) prefetch_column(j);
   for (int64_t j = n_begin; j < n_end; ++j) {
+    if (j + kPrefetchColumns < n_end) prefetch_column(j + kPrefetchColumns);
     for (int64_t i = 0; i < p.m; ++i) {
       if (p.group_size == 32) {
         fixed16_dot_g32<kInt8X>(p, i, j);

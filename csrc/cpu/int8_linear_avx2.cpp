@@ -6,10 +6,12 @@
 // peak speed: larger M re-reads each 4-column weight strip from cache for every 4 rows of x.
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 
 #include "cpu/int8_linear.h"
+#include "cpu/prefetch.h"
 #include "static_count.h"
 
 namespace fastquant::cpu {
@@ -21,6 +23,9 @@ inline float hsum8(__m256 v) {
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
 }
+
+// Tiles of 4 output columns the kernels prefetch ahead (cpu_avx2_int8x: best of 1, 2 and 4 at K = 576).
+constexpr int64_t kPrefetchTiles = 2;
 
 template <int MR, int NR, bool GROUPED>
 void tile(const Int8LinearProblem& p, int64_t m0, int64_t j0) {
@@ -82,8 +87,13 @@ void cols(const Int8LinearProblem& p, int64_t m0, int64_t j0, int64_t nc) {
 
 template <bool GROUPED>
 void run(const Int8LinearProblem& p, int64_t n_begin, int64_t n_end) {
+  const int8_t* w = p.w - p.w_first_row * p.k;
+  prefetch_bytes(w + n_begin * p.k, std::min(kPrefetchTiles * 4, n_end - n_begin) * p.k);
   for (int64_t j0 = n_begin; j0 < n_end; j0 += 4) {
     const int64_t nc = n_end - j0 < 4 ? n_end - j0 : 4;
+    // The tile kPrefetchTiles ahead, all at once (cpu_avx2_int8x spreads its prefetches over the blocks).
+    const int64_t ahead = j0 + kPrefetchTiles * 4;
+    if (ahead < n_end) prefetch_bytes(w + ahead * p.k, std::min<int64_t>(4, n_end - ahead) * p.k);
     int64_t m0 = 0;
     for (; m0 + 2 <= p.m; m0 += 2) cols<2, GROUPED>(p, m0, j0, nc);
     if (m0 < p.m) cols<1, GROUPED>(p, m0, j0, nc);
@@ -111,6 +121,12 @@ void int8x_tile(const Int8LinearProblem& p, int64_t i, int64_t j0) {
     for (int64_t b = b0; b < b1; ++b) {
       const __m256i xb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(plane + 32 * b));
       const __m256 step = _mm256_set1_ps(steps[b]);
+      // The tile kPrefetchTiles ahead, at the rate this one is read (NR * 32 bytes per block): at SmolLM2's
+      // K = 576 a row is 9 cache lines, too short a stream for the hardware prefetcher, and a layer streamed
+      // from DRAM ran at half the read bandwidth without this (benchmarks/NOTES.md).
+      const char* ahead = reinterpret_cast<const char*>(w) + kPrefetchTiles * 4 * K + NR * 32 * b;
+      _mm_prefetch(ahead, _MM_HINT_T0);
+      if (NR > 2) _mm_prefetch(ahead + 64, _MM_HINT_T0);
       for (int c = 0; c < NR; ++c) {
         __m256i q;
         if (b < full_blocks) {
@@ -141,6 +157,8 @@ void int8x_tile(const Int8LinearProblem& p, int64_t i, int64_t j0) {
 
 template <bool GROUPED>
 void int8x_run(const Int8LinearProblem& p, int64_t n_begin, int64_t n_end) {
+  // The first tiles, which no earlier tile prefetched.
+  prefetch_bytes(p.w + (n_begin - p.w_first_row) * p.k, std::min(kPrefetchTiles * 4, n_end - n_begin) * p.k);
   for (int64_t j0 = n_begin; j0 < n_end; j0 += 4) {
     const int64_t nc = n_end - j0 < 4 ? n_end - j0 : 4;
     for (int64_t i = 0; i < p.m; ++i) {
