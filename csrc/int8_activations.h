@@ -1,10 +1,10 @@
 #pragma once
 // The int8_activations option of int8_linear and int4_linear, by torch ops: x rounded to int8 per block of
-// 32 columns of each row, as reference.int8_activation_round (the oracle) rounds it, with the same fp32 operations in the same order:
-// m = max|x| of the block, X = round(x * (127 / m)) half to even, x~ = X * (m / 127); blocks with m < 2^-100
-// become 0. The CUDA glue runs it always, the CPU glue on CPUs without AVX2; AVX2 CPUs round x with the
-// decode kernels' own routines (cpu/int8_activations_x.h), which give the same x~ bit for bit
-// (tests/test_int4_linear.py, tests/test_int8_linear.py). Torch glue only.
+// 32 columns of each row, as reference.int8_activation_round (the oracle) rounds it, with the same fp32
+// operations in the same order: m = max|x| of the block, X = round(x * (127 / m)) half to even, x~ = X * (m /
+// 127); blocks with m < 2^-100 become 0. The CUDA glue runs it always, the CPU glue on CPUs without AVX2;
+// AVX2 CPUs round x with the decode kernels' own routines (cpu/int8_activations_x.h), which give the same x~
+// bit for bit (tests/test_int4_linear.py, tests/test_int8_linear.py). Torch glue only.
 #include <ATen/ATen.h>
 
 namespace fastquant {

@@ -258,8 +258,8 @@ void micro_kernel(const Int4LinearProblem& p, const float* tile, int64_t i0, int
   }
 }
 
-// Output columns the decode kernels prefetch ahead: a SmolLM2 row (K = 576) is 288 bytes of codes, too short a
-// stream for the hardware prefetcher (int8_linear's kernels prefetch alike; benchmarks/NOTES.md).
+// Output columns the decode kernels prefetch ahead: a SmolLM2 row (K = 576) is 288 bytes of codes, too short
+// a stream for the hardware prefetcher (int8_linear's kernels prefetch alike; benchmarks/NOTES.md).
 constexpr int64_t kPrefetchColumns = 8;
 
 template <bool kInt8X>

@@ -1,8 +1,8 @@
 #pragma once
-// int8_activations on AVX2 CPUs: x rounded per row and 32-column block by int8_activations.h's rule, operation
-// for operation (the same x~ bit for bit), in one pass instead of torch's ~10, either as the int8x decode
-// kernels' operands or as x~ for the kernels that take x itself. Used by int8_linear's and int4_linear's CPU
-// glue; defined in int8_activations_avx2.cpp (AVX2 flags). No torch headers.
+// int8_activations on AVX2 CPUs: x rounded per row and 32-column block by int8_activations.h's rule,
+// operation for operation (the same x~ bit for bit), in one pass instead of torch's ~10, either as the int8x
+// decode kernels' operands or as x~ for the kernels that take x itself. Used by int8_linear's and
+// int4_linear's CPU glue; defined in int8_activations_avx2.cpp (AVX2 flags). No torch headers.
 #include <cstdint>
 
 namespace fastquant::cpu {

@@ -30,9 +30,9 @@ enum class Path { kPortable, kAvx2Fp32, kAvx512Fp32, kAvx512VnniFixed, kAvx512Bf
 
 // The kernel for a problem with finite x (x with NaN or inf, which int8_activations leaves unrounded, takes
 // the fp32 kernel of the ISA). With int8_activations, cpu_avx2_int8x takes small M on AVX-512 CPUs too, as
-// int4's AVX2 decode kernel does: 7 ymm instructions per 32 weights against cpu_avx512_fp32's 6 zmm ones (3 per
-// 16), and this project's Zen 5 VM runs a 512-bit operation at half the rate of a 256-bit one (int4_linear.h).
-// Not measured on an AVX-512 CPU yet (benchmarks/NOTES.md). The other paths run on x~.
+// int4's AVX2 decode kernel does: 7 ymm instructions per 32 weights against cpu_avx512_fp32's 6 zmm ones (3
+// per 16), and this project's Zen 5 VM runs a 512-bit operation at half the rate of a 256-bit one
+// (int4_linear.h). Not measured on an AVX-512 CPU yet (benchmarks/NOTES.md). The other paths run on x~.
 Path choose_path(Isa isa, int64_t m, int64_t k, int64_t group, DType dtype, bool int8_activations) {
 #if defined(__x86_64__) || defined(_M_X64)
   if (int8_activations && isa >= Isa::kAvx2 && m <= kInt8XMaxRows && (group == k || group % 32 == 0)) {

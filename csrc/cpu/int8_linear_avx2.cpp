@@ -143,8 +143,9 @@ void int8x_tile(const Int8LinearProblem& p, int64_t i, int64_t j0) {
       }
     }
     for (int c = 0; c < NR; ++c) {
-      total[c] = GROUPED ? _mm256_fmadd_ps(acc[c], _mm256_set1_ps(p.scales[(j0 + c) * p.n_groups + g]), total[c])
-                         : acc[c];
+      total[c] = GROUPED
+                     ? _mm256_fmadd_ps(acc[c], _mm256_set1_ps(p.scales[(j0 + c) * p.n_groups + g]), total[c])
+                     : acc[c];
     }
   }
   for (int c = 0; c < NR; ++c) {

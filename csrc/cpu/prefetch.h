@@ -1,6 +1,6 @@
 #pragma once
-// Software prefetch of a weight range into the cache hierarchy, for decode kernels whose rows are too short for
-// the hardware prefetcher to ramp up (SmolLM2's K = 576: 9 cache lines per int8 row). x86 ISA files only.
+// Software prefetch of a weight range into the cache hierarchy, for decode kernels whose rows are too short
+// for the hardware prefetcher to ramp up (SmolLM2's K = 576: 9 cache lines per int8 row). x86 ISA files only.
 #include <xmmintrin.h>
 
 #include <cstdint>

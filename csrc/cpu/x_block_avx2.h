@@ -16,8 +16,8 @@ inline int32_t hsum_epi32(__m256i v) {
   return _mm_cvtsi128_si32(s);
 }
 
-// Loads a 32-column block of x whose first `valid` columns exist (0..32; zeros past them: x is never read past
-// k) and its largest magnitude. False when the block holds NaN or an infinity.
+// Loads a 32-column block of x whose first `valid` columns exist (0..32; zeros past them: x is never read
+// past k) and its largest magnitude. False when the block holds NaN or an infinity.
 inline bool load_block(const float* xb, int64_t valid, __m256 v[4], float* max_abs) {
   alignas(32) float buf[32];
   if (valid < 32) {

@@ -23,7 +23,8 @@
 namespace fastquant::cuda {
 
 at::Tensor int8_linear_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                            const std::optional<at::Tensor>& bias, int64_t group_size, bool int8_activations) {
+                            const std::optional<at::Tensor>& bias, int64_t group_size,
+                            bool int8_activations) {
   const Int8LinearShape shape = check_int8_linear(Backend::kCuda, x, qweight, scales, bias, group_size);
   const int64_t m = shape.m, n = shape.n, k = shape.k, n_groups = shape.n_groups;
   const DType dtype = shape.x_dtype;
