@@ -83,6 +83,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--method", choices=("int8", "int4"), default="int8")
+    parser.add_argument(
+        "--int8-activations", action="store_true", help="every quantized layer rounds x to int8 per 32 columns"
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -92,9 +95,10 @@ def main() -> None:
     loaded = load_model("smollm2")
     prompt = loaded.tokenizer("To be, or not to be, that is the question:", return_tensors="pt").input_ids
     if args.method == "int4":
-        eager = int4_with_int8_head(loaded.model)
+        eager = int4_with_int8_head(loaded.model, int8_activations=args.int8_activations)
     else:
-        eager = fastquant.patch(loaded.model, "int8", skip=(), quantize_tied=True)
+        config = fastquant.Int8(int8_activations=args.int8_activations)
+        eager = fastquant.patch(loaded.model, config, skip=(), quantize_tied=True)
     models = {"eager": eager}
     for name, backend in (("compiled", "inductor"), ("aoti", "aoti")):
         models[name] = fastquant.compile_for_decode(
@@ -104,12 +108,13 @@ def main() -> None:
     results = {name: profile_generate(m, prompt, args.new_tokens) for name, m in models.items()}
     env = cpu_environment(load_before, new_tokens=args.new_tokens)
     rows = list(results["eager"]["ms_per_token"])
+    rounding = ", x rounded to int8 per 32 columns (int8_activations)" if args.int8_activations else ""
     lines = [
         f"# SmolLM2-135M {args.method} decode profile: eager vs compile_for_decode "
         f"({env['cpu']}, {args.threads} threads)",
         "",
         f"torch {env['torch']}; `model.generate`, batch 1, greedy, {args.new_tokens} new tokens, "
-        f"{args.method} layers, lm_head int8; "
+        f"{args.method} layers, lm_head int8{rounding}; "
         f"ms per generated token (self CPU time of each bucket's operators). Load average "
         f"{load_before[0]:.2f} before, {env['load_average_after'][0]:.2f} after.",
         "",
@@ -125,7 +130,11 @@ def main() -> None:
     for name in models:
         tops = ", ".join(f"`{k}` {ms:.2f} ({n:.0f})" for k, ms, n in results[name]["top_ops"])
         lines.append(f"- {name}: {tops}")
-    stem = result_stem(args.out, "decode-profile" if args.method == "int8" else f"decode-profile-{args.method}")
+    stem = result_stem(
+        args.out,
+        ("decode-profile" if args.method == "int8" else f"decode-profile-{args.method}")
+        + ("-x8" if args.int8_activations else ""),
+    )
     write_report(stem, "\n".join(lines) + "\n", {"environment": env, "results": results})
 
 
