@@ -106,7 +106,7 @@ template <int NR, bool GROUPED>
 void int8x_tile(const Int8LinearProblem& p, int64_t i, int64_t j0) {
   const int64_t K = p.k;
   const int64_t n_blocks = (K + 31) / 32;
-  const int64_t full_blocks = K / 32;  // the last block of an odd K is read through a zero-padded copy
+  const int64_t full_blocks = K / 32;  // a ragged last block is read through a zero-padded copy
   const int8_t* plane = p.x_int8 + i * p.x_int8_stride;
   const float* steps = p.x_int8_steps + i * (p.x_int8_stride / 32);
   const int8_t* w = p.w + (j0 - p.w_first_row) * K;
