@@ -87,13 +87,14 @@ void cols(const Int8LinearProblem& p, int64_t m0, int64_t j0, int64_t nc) {
 
 template <bool GROUPED>
 void run(const Int8LinearProblem& p, int64_t n_begin, int64_t n_end) {
-  const int8_t* w = p.w - p.w_first_row * p.k;
-  prefetch_bytes(w + n_begin * p.k, std::min(kPrefetchTiles * 4, n_end - n_begin) * p.k);
+  // Row j of the weight is at p.w + (j - p.w_first_row) * k.
+  const int8_t* w = p.w + (n_begin - p.w_first_row) * p.k;
+  prefetch_bytes(w, std::min(kPrefetchTiles * 4, n_end - n_begin) * p.k);
   for (int64_t j0 = n_begin; j0 < n_end; j0 += 4) {
     const int64_t nc = n_end - j0 < 4 ? n_end - j0 : 4;
     // The tile kPrefetchTiles ahead, all at once (cpu_avx2_int8x spreads its prefetches over the blocks).
     const int64_t ahead = j0 + kPrefetchTiles * 4;
-    if (ahead < n_end) prefetch_bytes(w + ahead * p.k, std::min<int64_t>(4, n_end - ahead) * p.k);
+    if (ahead < n_end) prefetch_bytes(w + (ahead - n_begin) * p.k, std::min<int64_t>(4, n_end - ahead) * p.k);
     int64_t m0 = 0;
     for (; m0 + 2 <= p.m; m0 += 2) cols<2, GROUPED>(p, m0, j0, nc);
     if (m0 < p.m) cols<1, GROUPED>(p, m0, j0, nc);
