@@ -42,6 +42,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from fastquant import siblings
+
 log = logging.getLogger(__name__)
 
 Backend = Literal["inductor", "aoti"]
@@ -69,6 +71,7 @@ def compile_for_decode(
     fullgraph: bool = True,
     mode: str | None = None,
     backend: Backend | None = None,
+    merge_projections: bool = True,
 ) -> nn.Module:
     """Make ``model.generate`` run a compiled decode step with a static KV cache; returns the model.
 
@@ -93,6 +96,10 @@ def compile_for_decode(
             decodes 1.28x faster than with ``"inductor"`` on 2 cores; the first compile of a shape takes about a
             minute there, later processes load it from disk in seconds); ``"inductor"`` (``torch.compile``; the
             default on CUDA, where CUDA graphs replay the step).
+        merge_projections: with ``backend="aoti"``, fastquant int8/int4 layers that read the same input (q, k, v;
+            gate, up) run as one call in the compiled step (:mod:`fastquant.siblings`; the same results; their
+            weights are laid out as consecutive rows of one tensor, each layer keeping a view of its rows: no extra
+            memory). SmolLM2-135M int8: 211 calls per token become 121.
     """
     from transformers import CompileConfig, GenerationMixin
 
@@ -100,6 +107,8 @@ def compile_for_decode(
         raise TypeError(f"compile_for_decode needs a transformers model with generate(), got {type(model).__name__}")
     if max_cache_len is not None and max_cache_len < 2:
         raise ValueError(f"max_cache_len must be at least 2 tokens, got {max_cache_len}")
+    if not isinstance(merge_projections, bool):
+        raise ValueError(f"merge_projections must be True or False, got {merge_projections!r}")
     if backend not in (None, "inductor", "aoti"):
         raise ValueError(f"backend must be 'inductor' or 'aoti', got {backend!r}")
     device = next(model.parameters()).device
@@ -126,7 +135,7 @@ def compile_for_decode(
     if backend == "aoti":
         # generate asks the model for its compiled step once per call (after the eager prefill); an instance
         # attribute answers instead of transformers' torch.compile.
-        model.get_compiled_call = _AotiDecode(model)
+        model.get_compiled_call = _AotiDecode(model, merge_projections)
     elif "get_compiled_call" in vars(model):
         del model.get_compiled_call
 
@@ -259,6 +268,41 @@ def _meta(t: Tensor | None) -> tuple:
     return None if t is None else (tuple(t.shape), t.dtype, t.device.type)
 
 
+def _layouts(tensors: list[Tensor]) -> list[tuple]:
+    return [(t.shape, t.dtype, t.is_cpu) for t in tensors]
+
+
+def _cache_tensor_objects(cache: Any) -> list[Any]:
+    layers = getattr(cache, "layers", ())
+    return (
+        [getattr(layer, "keys", None) for layer in layers]
+        + [getattr(layer, "values", None) for layer in layers]
+        + [getattr(layer, "cumulative_length", None) for layer in layers]
+    )
+
+
+@dataclass
+class _LastStep:
+    """The previous step's cache, its tensors (in the library's input order) with their shapes, dtypes and
+    devices, and the library that served it."""
+
+    cache: Any
+    step_key: tuple
+    cache_tensors: list[Tensor]
+    layouts: list[tuple]
+    library: Any
+
+    def holds(self, cache: Any) -> bool:
+        """Whether ``cache`` still holds the very same tensors, of the same shapes, dtypes and devices (a tensor
+        can be resized or given new data in place)."""
+        now = _cache_tensor_objects(cache)
+        return (
+            len(now) == len(self.cache_tensors)
+            and all(a is b for a, b in zip(now, self.cache_tensors, strict=True))
+            and _layouts(self.cache_tensors) == self.layouts
+        )
+
+
 class _AotiDecodeStep:
     """generate's compiled step, backed by AOTInductor libraries (one per input signature).
 
@@ -267,11 +311,13 @@ class _AotiDecodeStep:
     fully initialized static cache; the library is chosen by the shapes and dtypes of all inputs. Any other call
     goes to ``torch.compile``'s step (same results, with guards)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, merge_siblings: bool = True) -> None:
         self.model = model
+        self.merge_siblings = merge_siblings
         self.libraries: dict[tuple, Any] = {}
         self.constants: dict[str, Tensor] = {}
         self.fallback_reasons: set[str] = set()
+        self.last: _LastStep | None = None
 
     def _fallback(self, reason: str, kwargs: dict[str, Any]) -> Any:
         if reason not in self.fallback_reasons:
@@ -291,38 +337,54 @@ class _AotiDecodeStep:
             return self._fallback(f"arguments {unknown} are not part of the exported step", kwargs)
         cache_kwarg = "cache" if "cache" in kwargs else "past_key_values"
         cache = kwargs.get(cache_kwarg)
-        tensors = _cache_tensors(cache)
         ids, positions, mask = kwargs.get("input_ids"), kwargs.get("position_ids"), kwargs.get("attention_mask")
-        if tensors is None:
+        if not getattr(cache, "is_compileable", False):
             return self._fallback("the cache is not an initialized static cache", kwargs)
         if not isinstance(ids, Tensor) or ids.dim() != 2 or not isinstance(positions, Tensor):
             return self._fallback("input_ids and position_ids must be tensors", kwargs)
         if mask is not None and (not isinstance(mask, Tensor) or mask.dim() != 4):
             # A 2-D mask grows by a token per step: a new library each step.
             return self._fallback("the attention mask is not the static cache's 4-D mask", kwargs)
+        step_key = (cache_kwarg, kwargs.get("logits_to_keep"), _meta(ids), _meta(positions), _meta(mask))
+        last = self.last
+        # generate calls the step once per token with the same cache and the same cache tensors: the full
+        # signature (the shapes of every layer's keys, values and lengths: ~0.4 ms of Python per SmolLM2 token)
+        # is rebuilt only when the cache, one of its tensors or any shape or dtype changed.
+        if last is None or last.cache is not cache or last.step_key != step_key or not last.holds(cache):
+            last = self.last = self._lookup(cache, step_key, ids, positions, mask)
+            if last is None:
+                return self._fallback("the cache is not an initialized static cache", kwargs)
+        inputs = [ids, positions] + ([] if mask is None else [mask]) + last.cache_tensors
+        (logits,) = last.library.loader.boxed_run(inputs)
+        return CausalLMOutputWithPast(logits=logits, **{cache_kwarg: cache})
+
+    def _lookup(
+        self, cache: Any, step_key: tuple, ids: Tensor, positions: Tensor, mask: Tensor | None
+    ) -> _LastStep | None:
+        """The library for this step's full signature, built if new; None when the cache cannot be served."""
+        tensors = _cache_tensors(cache)
+        if tensors is None:
+            return None
         keys, values, lengths = tensors
-        logits_to_keep = kwargs.get("logits_to_keep")
-        signature = (
-            cache_kwarg,
-            logits_to_keep,
-            _meta(ids),
-            _meta(positions),
-            _meta(mask),
-            tuple(_meta(t) for t in keys + values + lengths),
-        )
+        cache_tensors = keys + values + lengths
+        signature = (*step_key, tuple(_meta(t) for t in cache_tensors))
         library = self.libraries.get(signature)
         if library is None:
+            cache_kwarg, logits_to_keep = step_key[:2]
             step = _StepModule(self.model, cache, cache_kwarg, logits_to_keep)
             library = self.libraries[signature] = self._build(step, (ids, positions, mask, keys, values, lengths))
-        inputs = [ids, positions] + ([] if mask is None else [mask]) + keys + values + lengths
-        (logits,) = library.loader.boxed_run(inputs)
-        return CausalLMOutputWithPast(logits=logits, **{cache_kwarg: cache})
+        return _LastStep(cache, step_key, cache_tensors, _layouts(cache_tensors), library)
 
     def _build(self, step: _StepModule, args: tuple) -> Any:
         start = time.perf_counter()
         saved = [(layer.keys, layer.values, layer.cumulative_length) for layer in step.cache.layers]
+        groups = []
+        if self.merge_siblings:
+            # One eager one-token forward without the cache shows which layers read the same tensor.
+            ids = torch.zeros((args[0].shape[0], 1), dtype=args[0].dtype, device=args[0].device)
+            groups = siblings.find(self.model, {"input_ids": ids, "use_cache": False})
         try:
-            with torch.no_grad():
+            with torch.no_grad(), siblings.merged(self.model, groups):
                 exported = torch.export.export(step, args, strict=False)
         finally:
             # Export traced with fake tensors and left them in the cache's layers.
@@ -401,21 +463,21 @@ class _AotiDecode:
     by ``load_state_dict(assign=True)`` or ``model.to``): on any difference the libraries are dropped and rebuilt
     on the next step, so a step never reads a weight the model no longer has."""
 
-    def __init__(self, model: nn.Module) -> None:
-        self.step = _AotiDecodeStep(model)
+    def __init__(self, model: nn.Module, merge_siblings: bool = True) -> None:
+        self.step = _AotiDecodeStep(model, merge_siblings)
 
     # A copy (copy.deepcopy, pickle) of a compiled model gets no libraries: theirs read the original's tensors
     # through raw pointers. Its first decode step loads them again from the disk cache against its own tensors.
     def __deepcopy__(self, memo: dict[int, Any]) -> _AotiDecode:
         import copy
 
-        return _AotiDecode(copy.deepcopy(self.step.model, memo))
+        return _AotiDecode(copy.deepcopy(self.step.model, memo), self.step.merge_siblings)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"model": self.step.model}
+        return {"model": self.step.model, "merge_siblings": self.step.merge_siblings}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.step = _AotiDecodeStep(state["model"])
+        self.step = _AotiDecodeStep(state["model"], state.get("merge_siblings", True))
 
     def __call__(self, compile_config: Any = None) -> _AotiDecodeStep:
         step = self.step
@@ -428,4 +490,5 @@ class _AotiDecode:
             if stale:
                 step.libraries.clear()
                 step.constants.clear()
+                step.last = None
         return step
