@@ -172,3 +172,30 @@ def test_merge_projections_must_be_a_bool():
     model = transformers.LlamaForCausalLM(tiny_llama_config(vocab_size=300)).eval()
     with pytest.raises(ValueError, match="merge_projections"):
         fastquant.compile_for_decode(model, merge_projections="yes")
+
+
+def test_a_model_the_probe_cannot_run_compiles_unmerged_with_a_warning(tmp_path, monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(tiny_llama_config(vocab_size=300, num_key_value_heads=4)).eval()
+    fastquant.patch(model, "int8", progress=False)
+    prompt = torch.randint(1, 300, (1, 5), generator=torch.Generator().manual_seed(1))
+    kwargs = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        eager = model.generate(prompt, attention_mask=torch.ones_like(prompt), **kwargs)
+
+    def probe_fails(model, probe):
+        raise TypeError("forward() missing 1 required positional argument: 'pixel_values'")
+
+    monkeypatch.setattr(siblings, "find", probe_fails)
+    attn = model.model.layers[0].self_attn
+    storages = lambda: [getattr(attn, f"{p}_proj").qweight.untyped_storage().data_ptr() for p in "qk"]  # noqa: E731
+    before = storages()
+    with pytest.warns(UserWarning, match="pixel_values.*every layer runs alone"):
+        fastquant.compile_for_decode(model, max_cache_len=24, backend="aoti")
+    assert storages() == before  # not laid out again: nothing was merged
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model.generate(prompt, attention_mask=torch.ones_like(prompt), **kwargs), eager, rtol=0, atol=0
+        )

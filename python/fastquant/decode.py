@@ -384,7 +384,14 @@ class _AotiDecodeStep:
         if self.merge_siblings:
             # One eager one-token forward without the cache shows which layers read the same tensor.
             ids = torch.zeros((args[0].shape[0], 1), dtype=args[0].dtype, device=args[0].device)
-            groups = siblings.find(self.model, {"input_ids": ids, "use_cache": False})
+            try:
+                groups = siblings.find(self.model, {"input_ids": ids, "use_cache": False})
+            except Exception as error:  # a model whose forward wants more than token ids: the step runs unmerged
+                warnings.warn(
+                    f"fastquant.compile_for_decode: the probe forward that finds layers to merge failed ({error!r}); "
+                    "every layer runs alone",
+                    stacklevel=2,
+                )
         try:
             with torch.no_grad(), siblings.merged(self.model, groups):
                 exported = torch.export.export(step, args, strict=False)
