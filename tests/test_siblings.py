@@ -190,7 +190,10 @@ def test_a_model_the_probe_cannot_run_compiles_unmerged_with_a_warning(tmp_path,
 
     monkeypatch.setattr(siblings, "find", probe_fails)
     attn = model.model.layers[0].self_attn
-    storages = lambda: [getattr(attn, f"{p}_proj").qweight.untyped_storage().data_ptr() for p in "qk"]  # noqa: E731
+
+    def storages() -> list[int]:
+        return [getattr(attn, f"{p}_proj").qweight.untyped_storage().data_ptr() for p in "qk"]
+
     before = storages()
     with pytest.warns(UserWarning, match="pixel_values.*every layer runs alone"):
         fastquant.compile_for_decode(model, max_cache_len=24, backend="aoti")
