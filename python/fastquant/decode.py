@@ -350,7 +350,7 @@ class _AotiDecodeStep:
         step_key = (cache_kwarg, kwargs.get("logits_to_keep"), _meta(ids), _meta(positions), _meta(mask))
         last = self.last
         # generate calls the step once per token with the same cache and the same cache tensors: the full
-        # signature (the shapes of every layer's keys, values and lengths: ~0.4 ms of Python per SmolLM2 token)
+        # signature (a tuple of the shapes of every layer's keys, values and lengths, hashed: ~0.2 ms per SmolLM2 step)
         # is rebuilt only when the cache, one of its tensors or any shape or dtype changed.
         if last is None or last.cache is not cache or last.step_key != step_key or not last.holds(cache):
             last = self.last = self._lookup(cache, step_key, ids, positions, mask)
