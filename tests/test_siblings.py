@@ -153,10 +153,15 @@ def test_compiled_decode_with_merged_int4_projections_matches_eager_and_saves_an
         ptrs = {getattr(getattr(attn, p), name).untyped_storage().data_ptr() for p in ("q_proj", "k_proj", "v_proj")}
         assert len(ptrs) == 1, name
     assert not hasattr(model, siblings._HOLDER)
-    with torch.no_grad():
+    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         torch.testing.assert_close(
             model.generate(prompt, attention_mask=torch.ones_like(prompt), **kwargs), eager, rtol=0, atol=0
         )
+    # The eager prefill calls all 7 layers of each of the 2 blocks; each of the 9 compiled decode steps calls 4 per
+    # block (q/k/v merged, o, gate/up merged, down).
+    calls = sum(e.count for e in prof.key_averages() if e.key == "fastquant::int4_linear")
+    assert calls == 2 * 7 + 9 * 2 * 4
+    with torch.no_grad():
         torch.testing.assert_close(model(prompt).logits, logits, rtol=0, atol=0)
 
     path = tmp_path / "merged.safetensors"
