@@ -141,7 +141,7 @@ def merge_rows(members: list[nn.Module]) -> nn.Module:
         merged._parameters["bias"] = nn.Parameter(rows, requires_grad=False)
         for m, view, bias in zip(members, views, biases, strict=True):
             if view is not bias:
-                m._parameters["bias"] = nn.Parameter(view, requires_grad=False)
+                m._parameters["bias"] = nn.Parameter(view, requires_grad=bias.requires_grad)
     return merged
 
 
