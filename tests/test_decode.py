@@ -185,3 +185,30 @@ def test_compile_for_decode_switches_sdpa_attention_only():
     eager.set_attn_implementation("eager")
     fastquant.compile_for_decode(eager, backend="inductor")
     assert eager.config._attn_implementation == "eager"
+
+
+def test_the_kept_step_signature_holds_only_while_the_cache_keeps_the_same_tensors_and_shapes():
+    from types import SimpleNamespace
+
+    from fastquant.decode import _LastStep, _layouts
+
+    layers = [
+        SimpleNamespace(keys=torch.randn(1, 2, 8, 4), values=torch.randn(1, 2, 8, 4), cumulative_length=torch.ones(1))
+        for _ in range(3)
+    ]
+    cache = SimpleNamespace(layers=layers)
+    tensors = [x.keys for x in layers] + [x.values for x in layers] + [x.cumulative_length for x in layers]
+    last = _LastStep(cache, (), tensors, _layouts(tensors), library=None)
+    assert last.holds(cache)
+    layers[0].keys.zero_()  # written in place, as every decode step does: still the same step
+    assert last.holds(cache)
+    layers[1].values = layers[1].values.clone()  # another tensor of the same shape: the library must be looked up
+    assert not last.holds(cache)
+    layers[1].values = tensors[4]
+    assert last.holds(cache)
+    layers[2].keys.resize_(1, 2, 4, 4)  # resized in place: the library built for 8 slots must not read it
+    assert not last.holds(cache)
+    layers[2].keys.resize_(1, 2, 8, 4)
+    layers[2].keys.data = layers[2].keys.data.double()  # new data of another dtype under the same object
+    assert not last.holds(cache)
+    assert not last.holds(SimpleNamespace(layers=layers[:2]))
