@@ -35,7 +35,6 @@ _HOLDER = "_fastquant_merged_siblings"
 
 def _format(layer: nn.Module) -> tuple:
     """What layers must share to be one layer: class, input width, grid, activation rounding, dtypes, device."""
-    tensors = [t for t in layer._buffers.values() if t is not None]
     return (
         type(layer),
         layer.in_features,
@@ -45,7 +44,6 @@ def _format(layer: nn.Module) -> tuple:
         layer._dtype,
         layer._parameters["bias"] is None,
         tuple((name, t.dtype, t.device) for name, t in layer._buffers.items() if t is not None),
-        tensors[0].device if tensors else None,
     )
 
 
