@@ -102,9 +102,10 @@ void run(const Int8LinearProblem& p, int64_t n_begin, int64_t n_end) {
 }
 
 // cpu_avx2_int8x (int8_linear.h): NR output columns for row i of x. The columns share each block's plane of
-// X and its step; every column has its own accumulator (independent FMA chains).
+// X and its step; every column has its own accumulator (independent FMA chains). `ahead`: the first of NR
+// weight rows to prefetch while this tile is read (rows of this thread's range: never past the weight).
 template <int NR, bool GROUPED>
-void int8x_tile(const Int8LinearProblem& p, int64_t i, int64_t j0) {
+void int8x_tile(const Int8LinearProblem& p, int64_t i, int64_t j0, const int8_t* ahead) {
   const int64_t K = p.k;
   const int64_t n_blocks = (K + 31) / 32;
   const int64_t full_blocks = K / 32;  // a ragged last block is read through a zero-padded copy
@@ -125,9 +126,9 @@ void int8x_tile(const Int8LinearProblem& p, int64_t i, int64_t j0) {
       // The tile kPrefetchTiles ahead, at the rate this one is read (NR * 32 bytes per block): at SmolLM2's
       // K = 576 a row is 9 cache lines, too short a stream for the hardware prefetcher, and a layer streamed
       // from DRAM ran at half the read bandwidth without this (benchmarks/NOTES.md).
-      const char* ahead = reinterpret_cast<const char*>(w) + kPrefetchTiles * 4 * K + NR * 32 * b;
-      _mm_prefetch(ahead, _MM_HINT_T0);
-      if (NR > 2) _mm_prefetch(ahead + 64, _MM_HINT_T0);
+      const char* line = reinterpret_cast<const char*>(ahead) + NR * 32 * b;
+      _mm_prefetch(line, _MM_HINT_T0);
+      if (NR > 2) _mm_prefetch(line + 64, _MM_HINT_T0);
       for (int c = 0; c < NR; ++c) {
         __m256i q;
         if (b < full_blocks) {
@@ -163,8 +164,11 @@ void int8x_run(const Int8LinearProblem& p, int64_t n_begin, int64_t n_end) {
   prefetch_bytes(p.w + (n_begin - p.w_first_row) * p.k, std::min(kPrefetchTiles * 4, n_end - n_begin) * p.k);
   for (int64_t j0 = n_begin; j0 < n_end; j0 += 4) {
     const int64_t nc = n_end - j0 < 4 ? n_end - j0 : 4;
+    // Near the end of the range the rows ahead are clamped to the last nc (already fetched, harmless) rather
+    // than pointing past the weight.
+    const int8_t* ahead = p.w + (std::min(j0 + kPrefetchTiles * 4, n_end - nc) - p.w_first_row) * p.k;
     for (int64_t i = 0; i < p.m; ++i) {
-      with_count<4>(nc, [&](auto nr) { int8x_tile<decltype(nr)::value, GROUPED>(p, i, j0); });
+      with_count<4>(nc, [&](auto nr) { int8x_tile<decltype(nr)::value, GROUPED>(p, i, j0, ahead); });
     }
   }
 }
