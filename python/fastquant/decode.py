@@ -243,20 +243,26 @@ class _StepModule(nn.Module):
         return out.logits
 
 
-def _cache_tensors(cache: Any) -> tuple[list[Tensor], list[Tensor], list[Tensor]] | None:
-    """The (keys, values, lengths) tensors of a fully initialized static cache, else None."""
+def _cache_tensor_objects(cache: Any) -> list[Any]:
+    """Every layer's keys, then values, then lengths (None where a layer has none): the step's input order."""
+    layers = getattr(cache, "layers", ())
+    return (
+        [getattr(layer, "keys", None) for layer in layers]
+        + [getattr(layer, "values", None) for layer in layers]
+        + [getattr(layer, "cumulative_length", None) for layer in layers]
+    )
+
+
+def _cache_tensors(cache: Any) -> list[Tensor] | None:
+    """A fully initialized static cache's tensors in the step's input order (every layer's keys, then values,
+    then lengths), else None."""
     layers = getattr(cache, "layers", None)
     if not getattr(cache, "is_compileable", False) or not layers:
         return None
-    keys, values, lengths = [], [], []
-    for layer in layers:
-        k, v, n = (getattr(layer, a, None) for a in ("keys", "values", "cumulative_length"))
-        if not (getattr(layer, "is_initialized", False) and all(isinstance(t, Tensor) for t in (k, v, n))):
-            return None
-        keys.append(k)
-        values.append(v)
-        lengths.append(n)
-    return keys, values, lengths
+    if not all(getattr(layer, "is_initialized", False) for layer in layers):
+        return None
+    tensors = _cache_tensor_objects(cache)
+    return tensors if all(isinstance(t, Tensor) for t in tensors) else None
 
 
 def _live_tensors(model: nn.Module) -> dict[str, Tensor]:
@@ -272,15 +278,6 @@ def _meta(t: Tensor | None) -> tuple:
 
 def _layouts(tensors: list[Tensor]) -> list[tuple]:
     return [(t.shape, t.dtype, t.is_cpu) for t in tensors]
-
-
-def _cache_tensor_objects(cache: Any) -> list[Any]:
-    layers = getattr(cache, "layers", ())
-    return (
-        [getattr(layer, "keys", None) for layer in layers]
-        + [getattr(layer, "values", None) for layer in layers]
-        + [getattr(layer, "cumulative_length", None) for layer in layers]
-    )
 
 
 @dataclass
@@ -364,11 +361,11 @@ class _AotiDecodeStep:
         self, cache: Any, step_key: tuple, ids: Tensor, positions: Tensor, mask: Tensor | None
     ) -> _LastStep | None:
         """The library for this step's full signature, built if new; None when the cache cannot be served."""
-        tensors = _cache_tensors(cache)
-        if tensors is None:
+        cache_tensors = _cache_tensors(cache)
+        if cache_tensors is None:
             return None
-        keys, values, lengths = tensors
-        cache_tensors = keys + values + lengths
+        n = len(cache_tensors) // 3
+        keys, values, lengths = cache_tensors[:n], cache_tensors[n : 2 * n], cache_tensors[2 * n :]
         signature = (*step_key, tuple(_meta(t) for t in cache_tensors))
         library = self.libraries.get(signature)
         if library is None:
